@@ -1,0 +1,87 @@
+"""vit-kernels: fused Triton and CUDA C++ kernels for Vision Transformers.
+
+The public API (see shared DESIGN.md): `attention`, `fused_qkv`, `gelu_mlp`, `available_backends`,
+`build_info`. Every op validates its inputs and picks its backend in `dispatch.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vit_kernels import dispatch, library, reference, torch_backend
+from vit_kernels.dispatch import available_backends
+
+__all__ = ["attention", "fused_qkv", "gelu_mlp", "available_backends", "build_info"]
+__version__ = "0.1.0"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"):
+    """softmax(q @ k^T * scale) @ v, flash style (no N x N matrix) on the kernel backends.
+
+    q, k, v: (B, H, N, D), any strides (views of a packed (B, N, 3, H, D) tensor work without copies).
+    scale: defaults to D ** -0.5. Returns (B, H, N, D); on the kernel backends its memory is laid out
+    (B, N, H, D), so `out.transpose(1, 2).reshape(B, N, H * D)` is free.
+    fp32 inputs use tf32 on the kernel backends unless `torch.get_float32_matmul_precision() == "highest"`.
+    """
+    backend, scale = dispatch.check_attention(q, k, v, scale, backend)
+    if backend == "reference":
+        return reference.attention(q, k, v, scale)
+    if backend == "torch":
+        return torch_backend.attention(q, k, v, scale)
+    out, _lse = library.attention_fwd(q, k, v, scale, dispatch.allow_tf32(), backend)
+    return out
+
+
+def fused_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *, backend: str = "auto"):
+    """x (B, N, C) @ weight (3C, C)^T + bias (3C,) -> q, k, v each (B, H, N, C // H), split in the GEMM epilogue."""
+    backend = dispatch.check_fused_qkv(x, weight, bias, num_heads, backend)
+    if backend == "reference":
+        return reference.fused_qkv(x, weight, bias, num_heads)
+    if backend == "torch":
+        return torch_backend.fused_qkv(x, weight, bias, num_heads)
+    return library.qkv_fwd(x, weight, bias, num_heads, dispatch.allow_tf32(), backend)
+
+
+def gelu_mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+    backend: str = "auto",
+):
+    """Linear -> GELU -> Linear: x (..., C), fc1 (hidden, C), fc2 (C_out, hidden) -> (..., C_out).
+
+    `approximate="none"` is exact erf GELU (timm and Hugging Face), `"tanh"` the tanh form.
+    """
+    backend = dispatch.check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend)
+    if backend == "reference":
+        return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
+    if backend == "torch":
+        return torch_backend.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
+    y, _hidden = library.mlp_fwd(
+        x.reshape(-1, x.shape[-1]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dispatch.allow_tf32(), backend
+    )
+    return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
+
+
+def build_info() -> dict:
+    """What was built (the CUDA extension's compile info) and what can run here."""
+    _C, reason = dispatch._cuda_extension()
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cuda_extension": _C.build_info() if _C is not None else None,
+        "cuda_extension_missing_reason": reason,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "available_backends": available_backends(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

@@ -1,0 +1,241 @@
+"""The kernel backends (`triton`, `cuda`) as `torch.library` custom ops with autograd.
+
+Each fused op is a forward custom op and a backward custom op, both with fake (meta) implementations,
+joined by `register_autograd`. `torch.compile` therefore sees one opaque op per call, with no graph
+break, and AOTAutograd can trace the backward too. The `backend` string argument picks the kernel
+module; the module implements the functions below (its launchers), and nothing here does math.
+
+Kernel-module contract (implemented by `vit_kernels.ops.attention` / `vit_kernels.ops.linear` for
+Triton and `vit_kernels.cuda` for CUDA C++). All tensors share one dtype unless stated; inputs are
+validated by `dispatch.py` before they get here; `allow_tf32` only matters for fp32 inputs.
+
+    attention_fwd(q, k, v, scale, allow_tf32) -> (out, lse)
+        q, k, v (B, H, N, D) any strides; out (B, H, N, D) whose memory is laid out (B, N, H, D),
+        i.e. `torch.empty(B, N, H, D).transpose(1, 2)`; lse (B, H, N) float32, natural-log
+        log-sum-exp of the scaled logits of each row (what backward needs to recompute P).
+    attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32) -> (dq, dk, dv)
+        dout any strides; dq, dk, dv contiguous (B, H, N, D).
+    qkv_fwd(x, weight, bias, num_heads, allow_tf32) -> (q, k, v)
+        x (B, N, C) any strides; weight (3C, C);
+        bias (3C,) or None; q, k, v contiguous (B, H, N, C // H).
+    qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32) -> (dx, dweight, dbias or None)
+        dq, dk, dv (B, H, N, D) any strides; dx contiguous (B, N, C); dweight (3C, C); dbias (3C,).
+    mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32) -> (y, hidden)
+        x (M, C) any strides; y contiguous (M, C_out); hidden contiguous (M, C_hidden) is the
+        pre-activation x @ fc1_weight^T + fc1_bias, saved for backward (GELU' needs it).
+    mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32)
+        -> (dx, dfc1_weight, dfc1_bias or None, dfc2_weight, dfc2_bias or None), all contiguous.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_KERNEL_MODULES = {
+    ("triton", "attention"): "vit_kernels.ops.attention",
+    ("triton", "linear"): "vit_kernels.ops.linear",
+    ("cuda", "attention"): "vit_kernels.cuda",
+    ("cuda", "linear"): "vit_kernels.cuda",
+}
+
+
+def _kernels(backend: str, family: str):
+    # Imported on first use so that `import vit_kernels` never imports Triton (the interpreter switch
+    # must be set before Triton kernels are defined) and works without the CUDA extension.
+    return importlib.import_module(_KERNEL_MODULES[(backend, family)])
+
+
+def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Custom ops cannot return None; an empty tensor stands in for "no bias gradient".
+    return like.new_empty(0) if t is None else t
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vit_kernels::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allow_tf32: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(backend, "attention").attention_fwd(q, k, v, scale, allow_tf32)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scale, allow_tf32, backend):
+    B, H, N, D = q.shape
+    out = q.new_empty(B, N, H, D).transpose(1, 2)
+    lse = q.new_empty(B, H, N, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("vit_kernels::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels(backend, "attention").attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale, allow_tf32, backend):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, allow_tf32, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.allow_tf32, ctx.backend = scale, allow_tf32, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.allow_tf32, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused QKV projection
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vit_kernels::qkv_fwd", mutates_args=())
+def qkv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    allow_tf32: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels(backend, "linear").qkv_fwd(x, weight, bias, num_heads, allow_tf32)
+
+
+@qkv_fwd.register_fake
+def _(x, weight, bias, num_heads, allow_tf32, backend):
+    B, N, C = x.shape
+    shape = (B, num_heads, N, C // num_heads)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("vit_kernels::qkv_bwd", mutates_args=())
+def qkv_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    allow_tf32: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dweight, dbias = _kernels(backend, "linear").qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32)
+    return dx, dweight, _none_to_empty(dbias, x)
+
+
+@qkv_bwd.register_fake
+def _(dq, dk, dv, x, weight, has_bias, allow_tf32, backend):
+    dbias = x.new_empty(weight.shape[0]) if has_bias else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
+
+
+def _qkv_setup(ctx, inputs, output):
+    x, weight, bias, num_heads, allow_tf32, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.allow_tf32, ctx.backend = bias is not None, allow_tf32, backend
+
+
+def _qkv_backward(ctx, dq, dk, dv):
+    x, weight = ctx.saved_tensors
+    dx, dweight, dbias = qkv_bwd(dq, dk, dv, x, weight, ctx.has_bias, ctx.allow_tf32, ctx.backend)
+    return dx, dweight, (dbias if ctx.has_bias else None), None, None, None
+
+
+qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused GELU-MLP
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vit_kernels::mlp_fwd", mutates_args=())
+def mlp_fwd(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    approximate: str,
+    allow_tf32: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(backend, "linear").mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32)
+
+
+@mlp_fwd.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend):
+    M = x.shape[0]
+    return x.new_empty(M, fc2_weight.shape[0]), x.new_empty(M, fc1_weight.shape[0])
+
+
+@torch.library.custom_op("vit_kernels::mlp_bwd", mutates_args=())
+def mlp_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    has_fc1_bias: bool,
+    has_fc2_bias: bool,
+    approximate: str,
+    allow_tf32: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw1, db1, dw2, db2 = _kernels(backend, "linear").mlp_bwd(
+        dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32
+    )
+    return dx, dw1, _none_to_empty(db1, x), dw2, _none_to_empty(db2, x)
+
+
+@mlp_bwd.register_fake
+def _(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32, backend):
+    db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else x.new_empty(0)
+    db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else x.new_empty(0)
+    return x.new_empty(x.shape), fc1_weight.new_empty(fc1_weight.shape), db1, fc2_weight.new_empty(fc2_weight.shape), db2
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend = inputs
+    _y, hidden = output
+    ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden)
+    ctx.has_fc1_bias, ctx.has_fc2_bias = fc1_bias is not None, fc2_bias is not None
+    ctx.approximate, ctx.allow_tf32, ctx.backend = approximate, allow_tf32, backend
+    ctx.mark_non_differentiable(hidden)
+
+
+def _mlp_backward(ctx, dy, _dhidden):
+    x, fc1_weight, fc2_weight, hidden = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = mlp_bwd(
+        dy, x, fc1_weight, fc2_weight, hidden,
+        ctx.has_fc1_bias, ctx.has_fc2_bias, ctx.approximate, ctx.allow_tf32, ctx.backend,
+    )  # fmt: skip
+    return (
+        dx, dw1, db1 if ctx.has_fc1_bias else None, dw2, db2 if ctx.has_fc2_bias else None, None, None, None,
+    )  # fmt: skip
+
+
+mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
