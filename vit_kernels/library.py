@@ -6,7 +6,7 @@ break, and AOTAutograd can trace the backward too. The `backend` string argument
 module; the module implements the functions below (its launchers), and nothing here does math.
 
 Kernel-module contract (implemented by `vit_kernels.ops.attention` / `vit_kernels.ops.linear` for
-Triton and `vit_kernels.cuda` for CUDA C++). All tensors share one dtype unless stated; inputs are
+Triton and `vit_kernels.cuda.attention` / `vit_kernels.cuda.linear` for CUDA C++). All tensors share one dtype unless stated; inputs are
 validated by `dispatch.py` before they get here; `allow_tf32` only matters for fp32 inputs.
 
     attention_fwd(q, k, v, scale, allow_tf32) -> (out, lse)
@@ -36,8 +36,8 @@ import torch
 _KERNEL_MODULES = {
     ("triton", "attention"): "vit_kernels.ops.attention",
     ("triton", "linear"): "vit_kernels.ops.linear",
-    ("cuda", "attention"): "vit_kernels.cuda",
-    ("cuda", "linear"): "vit_kernels.cuda",
+    ("cuda", "attention"): "vit_kernels.cuda.attention",
+    ("cuda", "linear"): "vit_kernels.cuda.linear",
 }
 
 
