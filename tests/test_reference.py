@@ -1,0 +1,75 @@
+"""The reference ops (the definition of correct) against PyTorch's own fused primitives, forward and grads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, rel_error
+
+import vit_kernels as vk
+from vit_kernels import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _grads(fn, inputs, seed_grad):
+    inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    out.backward(seed_grad.to(out.dtype))
+    return out, [t.grad for t in inputs if t is not None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 32), (2, 3, 17, 64), (1, 2, 197, 80)])
+def test_reference_attention_matches_sdpa(dtype, shape):
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    dout = torch.randn(shape)
+    scale = 0.3
+    ref_out, ref_grads = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=scale), [t.double() for t in (q, k, v)], dout.double())
+    out, grads = _grads(lambda a, b, c: reference.attention(a, b, c, scale), [t.to(dtype) for t in (q, k, v)], dout)
+    # The naive path is allowed the usual low-precision error of its dtype, no more.
+    tol = TOLERANCES[dtype] * (5 if dtype != torch.float32 else 1)
+    assert rel_error(out, ref_out) < tol
+    for g, rg in zip(grads, ref_grads):
+        assert rel_error(g, rg) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_fused_qkv_matches_linear_permute(dtype, bias):
+    B, N, C, H = 2, 17, 48, 3
+    x, w = torch.randn(B, N, C), torch.randn(3 * C, C) / C**0.5
+    b = torch.randn(3 * C) if bias else None
+    inputs = [x, w, b]
+    ref = F.linear(*(t.double() if t is not None else None for t in inputs)).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    q, k, v = reference.fused_qkv(*(t.to(dtype) if t is not None else None for t in inputs), H)
+    for i, t in enumerate((q, k, v)):
+        assert t.shape == (B, H, N, C // H)
+        assert rel_error(t, ref[i]) < TOLERANCES[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_gelu_mlp_matches_torch(dtype, approximate, bias):
+    M, C, Hd = 19, 24, 40
+    params = [torch.randn(M, C), torch.randn(Hd, C) / C**0.5, torch.randn(Hd) if bias else None, torch.randn(C, Hd) / Hd**0.5, torch.randn(C) if bias else None]
+    dy = torch.randn(M, C)
+
+    def torch_mlp(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+    ref_out, ref_grads = _grads(torch_mlp, [p.double() if p is not None else None for p in params], dy.double())
+    out, grads = _grads(
+        lambda *a: reference.gelu_mlp(*a, approximate=approximate), [p.to(dtype) if p is not None else None for p in params], dy
+    )
+    tol = TOLERANCES[dtype] * (5 if dtype != torch.float32 else 1)
+    assert rel_error(out, ref_out) < tol
+    for g, rg in zip(grads, ref_grads):
+        assert rel_error(g, rg) < tol
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_eager_backends_through_public_api(backend):
+    q, k, v = (torch.randn(2, 3, 9, 16, dtype=torch.float64).float() for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert rel_error(vk.attention(q, k, v, backend=backend), ref) < 1e-5
