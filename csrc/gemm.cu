@@ -1,0 +1,765 @@
+// GEMMs of the fused QKV projection and the GELU-MLP, forward and backward, with fused epilogues.
+//
+// Every GEMM here is one kernel:   C[m, n] = epilogue( sum_k A[m, k] * B[n, k] )
+// where A (M x K) and B (N x K) are *operands*: small structs that map (row, k) to an address. Strided
+// operands cover x @ W^T, dY @ W and dY^T @ X by their strides alone (no transposed copies); the QKV
+// gradient operand reads the virtual (M, 3C) matrix dQKV straight out of dq, dk, dv (B, H, N, D).
+//
+//   fp16 / bf16: tensor cores (mma.sync m16n8k16, fp32 accumulators), ldmatrix from swizzled shared
+//                memory, cp.async multi-stage pipeline. 16-byte loads need K-stride 1 ("K-major") or
+//                row-stride 1 ("MN-major") operands with 16-byte aligned pointers and leading strides;
+//                the launchers check this and vit_kernels/cuda/linear.py copies inputs that do not comply.
+//   fp32:        a plain SIMT kernel with fp32 FMA (full fp32 precision; `allow_tf32` is ignored).
+//
+// Bias gradients are column sums of the output gradient: a simple deterministic reduction kernel
+// (colsum_kernel), not fused into the weight-gradient GEMM.
+//
+// Sections: dtype + PTX helpers | operands | epilogues | shared-memory tiles | kernels | launchers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace vk {
+namespace gemm {
+
+using index_t = int64_t;
+
+// ====================================================================================================
+// dtype and PTX helpers (kept here rather than in common.cuh so that attention.cu and gemm.cu evolve apart)
+// ====================================================================================================
+template <class T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// Two adjacent elements (n, n + 1): callers guarantee n even and an even leading dimension, so the
+// pair is aligned to its own size.
+template <class T>
+__device__ __forceinline__ void store2(T* p, float a, float b) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ float2 load2(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *reinterpret_cast<const float2*>(p);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half22float2(*reinterpret_cast<const __half2*>(p));
+  } else {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; `valid == false` writes 16 zero bytes (src-size 0 reads nothing).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "tensor-core path is fp16/bf16 only");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// GELU and its derivative in fp32; `tanh_form` selects approximate="tanh", otherwise exact erf.
+__device__ __forceinline__ float gelu(float x, bool tanh_form) {
+  if (tanh_form) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);  // sqrt(2/pi) (x + 0.044715 x^3)
+    return 0.5f * x * (1.0f + tanhf(u));
+  }
+  return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));  // M_SQRT1_2
+}
+
+__device__ __forceinline__ float gelu_grad(float x, bool tanh_form) {
+  if (tanh_form) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const float t = tanhf(u);
+    const float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+  }
+  // Phi(x) + x * phi(x), phi the standard normal density (1 / sqrt(2 pi) = 0.3989...).
+  return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
+}
+
+inline void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ====================================================================================================
+// operands: (row, k) -> address of element [row, k] of A (M x K) or B (N x K)
+// ====================================================================================================
+// kKMajor: 8 consecutive k of one row are contiguous (16-byte chunks run along k); otherwise 8
+// consecutive rows of one k are (chunks run along rows). The shared-memory layout follows from it.
+
+// A plain strided matrix. K-major needs s_k == 1, MN-major s_row == 1 (checked by validate()).
+template <class T, bool KMAJOR>
+struct Strided {
+  static constexpr bool kKMajor = KMAJOR;
+  const T* ptr;
+  index_t s_row, s_k;
+
+  __device__ __forceinline__ const T* addr(index_t row, index_t k) const { return ptr + row * s_row + k * s_k; }
+
+  void validate(index_t rows, index_t K, bool vectorized, const std::string& name) const {
+    if (!vectorized) return;  // the SIMT path reads element by element, any strides
+    require(aligned16(ptr), name + ": pointer must be 16-byte aligned");
+    if (KMAJOR) {
+      require(s_k == 1 && s_row % 8 == 0,
+              name + ": needs unit stride along K and a row stride that is a multiple of 8, got (" +
+                  std::to_string(s_row) + ", " + std::to_string(s_k) + ")");
+      require(K % 8 == 0, name + ": K=" + std::to_string(K) + " must be a multiple of 8");
+    } else {
+      require(s_row == 1 && s_k % 8 == 0,
+              name + ": needs unit row stride and a K stride that is a multiple of 8, got (" +
+                  std::to_string(s_row) + ", " + std::to_string(s_k) + ")");
+      require(rows % 8 == 0, name + ": rows=" + std::to_string(rows) + " must be a multiple of 8");
+    }
+  }
+};
+
+// The virtual dQKV (M, 3C) of the QKV backward, read in place from dq, dk, dv (B, H, N, D), which share
+// the strides (s_b, s_h, s_t) and have unit stride along D. Column j of dQKV is (which = j / C,
+// head = (j % C) / D, d = j % D); row m is (b = m / N, t = m % N): the inverse of the forward head split.
+// TOKEN_IS_ROW: the operand is dQKV itself (rows = tokens, K-major: 8 consecutive j stay inside one head
+// because D % 8 == 0); otherwise dQKV^T (rows = j, MN-major).
+template <class T, bool TOKEN_IS_ROW>
+struct QkvGrad {
+  static constexpr bool kKMajor = TOKEN_IS_ROW;
+  const T *dq, *dk, *dv;
+  index_t s_b, s_h, s_t;
+  int tokens, channels, head_dim;
+
+  __device__ __forceinline__ const T* addr(index_t row, index_t k) const {
+    const int token = static_cast<int>(TOKEN_IS_ROW ? row : k);
+    const int j = static_cast<int>(TOKEN_IS_ROW ? k : row);
+    const int which = j / channels;
+    const int c = j - which * channels;
+    const int h = c / head_dim;
+    const int d = c - h * head_dim;
+    const int b = token / tokens;
+    const int t = token - b * tokens;
+    const T* base = which == 0 ? dq : (which == 1 ? dk : dv);  // a select, not an indexed array: no local memory
+    return base + b * s_b + h * s_h + t * s_t + d;
+  }
+
+  void validate(index_t rows, index_t K, bool vectorized, const std::string& name) const {
+    require(head_dim % 8 == 0, name + ": head dim " + std::to_string(head_dim) + " must be a multiple of 8");
+    require(channels % head_dim == 0, name + ": channels must be a multiple of the head dim");
+    if (!vectorized) return;
+    require(aligned16(dq) && aligned16(dk) && aligned16(dv), name + ": dq, dk, dv must be 16-byte aligned");
+    require(s_b % 8 == 0 && s_h % 8 == 0 && s_t % 8 == 0,
+            name + ": dq, dk, dv strides (B, H, N) must be multiples of 8");
+    (void)rows;
+    (void)K;
+  }
+};
+
+// ====================================================================================================
+// epilogues: called once per pair of adjacent outputs (m, n), (m, n + 1) with m < M, n even, n + 1 < N
+// ====================================================================================================
+template <class T>
+struct EpiStore {  // (a) out = acc
+  T* out;
+  index_t ld;
+  __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
+    store2(out + m * ld + n, v0, v1);
+  }
+};
+
+template <class T>
+struct EpiBias {  // (b) out = acc + bias (bias may be null)
+  T* out;
+  index_t ld;
+  const T* bias;
+  __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
+    if (bias != nullptr) {
+      v0 += to_float(bias[n]);
+      v1 += to_float(bias[n + 1]);
+    }
+    store2(out + m * ld + n, v0, v1);
+  }
+};
+
+template <class T>
+struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward), act = gelu(pre), both (M, ld)
+  T* pre;
+  T* act;
+  index_t ld;
+  const T* bias;
+  bool tanh_form;
+  __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
+    if (bias != nullptr) {
+      v0 += to_float(bias[n]);
+      v1 += to_float(bias[n + 1]);
+    }
+    store2(pre + m * ld + n, v0, v1);
+    store2(act + m * ld + n, gelu(v0, tanh_form), gelu(v1, tanh_form));
+  }
+};
+
+template <class T>
+struct EpiQkvSplit {  // (d) column n of (M, 3C) -> q/k/v (B, H, N, D) contiguous, plus bias (may be null)
+  T *q, *k, *v;
+  const T* bias;
+  int tokens, channels, head_dim, heads;
+  __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
+    if (bias != nullptr) {
+      v0 += to_float(bias[n]);
+      v1 += to_float(bias[n + 1]);
+    }
+    const int which = n / channels;
+    const int c = n - which * channels;
+    const int h = c / head_dim;
+    const int d = c - h * head_dim;  // even, and d + 1 < head_dim since head_dim is even
+    const int b = m / tokens;
+    const int t = m - b * tokens;
+    T* base = which == 0 ? q : (which == 1 ? k : v);
+    store2(base + ((static_cast<index_t>(b) * heads + h) * tokens + t) * head_dim + d, v0, v1);
+  }
+};
+
+template <class T>
+struct EpiDGelu {  // (e) dpre = acc * gelu'(pre); also act = gelu(pre), the operand of dW2 (saves a pass)
+  T* dpre;
+  T* act;
+  index_t ld;
+  const T* pre;
+  index_t ld_pre;
+  bool tanh_form;
+  __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
+    const float2 h = load2(pre + m * ld_pre + n);
+    store2(dpre + m * ld + n, v0 * gelu_grad(h.x, tanh_form), v1 * gelu_grad(h.y, tanh_form));
+    store2(act + m * ld + n, gelu(h.x, tanh_form), gelu(h.y, tanh_form));
+  }
+};
+
+// ====================================================================================================
+// tile configuration and shared-memory tiles (tensor-core path)
+// ====================================================================================================
+// 128 x 128 x 32 with 8 warps as 2 (M) x 4 (N), each warp 64 x 32 = 4 x 4 mma tiles; 4 stages of
+// 16 KiB keep ~3 tiles of loads in flight and still fit two CTAs per SM on A100 and H100.
+struct TileConfig128x128 {
+  static constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4;
+  static constexpr int kWarpsM = 2, kWarpsN = 4;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWarpM = kBM / kWarpsM, kWarpN = kBN / kWarpsN;
+  static constexpr int kMmaM = kWarpM / 16, kMmaN = kWarpN / 8;
+  static_assert(kMmaN % 2 == 0, "B fragments are loaded 16 rows (two n8 tiles) at a time");
+};
+
+// One operand's tile of ROWS x BK 16-bit elements, stored in 16-byte chunks with an XOR swizzle so that
+// both the cp.async stores and the ldmatrix reads (8 rows of 16 bytes per phase) are bank-conflict free.
+//   K-major:  [ROWS][BK], BK = 32 (4 chunks per row): chunk kc of row r lives at kc ^ ((r >> 1) & 3);
+//             rows r..r+7 then cover all 8 bank groups (two rows per 128 bytes).
+//   MN-major: [BK][ROWS], ROWS >= 64: chunk rc of k-row k lives at rc ^ (k & 7); ldmatrix.trans reads
+//             8 consecutive k-rows at one chunk column, which the XOR spreads over 8 bank groups.
+template <int ROWS, int BK, bool KMAJOR>
+struct SmemTile {
+  static constexpr int kElems = ROWS * BK;
+  static constexpr int kChunks = kElems / 8;
+  static_assert(!KMAJOR || BK == 32, "the K-major swizzle assumes 4 chunks per row");
+  static_assert(KMAJOR || ROWS % 64 == 0, "the MN-major swizzle needs at least 8 chunks per k-row");
+
+  // Element offset of the chunk that starts at (row, k); k % 8 == 0 (K-major) or row % 8 == 0 (MN-major).
+  __device__ __forceinline__ static int offset(int row, int k) {
+    if constexpr (KMAJOR) {
+      return row * BK + ((((k >> 3) ^ (row >> 1)) & 3) << 3);
+    } else {
+      return k * ROWS + (((row >> 3) ^ (k & 7)) << 3);
+    }
+  }
+
+  // Chunk `id` of the tile -> (row, k) of its first element; consecutive ids walk the contiguous
+  // direction in global memory, so a warp's cp.asyncs coalesce.
+  __device__ __forceinline__ static void chunk_coords(int id, int& row, int& k) {
+    if constexpr (KMAJOR) {
+      row = id / (BK / 8);
+      k = (id % (BK / 8)) * 8;
+    } else {
+      k = id / (ROWS / 8);
+      row = (id % (ROWS / 8)) * 8;
+    }
+  }
+
+  // The 16 x 16 block at (row0, k0) in mma A-fragment order: r[0] rows 0-7 / k 0-7, r[1] rows 8-15 /
+  // k 0-7, r[2] rows 0-7 / k 8-15, r[3] rows 8-15 / k 8-15. Each thread gets (row lane/4,
+  // k 2*(lane%4) + {0,1}) of each 8x8 matrix; .trans delivers that from the MN-major layout.
+  __device__ __forceinline__ static void load_16x16(uint32_t base, int row0, int k0, int lane, uint32_t (&r)[4]) {
+    if constexpr (KMAJOR) {
+      const int row = row0 + (lane & 15);
+      const int k = k0 + ((lane >> 4) << 3);
+      ldmatrix_x4(r, base + 2 * offset(row, k));
+    } else {
+      const int k = k0 + (lane & 7) + ((lane >> 4) << 3);
+      const int row = row0 + (((lane >> 3) & 1) << 3);
+      ldmatrix_x4_trans(r, base + 2 * offset(row, k));
+    }
+  }
+};
+
+// ====================================================================================================
+// kernels
+// ====================================================================================================
+// Tensor-core GEMM, fp16/bf16 in, fp32 accumulate. Grid: (ceil(N / BN), ceil(M / BM)); rows >= M,
+// columns >= N and k >= K are zero-filled by cp.async and never stored.
+template <class Cfg, class T, class OpA, class OpB, class Epi>
+__global__ void __launch_bounds__(Cfg::kThreads) gemm_tc_kernel(OpA a, OpB b, Epi epi, int M, int N, int K) {
+  using TileA = SmemTile<Cfg::kBM, Cfg::kBK, OpA::kKMajor>;
+  using TileB = SmemTile<Cfg::kBN, Cfg::kBK, OpB::kKMajor>;
+  constexpr int kStageBytes = (TileA::kElems + TileB::kElems) * 2;
+  static_assert(TileA::kChunks % Cfg::kThreads == 0 && TileB::kChunks % Cfg::kThreads == 0, "even chunk split");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = smem_u32(smem);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_m = warp / Cfg::kWarpsN;
+  const int warp_n = warp % Cfg::kWarpsN;
+  const int m0 = blockIdx.y * Cfg::kBM;
+  const int n0 = blockIdx.x * Cfg::kBN;
+
+  auto load_stage = [&](int stage, int k_tile) {
+    const int k_base = k_tile * Cfg::kBK;
+    const uint32_t sa = smem_base + stage * kStageBytes;
+    const uint32_t sb = sa + TileA::kElems * 2;
+#pragma unroll
+    for (int i = 0; i < TileA::kChunks / Cfg::kThreads; ++i) {
+      int r, k;
+      TileA::chunk_coords(tid + i * Cfg::kThreads, r, k);
+      // Chunks are all-or-nothing: K % 8 == 0 (K-major) and M % 8 == 0 (MN-major) are launcher checks.
+      const bool valid = m0 + r < M && k_base + k < K;
+      cp_async_16(sa + 2 * TileA::offset(r, k), a.addr(valid ? m0 + r : 0, valid ? k_base + k : 0), valid);
+    }
+#pragma unroll
+    for (int i = 0; i < TileB::kChunks / Cfg::kThreads; ++i) {
+      int r, k;
+      TileB::chunk_coords(tid + i * Cfg::kThreads, r, k);
+      const bool valid = n0 + r < N && k_base + k < K;
+      cp_async_16(sb + 2 * TileB::offset(r, k), b.addr(valid ? n0 + r : 0, valid ? k_base + k : 0), valid);
+    }
+  };
+
+  float acc[Cfg::kMmaM][Cfg::kMmaN][4];
+#pragma unroll
+  for (int i = 0; i < Cfg::kMmaM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kMmaN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  const int k_tiles = (K + Cfg::kBK - 1) / Cfg::kBK;
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();  // possibly empty: keeps "group i holds tile i" for the wait below
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Cfg::kStages - 2>();  // tile kt has landed (for this thread) ...
+    __syncthreads();                    // ... for all threads, and everyone is done with tile kt - 1
+    const int next = kt + Cfg::kStages - 1;
+    if (next < k_tiles) load_stage(next % Cfg::kStages, next);  // overwrites the stage of tile kt - 1
+    cp_async_commit();
+
+    const uint32_t sa = smem_base + (kt % Cfg::kStages) * kStageBytes;
+    const uint32_t sb = sa + TileA::kElems * 2;
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kBK; ks += 16) {
+      uint32_t af[Cfg::kMmaM][4];
+      uint32_t bfrag[Cfg::kMmaN][2];
+#pragma unroll
+      for (int i = 0; i < Cfg::kMmaM; ++i) TileA::load_16x16(sa, warp_m * Cfg::kWarpM + i * 16, ks, lane, af[i]);
+#pragma unroll
+      for (int j = 0; j < Cfg::kMmaN; j += 2) {
+        uint32_t r[4];
+        TileB::load_16x16(sb, warp_n * Cfg::kWarpN + j * 8, ks, lane, r);
+        bfrag[j][0] = r[0];  // n 0-7, k 0-7
+        bfrag[j][1] = r[2];  // n 0-7, k 8-15
+        bfrag[j + 1][0] = r[1];
+        bfrag[j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < Cfg::kMmaM; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::kMmaN; ++j) mma_16816<T>(acc[i][j], af[i], bfrag[j]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Accumulator layout of m16n8: c0, c1 at (lane / 4, 2 * (lane % 4) + {0, 1}); c2, c3 eight rows down.
+#pragma unroll
+  for (int i = 0; i < Cfg::kMmaM; ++i) {
+    const int row = m0 + warp_m * Cfg::kWarpM + i * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < Cfg::kMmaN; ++j) {
+      const int col = n0 + warp_n * Cfg::kWarpN + j * 8 + ((lane & 3) << 1);
+      if (col < N) {  // N is even, so col + 1 < N too
+        if (row < M) epi(row, col, acc[i][j][0], acc[i][j][1]);
+        if (row + 8 < M) epi(row + 8, col, acc[i][j][2], acc[i][j][3]);
+      }
+    }
+  }
+}
+
+// fp32 SIMT GEMM: 64 x 64 tiles, 16 x 16 threads each computing 4 x 4 outputs, element-wise masked loads
+// (any strides). Correctness path for fp32, full fp32 precision.
+struct SimtConfig {
+  static constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
+};
+
+template <class T, class OpA, class OpB, class Epi>
+__global__ void __launch_bounds__(SimtConfig::kThreads) gemm_simt_kernel(OpA a, OpB b, Epi epi, int M, int N, int K) {
+  constexpr int BM = SimtConfig::kBM, BN = SimtConfig::kBN, BK = SimtConfig::kBK, NT = SimtConfig::kThreads;
+  __shared__ float as[BK][BM];
+  __shared__ float bs[BK][BN];
+  const int tid = threadIdx.x;
+  const int tx = tid % 16, ty = tid / 16;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+    for (int i = 0; i < BM * BK / NT; ++i) {
+      const int e = tid + i * NT;
+      const int r = OpA::kKMajor ? e / BK : e % BM;
+      const int k = OpA::kKMajor ? e % BK : e / BM;
+      as[k][r] = (m0 + r < M && k0 + k < K) ? to_float(*a.addr(m0 + r, k0 + k)) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < BN * BK / NT; ++i) {
+      const int e = tid + i * NT;
+      const int r = OpB::kKMajor ? e / BK : e % BN;
+      const int k = OpB::kKMajor ? e % BK : e / BN;
+      bs[k][r] = (n0 + r < N && k0 + k < K) ? to_float(*b.addr(n0 + r, k0 + k)) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = as[k][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = bs[k][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = m0 + ty * 4 + i;
+#pragma unroll
+    for (int j = 0; j < 4; j += 2) {
+      const int col = n0 + tx * 4 + j;
+      if (row < M && col < N) epi(row, col, acc[i][j], acc[i][j + 1]);
+    }
+  }
+}
+
+// out[col] = sum_row src[row, col] (bias gradients). Block (32, 16): 32 columns per block, 16 row
+// strides reduced through shared memory; fp32 accumulation, deterministic.
+template <class T, class Op>
+__global__ void __launch_bounds__(512) colsum_kernel(Op src, T* out, int rows, int cols) {
+  __shared__ float partial[16][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.0f;
+  if (col < cols) {
+    for (int r = threadIdx.y; r < rows; r += 16) s += to_float(*src.addr(r, col));
+  }
+  partial[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) total += partial[i][threadIdx.x];
+    out[col] = from_float<T>(total);
+  }
+}
+
+// ====================================================================================================
+// launchers
+// ====================================================================================================
+template <class T>
+inline constexpr bool kTensorCores = !std::is_same_v<T, float>;
+
+template <class T, class OpA, class OpB, class Epi>
+void run_gemm(const OpA& a, const OpB& b, const Epi& epi, index_t M, index_t N, index_t K, cudaStream_t stream,
+              const char* name) {
+  const std::string n = name;
+  require(M > 0 && N > 0 && K > 0, n + ": M, N, K must be positive");
+  require(M < (index_t{1} << 31) && N < (index_t{1} << 31) && K < (index_t{1} << 31), n + ": sizes exceed int32");
+  require(N % 2 == 0, n + ": N must be even (the epilogue stores pairs)");
+  a.validate(M, K, kTensorCores<T>, n + " operand A");
+  b.validate(N, K, kTensorCores<T>, n + " operand B");
+  if constexpr (kTensorCores<T>) {
+    using Cfg = TileConfig128x128;
+    constexpr int kSmem = Cfg::kStages * (Cfg::kBM + Cfg::kBN) * Cfg::kBK * 2;
+    const dim3 grid((N + Cfg::kBN - 1) / Cfg::kBN, (M + Cfg::kBM - 1) / Cfg::kBM);
+    require(grid.y <= 65535, n + ": M too large for the grid");
+    auto kernel = gemm_tc_kernel<Cfg, T, OpA, OpB, Epi>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute(gemm_tc_kernel)");
+    kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(a, b, epi, static_cast<int>(M), static_cast<int>(N),
+                                                    static_cast<int>(K));
+  } else {
+    const dim3 grid((N + SimtConfig::kBN - 1) / SimtConfig::kBN, (M + SimtConfig::kBM - 1) / SimtConfig::kBM);
+    require(grid.y <= 65535, n + ": M too large for the grid");
+    gemm_simt_kernel<T><<<grid, SimtConfig::kThreads, 0, stream>>>(a, b, epi, static_cast<int>(M),
+                                                                  static_cast<int>(N), static_cast<int>(K));
+  }
+  check_launch(name);
+}
+
+template <class T, class Op>
+void run_colsum(const Op& src, T* out, index_t rows, index_t cols, cudaStream_t stream, const char* name) {
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32));
+  colsum_kernel<T><<<grid, dim3(32, 16), 0, stream>>>(src, out, static_cast<int>(rows), static_cast<int>(cols));
+  check_launch(name);
+}
+
+// dtype code -> element type, as a compile-time switch: f(T{}) is instantiated once per dtype.
+template <class F>
+void dispatch_dtype(int code, F&& f) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat16:
+      f(__half{});
+      break;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      throw std::invalid_argument("unknown dtype code " + std::to_string(code) + " (0 fp32, 1 fp16, 2 bf16)");
+  }
+}
+
+template <class T>
+const T* in(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <class T>
+T* out(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Shape checks shared by the op launchers; all run before any CUDA call.
+inline void check_dtype(int code) {
+  require(code >= 0 && code <= 2, "unknown dtype code " + std::to_string(code) + " (0 fp32, 1 fp16, 2 bf16)");
+}
+
+inline void check_channels(const char* name, index_t c) {
+  require(c > 0 && c % 8 == 0, std::string(name) + "=" + std::to_string(c) + " must be a positive multiple of 8");
+}
+
+inline int check_qkv_shape(index_t batch, index_t tokens, index_t channels, index_t heads) {
+  require(batch > 0 && tokens > 0, "batch and tokens must be positive");
+  check_channels("C", channels);
+  require(heads > 0 && channels % heads == 0,
+          "C=" + std::to_string(channels) + " must be divisible by num_heads=" + std::to_string(heads));
+  const index_t d = channels / heads;
+  require(d % 8 == 0, "head dim D=C/num_heads=" + std::to_string(d) + " must be a multiple of 8");
+  require(batch * tokens < (index_t{1} << 31), "B*N exceeds int32");
+  return static_cast<int>(d);
+}
+
+}  // namespace gemm
+
+// ----------------------------------------------------------------------------------------------------
+// op launchers (bound in bind_gemm.cpp). Pointers are device addresses as integers; "ld" arguments are
+// row strides in elements of 2-D row-major (unit column stride) matrices; outputs are contiguous.
+// ----------------------------------------------------------------------------------------------------
+using gemm::index_t;
+
+// q, k, v (B, H, N, D) = split(x (B*N, C) @ w (3C, C)^T + bias (3C,) or 0).
+void gemm_qkv_fwd(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t q, uintptr_t k,
+                  uintptr_t v, index_t batch, index_t tokens, index_t channels, index_t heads, int dtype,
+                  uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  const int d = check_qkv_shape(batch, tokens, channels, heads);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> a{in<T>(x), ldx, 1};
+    const Strided<T, true> b{in<T>(w), ldw, 1};
+    const EpiQkvSplit<T> epi{out<T>(q), out<T>(k), out<T>(v), in<T>(bias), static_cast<int>(tokens),
+                             static_cast<int>(channels), d, static_cast<int>(heads)};
+    run_gemm<T>(a, b, epi, batch * tokens, 3 * channels, channels, as_stream(stream), "qkv_fwd gemm_kernel");
+  });
+}
+
+// From dq, dk, dv (B, H, N, D) sharing strides (s_b, s_h, s_t, 1):
+//   dx (B*N, C) = dQKV @ w,  dw (3C, C) = dQKV^T @ x,  dbias (3C,) = column sums of dQKV (if dbias != 0).
+void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t s_h, index_t s_t, uintptr_t x,
+                  index_t ldx, uintptr_t w, index_t ldw, uintptr_t dx, uintptr_t dw, uintptr_t dbias, index_t batch,
+                  index_t tokens, index_t channels, index_t heads, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  const int d = check_qkv_shape(batch, tokens, channels, heads);
+  const index_t M = batch * tokens;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int n_tok = static_cast<int>(tokens), c = static_cast<int>(channels);
+    const QkvGrad<T, true> dqkv{in<T>(dq), in<T>(dk), in<T>(dv), s_b, s_h, s_t, n_tok, c, d};
+    const QkvGrad<T, false> dqkv_t{in<T>(dq), in<T>(dk), in<T>(dv), s_b, s_h, s_t, n_tok, c, d};
+    // Validate every GEMM's operands before launching the first, so a bad call launches nothing.
+    const Strided<T, false> w_t{in<T>(w), 1, ldw};  // B[c, j] = w[j, c]
+    const Strided<T, false> x_t{in<T>(x), 1, ldx};  // B[c, m] = x[m, c]
+    const bool vec = kTensorCores<T>;
+    dqkv.validate(M, 3 * channels, vec, "qkv_bwd dQKV");
+    dqkv_t.validate(3 * channels, M, vec, "qkv_bwd dQKV^T");
+    w_t.validate(channels, 3 * channels, vec, "qkv_bwd weight");
+    x_t.validate(channels, M, vec, "qkv_bwd x");
+    run_gemm<T>(dqkv, w_t, EpiStore<T>{out<T>(dx), channels}, M, channels, 3 * channels, as_stream(stream),
+                "qkv_bwd dx gemm_kernel");
+    run_gemm<T>(dqkv_t, x_t, EpiStore<T>{out<T>(dw), channels}, 3 * channels, channels, M, as_stream(stream),
+                "qkv_bwd dweight gemm_kernel");
+    if (dbias != 0) run_colsum(dqkv, out<T>(dbias), M, 3 * channels, as_stream(stream), "qkv_bwd dbias colsum_kernel");
+  });
+}
+
+// hidden (M, Hd) = x (M, C) @ w1 (Hd, C)^T + b1;  act (M, Hd) = gelu(hidden);  y (M, Cout) = act @ w2 (Cout, Hd)^T + b2.
+// act is caller-provided scratch. b1 / b2 may be 0 (no bias).
+void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2, index_t ldw2,
+                  uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C, index_t Hd,
+                  index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0, "M must be positive");
+  check_channels("C", C);
+  check_channels("hidden", Hd);
+  check_channels("C_out", Cout);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> x_op{in<T>(x), ldx, 1};
+    const Strided<T, true> w1_op{in<T>(w1), ldw1, 1};
+    const Strided<T, true> act_op{in<T>(act), Hd, 1};
+    const Strided<T, true> w2_op{in<T>(w2), ldw2, 1};
+    const bool vec = kTensorCores<T>;
+    act_op.validate(M, Hd, vec, "mlp_fwd act");
+    w2_op.validate(Cout, Hd, vec, "mlp_fwd fc2_weight");
+    run_gemm<T>(x_op, w1_op, EpiBiasGelu<T>{out<T>(hidden), out<T>(act), Hd, in<T>(b1), tanh_form}, M, Hd, C,
+                as_stream(stream), "mlp_fwd fc1 gemm_kernel");
+    run_gemm<T>(act_op, w2_op, EpiBias<T>{out<T>(y), Cout, in<T>(b2)}, M, Cout, Hd, as_stream(stream),
+                "mlp_fwd fc2 gemm_kernel");
+  });
+}
+
+// dhidden (M, Hd) = (dy (M, Cout) @ w2 (Cout, Hd)) * gelu'(hidden), act = gelu(hidden) (scratch);
+// dw2 (Cout, Hd) = dy^T @ act;  dw1 (Hd, C) = dhidden^T @ x;  dx (M, C) = dhidden @ w1 (Hd, C);
+// db2 = colsum(dy), db1 = colsum(dhidden) when their pointers are non-zero.
+void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
+                  index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
+                  uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, index_t M, index_t C, index_t Hd,
+                  index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0, "M must be positive");
+  check_channels("C", C);
+  check_channels("hidden", Hd);
+  check_channels("C_out", Cout);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const cudaStream_t s = as_stream(stream);
+    const Strided<T, true> dy_op{in<T>(dy), ldy, 1};
+    const Strided<T, false> w2_t{in<T>(w2), 1, ldw2};  // B[h, o] = w2[o, h]
+    const Strided<T, false> dy_t{in<T>(dy), 1, ldy};   // A[o, m] = dy[m, o]
+    const Strided<T, false> act_t{in<T>(act), 1, Hd};  // B[h, m] = act[m, h]
+    const Strided<T, false> dh_t{in<T>(dhidden), 1, Hd};
+    const Strided<T, false> x_t{in<T>(x), 1, ldx};
+    const Strided<T, true> dh_op{in<T>(dhidden), Hd, 1};
+    const Strided<T, false> w1_t{in<T>(w1), 1, ldw1};  // B[c, h] = w1[h, c]
+    const bool vec = kTensorCores<T>;
+    dy_op.validate(M, Cout, vec, "mlp_bwd dy");
+    w2_t.validate(Hd, Cout, vec, "mlp_bwd fc2_weight");
+    dy_t.validate(Cout, M, vec, "mlp_bwd dy^T");
+    act_t.validate(Hd, M, vec, "mlp_bwd act");
+    dh_t.validate(Hd, M, vec, "mlp_bwd dhidden^T");
+    x_t.validate(C, M, vec, "mlp_bwd x");
+    dh_op.validate(M, Hd, vec, "mlp_bwd dhidden");
+    w1_t.validate(C, Hd, vec, "mlp_bwd fc1_weight");
+    require(ldh % 2 == 0, "mlp_bwd: hidden needs an even row stride");
+    run_gemm<T>(dy_op, w2_t, EpiDGelu<T>{out<T>(dhidden), out<T>(act), Hd, in<T>(hidden), ldh, tanh_form}, M, Hd,
+                Cout, s, "mlp_bwd dhidden gemm_kernel");
+    run_gemm<T>(dy_t, act_t, EpiStore<T>{out<T>(dw2), Hd}, Cout, Hd, M, s, "mlp_bwd dfc2_weight gemm_kernel");
+    run_gemm<T>(dh_t, x_t, EpiStore<T>{out<T>(dw1), C}, Hd, C, M, s, "mlp_bwd dfc1_weight gemm_kernel");
+    run_gemm<T>(dh_op, w1_t, EpiStore<T>{out<T>(dx), C}, M, C, Hd, s, "mlp_bwd dx gemm_kernel");
+    if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, s, "mlp_bwd dfc2_bias colsum_kernel");
+    if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, s, "mlp_bwd dfc1_bias colsum_kernel");
+  });
+}
+
+}  // namespace vk
