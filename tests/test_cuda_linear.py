@@ -1,0 +1,284 @@
+"""CUDA C++ GEMMs (csrc/gemm.cu via vit_kernels/cuda/linear.py): fused QKV and GELU-MLP, forward and every grad.
+
+GPU tests compare against the float64 reference (vit_kernels.reference) by relative error with per-dtype
+tolerances, on odd token counts (M = B*N never a multiple of the 128-row tile), non-contiguous inputs and
+gradient views, with every output buffer NaN-poisoned first so an unwritten element fails the test.
+CPU tests check the error paths and the launchers' preconditions, which run before any CUDA call.
+"""
+
+import pytest
+import torch
+from conftest import TOLERANCES, rel_error
+
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.cuda import linear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = 1  # DType code of fp16 (csrc/common.cuh)
+
+
+def _extension():
+    try:
+        from vit_kernels import _C
+    except ImportError as exc:
+        pytest.skip(f"vit_kernels._C not built here ({exc})")
+    return _C
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the wrappers allocate starts as NaN: a skipped tile, row or column cannot pass."""
+
+    def nan_empty(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(linear, "_empty", nan_empty)
+
+
+def _leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
+    # .to() returns t itself when nothing changes, so a strided view keeps its layout.
+    if t is None:
+        return None
+    return t.detach().to(device="cuda", dtype=dtype or t.dtype).requires_grad_(True)
+
+
+def _check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = rel_error(out, ref)
+    assert err <= TOLERANCES[dtype], f"{name}: relative error {err:.3g} > {TOLERANCES[dtype]:.1g} ({dtype})"
+
+
+def _x_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as x (..., C) in another memory layout."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":  # unit stride along tokens, not channels: the wrapper must copy
+        return x.transpose(-2, -1).contiguous().transpose(-2, -1)
+    if layout == "sliced":  # row stride C + 8, read in place by the kernels
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 8, dtype=x.dtype, device=x.device)
+        wide[..., : x.shape[-1]] = x
+        return wide[..., : x.shape[-1]]
+    raise ValueError(layout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU parity: fused QKV
+# ----------------------------------------------------------------------------------------------------
+QKV_SHAPES = [(1, 1, 64, 2), (2, 197, 72, 9), (3, 50, 192, 3), (1, 257, 768, 12)]  # (B, N, C, H)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", QKV_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_fused_qkv_matches_reference(poisoned, dtype, shape, has_bias, layout):
+    B, N, C, H = shape
+    # Inputs are rounded to dtype first: the float64 reference sees exactly what the kernel sees.
+    x = torch.randn(B, N, C).to(dtype)
+    w = (torch.randn(3 * C, C) * C**-0.5).to(dtype)
+    b = torch.randn(3 * C).to(dtype) if has_bias else None
+    grads = [torch.randn(B, H, N, C // H, device="cuda").to(dtype) for _ in range(3)]
+
+    ref_inputs = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref_out = reference.fused_qkv(*ref_inputs, H)
+    torch.autograd.backward(ref_out, [g.double() for g in grads])
+
+    xc = _leaf(_x_layout(x.cuda(), layout))
+    wc, bc = _leaf(w), _leaf(b)
+    out = vk.fused_qkv(xc, wc, bc, H, backend="cuda")
+    torch.autograd.backward(out, grads)
+
+    for name, o, r in zip("qkv", out, ref_out):
+        assert o.is_contiguous(), f"{name} must be contiguous (B, H, N, D)"
+        _check(name, o, r, dtype)
+    _check("dx", xc.grad, ref_inputs[0].grad, dtype)
+    _check("dweight", wc.grad, ref_inputs[1].grad, dtype)
+    if has_bias:
+        _check("dbias", bc.grad, ref_inputs[2].grad, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_layout", ["packed", "mixed"])
+def test_qkv_bwd_reads_gradient_views(poisoned, dtype, grad_layout):
+    """dq, dk, dv as views of one packed (B, N, 3, H, D) tensor (read in place), or in mixed layouts (copied)."""
+    B, N, C, H = 2, 197, 72, 9
+    x = torch.randn(B, N, C, device="cuda").to(dtype)
+    w = (torch.randn(3 * C, C, device="cuda") * C**-0.5).to(dtype)
+    packed = torch.randn(B, N, 3, H, C // H, device="cuda").to(dtype)
+    grads = [packed[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, N, D), strides (3NC, D, 3C, 1)
+    if grad_layout == "mixed":
+        grads[1] = grads[1].contiguous()
+
+    ref_inputs = [_leaf(t, torch.float64) for t in (x, w)]
+    ref_out = reference.fused_qkv(*ref_inputs, None, H)
+    torch.autograd.backward(ref_out, [g.double() for g in grads])
+    # dbias = column sums of dQKV (B*N, 3C); column j = (which, head, d) sums over (b, t).
+    ref_dbias = torch.cat([g.double().sum(dim=(0, 2)).reshape(C) for g in grads])
+
+    dx, dw, dbias = linear.qkv_bwd(*grads, x, w, True, False)
+    _check("dx", dx, ref_inputs[0].grad, dtype)
+    _check("dweight", dw, ref_inputs[1].grad, dtype)
+    _check("dbias", dbias, ref_dbias, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU parity: GELU-MLP
+# ----------------------------------------------------------------------------------------------------
+MLP_SHAPES = [(1, 8, 16, 8), (394, 72, 288, 72), (5, 192, 768, 192), (300, 768, 3072, 768)]  # (M, C, Hd, C_out)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_gelu_mlp_matches_reference(poisoned, dtype, shape, has_bias, approximate, layout):
+    M, C, Hd, C_out = shape
+    x = torch.randn(M, C).to(dtype)
+    w1, w2 = (torch.randn(Hd, C) * C**-0.5).to(dtype), (torch.randn(C_out, Hd) * Hd**-0.5).to(dtype)
+    b1, b2 = (torch.randn(Hd).to(dtype), torch.randn(C_out).to(dtype)) if has_bias else (None, None)
+    dy = torch.randn(M, C_out, device="cuda").to(dtype)
+
+    ref_inputs = [_leaf(t, torch.float64) for t in (x, w1, b1, w2, b2)]
+    ref_out = reference.gelu_mlp(*ref_inputs, approximate)
+    ref_out.backward(dy.double())
+
+    xc = _leaf(_x_layout(x.cuda(), layout))
+    params = [_leaf(t) for t in (w1, b1, w2, b2)]
+    out = vk.gelu_mlp(xc, *params, approximate=approximate, backend="cuda")
+    out.backward(dy)
+
+    _check("y", out, ref_out, dtype)
+    names = ["dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
+    for name, got, ref in zip(names, [xc, *params], ref_inputs):
+        if ref is not None:
+            _check(name, got.grad, ref.grad, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mlp_fwd_saves_pre_activation(poisoned, dtype):
+    """hidden (saved for backward) is x @ fc1^T + b1 before GELU, contiguous (M, Hd)."""
+    M, C, Hd = 197, 64, 256
+    x = torch.randn(M, C, device="cuda", dtype=dtype)
+    w1, b1 = torch.randn(Hd, C, device="cuda", dtype=dtype) * C**-0.5, torch.randn(Hd, device="cuda", dtype=dtype)
+    w2 = torch.randn(C, Hd, device="cuda", dtype=dtype) * Hd**-0.5
+    _y, hidden = linear.mlp_fwd(x, w1, b1, w2, None, "none", False)
+    assert hidden.is_contiguous() and hidden.shape == (M, Hd)
+    _check("hidden", hidden, x.double() @ w1.double().t() + b1.double(), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: error paths and launcher preconditions (no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+def test_cuda_backend_on_cpu_tensors_is_a_clear_value_error():
+    x, w, b = torch.randn(1, 5, 64), torch.randn(192, 64), torch.randn(192)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        vk.fused_qkv(x, w, b, 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        vk.gelu_mlp(torch.randn(5, 32), torch.randn(64, 32), None, torch.randn(32, 64), None, backend="cuda")
+
+
+def test_wrappers_reject_cpu_tensors():
+    x, w = torch.randn(1, 5, 64), torch.randn(192, 64)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but x is on cpu"):
+        linear.qkv_fwd(x, w, None, 2, False)
+    g = torch.randn(1, 2, 5, 32)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but dq is on cpu"):
+        linear.qkv_bwd(g, g, g, x, w, True, False)
+    x2, w1, w2 = torch.randn(5, 32), torch.randn(64, 32), torch.randn(32, 64)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but x is on cpu"):
+        linear.mlp_fwd(x2, w1, None, w2, None, "none", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but dy is on cpu"):
+        linear.mlp_bwd(torch.randn(5, 32), x2, w1, w2, torch.randn(5, 64), False, False, "none", False)
+
+
+def test_extension_binds_the_linear_launchers():
+    _C = _extension()
+    for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd"):
+        assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
+
+
+def _qkv_fwd_args(**overrides):
+    # Null pointers are fine: each call below must fail its precondition checks before any CUDA call.
+    args = dict(x=0, ldx=64, weight=0, ldw=64, bias=0, q=0, k=0, v=0, batch=1, tokens=5, channels=64, heads=2,
+                dtype=HALF, stream=0)  # fmt: skip
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(channels=60, ldx=60, ldw=60), r"C=60 must be a positive multiple of 8"),
+        (dict(heads=16), r"head dim D=C/num_heads=4 must be a multiple of 8"),
+        (dict(heads=3), r"C=64 must be divisible by num_heads=3"),
+        (dict(dtype=7), r"unknown dtype code 7"),
+        (dict(x=8), r"operand A: pointer must be 16-byte aligned"),
+        (dict(ldx=68), r"operand A: needs unit stride along K and a row stride that is a multiple of 8"),
+        (dict(weight=24), r"operand B: pointer must be 16-byte aligned"),
+    ],
+)
+def test_qkv_fwd_launcher_checks_preconditions(overrides, message):
+    _C = _extension()
+    with pytest.raises(ValueError, match=message):
+        _C.qkv_fwd(**_qkv_fwd_args(**overrides))
+
+
+def test_qkv_bwd_launcher_checks_gradient_strides():
+    _C = _extension()
+    args = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0,
+                dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"dq, dk, dv strides \(B, H, N\) must be multiples of 8"):
+        _C.qkv_bwd(**{**args, "s_t": 36})
+    with pytest.raises(ValueError, match=r"dq, dk, dv must be 16-byte aligned"):
+        _C.qkv_bwd(**{**args, "dk": 4})
+
+
+def test_mlp_launchers_check_channels_and_layout():
+    _C = _extension()
+    fwd = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0, act=0,
+               y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"hidden=60 must be a positive multiple of 8"):
+        _C.mlp_fwd(**{**fwd, "hidden_features": 60})
+    with pytest.raises(ValueError, match=r"mlp_fwd fc2_weight: needs unit stride along K"):
+        _C.mlp_fwd(**{**fwd, "ldw2": 66})
+    bwd = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64, dhidden=0,
+               act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32, hidden_features=64,
+               C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"C_out=12 must be a positive multiple of 8"):
+        _C.mlp_bwd(**{**bwd, "C_out": 12})
+    with pytest.raises(ValueError, match=r"mlp_bwd x: needs unit row stride and a K stride that is a multiple of 8"):
+        _C.mlp_bwd(**{**bwd, "ldx": 36})
+
+
+def test_layout_helpers_copy_only_what_the_kernels_cannot_read():
+    base = torch.randn(10, 40)
+    sliced = base[:, :32]  # row stride 40: readable in place
+    assert linear._rows(sliced).data_ptr() == sliced.data_ptr()
+    transposed = torch.randn(32, 10).t()
+    copied = linear._rows(transposed)
+    assert copied.is_contiguous() and torch.equal(copied, transposed)
+    odd_stride = torch.randn(10, 36)[:, :32]  # row stride 36 is not a multiple of 8
+    assert linear._rows(odd_stride).stride() == (32, 1)
+
+    packed = torch.randn(2, 5, 3, 4, 8)
+    views = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+    assert [t.data_ptr() for t in linear._heads(*views)] == [t.data_ptr() for t in views]
+    mixed = [views[0], views[1].contiguous(), views[2]]
+    out = linear._heads(*mixed)
+    assert all(t.is_contiguous() for t in out) and all(torch.equal(a, b) for a, b in zip(out, mixed))
+
+
+def test_nan_output_never_passes():
+    # The poisoned-buffer tests rely on this: a NaN left in an output is an infinite error.
+    ref = torch.randn(4, 8)
+    out = ref.clone()
+    out[2, 3] = float("nan")
+    assert rel_error(out, ref) == float("inf")

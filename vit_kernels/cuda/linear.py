@@ -1,0 +1,157 @@
+"""CUDA C++ backend of the fused QKV projection and the GELU-MLP: tensors -> `vit_kernels._C` GEMM launchers.
+
+Implements the linear part of the kernel-module contract in `vit_kernels.library` (qkv_fwd, qkv_bwd,
+mlp_fwd, mlp_bwd) with the kernels of csrc/gemm.cu. Every GEMM there is C = epilogue(A @ B^T) with A and B
+given by pointer and strides, so x @ W^T, dY @ W and dY^T @ X run without transposed copies, and the QKV
+gradient dQKV (M, 3C) is read in place from dq, dk, dv.
+
+Layout rules (the only copies made here): fp16/bf16 operands are read in 16-byte chunks, so a 2-D operand
+needs unit column stride, a row stride that is a multiple of 8 elements and a 16-byte aligned start
+(`_rows`); dq, dk, dv need shared strides with unit stride along D (`_heads`). An input that breaks them
+(a transposed or oddly offset view) is copied once to a contiguous tensor; the kernels would reject it.
+
+Precision: fp16/bf16 on tensor cores with fp32 accumulation, outputs rounded once. fp32 runs a SIMT
+kernel in full fp32, so `allow_tf32` is accepted for the contract and ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vit_kernels.cuda import check_cuda_tensors, dtype_code, extension, ptr, stream_of
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    # Every output and scratch buffer comes from here, so tests can poison them (NaN-fill) and catch
+    # any element a kernel forgets to write.
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand the 16-byte loads can read in place, copying only when they cannot (see module doc)."""
+    if t.stride(1) == 1 and t.stride(0) % 8 == 0 and _aligned(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _heads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+    """dq, dk, dv (B, H, N, D) readable in place as dQKV: shared strides (s_b, s_h, s_t, 1), each a multiple of 8."""
+    s = dq.stride()
+    in_place = (
+        dk.stride() == s
+        and dv.stride() == s
+        and s[3] == 1
+        and all(st % 8 == 0 for st in s[:3])
+        and all(_aligned(t) for t in (dq, dk, dv))
+    )
+    if in_place:
+        return dq, dk, dv
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (dq, dk, dv))
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Biases are read element by element: only unit stride matters.
+    return None if t is None else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused QKV projection
+# ----------------------------------------------------------------------------------------------------
+def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, allow_tf32: bool):
+    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v contiguous (B, H, N, C // H).
+
+    One GEMM whose epilogue adds the bias and scatters column n of the (B*N, 3C) product to
+    (which = n // C, head = n % C // D, d = n % D): no (B, N, 3C) intermediate.
+    """
+    check_cuda_tensors(x=x, weight=weight, bias=bias)
+    B, N, C = x.shape
+    x2 = _rows(x.reshape(B * N, C))
+    w = _rows(weight)
+    b = _vector(bias)
+    q, k, v = (_empty((B, num_heads, N, C // num_heads), x) for _ in range(3))
+    with torch.cuda.device(x.device):
+        extension().qkv_fwd(
+            ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(q), ptr(k), ptr(v),
+            B, N, C, num_heads, dtype_code(x), stream_of(x),
+        )  # fmt: skip
+    return q, k, v
+
+
+def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool):
+    """dq, dk, dv (B, H, N, D) any strides; x (B, N, C); weight (3C, C) -> dx (B, N, C), dweight (3C, C), dbias (3C,) or None.
+
+    dx = dQKV @ weight and dweight = dQKV^T @ x, with dQKV (B*N, 3C) read in place from dq, dk, dv;
+    dbias = column sums of dQKV (a separate reduction kernel).
+    """
+    check_cuda_tensors(dq=dq, dk=dk, dv=dv, x=x, weight=weight)
+    B, H, N, D = dq.shape
+    C = H * D
+    dq, dk, dv = _heads(dq, dk, dv)
+    x2 = _rows(x.reshape(B * N, C))
+    w = _rows(weight)
+    dx = _empty((B, N, C), x)
+    dweight = _empty((3 * C, C), weight)
+    dbias = _empty((3 * C,), x) if has_bias else None
+    s_b, s_h, s_t, _ = dq.stride()
+    with torch.cuda.device(x.device):
+        extension().qkv_bwd(
+            ptr(dq), ptr(dk), ptr(dv), s_b, s_h, s_t, ptr(x2), x2.stride(0), ptr(w), w.stride(0),
+            ptr(dx), ptr(dweight), ptr(dbias), B, N, C, H, dtype_code(x), stream_of(x),
+        )  # fmt: skip
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused GELU-MLP
+# ----------------------------------------------------------------------------------------------------
+def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, allow_tf32: bool):
+    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd).
+
+    fc1 GEMM with a bias + GELU epilogue storing hidden (the pre-activation, saved for backward since
+    GELU' needs it) and act = gelu(hidden) (scratch, freed on return); fc2 GEMM with a bias epilogue.
+    """
+    check_cuda_tensors(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    M, C = x.shape
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    x2, w1, w2 = _rows(x), _rows(fc1_weight), _rows(fc2_weight)
+    b1, b2 = _vector(fc1_bias), _vector(fc2_bias)
+    hidden = _empty((M, Hd), x)
+    act = _empty((M, Hd), x)
+    y = _empty((M, C_out), x)
+    with torch.cuda.device(x.device):
+        extension().mlp_fwd(
+            ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(b1), ptr(w2), w2.stride(0), ptr(b2),
+            ptr(hidden), ptr(act), ptr(y), M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
+        )  # fmt: skip
+    return y, hidden
+
+
+def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias: bool, has_fc2_bias: bool, approximate: str, allow_tf32: bool):
+    """dy (M, C_out), x (M, C), hidden (M, Hd) -> dx, dfc1_weight, dfc1_bias or None, dfc2_weight, dfc2_bias or None.
+
+    dhidden = (dy @ fc2_weight) * GELU'(hidden) in one GEMM epilogue, which also writes act = gelu(hidden)
+    (the recomputed activation dfc2_weight = dy^T @ act needs; it is not saved from forward);
+    dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; biases by column sums of dy and dhidden.
+    """
+    check_cuda_tensors(dy=dy, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, hidden=hidden)
+    M, C = x.shape
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    dy2, x2, w1, w2, h = _rows(dy), _rows(x), _rows(fc1_weight), _rows(fc2_weight), _rows(hidden)
+    dhidden = _empty((M, Hd), x)
+    act = _empty((M, Hd), x)
+    dx = _empty((M, C), x)
+    dw1 = _empty((Hd, C), fc1_weight)
+    dw2 = _empty((C_out, Hd), fc2_weight)
+    db1 = _empty((Hd,), x) if has_fc1_bias else None
+    db2 = _empty((C_out,), x) if has_fc2_bias else None
+    with torch.cuda.device(x.device):
+        extension().mlp_bwd(
+            ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(w2), w2.stride(0),
+            ptr(h), h.stride(0), ptr(dhidden), ptr(act), ptr(dx), ptr(dw1), ptr(db1), ptr(dw2), ptr(db2),
+            M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
+        )  # fmt: skip
+    return dx, dw1, db1, dw2, db2
