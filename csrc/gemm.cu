@@ -305,9 +305,10 @@ struct EpiDGelu {  // (e) dpre = acc * gelu'(pre); also act = gelu(pre), the ope
 // tile configuration and shared-memory tiles (tensor-core path)
 // ====================================================================================================
 // 128 x 128 x 32 with 8 warps as 2 (M) x 4 (N), each warp 64 x 32 = 4 x 4 mma tiles; 4 stages of
-// 16 KiB keep ~3 tiles of loads in flight and still fit two CTAs per SM on A100 and H100.
+// 16 KiB keep ~3 tiles of loads in flight and still fit two CTAs per SM on A100 and H100 (64 KiB smem
+// and <= 128 registers per thread each, which kMinBlocksPerSm makes ptxas guarantee).
 struct TileConfig128x128 {
-  static constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4;
+  static constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kMinBlocksPerSm = 2;
   static constexpr int kWarpsM = 2, kWarpsN = 4;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kWarpM = kBM / kWarpsM, kWarpN = kBN / kWarpsN;
@@ -371,7 +372,7 @@ struct SmemTile {
 // Tensor-core GEMM, fp16/bf16 in, fp32 accumulate. Grid: (ceil(N / BN), ceil(M / BM)); rows >= M,
 // columns >= N and k >= K are zero-filled by cp.async and never stored.
 template <class Cfg, class T, class OpA, class OpB, class Epi>
-__global__ void __launch_bounds__(Cfg::kThreads) gemm_tc_kernel(OpA a, OpB b, Epi epi, int M, int N, int K) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) gemm_tc_kernel(OpA a, OpB b, Epi epi, int M, int N, int K) {
   using TileA = SmemTile<Cfg::kBM, Cfg::kBK, OpA::kKMajor>;
   using TileB = SmemTile<Cfg::kBN, Cfg::kBK, OpB::kKMajor>;
   constexpr int kStageBytes = (TileA::kElems + TileB::kElems) * 2;
@@ -564,7 +565,7 @@ void run_gemm(const OpA& a, const OpB& b, const Epi& epi, index_t M, index_t N, 
   b.validate(N, K, kTensorCores<T>, n + " operand B");
   if constexpr (kTensorCores<T>) {
     using Cfg = TileConfig128x128;
-    constexpr int kSmem = Cfg::kStages * (Cfg::kBM + Cfg::kBN) * Cfg::kBK * 2;
+    constexpr int kSmem = Cfg::kStages * (Cfg::kBM + Cfg::kBN) * Cfg::kBK * 2;  // 2 bytes per element
     const dim3 grid((N + Cfg::kBN - 1) / Cfg::kBN, (M + Cfg::kBM - 1) / Cfg::kBM);
     require(grid.y <= 65535, n + ": M too large for the grid");
     auto kernel = gemm_tc_kernel<Cfg, T, OpA, OpB, Epi>;

@@ -113,6 +113,8 @@ def test_qkv_bwd_reads_gradient_views(poisoned, dtype, grad_layout):
     grads = [packed[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, N, D), strides (3NC, D, 3C, 1)
     if grad_layout == "mixed":
         grads[1] = grads[1].contiguous()
+    in_place = linear._heads(*grads)[0].data_ptr() == grads[0].data_ptr()
+    assert in_place == (grad_layout == "packed"), "the test must exercise the path it names"
 
     ref_inputs = [_leaf(t, torch.float64) for t in (x, w)]
     ref_out = reference.fused_qkv(*ref_inputs, None, H)
