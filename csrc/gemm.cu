@@ -14,6 +14,11 @@
 // Bias gradients are column sums of the output gradient: a simple deterministic reduction kernel
 // (colsum_kernel), not fused into the weight-gradient GEMM.
 //
+// Instantiated (through dispatch_dtype and the op launchers at the bottom): 8 (operand, operand, epilogue)
+// combinations x {fp16, bf16} tensor-core kernels, the same 8 as fp32 SIMT kernels, and the column sums.
+// To add a dtype: a case in dispatch_dtype, to_float/from_float/store2/load2 and (tensor cores) mma_16816.
+// To add a tile shape: another TileConfig struct, chosen in run_gemm.
+//
 // Sections: dtype + PTX helpers | operands | epilogues | shared-memory tiles | kernels | launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -752,7 +757,8 @@ void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t
     x_t.validate(C, M, vec, "mlp_bwd x");
     dh_op.validate(M, Hd, vec, "mlp_bwd dhidden");
     w1_t.validate(C, Hd, vec, "mlp_bwd fc1_weight");
-    require(ldh % 2 == 0, "mlp_bwd: hidden needs an even row stride");
+    require(ldh % 2 == 0 && hidden % (2 * sizeof(T)) == 0,
+            "mlp_bwd: hidden needs an even row stride and a pointer aligned to two elements (read in pairs)");
     run_gemm<T>(dy_op, w2_t, EpiDGelu<T>{out<T>(dhidden), out<T>(act), Hd, in<T>(hidden), ldh, tanh_form}, M, Hd,
                 Cout, s, "mlp_bwd dhidden gemm_kernel");
     run_gemm<T>(dy_t, act_t, EpiStore<T>{out<T>(dw2), Hd}, Cout, Hd, M, s, "mlp_bwd dfc2_weight gemm_kernel");
