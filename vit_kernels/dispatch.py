@@ -180,7 +180,8 @@ def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> str:
     _check_shape("weight", weight, (3 * C, C), "(3C, C)")
     if bias is not None:
         _check_shape("bias", bias, (3 * C,), "(3C,)")
-    return _select(backend, x.device, _channel_reasons({"C": C}))
+    # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
+    return _select(backend, x.device, _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads}))
 
 
 def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> str:
