@@ -406,6 +406,8 @@ def fmt(x, digits: int = 3) -> str:
         return "n/a"
     if isinstance(x, str):
         return x
+    if isinstance(x, int):
+        return str(x)
     if x == 0 or not math.isfinite(x):
         return str(x)
     if abs(x) >= 10 ** (digits + 1):
@@ -490,7 +492,7 @@ class Report:
         print()
 
     def finish(self, table: str, extra_files: Sequence[Path] = ()) -> None:
-        print(table)
+        print(table if self.rows else "(no measurements: every provider was skipped, reasons below)")
         if self.skipped:
             print("\n" + self.skip_text())
         files = [*self.write(), *extra_files]

@@ -1,0 +1,222 @@
+"""End to end: images/s of whole ViTs, inference and one training step, per backend, with and without
+torch.compile, and timm's ViT (when timm is installed) as the outside baseline.
+
+    python benchmarks/vit_bench.py                                  # ViT-S/B/L on GPU, ViT-Ti on CPU
+    python benchmarks/vit_bench.py --models vit_base_patch16_224 --batch 128 --compile no
+
+Providers: `vit:<backend>` is `vit.<model>(backend=<backend>)` from this repository's `vit` package
+(imported lazily; skipped with the reason when it is missing), `timm` is `timm.create_model(<model>)`;
+each also as `...+compile` (torch.compile of the model). The model runs in the benchmark dtype (no
+autocast): inference under torch.inference_mode; a training step is forward, cross-entropy, backward
+and AdamW. MFU: the model's matmul FLOPs (common.vit_flops_per_image; training 3x) per second over the
+measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+if "--include-interpreter" in sys.argv and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel module is imported
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from vit_kernels import dispatch  # noqa: E402
+
+# name: (img, patch, dim, depth, heads, mlp_ratio, classes): the FLOP count's inputs, as in timm.
+MODELS = {
+    "vit_tiny_patch16_224": (224, 16, 192, 12, 3, 4.0, 1000),
+    "vit_small_patch16_224": (224, 16, 384, 12, 6, 4.0, 1000),
+    "vit_base_patch16_224": (224, 16, 768, 12, 12, 4.0, 1000),
+    "vit_large_patch16_224": (224, 16, 1024, 24, 16, 4.0, 1000),
+}
+GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+GPU_BATCH = {"vit_tiny_patch16_224": 256, "vit_small_patch16_224": 256, "vit_base_patch16_224": 256, "vit_large_patch16_224": 64}
+BACKENDS = ("reference", "torch", "triton", "cuda")
+MODES = ("infer", "train")
+
+
+def build(provider: str, name: str, device: str, dtype):
+    """The model for one provider, or raise Skip with the reason."""
+    family, _, backend = provider.partition(":")
+    if family == "timm":
+        if importlib.util.find_spec("timm") is None:
+            raise Skip("timm is not installed (pip install timm)")
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    else:
+        try:
+            vit = importlib.import_module("vit")
+        except ImportError as exc:
+            raise Skip(f"the vit package is not importable ({exc})") from None
+        factory = getattr(vit, name, None)
+        if factory is None:
+            raise Skip(f"vit.{name} does not exist (yet)")
+        try:
+            model = factory(backend=backend)
+        except (TypeError, ValueError) as exc:
+            raise Skip(f"vit.{name}(backend={backend!r}) failed: {common.short_reason(exc)}") from None
+    return model.to(device=device, dtype=dtype)
+
+
+class Skip(Exception):
+    pass
+
+
+def provider_list(args) -> list[str]:
+    base = [f"vit:{b}" for b in BACKENDS] + ["timm"]
+    return base + [f"{p}+compile" for p in base]
+
+
+def global_skip_reason(provider: str, args) -> str | None:
+    if provider.endswith("+compile") and not args.compile_on:
+        return "torch.compile of a whole ViT takes minutes on this CPU (--compile yes to include it)"
+    backend = provider.split("+")[0].partition(":")[2]
+    if backend == "triton" and args.device == "cpu" and not args.include_interpreter:
+        return "no GPU: the Triton interpreter is far too slow for benchmarking (--include-interpreter to time it anyway)"
+    if backend in ("triton", "cuda"):
+        return dispatch.device_unavailable_reason(backend, torch.device(args.device))
+    return None
+
+
+def run_cell(report, provider, name, mode, args, dtype, peaks, models_cache) -> dict | None:
+    where = f"{name} {mode}"
+    base_provider, compiled = provider.split("+")[0], provider.endswith("+compile")
+    B = args.batch or (GPU_BATCH[name] if args.device == "cuda" else 2)
+    try:
+        key = (base_provider, name)
+        if key not in models_cache:
+            models_cache.clear()  # one model resident at a time
+            models_cache[key] = build(base_provider, name, args.device, dtype)
+        model = models_cache[key]
+        img, classes = MODELS[name][0], MODELS[name][6]
+        n_sets = 2
+        images = [torch.randn(B, 3, img, img, device=args.device, dtype=dtype) for _ in range(n_sets)]
+        labels = [torch.randint(0, classes, (B,), device=args.device) for _ in range(n_sets)]
+        fwd = torch.compile(model) if compiled else model
+        if mode == "infer":
+            model.eval()
+
+            def step(i):
+                with torch.inference_mode():
+                    return fwd(images[i])
+
+        else:
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(i):
+                loss = F.cross_entropy(fwd(images[i]).float(), labels[i])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+        try:
+            step(0)
+        except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as exc:
+            raise Skip(common.short_reason(exc)) from None
+        with common.PeakMemory(args.device) as mem:
+            t = common.bench(step, n_sets, args.device, rep_ms=args.rep_ms, min_reps=3)
+    except Skip as exc:
+        report.skip(provider, str(exc), where)
+        return None
+    except torch.OutOfMemoryError:
+        report.skip(provider, f"out of memory at batch {B}", where)
+        return None
+    finally:
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    flops = common.vit_flops_per_image(*MODELS[name]) * B * (1 if mode == "infer" else 3)
+    tflops = flops / (t.median_ms * 1e-3) / 1e12
+    return {
+        "model": name,
+        "batch": B,
+        "mode": mode,
+        "provider": provider,
+        "ms": t.median_ms,
+        "ms_p20": t.p20_ms,
+        "ms_p80": t.p80_ms,
+        "reps": t.reps,
+        "images_per_s": B / (t.median_ms * 1e-3),
+        "tflops": tflops,
+        "mfu_pct": 100 * tflops / peaks.tflops(args.dtype),
+        "mem_mib": mem.peak_mib,
+        "flops": flops,
+    }
+
+
+COLUMNS = [
+    ("model", "model"), ("batch", "batch"), ("mode", "mode"), ("provider", "provider"), ("ms (median)", "ms"),
+    ("images/s", "images_per_s"), ("TFLOP/s", "tflops"), ("MFU %", "mfu_pct"), ("peak MiB", "mem_mib"),
+    ("speedup vs vit:torch", "speedup"),
+]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--models", help=f"comma-separated from {list(MODELS)} (default: S/B/L on GPU, tiny on CPU)")
+    p.add_argument("--batch", type=int, help="images per step (default: 256, 64 for ViT-L, on GPU; 2 on CPU)")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="auto: on GPU only")
+    p.add_argument("--include-interpreter", action="store_true", help="on CPU, time Triton under TRITON_INTERPRET=1")
+    args = p.parse_args(argv)
+    common.resolve_common_args(args)
+    args.compile_on = args.compile == "yes" or (args.compile == "auto" and args.device == "cuda")
+    dtype = common.DTYPES[args.dtype]
+    names = args.models.split(",") if args.models else (GPU_MODELS if args.device == "cuda" else ("vit_tiny_patch16_224",))
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    modes = MODES if args.mode == "both" else (args.mode,)
+
+    env = common.Env.collect(args.device, args.dtype)
+    peaks = common.measure_peaks(args.device, [args.dtype], args.peaks)
+    report = common.Report("vit_bench", env, peaks, args)
+    wanted, not_requested = common.selected(provider_list(args), args.providers)
+    for provider, reason in not_requested:
+        report.skip(provider, reason)
+    runnable = []
+    for provider in wanted:
+        reason = global_skip_reason(provider, args)
+        if reason:
+            report.skip(provider, reason)
+        else:
+            runnable.append(provider)
+
+    report.print_header()
+    cache: dict = {}
+    bar = common.progress(len(names) * len(runnable) * len(modes), "vit_bench", disable=args.no_progress)
+    for name in names:
+        for provider in runnable:
+            rows = []
+            for mode in modes:
+                bar.set_postfix_str(f"{provider} {name} {mode}")
+                row = run_cell(report, provider, name, mode, args, dtype, peaks, cache)
+                bar.update()
+                if row:
+                    rows.append(row)
+            for r in rows:
+                report.add(r)
+    bar.close()
+    cache.clear()
+    for r in report.rows:
+        base = next((b["ms"] for b in report.rows if (b["model"], b["mode"], b["provider"]) == (r["model"], r["mode"], "vit:torch")), None)
+        r["speedup"] = base / r["ms"] if base else None
+    report.finish(common.markdown_table(COLUMNS, report.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
