@@ -82,7 +82,7 @@ class Skip(Exception):
 def global_skip_reason(provider: str, device: str, args) -> str | None:
     if provider == "triton":
         if device == "cpu" and not args.include_interpreter:
-            return "no GPU: the Triton interpreter is far too slow for benchmarking (--include-interpreter to time it anyway)"
+            return "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark (--include-interpreter to time it anyway)"
         return dispatch.device_unavailable_reason("triton", torch.device(device))
     if provider == "cuda":
         return dispatch.device_unavailable_reason("cuda", torch.device(device))

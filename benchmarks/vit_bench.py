@@ -83,7 +83,7 @@ def global_skip_reason(provider: str, args) -> str | None:
         return "torch.compile of a whole ViT takes minutes on this CPU (--compile yes to include it)"
     backend = provider.split("+")[0].partition(":")[2]
     if backend == "triton" and args.device == "cpu" and not args.include_interpreter:
-        return "no GPU: the Triton interpreter is far too slow for benchmarking (--include-interpreter to time it anyway)"
+        return "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark (--include-interpreter to time it anyway)"
     if backend in ("triton", "cuda"):
         return dispatch.device_unavailable_reason(backend, torch.device(args.device))
     return None

@@ -1,0 +1,329 @@
+"""Static resource report of every shipped kernel, without a GPU: registers, shared memory, spills/local
+memory and tensor-core instructions, for sm_80 and sm_90a.
+
+    python benchmarks/kernel_report.py            # table on stdout; exit 1 if a hot kernel spills
+    python benchmarks/kernel_report.py --json out.json
+
+CUDA C++: every kernel in the built extension vit_kernels/_C*.so, read with `cuobjdump
+--dump-resource-usage` (REG, STACK, SHARED, LOCAL per function per arch) and `cuobjdump -sass`
+(HMMA / HGMMA tensor-core instructions, LDL / STL local-memory accesses).
+Triton: `compile_report(arch)` of vit_kernels.ops.attention and vit_kernels.ops.linear, which compile
+every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET (interpreted
+kernels cannot be compiled).
+
+A hot kernel is an fp16/bf16 attention or GEMM kernel; if one spills or touches local memory the
+report exits 1. Anything that cannot be inspected here (no extension, no cuobjdump, no
+compile_report yet) is listed as skipped with the reason, and does not fail the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = {"sm_80": 80, "sm_90a": 90}
+TRITON_MODULES = ("vit_kernels.ops.attention", "vit_kernels.ops.linear")
+TRITON_TIMEOUT_S = 120
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA C++: cuobjdump on the built extension
+# ----------------------------------------------------------------------------------------------------
+def find_extension() -> tuple[Path | None, str | None]:
+    spec = importlib.util.find_spec("vit_kernels")
+    pkg_dir = Path(spec.origin).parent if spec and spec.origin else ROOT / "vit_kernels"
+    found = sorted(pkg_dir.glob("_C*.so"))
+    if not found:
+        return None, f"vit_kernels/_C*.so is not built in {pkg_dir} (pip install -e . with nvcc present)"
+    return found[0], None
+
+
+def find_cuobjdump() -> tuple[str | None, str | None]:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for home in candidates:
+        if home and (Path(home) / "bin" / "cuobjdump").is_file():
+            return str(Path(home) / "bin" / "cuobjdump"), None
+    if shutil.which("cuobjdump"):
+        return shutil.which("cuobjdump"), None
+    # Triton wheels bundle one (CUDA 12.8 as of triton 3.6); it reads sm_80 / sm_90 cubins fine.
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.is_file():
+            return str(bundled), None
+    return None, "cuobjdump not found (CUDA_HOME, /usr/local/cuda/bin, PATH, triton's bundled copy)"
+
+
+def _arch_blocks(text: str):
+    """Yield (arch, lines) for each 'Fatbin elf code' block of cuobjdump output (PTX blocks skipped)."""
+    arch, kind, lines = None, None, []
+    for line in text.splitlines():
+        if line.startswith("Fatbin "):
+            if kind == "elf" and arch:
+                yield arch, lines
+            kind, arch, lines = ("elf" if "elf" in line else "ptx"), None, []
+        elif line.startswith("arch = ") and arch is None:
+            arch = line.split("=", 1)[1].strip()
+        else:
+            lines.append(line)
+    if kind == "elf" and arch:
+        yield arch, lines
+
+
+def parse_resource_usage(text: str) -> dict[tuple[str, str], dict]:
+    """{(arch, mangled name): {REG, STACK, SHARED, LOCAL, ...}} from --dump-resource-usage."""
+    out = {}
+    for arch, lines in _arch_blocks(text):
+        name = None
+        for line in lines:
+            m = re.match(r"\s*Function (\S+):\s*$", line)
+            if m:
+                name = m.group(1)
+            elif name and "REG:" in line:
+                out[(arch, name)] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+                name = None
+    return out
+
+
+def parse_sass(text: str) -> dict[tuple[str, str], dict]:
+    """{(arch, mangled name): {hmma, hgmma, local_ld_st}} instruction counts from -sass."""
+    out = {}
+    for arch, lines in _arch_blocks(text):
+        current = None
+        for line in lines:
+            m = re.match(r"\s*Function : (\S+)", line)
+            if m:
+                current = out.setdefault((arch, m.group(1)), {"hmma": 0, "hgmma": 0, "local_ld_st": 0})
+            elif current is not None and "/*" in line:
+                op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+                if not op:
+                    continue
+                mnemonic = op.group(1).split(".")[0]
+                if mnemonic == "HMMA":
+                    current["hmma"] += 1
+                elif mnemonic == "HGMMA":
+                    current["hgmma"] += 1
+                elif mnemonic in ("LDL", "STL"):
+                    current["local_ld_st"] += 1
+    return out
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    res = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, timeout=30)
+    pretty = res.stdout.splitlines()
+    if res.returncode or len(pretty) != len(names):
+        return {n: n for n in names}
+    return dict(zip(names, pretty))
+
+
+def short_name(pretty: str) -> str:
+    """'void vk::gemm::gemm_tc_kernel<vk::gemm::TileConfig128x128, __nv_bfloat16, ...>(...)' ->
+    'gemm_tc_kernel<TileConfig128x128, bf16, ...>'."""
+    s = re.sub(r"^void ", "", pretty)
+    depth, cut = 0, len(s)
+    for i, ch in enumerate(s):  # drop the parameter list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    s = s[:cut]
+    s = re.sub(r"\b\w+::", "", s)
+    return s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+
+
+def kernel_dtype(name: str) -> str:
+    if "bf16" in name or "bfloat16" in name:
+        return "bf16"
+    if "fp16" in name or "__half" in name:
+        return "fp16"
+    if re.search(r"\bfloat\b|<f|If", name):
+        return "fp32"
+    return "?"
+
+
+def is_hot(kernel: str, dtype: str) -> bool:
+    return dtype in ("fp16", "bf16") and bool(re.search(r"gemm|attn|attention|flash|matmul|linear", kernel, re.I))
+
+
+def cuda_rows(skips: list[str]) -> list[dict]:
+    so, why = find_extension()
+    if so is None:
+        skips.append(f"CUDA kernels: {why}")
+        return []
+    tool, why = find_cuobjdump()
+    if tool is None:
+        skips.append(f"CUDA kernels: {why}")
+        return []
+    usage = subprocess.run([tool, "--dump-resource-usage", str(so)], capture_output=True, text=True, timeout=60)
+    if usage.returncode:
+        skips.append(f"CUDA kernels: {tool} --dump-resource-usage failed: {usage.stderr.strip()[:200]}")
+        return []
+    resources = parse_resource_usage(usage.stdout)
+    sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True, timeout=120)
+    instr = parse_sass(sass.stdout) if sass.returncode == 0 else {}
+    if sass.returncode:
+        skips.append(f"CUDA tensor-core counts: {tool} -sass failed: {sass.stderr.strip()[:200]}")
+    pretty = demangle(sorted({name for _, name in resources}))
+    rows = []
+    for (arch, name), r in sorted(resources.items(), key=lambda kv: (kv[0][0], pretty[kv[0][1]])):
+        # cuobjdump names the sm_90a cubin's arch 'sm_90a' in the resource dump; keep what it says.
+        kernel = short_name(pretty[name])
+        ins = instr.get((arch, name), {})
+        dtype = kernel_dtype(kernel)
+        tc = [f"{k.upper()} x{v}" for k, v in ins.items() if k in ("hmma", "hgmma") and v]
+        rows.append({
+            "source": "cuda", "kernel": kernel, "arch": arch, "dtype": dtype, "config": "",
+            "regs": r.get("REG"), "smem": r.get("SHARED"), "stack": r.get("STACK", 0), "local": r.get("LOCAL", 0),
+            "spill_bytes": None, "local_ld_st": ins.get("local_ld_st"),
+            "tensor_core": ", ".join(tc) if tc else ("none" if ins else "?"),
+            "hot": is_hot(kernel, dtype), "mangled": name,
+        })  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton: compile_report(arch) of the kernel modules, in a clean subprocess
+# ----------------------------------------------------------------------------------------------------
+_CHILD = r"""
+import importlib, json, sys
+mod_name, arch = sys.argv[1], int(sys.argv[2])
+try:
+    mod = importlib.import_module(mod_name)
+except ImportError as exc:
+    print(json.dumps({"skip": f"{mod_name} is not importable ({exc})"})); sys.exit(0)
+fn = getattr(mod, "compile_report", None)
+if fn is None:
+    print(json.dumps({"skip": f"{mod_name} has no compile_report(arch) (yet)"})); sys.exit(0)
+print(json.dumps({"rows": fn(arch)}, default=str))
+"""
+
+
+def _compile_report(mod: str, arch_name: str, env: dict) -> tuple[list[dict], str | None]:
+    """Rows of `mod.compile_report(arch)` in a fresh interpreter, or ([], why not)."""
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _CHILD, mod, str(ARCHS[arch_name])],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=TRITON_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return [], f"Triton {mod} {arch_name}: compile_report took over {TRITON_TIMEOUT_S} s"
+    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    try:
+        payload = json.loads(last)
+    except json.JSONDecodeError:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return [], f"Triton {mod} {arch_name}: compile_report failed (exit {res.returncode}): {tail[:240]}"
+    if "skip" in payload:
+        return [], f"Triton {mod}: {payload['skip']}"
+    return [triton_row(r, arch_name) for r in payload["rows"]], None
+
+
+def triton_rows(skips: list[str], modules=TRITON_MODULES) -> list[dict]:
+    if importlib.util.find_spec("triton") is None:
+        skips.append("Triton kernels: triton is not installed")
+        return []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    jobs = [(mod, arch) for mod in modules for arch in ARCHS]
+    # Compiling is CPU-bound and each (module, arch) is independent: one subprocess per core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(lambda job: _compile_report(*job, env), jobs))
+    rows = []
+    for got, why in results:
+        rows += got
+        if why and why not in skips:
+            skips.append(why)
+    return rows
+
+
+def triton_row(r: dict, arch_name: str) -> dict:
+    """Normalise one compile_report dict (keys: kernel, config, n_regs, n_spills, shared, and either
+    tensor_core or the booleans wgmma / mma) into a report row."""
+    kernel = str(r.get("kernel") or r.get("name"))
+    shape = ", ".join(f"{k}={r[k]}" for k in ("M", "N", "K", "D") if k in r)
+    dtype = str(r.get("dtype", "?")).replace("torch.", "").replace("float16", "fp16").replace("bfloat16", "bf16")
+    dtype = dtype.replace("float32", "fp32")
+    if "tensor_core" in r:
+        tc = str(r["tensor_core"])
+    else:
+        tc = ", ".join(k for k, label in (("wgmma", "wgmma"), ("mma", "mma.sync")) if r.get(k)) or "none"
+        tc = tc.replace("mma", "mma.sync") if tc == "mma" else tc
+    config = r.get("config", "")
+    if isinstance(config, dict):
+        config = " ".join(f"{k}={v}" for k, v in config.items())
+    spills = r.get("n_spills")
+    return {
+        "source": "triton", "kernel": f"{kernel} ({shape})" if shape else kernel, "arch": arch_name, "dtype": dtype,
+        "config": config, "regs": r.get("n_regs"), "smem": r.get("shared"), "stack": None, "local": None,
+        "spill_bytes": spills, "local_ld_st": None, "tensor_core": tc, "hot": is_hot(kernel, dtype),
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------
+def violations(rows: list[dict]) -> list[str]:
+    bad = []
+    for r in rows:
+        if not r["hot"]:
+            continue
+        spilled = [f"{k}={r[k]}" for k in ("spill_bytes", "local", "stack", "local_ld_st") if r.get(k)]
+        if spilled:
+            bad.append(f"{r['source']} {r['kernel']} [{r['arch']}, {r['dtype']}]: {', '.join(spilled)}")
+    return bad
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("src", "source"), ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("config", "config"),
+            ("regs", "regs"), ("smem B", "smem"), ("spill B", "spill_bytes"), ("local B", "local"),
+            ("stack B", "stack"), ("LDL/STL", "local_ld_st"), ("tensor-core instr", "tensor_core"), ("hot", "hot")]  # fmt: skip
+
+    def cell(v):
+        return "-" if v is None or v == "" else ("yes" if v is True else "" if v is False else str(v))
+
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="also write the rows, skips and violations here")
+    p.add_argument("--no-triton", action="store_true", help="CUDA kernels only (the Triton compile takes longest)")
+    args = p.parse_args(argv)
+    skips: list[str] = []
+    rows = cuda_rows(skips)
+    if args.no_triton:
+        skips.append("Triton kernels: not requested (--no-triton)")
+    else:
+        rows += triton_rows(skips)
+    bad = violations(rows)
+    print("## kernel_report: static resource usage per kernel (no GPU needed)\n")
+    print(table(rows) if rows else "(no kernels could be inspected here, reasons below)")
+    n_cuda = sum(r["source"] == "cuda" for r in rows)
+    print(f"\n{n_cuda} CUDA kernel rows, {len(rows) - n_cuda} Triton kernel rows. smem B: for CUDA, static shared memory "
+          "only (dynamic shared memory is sized at launch, invisible to cuobjdump); for Triton, what the config needs.")
+    for s in skips:
+        print(f"- skipped {s}")
+    for b in bad:
+        print(f"- FAIL hot kernel spills or uses local memory: {b}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "skipped": skips, "violations": bad}, indent=1, default=str))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The benchmark scripts run end to end on CPU at tiny sizes and report real numbers.
+
+Each script runs in a subprocess (as a user runs it), without TRITON_INTERPRET, writing its files to
+a temporary directory. The FLOP formulas and the cuobjdump parsers are checked on known inputs.
+"""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import kernel_report  # noqa: E402
+
+
+def run_script(name: str, *args: str, env_extra: dict | None = None, timeout: int = 120):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra or {})
+    res = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
+    assert res.returncode == 0, f"{name} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def table_rows(stdout: str) -> list[dict]:
+    """The Markdown table's rows as dicts keyed by header."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_attn_bench_cpu(tmp_path):
+    out = run_script(
+        "attn_bench.py", "--device", "cpu", "--shapes", "1,2,64,32;1,3,97,80", "--rep-ms", "10", "--no-progress",
+        "--providers", "eager,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,triton,cuda", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    rows = table_rows(out)
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert len(eager) == 4, out  # 2 shapes x (fwd, fwd_bwd)
+    for r in eager:
+        assert float(r["TFLOP/s"]) > 0 and float(r["ms (median)"]) > 0 and float(r["speedup vs eager"]) == 1.0
+        assert float(r["rel err"]) < 1e-5
+    assert any(r["provider"] == "sdpa_math" and float(r["TFLOP/s"]) > 0 for r in rows)
+    for provider in ("triton", "cuda", "sdpa_efficient", "sdpa_cudnn", "compile"):
+        assert re.search(rf"^- skipped {provider} \(.+\): \S", out, re.M), f"no skip reason for {provider}:\n{out}"
+    data = json.loads(next(tmp_path.glob("attn_bench-*.json")).read_text())
+    assert data["peaks"]["copy_gbps"] > 0 and data["peaks"]["matmul_tflops"]["fp32"] > 0
+    row = data["rows"][0]
+    for key in ("device_name", "dtype", "torch", "triton", "commit", "tflops", "gbps", "roofline_pct", "flops", "bytes"):
+        assert key in row, key
+    with open(next(tmp_path.glob("attn_bench-*.csv"))) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_mlp_bench_cpu(tmp_path):
+    out = run_script(
+        "mlp_bench.py", "--device", "cpu", "--shapes", "1,16,64,256,4", "--rep-ms", "10", "--no-progress",
+        "--providers", "eager,reference,views,triton,cuda", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    rows = table_rows(out)
+    for op in ("mlp", "qkv"):
+        eager = [r for r in rows if r["op"] == op and r["provider"] == "eager"]
+        assert len(eager) == 2, out
+        assert all(float(r["TFLOP/s"]) > 0 and float(r["rel err"]) < 1e-5 for r in eager)
+    assert any(r["provider"] == "views" for r in rows) and any(r["provider"] == "reference" for r in rows)
+    for provider in ("triton", "cuda", "compile"):
+        assert re.search(rf"^- skipped {provider} \(.+\): \S", out, re.M), f"no skip reason for {provider}:\n{out}"
+
+
+STUB_VIT = '''
+"""Stand-in for the vit package (benchmark plumbing only): the factory signature, a few real ops."""
+import torch
+import vit_kernels as vk
+
+
+class Stub(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.patch = torch.nn.Conv2d(3, 32, 16, 16)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.head = torch.nn.Linear(32, 1000)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        q, k, v = vk.fused_qkv(t, self.qkv.weight, self.qkv.bias, 2, backend=self.backend)
+        return self.head(vk.attention(q, k, v, backend=self.backend).transpose(1, 2).flatten(2).mean(1))
+
+
+def vit_tiny_patch16_224(backend="auto"):
+    return Stub(backend)
+'''
+
+
+def test_vit_bench_cpu_plumbing(tmp_path):
+    """images/s and MFU columns come out real for a stand-in model with the `vit` factory signature."""
+    (tmp_path / "stub" / "vit").mkdir(parents=True)
+    (tmp_path / "stub" / "vit" / "__init__.py").write_text(STUB_VIT)
+    out = run_script(
+        "vit_bench.py", "--device", "cpu", "--batch", "1", "--rep-ms", "10", "--no-progress", "--out-dir", str(tmp_path),
+        env_extra={"PYTHONPATH": str(tmp_path / "stub")},
+    )  # fmt: skip
+    rows = table_rows(out)
+    torch_rows = [r for r in rows if r["provider"] == "vit:torch"]
+    assert {r["mode"] for r in torch_rows} == {"infer", "train"}, out
+    assert all(float(r["images/s"]) > 0 and float(r["MFU %"]) > 0 for r in torch_rows)
+    for provider in ("vit:triton", "vit:cuda", "vit:torch+compile"):
+        assert re.search(rf"^- skipped {re.escape(provider)} \(.+\): \S", out, re.M), f"no reason for {provider}:\n{out}"
+
+
+def test_vit_bench_cpu_real_package(tmp_path):
+    """With this repository's own vit package (skipped with its reason while it is missing)."""
+    res = subprocess.run(
+        [sys.executable, "-c", "import vit; vit.vit_tiny_patch16_224"], capture_output=True, text=True, cwd=ROOT
+    )
+    out = run_script(
+        "vit_bench.py", "--device", "cpu", "--batch", "1", "--rep-ms", "10", "--no-progress", "--mode", "infer",
+        "--providers", "vit:torch,vit:triton,vit:cuda,timm", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    if res.returncode != 0:
+        assert re.search(r"^- skipped vit:torch \(.+\): \S", out, re.M), out
+        pytest.skip(f"vit.vit_tiny_patch16_224 is not available yet: {res.stderr.strip().splitlines()[-1]}")
+    rows = table_rows(out)
+    assert any(r["provider"] == "vit:torch" and float(r["images/s"]) > 0 for r in rows), out
+
+
+def test_kernel_report_lists_every_cuda_kernel():
+    so, why = kernel_report.find_extension()
+    if so is None:
+        pytest.skip(why)
+    tool, why = kernel_report.find_cuobjdump()
+    if tool is None:
+        pytest.skip(why)
+    usage = subprocess.run([tool, "--dump-resource-usage", str(so)], capture_output=True, text=True, check=True).stdout
+    # Functions per arch in the ELF sections (PTX sections list none).
+    n_functions = len(re.findall(r"^\s*Function \S+:\s*$", usage, re.M))
+    out = run_script("kernel_report.py", "--no-triton")
+    cuda_rows = [line for line in out.splitlines() if line.startswith("| cuda |")]
+    assert n_functions > 0 and len(cuda_rows) == n_functions, out
+    assert {"sm_80", "sm_90a"} <= {c.split("|")[3].strip() for c in cuda_rows}
+
+
+# ----------------------------------------------------------------------------------------------------
+# formulas and parsers on known inputs
+# ----------------------------------------------------------------------------------------------------
+def test_flop_and_byte_formulas():
+    assert common.attention_flops(2, 3, 197, 64, "fwd") == 4 * 2 * 3 * 197**2 * 64
+    assert common.attention_flops(2, 3, 197, 64, "fwd_bwd") == 3.5 * common.attention_flops(2, 3, 197, 64, "fwd")
+    assert common.attention_bytes(1, 1, 10, 8, 2, "fwd") == 4 * 10 * 8 * 2
+    assert common.attention_bytes(1, 1, 10, 8, 2, "bwd") == 8 * 10 * 8 * 2 + 4 * 10
+    assert common.linear_flops(5, 7, 11, "fwd_bwd") == 3 * 2 * 5 * 7 * 11
+    # ViT-B/16 at 224: timm lists 17.6 GMACs per image, i.e. ~35.2 GFLOP.
+    assert 34.9e9 < common.vit_flops_per_image(224, 16, 768, 12, 12, 4.0, 1000) < 35.4e9
+    peaks = common.Peaks(copy_gbps=1000.0, matmul_tflops={"bf16": 100.0})
+    # 1 TFLOP at 100 TFLOP/s: 10 ms floor; measured 20 ms -> 50 %.
+    assert common.roofline_fraction(1e12, 1e6, 20.0, peaks, "bf16") == pytest.approx(0.5)
+
+
+RESOURCE_SNIPPET = """
+Fatbin ptx code:
+================
+arch = sm_80
+
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z4gemmI13__nv_bfloat16EvPT_:
+  REG:128 STACK:16 SHARED:0 LOCAL:8 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z6colsumIfEvPT_:
+  REG:26 STACK:0 SHARED:2176 LOCAL:0 CONSTANT[0]:392 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS_SNIPPET = """
+Fatbin elf code:
+================
+arch = sm_90a
+	code for sm_90
+		Function : _Z4gemmI13__nv_bfloat16EvPT_
+        /*0010*/                   HMMA.16816.F32.BF16 R56, R4, R8, R56 ;
+        /*0020*/              @!P0 STL [R1+0x4], R2 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+		Function : _Z6colsumIfEvPT_
+        /*0010*/                   FADD R1, R2, R3 ;
+"""
+
+
+def test_cuobjdump_parsers_and_spill_gate():
+    usage = kernel_report.parse_resource_usage(RESOURCE_SNIPPET)
+    assert usage[("sm_80", "_Z4gemmI13__nv_bfloat16EvPT_")]["REG"] == 128
+    assert usage[("sm_80", "_Z6colsumIfEvPT_")]["SHARED"] == 2176
+    sass = kernel_report.parse_sass(SASS_SNIPPET)
+    assert sass[("sm_90a", "_Z4gemmI13__nv_bfloat16EvPT_")] == {"hmma": 1, "hgmma": 1, "local_ld_st": 1}
+    assert sass[("sm_90a", "_Z6colsumIfEvPT_")] == {"hmma": 0, "hgmma": 0, "local_ld_st": 0}
+    hot = {"source": "cuda", "kernel": "gemm_tc_kernel<bf16>", "arch": "sm_80", "dtype": "bf16", "hot": True, "local": 8}
+    cold = {**hot, "kernel": "colsum_kernel<float>", "dtype": "fp32", "hot": False}
+    assert kernel_report.is_hot("gemm_tc_kernel<bf16>", "bf16") and not kernel_report.is_hot("colsum<bf16>", "bf16")
+    assert len(kernel_report.violations([hot, cold])) == 1
+    assert kernel_report.violations([{**hot, "local": 0}]) == []
