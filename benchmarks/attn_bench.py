@@ -64,7 +64,13 @@ class Shape:
 
 
 # (name, heads, head dim, patch): timm's ViT-S/B/L/16 and ViT-H/14, plus B/14 (DINOv2) for D=64 at N=257.
-MODELS = (("ViT-S/16", 6, 64, 16), ("ViT-B/16", 12, 64, 16), ("ViT-L/16", 16, 64, 16), ("ViT-B/14", 12, 64, 14), ("ViT-H/14", 16, 80, 14))
+MODELS = (
+    ("ViT-S/16", 6, 64, 16),
+    ("ViT-B/16", 12, 64, 16),
+    ("ViT-L/16", 16, 64, 16),
+    ("ViT-B/14", 12, 64, 14),
+    ("ViT-H/14", 16, 80, 14),
+)
 # On GPU the batch fills the device the way a ViT-B training batch of 256 images at 224 does: ~50k tokens.
 GPU_TOKENS = 256 * 197
 
@@ -103,7 +109,7 @@ def global_skip_reason(provider: str, device: str, args) -> str | None:
     """Why `provider` cannot run at all on this device, or None."""
     if provider == "triton":
         if device == "cpu" and not args.include_interpreter:
-            return "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark (--include-interpreter to time it anyway)"
+            return common.TRITON_ON_CPU
         return dispatch.device_unavailable_reason("triton", torch.device(device))
     if provider == "cuda":
         return dispatch.device_unavailable_reason("cuda", torch.device(device))
@@ -188,7 +194,9 @@ def check(attn, q, k, v, dout, mode: str) -> float:
     q64, k64, v64 = (t[:1].detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
     ref = reference.attention(q64, k64, v64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout[:1].to(ref_dtype))
-    errs = [common.rel_error(out[:1], ref)] + [common.rel_error(g[:1], r) for g, r in zip(grads, ref_grads)]
+    errs = [common.rel_error(out[:1], ref)] + [
+        common.rel_error(g[:1], r) for g, r in zip(grads, ref_grads, strict=True)
+    ]
     return max(errs)
 
 
@@ -213,7 +221,10 @@ def run_cell(report, provider, shape, mode, args, dtype, peaks) -> dict | None:
                 hint = " | ".join(dict.fromkeys(" ".join(str(w.message).split())[:160] for w in caught))
                 raise Skip(common.short_reason(exc) + (f" [{hint}]" if hint else "")) from None
         if err > common.TOLERANCE[args.dtype]:
-            print(f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}", file=sys.stderr)
+            print(
+                f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}",
+                file=sys.stderr,
+            )
         with common.PeakMemory(args.device) as mem:
             t = common.bench(step_fn(attn, sets, mode), n_sets, args.device, rep_ms=args.rep_ms)
     except Skip as exc:
@@ -262,12 +273,12 @@ def plot(rows, peaks, env, args) -> list[Path]:
         mrows = [r for r in rows if r["mode"] == mode]
         groups = sorted({(r["H"], r["D"], r["model"].split("@")[0]) for r in mrows})
         fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
-        for ax, (H, D, model) in zip(axes[0], groups):
+        for ax, (H, D, model) in zip(axes[0], groups, strict=True):
             grows = [r for r in mrows if (r["H"], r["D"], r["model"].split("@")[0]) == (H, D, model)]
             for provider in PROVIDERS:
                 pts = sorted((r["N"], r["tflops"]) for r in grows if r["provider"] == provider)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=provider)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=provider)
             ax.axhline(peaks.tflops(args.dtype), color="k", ls="--", label=f"measured {args.dtype} matmul peak")
             ax.set(title=f"{model} H={H} D={D}", xlabel="N (tokens)", ylabel="TFLOP/s", yscale="log")
             ax.grid(alpha=0.3)
@@ -290,7 +301,9 @@ COLUMNS = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p)
     p.add_argument("--shapes", help='"B,H,N,D;B,H,N,D" (default: ViT shapes; small ones on CPU)')
     p.add_argument("--mode", choices=["fwd", "fwd_bwd", "both"], default="both")

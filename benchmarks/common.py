@@ -22,7 +22,6 @@ import datetime as _dt
 import functools
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -39,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MiB = 1 << 20
+TRITON_ON_CPU = (
+    "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark"
+    " (--include-interpreter to time it anyway)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,7 +147,9 @@ def selected(providers: Sequence[str], arg: str | None) -> tuple[list[str], list
     unknown = [p for p in wanted if p not in providers]
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(providers)}")
-    return [p for p in providers if p in wanted], [(p, "not requested (--providers)") for p in providers if p not in wanted]
+    return [p for p in providers if p in wanted], [
+        (p, "not requested (--providers)") for p in providers if p not in wanted
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +169,13 @@ def _sync(device: str) -> None:
 
 
 def bench(
-    fn: Callable[[int], object], n_sets: int, device: str, *, rep_ms: float = 100.0, min_reps: int = 5, max_reps: int = 1000
+    fn: Callable[[int], object],
+    n_sets: int,
+    device: str,
+    *,
+    rep_ms: float = 100.0,
+    min_reps: int = 5,
+    max_reps: int = 1000,
 ) -> Timing:
     """Median time of `fn(i)`, i cycling over `n_sets` input sets, after warm-up.
 
@@ -191,7 +202,7 @@ def bench(
             fn(i % n_sets)
             ends[i].record()
         _sync(device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
     else:
         for i in range(reps):
             t = time.perf_counter()
@@ -262,12 +273,12 @@ def _measure_matmul_tflops(device: str, dtype: str) -> float:
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
         b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
-        t = bench(lambda i: a @ b, 1, device, rep_ms=150, min_reps=3)
+        t = bench(lambda i, a=a, b=b: a @ b, 1, device, rep_ms=150, min_reps=3)
         best = max(best, 2 * n**3 / (t.median_ms * 1e-3) / 1e12)
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured(device: str, dtypes: tuple[str, ...]) -> Peaks:
     return Peaks(_measure_copy_gbps(device), {d: _measure_matmul_tflops(device, d) for d in dtypes})
 
@@ -335,7 +346,9 @@ def mlp_bytes(M: int, C: int, hidden: int, elem: int, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
-def vit_flops_per_image(img: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float, classes: int) -> float:
+def vit_flops_per_image(
+    img: int, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float, classes: int
+) -> float:
     """Forward matmul FLOPs of one image through a ViT (LayerNorm, softmax, GELU, adds not counted).
     Per block, N tokens, C = dim: QKV 6 N C^2, attention 4 N^2 C, proj 2 N C^2, MLP 4 r N C^2."""
     n_patches = (img // patch) ** 2
@@ -522,7 +535,9 @@ def main() -> None:
     p.add_argument("--dtypes", default=None, help="comma-separated (default: bf16,fp16,fp32 on GPU, fp32 on CPU)")
     p.add_argument("--json", type=Path, help="write the peaks here (for the benchmarks' --peaks)")
     args = p.parse_args()
-    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp16", "fp32"] if args.device == "cuda" else ["fp32"])
+    dtypes = (
+        args.dtypes.split(",") if args.dtypes else (["bf16", "fp16", "fp32"] if args.device == "cuda" else ["fp32"])
+    )
     env = Env.collect(args.device, ",".join(dtypes))
     peaks = measure_peaks(args.device, dtypes)
     print(env.header())

@@ -125,7 +125,7 @@ def demangle(names: list[str]) -> dict[str, str]:
     pretty = res.stdout.splitlines()
     if res.returncode or len(pretty) != len(names):
         return {n: n for n in names}
-    return dict(zip(names, pretty))
+    return dict(zip(names, pretty, strict=True))
 
 
 def short_name(pretty: str) -> str:
@@ -288,7 +288,8 @@ def violations(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> str:
     cols = [("src", "source"), ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("config", "config"),
             ("regs", "regs"), ("smem B", "smem"), ("spill B", "spill_bytes"), ("local B", "local"),
-            ("stack B", "stack"), ("LDL/STL", "local_ld_st"), ("tensor-core instr", "tensor_core"), ("hot", "hot")]  # fmt: skip
+            ("stack B", "stack"), ("LDL/STL", "local_ld_st"), ("tensor-core instr", "tensor_core"),
+            ("hot", "hot")]  # fmt: skip
 
     def cell(v):
         return "-" if v is None or v == "" else ("yes" if v is True else "" if v is False else str(v))
@@ -299,7 +300,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", type=Path, help="also write the rows, skips and violations here")
     p.add_argument("--no-triton", action="store_true", help="CUDA kernels only (the Triton compile takes longest)")
     args = p.parse_args(argv)
@@ -313,8 +316,10 @@ def main(argv=None) -> int:
     print("## kernel_report: static resource usage per kernel (no GPU needed)\n")
     print(table(rows) if rows else "(no kernels could be inspected here, reasons below)")
     n_cuda = sum(r["source"] == "cuda" for r in rows)
-    print(f"\n{n_cuda} CUDA kernel rows, {len(rows) - n_cuda} Triton kernel rows. smem B: for CUDA, static shared memory "
-          "only (dynamic shared memory is sized at launch, invisible to cuobjdump); for Triton, what the config needs.")
+    print(
+        f"\n{n_cuda} CUDA kernel rows, {len(rows) - n_cuda} Triton kernel rows. smem B: for CUDA, static shared memory "
+        "only (dynamic shared memory is sized at launch, invisible to cuobjdump); for Triton, what the config needs."
+    )
     for s in skips:
         print(f"- skipped {s}")
     for b in bad:

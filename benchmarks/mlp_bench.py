@@ -38,7 +38,10 @@ import vit_kernels as vk  # noqa: E402
 from vit_kernels import dispatch, reference, torch_backend  # noqa: E402
 
 OPS = ("mlp", "qkv")
-PROVIDERS = {"mlp": ("eager", "reference", "compile", "triton", "cuda"), "qkv": ("eager", "views", "compile", "triton", "cuda")}
+PROVIDERS = {
+    "mlp": ("eager", "reference", "compile", "triton", "cuda"),
+    "qkv": ("eager", "views", "compile", "triton", "cuda"),
+}
 ALL_PROVIDERS = tuple(dict.fromkeys(p for ps in PROVIDERS.values() for p in ps))
 MODES = ("fwd", "fwd_bwd")
 
@@ -82,7 +85,7 @@ class Skip(Exception):
 def global_skip_reason(provider: str, device: str, args) -> str | None:
     if provider == "triton":
         if device == "cpu" and not args.include_interpreter:
-            return "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark (--include-interpreter to time it anyway)"
+            return common.TRITON_ON_CPU
         return dispatch.device_unavailable_reason("triton", torch.device(device))
     if provider == "cuda":
         return dispatch.device_unavailable_reason("cuda", torch.device(device))
@@ -111,7 +114,9 @@ def op_fn(op: str, provider: str, shape: Shape, device: str):
         fns = {
             "eager": lambda x, w1, b1, w2, b2: torch_backend.gelu_mlp(x, w1, b1, w2, b2, "none"),
             "reference": lambda x, w1, b1, w2, b2: reference.gelu_mlp(x, w1, b1, w2, b2, "none"),
-            "compile": lambda x, w1, b1, w2, b2: _compile("mlp", torch_backend.gelu_mlp, device)(x, w1, b1, w2, b2, "none"),
+            "compile": lambda x, w1, b1, w2, b2: _compile("mlp", torch_backend.gelu_mlp, device)(
+                x, w1, b1, w2, b2, "none"
+            ),
         }
         if provider in fns:
             f = fns[provider]
@@ -144,12 +149,20 @@ def make_inputs(op: str, shape: Shape, dtype, device: str, mode: str, n_sets: in
     sets = []
     for _ in range(n_sets):
         if op == "mlp":
-            params = (rand(B, N, C), rand(Hd, C, std=C**-0.5), rand(Hd, std=0.1), rand(C, Hd, std=Hd**-0.5), rand(C, std=0.1))
+            params = (
+                rand(B, N, C),
+                rand(Hd, C, std=C**-0.5),
+                rand(Hd, std=0.1),
+                rand(C, Hd, std=Hd**-0.5),
+                rand(C, std=0.1),
+            )
             douts = (torch.randn(B, N, C, device=device, dtype=dtype),) if grad else None
         else:
             params = (rand(B, N, C), rand(3 * C, C, std=C**-0.5), rand(3 * C, std=0.1))
             D = C // shape.heads
-            douts = tuple(torch.randn(B, shape.heads, N, D, device=device, dtype=dtype) for _ in range(3)) if grad else None
+            douts = (
+                tuple(torch.randn(B, shape.heads, N, D, device=device, dtype=dtype) for _ in range(3)) if grad else None
+            )
         sets.append((params, douts))
     return sets
 
@@ -165,7 +178,9 @@ def set_bytes(op: str, shape: Shape, elem: int, mode: str) -> int:
 
 def flops_bytes(op: str, shape: Shape, elem: int, mode: str) -> tuple[float, float]:
     if op == "mlp":
-        return common.mlp_flops(shape.M, shape.C, shape.hidden, mode), common.mlp_bytes(shape.M, shape.C, shape.hidden, elem, mode)
+        return common.mlp_flops(shape.M, shape.C, shape.hidden, mode), common.mlp_bytes(
+            shape.M, shape.C, shape.hidden, elem, mode
+        )
     return common.linear_flops(shape.M, shape.C, 3 * shape.C, mode), common.qkv_bytes(shape.M, shape.C, elem, mode)
 
 
@@ -194,11 +209,11 @@ def check(op, f, shape, params, douts, mode) -> float:
     if mode == "fwd":
         with torch.no_grad():
             outs, refs = f(*params), ref_f(*ref_params)
-        return max(common.rel_error(o, r) for o, r in zip(outs, refs))
+        return max(common.rel_error(o, r) for o, r in zip(outs, refs, strict=True))
     outs, refs = f(*params), ref_f(*ref_params)
     grads = torch.autograd.grad(outs, params, douts)
     ref_grads = torch.autograd.grad(refs, ref_params, tuple(d.to(ref_dtype) for d in douts))
-    return max(common.rel_error(a, b) for a, b in zip((*outs, *grads), (*refs, *ref_grads)))
+    return max(common.rel_error(a, b) for a, b in zip((*outs, *grads), (*refs, *ref_grads), strict=True))
 
 
 def run_cell(report, op, provider, shape, mode, args, dtype, peaks) -> dict | None:
@@ -214,7 +229,10 @@ def run_cell(report, op, provider, shape, mode, args, dtype, peaks) -> dict | No
         except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as exc:
             raise Skip(common.short_reason(exc)) from None
         if err > common.TOLERANCE[args.dtype]:
-            print(f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}", file=sys.stderr)
+            print(
+                f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}",
+                file=sys.stderr,
+            )
         with common.PeakMemory(args.device) as mem:
             t = common.bench(step_fn(f, sets, mode), n_sets, args.device, rep_ms=args.rep_ms)
     except Skip as exc:
@@ -262,10 +280,14 @@ COLUMNS = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p)
     p.add_argument("--op", choices=[*OPS, "both"], default="both")
-    p.add_argument("--shapes", help='"B,N,C,hidden,heads;..." (default: ViT-B on GPU, ViT-S and ViT-B, 1 image, on CPU)')
+    p.add_argument(
+        "--shapes", help='"B,N,C,hidden,heads;..." (default: ViT-B on GPU, ViT-S and ViT-B, 1 image, on CPU)'
+    )
     p.add_argument("--mode", choices=["fwd", "fwd_bwd", "both"], default="both")
     p.add_argument("--include-interpreter", action="store_true", help="on CPU, time Triton under TRITON_INTERPRET=1")
     args = p.parse_args(argv)

@@ -40,7 +40,12 @@ MODELS = {
     "vit_large_patch16_224": (224, 16, 1024, 24, 16, 4.0, 1000),
 }
 GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
-GPU_BATCH = {"vit_tiny_patch16_224": 256, "vit_small_patch16_224": 256, "vit_base_patch16_224": 256, "vit_large_patch16_224": 64}
+GPU_BATCH = {
+    "vit_tiny_patch16_224": 256,
+    "vit_small_patch16_224": 256,
+    "vit_base_patch16_224": 256,
+    "vit_large_patch16_224": 64,
+}
 BACKENDS = ("reference", "torch", "triton", "cuda")
 MODES = ("infer", "train")
 
@@ -83,7 +88,7 @@ def global_skip_reason(provider: str, args) -> str | None:
         return "torch.compile of a whole ViT takes minutes on this CPU (--compile yes to include it)"
     backend = provider.split("+")[0].partition(":")[2]
     if backend == "triton" and args.device == "cpu" and not args.include_interpreter:
-        return "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark (--include-interpreter to time it anyway)"
+        return common.TRITON_ON_CPU
     if backend in ("triton", "cuda"):
         return dispatch.device_unavailable_reason(backend, torch.device(args.device))
     return None
@@ -164,7 +169,9 @@ COLUMNS = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p)
     p.add_argument("--models", help=f"comma-separated from {list(MODELS)} (default: S/B/L on GPU, tiny on CPU)")
     p.add_argument("--batch", type=int, help="images per step (default: 256, 64 for ViT-L, on GPU; 2 on CPU)")
@@ -175,7 +182,9 @@ def main(argv=None) -> int:
     common.resolve_common_args(args)
     args.compile_on = args.compile == "yes" or (args.compile == "auto" and args.device == "cuda")
     dtype = common.DTYPES[args.dtype]
-    names = args.models.split(",") if args.models else (GPU_MODELS if args.device == "cuda" else ("vit_tiny_patch16_224",))
+    names = (
+        args.models.split(",") if args.models else (GPU_MODELS if args.device == "cuda" else ("vit_tiny_patch16_224",))
+    )
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
@@ -212,7 +221,14 @@ def main(argv=None) -> int:
     bar.close()
     cache.clear()
     for r in report.rows:
-        base = next((b["ms"] for b in report.rows if (b["model"], b["mode"], b["provider"]) == (r["model"], r["mode"], "vit:torch")), None)
+        base = next(
+            (
+                b["ms"]
+                for b in report.rows
+                if (b["model"], b["mode"], b["provider"]) == (r["model"], r["mode"], "vit:torch")
+            ),
+            None,
+        )
         r["speedup"] = base / r["ms"] if base else None
     report.finish(common.markdown_table(COLUMNS, report.rows))
     return 0

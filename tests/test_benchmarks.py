@@ -36,7 +36,7 @@ def table_rows(stdout: str) -> list[dict]:
     """The Markdown table's rows as dicts keyed by header."""
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
 def test_attn_bench_cpu(tmp_path):
@@ -56,7 +56,18 @@ def test_attn_bench_cpu(tmp_path):
     data = json.loads(next(tmp_path.glob("attn_bench-*.json")).read_text())
     assert data["peaks"]["copy_gbps"] > 0 and data["peaks"]["matmul_tflops"]["fp32"] > 0
     row = data["rows"][0]
-    for key in ("device_name", "dtype", "torch", "triton", "commit", "tflops", "gbps", "roofline_pct", "flops", "bytes"):
+    for key in (
+        "device_name",
+        "dtype",
+        "torch",
+        "triton",
+        "commit",
+        "tflops",
+        "gbps",
+        "roofline_pct",
+        "flops",
+        "bytes",
+    ):
         assert key in row, key
     with open(next(tmp_path.glob("attn_bench-*.csv"))) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
@@ -107,15 +118,17 @@ def test_vit_bench_cpu_plumbing(tmp_path):
     (tmp_path / "stub" / "vit").mkdir(parents=True)
     (tmp_path / "stub" / "vit" / "__init__.py").write_text(STUB_VIT)
     out = run_script(
-        "vit_bench.py", "--device", "cpu", "--batch", "1", "--rep-ms", "10", "--no-progress", "--out-dir", str(tmp_path),
-        env_extra={"PYTHONPATH": str(tmp_path / "stub")},
+        "vit_bench.py", "--device", "cpu", "--batch", "1", "--rep-ms", "10", "--no-progress",
+        "--out-dir", str(tmp_path), env_extra={"PYTHONPATH": str(tmp_path / "stub")},
     )  # fmt: skip
     rows = table_rows(out)
     torch_rows = [r for r in rows if r["provider"] == "vit:torch"]
     assert {r["mode"] for r in torch_rows} == {"infer", "train"}, out
     assert all(float(r["images/s"]) > 0 and float(r["MFU %"]) > 0 for r in torch_rows)
     for provider in ("vit:triton", "vit:cuda", "vit:torch+compile"):
-        assert re.search(rf"^- skipped {re.escape(provider)} \(.+\): \S", out, re.M), f"no reason for {provider}:\n{out}"
+        assert re.search(rf"^- skipped {re.escape(provider)} \(.+\): \S", out, re.M), (
+            f"no reason for {provider}:\n{out}"
+        )
 
 
 def test_vit_bench_cpu_real_package(tmp_path):
@@ -206,7 +219,14 @@ def test_cuobjdump_parsers_and_spill_gate():
     sass = kernel_report.parse_sass(SASS_SNIPPET)
     assert sass[("sm_90a", "_Z4gemmI13__nv_bfloat16EvPT_")] == {"hmma": 1, "hgmma": 1, "local_ld_st": 1}
     assert sass[("sm_90a", "_Z6colsumIfEvPT_")] == {"hmma": 0, "hgmma": 0, "local_ld_st": 0}
-    hot = {"source": "cuda", "kernel": "gemm_tc_kernel<bf16>", "arch": "sm_80", "dtype": "bf16", "hot": True, "local": 8}
+    hot = {
+        "source": "cuda",
+        "kernel": "gemm_tc_kernel<bf16>",
+        "arch": "sm_80",
+        "dtype": "bf16",
+        "hot": True,
+        "local": 8,
+    }
     cold = {**hot, "kernel": "colsum_kernel<float>", "dtype": "fp32", "hot": False}
     assert kernel_report.is_hot("gemm_tc_kernel<bf16>", "bf16") and not kernel_report.is_hot("colsum<bf16>", "bf16")
     assert len(kernel_report.violations([hot, cold])) == 1
