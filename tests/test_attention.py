@@ -1,0 +1,296 @@
+"""Triton flash attention (vit_kernels/ops/attention.py): forward, lse and every gradient against float64.
+
+Each case calls the launchers directly and, for a subset, goes through the autograd custom op
+(`vit_kernels.library.attention_fwd(..., "triton")` and `.backward()`). Inputs are drawn in the test dtype and
+the reference (`vit_kernels.reference.attention`, grads by autograd) runs on float64 copies of exactly those
+values. Every buffer the launchers allocate starts as NaN, so an element a kernel never writes (a tail row,
+a masked head-dim column) fails the test. On CPU this runs under TRITON_INTERPRET=1 (tests/conftest.py); the
+static check at the end compiles the same kernels for sm_80 / sm_90 without a GPU.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TF32_TOLERANCE, TOLERANCES, rel_error
+
+from vit_kernels import library, reference
+from vit_kernels.ops import attention as triton_attention
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_bf16_dot():
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 bit patterns (numpy has no
+    bf16). Upcast them to fp32 first, which is what the tensor cores do (exact products, fp32 accumulation).
+    Only the interpreter is touched; compiled kernels never see this."""
+    if not INTERPRETING:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def up(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+
+        return original(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    yield
+    interpreter.InterpreterBuilder.create_dot = original
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the launchers allocate (out, lse, delta, dq, dk, dv) starts as NaN."""
+
+    def nan_alloc(*shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+    monkeypatch.setattr(triton_attention, "_alloc", nan_alloc)
+
+
+def _qkv(B: int, H: int, N: int, D: int, dtype: torch.dtype, layout: str):
+    """Random q, k, v (B, H, N, D) in dtype, in the given memory layout."""
+    if layout == "contiguous":
+        return [torch.randn(B, H, N, D).to(dtype) for _ in range(3)]
+    if layout == "packed":  # timm's qkv: views of one (B, N, 3, H, D) tensor, read in place
+        return list(torch.randn(B, N, 3, H, D).to(dtype).permute(2, 0, 3, 1, 4).unbind(0))
+    if layout == "transposed":  # head dim not unit-stride: (B, H, D, N) memory
+        return [torch.randn(B, H, D, N).to(dtype).transpose(-2, -1) for _ in range(3)]
+    raise ValueError(layout)
+
+
+def _reference(q, k, v, dout, scale):
+    """float64 out, lse and (dq, dk, dv) on exactly the values the kernel sees."""
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out = reference.attention(qd, kd, vd, scale)
+    out.backward(dout.double())
+    lse = torch.logsumexp(qd.detach() @ kd.detach().transpose(-2, -1) * scale, dim=-1)
+    return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
+
+
+def _eager_grads(q, k, v, dout, scale):
+    """Plain eager attention's gradients in the inputs' own dtype: the parity baseline for low precision."""
+    qe, ke, ve = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    reference.attention(qe, ke, ve, scale).backward(dout)
+    return qe.grad, ke.grad, ve.grad
+
+
+def _tolerance(dtype: torch.dtype, allow_tf32: bool) -> float:
+    return TF32_TOLERANCE if (dtype == torch.float32 and allow_tf32) else TOLERANCES[dtype]
+
+
+def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+LAYOUTS = ("contiguous", "packed", "transposed")
+
+# (N, D, dtype, allow_tf32): every (D, dtype) at N = 1 and 17 (one partial tile, cheap under the interpreter);
+# at ViT lengths (197 = 14^2 + 1, 257 = 16^2 + 1) a spread that still covers each D and dtype once.
+CASES = [(N, D, dtype, False) for N in (1, 17) for D in (32, 64, 80, 128) for dtype in (F32, F16, BF16)]
+CASES += [(17, 48, F16, False), (17, 96, BF16, False), (17, 96, F32, False), (17, 64, F32, True)]
+CASES += [
+    (197, 64, F16, False),
+    (197, 64, F32, True),
+    (197, 80, BF16, False),
+    (197, 32, F32, False),
+    (197, 128, F16, False),
+    (257, 48, BF16, False),
+]
+
+
+@pytest.mark.parametrize("N, D, dtype, allow_tf32", CASES)
+def test_launchers_match_reference(poisoned, N, D, dtype, allow_tf32):
+    B, H = (2, 2) if N <= 17 else (1, 2)
+    # Layout and scale cycle with the case, so each appears at every N without multiplying the case count.
+    idx = CASES.index((N, D, dtype, allow_tf32))
+    layout = LAYOUTS[idx % 3]
+    scale = (D**-0.5, 0.3, 1.0)[(idx // 3) % 3]
+    q, k, v = _qkv(B, H, N, D, dtype, layout)
+    dout = torch.randn(B, N, H, D).to(dtype).transpose(1, 2)  # gradient of a (B, N, H * D) projection input
+
+    out, lse = triton_attention.attention_fwd(q, k, v, scale, allow_tf32)
+    dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32)
+
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, scale)
+    tol = _tolerance(dtype, allow_tf32)
+    assert out.shape == (B, H, N, D) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous(), "out must be (B, N, H, D) in memory"
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    assert all(g.is_contiguous() and g.shape == (B, H, N, D) for g in (dq, dk, dv))
+    _check("out", out, ref_out, tol)
+    _check("lse", lse, ref_lse, TOLERANCES[torch.float32] if dtype == F32 and not allow_tf32 else 1e-3)
+    _check_grads((dq, dk, dv), ref_grads, tol, _eager_grads(q, k, v, dout, scale))
+
+
+def _check_grads(grads, ref_grads, tol: float, eager_grads) -> None:
+    """Each gradient within `tol`; bf16 gradients may instead be within 2x plain eager attention's bf16 error
+    (FlashAttention's parity rule): dq and dk come from dS = P * (dP - delta), whose rows sum to zero, so rounding
+    dS to bf16 for the tensor-core product costs ~1-2% at sharp softmaxes (scale 1), in eager torch as in any
+    flash kernel. Measured here: the kernel's error stays below eager bf16's in every case."""
+    for name, g, ref, eager in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, strict=True):
+        if name != "dv" and ref.shape[2] == 1:
+            # One key: softmax is constant, so dq = dk = 0 exactly, which the kernel reaches as P * (dP - delta)
+            # with dP = delta up to rounding. That rounding dust must be small next to the terms that cancel,
+            # whose size is dv's (P dO).
+            assert torch.isfinite(g).all(), f"{name}: not finite"
+            err = (g.double().norm() / ref_grads[2].norm()).item()
+            assert err <= tol, f"{name}: |{name}| / |dv| = {err:.3g} > {tol:.1g} where the exact value is 0"
+        else:
+            parity = 2 * rel_error(eager, ref) if g.dtype == torch.bfloat16 else 0.0
+            _check(name, g, ref, max(tol, parity))
+
+
+# (N, D, dtype, layout) through the custom op and autograd; packed q, k, v get their grads through the views.
+AUTOGRAD_CASES = [
+    (1, 64, F32, "contiguous"),
+    (17, 80, F16, "packed"),
+    (17, 32, BF16, "transposed"),
+    (197, 64, BF16, "packed"),
+]
+
+
+@pytest.mark.parametrize("N, D, dtype, layout", AUTOGRAD_CASES)
+def test_autograd_custom_op_matches_reference(poisoned, N, D, dtype, layout):
+    B, H, scale = 2, 2, D**-0.5
+    if layout == "packed":
+        qkv = torch.randn(B, N, 3, H, D).to(dtype).requires_grad_(True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        leaves = (qkv,)
+    else:
+        q, k, v = (t.requires_grad_(True) for t in _qkv(B, H, N, D, dtype, layout))
+        leaves = (q, k, v)
+    dout = torch.randn(B, H, N, D).to(dtype)
+
+    out, lse = library.attention_fwd(q, k, v, scale, False, "triton")
+    out.backward(dout)
+
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, scale)
+    tol = TOLERANCES[dtype]
+    _check("out", out, ref_out, tol)
+    _check("lse", lse, ref_lse, 1e-3)
+    grads = leaves[0].grad.permute(2, 0, 3, 1, 4).unbind(0) if layout == "packed" else [t.grad for t in leaves]
+    _check_grads(grads, ref_grads, tol, _eager_grads(q, k, v, dout, scale))
+
+
+def test_backward_is_deterministic(poisoned):
+    q, k, v = _qkv(1, 2, 77, 64, F16, "packed")
+    dout = torch.randn(1, 2, 77, 64).to(F16)
+    out, lse = triton_attention.attention_fwd(q, k, v, 0.125, False)
+    first = triton_attention.attention_bwd(dout, q, k, v, out, lse, 0.125, False)
+    second = triton_attention.attention_bwd(dout, q, k, v, out, lse, 0.125, False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# numerical robustness
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_large_logits_stay_finite(poisoned, dtype):
+    """Logits of magnitude ~1e4 (exp would overflow fp32 at 89): the running max keeps every exp2 <= 1."""
+    B, H, N, D = 1, 2, 40, 64
+    q, k, v = _qkv(B, H, N, D, dtype, "contiguous")
+    q = (q.float() * 16).to(dtype)
+    k = (k.float() * 16).to(dtype)
+    dout = torch.randn(B, H, N, D).to(dtype)
+    out, lse = triton_attention.attention_fwd(q, k, v, 1.0, False)
+    dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, 1.0)
+    assert ref_lse.abs().max() > 3e3, "the test must reach logits of order 1e4"
+    for t in (out, lse, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    # Rounding a logit of 1e4 in fp32 moves it by ~1e-3, which moves near-tied softmax weights by as much.
+    _check("out", out, ref_out, 1e-2)
+    _check("lse", lse, ref_lse, 1e-5)
+    _check("dv", dv, ref_grads[2], 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_identical_keys_give_uniform_weights(poisoned, dtype):
+    B, H, N, D = 1, 2, 45, 80
+    q, k, v = _qkv(B, H, N, D, dtype, "packed")
+    k = torch.randn(B, H, 1, D).to(dtype).expand(B, H, N, D)  # stride 0 along tokens
+    scale = D**-0.5
+    out, lse = triton_attention.attention_fwd(q, k, v, scale, False)
+    mean = v.double().mean(dim=2, keepdim=True).expand(B, H, N, D)
+    _check("out", out, mean, TOLERANCES[dtype])
+    expected_lse = (q.double() @ k[:, :, :1].double().transpose(-2, -1)).squeeze(-1) * scale + math.log(N)
+    _check("lse", lse, expected_lse, 1e-5 if dtype == F32 else 1e-3)
+
+
+def test_nan_query_row_stays_in_its_row(poisoned):
+    """A NaN in one query row poisons that output row only (its softmax is NaN; other rows never read it).
+    A NaN in a key or value row reaches every query, in the kernel as in the reference."""
+    B, H, N, D = 1, 2, 70, 64
+    q, k, v = _qkv(B, H, N, D, F32, "contiguous")
+    q[0, 1, 33, 5] = float("nan")
+    out, lse = triton_attention.attention_fwd(q, k, v, 0.125, False)
+    bad = torch.zeros(B, H, N, dtype=torch.bool)
+    bad[0, 1, 33] = True
+    assert torch.isnan(out[bad]).all() and torch.isnan(lse[bad]).all()
+    assert torch.isfinite(out[~bad]).all() and torch.isfinite(lse[~bad]).all()
+    ref = reference.attention(q.double(), k.double(), v.double(), 0.125)
+    _check("clean rows", out[~bad], ref[~bad], TOLERANCES[F32])
+
+    v[0, 0, 3, 0] = float("nan")
+    out, _ = triton_attention.attention_fwd(q, k, v, 0.125, False)
+    assert torch.isnan(out[0, 0, :, 0]).all() and torch.isfinite(out[0, 0, :, 1:]).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# static check: the shipped configs compile for sm_80 and sm_90 without spills, on tensor cores
+# ----------------------------------------------------------------------------------------------------
+# Largest shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+REPORT = """
+import json, sys, torch
+from vit_kernels.ops.attention import compile_report
+rows = compile_report(int(sys.argv[1]), shapes=((50, 32), (197, 64), (257, 80)), dtypes=(torch.float16, torch.float32))
+print(json.dumps(rows))
+"""
+
+
+def _ptxas_available() -> bool:
+    try:
+        return os.path.exists(triton_attention.ptxas_path(80))
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu_without_spills(arch):
+    # Interpreted @jit functions cannot be compiled, so the report runs in a fresh interpreter-free process.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT, str(arch)], env=env, cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in rows} == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
+    for row in rows:
+        what = f"{row['kernel']} N={row['N']} D={row['D']} {row['dtype']} {row['config']} on sm_{arch}"
+        assert row["n_spills"] == 0, f"{what}: {row['n_spills']} bytes of register spills"
+        assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
+        assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
+        if row["kernel"] != "attn_bwd_preprocess":  # the preprocess is a row reduction, no dot
+            # Triton emits Hopper's wgmma for these tiles on sm_90 and mma.sync on sm_80.
+            assert row["wgmma"] if arch == 90 else row["mma"], f"{what}: no tensor-core instruction in the PTX"

@@ -1,0 +1,497 @@
+"""Flash attention for ViT in Triton: forward, and a deterministic backward without atomics.
+
+    out = softmax(q @ k^T * scale) @ v        q, k, v: (B, H, N, D), any strides
+
+Layout of this file: `@triton.jit` kernels, then the config table, then the plain launchers
+`attention_fwd` / `attention_bwd` (the kernel-module contract of `vit_kernels.library`), then
+`compile_report`, a static check that compiles the shipped configs for sm_80 / sm_90 without a GPU.
+
+Forward: one program per (BLOCK_M query rows, one (batch, head)); K/V stream through in BLOCK_N tiles
+with an online softmax in fp32 (exp2, with log2(e) * scale folded into one multiplier), so no N x N
+matrix ever exists in memory. It saves the natural-log log-sum-exp of every row, lse (B, H, N) fp32:
+with it the backward recomputes P = exp(S - lse) tile by tile instead of storing it.
+
+Backward (FlashAttention-2): delta = rowsum(dO * O) in its own small kernel, then one kernel per K/V
+tile that loops over all Q tiles (dK, dV) and one per Q tile that loops over all K/V tiles (dQ). Every
+output element has exactly one writer, so the result is deterministic; the price is computing
+S and P twice, which at ViT lengths (N <= ~1k) is cheaper than atomics or a split reduction.
+
+Any N >= 1 (tails masked), head dim D up to 128 through a power-of-two tile BLOCK_D = next_pow2(D)
+with masked columns (D = 48, 80, 96). fp16 / bf16 go through tensor cores with fp32 accumulation;
+fp32 uses tf32 only when `allow_tf32`, else exact fp32 ("ieee") dots.
+
+Static check (`compile_report`, Triton 3.6, ptxas -v; no GPU needed): every shipped config compiles with 0 spills;
+on sm_90 every dot becomes Hopper `wgmma.mma_async` (fp32 through tf32 wgmma), on sm_80 `mma.sync`. sm_90 fp16,
+N = 197, D = 64: forward 127 registers / 56 KB shared, dK/dV 141 / 32 KB, dQ 93 / 32 KB. Not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Python global is not a constexpr
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,), (BLOCK_M, BLOCK_D) input dtype
+    k_base, v_base,  # K, V of this (batch, head)
+    stride_kn, stride_kk, stride_vn, stride_vk,
+    N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM  # constant-folds to all-true when D is a power of two
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        # Scores in the log2 domain: exp2 is the native instruction, exp would cost an extra multiply.
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        # Key columns past N must weigh exactly zero. Every tile holds at least one real key (start_n < N),
+        # so m_new below is finite for every row, padding rows included (their q is 0, s is 0): no inf - inf.
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # exp2(-inf) = 0 on the first tile
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, H, N, D) each, any strides
+    Out,  # (B, H, N, D), memory (B, N, H, D)
+    Lse,  # (B, H, N) fp32, contiguous
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_z = pid_bh // H
+    off_h = pid_bh % H
+    # int64 offsets: B * H * N * D passes 2^31 for large batches of ViT-H at 518 px.
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N
+    q_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, N, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+    )  # fmt: skip
+
+    # l_i >= 1 (the row maximum contributes exp2(0)), so the division is safe for every row.
+    acc = acc / l_i[:, None]
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, acc.to(Out.dtype.element_ty), mask=q_mask
+    )
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain -> natural log
+    tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DOut,  # (B, H, N, D) each, any strides
+    Delta,  # (B, H, N) fp32, contiguous
+    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax-backward correction, computed once per row
+    # here rather than once per K/V tile inside the dK/dV kernel.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_z = pid_bh // H
+    off_h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut,  # (B, H, N, D) each, any strides
+    DK, DV,  # (B, H, N, D) contiguous
+    Lse, Delta,  # (B, H, N) fp32, contiguous
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    H, N, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns BLOCK_N keys and streams every query tile past them: dK and dV are finished in
+    # registers and written once, so no atomics and a deterministic result.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_z = pid_bh // H
+    off_h = pid_bh % H
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    row_base = pid_bh.to(tl.int64) * N  # Lse, Delta: (B, H, N) contiguous
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = (offs_n < N)[:, None] & d_mask[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=q_mask, other=0.0)
+        lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
+        # Transposed scores S^T (BLOCK_N, BLOCK_M), so that dV += P^T dO and dK += dS^T Q need no transposes
+        # of the large accumulators.
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        # Padding query rows (q = 0, lse = 0) would give P = 1 without this.
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    dk = dk * scale
+
+    out_offs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut,  # (B, H, N, D) each, any strides
+    DQ,  # (B, H, N, D) contiguous
+    Lse, Delta,  # (B, H, N) fp32, contiguous
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_dz, stride_dh, stride_dm, stride_dk,
+    H, N, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns BLOCK_M queries and streams every K/V tile: dQ has a single writer (no atomics).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_z = pid_bh // H
+    off_h = pid_bh % H
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    row_base = pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < N
+    q_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=q_mask, other=0.0)
+    lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ.
+        p = tl.where(n_mask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    dq = dq * scale
+
+    out_offs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch configs
+# ----------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (N bucket, BLOCK_D, dtype) so that a call costs no
+# autotuning. ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12),
+# so the grid (cdiv(N, BLOCK_M), B * H) already fills 132 SMs; tiles are picked for occupancy, not length.
+#
+# forward: BLOCK_M query rows held, BLOCK_N keys streamed.
+#  - N <= 256: BLOCK_M = 64. 197 tokens pad to 256 rows with either 64 or 128, and 64 gives 2x the programs
+#    and half the registers per program; with 4 warps a 64-row tile is exactly one Hopper warpgroup (m64).
+#  - N > 256: BLOCK_M = 128 halves the number of K/V passes over memory; 8 warps keep the fp32 accumulator at
+#    128 x BLOCK_D / 256 threads (<= 64 registers for D = 128).
+#  - fp32 doubles the shared memory of each staged K/V tile: BLOCK_N = 32 for BLOCK_D = 128 and 2 stages, which
+#    keeps every fp32 config under sm_80's 163 KB.
+# backward: dK/dV holds BLOCK_N keys (two fp32 accumulators) and streams BLOCK_M queries; dQ the reverse.
+#  - 64 keys x BLOCK_D x 2 accumulators: 8 warps for BLOCK_D = 128 (64 registers each), else 4. fp32 operands
+#    take 8 warps from BLOCK_D = 64: their fragments are twice the registers (sm_90 dK/dV: 205 -> 167 registers;
+#    sm_80's ptxas uses all 255 either way, without spilling). Not at BLOCK_D = 32: there sm_80's ptxas caps
+#    8-warp dK/dV at 128 registers and spills 12 bytes, while 4 warps need 166 with no spill.
+#  - the streamed side is 32 rows: S^T, P^T, dP^T, dS^T are all (64, 32) fp32 live at once.
+def _fwd_config(N: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    if N <= 64:
+        return 64, 32, 4, 2  # one or two K tiles: nothing to pipeline
+    fp32 = dtype == torch.float32
+    block_n = 32 if (fp32 and block_d >= 128) else 64
+    num_stages = 2 if fp32 else 3
+    if N <= 256:
+        return 64, block_n, 4, num_stages
+    return 128, block_n, 8 if block_d >= 64 else 4, num_stages
+
+
+def _bwd_config(N: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    # (streamed, held, warps, stages): dK/dV holds 64 keys and streams 32 queries (BLOCK_M=32, BLOCK_N=64); dQ
+    # holds 64 queries and streams 32 keys (BLOCK_M=64, BLOCK_N=32), so one entry serves both kernels.
+    num_warps = 8 if (block_d >= 128 or (dtype == torch.float32 and block_d >= 64)) else 4
+    num_stages = 1 if N <= 64 else 2
+    return 32, 64, num_warps, num_stages
+
+
+_PREPROCESS_BLOCK_M = 64  # a pure row reduction: memory bound, any reasonable tile is fine
+
+
+def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    # fp16 / bf16 dots are exact products accumulated in fp32 regardless; the flag only picks fp32's path.
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+# Tests replace this with a NaN-filling allocator, so that an element a kernel never writes fails them.
+def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention forward.
+
+    q, k, v: (B, H, N, D), any strides (views of a packed (B, N, 3, H, D) qkv are read in place).
+    Returns out (B, H, N, D), a view of (B, N, H, D) memory so that `out.transpose(1, 2).reshape(B, N, H * D)`
+    is free, and lse (B, H, N) fp32, the natural-log log-sum-exp of each row of q @ k^T * scale. Saved for
+    backward (by the autograd op): q, k, v, out and lse. lse (4 bytes per row) lets backward recompute
+    P = exp(q k^T * scale - lse) tile by tile instead of storing the N x N matrix; out gives delta = rowsum(dO * O).
+    """
+    assert q.shape == k.shape == v.shape and q.dim() == 4
+    B, H, N, D = q.shape
+    block_d = triton.next_power_of_2(D)
+    block_m, block_n, num_warps, num_stages = _fwd_config(N, block_d, q.dtype)
+    out = _alloc(B, N, H, D, like=q).transpose(1, 2)
+    lse = _alloc(B, H, N, like=q, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, N, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        INPUT_PRECISION=_input_precision(q.dtype, allow_tf32),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flash attention backward.
+
+    dout, q, k, v, out: (B, H, N, D), any strides; lse (B, H, N) fp32 from `attention_fwd`.
+    Returns dq, dk, dv: (B, H, N, D) contiguous. Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
+    """
+    assert dout.shape == q.shape == k.shape == v.shape == out.shape and q.dim() == 4
+    B, H, N, D = q.shape
+    lse = lse.contiguous()
+    block_d = triton.next_power_of_2(D)
+    precision = _input_precision(q.dtype, allow_tf32)
+
+    delta = _alloc(B, H, N, like=q, dtype=torch.float32)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PREPROCESS_BLOCK_M), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, N,
+        HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
+    block_m, block_n, num_warps, num_stages = _bwd_config(N, block_d, q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    # dQ holds the query side, so the (streamed, held) sizes swap.
+    _attn_bwd_dq_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, v, dout, dq, lse, delta, *strides, H, N, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# static check: compile the shipped configs for a GPU target without a GPU
+# ----------------------------------------------------------------------------------------------------
+# ViT shapes the table is meant for: (N, D) of ViT-B/16 at 224 and 384 px, ViT-H/14 (D = 80 -> BLOCK_D 128).
+REPORT_SHAPES = ((50, 64), (197, 64), (577, 64), (257, 80), (197, 32))
+_INNER_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dk")
+_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas that Triton itself uses for sm_<arch> (bundled with triton's NVIDIA backend)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except ImportError:  # where the helper moved, the knob it read is still there
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spills from `ptxas -v` on the PTX Triton produced (Triton only learns n_regs when loading
+    the cubin on a device; ptxas tells it ahead of time)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [ptxas_path(arch), "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {
+        "n_regs": int(regs.group(1)) if regs else -1,
+        "n_spills": (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
+    }
+
+
+def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, num_warps: int, num_stages: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ty = _TL_DTYPES[dtype]
+    # Mirror the launch-time specialisation of a typical call: 16-byte aligned pointers, unit innermost strides
+    # (specialised to the constant 1), other strides multiples of 16 elements (H * D and D are, for ViT).
+    constexprs = dict(constexprs, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in _INNER_STRIDES:
+            constexprs[name] = 1
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.startswith("stride"):
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("H", "N"):
+            signature[name] = "i32"
+        elif name in ("scale", "qk_scale"):
+            signature[name] = "fp32"
+        else:  # pointers
+            signature[name] = "*fp32" if name in ("Lse", "Delta") else f"*{ty}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    ptx = compiled.asm["ptx"]
+    return {
+        **_ptxas_usage(ptx, arch),
+        "shared": compiled.metadata.shared,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma": "mma.sync" in ptx,
+    }
+
+
+def compile_report(
+    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32)
+) -> list[dict]:
+    """Compile every kernel with the config the table ships for each (N, D, dtype) for sm_<arch> (80 or 90).
+
+    Runs without a GPU, but not under TRITON_INTERPRET (interpreted kernels cannot be compiled). Returns one
+    dict per compiled kernel: name, N, D, dtype, config, n_regs, n_spills (bytes of spill stores + loads),
+    shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or Ampere-style `mma.sync` instructions.
+    """
+    rows = []
+    for N, D in shapes:
+        block_d = triton.next_power_of_2(D)
+        for dtype in dtypes:
+            precision = _input_precision(dtype, allow_tf32=True)
+            bm, bn, warps, stages = _fwd_config(N, block_d, dtype)
+            bbm, bbn, bwarps, bstages = _bwd_config(N, block_d, dtype)
+            jobs = [
+                ("attn_fwd", _attn_fwd_kernel, (bm, bn, warps, stages),
+                 dict(BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=precision)),
+                ("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, (_PREPROCESS_BLOCK_M, 0, 4, 1),
+                 dict(BLOCK_M=_PREPROCESS_BLOCK_M)),
+                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, (bbm, bbn, bwarps, bstages),
+                 dict(BLOCK_M=bbm, BLOCK_N=bbn, INPUT_PRECISION=precision)),
+                ("attn_bwd_dq", _attn_bwd_dq_kernel, (bbn, bbm, bwarps, bstages),
+                 dict(BLOCK_M=bbn, BLOCK_N=bbm, INPUT_PRECISION=precision)),
+            ]  # fmt: skip
+            for name, kernel, (m, n, w, s), constexprs in jobs:
+                info = _compile(kernel, arch, dtype, D, constexprs, w, s)
+                config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                rows.append({"kernel": name, "N": N, "D": D, "dtype": _TL_DTYPES[dtype], "config": config, **info})
+    return rows
