@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -75,6 +76,7 @@ class Env:
     cuda: str | None
     commit: str | None
     date: str
+    load_avg: float | None = None  # 1-minute load average at start: a busy shared CPU makes timings noisy
 
     @classmethod
     def collect(cls, device: str, dtype: str) -> Env:
@@ -100,6 +102,7 @@ class Env:
             cuda=torch.version.cuda,
             commit=commit,
             date=_dt.datetime.now().strftime("%Y-%m-%d"),
+            load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         )
 
     @property
@@ -111,7 +114,7 @@ class Env:
     def header(self) -> str:
         return (
             f"device: {self.device_name} | dtype: {self.dtype} | torch {self.torch} | triton {self.triton} | "
-            f"CUDA {self.cuda} | commit {self.commit} | {self.date}"
+            f"CUDA {self.cuda} | commit {self.commit} | {self.date} | load avg {fmt(self.load_avg)}"
         )
 
 
@@ -471,6 +474,7 @@ class Report:
             "cuda": self.env.cuda,
             "commit": self.env.commit,
             "date": self.env.date,
+            "load_avg": self.env.load_avg,
         }
         return [{**meta, **r} for r in self.rows]
 

@@ -231,16 +231,18 @@ def _compile_report(mod: str, arch_name: str, env: dict) -> tuple[list[dict], st
     return [triton_row(r, arch_name) for r in payload["rows"]], None
 
 
-def triton_rows(skips: list[str], modules=TRITON_MODULES) -> list[dict]:
+def triton_rows(skips: list[str], archs: list[str], also=None, modules=TRITON_MODULES) -> list[dict]:
+    """Rows of every module's compile_report for every arch; `also()` runs meanwhile (the cuobjdump part)."""
     if importlib.util.find_spec("triton") is None:
         skips.append("Triton kernels: triton is not installed")
-        return []
+        return also() if also else []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    jobs = [(mod, arch) for mod in modules for arch in ARCHS]
+    jobs = [(mod, arch) for mod in modules for arch in archs]
     # Compiling is CPU-bound and each (module, arch) is independent: one subprocess per core.
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda job: _compile_report(*job, env), jobs))
-    rows = []
+        futures = [pool.submit(_compile_report, mod, arch, env) for mod, arch in jobs]
+        rows = also() if also else []
+        results = [f.result() for f in futures]
     for got, why in results:
         rows += got
         if why and why not in skips:
@@ -305,13 +307,17 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", type=Path, help="also write the rows, skips and violations here")
     p.add_argument("--no-triton", action="store_true", help="CUDA kernels only (the Triton compile takes longest)")
+    p.add_argument("--arch", choices=list(ARCHS), action="append", help="Triton archs to compile (default: all)")
     args = p.parse_args(argv)
     skips: list[str] = []
-    rows = cuda_rows(skips)
     if args.no_triton:
         skips.append("Triton kernels: not requested (--no-triton)")
+        rows = cuda_rows(skips)
     else:
-        rows += triton_rows(skips)
+        # Triton compiles first in the final order, but the CUDA rows are gathered while it runs.
+        cuda: list[dict] = []
+        triton = triton_rows(skips, args.arch or list(ARCHS), also=lambda: cuda.extend(cuda_rows(skips)) or [])
+        rows = cuda + triton
     bad = violations(rows)
     print("## kernel_report: static resource usage per kernel (no GPU needed)\n")
     print(table(rows) if rows else "(no kernels could be inspected here, reasons below)")
