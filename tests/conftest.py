@@ -32,6 +32,38 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_bf16_dot():
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 bit patterns (numpy has no
+    bf16). Upcast them to fp32 first, which is what the tensor cores do (exact products, fp32 accumulation).
+    Only the interpreter is patched; compiled kernels never see this."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        original = interpreter.InterpreterBuilder.create_dot
+        convert = interpreter._convert_float
+    except (ImportError, AttributeError):  # no triton, or an interpreter without this code path
+        yield
+        return
+
+    def create_dot(self, a, b, *args, **kwargs):
+        def up(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            return interpreter.TensorHandle(convert(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+
+        return original(self, up(a), up(b), *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    yield
+    interpreter.InterpreterBuilder.create_dot = original
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -24,34 +24,6 @@ from vit_kernels.ops import attention as triton_attention
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_bf16_dot():
-    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 bit patterns (numpy has no
-    bf16). Upcast them to fp32 first, which is what the tensor cores do (exact products, fp32 accumulation).
-    Only the interpreter is touched; compiled kernels never see this."""
-    if not INTERPRETING:
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        def up(x):
-            if x.dtype.scalar != tl.bfloat16:
-                return x
-            data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interpreter.TensorHandle(data, tl.float32)
-
-        return original(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-    yield
-    interpreter.InterpreterBuilder.create_dot = original
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate (out, lse, delta, dq, dk, dv) starts as NaN."""
