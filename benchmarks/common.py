@@ -131,9 +131,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtype_gpu: str = "b
     parser.add_argument("--peaks", type=Path, help="JSON from `python benchmarks/common.py --json`: skip measuring")
     parser.add_argument("--rep-ms", type=float, default=None, help="time budget per cell (default 200 GPU, 100 CPU)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (on a shared CPU, 1 gives steadier medians)")
 
 
 def resolve_common_args(args: argparse.Namespace, default_dtype_gpu: str = "bf16") -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device = args.device or default_device()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
