@@ -429,7 +429,7 @@ def fmt(x, digits: int = 3) -> str:
         return str(x)
     if x == 0 or not math.isfinite(x):
         return str(x)
-    if abs(x) >= 10 ** (digits + 1):
+    if abs(x) >= 10**digits:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's own `vit` package, when it is not installed (appended: an installed one comes first).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from vit_kernels import dispatch  # noqa: E402

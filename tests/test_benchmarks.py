@@ -35,6 +35,8 @@ def run_script(name: str, *args: str, env_extra: dict | None = None, timeout: in
 def table_rows(stdout: str) -> list[dict]:
     """The Markdown table's rows as dicts keyed by header."""
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    if not lines:
+        return []
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
