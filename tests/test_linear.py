@@ -1,0 +1,357 @@
+"""Triton GEMMs (vit_kernels/ops/linear.py): fused QKV and GELU-MLP, forward and every gradient.
+
+Each case compares against the float64 reference (vit_kernels.reference) by relative error with per-dtype
+tolerances, on token counts that never fill a tile (N = 1, 17, 197), odd channel counts (C = 24, 40, 72),
+with and without biases, both GELU forms, non-contiguous x and dq / dk / dv views, and every buffer the
+launchers allocate NaN-poisoned first, so an element a kernel forgets to write fails the test. Under the
+interpreter (no GPU) the shapes are small; the last test compiles the shipped GPU configs for sm_80 / sm_90.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TF32_TOLERANCE, TOLERANCES, rel_error
+
+from vit_kernels import library, reference
+from vit_kernels.ops import linear
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: a skipped tile, row or column cannot pass."""
+
+    def nan_alloc(*shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(linear, "_alloc", nan_alloc)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_bf16_rounding():
+    """Triton 3.6's interpreter truncates fp32 -> bf16 casts (round toward zero) where compiled kernels round to
+    nearest even; truncation biases every bf16 output downwards in magnitude, and the bias adds up coherently over
+    a sum (a bias gradient, dW). Round to nearest here, as the GPU does. Only the interpreter is patched."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.array(src.data, dtype=np.float32))  # a copy; keeps 0-d scalars 0-d
+            return interpreter.TensorHandle(
+                values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16
+            )
+        return original(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+    yield
+    interpreter.InterpreterBuilder.cast_impl = original
+
+
+def _tol(dtype: torch.dtype, allow_tf32: bool) -> float:
+    return TF32_TOLERANCE if (dtype == F32 and allow_tf32) else TOLERANCES[dtype]
+
+
+def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element of a poisoned buffer?)"
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
+
+
+def _randn(*shape, dtype, scale=1.0):
+    # Rounded to dtype first: the float64 reference sees exactly the values the kernel sees.
+    return (torch.randn(*shape) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as t (..., R, C) in another memory layout (a view, never contiguous unless asked)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "sliced":  # row stride C + 8: a channel slice of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 8, dtype=t.dtype, device=t.device)
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
+    if layout == "transposed":  # the first two dims swapped in memory: (B, N) no longer merge into one stride
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "channels_first":  # unit stride along rows, not channels
+        return t.transpose(-2, -1).contiguous().transpose(-2, -1)
+    raise ValueError(layout)
+
+
+def _grads(B, N, H, D, dtype, layout):
+    """dq, dk, dv (B, H, N, D) as the views attention's backward might hand over."""
+    if layout == "packed":  # views of one (B, N, 3, H, D) gradient: stride 3C along tokens
+        return _randn(B, N, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    if layout == "contiguous":
+        return tuple(_randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    if layout == "mixed":  # three different stride patterns at once
+        dq = _randn(B, H, D, N, dtype=dtype).transpose(2, 3)
+        dk = _randn(B, N, H, D, dtype=dtype).transpose(1, 2)
+        dv = _randn(B, H, N, D, dtype=dtype)
+        return dq, dk, dv
+    raise ValueError(layout)
+
+
+def _qkv_reference(x, weight, bias, num_heads, grads):
+    """q, k, v and (dx, dweight, dbias) in float64."""
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    outs = reference.fused_qkv(*leaves, num_heads)
+    torch.autograd.backward(outs, [g.double() for g in grads])
+    return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
+
+
+def _mlp_reference(x, w1, b1, w2, b2, approximate, dy, dtype=torch.float64):
+    """y and (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias) of the eager reference, computed in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in (x, w1, b1, w2, b2)]
+    y = reference.gelu_mlp(*leaves, approximate)
+    y.backward(dy.to(dtype))
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _mlp_tolerances(tol, x, w1, b1, w2, b2, approximate, dy, y_ref, grads_ref):
+    """Per-output tolerance: `tol`, or twice the error of plain eager torch in the same dtype if that is larger
+    (FlashAttention's parity rule). In 16-bit, hidden and GELU(hidden) are rounded to the dtype before fc2 and
+    dfc2_weight use them, in eager torch as in the kernels; at bf16 that alone can cost ~1% on dfc2_weight."""
+    if x.dtype == F32:
+        return [tol] * 6
+    y_eager, grads_eager = _mlp_reference(x, w1, b1, w2, b2, approximate, dy, dtype=x.dtype)
+    pairs = [(y_eager, y_ref), *zip(grads_eager, grads_ref, strict=True)]
+    return [max(tol, 2 * rel_error(e, r)) if r is not None else tol for e, r in pairs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused QKV: launchers
+# ----------------------------------------------------------------------------------------------------
+QKV_SHAPES = [(2, 17, 72, 3), (3, 1, 24, 2), (1, 197, 40, 5)]  # (B, N, C, H): M = 34, 3, 197
+
+
+def _run_qkv(B, N, C, H, dtype, has_bias, allow_tf32, x_layout, grad_layout):
+    D = C // H
+    x = _layout(_randn(B, N, C, dtype=dtype), x_layout)
+    weight = _randn(3 * C, C, dtype=dtype, scale=C**-0.5)
+    bias = _randn(3 * C, dtype=dtype) if has_bias else None
+    grads = _grads(B, N, H, D, dtype, grad_layout)
+    tol = _tol(dtype, allow_tf32)
+
+    q, k, v = linear.qkv_fwd(x, weight, bias, H, allow_tf32)
+    dx, dweight, dbias = linear.qkv_bwd(*grads, x, weight, has_bias, allow_tf32)
+    outs_ref, (dx_ref, dw_ref, db_ref) = _qkv_reference(x, weight, bias, H, grads)
+    for name, out, ref in zip("qkv", (q, k, v), outs_ref, strict=True):
+        assert out.shape == (B, H, N, D) and out.is_contiguous(), name
+        _check(name, out, ref, tol)
+    _check("dx", dx, dx_ref, tol)
+    _check("dweight", dweight, dw_ref, tol)
+    if has_bias:
+        _check("dbias", dbias, db_ref, tol)
+    else:
+        assert dbias is None
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("shape", QKV_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_qkv_matches_reference(dtype, shape, has_bias):
+    _run_qkv(*shape, dtype, has_bias, False, "contiguous", "packed")
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("x_layout", ["sliced", "transposed", "channels_first"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "mixed"])
+def test_qkv_layouts(dtype, x_layout, grad_layout):
+    _run_qkv(2, 17, 72, 3, dtype, True, False, x_layout, grad_layout)
+
+
+def test_qkv_tf32():
+    _run_qkv(2, 17, 72, 3, F32, True, True, "contiguous", "packed")
+
+
+def test_qkv_bwd_reads_gradients_in_place(monkeypatch):
+    """dQKV is never gathered: the kernels get the caller's dq, dk, dv storage, and x (B, N, C) whose (B, N) do not
+    merge is read through the split row index instead of a copy."""
+    B, N, C, H = 2, 17, 24, 2
+    seen = []
+    original = linear._kernel_args
+
+    def spy(a, b, c, *args, **kwargs):
+        seen.append((a, b, kwargs.get("dqkv")))
+        return original(a, b, c, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "_kernel_args", spy)
+    x = _layout(_randn(B, N, C, dtype=F32), "transposed")
+    grads = _grads(B, N, H, C // H, F32, "packed")
+    linear.qkv_bwd(*grads, x, _randn(3 * C, C, dtype=F32), True, False)
+    assert len(seen) == 2
+    for _a, _b, dqkv in seen:
+        assert [t.data_ptr() for t in dqkv] == [g.data_ptr() for g in grads]
+    b_operand = seen[1][1].args
+    assert b_operand[0].data_ptr() == x.data_ptr() and b_operand[1] == N  # rows read as (b, t) = (r // N, r % N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GELU-MLP: launchers
+# ----------------------------------------------------------------------------------------------------
+MLP_SHAPES = [(34, 72, 96, 72), (1, 16, 64, 24), (197, 40, 160, 40)]  # (M, C, Hd, C_out)
+
+
+def _run_mlp(M, C, Hd, C_out, dtype, biases, approximate, allow_tf32, x_layout, dy_layout="contiguous"):
+    x = _layout(_randn(M, C, dtype=dtype), x_layout)
+    w1 = _randn(Hd, C, dtype=dtype, scale=C**-0.5)
+    w2 = _randn(C_out, Hd, dtype=dtype, scale=Hd**-0.5)
+    b1 = _randn(Hd, dtype=dtype) if biases in ("both", "fc1") else None
+    b2 = _randn(C_out, dtype=dtype) if biases in ("both", "fc2") else None
+    dy = _layout(_randn(M, C_out, dtype=dtype), dy_layout)
+    tol = _tol(dtype, allow_tf32)
+
+    y, hidden = linear.mlp_fwd(x, w1, b1, w2, b2, approximate, allow_tf32)
+    grads = linear.mlp_bwd(dy, x, w1, w2, hidden, b1 is not None, b2 is not None, approximate, allow_tf32)
+    y_ref, grads_ref = _mlp_reference(x, w1, b1, w2, b2, approximate, dy)
+    tols = _mlp_tolerances(tol, x, w1, b1, w2, b2, approximate, dy, y_ref, grads_ref)
+    _check("y", y, y_ref, tols[0])
+    hidden_ref = x.double() @ w1.double().t() + (b1.double() if b1 is not None else 0.0)
+    _check("hidden", hidden, hidden_ref, tol)
+    names = ("dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
+    for name, g, ref, t in zip(names, grads, grads_ref, tols[1:], strict=True):
+        if ref is None:
+            assert g is None, name
+        else:
+            _check(name, g, ref, t)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("biases", ["both", "none"])
+def test_mlp_matches_reference(dtype, shape, approximate, biases):
+    _run_mlp(*shape, dtype, biases, approximate, False, "contiguous")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("x_layout", ["sliced", "channels_first"])
+@pytest.mark.parametrize("biases", ["fc1", "fc2"])
+def test_mlp_layouts(dtype, x_layout, biases):
+    _run_mlp(34, 72, 96, 72, dtype, biases, "none", False, x_layout, dy_layout="channels_first")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_mlp_tf32(approximate):
+    _run_mlp(34, 72, 96, 72, F32, "both", approximate, True, "contiguous")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy exp(2u) -> inf, on purpose
+def test_gelu_saturates_without_nan():
+    """Pre-activations far out in both tails (tanh's exp(2u) overflows to inf there): finite, and still exact."""
+    M, C, Hd = 5, 16, 32
+    x = _randn(M, C, dtype=F32) * 30.0
+    w1 = _randn(Hd, C, dtype=F32)
+    w2 = _randn(C, Hd, dtype=F32, scale=Hd**-0.5)
+    dy = _randn(M, C, dtype=F32)
+    for approximate in ("none", "tanh"):
+        y, hidden = linear.mlp_fwd(x, w1, None, w2, None, approximate, False)
+        assert hidden.abs().max() > 100
+        grads = linear.mlp_bwd(dy, x, w1, w2, hidden, False, False, approximate, False)
+        y_ref, grads_ref = _mlp_reference(x, w1, None, w2, None, approximate, dy)
+        _check(f"y ({approximate})", y, y_ref, TOLERANCES[F32])
+        for i, name in ((0, "dx"), (1, "dfc1_weight"), (3, "dfc2_weight")):
+            _check(f"{name} ({approximate})", grads[i], grads_ref[i], TOLERANCES[F32])
+
+
+# ----------------------------------------------------------------------------------------------------
+# through autograd: the custom ops of vit_kernels.library with backend "triton"
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_qkv_autograd(dtype, has_bias):
+    B, N, C, H = 2, 17, 72, 3
+    x = _layout(_randn(B, N, C, dtype=dtype), "sliced").requires_grad_(True)
+    weight = _randn(3 * C, C, dtype=dtype, scale=C**-0.5).requires_grad_(True)
+    bias = _randn(3 * C, dtype=dtype).requires_grad_(True) if has_bias else None
+    grads = _grads(B, N, H, C // H, dtype, "packed")
+    q, k, v = library.qkv_fwd(x, weight, bias, H, False, "triton")
+    torch.autograd.backward((q, k, v), grads)
+    outs_ref, grads_ref = _qkv_reference(x, weight, bias, H, grads)
+    tol = TOLERANCES[dtype]
+    for name, out, ref in zip("qkv", (q, k, v), outs_ref, strict=True):
+        _check(name, out, ref, tol)
+    for name, t, ref in zip(("x", "weight", "bias"), (x, weight, bias), grads_ref, strict=True):
+        if t is not None:
+            _check(f"d{name}", t.grad, ref, tol)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_mlp_autograd(dtype, approximate, has_bias):
+    M, C, Hd = 34, 72, 96
+    x = _layout(_randn(M, C, dtype=dtype), "sliced").requires_grad_(True)
+    w1 = _randn(Hd, C, dtype=dtype, scale=C**-0.5).requires_grad_(True)
+    w2 = _randn(C, Hd, dtype=dtype, scale=Hd**-0.5).requires_grad_(True)
+    b1 = _randn(Hd, dtype=dtype).requires_grad_(True) if has_bias else None
+    b2 = _randn(C, dtype=dtype).requires_grad_(True) if has_bias else None
+    dy = _randn(M, C, dtype=dtype)
+    y, _hidden = library.mlp_fwd(x, w1, b1, w2, b2, approximate, False, "triton")
+    y.backward(dy)
+    y_ref, grads_ref = _mlp_reference(x, w1, b1, w2, b2, approximate, dy)
+    tols = _mlp_tolerances(TOLERANCES[dtype], x, w1, b1, w2, b2, approximate, dy, y_ref, grads_ref)
+    _check("y", y, y_ref, tols[0])
+    names = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    for name, t, ref, tol in zip(names, (x, w1, b1, w2, b2), grads_ref, tols[1:], strict=True):
+        if t is not None:
+            _check(f"d{name}", t.grad, ref, tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# static check: the shipped configs compile for sm_80 and sm_90 without spills, on tensor cores
+# ----------------------------------------------------------------------------------------------------
+# Largest shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+REPORT = """
+import json, sys, torch
+from vit_kernels.ops.linear import compile_report
+arch = int(sys.argv[1])
+rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
+rows += compile_report(arch, shapes=((1, 197, 768, 12),), dtypes=(torch.float16,))  # the 64-row "small" tiles
+print(json.dumps(rows))
+"""
+
+
+def _ptxas_available() -> bool:
+    try:
+        return os.path.exists(linear._ptxas_path(80))
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_gemms_compile_for_gpu_without_spills(arch):
+    # Interpreted @jit functions cannot be compiled, so the report runs in a fresh interpreter-free process.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT, str(arch)], env=env, cwd=repo, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in rows} == {
+        "qkv_fwd", "qkv_bwd_dx", "qkv_bwd_dw", "mlp_fc1", "mlp_fc2",
+        "mlp_bwd_dhidden", "mlp_bwd_dw2", "mlp_bwd_dw1", "mlp_bwd_dx",
+    }  # fmt: skip
+    for row in rows:
+        what = f"{row['kernel']} M={row['M']} N={row['N']} K={row['K']} {row['dtype']} {row['config']} on sm_{arch}"
+        assert row["n_spills"] == 0, f"{what}: {row['n_spills']} bytes of register spills"
+        assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
+        assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
+        # Measured: every product (fp32 through tf32 included) becomes Hopper wgmma on sm_90, mma.sync on sm_80.
+        assert row["wgmma"] if arch == 90 else row["mma"], f"{what}: no tensor-core instruction in the PTX"

@@ -1,0 +1,634 @@
+"""Fused QKV projection and GELU-MLP in Triton: one tiled tensor-core GEMM with fused prologues and epilogues.
+
+    qkv:  q, k, v = split_heads(x @ W^T + b)                       x (B, N, C), W (3C, C)
+    mlp:  y = gelu(x @ W1^T + b1) @ W2^T + b2                      x (M, C), W1 (Hd, C), W2 (C_out, Hd)
+
+Layout of this file: `@triton.jit` kernels, then the config table, then the plain launchers `qkv_fwd`,
+`qkv_bwd`, `mlp_fwd`, `mlp_bwd` (the kernel-module contract of `vit_kernels.library`), then `compile_report`,
+a static check that compiles the shipped configs for sm_80 / sm_90 without a GPU.
+
+Every product is one launch of `_gemm_kernel`: C (M, N) = epilogue(A (M, K) @ B (K, N)), fp32 accumulation,
+A and B read through their strides, so x @ W^T, dY @ W and dY^T @ X need no transposed copies. Each operand's
+row index r is read as (r // ROWS, r % ROWS) with two strides, which lets a (B, N, C) x that cannot be viewed as
+(B * N, C) be read in place; ROWS = 1 (the usual case) is specialised by Triton to a constant and costs nothing.
+Constexpr switches pick
+  A_MODE     0: A from memory; 1: A = dQKV (M, 3C); 2: A = dQKV^T (3C, M), both virtual: element (token, j) is read
+             from dq / dk / dv (B, H, N, D) with their own strides (j -> which = j // C, head = j % C // D, d = j % D),
+             so qkv_bwd never gathers the three gradients into one tensor.
+  EPILOGUE   0: store (+ bias); 1: + bias, store the pre-activation and GELU of it; 2: + bias, scatter column n
+             to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store acc * GELU'(hidden) and
+             GELU(hidden).
+  ROW_SUM    also reduce A over K into a (M,) vector: the bias gradient of a dW = dY^T @ X product, fused into
+             it (the programs of the first N-tile add up the dY tiles they load anyway), so no extra pass over dY.
+
+Precision: fp16 / bf16 operands on tensor cores with fp32 accumulation, each output rounded once to the input
+dtype; fp32 operands through tf32 tensor cores when `allow_tf32`, else exact fp32 ("ieee") dots. GELU and its
+derivative are evaluated in fp32: exact (erf) or the tanh form.
+
+Saved for backward (by `vit_kernels.library`): qkv: x and W only (dQKV arrives as dq, dk, dv; nothing else is
+needed). mlp: x, W1, W2 and hidden = x @ W1^T + b1 (M, Hd) in x's dtype: GELU' needs the pre-activation, and
+the activation GELU(hidden) is recomputed from it in backward by the dGELU epilogue rather than kept alive
+between forward and backward (that would be a second (M, Hd) tensor per block).
+Forward stores the activation too, into a scratch (M, Hd) buffer freed when fc2 returns, instead of applying
+GELU while fc2 loads its A tiles: fc2 reloads every A tile once per N-tile (C_out / BLOCK_N = 3 to 6 times for
+ViT), and erf on the CUDA cores at that rate would compete with the tensor cores; the store is one write in
+fc1's epilogue. Backward likewise writes GELU(hidden) once (dGELU epilogue) for dW2 = dY^T @ GELU(hidden).
+
+Launch configs: a deterministic table (no autotuning, so a call never pays for a benchmark sweep) keyed on the
+GPU generation (capability major: sm_90 or sm_80 and newer non-Hopper), the operand precision (16-bit, tf32,
+ieee fp32) and a shape class from the number of 128 x 128 output tiles versus the SM count. See `_config`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
+A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _gelu_fwd(h, TANH: tl.constexpr):
+    # h: fp32 tile. tanh(u) = 1 - 2 / (exp(2u) + 1) saturates to +-1 without inf / inf (exp overflow gives 1).
+    if TANH:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        act = 0.5 * h * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    else:
+        act = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    return act
+
+
+@triton.jit
+def _gelu_fwd_bwd(h, TANH: tl.constexpr):
+    # (GELU(h), GELU'(h)) for an fp32 tile, sharing the erf / tanh between the two.
+    if TANH:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        act = 0.5 * h * (1.0 + t)
+        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        act = h * cdf
+        grad = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327  # Phi(h) + h * phi(h)
+    return act, grad
+
+
+@triton.jit
+def _split_offset(r, ROWS, stride_outer, stride_inner):
+    # Offset of row r of an operand whose rows are (r // ROWS, r % ROWS), e.g. the (B, N) token dims of x.
+    # ROWS == 1 is a compile-time constant (Triton specialises integer arguments equal to 1): just r * stride_outer.
+    return (r // ROWS).to(tl.int64) * stride_outer + (r % ROWS).to(tl.int64) * stride_inner
+
+
+@triton.jit
+def _dqkv_ptrs(
+    DQ, DK, DV,  # (B, H, N_TOK, D) each, any strides
+    tok, j,  # token index and column of dQKV (M, 3C), broadcastable against each other
+    N_TOK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    QKV_C: tl.constexpr, QKV_D: tl.constexpr,
+):  # fmt: skip
+    # The index map dQKV[tok, j] -> d{q,k,v}[b, h, t, d]. C and D are constexprs so that d = j % D keeps the
+    # contiguity of j (vectorised loads along the head dim) and which / h cost shifts or multiplies.
+    b = (tok // N_TOK).to(tl.int64)
+    t = (tok % N_TOK).to(tl.int64)
+    which = j // QKV_C
+    h = (j % QKV_C) // QKV_D
+    d = j % QKV_D
+    pq = DQ + (b * stride_qb + t * stride_qt) + (h * stride_qh + d * stride_qd)
+    pk = DK + (b * stride_kb + t * stride_kt) + (h * stride_kh + d * stride_kd)
+    pv = DV + (b * stride_vb + t * stride_vt) + (h * stride_vh + d * stride_vd)
+    return tl.where(which == 0, pq, tl.where(which == 1, pk, pv))
+
+
+@triton.jit
+def _gemm_kernel(
+    A,  # (M, K), rows split as (M // A_ROWS, A_ROWS); unused for A_MODE 1 / 2
+    B,  # (K, N), rows split as (K // B_ROWS, B_ROWS)
+    C,  # (M, N); EPILOGUE 2: q (B, H, N_TOK, D) contiguous
+    C2,  # (M, N) with C's strides: GELU(pre-activation) for EPILOGUE 1 / 3; EPILOGUE 2: k like q
+    C3,  # EPILOGUE 2: v like q
+    Bias,  # (N,) contiguous, read when HAS_BIAS
+    Hid,  # (M, N) pre-activation, read by EPILOGUE 3
+    RowSum,  # (M,) contiguous: sum of A over K, written when ROW_SUM
+    DQ, DK, DV,  # (B, H, N_TOK, D) each, any strides: the virtual A of A_MODE 1 / 2
+    M, N, K,
+    A_ROWS, stride_a_outer, stride_a_inner, stride_ak,
+    B_ROWS, stride_b_outer, stride_b_inner, stride_bn,
+    stride_cm, stride_cn, stride_hm, stride_hn,
+    N_TOK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    A_MODE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SUM: tl.constexpr,
+    TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order: GROUP_M row-tiles sweep the N-tiles together, so the B tiles they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Masked (zero-filled) edges rather than wrapped indices: M = B * 197 never fills a tile, and the row sums
+    # must not count a wrapped row twice.
+    a_rows = _split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)  # (BLOCK_M,) used by A_MODE 0
+    b_cols = offs_n.to(tl.int64) * stride_bn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        if A_MODE == 0:
+            a_ptrs = A + a_rows[:, None] + (offs_k * stride_ak)[None, :]
+        elif A_MODE == 1:  # dQKV (M, 3C): rows are tokens, K runs over the 3C columns
+            a_ptrs = _dqkv_ptrs(
+                DQ, DK, DV, offs_m[:, None], offs_k[None, :], N_TOK,
+                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                stride_vb, stride_vh, stride_vt, stride_vd, QKV_C, QKV_D,
+            )  # fmt: skip
+        else:  # dQKV^T (3C, M): rows are the 3C columns, K runs over tokens
+            a_ptrs = _dqkv_ptrs(
+                DQ, DK, DV, offs_k[None, :], offs_m[:, None], N_TOK,
+                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                stride_vb, stride_vh, stride_vt, stride_vd, QKV_C, QKV_D,
+            )  # fmt: skip
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b_rows = _split_offset(offs_k, B_ROWS, stride_b_outer, stride_b_inner)
+        b = tl.load(B + b_rows[:, None] + b_cols[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if ROW_SUM:
+            # Only the first N-tile's programs own the bias gradient; the others skip the reduction.
+            if pid_n == 0:
+                row_acc += tl.sum(a.to(tl.float32), 1)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    out_ty = C.dtype.element_ty
+    if EPILOGUE == 2:
+        # Head split: row m = (b, t), column n = (which, h, d) of (B*N, 3C) goes to [q, k, v][which][b, h, t, d],
+        # each contiguous (B, H, N_TOK, D); C, D constexpr keep runs of d contiguous for vector stores. Three
+        # buffers, not one (3, B, H, N, D): outputs of a torch.library custom op may not alias each other.
+        b_idx = (offs_m // N_TOK).to(tl.int64)
+        t_idx = (offs_m % N_TOK).to(tl.int64)
+        row_off = b_idx * (N_TOK * QKV_C) + t_idx * QKV_D
+        which = offs_n // QKV_C
+        h_idx = (offs_n % QKV_C) // QKV_D
+        col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
+        offs = row_off[:, None] + col_off[None, :]
+        which = which[None, :]
+        ptrs = tl.where(which == 0, C + offs, tl.where(which == 1, C2 + offs, C3 + offs))
+        tl.store(ptrs, acc.to(out_ty), mask=c_mask)
+    else:
+        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n * stride_cn)[None, :]
+        if EPILOGUE == 0:
+            tl.store(C + c_offs, acc.to(out_ty), mask=c_mask)
+        elif EPILOGUE == 1:
+            # The pre-activation is rounded to the storage dtype first, so that the activation stored here and
+            # the one backward recomputes from `hidden` are the same numbers.
+            pre = acc.to(out_ty)
+            tl.store(C + c_offs, pre, mask=c_mask)
+            tl.store(C2 + c_offs, _gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
+        else:
+            h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + (offs_n * stride_hn)[None, :]
+            hid = tl.load(Hid + h_offs, mask=c_mask, other=0.0).to(tl.float32)
+            act, grad = _gelu_fwd_bwd(hid, TANH)
+            tl.store(C + c_offs, (acc * grad).to(out_ty), mask=c_mask)
+            tl.store(C2 + c_offs, act.to(out_ty), mask=c_mask)
+    if ROW_SUM:
+        if pid_n == 0:
+            tl.store(RowSum + offs_m, row_acc.to(RowSum.dtype.element_ty), mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch configs
+# ----------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per (arch, precision, shape class). Deterministic:
+# no autotuning, so the first call of a shape costs one compile and nothing else.
+#  - Shape class from the 128 x 128 tile count versus the SM count (132 on H100, 108 on A100): "small" (under one
+#    wave, e.g. ViT at batch 1 or the dW products of small batches, whose M x N is only features x features) takes
+#    64-row tiles for twice the programs; "large" (N >= 2048 and >= 4 waves) takes 128 x 256 on Hopper, where one
+#    8-warp program keeps two m64 wgmma warpgroups busy on a 256-wide B tile; else 128 x 128. Not for the GELU
+#    epilogues: erf / exp temporaries on top of a 128 x 256 fp32 accumulator spill on sm_90 (400 bytes for GELU,
+#    5 KB for dGELU at 255 registers), so those stay at 128 x 128 (medium). dGELU also caps BLOCK_N at 64: it
+#    holds the hidden tile, GELU and GELU' besides the accumulator, and Triton evaluates erf once in the mma layout
+#    (for GELU') and once in the store layout (for GELU), which spilled 1-1.6 KB at 128 x 128.
+#  - sm_90 16-bit: BLOCK_K = 64 (128-byte rows: full-width swizzled smem for wgmma), 3-4 stages (<= 147 KB smem).
+#  - sm_80 16-bit: the classic Ampere 128 x 128 x 32, 4 stages (64 KB smem), 8 warps for headroom in the GELU
+#    epilogues; 4 warps at 64 rows.
+#  - fp32: twice the bytes per tile: BLOCK_K = 32 and 3 stages (tf32); exact "ieee" fp32 dots are FMA loops that
+#    hold operands in registers, so they get 64 x 64 tiles.
+#  - The interpreter (CPU tensors) runs every program in numpy: one mid-size tile keeps the tests quick.
+_SM_COUNT = {90: 132, 80: 108}
+_CONFIGS = {
+    (90, "16bit", "large"): (128, 256, 64, 8, 8, 3),
+    (90, "16bit", "medium"): (128, 128, 64, 8, 8, 4),
+    (90, "16bit", "small"): (64, 128, 64, 8, 4, 4),
+    (90, "tf32", "large"): (128, 128, 32, 8, 8, 3),
+    (90, "tf32", "medium"): (128, 128, 32, 8, 8, 3),
+    (90, "tf32", "small"): (64, 128, 32, 8, 4, 3),
+    (80, "16bit", "large"): (128, 128, 32, 8, 8, 4),
+    (80, "16bit", "medium"): (128, 128, 32, 8, 8, 4),
+    (80, "16bit", "small"): (64, 128, 32, 8, 4, 4),
+    (80, "tf32", "large"): (128, 128, 32, 8, 8, 3),
+    (80, "tf32", "medium"): (128, 128, 32, 8, 8, 3),
+    (80, "tf32", "small"): (64, 128, 32, 8, 4, 3),
+}
+_IEEE_CONFIG = (64, 64, 32, 8, 4, 2)
+_INTERPRETER_CONFIG = (32, 64, 32, 4, 4, 1)
+
+
+def _arch(device: torch.device) -> int:
+    """90 for Hopper, else 80 (Ampere, Ada and anything newer that is not Hopper use the mma.sync tables)."""
+    if device.type != "cuda":
+        return 0
+    major, _minor = torch.cuda.get_device_capability(device)
+    return 90 if major == 9 else 80
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _config(
+    M: int, N: int, dtype: torch.dtype, allow_tf32: bool, arch: int, epilogue: int = EPI_STORE
+) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for an (M, N) output (see the table)."""
+    if arch == 0:
+        return _INTERPRETER_CONFIG
+    precision = _precision(dtype, allow_tf32)
+    if precision == "ieee":
+        return _IEEE_CONFIG
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    if tiles < _SM_COUNT[arch]:
+        shape_class = "small"
+    elif N >= 2048 and tiles >= 4 * _SM_COUNT[arch] and epilogue in (EPI_STORE, EPI_QKV):
+        shape_class = "large"
+    else:
+        shape_class = "medium"
+    block_m, block_n, block_k, group_m, num_warps, num_stages = _CONFIGS[(arch, precision, shape_class)]
+    if epilogue == EPI_DGELU:
+        block_n = min(block_n, 64)
+    return block_m, block_n, block_k, group_m, num_warps, num_stages
+
+
+def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    # fp16 / bf16 dots are exact products accumulated in fp32 regardless; the flag only picks fp32's path.
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+# Tests replace this with a NaN-filling allocator, so that an element a kernel never writes fails them.
+def _alloc(*shape: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+class _Operand:
+    """A 2-D GEMM operand (R, S) as (pointer, ROWS, stride_outer, stride_inner, stride_col): row r lives at
+    (r // ROWS) * stride_outer + (r % ROWS) * stride_inner. Built from a 2-D tensor, or from a 3-D (B, N, C)
+    tensor read as (B * N, C), or transposed, all without copies."""
+
+    def __init__(self, t: torch.Tensor, transpose: bool = False):
+        if t.dim() == 3:
+            assert not transpose
+            B_, N_, _ = t.shape
+            if N_ == 1:
+                self.args = (t, 1, t.stride(0), 0, t.stride(2))
+            elif B_ == 1 or t.stride(0) == N_ * t.stride(1):  # (B, N) merge into one stride
+                self.args = (t, 1, t.stride(1), 0, t.stride(2))
+            else:
+                self.args = (t, N_, t.stride(0), t.stride(1), t.stride(2))
+        else:
+            s_r, s_c = (t.stride(1), t.stride(0)) if transpose else t.stride()
+            self.args = (t, 1, s_r, 0, s_c)
+
+
+def _kernel_args(
+    a: _Operand | None,
+    b: _Operand,
+    c: torch.Tensor,
+    M: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    allow_tf32: bool,
+    arch: int,
+    *,
+    epilogue: int = EPI_STORE,
+    bias: torch.Tensor | None = None,
+    c2: torch.Tensor | None = None,
+    c3: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    row_sum: torch.Tensor | None = None,
+    tanh: bool = False,
+    a_mode: int = A_MEMORY,
+    dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    n_tok: int = 1,
+    qkv_c: int = 1,
+    qkv_d: int = 1,
+) -> tuple[tuple, dict, tuple[int]]:
+    """(positional args, constexpr and launch kwargs, grid) of one `_gemm_kernel` launch computing
+    C (M, N) = epilogue(A (M, K) @ B (K, N)). Pointers a product does not read are passed as `c`."""
+    block_m, block_n, block_k, group_m, num_warps, num_stages = _config(M, N, dtype, allow_tf32, arch, epilogue)
+    a_args = a.args if a is not None else (c, 1, 0, 0, 0)
+    dq, dk, dv = dqkv if dqkv is not None else (c, c, c)
+    qkv_strides = (*dq.stride(), *dk.stride(), *dv.stride()) if dqkv is not None else (0,) * 12
+    c_strides = c.stride() if c.dim() == 2 else (0, 0)
+    h_strides = hidden.stride() if hidden is not None else (0, 0)
+    args = (
+        a_args[0], b.args[0], c, c2 if c2 is not None else c, c3 if c3 is not None else c,
+        bias if bias is not None else c,
+        hidden if hidden is not None else c, row_sum if row_sum is not None else c, dq, dk, dv,
+        M, N, K, *a_args[1:], *b.args[1:], *c_strides, *h_strides, n_tok, *qkv_strides,
+    )  # fmt: skip
+    kwargs = dict(
+        A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None, TANH=tanh,
+        QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        INPUT_PRECISION=_input_precision(dtype, allow_tf32), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    return args, kwargs, grid
+
+
+def _launch(a, b, c, M, N, K, dtype, allow_tf32, **epilogue) -> None:
+    args, kwargs, grid = _kernel_args(a, b, c, M, N, K, dtype, allow_tf32, _arch(c.device), **epilogue)
+    _gemm_kernel[grid](*args, **kwargs)
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Biases are read with unit stride; a strided (3C,) bias is rare enough to copy.
+    return None if t is None else t.contiguous()
+
+
+def qkv_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v contiguous (B, H, N, C // H).
+
+    One GEMM, (B*N, C) @ (C, 3C), whose epilogue adds the bias and scatters column n to (which = n // C,
+    head = n % C // D, d = n % D) of q, k, v: no (B, N, 3C) intermediate. Nothing extra is saved for backward
+    beyond x and weight.
+    """
+    B, N, C = x.shape
+    D = C // num_heads
+    q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
+    _launch(
+        _Operand(x), _Operand(weight, transpose=True), q, B * N, 3 * C, C, x.dtype, allow_tf32,
+        epilogue=EPI_QKV, c2=k, c3=v, bias=_vector(bias), n_tok=N, qkv_c=C, qkv_d=D,
+    )  # fmt: skip
+    return q, k, v
+
+
+def qkv_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dq, dk, dv (B, H, N, D) any strides; x (B, N, C); weight (3C, C) -> dx (B, N, C), dweight (3C, C), dbias.
+
+    dx = dQKV @ weight and dweight = dQKV^T @ x, where dQKV (B*N, 3C) is virtual: both GEMMs read it in place from
+    dq, dk, dv through an index map in the A load (no gather copy, no torch.cat). dbias (3C,) = column sums of
+    dQKV, fused into the dweight GEMM (ROW_SUM); None when has_bias is False.
+    """
+    B, H, N, D = dq.shape
+    C = H * D
+    M = B * N
+    dqkv = (dq, dk, dv)
+    dx = _alloc(B, N, C, like=x)
+    dweight = _alloc(3 * C, C, like=weight)
+    dbias = _alloc(3 * C, like=x) if has_bias else None
+    _launch(
+        None, _Operand(weight), dx.view(M, C), M, C, 3 * C, x.dtype, allow_tf32,
+        a_mode=A_DQKV, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D,
+    )  # fmt: skip
+    x_op = _Operand(x)  # (B*N, C): rows are the K index of this product
+    _launch(
+        None, x_op, dweight, 3 * C, C, M, x.dtype, allow_tf32,
+        a_mode=A_DQKV_T, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D, row_sum=dbias,
+    )  # fmt: skip
+    return dx, dweight, dbias
+
+
+def mlp_fwd(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    approximate: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd).
+
+    fc1: hidden = x @ fc1_weight^T + fc1_bias with a GELU epilogue that also writes act = GELU(hidden) into a
+    scratch buffer; fc2: y = act @ fc2_weight^T + fc2_bias. hidden (the pre-activation, x's dtype) is returned
+    to be saved for backward; act is freed on return (see the module docstring for why it is stored at all).
+    """
+    M, C = x.shape
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    hidden = _alloc(M, Hd, like=x)
+    act = _alloc(M, Hd, like=x)
+    y = _alloc(M, C_out, like=x)
+    _launch(
+        _Operand(x), _Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
+        epilogue=EPI_GELU, bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
+    )  # fmt: skip
+    _launch(
+        _Operand(act), _Operand(fc2_weight, transpose=True), y, M, C_out, Hd, x.dtype, allow_tf32,
+        bias=_vector(fc2_bias),
+    )  # fmt: skip
+    return y, hidden
+
+
+def mlp_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    has_fc1_bias: bool,
+    has_fc2_bias: bool,
+    approximate: str,
+    allow_tf32: bool,
+):
+    """dy (M, C_out), x (M, C), hidden (M, Hd), any strides -> dx (M, C), dfc1_weight (Hd, C), dfc1_bias (Hd,)
+    or None, dfc2_weight (C_out, Hd), dfc2_bias (C_out,) or None.
+
+    Four GEMMs: dhidden = (dy @ fc2_weight) * GELU'(hidden) (dGELU epilogue, which also writes act = GELU(hidden));
+    dfc2_weight = dy^T @ act with dfc2_bias = column sums of dy fused in; dfc1_weight = dhidden^T @ x with
+    dfc1_bias = column sums of dhidden fused in; dx = dhidden @ fc1_weight. Scratch: dhidden and act, (M, Hd) each,
+    in x's dtype.
+    """
+    M, C = x.shape
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    tanh = approximate == "tanh"
+    dhidden = _alloc(M, Hd, like=x)
+    act = _alloc(M, Hd, like=x)
+    dx = _alloc(M, C, like=x)
+    dw1 = _alloc(Hd, C, like=fc1_weight)
+    dw2 = _alloc(C_out, Hd, like=fc2_weight)
+    db1 = _alloc(Hd, like=x) if has_fc1_bias else None
+    db2 = _alloc(C_out, like=x) if has_fc2_bias else None
+    _launch(
+        _Operand(dy), _Operand(fc2_weight), dhidden, M, Hd, C_out, x.dtype, allow_tf32,
+        epilogue=EPI_DGELU, hidden=hidden, c2=act, tanh=tanh,
+    )  # fmt: skip
+    _launch(_Operand(dy, transpose=True), _Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32, row_sum=db2)
+    _launch(_Operand(dhidden, transpose=True), _Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32, row_sum=db1)
+    _launch(_Operand(dhidden), _Operand(fc1_weight), dx, M, C, Hd, x.dtype, allow_tf32)
+    return dx, dw1, db1, dw2, db2
+
+
+# ----------------------------------------------------------------------------------------------------
+# static check: compile the shipped configs for a GPU target without a GPU
+# ----------------------------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype) -> list[tuple[str, tuple, dict]]:
+    """The nine products of one ViT block (forward and backward) as `_kernel_args` calls on meta tensors laid out
+    as the launchers lay them out (contiguous inputs, the (B, N, 3, H, D) packed view for dq / dk / dv)."""
+    D, M, Hd = C // H, B * N, mlp_ratio * C
+
+    def t(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x, w, bias = t(B, N, C), t(3 * C, C), t(3 * C)
+    qkv = t(B, H, N, D)
+    dqkv = tuple(t(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0))
+    x2, w1, b1, w2, b2, hid = t(M, C), t(Hd, C), t(Hd), t(C, Hd), t(C), t(M, Hd)
+    heads = dict(n_tok=N, qkv_c=C, qkv_d=D)
+    return [
+        ("qkv_fwd", (_Operand(x), _Operand(w, transpose=True), qkv, M, 3 * C, C),
+         dict(epilogue=EPI_QKV, bias=bias, c2=qkv, c3=qkv, **heads)),
+        ("qkv_bwd_dx", (None, _Operand(w), t(M, C), M, C, 3 * C), dict(a_mode=A_DQKV, dqkv=dqkv, **heads)),
+        ("qkv_bwd_dw", (None, _Operand(x), t(3 * C, C), 3 * C, C, M),
+         dict(a_mode=A_DQKV_T, dqkv=dqkv, row_sum=bias, **heads)),
+        ("mlp_fc1", (_Operand(x2), _Operand(w1, transpose=True), hid, M, Hd, C),
+         dict(epilogue=EPI_GELU, bias=b1, c2=hid)),
+        ("mlp_fc2", (_Operand(hid), _Operand(w2, transpose=True), t(M, C), M, C, Hd), dict(bias=b2)),
+        ("mlp_bwd_dhidden", (_Operand(x2), _Operand(w2), hid, M, Hd, C), dict(epilogue=EPI_DGELU, hidden=hid, c2=hid)),
+        ("mlp_bwd_dw2", (_Operand(x2, transpose=True), _Operand(hid), t(C, Hd), C, Hd, M), dict(row_sum=b2)),
+        ("mlp_bwd_dw1", (_Operand(hid, transpose=True), _Operand(x2), t(Hd, C), Hd, C, M), dict(row_sum=b1)),
+        ("mlp_bwd_dx", (_Operand(hid), _Operand(w1), t(M, C), M, C, Hd), {}),
+    ]  # fmt: skip
+
+
+def _ptxas_path(arch: int) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except ImportError:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from `ptxas -v` on the PTX (Triton learns n_regs only when loading on a device)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [_ptxas_path(arch), "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return {"n_regs": int(regs.group(1)) if regs else -1, "n_spills": spills}
+
+
+def _compile(args: tuple, kwargs: dict, arch: int) -> dict:
+    """Compile `_gemm_kernel` for sm_<arch> with the specialisation a launch with `args` would get: integer
+    arguments equal to 1 become constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    signature, constexprs, attrs = {}, dict(kwargs), {}
+    for i, (name, value) in enumerate(zip(_gemm_kernel.arg_names, (*args, *([None] * len(kwargs))), strict=True)):
+        if name in kwargs:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.Tensor):
+            signature[name] = f"*{_TL_DTYPES[value.dtype]}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {**_ptxas_usage(ptx, arch), "shared": compiled.metadata.shared,
+            "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx}  # fmt: skip
+
+
+# ViT-B/16 at 224 px, batch 64: on sm_90 its products already use all three shape classes (qkv_fwd "large",
+# qkv_bwd_dw "small") and both GELU caps. Pass (1, 197, 768, 12) too for the "small" tiles everywhere; one shape
+# keeps a cold-cache report (27 compiles per arch) well inside benchmarks/kernel_report.py's time limit.
+REPORT_SHAPES = ((64, 197, 768, 12),)
+
+
+def compile_report(
+    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32), kernels=None
+) -> list[dict]:
+    """Compile every product of a ViT block (forward and backward) with the config the table ships, for sm_<arch>.
+
+    shapes: (B, N, C, H) tuples; kernels: names from `_block_gemms` to keep (all when None). Runs without a GPU,
+    but not under TRITON_INTERPRET (interpreted kernels cannot be compiled). Identical compilations are done
+    once. Returns one dict per product: kernel, M, N, K, dtype, config, n_regs, n_spills (bytes of spill stores
+    + loads), shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync` instructions.
+    fp32 is compiled with allow_tf32 (its tensor-core path).
+    """
+    rows, cache = [], {}
+    for B, N, C, H in shapes:
+        for dtype in dtypes:
+            for name, (a, b, c, M, N_, K), extra in _block_gemms(B, N, C, H, 4, dtype):
+                if kernels is not None and name not in kernels:
+                    continue
+                args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, True, arch, **extra)
+                key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
+                if key not in cache:
+                    cache[key] = _compile(args, kwargs, arch)
+                config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+                rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": _TL_DTYPES[dtype], "config": config,
+                             **cache[key]})  # fmt: skip
+    return rows
