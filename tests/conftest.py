@@ -33,9 +33,12 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _interpreter_bf16_dot():
-    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 bit patterns (numpy has no
-    bf16). Upcast them to fp32 first, which is what the tensor cores do (exact products, fp32 accumulation).
+def _interpreter_bf16_like_the_gpu():
+    """Make Triton 3.6's interpreter treat bf16 as the GPU does (numpy has no bf16, and it shows):
+    - dot: it multiplies bf16 operands as their raw uint16 bit patterns; upcast them to fp32 first, which is
+      what the tensor cores do (exact products, fp32 accumulation);
+    - fp32 -> bf16 casts: it truncates where compiled kernels round to nearest even, a bias that adds up
+      coherently over sums (bias gradients, dW).
     Only the interpreter is patched; compiled kernels never see this."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         yield
@@ -45,9 +48,10 @@ def _interpreter_bf16_dot():
         import triton.language as tl
         from triton.runtime import interpreter
 
-        original = interpreter.InterpreterBuilder.create_dot
+        builder = interpreter.InterpreterBuilder
+        original_dot, original_cast = builder.create_dot, builder.cast_impl
         convert = interpreter._convert_float
-    except (ImportError, AttributeError):  # no triton, or an interpreter without this code path
+    except (ImportError, AttributeError):  # no triton, or an interpreter without these code paths
         yield
         return
 
@@ -57,11 +61,17 @@ def _interpreter_bf16_dot():
                 return x
             return interpreter.TensorHandle(convert(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
 
-        return original(self, up(a), up(b), *args, **kwargs)
+        return original_dot(self, up(a), up(b), *args, **kwargs)
 
-    interpreter.InterpreterBuilder.create_dot = create_dot
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.array(src.data, dtype=np.float32))  # a copy; keeps 0-d scalars 0-d
+            return interpreter.TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
     yield
-    interpreter.InterpreterBuilder.create_dot = original
+    builder.create_dot, builder.cast_impl = original_dot, original_cast
 
 
 @pytest.fixture(autouse=True)

@@ -33,33 +33,6 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(linear, "_alloc", nan_alloc)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_bf16_rounding():
-    """Triton 3.6's interpreter truncates fp32 -> bf16 casts (round toward zero) where compiled kernels round to
-    nearest even; truncation biases every bf16 output downwards in magnitude, and the bias adds up coherently over
-    a sum (a bias gradient, dW). Round to nearest here, as the GPU does. Only the interpreter is patched."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            values = torch.from_numpy(np.array(src.data, dtype=np.float32))  # a copy; keeps 0-d scalars 0-d
-            return interpreter.TensorHandle(
-                values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16
-            )
-        return original(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
-    yield
-    interpreter.InterpreterBuilder.cast_impl = original
-
-
 def _tol(dtype: torch.dtype, allow_tf32: bool) -> float:
     return TF32_TOLERANCE if (dtype == F32 and allow_tf32) else TOLERANCES[dtype]
 

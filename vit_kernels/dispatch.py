@@ -204,6 +204,9 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
     return _select(backend, x.device, _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out}))
 
 
+# A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it
+# costs no graph break; changing the precision after compiling needs a recompile, as with any global.
+@torch.compiler.assume_constant_result
 def allow_tf32() -> bool:
     """fp32 inputs use tf32 tensor cores when PyTorch's own matmul precision allows it."""
     return torch.get_float32_matmul_precision() != "highest"
