@@ -66,7 +66,9 @@ def _interpreter_bf16_like_the_gpu():
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             values = torch.from_numpy(np.array(src.data, dtype=np.float32))  # a copy; keeps 0-d scalars 0-d
-            return interpreter.TensorHandle(values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+            return interpreter.TensorHandle(
+                values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16
+            )
         return original_cast(self, src, dst_type)
 
     builder.create_dot, builder.cast_impl = create_dot, cast_impl

@@ -12,7 +12,11 @@ def _attn_inputs(B=1, H=2, N=5, D=32, dtype=torch.float32):
 
 
 def _qkv_inputs(B=1, N=5, C=64, dtype=torch.float32, bias=True):
-    return torch.randn(B, N, C, dtype=dtype), torch.randn(3 * C, C, dtype=dtype), torch.randn(3 * C, dtype=dtype) if bias else None
+    return (
+        torch.randn(B, N, C, dtype=dtype),
+        torch.randn(3 * C, C, dtype=dtype),
+        torch.randn(3 * C, dtype=dtype) if bias else None,
+    )
 
 
 def _mlp_inputs(M=5, C=32, Hd=64, dtype=torch.float32):
@@ -32,7 +36,9 @@ def test_available_backends_on_cpu():
     names = vk.available_backends("cpu")
     assert names[:2] == ["reference", "torch"]
     assert "cuda" not in names  # no CUDA tensors on a CPU device, whatever was built
-    assert ("triton" in names) == (dispatch._triton_interpreting() and dispatch.importlib.util.find_spec("triton") is not None)
+    assert ("triton" in names) == (
+        dispatch._triton_interpreting() and dispatch.importlib.util.find_spec("triton") is not None
+    )
 
 
 def test_auto_on_cpu_is_torch_never_reference():

@@ -24,7 +24,11 @@ def test_reference_attention_matches_sdpa(dtype, shape):
     q, k, v = (torch.randn(shape) for _ in range(3))
     dout = torch.randn(shape)
     scale = 0.3
-    ref_out, ref_grads = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=scale), [t.double() for t in (q, k, v)], dout.double())
+    ref_out, ref_grads = _grads(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=scale),
+        [t.double() for t in (q, k, v)],
+        dout.double(),
+    )
     out, grads = _grads(lambda a, b, c: reference.attention(a, b, c, scale), [t.to(dtype) for t in (q, k, v)], dout)
     # The naive path is allowed the usual low-precision error of its dtype, no more.
     tol = TOLERANCES[dtype] * (5 if dtype != torch.float32 else 1)
@@ -40,7 +44,11 @@ def test_reference_fused_qkv_matches_linear_permute(dtype, bias):
     x, w = torch.randn(B, N, C), torch.randn(3 * C, C) / C**0.5
     b = torch.randn(3 * C) if bias else None
     inputs = [x, w, b]
-    ref = F.linear(*(t.double() if t is not None else None for t in inputs)).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    ref = (
+        F.linear(*(t.double() if t is not None else None for t in inputs))
+        .reshape(B, N, 3, H, C // H)
+        .permute(2, 0, 3, 1, 4)
+    )
     q, k, v = reference.fused_qkv(*(t.to(dtype) if t is not None else None for t in inputs), H)
     for i, t in enumerate((q, k, v)):
         assert t.shape == (B, H, N, C // H)
@@ -52,7 +60,13 @@ def test_reference_fused_qkv_matches_linear_permute(dtype, bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_reference_gelu_mlp_matches_torch(dtype, approximate, bias):
     M, C, Hd = 19, 24, 40
-    params = [torch.randn(M, C), torch.randn(Hd, C) / C**0.5, torch.randn(Hd) if bias else None, torch.randn(C, Hd) / Hd**0.5, torch.randn(C) if bias else None]
+    params = [
+        torch.randn(M, C),
+        torch.randn(Hd, C) / C**0.5,
+        torch.randn(Hd) if bias else None,
+        torch.randn(C, Hd) / Hd**0.5,
+        torch.randn(C) if bias else None,
+    ]
     dy = torch.randn(M, C)
 
     def torch_mlp(x, w1, b1, w2, b2):
@@ -60,7 +74,9 @@ def test_reference_gelu_mlp_matches_torch(dtype, approximate, bias):
 
     ref_out, ref_grads = _grads(torch_mlp, [p.double() if p is not None else None for p in params], dy.double())
     out, grads = _grads(
-        lambda *a: reference.gelu_mlp(*a, approximate=approximate), [p.to(dtype) if p is not None else None for p in params], dy
+        lambda *a: reference.gelu_mlp(*a, approximate=approximate),
+        [p.to(dtype) if p is not None else None for p in params],
+        dy,
     )
     tol = TOLERANCES[dtype] * (5 if dtype != torch.float32 else 1)
     assert rel_error(out, ref_out) < tol

@@ -32,7 +32,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return out
 
 
-def fused_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *, backend: str = "auto"):
+def fused_qkv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *, backend: str = "auto"
+):
     """x (B, N, C) @ weight (3C, C)^T + bias (3C,) -> q, k, v each (B, H, N, C // H), split in the GEMM epilogue."""
     backend = dispatch.check_fused_qkv(x, weight, bias, num_heads, backend)
     if backend == "reference":
@@ -62,7 +64,14 @@ def gelu_mlp(
     if backend == "torch":
         return torch_backend.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
     y, _hidden = library.mlp_fwd(
-        x.reshape(-1, x.shape[-1]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dispatch.allow_tf32(), backend
+        x.reshape(-1, x.shape[-1]),
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        approximate,
+        dispatch.allow_tf32(),
+        backend,
     )
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
 

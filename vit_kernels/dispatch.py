@@ -141,7 +141,11 @@ def _channel_reasons(dims: dict[str, int]) -> dict[str, str | None]:
     reasons = {}
     for b, support in SUPPORT.items():
         bad = [f"{n}={d}" for n, d in dims.items() if d % support.channel_multiple]
-        reasons[b] = f"needs channel sizes that are multiples of {support.channel_multiple}, got {', '.join(bad)}" if bad else None
+        reasons[b] = (
+            f"needs channel sizes that are multiples of {support.channel_multiple}, got {', '.join(bad)}"
+            if bad
+            else None
+        )
     return reasons
 
 
@@ -191,7 +195,9 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
     for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias)):
         if t is not None:
             _check_tensor(name, t, ndim=1)
-    _check_same({"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias})
+    _check_same(
+        {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    )
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     C, hidden, C_out = x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]

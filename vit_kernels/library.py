@@ -6,8 +6,9 @@ break, and AOTAutograd can trace the backward too. The `backend` string argument
 module; the module implements the functions below (its launchers), and nothing here does math.
 
 Kernel-module contract (implemented by `vit_kernels.ops.attention` / `vit_kernels.ops.linear` for
-Triton and `vit_kernels.cuda.attention` / `vit_kernels.cuda.linear` for CUDA C++). All tensors share one dtype unless stated; inputs are
-validated by `dispatch.py` before they get here; `allow_tf32` only matters for fp32 inputs.
+Triton and `vit_kernels.cuda.attention` / `vit_kernels.cuda.linear` for CUDA C++). All tensors share
+one dtype unless stated; inputs are validated by `dispatch.py` before they get here; `allow_tf32`
+only matters for fp32 inputs.
 
     attention_fwd(q, k, v, scale, allow_tf32) -> (out, lse)
         q, k, v (B, H, N, D) any strides; out (B, H, N, D) whose memory is laid out (B, N, H, D),
@@ -215,7 +216,13 @@ def mlp_bwd(
 def _(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32, backend):
     db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else x.new_empty(0)
     db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else x.new_empty(0)
-    return x.new_empty(x.shape), fc1_weight.new_empty(fc1_weight.shape), db1, fc2_weight.new_empty(fc2_weight.shape), db2
+    return (
+        x.new_empty(x.shape),
+        fc1_weight.new_empty(fc1_weight.shape),
+        db1,
+        fc2_weight.new_empty(fc2_weight.shape),
+        db2,
+    )
 
 
 def _mlp_setup(ctx, inputs, output):

@@ -82,7 +82,8 @@ def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nu
 
 
 def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool):
-    """dq, dk, dv (B, H, N, D) any strides; x (B, N, C); weight (3C, C) -> dx (B, N, C), dweight (3C, C), dbias (3C,) or None.
+    """dq, dk, dv (B, H, N, D) any strides; x (B, N, C); weight (3C, C)
+    -> dx (B, N, C), dweight (3C, C), dbias (3C,) or None.
 
     dx = dQKV @ weight and dweight = dQKV^T @ x, with dQKV (B*N, 3C) read in place from dq, dk, dv;
     dbias = column sums of dQKV (a separate reduction kernel).
@@ -130,7 +131,9 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
     return y, hidden
 
 
-def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias: bool, has_fc2_bias: bool, approximate: str, allow_tf32: bool):
+def mlp_bwd(
+    dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias: bool, has_fc2_bias: bool, approximate: str, allow_tf32: bool
+):
     """dy (M, C_out), x (M, C), hidden (M, Hd) -> dx, dfc1_weight, dfc1_bias or None, dfc2_weight, dfc2_bias or None.
 
     dhidden = (dy @ fc2_weight) * GELU'(hidden) in one GEMM epilogue, which also writes act = gelu(hidden)
