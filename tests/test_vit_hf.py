@@ -1,0 +1,158 @@
+"""Hugging Face ViT -> ours (vit/convert.py): from_hf for both key-naming schemes, and patch_hf.
+
+A random-weight tiny ViTForImageClassification is the source; every comparison is of logits (and, for
+patch_hf, every parameter gradient) in fp32 on CPU.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+
+import vit  # noqa: E402
+
+HF_TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=96,  # not 4 * hidden: from_hf must take intermediate_size, not mlp_ratio
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    num_labels=10,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+# classic (transformers < 5) <-> newer (transformers >= 5) layer names, as in transformers' conversion_mapping.
+CLASSIC_TO_NEW = [
+    (r"encoder\.layer\.(\d+)\.", r"layers.\1."),
+    (r"attention\.attention\.query", "attention.q_proj"),
+    (r"attention\.attention\.key", "attention.k_proj"),
+    (r"attention\.attention\.value", "attention.v_proj"),
+    (r"attention\.output\.dense", "attention.o_proj"),
+    (r"intermediate\.dense", "mlp.fc1"),
+    (r"(?<!attention\.)output\.dense", "mlp.fc2"),
+]
+NEW_TO_CLASSIC = [
+    (r"layers\.(\d+)\.", r"encoder.layer.\1."),
+    (r"attention\.q_proj", "attention.attention.query"),
+    (r"attention\.k_proj", "attention.attention.key"),
+    (r"attention\.v_proj", "attention.attention.value"),
+    (r"attention\.o_proj", "attention.output.dense"),
+    (r"mlp\.fc1", "intermediate.dense"),
+    (r"mlp\.fc2", "output.dense"),
+]
+
+
+def rename(sd, table):
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in table:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def both_namings(sd):
+    """(classic, newer) versions of a state dict in whichever naming the installed transformers writes."""
+    if any(".encoder.layer." in k or k.startswith("encoder.layer.") for k in sd):
+        return sd, rename(sd, CLASSIC_TO_NEW)
+    return rename(sd, NEW_TO_CLASSIC), sd
+
+
+@pytest.fixture
+def hf_model():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**HF_TINY)
+    model = transformers.ViTForImageClassification(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and unit-inits norms: randomise them so the mapping matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, x):
+    return model(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("naming", ["classic", "newer"])
+def test_from_hf_logits(hf_model, naming):
+    x = torch.randn(2, 3, 32, 32)
+    classic, newer = both_namings(hf_model.state_dict())
+    assert any("encoder.layer.0.attention.attention.query" in k for k in classic)
+    assert any("layers.0.attention.q_proj" in k for k in newer)
+    ours = vit.from_hf(classic if naming == "classic" else newer, hf_model.config, backend="torch").eval()
+    assert ours.config.norm_eps == 1e-12 and ours.config.hidden_dim == 96
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf_logits(hf_model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_hf_with_dict_config_and_reference_backend(hf_model):
+    x = torch.randn(2, 3, 32, 32)
+    config = {k: v for k, v in HF_TINY.items() if "dropout" not in k} | {"layer_norm_eps": 1e-12, "qkv_bias": True}
+    ours = vit.from_hf(hf_model.state_dict(), config, backend="reference").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf_logits(hf_model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_hf_vitmodel_gives_features(hf_model):
+    """A ViTModel state dict (no classifier, a pooler) gives a headless model: the final-normed CLS token."""
+    torch.manual_seed(0)
+    base = transformers.ViTModel(hf_model.config, add_pooling_layer=True).eval()
+    assert any(k.startswith("pooler.") for k in base.state_dict())
+    ours = vit.from_hf(base.state_dict(), base.config, backend="torch").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), base(pixel_values=x).last_hidden_state[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_from_hf_other_image_size(hf_model):
+    ours = vit.from_hf(hf_model.state_dict(), hf_model.config, img_size=48, backend="torch")
+    assert ours.pos_embed.shape == (1, 1 + 36, 64)
+    torch.testing.assert_close(ours.pos_embed[:, 0], hf_model.vit.embeddings.position_embeddings[:, 0])
+    assert ours(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_from_hf_rejects_missing_and_unexpected_keys(hf_model):
+    sd = hf_model.state_dict()
+    missing_key = next(k for k in sd if "layernorm_after.bias" in k)
+    broken = {k: v for k, v in sd.items() if k != missing_key}
+    with pytest.raises(ValueError, match=r"missing keys \['blocks\.0\.norm2\.bias'\]"):
+        vit.from_hf(broken, hf_model.config)
+    with pytest.raises(ValueError, match=r"unexpected keys .*vit\.layers\.0\.attention\.rotary\.weight"):
+        vit.from_hf({**sd, "vit.layers.0.attention.rotary.weight": torch.zeros(1)}, hf_model.config)
+    no_value = {k: v for k, v in sd.items() if "v_proj.weight" not in k or ".0." not in k}
+    with pytest.raises(ValueError, match="missing keys: layer 0 has no v weight"):
+        vit.from_hf(no_value, hf_model.config)
+    with pytest.raises(ValueError, match=r"missing keys \[.blocks\.2\."):  # a config deeper than the checkpoint
+        vit.from_hf(sd, {**HF_TINY, "num_hidden_layers": 3})
+
+
+def test_patch_hf_logits_and_grads(hf_model):
+    patched = vit.patch_hf(copy.deepcopy(hf_model), backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    g = torch.randn(2, 10)
+    results = []
+    for model in (hf_model, patched):
+        model.zero_grad()
+        logits = hf_logits(model, x)
+        logits.backward(g)
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (logits, grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # The weights stayed where they were: same state dict, and the patched forward is really in use.
+    assert patched.state_dict().keys() == hf_model.state_dict().keys()
+    assert patched.vit.layers[0].attention._vk_backend == "torch"
+
+
+def test_patch_hf_rejects_models_without_vit_modules():
+    with pytest.raises(ValueError, match="found no ViTAttention"):
+        vit.patch_hf(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,0 +1,467 @@
+"""Vision Transformer (Dosovitskiy et al. 2020) on the fused ops of `vit_kernels`.
+
+A config dataclass with named presets, then the modules. The modules hold parameters and call
+`vk.fused_qkv`, `vk.attention` and `vk.gelu_mlp` with the model's `backend`; they do no math of their
+own beyond the residual adds, LayerNorm, the patch convolution and the head, so switching
+`backend` switches every kernel and nothing else.
+
+Parameter names and shapes are exactly timm's `VisionTransformer` (global_pool="token", class token,
+no register tokens, no LayerScale), so a timm checkpoint loads with `load_state_dict(strict=True)`:
+
+    cls_token                 (1, 1, C)
+    pos_embed                 (1, 1 + gh * gw, C)       gh, gw = img_size // patch_size
+    patch_embed.proj.weight   (C, in_chans, p, p)       .bias (C,)
+    blocks.{i}.norm1.*        (C,)
+    blocks.{i}.attn.qkv.*     (3C, C), (3C,)            rows ordered q | k | v, heads inside each
+    blocks.{i}.attn.proj.*    (C, C), (C,)
+    blocks.{i}.norm2.*        (C,)
+    blocks.{i}.mlp.fc1.*      (hidden, C), (hidden,)
+    blocks.{i}.mlp.fc2.*      (C, hidden), (C,)
+    norm.*                    (C,)
+    head.*                    (num_classes, C), (num_classes,)   absent when num_classes == 0
+
+A checkpoint trained at another image size loads too: `pos_embed` is resampled (bicubic over the
+patch grid, class token kept) by `resize_pos_embed` while loading.
+
+FLOPs of one forward, per image (N = 1 + gh * gw tokens, matmuls only, multiply-add = 2):
+    depth * (2*N*C*3C + 2*2*N*N*C + 2*N*C*C + 2*2*N*C*hidden) + 2*gh*gw*C*in_chans*p*p + 2*C*num_classes
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vit_kernels as vk
+
+# ----------------------------------------------------------------------------------------------------
+# config and presets
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000  # 0: no head, the model returns the final-normed CLS features (B, C)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp_hidden_dim: int | None = None  # overrides int(embed_dim * mlp_ratio) (Hugging Face's intermediate_size)
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6  # timm; Hugging Face checkpoints use 1e-12
+    gelu_approximate: str = "none"  # "none": exact erf (timm, HF "gelu"); "tanh"
+    drop_rate: float = 0.0  # dropout after the position embedding and before the head (timm's drop_rate)
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over the blocks
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = _pair(self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden_dim if self.mlp_hidden_dim is not None else int(self.embed_dim * self.mlp_ratio)
+
+    def flops(self) -> int:
+        """Matmul FLOPs of one forward for one image (see the module docstring)."""
+        N, C, hid = 1 + self.num_patches, self.embed_dim, self.hidden_dim
+        per_block = 2 * N * C * 3 * C + 4 * N * N * C + 2 * N * C * C + 4 * N * C * hid
+        patch = 2 * self.num_patches * C * self.in_chans * self.patch_size**2
+        return self.depth * per_block + patch + 2 * C * self.num_classes
+
+
+# The timm names; (embed_dim, depth, num_heads) from the ViT and DeiT papers. Like timm's, the two presets whose
+# only checkpoints are ImageNet-21k feature extractors (orig_in21k) have no head: pass num_classes to add one.
+PRESETS: dict[str, ViTConfig] = {
+    "vit_tiny_patch16_224": ViTConfig(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+    "vit_small_patch32_224": ViTConfig(patch_size=32, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32_224": ViTConfig(patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch16_384": ViTConfig(img_size=384, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
+    "vit_large_patch32_224": ViTConfig(patch_size=32, embed_dim=1024, depth=24, num_heads=16, num_classes=0),
+    "vit_huge_patch14_224": ViTConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0),  # D=80
+}
+
+
+def _pair(x) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# position embedding resampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: int | tuple[int, int],
+    old_grid: int | tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Resample a learned position embedding (1, prefix + gh * gw, C) to another patch grid.
+
+    The prefix (class) token embeddings are kept as they are; the grid part is resampled bicubically
+    (with antialiasing when shrinking, as timm does), in fp32, and returned in `pos_embed`'s dtype.
+    `old_grid` defaults to the square grid that the token count implies.
+    """
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, prefix + gh * gw, C), got {tuple(pos_embed.shape)}")
+    new_grid = _pair(new_grid)
+    n_grid = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(n_grid)
+        if side * side != n_grid:
+            raise ValueError(
+                f"pos_embed has {n_grid} grid tokens (after {num_prefix_tokens} prefix tokens), not a square; "
+                "pass old_grid=(gh, gw)"
+            )
+        old_grid = (side, side)
+    old_grid = _pair(old_grid)
+    if old_grid[0] * old_grid[1] != n_grid:
+        raise ValueError(f"old_grid {old_grid} does not hold the {n_grid} grid tokens of pos_embed")
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    C = pos_embed.shape[-1]
+    grid = grid.float().reshape(1, *old_grid, C).permute(0, 3, 1, 2)  # (1, C, gh, gw)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """(B, in_chans, H, W) -> (B, gh * gw, C) by a stride-p convolution (timm's `patch_embed.proj`)."""
+
+    def __init__(self, img_size, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"images must have shape (B, {self.proj.in_channels}, {self.img_size[0]}, {self.img_size[1]}), "
+                f"got {tuple(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, gh * gw, C)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: vk.fused_qkv -> vk.attention -> proj. (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, backend: str):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self.backend)  # (B, H, N, D)
+        out = vk.attention(q, k, v, backend=self.backend)  # (B, H, N, D), memory (B, N, H, D) on kernel backends
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities (B, H, N, N) of input x (B, N, C), formed by the reference path.
+
+        The fused kernels never materialise them; this is for inspection (`attention_maps`), not training.
+        """
+        q, k, _ = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend="reference")
+        return attention_probs(q, k)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 as one vk.gelu_mlp call; fc1/fc2 are nn.Linear only to hold timm-named weights."""
+
+    def __init__(self, dim: int, hidden_dim: int, approximate: str, backend: str):
+        super().__init__()
+        self.approximate = approximate
+        self.backend = backend
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vk.gelu_mlp(
+            x,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            approximate=self.approximate,
+            backend=self.backend,
+        )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability p (rescaled by 1 / (1 - p))."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, backend)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, cfg.hidden_dim, cfg.gelu_approximate, backend)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token, learned position embedding, pre-LN blocks, final LayerNorm and a linear head.
+
+    images (B, in_chans, H, W) -> logits (B, num_classes), or the normed CLS features (B, C) if num_classes == 0.
+    `backend` ("auto" | "triton" | "cuda" | "torch" | "reference") goes to every fused op; see vit_kernels.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+        *,
+        mlp_hidden_dim: int | None = None,
+        norm_eps: float = 1e-6,
+        gelu_approximate: str = "none",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        cfg = ViTConfig(
+            img_size=img_size if isinstance(img_size, int) else _pair(img_size),
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            mlp_hidden_dim=mlp_hidden_dim,
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
+            gelu_approximate=gelu_approximate,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+        h, w = _pair(img_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        if gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
+        self.config = cfg
+        self.backend = backend
+
+        # Registration order gives timm's state_dict order: own parameters first, then submodules.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, embed_dim))
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[Block(cfg, dpr[i], backend) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: ViTConfig, backend: str = "auto") -> VisionTransformer:
+        return cls(backend=backend, **asdict(cfg))
+
+    def reset_parameters(self) -> None:
+        """timm's default init: truncated normal (std 0.02, cut at 2 std) for linears, class token and
+        position embedding; zero biases; unit LayerNorms; PyTorch's default for the patch convolution."""
+        std = 0.02
+        nn.init.trunc_normal_(self.pos_embed, std=std, a=-2 * std, b=2 * std)
+        nn.init.trunc_normal_(self.cls_token, std=std, a=-2 * std, b=2 * std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> tokens (B, 1 + gh * gw, C), class token first, position embedded."""
+        x = self.patch_embed(images)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images -> final-normed tokens (B, 1 + gh * gw, C)."""
+        return self.norm(self.blocks(self.embed(images)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, C) -> logits (B, num_classes) from the class token."""
+        return self.head(self.head_drop(x[:, 0]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    # -- inspection --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The attention probabilities of every block: a list of `depth` tensors (B, H, N, N), rows sum to 1.
+
+        The fused kernels never form these, so each block's probabilities come from the reference
+        path (`Attention.probs`) while the residual stream runs the model's own backend. Combine
+        them with `attention_rollout`.
+        """
+        x = self.embed(images)
+        maps = []
+        for blk in self.blocks:
+            maps.append(blk.attn.probs(blk.norm1(x)).float())
+            x = blk(x)
+        return maps
+
+    # -- loading -----------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint from another image size: resample its grid of position embeddings to ours.
+        key = prefix + "pos_embed"
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            src = state_dict[key]
+            if src.dim() == 3 and src.shape[-1] == self.pos_embed.shape[-1]:
+                state_dict[key] = resize_pos_embed(src, self.config.grid_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention probabilities and rollout (inspection only)
+# ----------------------------------------------------------------------------------------------------
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale) over the last dim, computed in fp32: q, k (B, H, N, D) -> (B, H, N, N).
+
+    The first half of `vit_kernels.reference.attention`, which does not return its probabilities.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
+
+
+def attention_rollout(maps: list[torch.Tensor], residual: bool = True, head_fusion: str = "mean") -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): how much each output token draws on each input token.
+
+    maps: per-layer (B, H, N, N) probabilities, first layer first. Heads are fused by mean (or max),
+    the residual connection is modelled as 0.5 * (A + I) with rows renormalised, and the layers are
+    multiplied: R = A_L @ ... @ A_1. Returns R (B, N, N); `R[:, 0, 1:]` is the CLS token's map over patches.
+    """
+    if not maps:
+        raise ValueError("maps must hold at least one (B, H, N, N) tensor")
+    if head_fusion not in ("mean", "max"):
+        raise ValueError(f"head_fusion must be 'mean' or 'max', got {head_fusion!r}")
+    rollout = None
+    for a in maps:
+        a = a.float()
+        a = a.mean(dim=1) if head_fusion == "mean" else a.amax(dim=1)  # (B, N, N)
+        if residual:
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+# ----------------------------------------------------------------------------------------------------
+# factories (timm's names)
+# ----------------------------------------------------------------------------------------------------
+
+
+def create_model(name: str, backend: str = "auto", **overrides) -> VisionTransformer:
+    """A preset by name, with any config field overridden (e.g. num_classes=10, img_size=384)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; presets: {sorted(PRESETS)}")
+    return VisionTransformer.from_config(replace(PRESETS[name], **overrides), backend=backend)
+
+
+def vit_tiny_patch16_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_tiny_patch16_224", backend, **overrides)
+
+
+def vit_small_patch16_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_small_patch16_224", backend, **overrides)
+
+
+def vit_small_patch32_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_small_patch32_224", backend, **overrides)
+
+
+def vit_base_patch16_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_base_patch16_224", backend, **overrides)
+
+
+def vit_base_patch32_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_base_patch32_224", backend, **overrides)
+
+
+def vit_base_patch16_384(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_base_patch16_384", backend, **overrides)
+
+
+def vit_large_patch16_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_large_patch16_224", backend, **overrides)
+
+
+def vit_large_patch32_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_large_patch32_224", backend, **overrides)
+
+
+def vit_huge_patch14_224(backend: str = "auto", **overrides) -> VisionTransformer:
+    return create_model("vit_huge_patch14_224", backend, **overrides)
