@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import static_check
+
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Python global is not a constexpr
 
 
@@ -389,44 +391,6 @@ _INNER_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dk
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def ptxas_path(arch: int) -> str:
-    """The ptxas that Triton itself uses for sm_<arch> (bundled with triton's NVIDIA backend)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except ImportError:  # where the helper moved, the knob it read is still there
-        from triton import knobs
-
-        return knobs.nvidia.ptxas.path
-
-
-def _ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spills from `ptxas -v` on the PTX Triton produced (Triton only learns n_regs when loading
-    the cubin on a device; ptxas tells it ahead of time)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [ptxas_path(arch), "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    return {
-        "n_regs": int(regs.group(1)) if regs else -1,
-        "n_spills": (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
-    }
-
-
 def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, num_warps: int, num_stages: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -455,13 +419,7 @@ def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, nu
     compiled = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
-    ptx = compiled.asm["ptx"]
-    return {
-        **_ptxas_usage(ptx, arch),
-        "shared": compiled.metadata.shared,
-        "wgmma": "wgmma.mma_async" in ptx,
-        "mma": "mma.sync" in ptx,
-    }
+    return static_check.usage(compiled, arch)
 
 
 def compile_report(

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import static_check
+
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
 A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2
 
@@ -541,38 +543,6 @@ def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dt
     ]  # fmt: skip
 
 
-def _ptxas_path(arch: int) -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except ImportError:
-        from triton import knobs
-
-        return knobs.nvidia.ptxas.path
-
-
-def _ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from `ptxas -v` on the PTX (Triton learns n_regs only when loading on a device)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [_ptxas_path(arch), "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return {"n_regs": int(regs.group(1)) if regs else -1, "n_spills": spills}
-
-
 def _compile(args: tuple, kwargs: dict, arch: int) -> dict:
     """Compile `_gemm_kernel` for sm_<arch> with the specialisation a launch with `args` would get: integer
     arguments equal to 1 become constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned."""
@@ -596,9 +566,7 @@ def _compile(args: tuple, kwargs: dict, arch: int) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    return {**_ptxas_usage(ptx, arch), "shared": compiled.metadata.shared,
-            "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx}  # fmt: skip
+    return static_check.usage(compiled, arch)
 
 
 # ViT-B/16 at 224 px, batch 64: on sm_90 its products already use all three shape classes (qkv_fwd "large",

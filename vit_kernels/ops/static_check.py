@@ -1,0 +1,54 @@
+"""What a compiled Triton kernel costs on a GPU, read without one: registers, spills, shared memory, tensor cores.
+
+Shared by the `compile_report` functions of the Triton op files (and through them benchmarks/kernel_report.py
+and the static tests). Compile with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
+outside TRITON_INTERPRET, then pass the result to `usage`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas that Triton itself uses for sm_<arch> (bundled with triton's NVIDIA backend)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except ImportError:  # where the helper moved (newer Triton), the knob it read is still there
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from `ptxas -v` on the PTX (Triton learns n_regs only when loading on a device)."""
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [ptxas_path(arch), "-v", f"--gpu-name={gpu_name}", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return {"n_regs": int(regs.group(1)) if regs else -1, "n_spills": spills}
+
+
+def usage(compiled, arch: int) -> dict:
+    """n_regs, n_spills, shared bytes, and whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync`."""
+    ptx = compiled.asm["ptx"]
+    return {
+        **ptxas_usage(ptx, arch),
+        "shared": compiled.metadata.shared,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma": "mma.sync" in ptx,
+    }
