@@ -402,3 +402,21 @@ def test_train_digits_reaches_accuracy(tmp_path):
         img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0
     )
     reloaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_visualize_cli_random_model(tmp_path):
+    pytest.importorskip("matplotlib", reason="vit.visualize draws with matplotlib")
+    import matplotlib.pyplot as plt
+
+    from vit import visualize
+
+    image = tmp_path / "in.png"
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 50), indexing="ij")
+    plt.imsave(image, torch.stack([xx, yy, (xx - yy).abs()], -1).numpy())
+    out = tmp_path / "maps.png"
+    maps = visualize.main([str(image), "--out", str(out), "--random-model", "--img-size", "64", "--layers", "0", "11"])
+    assert out.stat().st_size > 0
+    assert list(maps) == ["layer 0", "layer 11", "rollout"] and all(m.shape == (4, 4) for m in maps.values())
+    assert 0 < maps["rollout"].sum() < 1  # the CLS row of a row-stochastic matrix, without its CLS column
+    with pytest.raises(SystemExit):
+        visualize.main([str(image), "--out", str(out)])  # neither --checkpoint nor --random-model

@@ -1,7 +1,7 @@
 """Draw where a ViT's class token looks: per-layer CLS attention and attention rollout over an image.
 
     python -m vit.visualize IMAGE --out maps.png [--model vit_tiny_patch16_224] [--checkpoint ckpt.pt]
-                            [--random-model] [--layers 0 5 11]
+                            [--random-model] [--layers 0 5 11] [--img-size 384]
 
 IMAGE is anything matplotlib.image.imread reads (PNG natively; JPEG etc. through Pillow). The image is
 resized to the model's input size and normalised with ImageNet's mean and std. The checkpoint is a
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     p.add_argument("--model", default="vit_tiny_patch16_224", choices=sorted(PRESETS))
     p.add_argument("--checkpoint", help="state dict in timm layout (torch.save'd)")
     p.add_argument("--random-model", action="store_true", help="no checkpoint: an untrained, seeded model")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's; pos_embed resampled)")
     p.add_argument("--num-classes", type=int, default=None, help="head size of the checkpoint (default: inferred)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="block indices (default: first, middle, last)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
             overrides["num_classes"] = a.num_classes
         else:
             overrides["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
+    if a.img_size is not None:
+        overrides["img_size"] = a.img_size
     torch.manual_seed(a.seed)
     model = create_model(a.model, backend="auto", **overrides).eval()
     if state is not None:
