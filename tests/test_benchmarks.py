@@ -33,12 +33,13 @@ def run_script(name: str, *args: str, env_extra: dict | None = None, timeout: in
 
 
 def table_rows(stdout: str) -> list[dict]:
-    """The Markdown table's rows as dicts keyed by header."""
+    """The Markdown table's rows as dicts keyed by header (thousands separators dropped, so numbers parse)."""
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     if not lines:
         return []
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    cells = (line.strip("|").split("|") for line in lines[2:])
+    return [dict(zip(header, (c.strip().replace(",", "") for c in row), strict=True)) for row in cells]
 
 
 def test_attn_bench_cpu(tmp_path):
