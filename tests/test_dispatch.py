@@ -185,3 +185,12 @@ def test_torch_compile_has_no_graph_breaks(backend):
     expected = block(*(p.detach() for p in params))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+def test_partial_build_is_reported_not_crashed(monkeypatch):
+    from vit_kernels import library
+
+    monkeypatch.setitem(library._KERNEL_MODULES, ("torch", "attention"), "vit_kernels.no_such_module")
+    reason = dispatch._missing_kernels("torch", "attention")
+    assert reason == "this build of vit_kernels has no torch attention kernels (vit_kernels.no_such_module is missing)"
+    assert dispatch._missing_kernels("torch", "linear") is None

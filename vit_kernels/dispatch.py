@@ -116,11 +116,22 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning:
         raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def _select(backend: str, device: torch.device, kernel_reasons: dict[str, str | None]) -> str:
-    """Resolve `backend` for inputs on `device`; `kernel_reasons` gives each backend's input-specific objection."""
+def _missing_kernels(backend: str, family: str) -> str | None:
+    """Why this package has no `family` kernels for `backend` (a partial build), or None."""
+    from vit_kernels.library import _KERNEL_MODULES
+
+    module = _KERNEL_MODULES.get((backend, family))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"this build of vit_kernels has no {backend} {family} kernels ({module} is missing)"
+
+
+def _select(backend: str, device: torch.device, family: str, kernel_reasons: dict[str, str | None]) -> str:
+    """Resolve `backend` for `family` ("attention" or "linear") on `device`; `kernel_reasons` gives each
+    backend's objection to these particular inputs."""
 
     def reason(b: str) -> str | None:
-        return device_unavailable_reason(b, device) or kernel_reasons.get(b)
+        return device_unavailable_reason(b, device) or _missing_kernels(b, family) or kernel_reasons.get(b)
 
     if backend == "auto":
         if device.type != "cuda":
@@ -167,7 +178,7 @@ def check_attention(q, k, v, scale, backend: str) -> tuple[str, float]:
     for b, support in SUPPORT.items():
         if support.head_dims is not None and head_dim not in support.head_dims:
             reasons[b] = f"head dim D={head_dim} is not supported (supported: {support.head_dims})"
-    return _select(backend, q.device, reasons), float(scale)
+    return _select(backend, q.device, "attention", reasons), float(scale)
 
 
 def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> str:
@@ -185,7 +196,7 @@ def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> str:
     if bias is not None:
         _check_shape("bias", bias, (3 * C,), "(3C,)")
     # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
-    return _select(backend, x.device, _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads}))
+    return _select(backend, x.device, "linear", _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads}))
 
 
 def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> str:
@@ -207,7 +218,7 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
         _check_shape("fc1_bias", fc1_bias, (hidden,), "(hidden,)")
     if fc2_bias is not None:
         _check_shape("fc2_bias", fc2_bias, (C_out,), "(C_out,)")
-    return _select(backend, x.device, _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out}))
+    return _select(backend, x.device, "linear", _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out}))
 
 
 # A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it
