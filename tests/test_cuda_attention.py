@@ -1,0 +1,307 @@
+"""CUDA C++ flash attention (csrc/attention.cu via vit_kernels/cuda/attention.py): forward, lse and every gradient.
+
+GPU tests go through the public op (`vk.attention(..., backend="cuda")` and `.backward()`) and compare with the
+float64 reference (`vit_kernels.reference.attention` on float64 copies of exactly the values the kernel sees)
+by relative error with per-dtype tolerances, at odd token counts (1, 17, 197, 257: never a multiple of a tile)
+and every supported head dim, on contiguous tensors and on views of a packed (B, N, 3, H, D) qkv tensor.
+Every buffer the wrapper allocates (out, lse, delta, dq, dk, dv) starts as NaN, so an element a kernel never
+writes fails the test. CPU tests check the error paths and the launchers' preconditions, which run before any
+CUDA call.
+"""
+
+import pytest
+import torch
+from conftest import TOLERANCES, rel_error
+
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.cuda import attention as cuda_attention
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DTYPES = [F32, F16, BF16]
+HEAD_DIMS = [32, 48, 64, 80, 96, 128]
+HALF = 1  # DType code of fp16 (csrc/common.cuh)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _extension():
+    try:
+        from vit_kernels import _C
+    except ImportError as exc:
+        pytest.skip(f"vit_kernels._C not built here ({exc})")
+    return _C
+
+
+def _nan_empty(shape, like, dtype=None):
+    return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the wrapper allocates (out, lse, delta, dq, dk, dv) starts as NaN."""
+    monkeypatch.setattr(cuda_attention, "_empty", _nan_empty)
+
+
+def _qkv_leaves(B, H, N, D, dtype, layout):
+    """Leaves to differentiate and the (B, H, N, D) views of them that the op sees."""
+    if layout == "contiguous":
+        leaves = [torch.randn(B, H, N, D, device="cuda").to(dtype).requires_grad_(True) for _ in range(3)]
+        return leaves, leaves
+    if layout == "packed":  # timm's qkv: views of one (B, N, 3, H, D) tensor, strides (3NHD, D, 3HD, 1)
+        qkv = torch.randn(B, N, 3, H, D, device="cuda").to(dtype).requires_grad_(True)
+        return [qkv], list(qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    if layout == "transposed":  # unit stride along N, not D: the wrapper copies
+        leaves = [torch.randn(B, H, D, N, device="cuda").to(dtype).requires_grad_(True) for _ in range(3)]
+        return leaves, [t.transpose(-2, -1) for t in leaves]
+    if layout == "offset":  # one element into a larger buffer: 16-bit tiles are misaligned, the wrapper copies
+        buf = torch.randn(3 * B * H * N * D + 1, device="cuda").to(dtype).requires_grad_(True)
+        return [buf], list(buf[1:].view(3, B, H, N, D).unbind(0))
+    raise ValueError(layout)
+
+
+def _reference(q, k, v, dout, scale):
+    """float64 out, lse and (dq, dk, dv) on exactly the values the kernel sees."""
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out = reference.attention(qd, kd, vd, scale)
+    out.backward(dout.double())
+    lse = torch.logsumexp(qd.detach() @ kd.detach().transpose(-2, -1) * scale, dim=-1)
+    return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
+
+
+def _eager_error(q, k, v, dout, scale, ref_grads):
+    """Relative errors of plain eager attention's gradients in the inputs' own dtype (the parity baseline)."""
+    qe, ke, ve = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    reference.attention(qe, ke, ve, scale).backward(dout)
+    return [rel_error(g, r) for g, r in zip((qe.grad, ke.grad, ve.grad), ref_grads, strict=True)]
+
+
+def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
+
+
+def _check_grads(grads, ref_grads, dtype, eager_errors) -> None:
+    """Each gradient within the dtype's tolerance, with two documented exceptions:
+    - N = 1: softmax over one key is constant, so dq = dk = 0 exactly; the kernel gets there as P * (dP - delta)
+      with dP (tensor-core dot) and delta (rowsum(dO * O)) equal up to fp32 rounding, so it must be small next
+      to the terms that cancel, whose size is dv's (P dO);
+    - bf16: dS = P * (dP - delta) is rounded to bf16 for the tensor-core product, which costs ~1% at sharp
+      softmaxes in any flash kernel and in eager torch; the error may then be up to 2x plain eager bf16's
+      (FlashAttention's parity rule)."""
+    tol = TOLERANCES[dtype]
+    for name, g, ref, eager in zip(("dq", "dk", "dv"), grads, ref_grads, eager_errors, strict=True):
+        assert torch.isfinite(g).all(), f"{name}: not finite"
+        if name != "dv" and ref.shape[2] == 1:
+            err = (g.double().norm() / ref_grads[2].norm()).item()
+            assert err <= tol, f"{name}: |{name}| / |dv| = {err:.3g} > {tol:.1g} where the exact value is 0"
+        else:
+            _check(name, g, ref, max(tol, 2 * eager) if dtype == BF16 else tol)
+
+
+def _grads_of_views(leaves, layout, B, H, N, D):
+    if layout == "contiguous":
+        return [t.grad for t in leaves]
+    if layout == "packed":
+        return list(leaves[0].grad.permute(2, 0, 3, 1, 4).unbind(0))
+    if layout == "transposed":
+        return [t.grad.transpose(-2, -1) for t in leaves]
+    return list(leaves[0].grad[1:].view(3, B, H, N, D).unbind(0))
+
+
+def _run_and_check(dtype, N, D, layout, scale=None, B=2, H=3):
+    leaves, (q, k, v) = _qkv_leaves(B, H, N, D, dtype, layout)
+    scale_value = D**-0.5 if scale is None else scale
+    dout = torch.randn(B, H, N, D, device="cuda").to(dtype)
+
+    out = vk.attention(q, k, v, scale=scale, backend="cuda")
+    out.backward(dout)
+
+    ref_out, _ref_lse, ref_grads = _reference(q, k, v, dout, scale_value)
+    assert out.shape == (B, H, N, D) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous(), "out must be laid out (B, N, H, D) in memory"
+    _check("out", out, ref_out, TOLERANCES[dtype])
+    grads = _grads_of_views(leaves, layout, B, H, N, D)
+    eager = _eager_error(q, k, v, dout, scale_value, ref_grads) if dtype == BF16 else [0.0] * 3
+    _check_grads(grads, ref_grads, dtype, eager)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU parity
+# ----------------------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 17, 197, 257])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("layout", ["contiguous", "packed"])
+def test_attention_matches_reference(poisoned, dtype, N, D, layout):
+    _run_and_check(dtype, N, D, layout)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "offset"])
+@pytest.mark.parametrize("N, D", [(17, 80), (197, 64)])
+def test_layouts_the_wrapper_copies(poisoned, dtype, layout, N, D):
+    _, views = _qkv_leaves(1, 2, N, D, dtype, layout)
+    copied = cuda_attention._operand(views[0]).data_ptr() != views[0].data_ptr()
+    # fp32 SIMT kernels read single elements: only the transposed view (D not unit-stride) needs a copy.
+    assert copied == (layout == "transposed" or dtype != F32), "the test must exercise the path it names"
+    _run_and_check(dtype, N, D, layout, B=1, H=2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, D", [(1, 64), (197, 80), (257, 128)])
+def test_launcher_outputs_lse_and_layouts(poisoned, dtype, N, D):
+    """The contract's layouts (out (B, N, H, D) memory, contiguous grads) and lse against float64."""
+    B, H, scale = 2, 2, 0.3
+    q, k, v = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(3))
+    dout = torch.randn(B, N, H, D, device="cuda").to(dtype).transpose(1, 2)
+    out, lse = cuda_attention.attention_fwd(q, k, v, scale, False)
+    dq, dk, dv = cuda_attention.attention_bwd(dout, q, k, v, out, lse, scale, False)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, scale)
+    assert out.transpose(1, 2).is_contiguous() and lse.shape == (B, H, N) and lse.dtype == F32
+    assert all(g.is_contiguous() and g.shape == (B, H, N, D) and g.dtype == dtype for g in (dq, dk, dv))
+    _check("out", out, ref_out, TOLERANCES[dtype])
+    _check("lse", lse, ref_lse, TOLERANCES[F32] if dtype == F32 else 1e-3)
+    eager = _eager_error(q, k, v, dout, scale, ref_grads) if dtype == BF16 else [0.0] * 3
+    _check_grads((dq, dk, dv), ref_grads, dtype, eager)
+
+
+@needs_gpu
+def test_packed_views_are_read_in_place():
+    qkv = torch.randn(2, 197, 3, 3, 64, device="cuda", dtype=F16)
+    for view in qkv.permute(2, 0, 3, 1, 4).unbind(0):
+        assert cuda_attention._operand(view) is view
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_large_logits_stay_finite(poisoned, dtype):
+    """Scores of several hundred: the online softmax must subtract the running max before exp2."""
+    _run_and_check(dtype, 197, 64, "contiguous", scale=4.0, B=1, H=2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_negative_scale(poisoned, dtype):
+    """Masked keys are set to -inf after scaling; a negative scale must not turn them into +inf."""
+    _run_and_check(dtype, 17, 32, "contiguous", scale=-0.2, B=1, H=2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_is_deterministic(dtype):
+    q, k, v, dout = (torch.randn(2, 3, 197, 64, device="cuda").to(dtype) for _ in range(4))
+    out, lse = cuda_attention.attention_fwd(q, k, v, 0.125, False)
+    first = cuda_attention.attention_bwd(dout, q, k, v, out, lse, 0.125, False)
+    second = cuda_attention.attention_bwd(dout, q, k, v, out, lse, 0.125, False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: error paths, launcher preconditions, layout helpers (no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+def test_cuda_backend_on_cpu_tensors_is_a_clear_value_error():
+    q = torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        vk.attention(q, q, q, backend="cuda")
+
+
+def test_wrappers_reject_cpu_tensors():
+    q = torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but q is on cpu"):
+        cuda_attention.attention_fwd(q, q, q, 0.125, False)
+    lse = torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match="needs CUDA tensors, but dout is on cpu"):
+        cuda_attention.attention_bwd(q, q, q, q, q, lse, 0.125, False)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        cuda_attention.attention_fwd(q, None, q, 0.125, False)
+
+
+def test_extension_binds_the_attention_launchers():
+    _C = _extension()
+    for name in ("attention_fwd", "attention_bwd"):
+        assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
+
+
+def _fwd_args(**overrides):
+    # Null pointers are fine: each call below must fail its precondition checks before any CUDA call.
+    s = (3 * 5 * 64, 64, 3 * 64)  # a packed (B, N, 3, H, D) view with H = 1, D = 64
+    args = dict(q=0, q_strides=s, k=0, k_strides=s, v=0, v_strides=s, out=0, out_strides=(5 * 64, 64, 64), lse=0,
+                B=1, H=1, N=5, D=64, scale=0.125, dtype=HALF, stream=0)  # fmt: skip
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(D=40), r"head dim D=40 is not supported"),
+        (dict(D=256), r"head dim D=256 is not supported"),
+        (dict(dtype=7), r"unknown dtype code 7"),
+        (dict(N=0), r"B, H and N must be positive"),
+        (dict(q=8), r"q: pointer must be 16-byte aligned"),
+        (dict(v=0x1008), r"v: pointer must be 16-byte aligned"),
+        (dict(k_strides=(960, 64, 196)), r"k: strides \(B, H, N\) must be multiples of 8 elements"),
+        (dict(out_strides=(320, 68, 64)), r"out: strides \(B, H, N\) must be multiples of 8 elements"),
+        (dict(lse=2), r"lse: pointer must be 4-byte aligned"),
+    ],
+)
+def test_fwd_launcher_checks_preconditions(overrides, message):
+    _C = _extension()
+    with pytest.raises(ValueError, match=message):
+        _C.attention_fwd(**_fwd_args(**overrides))
+
+
+def test_bwd_launcher_checks_preconditions():
+    _C = _extension()
+    s = (5 * 64, 5 * 64, 64)
+    args = dict(dout=0, dout_strides=s, q=0, q_strides=s, k=0, k_strides=s, v=0, v_strides=s, out=0, out_strides=s,
+                lse=0, delta=0, dq=0, dk=0, dv=0, B=1, H=1, N=5, D=64, scale=0.125, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"dout: strides \(B, H, N\) must be multiples of 8 elements"):
+        _C.attention_bwd(**{**args, "dout_strides": (320, 320, 66)})
+    with pytest.raises(ValueError, match=r"head dim D=72 is not supported"):
+        _C.attention_bwd(**{**args, "D": 72})
+    with pytest.raises(ValueError, match=r"lse and delta: pointers must be 4-byte aligned"):
+        _C.attention_bwd(**{**args, "delta": 6})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver error path, on a machine without a GPU")
+def test_launch_failures_raise_runtime_error_naming_the_call():
+    """Past the preconditions, a CUDA failure (here: no driver) is a RuntimeError that names the call."""
+    _C = _extension()
+    # fp32 takes the SIMT path, which reads single elements: odd strides pass the checks and reach the launch.
+    with pytest.raises(RuntimeError, match=r"attn_fwd_simt_kernel failed: CUDA error \d+"):
+        _C.attention_fwd(**_fwd_args(dtype=0, k_strides=(963, 65, 193)))
+    with pytest.raises(RuntimeError, match=r"cudaFuncSetAttribute\(attn_fwd_kernel\) failed: CUDA error \d+"):
+        _C.attention_fwd(**_fwd_args())
+
+
+def test_layout_helpers_copy_only_what_the_kernels_cannot_read():
+    packed = torch.randn(2, 5, 3, 4, 32, dtype=F16)
+    views = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    assert all(cuda_attention._operand(t) is t for t in views)
+    transposed = torch.randn(2, 4, 32, 5, dtype=F16).transpose(-2, -1)
+    copied = cuda_attention._operand(transposed)
+    assert copied.is_contiguous() and torch.equal(copied, transposed)
+    offset = torch.randn(2 * 4 * 5 * 32 + 1, dtype=F16)[1:].view(2, 4, 5, 32)  # 2 bytes past an aligned start
+    assert offset.data_ptr() % 16 != 0
+    copied = cuda_attention._operand(offset)
+    assert copied.data_ptr() % 16 == 0 and torch.equal(copied, offset)
+    offset32 = torch.randn(2 * 4 * 5 * 32 + 1)[1:].view(2, 4, 5, 32)  # fp32 SIMT path: read in place
+    assert cuda_attention._operand(offset32) is offset32
+    # A size-1 dim's stride is never used (and torch may report any value for it).
+    assert cuda_attention._strides(torch.randn(1, 4, 1, 32)) == (0, 32, 0)
+
+
+def test_poisoned_outputs_never_pass():
+    """The poisoned fixture's buffers are all NaN, and a NaN anywhere is an infinite error."""
+    buf = _nan_empty((2, 3), torch.zeros(1), torch.float32)
+    assert torch.isnan(buf).all()
+    ref = torch.randn(2, 3)
+    out = ref.clone()
+    out[1, 2] = float("nan")
+    assert rel_error(out, ref) == float("inf")
