@@ -32,6 +32,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 
+def attention_reference(q, k, v, dout, scale):
+    """float64 out, lse and (dq, dk, dv) of attention, on exactly the values the kernel sees (any backend)."""
+    from vit_kernels import reference
+
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out = reference.attention(qd, kd, vd, scale)
+    out.backward(dout.double())
+    lse = torch.logsumexp(qd.detach() @ kd.detach().transpose(-2, -1) * scale, dim=-1)
+    return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_bf16_like_the_gpu():
     """Make Triton 3.6's interpreter treat bf16 as the GPU does (numpy has no bf16, and it shows):

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import TF32_TOLERANCE, TOLERANCES, rel_error
+from conftest import TF32_TOLERANCE, TOLERANCES, attention_reference, rel_error
 
 from vit_kernels import library, reference
 from vit_kernels.ops import attention as triton_attention
@@ -40,15 +40,6 @@ def _qkv(B: int, H: int, N: int, D: int, dtype: torch.dtype, layout: str):
     if layout == "transposed":  # head dim not unit-stride: (B, H, D, N) memory
         return [torch.randn(B, H, D, N).to(dtype).transpose(-2, -1) for _ in range(3)]
     raise ValueError(layout)
-
-
-def _reference(q, k, v, dout, scale):
-    """float64 out, lse and (dq, dk, dv) on exactly the values the kernel sees."""
-    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    out = reference.attention(qd, kd, vd, scale)
-    out.backward(dout.double())
-    lse = torch.logsumexp(qd.detach() @ kd.detach().transpose(-2, -1) * scale, dim=-1)
-    return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
 
 
 def _eager_grads(q, k, v, dout, scale):
@@ -85,7 +76,7 @@ CASES += [
 
 
 @pytest.mark.parametrize("N, D, dtype, allow_tf32", CASES)
-def test_launchers_match_reference(poisoned, N, D, dtype, allow_tf32):
+def test_launchers_matchattention_reference(poisoned, N, D, dtype, allow_tf32):
     B, H = (2, 2) if N <= 17 else (1, 2)
     # Layout and scale cycle with the case, so each appears at every N without multiplying the case count.
     idx = CASES.index((N, D, dtype, allow_tf32))
@@ -97,7 +88,7 @@ def test_launchers_match_reference(poisoned, N, D, dtype, allow_tf32):
     out, lse = triton_attention.attention_fwd(q, k, v, scale, allow_tf32)
     dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32)
 
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, scale)
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, scale)
     tol = _tolerance(dtype, allow_tf32)
     assert out.shape == (B, H, N, D) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous(), "out must be (B, N, H, D) in memory"
@@ -136,7 +127,7 @@ AUTOGRAD_CASES = [
 
 
 @pytest.mark.parametrize("N, D, dtype, layout", AUTOGRAD_CASES)
-def test_autograd_custom_op_matches_reference(poisoned, N, D, dtype, layout):
+def test_autograd_custom_op_matchesattention_reference(poisoned, N, D, dtype, layout):
     B, H, scale = 2, 2, D**-0.5
     if layout == "packed":
         qkv = torch.randn(B, N, 3, H, D).to(dtype).requires_grad_(True)
@@ -150,7 +141,7 @@ def test_autograd_custom_op_matches_reference(poisoned, N, D, dtype, layout):
     out, lse = library.attention_fwd(q, k, v, scale, False, "triton")
     out.backward(dout)
 
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, scale)
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, scale)
     tol = TOLERANCES[dtype]
     _check("out", out, ref_out, tol)
     _check("lse", lse, ref_lse, 1e-3)
@@ -181,7 +172,7 @@ def test_large_logits_stay_finite(poisoned, dtype):
     dout = torch.randn(B, H, N, D).to(dtype)
     out, lse = triton_attention.attention_fwd(q, k, v, 1.0, False)
     dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, 1.0)
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, 1.0)
     assert ref_lse.abs().max() > 3e3, "the test must reach logits of order 1e4"
     for t in (out, lse, dq, dk, dv):
         assert torch.isfinite(t).all()
