@@ -201,8 +201,9 @@ def _kernel_parity(backend, device, dtype, cfg):
 @pytest.mark.skipif(
     "triton" not in vk.available_backends("cpu"), reason="needs triton and TRITON_INTERPRET=1 (set by conftest on CPU)"
 )
-def test_triton_backend_whole_model_interpreter(highest_precision):
-    _kernel_parity("triton", "cpu", torch.float32, TINY_KERNEL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_whole_model_interpreter(dtype, highest_precision):
+    _kernel_parity("triton", "cpu", dtype, TINY_KERNEL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
