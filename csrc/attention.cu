@@ -759,28 +759,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dq_simt_kernel(const Bwd
 // ====================================================================================================
 // launchers
 // ====================================================================================================
-inline void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument(what);
-}
-
-// dtype code -> element type and head dim -> compile-time constant: f is instantiated once per case.
-template <class F>
-void dispatch_dtype(int code, F&& f) {
-  switch (static_cast<DType>(code)) {
-    case DType::kFloat32:
-      f(float{});
-      break;
-    case DType::kFloat16:
-      f(__half{});
-      break;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    default:
-      throw std::invalid_argument("unknown dtype code " + std::to_string(code) + " (0 fp32, 1 fp16, 2 bf16)");
-  }
-}
-
+// head dim -> compile-time constant, next to vk::dispatch_dtype (common.cuh): f is instantiated once per case.
 template <int D>
 using HeadDim = std::integral_constant<int, D>;
 

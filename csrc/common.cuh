@@ -19,6 +19,11 @@ inline void check_cuda(cudaError_t status, const char* what) {
 
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
+// A launcher precondition: std::invalid_argument, which pybind11 raises as a Python ValueError.
+inline void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
 }  // namespace vk
 
 namespace vk {
@@ -37,6 +42,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace vk {
@@ -109,6 +116,24 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// dtype code (DType) -> element type, as a compile-time switch: f(T{}) is instantiated once per dtype.
+template <class F>
+void dispatch_dtype(int code, F&& f) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat16:
+      f(__half{});
+      break;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      throw std::invalid_argument("unknown dtype code " + std::to_string(code) + " (0 fp32, 1 fp16, 2 bf16)");
   }
 }
 

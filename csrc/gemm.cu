@@ -82,10 +82,6 @@ __device__ __forceinline__ float gelu_grad(float x, bool tanh_form) {
   return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
 }
 
-inline void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument(what);
-}
-
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ====================================================================================================
@@ -522,24 +518,6 @@ void run_colsum(const Op& src, T* out, index_t rows, index_t cols, cudaStream_t 
   const dim3 grid(static_cast<unsigned>((cols + 31) / 32));
   colsum_kernel<T><<<grid, dim3(32, 16), 0, stream>>>(src, out, static_cast<int>(rows), static_cast<int>(cols));
   check_launch(name);
-}
-
-// dtype code -> element type, as a compile-time switch: f(T{}) is instantiated once per dtype.
-template <class F>
-void dispatch_dtype(int code, F&& f) {
-  switch (static_cast<DType>(code)) {
-    case DType::kFloat32:
-      f(float{});
-      break;
-    case DType::kFloat16:
-      f(__half{});
-      break;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    default:
-      throw std::invalid_argument("unknown dtype code " + std::to_string(code) + " (0 fp32, 1 fp16, 2 bf16)");
-  }
 }
 
 template <class T>
