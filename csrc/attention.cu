@@ -515,7 +515,9 @@ __global__ void __launch_bounds__(DkdvTile<D>::kThreads, 1) attn_dkdv_kernel(con
     const float* s_lse = reinterpret_cast<const float*>(st + 2 * QTile::kBytes);
     const float* s_delta = s_lse + BM;
 
-    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2 e - lse * log2 e); queries >= N contribute nothing.
+    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2 e - lse * log2 e). Queries >= N contribute nothing, and
+    // padded keys >= N get P = 0 too: their zero-filled logits against a very negative lse would give inf, then
+    // inf * 0 = NaN in dS, which the store guard hides today but debug runs and NaN poisoning would not.
     float pt[NT_S][4];
     zero(pt);
     warp_gemm_ss<T, KVTile, QTile, NT_S, D>(pt, s_k, warp * 16, s_q, lane);
@@ -524,8 +526,9 @@ __global__ void __launch_bounds__(DkdvTile<D>::kThreads, 1) attn_dkdv_kernel(con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
+        const int key = n0 + warp * 16 + (lane >> 2) + 8 * (e >> 1);
         const float x = pt[nt][e] * p.scale_log2 - s_lse[col] * kLog2e;
-        pt[nt][e] = i * BM + col < N ? exp2f(x) : 0.0f;
+        pt[nt][e] = i * BM + col < N && key < N ? exp2f(x) : 0.0f;
       }
     uint32_t a[BM / 16][4];
     acc_to_a<T, BM / 16>(pt, a);

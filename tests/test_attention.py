@@ -10,6 +10,7 @@ static check at the end compiles the same kernels for sm_80 / sm_90 without a GP
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -193,6 +194,28 @@ def test_identical_keys_give_uniform_weights(poisoned, dtype):
     _check("out", out, mean, TOLERANCES[dtype])
     expected_lse = (q.double() @ k[:, :, :1].double().transpose(-2, -1)).squeeze(-1) * scale + math.log(N)
     _check("lse", lse, expected_lse, 1e-5 if dtype == F32 else 1e-3)
+
+
+def test_very_negative_lse_backward_has_no_overflow(poisoned):
+    """Every logit near -144 (lse far below -88): the zero-filled padding keys of the last tile score 0, and
+    exp2(0 - lse) would overflow to inf there unless they are masked. Under the interpreter numpy reports the
+    overflow as a RuntimeWarning, which this test turns into an error."""
+    B, H, N, D = 1, 2, 40, 64
+    u = torch.nn.functional.normalize(torch.randn(B, H, 1, D, dtype=torch.float64), dim=-1) * 12
+    q = (-u + 0.01 * torch.randn(B, H, N, D, dtype=torch.float64)).float()
+    k = (u + 0.01 * torch.randn(B, H, N, D, dtype=torch.float64)).float()
+    v, dout = torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, lse = triton_attention.attention_fwd(q, k, v, 1.0, False)
+        dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, 1.0)
+    assert ref_lse.max() < -100, "the test must push lse below exp's fp32 range"
+    _check("lse", lse, ref_lse, TOLERANCES[F32])
+    # fp32 logits of ~144 carry ~1e-5 absolute rounding, which moves the weights by as much; dq and dk
+    # (sums of P (dP - delta), nearly cancelling) show it amplified a few times.
+    for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, strict=True):
+        _check(name, got, ref, 1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the NaN row, as intended

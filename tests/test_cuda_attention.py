@@ -175,6 +175,27 @@ def test_large_logits_stay_finite(poisoned, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_very_negative_lse(poisoned, dtype):
+    """Every logit near -144 (lse far below exp's fp32 range): the padding keys of the last tile score 0 and
+    must be masked before exp2, or they become inf and NaN in the backward's registers."""
+    B, H, N, D = 1, 2, 40, 64
+    u = torch.nn.functional.normalize(torch.randn(B, H, 1, D, device="cuda"), dim=-1) * 12
+    q = (-u + 0.01 * torch.randn(B, H, N, D, device="cuda")).to(dtype)
+    k = (u + 0.01 * torch.randn(B, H, N, D, device="cuda")).to(dtype)
+    v, dout = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(2))
+    out, lse = cuda_attention.attention_fwd(q, k, v, 1.0, False)
+    grads = cuda_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, 1.0)
+    assert ref_lse.max() < -100, "the test must push lse below exp's fp32 range"
+    # Logits of ~144 carry rounding of ~1e-5 (fp32) and ~0.1 (fp16 inputs' products), amplified in dq, dk.
+    tol = 1e-4 if dtype == F32 else 2e-2
+    _check("out", out, ref_out, tol)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        _check(name, got, ref, tol)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_negative_scale(poisoned, dtype):
     """Masked keys are set to -inf after scaling; a negative scale must not turn them into +inf."""

@@ -170,7 +170,8 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    kv_mask = (offs_n < N)[:, None] & d_mask[None, :]
+    n_mask = offs_n < N
+    kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
 
@@ -187,9 +188,10 @@ def _attn_bwd_dkdv_kernel(
         # Transposed scores S^T (BLOCK_N, BLOCK_M), so that dV += P^T dO and dK += dS^T Q need no transposes
         # of the large accumulators.
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        # Padding query rows (q = 0, lse = 0) would give P = 1 without this.
-        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        # Padding query rows (q = 0, lse = 0) would give P = 1 without the mask; padding key rows (k = 0) would
+        # give exp2(-lse), inf once lse < -88, then NaN in dS (never stored, but it hides real NaNs when
+        # debugging). Masking before exp2 makes both exactly 0.
+        p_t = tl.math.exp2(tl.where(m_mask[None, :] & n_mask[:, None], s_t - lse[None, :], float("-inf")))
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -243,8 +245,9 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ.
-        p = tl.where(n_mask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ, nor overflow to inf on the
+        # way: masked before exp2.
+        p = tl.math.exp2(tl.where(n_mask[None, :], s - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
