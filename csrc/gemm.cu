@@ -191,6 +191,10 @@ struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward), act = gelu(p
       v0 += to_float(bias[n]);
       v1 += to_float(bias[n + 1]);
     }
+    // GELU of the rounded pre-activation: backward recomputes it from the stored (rounded) value, as the
+    // Triton kernel and the eager reference do.
+    v0 = to_float(from_float<T>(v0));
+    v1 = to_float(from_float<T>(v1));
     store2(pre + m * ld + n, v0, v1);
     store2(act + m * ld + n, gelu(v0, tanh_form), gelu(v1, tanh_form));
   }

@@ -12,7 +12,7 @@ from conftest import TOLERANCES, rel_error
 
 import vit_kernels as vk
 from vit_kernels import reference
-from vit_kernels.cuda import linear
+from vit_kernels.cuda import check_like, linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF = 1  # DType code of fp16 (csrc/common.cuh)
@@ -199,6 +199,34 @@ def test_wrappers_reject_cpu_tensors():
         linear.mlp_fwd(x2, w1, None, w2, None, "none", False)
     with pytest.raises(ValueError, match="needs CUDA tensors, but dy is on cpu"):
         linear.mlp_bwd(torch.randn(5, 32), x2, w1, w2, torch.randn(5, 64), False, False, "none", False)
+
+
+def test_check_like_names_dtype_and_shape_mismatches():
+    """The guard the wrappers run before any pointer is taken (CPU tensors: the check itself needs no GPU)."""
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    check_like("x", x, dy=(torch.randn(5, 16, dtype=torch.bfloat16), (5, 16)), bias=(None, (16,)))
+    with pytest.raises(TypeError, match="dy has dtype torch.float32 but x has torch.bfloat16"):
+        check_like("x", x, dy=(torch.randn(5, 16), (5, 16)))
+    with pytest.raises(ValueError, match=r"hidden must have shape \(5, 64\), got \(4, 64\)"):
+        check_like("x", x, hidden=(torch.randn(4, 64, dtype=torch.bfloat16), (5, 64)))
+
+
+@needs_gpu
+def test_backward_wrappers_reject_inconsistent_gradients():
+    """The backward custom ops are public: gradients of the wrong dtype or size raise before any launch."""
+    x, w = torch.randn(1, 5, 64, device="cuda", dtype=torch.bfloat16), torch.randn(192, 64, device="cuda")
+    g = torch.randn(1, 2, 5, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="weight has dtype torch.float32"):
+        linear.qkv_bwd(g, g, g, x, w, True, False)
+    w = w.bfloat16()
+    with pytest.raises(ValueError, match="dk must have shape"):
+        linear.qkv_bwd(g, g[:, :, :4], g, x, w, True, False)
+    x2, w1, w2 = (torch.randn(*s, device="cuda", dtype=torch.float16) for s in ((5, 32), (64, 32), (32, 64)))
+    dy = torch.randn(5, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dy has dtype torch.bfloat16"):
+        linear.mlp_bwd(dy, x2, w1, w2, x2, False, False, "none", False)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        linear.mlp_bwd(torch.randn_like(x2), x2, w1, w2, x2, False, False, "none", False)
 
 
 def test_extension_binds_the_linear_launchers():

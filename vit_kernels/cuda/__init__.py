@@ -38,7 +38,28 @@ def dtype_code(t: torch.Tensor) -> int:
 
 
 def check_cuda_tensors(**tensors: torch.Tensor | None) -> None:
-    """Last line of defence before pointers cross into C++ (dispatch.py has validated already)."""
+    """Last line of defence before pointers cross into C++ (dispatch.py has validated already): every
+    named tensor is a CUDA tensor, all on the first one's device (one launch cannot read two GPUs)."""
+    first_name, first = None, None
     for name, t in tensors.items():
-        if t is not None and not t.is_cuda:
+        if t is None:
+            continue
+        if not t.is_cuda:
             raise ValueError(f"the cuda backend needs CUDA tensors, but {name} is on {t.device}")
+        if first is None:
+            first_name, first = name, t
+        elif t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must match")
+
+
+def check_like(like_name: str, like: torch.Tensor, **expected: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
+    """Each named tensor has `like`'s dtype and the given shape. The backward custom ops are public, so a
+    direct caller can pass gradients that autograd never would; the kernels take one dtype code per launch
+    and trust the sizes, so a mismatch must stop here rather than read out of bounds."""
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; all must match")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

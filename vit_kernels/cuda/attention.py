@@ -113,7 +113,7 @@ def attention_bwd(
     Deterministic: one kernel owns dk, dv (per key block), another dq (per query block); no atomics.
     """
     B, H, N, D = _check_inputs({"dout": dout, "q": q, "k": k, "v": v, "out": out})
-    check_cuda_tensors(lse=lse)
+    check_cuda_tensors(q=q, lse=lse)
     if lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, N):
         raise ValueError(f"lse must be float32 of shape (B, H, N) = {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
     dout, q, k, v, out = (_operand(t) for t in (dout, q, k, v, out))

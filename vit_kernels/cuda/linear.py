@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vit_kernels.cuda import check_cuda_tensors, dtype_code, extension, ptr, stream_of
+from vit_kernels.cuda import check_cuda_tensors, check_like, dtype_code, extension, ptr, stream_of
 
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,10 @@ def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nu
     (which = n // C, head = n % C // D, d = n % D): no (B, N, 3C) intermediate.
     """
     check_cuda_tensors(x=x, weight=weight, bias=bias)
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, N, C), got shape {tuple(x.shape)}")
     B, N, C = x.shape
+    check_like("x", x, weight=(weight, (3 * C, C)), bias=(bias, (3 * C,)))
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
     b = _vector(bias)
@@ -89,8 +92,14 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
     dbias = column sums of dQKV (a separate reduction kernel).
     """
     check_cuda_tensors(dq=dq, dk=dk, dv=dv, x=x, weight=weight)
+    if dq.dim() != 4:
+        raise ValueError(f"dq must be 4-D (B, H, N, D), got shape {tuple(dq.shape)}")
     B, H, N, D = dq.shape
     C = H * D
+    check_like(
+        "x", x, x=(x, (B, N, C)), weight=(weight, (3 * C, C)), dq=(dq, (B, H, N, D)), dk=(dk, (B, H, N, D)),
+        dv=(dv, (B, H, N, D)),
+    )  # fmt: skip
     dq, dk, dv = _heads(dq, dk, dv)
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
@@ -116,8 +125,14 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
     GELU' needs it) and act = gelu(hidden) (scratch, freed on return); fc2 GEMM with a bias epilogue.
     """
     check_cuda_tensors(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    if x.dim() != 2 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
+        raise ValueError("x, fc1_weight and fc2_weight must be 2-D")
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    check_like(
+        "x", x, fc1_weight=(fc1_weight, (Hd, C)), fc1_bias=(fc1_bias, (Hd,)), fc2_weight=(fc2_weight, (C_out, Hd)),
+        fc2_bias=(fc2_bias, (C_out,)),
+    )  # fmt: skip
     x2, w1, w2 = _rows(x), _rows(fc1_weight), _rows(fc2_weight)
     b1, b2 = _vector(fc1_bias), _vector(fc2_bias)
     hidden = _empty((M, Hd), x)
@@ -141,8 +156,14 @@ def mlp_bwd(
     dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; biases by column sums of dy and dhidden.
     """
     check_cuda_tensors(dy=dy, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, hidden=hidden)
+    if x.dim() != 2 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
+        raise ValueError("x, fc1_weight and fc2_weight must be 2-D")
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    check_like(
+        "x", x, fc1_weight=(fc1_weight, (Hd, C)), fc2_weight=(fc2_weight, (C_out, Hd)), dy=(dy, (M, C_out)),
+        hidden=(hidden, (M, Hd)),
+    )  # fmt: skip
     dy2, x2, w1, w2, h = _rows(dy), _rows(x), _rows(fc1_weight), _rows(fc2_weight), _rows(hidden)
     dhidden = _empty((M, Hd), x)
     act = _empty((M, Hd), x)
