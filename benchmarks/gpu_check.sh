@@ -54,6 +54,7 @@ step attn_bench_fp16_packed "$PY" benchmarks/attn_bench.py --no-progress --dtype
 step mlp_bench "$PY" benchmarks/mlp_bench.py --no-progress "${peaks_arg[@]}"
 step vit_bench "$PY" benchmarks/vit_bench.py --no-progress "${peaks_arg[@]}"
 step kernel_report "$PY" benchmarks/kernel_report.py --json "$RESULTS/kernel_report-$slug-$stamp.json"
+step tune_attention "$PY" benchmarks/tune_attention.py --no-progress "${peaks_arg[@]}"
 
 # 5. compute-sanitizer on a small attention + GEMM script, every kernel backend, fwd and bwd
 sanitizer=$(command -v compute-sanitizer || true)
@@ -116,7 +117,7 @@ fi
   echo '```'
   cat "$work/peaks.log"
   echo '```'
-  for b in attn_bench attn_bench_fp16_packed mlp_bench vit_bench kernel_report; do
+  for b in attn_bench attn_bench_fp16_packed mlp_bench vit_bench kernel_report tune_attention; do
     echo
     echo "## $b (exit $(cat "$work/$b.rc" 2>/dev/null || echo '?'))"
     echo

@@ -150,6 +150,38 @@ def test_vit_bench_cpu_real_package(tmp_path):
     assert any(r["provider"] == "vit:torch" and float(r["images/s"]) > 0 for r in rows), out
 
 
+def test_tune_attention_static_step_flags_spills():
+    """Without a GPU the tuner compiles every candidate for the target and marks what spills or overflows
+    shared memory; the shipped config must be usable (its row comes first per pass)."""
+    out = run_script("tune_attention.py", "--arch", "80", "--shapes", "1,2,257,80", "--no-save", "--no-progress")
+    rows = table_rows(out)
+    assert {r["pass"] for r in rows} == {"fwd", "bwd"} and all(r["D"] == "80" for r in rows), out
+    for r in rows:
+        assert int(r["regs"]) > 0 and int(r["smem B"]) > 0, r
+        assert (r["usable"] == "True") == (int(r["spill B"]) == 0 and int(r["smem B"]) <= 163 * 1024), r
+    for pass_ in ("fwd", "bwd"):
+        shipped = next(r for r in rows if r["pass"] == pass_)
+        assert shipped["usable"] == "True", f"the shipped {pass_} config is not usable on sm_80: {shipped}"
+    assert re.search(r"^- skipped timing \(all cells\): no CUDA device", out, re.M), out
+
+
+def test_tune_attention_timing_path_under_interpreter():
+    """--interpret runs the timing step on CPU (numbers meaningless): every candidate is checked, then timed."""
+    out = run_script(
+        "tune_attention.py", "--interpret", "--shapes", "1,1,9,32", "--dtype", "fp32", "--rep-ms", "1",
+        "--no-save", "--no-progress",
+    )  # fmt: skip
+    lines = out.split("### shipped table vs fastest candidate")
+    assert len(lines) == 2, out
+    timed = table_rows(lines[0])
+    assert {r["pass"] for r in timed} == {"fwd", "bwd"}
+    assert [r["shipped"] for r in timed].count("yes") == 2
+    for r in timed:
+        assert float(r["ms (median)"]) > 0 and float(r["rel err"]) < 1e-5, r
+    summary = table_rows(lines[1])
+    assert len(summary) == 2 and all(float(r["shipped / fastest"]) >= 1.0 for r in summary), out
+
+
 def test_kernel_report_lists_every_cuda_kernel():
     so, why = kernel_report.find_extension()
     if so is None:

@@ -261,7 +261,9 @@ def _attn_bwd_dq_kernel(
 # launch configs
 # ----------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (N bucket, BLOCK_D, dtype) so that a call costs no
-# autotuning. ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12),
+# autotuning; benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below
+# rest on register / shared-memory counts from compiling for sm_80 and sm_90 only: no GPU has timed them yet.
+# ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12),
 # so the grid (cdiv(N, BLOCK_M), B * H) already fills 132 SMs; tiles are picked for occupancy, not length.
 #
 # forward: BLOCK_M query rows held, BLOCK_N keys streamed.
@@ -313,7 +315,12 @@ def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) ->
 # launchers
 # ----------------------------------------------------------------------------------------------------
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allow_tf32: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward.
 
@@ -322,11 +329,12 @@ def attention_fwd(
     is free, and lse (B, H, N) fp32, the natural-log log-sum-exp of each row of q @ k^T * scale. Saved for
     backward (by the autograd op): q, k, v, out and lse. lse (4 bytes per row) lets backward recompute
     P = exp(q k^T * scale - lse) tile by tile instead of storing the N x N matrix; out gives delta = rowsum(dO * O).
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the table's choice (benchmarks/tune_attention.py).
     """
     assert q.shape == k.shape == v.shape and q.dim() == 4
     B, H, N, D = q.shape
     block_d = triton.next_power_of_2(D)
-    block_m, block_n, num_warps, num_stages = _fwd_config(N, block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _fwd_config(N, block_d, q.dtype)
     out = _alloc(B, N, H, D, like=q).transpose(1, 2)
     lse = _alloc(B, H, N, like=q, dtype=torch.float32)
     grid = (triton.cdiv(N, block_m), B * H)
@@ -350,11 +358,13 @@ def attention_bwd(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward.
 
     dout, q, k, v, out: (B, H, N, D), any strides; lse (B, H, N) fp32 from `attention_fwd`.
     Returns dq, dk, dv: (B, H, N, D) contiguous. Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
+    `config` (streamed rows, held rows, num_warps, num_stages) replaces the table's choice.
     """
     assert dout.shape == q.shape == k.shape == v.shape == out.shape and q.dim() == 4
     B, H, N, D = q.shape
@@ -369,7 +379,7 @@ def attention_bwd(
     )  # fmt: skip
 
     dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
-    block_m, block_n, num_warps, num_stages = _bwd_config(N, block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
@@ -425,34 +435,44 @@ def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, nu
     return static_check.usage(compiled, arch)
 
 
+def compile_config(
+    arch: int, dtype: torch.dtype, D: int, fwd: tuple | None = None, bwd: tuple | None = None
+) -> list[dict]:
+    """Compile the kernels of one launch config for sm_<arch> (80 or 90): `fwd` as `_fwd_config` returns it,
+    `bwd` as `_bwd_config` does (its dK/dV and dQ kernels, and the preprocess). Without a GPU, not under
+    TRITON_INTERPRET. One dict per kernel: name, config, n_regs, n_spills (bytes of spill stores + loads),
+    shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or Ampere-style `mma.sync`."""
+    precision = _input_precision(dtype, allow_tf32=True)
+    jobs = []
+    if fwd is not None:
+        bm, bn, warps, stages = fwd
+        jobs.append(("attn_fwd", _attn_fwd_kernel, (bm, bn, warps, stages), dict(BLOCK_M=bm, BLOCK_N=bn)))
+    if bwd is not None:
+        bm, bn, warps, stages = bwd
+        jobs += [
+            ("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, (_PREPROCESS_BLOCK_M, 0, 4, 1),
+             dict(BLOCK_M=_PREPROCESS_BLOCK_M)),
+            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, (bm, bn, warps, stages), dict(BLOCK_M=bm, BLOCK_N=bn)),
+            ("attn_bwd_dq", _attn_bwd_dq_kernel, (bn, bm, warps, stages), dict(BLOCK_M=bn, BLOCK_N=bm)),
+        ]  # fmt: skip
+    rows = []
+    for name, kernel, (m, n, w, st), constexprs in jobs:
+        if name != "attn_bwd_preprocess":
+            constexprs["INPUT_PRECISION"] = precision
+        info = _compile(kernel, arch, dtype, D, constexprs, w, st)
+        config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+        rows.append({"kernel": name, "D": D, "dtype": _TL_DTYPES[dtype], "config": config, **info})
+    return rows
+
+
 def compile_report(
     arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32)
 ) -> list[dict]:
-    """Compile every kernel with the config the table ships for each (N, D, dtype) for sm_<arch> (80 or 90).
-
-    Runs without a GPU, but not under TRITON_INTERPRET (interpreted kernels cannot be compiled). Returns one
-    dict per compiled kernel: name, N, D, dtype, config, n_regs, n_spills (bytes of spill stores + loads),
-    shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or Ampere-style `mma.sync` instructions.
-    """
+    """`compile_config` of the config the table ships for each (N, D, dtype) in `shapes`; rows also carry N."""
     rows = []
     for N, D in shapes:
         block_d = triton.next_power_of_2(D)
         for dtype in dtypes:
-            precision = _input_precision(dtype, allow_tf32=True)
-            bm, bn, warps, stages = _fwd_config(N, block_d, dtype)
-            bbm, bbn, bwarps, bstages = _bwd_config(N, block_d, dtype)
-            jobs = [
-                ("attn_fwd", _attn_fwd_kernel, (bm, bn, warps, stages),
-                 dict(BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=precision)),
-                ("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, (_PREPROCESS_BLOCK_M, 0, 4, 1),
-                 dict(BLOCK_M=_PREPROCESS_BLOCK_M)),
-                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, (bbm, bbn, bwarps, bstages),
-                 dict(BLOCK_M=bbm, BLOCK_N=bbn, INPUT_PRECISION=precision)),
-                ("attn_bwd_dq", _attn_bwd_dq_kernel, (bbn, bbm, bwarps, bstages),
-                 dict(BLOCK_M=bbn, BLOCK_N=bbm, INPUT_PRECISION=precision)),
-            ]  # fmt: skip
-            for name, kernel, (m, n, w, s), constexprs in jobs:
-                info = _compile(kernel, arch, dtype, D, constexprs, w, s)
-                config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-                rows.append({"kernel": name, "N": N, "D": D, "dtype": _TL_DTYPES[dtype], "config": config, **info})
+            fwd, bwd = _fwd_config(N, block_d, dtype), _bwd_config(N, block_d, dtype)
+            rows += [{"N": N, **r} for r in compile_config(arch, dtype, D, fwd=fwd, bwd=bwd)]
     return rows

@@ -1,0 +1,251 @@
+"""Offline tuning of the Triton attention launch table: which (tile, warps, stages) is fastest per ViT shape.
+
+    python benchmarks/tune_attention.py                     # on a GPU: compile, check and time every candidate
+    python benchmarks/tune_attention.py --static-only       # any machine: registers / spills / smem per candidate
+    python benchmarks/tune_attention.py --shapes "128,12,197,64;64,16,257,80" --dtype fp16
+
+The kernels ship a fixed table (`_fwd_config` / `_bwd_config` in vit_kernels/ops/attention.py) so that no
+call pays for autotuning. This script is how that table is chosen: it compiles each candidate for the
+target GPU (dropping those that spill or do not fit in shared memory), then, on a GPU, runs each survivor
+on the shape, checks its output against the float64 reference before timing it, and times it (median of
+event-timed runs over rotating inputs). The table at the end gives, per shape and pass, the shipped
+config's time and the fastest candidate's: a ratio above ~1.05 is a reason to change the table (and to
+commit this run's files from benchmarks/results/ with the change).
+
+Without a GPU it runs the static step for sm_90 (or --arch) and says timing was skipped. With
+--interpret (tests only) the timing step runs under the Triton interpreter on CPU: the numbers mean
+nothing, the code path is exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# The Triton interpreter must be switched on before the kernel module is imported.
+if "--interpret" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from vit_kernels import reference  # noqa: E402
+from vit_kernels.ops import attention as triton_attention  # noqa: E402
+
+# ViT shapes (B, H, N, D): ViT-B/16 at 224 and 384 px, ViT-L/16 at 224, ViT-H/14 at 224 (D = 80).
+DEFAULT_SHAPES = ((128, 12, 197, 64), (32, 12, 577, 64), (64, 16, 197, 64), (64, 16, 257, 80))
+
+# Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages).
+FWD_CANDIDATES = (
+    (64, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+    (128, 32, 4, 3),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+)
+# Backward (rows streamed, rows held, num_warps, num_stages): dK/dV holds keys and streams queries, dQ the reverse.
+BWD_CANDIDATES = (
+    (32, 64, 4, 1),
+    (32, 64, 4, 2),
+    (32, 64, 8, 2),
+    (64, 64, 4, 2),
+    (64, 64, 8, 2),
+    (32, 128, 8, 2),
+    (64, 128, 8, 1),
+)
+# Shared memory one block may use: sm_80 163 KB, sm_90 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPE_TOL = {"fp32": 1e-3, "fp16": 2e-3, "bf16": 1e-2}  # fp32 runs tf32 here (the benchmark default)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = [tuple(int(x) for x in s.split(",")) for s in text.split(";") if s.strip()]
+    for s in shapes:
+        if len(s) != 4:
+            raise SystemExit(f"--shapes: each shape is B,H,N,D; got {s}")
+    return shapes
+
+
+def shipped(N: int, D: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    block_d = 1 << (D - 1).bit_length()
+    return triton_attention._fwd_config(N, block_d, dtype), triton_attention._bwd_config(N, block_d, dtype)
+
+
+def candidates(pass_: str, N: int, D: int, dtype: torch.dtype) -> list[tuple]:
+    """The candidate list, the shipped config first (timed even if it were not in the list)."""
+    mine = shipped(N, D, dtype)[0 if pass_ == "fwd" else 1]
+    pool = FWD_CANDIDATES if pass_ == "fwd" else BWD_CANDIDATES
+    return [mine, *(c for c in pool if c != mine)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# static step: compile for the target, drop what spills or does not fit
+# ----------------------------------------------------------------------------------------------------
+def static_rows(arch: int, shapes, dtype: torch.dtype, bar) -> dict[tuple, dict]:
+    """(pass, D, config) -> {regs, spills, smem, ok, why}: the worst kernel of the pass (dK/dV or dQ for bwd)."""
+    out: dict[tuple, dict] = {}
+    for _, _, N, D in shapes:
+        for pass_ in ("fwd", "bwd"):
+            for cfg in candidates(pass_, N, D, dtype):
+                key = (pass_, D, cfg)
+                if key in out:
+                    bar.update(1)
+                    continue
+                try:
+                    kw = {"fwd": cfg} if pass_ == "fwd" else {"bwd": cfg}
+                    rows = triton_attention.compile_config(arch, dtype, D, **kw)
+                    rows = [r for r in rows if "preprocess" not in r["kernel"]]
+                except Exception as exc:  # a config Triton cannot compile is a finding, not a crash
+                    out[key] = {"ok": False, "why": common.short_reason(exc)}
+                    bar.update(1)
+                    continue
+                regs = max(r["n_regs"] for r in rows)
+                spills = sum(r["n_spills"] for r in rows)
+                smem = max(r["shared"] for r in rows)
+                why = "spills" if spills else ("shared memory over the limit" if smem > SMEM_LIMIT[arch] else "")
+                out[key] = {"regs": regs, "spills": spills, "smem": smem, "ok": not why, "why": why}
+                bar.update(1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing step
+# ----------------------------------------------------------------------------------------------------
+def _inputs(B, H, N, D, dtype, device, n_sets):
+    sets = []
+    for _ in range(n_sets):
+        q, k, v, dout = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(4))
+        sets.append((q, k, v, dout))
+    return sets
+
+
+def time_shape(shape, dtype: torch.dtype, dtype_name: str, device: str, static, rep_ms: float, report, bar):
+    B, H, N, D = shape
+    scale = D**-0.5
+    n_sets = common.n_input_sets(4 * B * H * N * D * dtype.itemsize, device)
+    sets = _inputs(B, H, N, D, dtype, device, n_sets)
+    q0, k0, v0, dout0 = (t[:1] for t in sets[0])  # the check runs on one batch element: float64 is slow
+    ref_out = reference.attention(q0.double(), k0.double(), v0.double(), scale)
+    leaves = [t.double().requires_grad_() for t in (q0, k0, v0)]
+    reference.attention(*leaves, scale).backward(dout0.double())
+    ref_grads = [t.grad for t in leaves]
+    saved = [triton_attention.attention_fwd(q, k, v, scale, True) for q, k, v, _ in sets]
+    for pass_ in ("fwd", "bwd"):
+        flops = common.attention_flops(B, H, N, D, pass_)
+        nbytes = common.attention_bytes(B, H, N, D, dtype.itemsize, pass_)
+        for i, cfg in enumerate(candidates(pass_, N, D, dtype)):
+            bar.update(1)
+            info = static.get((pass_, D, cfg), {"ok": True, "why": ""})
+            row = {"shape": f"{B}x{H}x{N}x{D}", "pass": pass_, "config": "/".join(map(str, cfg)),
+                   "shipped": "yes" if i == 0 else "", "regs": info.get("regs"), "smem": info.get("smem")}  # fmt: skip
+            if not info["ok"]:
+                report.skip(f"{pass_} {row['config']}", info["why"], row["shape"])
+                continue
+            try:
+                if pass_ == "fwd":
+                    out, _ = triton_attention.attention_fwd(q0, k0, v0, scale, True, config=cfg)
+                    err = common.rel_error(out, ref_out)
+
+                    def fn(j, cfg=cfg):
+                        q, k, v, _ = sets[j]
+                        triton_attention.attention_fwd(q, k, v, scale, True, config=cfg)
+                else:
+                    out, lse = triton_attention.attention_fwd(q0, k0, v0, scale, True)
+                    grads = triton_attention.attention_bwd(dout0, q0, k0, v0, out, lse, scale, True, config=cfg)
+                    err = max(common.rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+                    def fn(j, cfg=cfg):
+                        q, k, v, dout = sets[j]
+                        out, lse = saved[j]
+                        triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, True, config=cfg)
+
+                if not err <= DTYPE_TOL[dtype_name]:  # NaN fails too
+                    report.skip(f"{pass_} {row['config']}", f"wrong result: rel err {err:.2e}", row["shape"])
+                    continue
+                t = common.bench(fn, n_sets, device, rep_ms=rep_ms)
+            except Exception as exc:  # e.g. out of shared memory at launch on this GPU
+                report.skip(f"{pass_} {row['config']}", common.short_reason(exc), row["shape"])
+                continue
+            row.update(ms=t.median_ms, tflops=flops / (t.median_ms * 1e-3) / 1e12,
+                       gbps=nbytes / (t.median_ms * 1e-3) / 1e9, rel_err=err)  # fmt: skip
+            report.add(row)
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (shape, pass): the shipped config's time, the fastest candidate and the speedup it would bring."""
+    out = []
+    for key in dict.fromkeys((r["shape"], r["pass"]) for r in rows):
+        group = [r for r in rows if (r["shape"], r["pass"]) == key]
+        best = min(group, key=lambda r: r["ms"])
+        mine = next((r for r in group if r["shipped"]), None)
+        out.append({"shape": key[0], "pass": key[1], "shipped": mine["config"] if mine else "(failed)",
+                    "shipped_ms": mine["ms"] if mine else None, "best": best["config"], "best_ms": best["ms"],
+                    "gain": mine["ms"] / best["ms"] if mine else None})  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--shapes", help="B,H,N,D;... (default: ViT-B/L/H shapes)")
+    p.add_argument("--arch", type=int, choices=[80, 90], help="compile target (default: this GPU's, else 90)")
+    p.add_argument("--static-only", action="store_true", help="compile and report; time nothing")
+    p.add_argument("--interpret", action="store_true", help="time under the Triton interpreter on CPU (tests only)")
+    args = p.parse_args(argv)
+    if args.dtype is None and not args.interpret:
+        args.dtype = "bf16"  # what ViTs train and serve in; the static step needs no GPU to judge it
+    common.resolve_common_args(args)
+    dtype = common.DTYPES[args.dtype]
+    shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
+    env = common.Env.collect(args.device, args.dtype)
+    report = common.Report("tune_attention", env, None, args)
+    report.print_header()
+
+    static: dict = {}
+    if args.interpret:
+        report.skip("static check", "--interpret: interpreted kernels cannot be compiled for a GPU")
+    else:
+        arch = args.arch
+        if arch is None:
+            arch = 90 if args.device != "cuda" else min(90, 10 * torch.cuda.get_device_capability()[0])
+        n = sum(len(candidates(ps, N, D, dtype)) for _, _, N, D in shapes for ps in ("fwd", "bwd"))
+        bar = common.progress(n, f"compile sm_{arch}", args.no_progress)
+        static = static_rows(arch, shapes, dtype, bar)
+        bar.close()
+        print(f"### compile for sm_{arch} ({args.dtype}): worst kernel of each pass\n")
+        srows = [{"pass": ps, "D": D, "config": "/".join(map(str, c)), **v} for (ps, D, c), v in static.items()]
+        cols = [("pass", "pass"), ("D", "D"), ("config M/N/warps/stages", "config"), ("regs", "regs"),
+                ("spill B", "spills"), ("smem B", "smem"), ("usable", "ok"), ("why not", "why")]  # fmt: skip
+        print(common.markdown_table(cols, srows) + "\n")
+
+    if args.static_only:
+        report.skip("timing", "--static-only")
+    elif args.device != "cuda" and not args.interpret:
+        report.skip("timing", "no CUDA device here (timing needs a GPU; --interpret exercises it on CPU)")
+    else:
+        n = sum(len(candidates(ps, N, D, dtype)) for _, _, N, D in shapes for ps in ("fwd", "bwd"))
+        bar = common.progress(n, "time", args.no_progress)
+        for shape in shapes:
+            time_shape(shape, dtype, args.dtype, args.device, static, args.rep_ms, report, bar)
+        bar.close()
+    cols = [("shape", "shape"), ("pass", "pass"), ("config M/N/warps/stages", "config"), ("shipped", "shipped"),
+            ("regs", "regs"), ("ms (median)", "ms"), ("TFLOP/s", "tflops"), ("GB/s", "gbps"),
+            ("rel err", "rel_err")]  # fmt: skip
+    table = common.markdown_table(cols, report.rows)
+    if report.rows:
+        cols2 = [("shape", "shape"), ("pass", "pass"), ("shipped", "shipped"), ("shipped ms", "shipped_ms"),
+                 ("fastest", "best"), ("fastest ms", "best_ms"), ("shipped / fastest", "gain")]  # fmt: skip
+        table += "\n\n### shipped table vs fastest candidate\n\n" + common.markdown_table(cols2, summary(report.rows))
+    report.finish(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
