@@ -31,13 +31,11 @@ if "--interpret" in sys.argv:
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attn_bench  # noqa: E402
 import common  # noqa: E402
 
 from vit_kernels import reference  # noqa: E402
 from vit_kernels.ops import attention as triton_attention  # noqa: E402
-
-# ViT shapes (B, H, N, D): ViT-B/16 at 224 and 384 px, ViT-L/16 at 224, ViT-H/14 at 224 (D = 80).
-DEFAULT_SHAPES = ((128, 12, 197, 64), (32, 12, 577, 64), (64, 16, 197, 64), (64, 16, 257, 80))
 
 # Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages).
 FWD_CANDIDATES = (
@@ -65,14 +63,6 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPE_TOL = {"fp32": 1e-3, "fp16": 2e-3, "bf16": 1e-2}  # fp32 runs tf32 here (the benchmark default)
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
-    shapes = [tuple(int(x) for x in s.split(",")) for s in text.split(";") if s.strip()]
-    for s in shapes:
-        if len(s) != 4:
-            raise SystemExit(f"--shapes: each shape is B,H,N,D; got {s}")
-    return shapes
-
-
 def shipped(N: int, D: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
     block_d = 1 << (D - 1).bit_length()
     return triton_attention._fwd_config(N, block_d, dtype), triton_attention._bwd_config(N, block_d, dtype)
@@ -91,16 +81,16 @@ def candidates(pass_: str, N: int, D: int, dtype: torch.dtype) -> list[tuple]:
 def static_rows(arch: int, shapes, dtype: torch.dtype, bar) -> dict[tuple, dict]:
     """(pass, D, config) -> {regs, spills, smem, ok, why}: the worst kernel of the pass (dK/dV or dQ for bwd)."""
     out: dict[tuple, dict] = {}
-    for _, _, N, D in shapes:
+    for shape in shapes:
         for pass_ in ("fwd", "bwd"):
-            for cfg in candidates(pass_, N, D, dtype):
-                key = (pass_, D, cfg)
+            for cfg in candidates(pass_, shape.N, shape.D, dtype):
+                key = (pass_, shape.D, cfg)
                 if key in out:
                     bar.update(1)
                     continue
                 try:
                     kw = {"fwd": cfg} if pass_ == "fwd" else {"bwd": cfg}
-                    rows = triton_attention.compile_config(arch, dtype, D, **kw)
+                    rows = triton_attention.compile_config(arch, dtype, shape.D, **kw)
                     rows = [r for r in rows if "preprocess" not in r["kernel"]]
                 except Exception as exc:  # a config Triton cannot compile is a finding, not a crash
                     out[key] = {"ok": False, "why": common.short_reason(exc)}
@@ -127,7 +117,7 @@ def _inputs(B, H, N, D, dtype, device, n_sets):
 
 
 def time_shape(shape, dtype: torch.dtype, dtype_name: str, device: str, static, rep_ms: float, report, bar):
-    B, H, N, D = shape
+    B, H, N, D = shape.B, shape.H, shape.N, shape.D
     scale = D**-0.5
     n_sets = common.n_input_sets(4 * B * H * N * D * dtype.itemsize, device)
     sets = _inputs(B, H, N, D, dtype, device, n_sets)
@@ -143,7 +133,7 @@ def time_shape(shape, dtype: torch.dtype, dtype_name: str, device: str, static, 
         for i, cfg in enumerate(candidates(pass_, N, D, dtype)):
             bar.update(1)
             info = static.get((pass_, D, cfg), {"ok": True, "why": ""})
-            row = {"shape": f"{B}x{H}x{N}x{D}", "pass": pass_, "config": "/".join(map(str, cfg)),
+            row = {"shape": f"{shape.model} {B}x{H}x{N}x{D}", "pass": pass_, "config": "/".join(map(str, cfg)),
                    "shipped": "yes" if i == 0 else "", "regs": info.get("regs"), "smem": info.get("smem")}  # fmt: skip
             if not info["ok"]:
                 report.skip(f"{pass_} {row['config']}", info["why"], row["shape"])
@@ -194,7 +184,7 @@ def summary(rows: list[dict]) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     common.add_common_args(p)
-    p.add_argument("--shapes", help="B,H,N,D;... (default: ViT-B/L/H shapes)")
+    p.add_argument("--shapes", help="B,H,N,D;... (default: attn_bench's GPU ViT shapes)")
     p.add_argument("--arch", type=int, choices=[80, 90], help="compile target (default: this GPU's, else 90)")
     p.add_argument("--static-only", action="store_true", help="compile and report; time nothing")
     p.add_argument("--interpret", action="store_true", help="time under the Triton interpreter on CPU (tests only)")
@@ -203,7 +193,8 @@ def main(argv=None) -> int:
         args.dtype = "bf16"  # what ViTs train and serve in; the static step needs no GPU to judge it
     common.resolve_common_args(args)
     dtype = common.DTYPES[args.dtype]
-    shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
+    # The GPU shapes even on CPU: the static step depends only on D, the timing step runs on a GPU.
+    shapes = attn_bench.parse_shapes(args.shapes) if args.shapes else attn_bench.default_shapes("cuda")
     env = common.Env.collect(args.device, args.dtype)
     report = common.Report("tune_attention", env, None, args)
     report.print_header()
@@ -215,7 +206,7 @@ def main(argv=None) -> int:
         arch = args.arch
         if arch is None:
             arch = 90 if args.device != "cuda" else min(90, 10 * torch.cuda.get_device_capability()[0])
-        n = sum(len(candidates(ps, N, D, dtype)) for _, _, N, D in shapes for ps in ("fwd", "bwd"))
+        n = sum(len(candidates(ps, sh.N, sh.D, dtype)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, f"compile sm_{arch}", args.no_progress)
         static = static_rows(arch, shapes, dtype, bar)
         bar.close()
@@ -230,7 +221,7 @@ def main(argv=None) -> int:
     elif args.device != "cuda" and not args.interpret:
         report.skip("timing", "no CUDA device here (timing needs a GPU; --interpret exercises it on CPU)")
     else:
-        n = sum(len(candidates(ps, N, D, dtype)) for _, _, N, D in shapes for ps in ("fwd", "bwd"))
+        n = sum(len(candidates(ps, sh.N, sh.D, dtype)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, "time", args.no_progress)
         for shape in shapes:
             time_shape(shape, dtype, args.dtype, args.device, static, args.rep_ms, report, bar)
