@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +100,6 @@ def parse_shapes(text: str) -> list[Shape]:
 # ----------------------------------------------------------------------------------------------------
 # providers
 # ----------------------------------------------------------------------------------------------------
-class Skip(Exception):
-    """A provider cannot run these inputs here; the message says why."""
-
-
 def global_skip_reason(provider: str, device: str, args) -> str | None:
     """Why `provider` cannot run at all on this device, or None."""
     if provider == "triton":
@@ -204,39 +199,20 @@ def check(attn, q, k, v, dout, mode: str) -> float:
 # main
 # ----------------------------------------------------------------------------------------------------
 def run_cell(report, provider, shape, mode, args, dtype, peaks) -> dict | None:
-    where = f"{shape} {mode}"
-    sets = None
-    try:
+    elem = torch.finfo(dtype).bits // 8
+
+    def prepare():
         attn = attention_fn(provider, args.device)
-        elem = torch.finfo(dtype).bits // 8
         set_bytes = (3 if mode == "fwd" else 7) * shape.B * shape.H * shape.N * shape.D * elem
         n_sets = common.n_input_sets(set_bytes, args.device)
         sets = make_inputs(shape, dtype, args.device, mode, args.packed, n_sets)
-        # SDPA's "why this backend cannot run" warnings become part of the skip reason, not log noise.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                err = check(attn, *sets[0], mode)
-            except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as exc:
-                hint = " | ".join(dict.fromkeys(" ".join(str(w.message).split())[:160] for w in caught))
-                raise Skip(common.short_reason(exc) + (f" [{hint}]" if hint else "")) from None
-        if err > common.TOLERANCE[args.dtype]:
-            print(
-                f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}",
-                file=sys.stderr,
-            )
-        with common.PeakMemory(args.device) as mem:
-            t = common.bench(step_fn(attn, sets, mode), n_sets, args.device, rep_ms=args.rep_ms)
-    except Skip as exc:
-        report.skip(provider, str(exc), where)
+        err = common.first_call(lambda: check(attn, *sets[0], mode))
+        return step_fn(attn, sets, mode), n_sets, err
+
+    cell = common.run_cell(report, provider, f"{shape} {mode}", args, prepare)
+    if cell is None:
         return None
-    except torch.OutOfMemoryError:
-        report.skip(provider, "out of memory at this shape", where)
-        return None
-    finally:
-        del sets
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    t = cell.timing
     flops = common.attention_flops(shape.B, shape.H, shape.N, shape.D, mode)
     nbytes = common.attention_bytes(shape.B, shape.H, shape.N, shape.D, elem, mode)
     return {
@@ -252,12 +228,12 @@ def run_cell(report, provider, shape, mode, args, dtype, peaks) -> dict | None:
         "ms_p20": t.p20_ms,
         "ms_p80": t.p80_ms,
         "reps": t.reps,
-        "input_sets": n_sets,
+        "input_sets": cell.n_sets,
         "tflops": flops / (t.median_ms * 1e-3) / 1e12,
         "gbps": nbytes / (t.median_ms * 1e-3) / 1e9,
         "roofline_pct": 100 * common.roofline_fraction(flops, nbytes, t.median_ms, peaks, args.dtype),
-        "mem_mib": mem.peak_mib,
-        "rel_err": err,
+        "mem_mib": cell.mem_mib,
+        "rel_err": cell.err,
         "flops": flops,
         "bytes": nbytes,
     }

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -389,6 +390,65 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def short_reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:220]}" + ("..." if len(text) > 220 else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# one benchmark cell: check, then time (the skeleton every script shares)
+# ----------------------------------------------------------------------------------------------------
+class Skip(Exception):
+    """A provider cannot run a cell here; the message says why and goes into the report's skip list."""
+
+
+# What a provider that cannot run some inputs raises; anything else is a bug in the benchmark and propagates.
+PROVIDER_ERRORS = (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError)
+
+
+def first_call(fn: Callable[[], object]):
+    """fn() (a provider's correctness check or first step), turning a provider error into Skip. Warnings raised
+    meanwhile join the reason: SDPA explains through warnings why one of its backends cannot run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn()
+        except PROVIDER_ERRORS as exc:
+            hint = " | ".join(dict.fromkeys(" ".join(str(w.message).split())[:160] for w in caught))
+            raise Skip(short_reason(exc) + (f" [{hint}]" if hint else "")) from None
+
+
+@dataclass
+class Cell:
+    timing: Timing
+    mem_mib: float | None
+    err: float | None
+    n_sets: int
+
+
+def run_cell(
+    report, provider: str, where: str, args, prepare: Callable[[], tuple[Callable[[int], object], int, float | None]],
+    *, oom_reason: str = "out of memory at this shape", min_reps: int = 5,
+) -> Cell | None:  # fmt: skip
+    """prepare() builds the inputs, checks the provider (raising Skip when it cannot run here) and returns
+    (step(i), n_sets, rel err or None); the step is then timed with its peak memory. Returns the Cell, or None
+    after recording why it was skipped. The inputs are released and the CUDA cache emptied before returning,
+    so the next cell starts from a clean device."""
+    step = None
+    try:
+        step, n_sets, err = prepare()
+        if err is not None and err > TOLERANCE[args.dtype]:
+            print(f"WARNING: {provider} {where}: relative error {err:.2e} > {TOLERANCE[args.dtype]}", file=sys.stderr)
+        with PeakMemory(args.device) as mem:
+            t = bench(step, n_sets, args.device, rep_ms=args.rep_ms, min_reps=min_reps)
+    except Skip as exc:
+        report.skip(provider, str(exc), where)
+        return None
+    except torch.OutOfMemoryError:
+        report.skip(provider, oom_reason, where)
+        return None
+    finally:
+        step = None  # the step's closure holds the input sets
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return Cell(t, mem.peak_mib, err, n_sets)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -78,10 +78,6 @@ def parse_shapes(text: str) -> list[Shape]:
     return shapes
 
 
-class Skip(Exception):
-    pass
-
-
 def global_skip_reason(provider: str, device: str, args) -> str | None:
     if provider == "triton":
         if device == "cpu" and not args.include_interpreter:
@@ -217,34 +213,19 @@ def check(op, f, shape, params, douts, mode) -> float:
 
 
 def run_cell(report, op, provider, shape, mode, args, dtype, peaks) -> dict | None:
-    where = f"{op} {shape} {mode}"
     elem = torch.finfo(dtype).bits // 8
-    sets = None
-    try:
+
+    def prepare():
         f = op_fn(op, provider, shape, args.device)
         n_sets = common.n_input_sets(set_bytes(op, shape, elem, mode), args.device)
         sets = make_inputs(op, shape, dtype, args.device, mode, n_sets)
-        try:
-            err = check(op, f, shape, *sets[0], mode)
-        except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as exc:
-            raise Skip(common.short_reason(exc)) from None
-        if err > common.TOLERANCE[args.dtype]:
-            print(
-                f"WARNING: {provider} {where}: relative error {err:.2e} > {common.TOLERANCE[args.dtype]}",
-                file=sys.stderr,
-            )
-        with common.PeakMemory(args.device) as mem:
-            t = common.bench(step_fn(f, sets, mode), n_sets, args.device, rep_ms=args.rep_ms)
-    except Skip as exc:
-        report.skip(provider, str(exc), where)
+        err = common.first_call(lambda: check(op, f, shape, *sets[0], mode))
+        return step_fn(f, sets, mode), n_sets, err
+
+    cell = common.run_cell(report, provider, f"{op} {shape} {mode}", args, prepare)
+    if cell is None:
         return None
-    except torch.OutOfMemoryError:
-        report.skip(provider, "out of memory at this shape", where)
-        return None
-    finally:
-        del sets
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    t = cell.timing
     flops, nbytes = flops_bytes(op, shape, elem, mode)
     return {
         "op": op,
@@ -259,13 +240,13 @@ def run_cell(report, op, provider, shape, mode, args, dtype, peaks) -> dict | No
         "ms_p20": t.p20_ms,
         "ms_p80": t.p80_ms,
         "reps": t.reps,
-        "input_sets": n_sets,
+        "input_sets": cell.n_sets,
         "tflops": flops / (t.median_ms * 1e-3) / 1e12,
         "gbps": nbytes / (t.median_ms * 1e-3) / 1e9,
         "roofline_pct": 100 * common.roofline_fraction(flops, nbytes, t.median_ms, peaks, args.dtype),
         "peak_pct": 100 * flops / (t.median_ms * 1e-3) / 1e12 / peaks.tflops(args.dtype),
-        "mem_mib": mem.peak_mib,
-        "rel_err": err,
+        "mem_mib": cell.mem_mib,
+        "rel_err": cell.err,
         "flops": flops,
         "bytes": nbytes,
     }

@@ -60,7 +60,6 @@ BWD_CANDIDATES = (
 )
 # Shared memory one block may use: sm_80 163 KB, sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPE_TOL = {"fp32": 1e-3, "fp16": 2e-3, "bf16": 1e-2}  # fp32 runs tf32 here (the benchmark default)
 
 
 def shipped(N: int, D: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
@@ -116,17 +115,47 @@ def _inputs(B, H, N, D, dtype, device, n_sets):
     return sets
 
 
-def time_shape(shape, dtype: torch.dtype, dtype_name: str, device: str, static, rep_ms: float, report, bar):
+def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
     B, H, N, D = shape.B, shape.H, shape.N, shape.D
     scale = D**-0.5
-    n_sets = common.n_input_sets(4 * B * H * N * D * dtype.itemsize, device)
-    sets = _inputs(B, H, N, D, dtype, device, n_sets)
+    n_sets = common.n_input_sets(4 * B * H * N * D * dtype.itemsize, args.device)
+    sets = _inputs(B, H, N, D, dtype, args.device, n_sets)
     q0, k0, v0, dout0 = (t[:1] for t in sets[0])  # the check runs on one batch element: float64 is slow
     ref_out = reference.attention(q0.double(), k0.double(), v0.double(), scale)
     leaves = [t.double().requires_grad_() for t in (q0, k0, v0)]
     reference.attention(*leaves, scale).backward(dout0.double())
     ref_grads = [t.grad for t in leaves]
     saved = [triton_attention.attention_fwd(q, k, v, scale, True) for q, k, v, _ in sets]
+
+    def error(pass_: str, cfg: tuple) -> float:
+        if pass_ == "fwd":
+            out, _ = triton_attention.attention_fwd(q0, k0, v0, scale, True, config=cfg)
+            return common.rel_error(out, ref_out)
+        out, lse = triton_attention.attention_fwd(q0, k0, v0, scale, True)
+        grads = triton_attention.attention_bwd(dout0, q0, k0, v0, out, lse, scale, True, config=cfg)
+        return max(common.rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+    def step(pass_: str, cfg: tuple):
+        def fwd(j):
+            q, k, v, _ = sets[j]
+            triton_attention.attention_fwd(q, k, v, scale, True, config=cfg)
+
+        def bwd(j):
+            q, k, v, dout = sets[j]
+            out, lse = saved[j]
+            triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, True, config=cfg)
+
+        return fwd if pass_ == "fwd" else bwd
+
+    def prepare(pass_: str, cfg: tuple):
+        try:
+            err = error(pass_, cfg)
+        except Exception as exc:  # e.g. Triton's OutOfResources: the config does not fit this GPU
+            raise common.Skip(common.short_reason(exc)) from None
+        if not err <= common.TOLERANCE[args.dtype]:  # NaN fails too
+            raise common.Skip(f"wrong result: rel err {err:.2e}")
+        return step(pass_, cfg), n_sets, err
+
     for pass_ in ("fwd", "bwd"):
         flops = common.attention_flops(B, H, N, D, pass_)
         nbytes = common.attention_bytes(B, H, N, D, dtype.itemsize, pass_)
@@ -138,33 +167,13 @@ def time_shape(shape, dtype: torch.dtype, dtype_name: str, device: str, static, 
             if not info["ok"]:
                 report.skip(f"{pass_} {row['config']}", info["why"], row["shape"])
                 continue
-            try:
-                if pass_ == "fwd":
-                    out, _ = triton_attention.attention_fwd(q0, k0, v0, scale, True, config=cfg)
-                    err = common.rel_error(out, ref_out)
-
-                    def fn(j, cfg=cfg):
-                        q, k, v, _ = sets[j]
-                        triton_attention.attention_fwd(q, k, v, scale, True, config=cfg)
-                else:
-                    out, lse = triton_attention.attention_fwd(q0, k0, v0, scale, True)
-                    grads = triton_attention.attention_bwd(dout0, q0, k0, v0, out, lse, scale, True, config=cfg)
-                    err = max(common.rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True))
-
-                    def fn(j, cfg=cfg):
-                        q, k, v, dout = sets[j]
-                        out, lse = saved[j]
-                        triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, True, config=cfg)
-
-                if not err <= DTYPE_TOL[dtype_name]:  # NaN fails too
-                    report.skip(f"{pass_} {row['config']}", f"wrong result: rel err {err:.2e}", row["shape"])
-                    continue
-                t = common.bench(fn, n_sets, device, rep_ms=rep_ms)
-            except Exception as exc:  # e.g. out of shared memory at launch on this GPU
-                report.skip(f"{pass_} {row['config']}", common.short_reason(exc), row["shape"])
+            cell = common.run_cell(
+                report, f"{pass_} {row['config']}", row["shape"], args, lambda p=pass_, c=cfg: prepare(p, c)
+            )
+            if cell is None:
                 continue
-            row.update(ms=t.median_ms, tflops=flops / (t.median_ms * 1e-3) / 1e12,
-                       gbps=nbytes / (t.median_ms * 1e-3) / 1e9, rel_err=err)  # fmt: skip
+            ms = cell.timing.median_ms
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gbps=nbytes / (ms * 1e-3) / 1e9, rel_err=cell.err)
             report.add(row)
 
 
@@ -224,7 +233,7 @@ def main(argv=None) -> int:
         n = sum(len(candidates(ps, sh.N, sh.D, dtype)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, "time", args.no_progress)
         for shape in shapes:
-            time_shape(shape, dtype, args.dtype, args.device, static, args.rep_ms, report, bar)
+            time_shape(shape, dtype, args, static, report, bar)
         bar.close()
     cols = [("shape", "shape"), ("pass", "pass"), ("config M/N/warps/stages", "config"), ("shipped", "shipped"),
             ("regs", "regs"), ("ms (median)", "ms"), ("TFLOP/s", "tflops"), ("GB/s", "gbps"),

@@ -77,8 +77,7 @@ def build(provider: str, name: str, device: str, dtype):
     return model.to(device=device, dtype=dtype)
 
 
-class Skip(Exception):
-    pass
+Skip = common.Skip
 
 
 def provider_list(args) -> list[str]:
@@ -98,10 +97,10 @@ def global_skip_reason(provider: str, args) -> str | None:
 
 
 def run_cell(report, provider, name, mode, args, dtype, peaks, models_cache) -> dict | None:
-    where = f"{name} {mode}"
     base_provider, compiled = provider.split("+")[0], provider.endswith("+compile")
     B = args.batch or (GPU_BATCH[name] if args.device == "cuda" else 2)
-    try:
+
+    def prepare():
         key = (base_provider, name)
         if key not in models_cache:
             models_cache.clear()  # one model resident at a time
@@ -130,21 +129,14 @@ def run_cell(report, provider, name, mode, args, dtype, peaks, models_cache) -> 
                 opt.zero_grad(set_to_none=True)
                 return loss
 
-        try:
-            step(0)
-        except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as exc:
-            raise Skip(common.short_reason(exc)) from None
-        with common.PeakMemory(args.device) as mem:
-            t = common.bench(step, n_sets, args.device, rep_ms=args.rep_ms, min_reps=3)
-    except Skip as exc:
-        report.skip(provider, str(exc), where)
+        common.first_call(lambda: step(0))
+        return step, n_sets, None
+
+    where = f"{name} {mode}"
+    cell = common.run_cell(report, provider, where, args, prepare, oom_reason=f"out of memory at batch {B}", min_reps=3)
+    if cell is None:
         return None
-    except torch.OutOfMemoryError:
-        report.skip(provider, f"out of memory at batch {B}", where)
-        return None
-    finally:
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    t = cell.timing
     flops = common.vit_flops_per_image(*MODELS[name]) * B * (1 if mode == "infer" else 3)
     tflops = flops / (t.median_ms * 1e-3) / 1e12
     return {
@@ -159,7 +151,7 @@ def run_cell(report, provider, name, mode, args, dtype, peaks, models_cache) -> 
         "images_per_s": B / (t.median_ms * 1e-3),
         "tflops": tflops,
         "mfu_pct": 100 * tflops / peaks.tflops(args.dtype),
-        "mem_mib": mem.peak_mib,
+        "mem_mib": cell.mem_mib,
         "flops": flops,
     }
 
