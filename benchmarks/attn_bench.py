@@ -298,33 +298,20 @@ def main(argv=None) -> int:
     env = common.Env.collect(args.device, args.dtype)
     peaks = common.measure_peaks(args.device, [args.dtype], args.peaks)
     report = common.Report("attn_bench", env, peaks, args)
-    providers, not_requested = common.selected(PROVIDERS, args.providers)
-    for provider, reason in not_requested:
-        report.skip(provider, reason)
-    runnable = []
-    for provider in providers:
-        reason = global_skip_reason(provider, args.device, args)
-        if reason:
-            report.skip(provider, reason)
-        else:
-            runnable.append(provider)
+    runnable = report.runnable(PROVIDERS, args.providers, lambda pr: global_skip_reason(pr, args.device, args))
 
     report.print_header()
     bar = common.progress(len(shapes) * len(modes) * len(runnable), "attn_bench", disable=args.no_progress)
     for shape in shapes:
         for mode in modes:
-            cell_rows = []
             for provider in runnable:
                 bar.set_postfix_str(f"{provider} {shape.model} N={shape.N} {mode}")
                 row = run_cell(report, provider, shape, mode, args, dtype, peaks)
                 bar.update()
                 if row:
-                    cell_rows.append(row)
-            base = next((r["ms"] for r in cell_rows if r["provider"] == "eager"), None)
-            for r in cell_rows:
-                r["speedup"] = base / r["ms"] if base else None
-                report.add(r)
+                    report.add(row)
     bar.close()
+    report.set_speedups(("model", "B", "H", "N", "D", "mode"), baseline="eager")
     extra = plot(report.rows, peaks, env, args) if args.plot and report.rows and not args.no_save else []
     report.finish(common.markdown_table(COLUMNS, report.rows), extra)
     return 0

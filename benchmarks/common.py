@@ -516,6 +516,29 @@ class Report:
     def skip(self, provider: str, reason: str, where: str = "all") -> None:
         self.skipped.append({"provider": provider, "where": where, "reason": reason})
 
+    def runnable(self, providers: Sequence[str], requested: str | None, unavailable: Callable[[str], str | None]):
+        """The providers to time: those --providers asks for (all by default) that can run here at all;
+        every other one is recorded as skipped with its reason (`unavailable(provider)` gives it, or None)."""
+        wanted, not_requested = selected(providers, requested)
+        for provider, reason in not_requested:
+            self.skip(provider, reason)
+        runnable = []
+        for provider in wanted:
+            reason = unavailable(provider)
+            if reason:
+                self.skip(provider, reason)
+            else:
+                runnable.append(provider)
+        return runnable
+
+    def set_speedups(self, group_keys: Sequence[str], baseline: str) -> None:
+        """row["speedup"] = the baseline provider's time / this row's, among rows equal on `group_keys`
+        (None where the baseline did not run)."""
+        base = {tuple(r[k] for k in group_keys): r["ms"] for r in self.rows if r["provider"] == baseline}
+        for r in self.rows:
+            b = base.get(tuple(r[k] for k in group_keys))
+            r["speedup"] = b / r["ms"] if b else None
+
     def skip_text(self) -> str:
         """One line per (provider, reason), listing where it applied."""
         grouped: dict[tuple[str, str], list[str]] = {}

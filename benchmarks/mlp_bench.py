@@ -281,33 +281,19 @@ def main(argv=None) -> int:
     env = common.Env.collect(args.device, args.dtype)
     peaks = common.measure_peaks(args.device, [args.dtype], args.peaks)
     report = common.Report("mlp_bench", env, peaks, args)
-    wanted, not_requested = common.selected(ALL_PROVIDERS, args.providers)
-    for provider, reason in not_requested:
-        report.skip(provider, reason)
-    runnable = []
-    for provider in wanted:
-        reason = global_skip_reason(provider, args.device, args)
-        if reason:
-            report.skip(provider, reason)
-        else:
-            runnable.append(provider)
+    runnable = report.runnable(ALL_PROVIDERS, args.providers, lambda pr: global_skip_reason(pr, args.device, args))
 
     report.print_header()
     cells = [(op, s, m, pr) for op in ops for s in shapes for m in modes for pr in PROVIDERS[op] if pr in runnable]
     bar = common.progress(len(cells), "mlp_bench", disable=args.no_progress)
-    by_cell: dict = {}
     for op, shape, mode, provider in cells:
         bar.set_postfix_str(f"{op} {provider} {shape.model} {mode}")
         row = run_cell(report, op, provider, shape, mode, args, dtype, peaks)
         bar.update()
         if row:
-            by_cell.setdefault((op, shape, mode), []).append(row)
+            report.add(row)
     bar.close()
-    for rows in by_cell.values():
-        base = next((r["ms"] for r in rows if r["provider"] == "eager"), None)
-        for r in rows:
-            r["speedup"] = base / r["ms"] if base else None
-            report.add(r)
+    report.set_speedups(("op", "model", "M", "C", "hidden", "heads", "mode"), baseline="eager")
     report.finish(common.markdown_table(COLUMNS, report.rows))
     return 0
 

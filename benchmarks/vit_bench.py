@@ -188,16 +188,7 @@ def main(argv=None) -> int:
     env = common.Env.collect(args.device, args.dtype)
     peaks = common.measure_peaks(args.device, [args.dtype], args.peaks)
     report = common.Report("vit_bench", env, peaks, args)
-    wanted, not_requested = common.selected(provider_list(args), args.providers)
-    for provider, reason in not_requested:
-        report.skip(provider, reason)
-    runnable = []
-    for provider in wanted:
-        reason = global_skip_reason(provider, args)
-        if reason:
-            report.skip(provider, reason)
-        else:
-            runnable.append(provider)
+    runnable = report.runnable(provider_list(args), args.providers, lambda pr: global_skip_reason(pr, args))
 
     report.print_header()
     cache: dict = {}
@@ -210,27 +201,15 @@ def main(argv=None) -> int:
                 report.skip(provider, why, name)
                 bar.update(len(modes))
                 continue
-            rows = []
             for mode in modes:
                 bar.set_postfix_str(f"{provider} {name} {mode}")
                 row = run_cell(report, provider, name, mode, args, dtype, peaks, cache)
                 bar.update()
                 if row:
-                    rows.append(row)
-            for r in rows:
-                report.add(r)
+                    report.add(row)
     bar.close()
     cache.clear()
-    for r in report.rows:
-        base = next(
-            (
-                b["ms"]
-                for b in report.rows
-                if (b["model"], b["mode"], b["provider"]) == (r["model"], r["mode"], "vit:torch")
-            ),
-            None,
-        )
-        r["speedup"] = base / r["ms"] if base else None
+    report.set_speedups(("model", "mode"), baseline="vit:torch")
     report.finish(common.markdown_table(COLUMNS, report.rows))
     return 0
 
