@@ -40,6 +40,12 @@ LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Pyt
 # kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _head(base, pid_bh, H, stride_z, stride_h):
+    # The start of the (batch, head) that program axis 1 numbers; 64-bit, since B*H*N*D can pass 2^31.
+    return base + (pid_bh // H).to(tl.int64) * stride_z + (pid_bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,), (BLOCK_M, BLOCK_D) input dtype
     k_base, v_base,  # K, V of this (batch, head)
@@ -84,13 +90,11 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_z = pid_bh // H
-    off_h = pid_bh % H
     # int64 offsets: B * H * N * D passes 2^31 for large batches of ViT-H at 518 px.
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
+    k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
+    v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
+    o_base = _head(Out, pid_bh, H, stride_oz, stride_oh)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -128,14 +132,12 @@ def _attn_bwd_preprocess_kernel(
     # here rather than once per K/V tile inside the dK/dV kernel.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_z = pid_bh // H
-    off_h = pid_bh % H
+    o_base = _head(Out, pid_bh, H, stride_oz, stride_oh)
+    do_base = _head(DOut, pid_bh, H, stride_dz, stride_dh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
     o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -159,12 +161,10 @@ def _attn_bwd_dkdv_kernel(
     # registers and written once, so no atomics and a deterministic result.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_z = pid_bh // H
-    off_h = pid_bh % H
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
+    k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
+    v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
+    do_base = _head(DOut, pid_bh, H, stride_dz, stride_dh)
     row_base = pid_bh.to(tl.int64) * N  # Lse, Delta: (B, H, N) contiguous
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -219,12 +219,10 @@ def _attn_bwd_dq_kernel(
     # One program owns BLOCK_M queries and streams every K/V tile: dQ has a single writer (no atomics).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_z = pid_bh // H
-    off_h = pid_bh % H
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    do_base = DOut + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
+    q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
+    k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
+    v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
+    do_base = _head(DOut, pid_bh, H, stride_dz, stride_dh)
     row_base = pid_bh.to(tl.int64) * N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
