@@ -84,6 +84,14 @@ __device__ __forceinline__ float gelu_grad(float x, bool tanh_form) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// store2/load2 access element pairs as one 2 * sizeof(T) word: the pointer and the row stride must keep
+// every even-indexed pair aligned to it.
+template <class T>
+void require_pairs(const T* p, index_t ld, const std::string& name) {
+  require(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0 && ld % 2 == 0,
+          name + ": needs a pointer aligned to two elements and an even row stride (stored in pairs)");
+}
+
 // ====================================================================================================
 // operands: (row, k) -> address of element [row, k] of A (M x K) or B (N x K)
 // ====================================================================================================
@@ -163,6 +171,7 @@ struct EpiStore {  // (a) out = acc
   __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
     store2(out + m * ld + n, v0, v1);
   }
+  void validate(const std::string& name) const { require_pairs(out, ld, name + " output"); }
 };
 
 template <class T>
@@ -177,6 +186,7 @@ struct EpiBias {  // (b) out = acc + bias (bias may be null)
     }
     store2(out + m * ld + n, v0, v1);
   }
+  void validate(const std::string& name) const { require_pairs(out, ld, name + " output"); }
 };
 
 template <class T>
@@ -197,6 +207,10 @@ struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward), act = gelu(p
     v1 = to_float(from_float<T>(v1));
     store2(pre + m * ld + n, v0, v1);
     store2(act + m * ld + n, gelu(v0, tanh_form), gelu(v1, tanh_form));
+  }
+  void validate(const std::string& name) const {
+    require_pairs(pre, ld, name + " pre-activation");
+    require_pairs(act, ld, name + " activation");
   }
 };
 
@@ -219,6 +233,11 @@ struct EpiQkvSplit {  // (d) column n of (M, 3C) -> q/k/v (B, H, N, D) contiguou
     T* base = which == 0 ? q : (which == 1 ? k : v);
     store2(base + ((static_cast<index_t>(b) * heads + h) * tokens + t) * head_dim + d, v0, v1);
   }
+  void validate(const std::string& name) const {
+    require_pairs(q, head_dim, name + " q");
+    require_pairs(k, head_dim, name + " k");
+    require_pairs(v, head_dim, name + " v");
+  }
 };
 
 template <class T>
@@ -233,6 +252,11 @@ struct EpiDGelu {  // (e) dpre = acc * gelu'(pre); also act = gelu(pre), the ope
     const float2 h = load2(pre + m * ld_pre + n);
     store2(dpre + m * ld + n, v0 * gelu_grad(h.x, tanh_form), v1 * gelu_grad(h.y, tanh_form));
     store2(act + m * ld + n, gelu(h.x, tanh_form), gelu(h.y, tanh_form));
+  }
+  void validate(const std::string& name) const {
+    require_pairs(dpre, ld, name + " dhidden");
+    require_pairs(act, ld, name + " activation");
+    require_pairs(pre, ld_pre, name + " hidden");
   }
 };
 
@@ -498,6 +522,7 @@ void run_gemm(const OpA& a, const OpB& b, const Epi& epi, index_t M, index_t N, 
   require(N % 2 == 0, n + ": N must be even (the epilogue stores pairs)");
   a.validate(M, K, kTensorCores<T>, n + " operand A");
   b.validate(N, K, kTensorCores<T>, n + " operand B");
+  epi.validate(n);
   if constexpr (kTensorCores<T>) {
     using Cfg = TileConfig128x128;
     constexpr int kSmem = Cfg::kStages * (Cfg::kBM + Cfg::kBN) * Cfg::kBK * 2;  // 2 bytes per element
@@ -601,10 +626,11 @@ void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t
     dqkv_t.validate(3 * channels, M, vec, "qkv_bwd dQKV^T");
     w_t.validate(channels, 3 * channels, vec, "qkv_bwd weight");
     x_t.validate(channels, M, vec, "qkv_bwd x");
-    run_gemm<T>(dqkv, w_t, EpiStore<T>{out<T>(dx), channels}, M, channels, 3 * channels, as_stream(stream),
-                "qkv_bwd dx gemm_kernel");
-    run_gemm<T>(dqkv_t, x_t, EpiStore<T>{out<T>(dw), channels}, 3 * channels, channels, M, as_stream(stream),
-                "qkv_bwd dweight gemm_kernel");
+    const EpiStore<T> dx_epi{out<T>(dx), channels}, dw_epi{out<T>(dw), channels};
+    dx_epi.validate("qkv_bwd dx");
+    dw_epi.validate("qkv_bwd dweight");
+    run_gemm<T>(dqkv, w_t, dx_epi, M, channels, 3 * channels, as_stream(stream), "qkv_bwd dx gemm_kernel");
+    run_gemm<T>(dqkv_t, x_t, dw_epi, 3 * channels, channels, M, as_stream(stream), "qkv_bwd dweight gemm_kernel");
     if (dbias != 0) run_colsum(dqkv, out<T>(dbias), M, 3 * channels, as_stream(stream), "qkv_bwd dbias colsum_kernel");
   });
 }
@@ -629,10 +655,12 @@ void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_
     const bool vec = kTensorCores<T>;
     act_op.validate(M, Hd, vec, "mlp_fwd act");
     w2_op.validate(Cout, Hd, vec, "mlp_fwd fc2_weight");
-    run_gemm<T>(x_op, w1_op, EpiBiasGelu<T>{out<T>(hidden), out<T>(act), Hd, in<T>(b1), tanh_form}, M, Hd, C,
-                as_stream(stream), "mlp_fwd fc1 gemm_kernel");
-    run_gemm<T>(act_op, w2_op, EpiBias<T>{out<T>(y), Cout, in<T>(b2)}, M, Cout, Hd, as_stream(stream),
-                "mlp_fwd fc2 gemm_kernel");
+    const EpiBiasGelu<T> fc1_epi{out<T>(hidden), out<T>(act), Hd, in<T>(b1), tanh_form};
+    const EpiBias<T> fc2_epi{out<T>(y), Cout, in<T>(b2)};
+    fc1_epi.validate("mlp_fwd fc1");
+    fc2_epi.validate("mlp_fwd fc2");
+    run_gemm<T>(x_op, w1_op, fc1_epi, M, Hd, C, as_stream(stream), "mlp_fwd fc1 gemm_kernel");
+    run_gemm<T>(act_op, w2_op, fc2_epi, M, Cout, Hd, as_stream(stream), "mlp_fwd fc2 gemm_kernel");
   });
 }
 
@@ -669,13 +697,16 @@ void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t
     x_t.validate(C, M, vec, "mlp_bwd x");
     dh_op.validate(M, Hd, vec, "mlp_bwd dhidden");
     w1_t.validate(C, Hd, vec, "mlp_bwd fc1_weight");
-    require(ldh % 2 == 0 && hidden % (2 * sizeof(T)) == 0,
-            "mlp_bwd: hidden needs an even row stride and a pointer aligned to two elements (read in pairs)");
-    run_gemm<T>(dy_op, w2_t, EpiDGelu<T>{out<T>(dhidden), out<T>(act), Hd, in<T>(hidden), ldh, tanh_form}, M, Hd,
-                Cout, s, "mlp_bwd dhidden gemm_kernel");
-    run_gemm<T>(dy_t, act_t, EpiStore<T>{out<T>(dw2), Hd}, Cout, Hd, M, s, "mlp_bwd dfc2_weight gemm_kernel");
-    run_gemm<T>(dh_t, x_t, EpiStore<T>{out<T>(dw1), C}, Hd, C, M, s, "mlp_bwd dfc1_weight gemm_kernel");
-    run_gemm<T>(dh_op, w1_t, EpiStore<T>{out<T>(dx), C}, M, C, Hd, s, "mlp_bwd dx gemm_kernel");
+    const EpiDGelu<T> dh_epi{out<T>(dhidden), out<T>(act), Hd, in<T>(hidden), ldh, tanh_form};
+    const EpiStore<T> dw2_epi{out<T>(dw2), Hd}, dw1_epi{out<T>(dw1), C}, dx_epi{out<T>(dx), C};
+    dh_epi.validate("mlp_bwd");
+    dw2_epi.validate("mlp_bwd dfc2_weight");
+    dw1_epi.validate("mlp_bwd dfc1_weight");
+    dx_epi.validate("mlp_bwd dx");
+    run_gemm<T>(dy_op, w2_t, dh_epi, M, Hd, Cout, s, "mlp_bwd dhidden gemm_kernel");
+    run_gemm<T>(dy_t, act_t, dw2_epi, Cout, Hd, M, s, "mlp_bwd dfc2_weight gemm_kernel");
+    run_gemm<T>(dh_t, x_t, dw1_epi, Hd, C, M, s, "mlp_bwd dfc1_weight gemm_kernel");
+    run_gemm<T>(dh_op, w1_t, dx_epi, M, C, Hd, s, "mlp_bwd dx gemm_kernel");
     if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, s, "mlp_bwd dfc2_bias colsum_kernel");
     if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, s, "mlp_bwd dfc1_bias colsum_kernel");
   });

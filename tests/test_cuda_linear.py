@@ -15,7 +15,7 @@ from vit_kernels import reference
 from vit_kernels.cuda import check_like, linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HALF = 1  # DType code of fp16 (csrc/common.cuh)
+FLOAT, HALF = 0, 1  # DType codes of fp32 and fp16 (csrc/common.cuh)
 
 
 def _extension():
@@ -253,6 +253,7 @@ def _qkv_fwd_args(**overrides):
         (dict(x=8), r"operand A: pointer must be 16-byte aligned"),
         (dict(ldx=68), r"operand A: needs unit stride along K and a row stride that is a multiple of 8"),
         (dict(weight=24), r"operand B: pointer must be 16-byte aligned"),
+        (dict(k=2), r"qkv_fwd gemm_kernel k: needs a pointer aligned to two elements"),
     ],
 )
 def test_qkv_fwd_launcher_checks_preconditions(overrides, message):
@@ -286,6 +287,28 @@ def test_mlp_launchers_check_channels_and_layout():
         _C.mlp_bwd(**{**bwd, "C_out": 12})
     with pytest.raises(ValueError, match=r"mlp_bwd x: needs unit row stride and a K stride that is a multiple of 8"):
         _C.mlp_bwd(**{**bwd, "ldx": 36})
+
+
+def test_gemm_launchers_check_output_alignment_before_any_launch():
+    # Outputs are stored in element pairs; a misaligned output of the last GEMM must stop the first launch too.
+    _C = _extension()
+    fwd = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0, act=0,
+               y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"mlp_fwd fc1 activation: needs a pointer aligned to two elements"):
+        _C.mlp_fwd(**{**fwd, "act": 4, "dtype": FLOAT})  # fp32: act is no 16-byte operand, only a pair store
+    with pytest.raises(ValueError, match=r"mlp_fwd fc2 output: needs a pointer aligned to two elements"):
+        _C.mlp_fwd(**{**fwd, "y": 6})
+    bwd = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64, dhidden=0,
+               act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32, hidden_features=64,
+               C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"mlp_bwd hidden: needs a pointer aligned to two elements and an even"):
+        _C.mlp_bwd(**{**bwd, "ldh": 63})
+    with pytest.raises(ValueError, match=r"mlp_bwd dx output: needs a pointer aligned to two elements"):
+        _C.mlp_bwd(**{**bwd, "dx": 2})
+    qkv_bwd = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0,
+                   dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=FLOAT, stream=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"qkv_bwd dweight output: needs a pointer aligned to two elements"):
+        _C.qkv_bwd(**{**qkv_bwd, "dweight": 4})  # fp32 pairs are 8 bytes
 
 
 def test_layout_helpers_copy_only_what_the_kernels_cannot_read():
