@@ -235,12 +235,17 @@ def test_extension_binds_the_linear_launchers():
         assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
 
 
-def _qkv_fwd_args(**overrides):
-    # Null pointers are fine: each call below must fail its precondition checks before any CUDA call.
-    args = dict(x=0, ldx=64, weight=0, ldw=64, bias=0, q=0, k=0, v=0, batch=1, tokens=5, channels=64, heads=2,
-                dtype=HALF, stream=0)  # fmt: skip
-    args.update(overrides)
-    return args
+# Valid launcher arguments with null pointers: each call below overrides one to break a precondition, which
+# must raise before any CUDA call.
+_QKV_FWD_ARGS = dict(x=0, ldx=64, weight=0, ldw=64, bias=0, q=0, k=0, v=0, batch=1, tokens=5, channels=64, heads=2,
+                     dtype=HALF, stream=0)  # fmt: skip
+_QKV_BWD_ARGS = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0,
+                     dweight=0, dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=HALF, stream=0)  # fmt: skip
+_MLP_FWD_ARGS = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0,
+                     act=0, y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+_MLP_BWD_ARGS = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64,
+                     dhidden=0, act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32,
+                     hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -259,56 +264,42 @@ def _qkv_fwd_args(**overrides):
 def test_qkv_fwd_launcher_checks_preconditions(overrides, message):
     _C = _extension()
     with pytest.raises(ValueError, match=message):
-        _C.qkv_fwd(**_qkv_fwd_args(**overrides))
+        _C.qkv_fwd(**{**_QKV_FWD_ARGS, **overrides})
 
 
 def test_qkv_bwd_launcher_checks_gradient_strides():
     _C = _extension()
-    args = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0,
-                dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=HALF, stream=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"dq, dk, dv strides \(B, H, N\) must be multiples of 8"):
-        _C.qkv_bwd(**{**args, "s_t": 36})
+        _C.qkv_bwd(**{**_QKV_BWD_ARGS, "s_t": 36})
     with pytest.raises(ValueError, match=r"dq, dk, dv must be 16-byte aligned"):
-        _C.qkv_bwd(**{**args, "dk": 4})
+        _C.qkv_bwd(**{**_QKV_BWD_ARGS, "dk": 4})
 
 
 def test_mlp_launchers_check_channels_and_layout():
     _C = _extension()
-    fwd = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0, act=0,
-               y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"hidden=60 must be a positive multiple of 8"):
-        _C.mlp_fwd(**{**fwd, "hidden_features": 60})
+        _C.mlp_fwd(**{**_MLP_FWD_ARGS, "hidden_features": 60})
     with pytest.raises(ValueError, match=r"mlp_fwd fc2_weight: needs unit stride along K"):
-        _C.mlp_fwd(**{**fwd, "ldw2": 66})
-    bwd = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64, dhidden=0,
-               act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32, hidden_features=64,
-               C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+        _C.mlp_fwd(**{**_MLP_FWD_ARGS, "ldw2": 66})
     with pytest.raises(ValueError, match=r"C_out=12 must be a positive multiple of 8"):
-        _C.mlp_bwd(**{**bwd, "C_out": 12})
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "C_out": 12})
     with pytest.raises(ValueError, match=r"mlp_bwd x: needs unit row stride and a K stride that is a multiple of 8"):
-        _C.mlp_bwd(**{**bwd, "ldx": 36})
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "ldx": 36})
 
 
 def test_gemm_launchers_check_output_alignment_before_any_launch():
     # Outputs are stored in element pairs; a misaligned output of the last GEMM must stop the first launch too.
     _C = _extension()
-    fwd = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0, act=0,
-               y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"mlp_fwd fc1 activation: needs a pointer aligned to two elements"):
-        _C.mlp_fwd(**{**fwd, "act": 4, "dtype": FLOAT})  # fp32: act is no 16-byte operand, only a pair store
+        _C.mlp_fwd(**{**_MLP_FWD_ARGS, "act": 4, "dtype": FLOAT})  # fp32: act is no 16-byte operand, only a pair store
     with pytest.raises(ValueError, match=r"mlp_fwd fc2 output: needs a pointer aligned to two elements"):
-        _C.mlp_fwd(**{**fwd, "y": 6})
-    bwd = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64, dhidden=0,
-               act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32, hidden_features=64,
-               C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+        _C.mlp_fwd(**{**_MLP_FWD_ARGS, "y": 6})
     with pytest.raises(ValueError, match=r"mlp_bwd hidden: needs a pointer aligned to two elements and an even"):
-        _C.mlp_bwd(**{**bwd, "ldh": 63})
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "ldh": 63})
     with pytest.raises(ValueError, match=r"mlp_bwd dx output: needs a pointer aligned to two elements"):
-        _C.mlp_bwd(**{**bwd, "dx": 2})
-    qkv_bwd = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0,
-                   dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=FLOAT, stream=0)  # fmt: skip
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "dx": 2})
     with pytest.raises(ValueError, match=r"qkv_bwd dweight output: needs a pointer aligned to two elements"):
-        _C.qkv_bwd(**{**qkv_bwd, "dweight": 4})  # fp32 pairs are 8 bytes
+        _C.qkv_bwd(**{**_QKV_BWD_ARGS, "dweight": 4, "dtype": FLOAT})  # fp32 pairs are 8 bytes
 
 
 def test_layout_helpers_copy_only_what_the_kernels_cannot_read():
