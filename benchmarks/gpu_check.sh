@@ -1,62 +1,259 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no network access:
-#   build -> full test suite -> measured peaks -> every benchmark -> compute-sanitizer -> report.
-# Writes benchmarks/results/<gpu-name>-<date>.md (plus each benchmark's CSV/JSON/PNG beside it), and
-# copies all of it to $OUT when that is set. Every step runs even if an earlier one failed; the exit
-# status is non-zero if any step failed.
+# The GPU check: one command for a GPU machine lent for a few minutes, with no network access.
 #
-#   bash benchmarks/gpu_check.sh                # PYTHON=/path/to/python to pick the interpreter
+#   OUT=/some/dir bash benchmarks/gpu_check.sh --budget 480 --arch-only
+#
+# Stages, in order of value; each gets its own slice of --budget (seconds, default 480) and is killed
+# (its whole process group) when the slice is spent, marked "timed out", and the next stage runs:
+#   build         pip install -e . with every core; --arch-only builds the running GPU's arch only (90a on Hopper)
+#   info          vit_kernels.build_info(), nvidia-smi
+#   smoke         benchmarks/smoke_parity.py: op x backend x dtype at two ViT shapes vs float64, fwd + every grad
+#   headline      benchmarks/headline.py: ViT-B/16 attention, fused_qkv, gelu_mlp, whole model; one ratio table
+#   tests         pytest on every test file that uses CUDA (-n auto when pytest-xdist is importable)
+#   attn_tables, mlp_tables, vit_tables    the full benchmark tables (torch.compile left to compile_tables)
+#   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
+#   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
+#   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
+#   compile_tables torch.compile rows of attn_bench and mlp_bench at ViT-B/16
+#   auto_table    benchmarks/auto_table.py over the benchmark JSON (when that script exists)
+# A slice is the budget still left times the stage's share of the nominal seconds of the stages still to
+# come (NOMINAL below, for a 480 s budget), so time a stage does not use (or a skipped stage) goes to the rest.
+#
+# After EVERY stage the Markdown report is rewritten (benchmarks/results/<gpu>-<date>.md, or --results-dir),
+# and, when $OUT or --out is set, the report and one .tar.gz of every log and result file are (re)written
+# there (two files; each replaced atomically). Without a CUDA device the GPU stages are marked
+# "skipped: no CUDA device" and the report is still written. Exit status 1 if a stage failed or timed out.
+#
+# Options: --budget S, --out DIR, --arch-only, --no-build, --results-dir DIR, --only a,b (run only these stages).
+# PYTHON=/path/to/python picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-RESULTS=benchmarks/results
-mkdir -p "$RESULTS"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-failed=()
+start=$(date +%s)
 
-gpu_name=$($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
-slug=$(echo "$gpu_name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
-stamp=$(date +%Y-%m-%d)
-report="$RESULTS/$slug-$stamp.md"
+budget=480
+out=${OUT:-}
+results_dir=benchmarks/results
+arch_only=0
+no_build=0
+only=""
+declare -A fake=()  # --fake-stage NAME=SECONDS (for the tests): that stage sleeps instead of running
+while [ $# -gt 0 ]; do
+  case $1 in
+    --budget) budget=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --results-dir) results_dir=$2; shift 2 ;;
+    --arch-only) arch_only=1; shift ;;
+    --no-build) no_build=1; shift ;;
+    --only) only=",$2,"; shift 2 ;;
+    --fake-stage) fake[${2%%=*}]=${2#*=}; shift 2 ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
+  esac
+done
+[[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
-# step NAME CMD...: run, keep the full log in $work/NAME.log, echo it, remember failures.
-step() {
-  local name=$1; shift
-  echo "=== $name: $*" | tee -a "$work/all.log"
-  local start=$(date +%s)
-  "$@" >"$work/$name.log" 2>&1
-  local rc=$?
-  cat "$work/$name.log" >>"$work/all.log"
-  tail -n 40 "$work/$name.log"
-  echo "=== $name: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$work/all.log"
-  echo "$rc" >"$work/$name.rc"
-  [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
-  return 0
+STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables pytest_bench memcheck racecheck tune
+  compile_tables auto_table)
+# Nominal seconds of each stage in a 480 s budget on a cold H100 (README "GPU check" explains the estimate).
+declare -A NOMINAL=([build]=110 [info]=5 [smoke]=80 [headline]=70 [tests]=75 [attn_tables]=25 [mlp_tables]=10
+  [vit_tables]=15 [pytest_bench]=20 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
+declare -A status=() secs=() slice_of=()
+MIN_SLICE=15
+RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$work/results" "$results_dir"
+
+# ---------------------------------------------------------------------------------------------------
+# the device
+# ---------------------------------------------------------------------------------------------------
+gpu_probe=$(timeout 60 "$PY" -c "
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+with open('$work/versions.txt', 'w') as f:
+    print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}', file=f)
+if torch.cuda.is_available():
+    major, minor = torch.cuda.get_device_capability()
+    print(f'{major}{minor}|{torch.cuda.get_device_name()}')
+else:
+    print('|')
+" 2>"$work/gpu_probe.log" | tail -n 1)
+cap=${gpu_probe%%|*}
+gpu_name=${gpu_probe#*|}
+has_gpu=0
+[ -n "$cap" ] && has_gpu=1
+[ $has_gpu = 1 ] || gpu_name="no GPU ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs))"
+slug=$(echo "${gpu_name%% (*}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+stamp=$(date -u +%Y-%m-%d)
+report="$results_dir/$slug-$stamp.md"
+tarball="gpu_check-$slug-$stamp.tar.gz"
+peaks="$work/results/peaks.json"
+
+# ---------------------------------------------------------------------------------------------------
+# the report: rewritten after every stage
+# ---------------------------------------------------------------------------------------------------
+stage_line() {  # the status of a stage, as the report lists it
+  local s=$1
+  case ${status[$s]:-pending} in
+    ran:*) echo "ran, exit ${status[$s]#ran:}, ${secs[$s]} s of a ${slice_of[$s]} s slice" ;;
+    timeout) echo "timed out: killed after its ${slice_of[$s]} s slice" ;;
+    *) echo "${status[$s]:-pending}" ;;
+  esac
 }
 
-# 1. build (no network: the build requirements must already be installed)
-export VIT_KERNELS_BUILD_CUDA=1
-step build "$PY" -m pip install -e . --no-build-isolation --no-deps
-step build_info "$PY" -c "import json, vit_kernels as vk; print(json.dumps(vk.build_info(), indent=1))"
+digest() {  # what of a stage's log goes into the report
+  local s=$1 log="$work/$1.log"
+  [ -s "$log" ] || return 0
+  case $s in
+    smoke) grep -E " (PASS|FAIL|ERROR|SKIP)|^smoke parity" "$log" ;;
+    tests) grep -E "^(FAILED|ERROR)|passed|failed|error|no tests ran" "$log" | tail -n 40 ;;
+    memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
+    headline | attn_tables | mlp_tables | vit_tables | tune | compile_tables | auto_table)
+      grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
+    pytest_bench) grep -E "^(Name|[-]{5}|test_)|passed|failed|error" "$log" | tail -n 60 ;;
+    *) tail -n 25 "$log" ;;
+  esac
+}
 
-# 2. the whole test suite
-step tests "$PY" -m pytest -q
+write_report() {
+  local tmp="$work/report.md.tmp" s
+  {
+    echo "# GPU check: $gpu_name, $stamp"
+    echo
+    echo "- commit: $(git rev-parse HEAD 2>/dev/null)$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (dirty)')"
+    echo "- host: $(hostname), $(nproc) CPU cores; budget $budget s, $(( $(date +%s) - start )) s elapsed at this writing"
+    echo "- python: $("$PY" --version 2>&1); $(cat "$work/versions.txt" 2>/dev/null)"
+    echo "- driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true)"
+    echo "- nvcc: $( (nvcc --version 2>/dev/null || /usr/local/cuda/bin/nvcc --version 2>/dev/null) | tail -1)"
+    echo
+    echo "## Stages"
+    echo
+    for s in "${STAGES[@]}"; do echo "- $s: $(stage_line "$s")"; done
+    for s in "${STAGES[@]}"; do
+      case ${status[$s]:-pending} in ran:* | timeout) ;; *) continue ;; esac
+      echo
+      echo "## $s ($(stage_line "$s"))"
+      echo
+      if [[ $s =~ _tables$|^headline$|^tune$|^auto_table$ ]]; then digest "$s"; else echo '```'; digest "$s"; echo '```'; fi
+    done
+    echo
+    echo "Logs and result files: $tarball (the full log of each stage, <stage>.log; results/)."
+  } >"$tmp"
+  cp "$tmp" "$work/report.md"
+  cp "$tmp" "$report.tmp" && mv "$report.tmp" "$report"
+  if [ -n "$out" ]; then
+    mkdir -p "$out"
+    cp "$tmp" "$out/.report.md.tmp" && mv "$out/.report.md.tmp" "$out/$(basename "$report")"
+    tar -czf "$out/.tarball.tmp" -C "$work" --exclude=report.md.tmp . 2>/dev/null &&
+      mv "$out/.tarball.tmp" "$out/$tarball"
+  fi
+}
 
-# 3. measured peaks (copy bandwidth, bf16/fp16/fp32 matmul), reused by every benchmark below
-step peaks "$PY" benchmarks/common.py --json "$work/peaks.json"
+# ---------------------------------------------------------------------------------------------------
+# one stage: its slice, its own process group (timeout kills the group), its log, the report
+# ---------------------------------------------------------------------------------------------------
+finish_stage() {  # NAME STATUS
+  status[$1]=$2
+  echo "=== $1: $(stage_line "$1")"
+  write_report
+}
+
+stage() {  # NAME NEEDS_GPU CMD...
+  local name=$1 needs_gpu=$2 s left weights=0 slice floor rc t0
+  shift 2
+  if [ -n "$only" ] && [[ $only != *",$name,"* ]]; then finish_stage "$name" "skipped: not in --only"; return; fi
+  if [ -n "${fake[$name]:-}" ]; then
+    # a child of its own, so the tests can see that the whole process group is killed, not just the shell
+    set -- bash -c "sleep ${fake[$name]} & echo \"fake $name: child \$!\"; wait"
+  elif [ "$needs_gpu" = 1 ] && [ $has_gpu = 0 ]; then
+    finish_stage "$name" "skipped: no CUDA device"
+    return
+  fi
+  for s in "${STAGES[@]}"; do
+    [ -z "${status[$s]:-}" ] && { [ -z "$only" ] || [[ $only == *",$s,"* ]]; } && weights=$((weights + NOMINAL[$s]))
+  done
+  left=$((budget - ($(date +%s) - start) - RESERVE))
+  slice=$((left * NOMINAL[$name] / weights))
+  # A short stage (info) still gets a usable slice when the budget is small.
+  floor=$((left / 2 < MIN_SLICE ? left / 2 : MIN_SLICE))
+  [ $slice -lt $floor ] && slice=$floor
+  if [ $slice -lt 3 ]; then finish_stage "$name" "skipped: budget spent ($left s left)"; return; fi
+  slice_of[$name]=$slice
+  echo "=== $name: $* (slice $slice s)"
+  t0=$(date +%s)
+  timeout --kill-after=3 "$slice" "$@" >"$work/$name.log" 2>&1 </dev/null
+  rc=$?
+  secs[$name]=$(($(date +%s) - t0))
+  tail -n 12 "$work/$name.log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "(killed: its $slice s slice ran out)" >>"$work/$name.log"
+    finish_stage "$name" timeout
+  else
+    finish_stage "$name" "ran:$rc"
+  fi
+}
+
+optional() {  # NAME REASON: a stage that cannot run here for a reason other than the device
+  finish_stage "$1" "skipped: $2"
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stages
+# ---------------------------------------------------------------------------------------------------
+# 1. build (the build requirements must already be installed: no network)
+arch_args=()
+if [ $arch_only = 1 ] && [ $has_gpu = 1 ]; then
+  arch=$cap
+  [ "${cap:0:1}" = 9 ] && [ ${#cap} = 2 ] && arch="${cap}a"  # wgmma needs sm_90a
+  arch_args=("CMAKE_ARGS=${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$arch")
+fi
+if [ $no_build = 1 ]; then
+  optional build "--no-build"
+else
+  stage build 1 env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}" \
+    "$PY" -m pip install -e . --no-build-isolation --no-deps
+fi
+
+# 2. what was built and what can run
+stage info 0 bash -c "nvidia-smi 2>/dev/null; \"$PY\" -c 'import json, vit_kernels as vk; print(json.dumps(vk.build_info(), indent=1))'"
+
+# 3. smoke parity
+stage smoke 1 "$PY" benchmarks/smoke_parity.py --json "$work/results/smoke_parity.json"
+
+# 4. headline speed (measures the peaks the later tables reuse)
+stage headline 1 "$PY" benchmarks/headline.py --out-dir "$work/results" --peaks-json "$peaks"
 peaks_arg=()
-[ -s "$work/peaks.json" ] && peaks_arg=(--peaks "$work/peaks.json")
+[ -s "$peaks" ] && peaks_arg=(--peaks "$peaks")
 
-# 4. benchmarks (stdout holds the Markdown tables; CSV/JSON/PNG go to benchmarks/results/)
-step attn_bench "$PY" benchmarks/attn_bench.py --no-progress --plot "${peaks_arg[@]}"
-step attn_bench_fp16_packed "$PY" benchmarks/attn_bench.py --no-progress --dtype fp16 --packed --mode fwd "${peaks_arg[@]}"
-step mlp_bench "$PY" benchmarks/mlp_bench.py --no-progress "${peaks_arg[@]}"
-step vit_bench "$PY" benchmarks/vit_bench.py --no-progress "${peaks_arg[@]}"
-step kernel_report "$PY" benchmarks/kernel_report.py --json "$RESULTS/kernel_report-$slug-$stamp.json"
-step tune_attention "$PY" benchmarks/tune_attention.py --no-progress "${peaks_arg[@]}"
+# 5. the tests that use CUDA, spread over the cores (Triton compiles in parallel)
+mapfile -t gpu_tests < <(grep -lE 'cuda|mark\.gpu' tests/test_*.py)
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n auto)
+stage tests 1 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
+  --junitxml="$work/results/pytest-gpu.xml" "${gpu_tests[@]}"
 
-# 5. compute-sanitizer on a small attention + GEMM script, every kernel backend, fwd and bwd
+# 6. the full tables (torch.compile rows come later: minutes of compilation)
+bench_args=(--no-progress --out-dir "$work/results" "${peaks_arg[@]}")
+stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --packed \
+  --providers eager,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,triton,cuda
+stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --providers eager,views,reference,triton,cuda
+stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --compile no
+
+# 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
+if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+  stage pytest_bench 1 "$PY" -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$work/results/pytest-benchmark.json"
+else
+  optional pytest_bench "pytest-benchmark is not installed"
+fi
+
+# 8. compute-sanitizer on a small script: every kernel backend, fwd and bwd, shapes whose kernels smoke compiled
 sanitizer=$(command -v compute-sanitizer || true)
 [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
 cat >"$work/sanitize_me.py" <<'EOF'
@@ -66,82 +263,60 @@ import vit_kernels as vk
 backends = [b for b in vk.available_backends("cuda") if b in ("triton", "cuda")]
 print("kernel backends:", backends)
 for backend in backends:
-    for dtype in (torch.float16, torch.bfloat16):
-        for B, H, N, D in ((2, 3, 197, 64), (1, 2, 257, 80), (1, 1, 1, 32)):
+    for dtype in (torch.bfloat16, torch.float16):
+        for B, H, N, D in ((1, 2, 197, 64), (1, 2, 257, 80), (1, 1, 1, 64)):
             q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             out = vk.attention(q, k, v, backend=backend)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-        x = torch.randn(2, 197, 192, device="cuda", dtype=dtype, requires_grad=True)
-        w = torch.randn(576, 192, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(576, device="cuda", dtype=dtype, requires_grad=True)
-        qkv = vk.fused_qkv(x, w, b, 3, backend=backend)
+        x = torch.randn(1, 197, 768, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(3 * 768, 768, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(3 * 768, device="cuda", dtype=dtype, requires_grad=True)
+        qkv = vk.fused_qkv(x, w, b, 12, backend=backend)
         torch.autograd.grad(qkv, (x, w, b), [torch.randn_like(t) for t in qkv])
-        w1 = torch.randn(768, 192, device="cuda", dtype=dtype, requires_grad=True)
-        w2 = torch.randn(192, 768, device="cuda", dtype=dtype, requires_grad=True)
+        w1 = torch.randn(3072, 768, device="cuda", dtype=dtype, requires_grad=True)
+        w2 = torch.randn(768, 3072, device="cuda", dtype=dtype, requires_grad=True)
         y = vk.gelu_mlp(x, w1, None, w2, None, backend=backend)
         torch.autograd.grad(y, (x, w1, w2), torch.randn_like(y))
 torch.cuda.synchronize()
 print("ok")
 EOF
-if [ -n "$sanitizer" ]; then
+if [ -n "$sanitizer" ] || [ $has_gpu = 0 ] || [ -n "${fake[memcheck]:-}${fake[racecheck]:-}" ]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees out-of-bounds
   # accesses that would otherwise land inside a neighbouring cached block.
-  step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 "$PY" "$work/sanitize_me.py"
-  step racecheck "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" "$work/sanitize_me.py"
+  stage memcheck 1 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    "$PY" "$work/sanitize_me.py"
+  stage racecheck 1 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" "$work/sanitize_me.py"
 else
-  echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin): memcheck/racecheck skipped" | tee "$work/memcheck.log"
+  optional memcheck "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+  optional racecheck "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
 fi
 
-# 6. the report
-{
-  echo "# GPU check: $gpu_name, $stamp"
-  echo
-  echo "- commit: $(git rev-parse HEAD 2>/dev/null)$( [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (dirty)')"
-  echo "- host: $(hostname), $(nproc) CPU cores"
-  echo "- python: $($PY --version 2>&1); $($PY -c 'import torch, triton; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")' 2>&1)"
-  echo "- driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
-  echo "- nvcc: $( (nvcc --version 2>/dev/null || /usr/local/cuda/bin/nvcc --version 2>/dev/null) | tail -1)"
-  if [ ${#failed[@]} -eq 0 ]; then echo "- all steps passed"; else echo "- FAILED steps: ${failed[*]}"; fi
-  echo
-  echo "## Tests"
-  echo '```'
-  grep -E "passed|failed|error|skipped" "$work/tests.log" | tail -n 15
-  echo '```'
-  echo
-  echo "## Build info"
-  echo '```'
-  cat "$work/build_info.log"
-  echo '```'
-  echo
-  echo "## Measured peaks"
-  echo '```'
-  cat "$work/peaks.log"
-  echo '```'
-  for b in attn_bench attn_bench_fp16_packed mlp_bench vit_bench kernel_report tune_attention; do
-    echo
-    echo "## $b (exit $(cat "$work/$b.rc" 2>/dev/null || echo '?'))"
-    echo
-    # the Markdown the script printed, minus progress and "wrote" lines
-    grep -vE "^(wrote |=== )" "$work/$b.log"
-  done
-  echo
-  echo "## compute-sanitizer"
-  echo '```'
-  for t in memcheck racecheck; do [ -f "$work/$t.log" ] && { echo "[$t]"; tail -n 15 "$work/$t.log"; }; done
-  echo '```'
-} >"$report"
-cp "$work/all.log" "$RESULTS/$slug-$stamp.log"
-echo "wrote $report"
+# 9. the attention launch table's tuner, at the two shapes that matter most
+stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --out-dir "$work/results" \
+  --shapes "256,12,197,64;196,16,257,80"
 
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  cp "$report" "$RESULTS/$slug-$stamp.log" "$OUT/"
-  find "$RESULTS" -newer "$work/build.rc" -type f -exec cp {} "$OUT/" \; 2>/dev/null
-  echo "copied the report and results to $OUT"
+# 10. torch.compile: the baseline users will ask about, last because it compiles for minutes
+stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]} --packed --shapes 256,12,197,64 \
+  --providers eager,compile && \"$PY\" benchmarks/mlp_bench.py ${bench_args[*]} --providers eager,compile"
+
+# 11. proposed entries for backend="auto"'s table, from every benchmark JSON above
+mapfile -t bench_json < <(ls "$work"/results/*_bench-*.json 2>/dev/null)
+if [ ! -f benchmarks/auto_table.py ]; then
+  optional auto_table "benchmarks/auto_table.py is not in this checkout"
+elif [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
+  optional auto_table "no benchmark results to read"
+else
+  stage auto_table 0 "$PY" benchmarks/auto_table.py "${bench_json[@]}" --out "$work/results/auto_table.json"
 fi
 
-if [ ${#failed[@]} -ne 0 ]; then
-  echo "FAILED: ${failed[*]}"
-  exit 1
-fi
-echo "gpu_check: all steps passed"
+# ---------------------------------------------------------------------------------------------------
+echo
+echo "gpu_check: $(( $(date +%s) - start )) s of a $budget s budget; report $report"
+[ -n "$out" ] && echo "gpu_check: $out holds $(basename "$report") and $tarball"
+[ -z "$out" ] && echo "gpu_check: logs and results in $work"
+bad=0
+for s in "${STAGES[@]}"; do
+  echo "- $s: $(stage_line "$s")"
+  case ${status[$s]:-} in ran:0 | skipped:*) ;; *) bad=1 ;; esac
+done
+exit $bad
