@@ -49,3 +49,30 @@ def gelu_mlp(
     if fc2_bias is not None:
         out = out + fc2_bias
     return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, written out: two passes (mean, then the mean of squared deviations)."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads):
+    """fused_qkv(LN(x)): x (B, N, C) -> q, k, v (B, H, N, C // H)."""
+    return fused_qkv(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, num_heads)
+
+
+def proj_residual(o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor):
+    """residual + o @ weight^T + bias: o (B, N, C_in), weight (C, C_in), residual (B, N, C)."""
+    out = o @ weight.t()
+    if bias is not None:
+        out = out + bias
+    return residual + out
+
+
+def ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate="none",
+                residual=True):  # fmt: skip
+    """x + gelu_mlp(LN(x)) (without `x +` when residual is False): x (B, N, C) -> (B, N, C_out)."""
+    out = gelu_mlp(layer_norm(x, ln_weight, ln_bias, eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
+    return x + out if residual else out

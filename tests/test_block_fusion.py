@@ -1,0 +1,278 @@
+"""Whole-block fusion (vit_kernels/block.py, vit_kernels/ops/block.py): LayerNorm in the QKV / fc1 GEMM prologue,
+the residual add in the proj / fc2 GEMM epilogue, forward and every gradient (dgamma and dbeta included).
+
+Each case runs the public op on backend="triton" (the autograd Function around the launchers) and compares it with
+the float64 reference (vit_kernels.reference) by relative error: the per-dtype tolerance, or twice the error of the
+unfused eager composition in the same dtype if that is larger (FlashAttention's parity rule: in 16-bit, LN's
+output is rounded to the dtype before the GEMM in eager torch as in the kernel). Token counts that never fill a
+tile (N = 1, 17, 197), heads of 32 and 48, both LayerNorm eps (timm 1e-6, HF 1e-12), rows whose mean is 100x
+their spread, non-contiguous inputs, every launcher buffer NaN-poisoned. The last tests compile the new kernels
+for sm_80 / sm_90 without a GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, rel_error
+
+import vit_kernels.block as vkb
+from vit_kernels import reference
+from vit_kernels.ops import block, linear
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (B, N, C, H, eps, rows): "shifted" rows have mean +-100 and std 1 (the case E[x^2] - E[x]^2 cancels on).
+CASES = [
+    (1, 1, 64, 2, 1e-6, "shifted"),
+    (2, 17, 96, 2, 1e-12, "shifted"),
+    (1, 197, 64, 2, 1e-6, "plain"),
+]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every buffer the launchers allocate (this file's and linear.py's, which backward reuses) starts as NaN."""
+
+    def nan_alloc(*shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+    monkeypatch.setattr(block, "_alloc", nan_alloc)
+    monkeypatch.setattr(linear, "_alloc", lambda *shape, like: nan_alloc(*shape, like=like))
+
+
+def _randn(*shape, dtype, scale=1.0, shift=None):
+    t = torch.randn(*shape) * scale
+    if shift is not None:
+        t = t + shift
+    return t.to(device=DEVICE, dtype=dtype)  # rounded first: the float64 reference sees the kernel's values
+
+
+def _x(B, N, C, dtype, rows):
+    shift = 100.0 * torch.randn(B, N, 1).sign() if rows == "shifted" else None
+    return _randn(B, N, C, dtype=dtype, shift=shift)
+
+
+def _ln_params(C, dtype):
+    return 1.0 + 0.2 * _randn(C, dtype=dtype), 0.2 * _randn(C, dtype=dtype)
+
+
+def _run(fn, inputs, grads_out):
+    """Outputs and the gradients of every tensor input of fn(*inputs) (None where an input is not a tensor)."""
+    leaves = [t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads_out])
+    return [o.detach() for o in outs], [t.grad if isinstance(t, torch.Tensor) else None for t in leaves]
+
+
+def _double(inputs):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def _check_all(name, fn, inputs, grads_out, backend_fn):
+    """Compare backend_fn(...)'s outputs and gradients with the float64 reference `fn` and with eager `fn` in the
+    input dtype (for the tolerance)."""
+    dtype = next(t.dtype for t in inputs if isinstance(t, torch.Tensor))
+    outs, grads = _run(backend_fn, inputs, grads_out)
+    outs_ref, grads_ref = _run(fn, _double(inputs), grads_out)
+    outs_eager, grads_eager = _run(fn, inputs, grads_out)
+    pairs = [(f"{name} out{i}", o, r, e) for i, (o, r, e) in enumerate(zip(outs, outs_ref, outs_eager, strict=True))]
+    pairs += [
+        (f"{name} grad of input {i}", g, r, e)
+        for i, (g, r, e) in enumerate(zip(grads, grads_ref, grads_eager, strict=True))
+        if r is not None
+    ]
+    for what, out, ref, eager in pairs:
+        assert out is not None, f"{what}: no gradient"
+        assert out.dtype == dtype and out.shape == ref.shape, what
+        assert torch.isfinite(out).all(), f"{what}: non-finite values (an unwritten element of a poisoned buffer?)"
+        tol = max(TOLERANCES[dtype], 2 * rel_error(eager, ref))
+        err = rel_error(out, ref)
+        assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
+def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype):
+    x = _x(B, N, C, dtype, rows)
+    if N > 1:  # (B, N) that do not merge into one stride, as in a sliced residual stream
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    ln_w, ln_b = _ln_params(C, dtype)
+    w, b = _randn(3 * C, C, dtype=dtype, scale=C**-0.5), _randn(3 * C, dtype=dtype)
+    grads = [_randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
+
+    def triton_fn(x, ln_w, ln_b, w, b):
+        return vkb.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H, backend="triton")
+
+    def ref_fn(x, ln_w, ln_b, w, b):
+        return tuple(reference.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H))
+
+    _check_all("ln_fused_qkv", ref_fn, [x, ln_w, ln_b, w, b], grads, triton_fn)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
+def test_proj_residual(B, N, C, H, eps, rows, dtype):
+    # o as attention hands it over: (B, H, N, D) laid out (B, N, H, D), viewed (B, N, C) for free; a sliced
+    # residual stream (row stride C + 8).
+    D = C // H
+    o = _randn(B, N, H, D, dtype=dtype).transpose(1, 2).transpose(1, 2).reshape(B, N, C)
+    wide = _x(B, N, C + 8, dtype, rows)
+    residual = wide[..., :C]
+    w, b = _randn(C, C, dtype=dtype, scale=C**-0.5), _randn(C, dtype=dtype)
+    grads = [_randn(B, N, C, dtype=dtype)]
+
+    def triton_fn(o, w, b, residual):
+        return vkb.proj_residual(o, w, b, residual, backend="triton")
+
+    _check_all("proj_residual", reference.proj_residual, [o, w, b, residual], grads, triton_fn)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
+def test_ln_gelu_mlp(B, N, C, H, eps, rows, dtype):
+    x = _x(B, N, C, dtype, rows)
+    ln_w, ln_b = _ln_params(C, dtype)
+    Hd = 2 * C if N == 197 else 4 * C  # the 197-token case keeps the interpreter quick
+    w1, b1 = _randn(Hd, C, dtype=dtype, scale=C**-0.5), _randn(Hd, dtype=dtype)
+    w2, b2 = _randn(C, Hd, dtype=dtype, scale=Hd**-0.5), _randn(C, dtype=dtype)
+    approximate = "tanh" if N == 17 else "none"
+    grads = [_randn(B, N, C, dtype=dtype)]
+
+    def triton_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate=approximate, backend="triton")
+
+    def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate)
+
+    _check_all("ln_gelu_mlp", ref_fn, [x, ln_w, ln_b, w1, b1, w2, b2], grads, triton_fn)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_ln_gelu_mlp_without_residual_or_biases(dtype):
+    B, N, C, Hd, eps = 2, 5, 64, 128, 1e-12
+    x = _x(B, N, C, dtype, "shifted")
+    ln_w, ln_b = _ln_params(C, dtype)
+    w1, w2 = _randn(Hd, C, dtype=dtype, scale=C**-0.5), _randn(32, Hd, dtype=dtype, scale=Hd**-0.5)
+    grads = [_randn(B, N, 32, dtype=dtype)]
+
+    def triton_fn(x, ln_w, ln_b, w1, w2):
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, None, w2, None, residual=False, backend="triton")
+
+    def ref_fn(x, ln_w, ln_b, w1, w2):
+        return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, None, w2, None, "none", False)
+
+    _check_all("ln_gelu_mlp(residual=False)", ref_fn, [x, ln_w, ln_b, w1, w2], grads, triton_fn)
+
+
+def test_ln_stats_two_pass_where_one_pass_cancels():
+    """Rows with mean 100x their spread: the kernel's mean / rstd match float64 to ~1e-6, and the inputs are hard
+    enough that the one-pass E[x^2] - E[x]^2 variance in fp32 misses the tolerance (so the test can fail)."""
+    x = _x(3, 7, 96, F32, "shifted")
+    mean, rstd = block.ln_stats(x, 1e-12)
+    xd = x.double().reshape(-1, 96)
+    mean_ref = xd.mean(-1)
+    rstd_ref = ((xd - mean_ref[:, None]) ** 2).mean(-1).add(1e-12).rsqrt()
+    assert rel_error(mean, mean_ref) < 1e-6 and rel_error(rstd, rstd_ref) < 1e-5
+    x2 = x.reshape(-1, 96)
+    one_pass = ((x2 * x2).mean(-1) - x2.mean(-1) ** 2).add(1e-12).rsqrt()
+    assert rel_error(one_pass, rstd_ref) > 1e-5
+
+
+def test_backends_agree_and_auto_is_torch():
+    B, N, C, H = 1, 3, 64, 2
+    x = _x(B, N, C, F32, "plain")
+    ln_w, ln_b = _ln_params(C, F32)
+    w, b = _randn(3 * C, C, dtype=F32, scale=C**-0.5), _randn(3 * C, dtype=F32)
+    auto = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H)
+    torch_out = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="torch")
+    ref = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="reference")
+    for a, t, r in zip(auto, torch_out, ref, strict=True):
+        assert torch.equal(a, t)
+        assert rel_error(t, r) < 1e-5
+    ln = F.layer_norm(x, (C,), ln_w, ln_b, 1e-6)
+    w1, w2 = _randn(128, C, dtype=F32), _randn(C, 128, dtype=F32)
+    out = vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="torch")
+    assert torch.allclose(out, x + F.linear(F.gelu(F.linear(ln, w1)), w2), atol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    C = 64
+    x = torch.randn(1, 3, C)
+    ln_w, ln_b = torch.ones(C), torch.zeros(C)
+    w, b = torch.randn(3 * C, C), torch.randn(3 * C)
+    with pytest.raises(ValueError, match="ln_weight"):
+        vkb.ln_fused_qkv(x, torch.ones(C + 1), ln_b, 1e-6, w, b, 2)
+    with pytest.raises(ValueError, match="eps"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 0.0, w, b, 2)
+    with pytest.raises(TypeError, match="qkv_weight"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w.half(), b, 2)
+    with pytest.raises(ValueError, match="qkv_weight"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w[:C], b, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 3)
+    with pytest.raises(ValueError, match="cuda"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vkb.proj_residual(torch.randn(1, 3, 20), torch.randn(20, 20), None, torch.randn(1, 3, 20), backend="triton")
+    with pytest.raises(ValueError, match="residual"):
+        vkb.proj_residual(x, torch.randn(C, C), None, torch.randn(1, 4, C))
+    with pytest.raises(ValueError, match="residual"):
+        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(32, 128), None)
+    with pytest.raises(ValueError, match="approximate"):
+        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(C, 128), None, approximate="x")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        vkb.ln_gelu_mlp(None, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(C, 128), None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# static: the new kernels compile for sm_80 / sm_90 without spills, on tensor cores
+# ----------------------------------------------------------------------------------------------------
+SMEM_LIMIT = {80: 166912, 90: 232448}  # as tests/test_static_kernels.py
+REPORT = """
+import json, sys, torch
+from vit_kernels.ops.block import compile_report
+arch = int(sys.argv[1])
+rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
+rows += compile_report(arch, shapes=((1, 197, 768, 12),), dtypes=(torch.bfloat16,))  # the 64-row "small" tiles
+print(json.dumps(rows))
+"""
+KERNELS = {"ln_qkv_fwd", "proj_residual_fwd", "ln_mlp_fc1", "mlp_fc2_residual", "ln_stats", "ln_apply", "ln_bwd"}
+NO_DOT = {"ln_stats", "ln_apply", "ln_bwd"}
+
+
+def _ptxas_available() -> bool:
+    try:
+        from vit_kernels.ops import static_check
+
+        return os.path.exists(static_check.ptxas_path(80))
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_block_kernels_compile_without_spills_on_tensor_cores(arch):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT, str(arch)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in rows} == KERNELS
+    for row in rows:
+        what = f"{row} on sm_{arch}"
+        assert row["n_spills"] == 0, f"{what}: {row['n_spills']} bytes of register spills"
+        assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
+        assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
+        if row["kernel"] not in NO_DOT:
+            assert row["wgmma"] if arch == 90 else row["mma"], f"{what}: no tensor-core instruction in the PTX"

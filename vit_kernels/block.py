@@ -1,0 +1,225 @@
+"""Whole-block fused ops: LayerNorm inside the QKV and fc1 GEMMs, the residual add inside the proj and fc2 GEMMs.
+
+    ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads)   -> q, k, v   fused_qkv(LN(x))
+    proj_residual(o, proj_weight, proj_bias, residual)                           -> residual + o @ W^T + b
+    ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b)          -> x + gelu_mlp(LN(x))
+
+Backends: "triton" (vit_kernels/ops/block.py, forward and backward as autograd Functions), "torch" (the unfused
+composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from vit_kernels.reference).
+"auto" is "torch" everywhere for now: no GPU has measured the fused kernels, and dispatch's rule is that auto
+picks a kernel only where a committed measurement says it wins. There is no "cuda" backend for these yet
+(a ValueError says so). Validation names the bad argument (ValueError / TypeError), as dispatch.py does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vit_kernels import dispatch, reference, torch_backend
+
+BLOCK_BACKENDS = ("reference", "torch", "triton")
+
+
+def _ops():
+    # Imported on first use, like library._kernels: `import vit_kernels` must not define Triton kernels before
+    # the interpreter switch is read.
+    return importlib.import_module("vit_kernels.ops.block")
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+def _select(backend: str, device: torch.device, channels: dict[str, int]) -> str:
+    if backend == "auto":
+        return "torch"
+    if backend == "cuda":
+        raise ValueError("backend='cuda' has no fused block kernels yet; use 'triton', 'torch' or 'reference'")
+    if backend not in BLOCK_BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BLOCK_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        why = dispatch.device_unavailable_reason("triton", device) or dispatch._channel_reasons(channels)["triton"]
+        if why is not None:
+            raise ValueError(f"backend='triton' cannot run these inputs: {why}")
+    return backend
+
+
+def _check_ln(x, ln_weight, ln_bias, eps) -> None:
+    C = x.shape[-1]
+    dispatch._check_tensor("ln_weight", ln_weight, ndim=1)
+    dispatch._check_tensor("ln_bias", ln_bias, ndim=1)
+    dispatch._check_shape("ln_weight", ln_weight, (C,), "(C,) with C = x.shape[-1]")
+    dispatch._check_shape("ln_bias", ln_bias, (C,), "(C,) with C = x.shape[-1]")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+
+
+def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend: str) -> str:
+    dispatch._check_tensor("x", x, ndim=3)
+    _check_ln(x, ln_weight, ln_bias, eps)
+    dispatch._check_tensor("qkv_weight", weight, ndim=2)
+    if bias is not None:
+        dispatch._check_tensor("qkv_bias", bias, ndim=1)
+    dispatch._check_same({"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "qkv_weight": weight, "qkv_bias": bias})
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise TypeError(f"num_heads must be a positive int, got {num_heads!r}")
+    C = x.shape[-1]
+    if C % num_heads:
+        raise ValueError(f"x's channel count C={C} must be divisible by num_heads={num_heads}")
+    dispatch._check_shape("qkv_weight", weight, (3 * C, C), "(3C, C)")
+    if bias is not None:
+        dispatch._check_shape("qkv_bias", bias, (3 * C,), "(3C,)")
+    return _select(backend, x.device, {"C": C, "head dim C // num_heads": C // num_heads})
+
+
+def check_proj_residual(o, weight, bias, residual, backend: str) -> str:
+    dispatch._check_tensor("o", o, ndim=3)
+    dispatch._check_tensor("proj_weight", weight, ndim=2)
+    dispatch._check_tensor("residual", residual, ndim=3)
+    if bias is not None:
+        dispatch._check_tensor("proj_bias", bias, ndim=1)
+    dispatch._check_same({"o": o, "proj_weight": weight, "proj_bias": bias, "residual": residual})
+    B, N, C_in = o.shape
+    C = weight.shape[0]
+    dispatch._check_shape("proj_weight", weight, (C, C_in), "(C, C_in) with C_in = o.shape[-1]")
+    if bias is not None:
+        dispatch._check_shape("proj_bias", bias, (C,), "(C,) with C = proj_weight.shape[0]")
+    dispatch._check_shape("residual", residual, (B, N, C), "(B, N, C) with C = proj_weight.shape[0]")
+    return _select(backend, o.device, {"C_in": C_in, "C": C})
+
+
+def check_ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, backend) -> str:
+    dispatch._check_tensor("x", x, ndim=3)
+    _check_ln(x, ln_weight, ln_bias, eps)
+    dispatch._check_tensor("fc1_weight", fc1_w, ndim=2)
+    dispatch._check_tensor("fc2_weight", fc2_w, ndim=2)
+    for name, t in (("fc1_bias", fc1_b), ("fc2_bias", fc2_b)):
+        if t is not None:
+            dispatch._check_tensor(name, t, ndim=1)
+    dispatch._check_same({"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_w,
+                          "fc1_bias": fc1_b, "fc2_weight": fc2_w, "fc2_bias": fc2_b})  # fmt: skip
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool (True adds x, the LayerNorm's input), got {residual!r}")
+    C, hidden, C_out = x.shape[-1], fc1_w.shape[0], fc2_w.shape[0]
+    dispatch._check_shape("fc1_weight", fc1_w, (hidden, C), "(hidden, C) with C = x.shape[-1]")
+    dispatch._check_shape("fc2_weight", fc2_w, (C_out, hidden), "(C_out, hidden) with hidden = fc1_weight.shape[0]")
+    if fc1_b is not None:
+        dispatch._check_shape("fc1_bias", fc1_b, (hidden,), "(hidden,)")
+    if fc2_b is not None:
+        dispatch._check_shape("fc2_bias", fc2_b, (C_out,), "(C_out,)")
+    if residual and C_out != C:
+        raise ValueError(f"residual=True adds x, so fc2_weight must map back to C={C} channels, got C_out={C_out}")
+    return _select(backend, x.device, {"C": C, "hidden": hidden, "C_out": C_out})
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd Functions (glue: the launchers in ops/block.py do the work)
+# ----------------------------------------------------------------------------------------------------
+class _LnQkv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32):
+        q, k, v, mean, rstd = _ops().ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+        ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+        dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
+            dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, ctx.has_bias, ctx.allow_tf32
+        )
+        return dx, dln_w, dln_b, None, dweight, dbias, None, None
+
+
+class _ProjResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, weight, bias, residual, allow_tf32):
+        out = _ops().proj_residual_fwd(o, weight, bias, residual, allow_tf32)
+        ctx.save_for_backward(o, weight)
+        ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        o, weight = ctx.saved_tensors
+        do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, ctx.has_bias, ctx.allow_tf32)
+        return do, dweight, dbias, dout, None
+
+
+class _LnMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32):
+        out, hidden, mean, rstd = _ops().ln_mlp_fwd(
+            x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32
+        )
+        ctx.save_for_backward(x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd)
+        ctx.has_b1, ctx.has_b2 = fc1_b is not None, fc2_b is not None
+        ctx.approximate, ctx.residual, ctx.allow_tf32 = approximate, residual, allow_tf32
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd = ctx.saved_tensors
+        dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops().ln_mlp_bwd(
+            dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
+            ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32,
+        )  # fmt: skip
+        return dx, dln_w, dln_b, None, dw1, db1, dw2, db2, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------------
+def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *, backend="auto"):
+    """fused_qkv(layer_norm(x)): x (B, N, C); ln_weight, ln_bias (C,); eps (timm 1e-6, HF 1e-12); qkv_weight
+    (3C, C), qkv_bias (3C,) or None -> q, k, v each (B, H, N, C // H). On triton the normalised x is never
+    written in forward (LayerNorm runs in the GEMM's A-tile prologue)."""
+    backend = check_ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend)
+    if backend == "reference":
+        return reference.ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads)
+    if backend == "torch":
+        y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+        return torch_backend.fused_qkv(y, qkv_weight, qkv_bias, num_heads)
+    return _LnQkv.apply(x, ln_weight, ln_bias, float(eps), qkv_weight, qkv_bias, num_heads, dispatch.allow_tf32())
+
+
+def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
+    """residual + o @ proj_weight^T + proj_bias: o (B, N, C_in) (e.g. attention's output as (B, N, H * D), a free
+    view), proj_weight (C, C_in), residual (B, N, C) -> (B, N, C). On triton the add is in the GEMM epilogue."""
+    backend = check_proj_residual(o, proj_weight, proj_bias, residual, backend)
+    if backend == "reference":
+        return reference.proj_residual(o, proj_weight, proj_bias, residual)
+    if backend == "torch":
+        return residual + F.linear(o, proj_weight, proj_bias)
+    return _ProjResidual.apply(o, proj_weight, proj_bias, residual, dispatch.allow_tf32())
+
+
+def ln_gelu_mlp(
+    x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=True,
+    backend="auto",
+):  # fmt: skip
+    """x + gelu_mlp(layer_norm(x)) (just gelu_mlp(layer_norm(x)) when residual=False): x (B, N, C) -> (B, N, C_out).
+
+    The residual is always x, the LayerNorm's input (a pre-LN block's second half), which lets backward add the
+    residual's gradient inside the LayerNorm backward pass."""
+    backend = check_ln_gelu_mlp(
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, backend
+    )
+    if backend == "reference":
+        return reference.ln_gelu_mlp(
+            x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual
+        )
+    if backend == "torch":
+        y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+        out = torch_backend.gelu_mlp(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
+        return x + out if residual else out
+    return _LnMlp.apply(
+        x, ln_weight, ln_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+        dispatch.allow_tf32(),
+    )  # fmt: skip
