@@ -3,7 +3,9 @@
 A config dataclass with named presets, then the modules. The modules hold parameters and call
 `vk.fused_qkv`, `vk.attention` and `vk.gelu_mlp` with the model's `backend`; they do no math of their
 own beyond the residual adds, LayerNorm, the patch convolution and the head, so switching
-`backend` switches every kernel and nothing else.
+`backend` switches every kernel and nothing else. Where `vit_kernels.block.fuses_block` says so (the
+`triton` backend, outside autocast and stochastic depth), a block runs the whole-block fused ops instead:
+`vk.ln_fused_qkv` -> `vk.attention` -> `vk.proj_residual` -> `vk.ln_gelu_mlp` (same weights, same math).
 
 Parameter names and shapes are exactly timm's `VisionTransformer` (global_pool="token", class token,
 no register tokens, no LayerScale), so a timm checkpoint loads with `load_state_dict(strict=True)`:
@@ -37,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vit_kernels as vk
+from vit_kernels import block as vk_block
 
 # ----------------------------------------------------------------------------------------------------
 # config and presets
@@ -249,8 +252,23 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+        # Stochastic depth scales a branch before its residual add, which the fused epilogues cannot do.
+        dropping = self.training and isinstance(self.drop_path1, DropPath)
+        if not dropping and vk_block.fuses_block(self.attn.backend, x):
+            return self._fused_forward(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block with LayerNorm inside the qkv / fc1 GEMMs and the residual adds inside proj / fc2."""
+        attn, mlp, backend = self.attn, self.mlp, self.attn.backend
+        B, N, C = x.shape
+        q, k, v = vk.ln_fused_qkv(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, attn.qkv.weight,
+                                  attn.qkv.bias, attn.num_heads, backend=backend)  # fmt: skip
+        o = vk.attention(q, k, v, backend=backend).transpose(1, 2).reshape(B, N, C)  # free on kernel backends
+        x = vk.proj_residual(o, attn.proj.weight, attn.proj.bias, x, backend=backend)
+        return vk.ln_gelu_mlp(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, mlp.fc1.weight, mlp.fc1.bias,
+                              mlp.fc2.weight, mlp.fc2.bias, approximate=mlp.approximate, backend=backend)  # fmt: skip
 
 
 class VisionTransformer(nn.Module):

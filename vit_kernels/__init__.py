@@ -94,3 +94,9 @@ def build_info() -> dict:
     except ImportError:
         info["triton"] = None
     return info
+
+
+# Whole-block fusion (LayerNorm in the qkv / fc1 GEMMs, residual adds in proj / fc2): see vit_kernels/block.py.
+from vit_kernels.block import ln_fused_qkv, ln_gelu_mlp, proj_residual  # noqa: E402
+
+__all__ += ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"]

@@ -9,6 +9,10 @@ composition F.layer_norm -> the torch backend's op -> add) and "reference" (the 
 "auto" is "torch" everywhere for now: no GPU has measured the fused kernels, and dispatch's rule is that auto
 picks a kernel only where a committed measurement says it wins. There is no "cuda" backend for these yet
 (a ValueError says so). Validation names the bad argument (ValueError / TypeError), as dispatch.py does.
+Under `torch.autocast` the tensor inputs are cast to the autocast dtype first (`dispatch.autocast_inputs`), as
+the other ops do; LayerNorm then sees x in that dtype (eager autocast would run it in fp32).
+
+`fuses_block(backend, x)` is the one place that says whether a pre-LN block (vit/model.py) takes these ops.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ def _ops():
     # Imported on first use, like library._kernels: `import vit_kernels` must not define Triton kernels before
     # the interpreter switch is read.
     return importlib.import_module("vit_kernels.ops.block")
+
+
+def fuses_block(backend: str, x: torch.Tensor) -> bool:
+    """Whether a pre-LN block with this `backend` should run as ln_fused_qkv -> attention -> proj_residual ->
+    ln_gelu_mlp: on "triton" only ("auto" means "torch" here until a GPU measurement exists), and not under
+    autocast, where the unfused block keeps its residual stream in fp32 and the fused epilogues would round it
+    to the autocast dtype at every add."""
+    return backend == "triton" and not torch.is_autocast_enabled(x.device.type)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,6 +192,7 @@ def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *,
     """fused_qkv(layer_norm(x)): x (B, N, C); ln_weight, ln_bias (C,); eps (timm 1e-6, HF 1e-12); qkv_weight
     (3C, C), qkv_bias (3C,) or None -> q, k, v each (B, H, N, C // H). On triton the normalised x is never
     written in forward (LayerNorm runs in the GEMM's A-tile prologue)."""
+    x, ln_weight, ln_bias, qkv_weight, qkv_bias = dispatch.autocast_inputs(x, ln_weight, ln_bias, qkv_weight, qkv_bias)
     backend = check_ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend)
     if backend == "reference":
         return reference.ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads)
@@ -192,6 +205,7 @@ def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *,
 def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
     """residual + o @ proj_weight^T + proj_bias: o (B, N, C_in) (e.g. attention's output as (B, N, H * D), a free
     view), proj_weight (C, C_in), residual (B, N, C) -> (B, N, C). On triton the add is in the GEMM epilogue."""
+    o, proj_weight, proj_bias, residual = dispatch.autocast_inputs(o, proj_weight, proj_bias, residual)
     backend = check_proj_residual(o, proj_weight, proj_bias, residual, backend)
     if backend == "reference":
         return reference.proj_residual(o, proj_weight, proj_bias, residual)
@@ -208,6 +222,9 @@ def ln_gelu_mlp(
 
     The residual is always x, the LayerNorm's input (a pre-LN block's second half), which lets backward add the
     residual's gradient inside the LayerNorm backward pass."""
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = dispatch.autocast_inputs(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    )
     backend = check_ln_gelu_mlp(
         x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, backend
     )

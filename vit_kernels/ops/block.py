@@ -569,15 +569,18 @@ REPORT_SHAPES = ((64, 197, 768, 12),)
 
 
 def compile_report(
-    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32)
+    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32), kernels=None
 ) -> list[dict]:
     """Compile every kernel launch this file adds to a ViT block, with the shipped config, for sm_<arch>; no GPU
     needed, but not under TRITON_INTERPRET. One dict per launch: kernel, dtype, config, n_regs, n_spills, shared,
-    wgmma, mma (see linear.compile_report). fp32 is compiled with allow_tf32."""
+    wgmma, mma (see linear.compile_report); kernels: names to keep (all when None). fp32 is compiled with
+    allow_tf32."""
     rows = []
     for B, N, C, H in shapes:
         for dtype in dtypes:
             for name, kernel, args, kwargs in _block_kernels(B, N, C, H, 4, dtype, arch):
+                if kernels is not None and name not in kernels:
+                    continue
                 config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}
                 rows.append({"kernel": name, "dtype": _TL_DTYPES[dtype], "config": config,
                              **_compile(kernel, args, kwargs, arch)})  # fmt: skip
