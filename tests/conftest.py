@@ -1,4 +1,5 @@
-"""Test setup: Triton's interpreter on machines without a CUDA device, and a seed per test.
+"""Test setup: one device for every Triton test (CUDA when present, else Triton's interpreter on CPU), a seed
+per test, the float64 references' helpers and the tf32 model.
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, i.e. before the kernel modules are
 imported; conftest.py is imported by pytest before any test module, so setting it here is early enough.
@@ -8,13 +9,43 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Where the Triton tests put their tensors: the GPU when there is one (compiled kernels), else the CPU, where the
+# interpreter runs them. Tests take it through the `device` fixture; helpers that build tensors take it as an
+# argument, so that no tensor of a Triton test is made without it.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
 # Per-dtype relative-error tolerances (||out - ref|| / ||ref|| against a float64 reference).
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-TF32_TOLERANCE = 1e-3
+# fp32 through tf32 tensor cores: the kernel's error may be this many times that of the same computation with
+# every GEMM operand rounded to tf32 (see `tf32_tolerance`); FlashAttention's parity rule uses 2.
+TF32_FACTOR = 2.0
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of every Triton test: CUDA when present, else CPU under TRITON_INTERPRET=1."""
+    return DEVICE
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the tests marked slow under the Triton interpreter too")
+
+
+def pytest_collection_modifyitems(config, items):
+    # On a GPU the slow crosses take seconds and always run; under the interpreter they take minutes, so they are
+    # deselected there (pytest's summary counts them as "deselected") unless --slow is given.
+    if not INTERPRETING or config.getoption("--slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -43,11 +74,66 @@ def attention_reference(q, k, v, dout, scale):
     return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
 
 
+# ----------------------------------------------------------------------------------------------------
+# tf32: what the tensor cores do with fp32 operands, and the tolerance that follows from it
+# ----------------------------------------------------------------------------------------------------
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to tf32 (1 + 8 + 10 bits) the way a tensor core reads an fp32 register: the 13 low mantissa bits
+    dropped (truncation toward zero). Triton 3.6 hands fp32 registers to `mma.sync ... .tf32` (sm_80) and
+    `wgmma ... .tf32` (sm_90) as they are, with no `cvt.rna.tf32.f32` before them (checked by compiling a
+    tl.dot(input_precision="tf32") for both targets), so the mma reads the raw bits. Truncation is the worse of
+    the two possible readings (round-to-nearest halves the error), so a GPU that rounds passes a tolerance set
+    from this model too. Returns t's dtype (float64 stays float64, holding tf32 values)."""
+    bits = t.detach().float().contiguous().view(torch.int32) & ~0x1FFF
+    return bits.view(torch.float32).to(t.dtype).reshape(t.shape)
+
+
+class _Tf32Gemms(TorchDispatchMode):
+    """Every GEMM aten runs (forward and autograd's backward) sees its operands rounded to tf32; products and sums
+    stay in the inputs' dtype (float64 here): the model of a tf32 tensor core with an exact accumulator."""
+
+    _GEMMS = {"mm", "bmm", "matmul", "dot", "mv"}
+    _ADD_GEMMS = {"addmm", "baddbmm", "addbmm", "addmv"}  # their first argument is added, not multiplied
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self._GEMMS or name in self._ADD_GEMMS:
+            first = 1 if name in self._ADD_GEMMS else 0
+            args = tuple(
+                tf32_round(a) if (i >= first and isinstance(a, torch.Tensor) and a.is_floating_point()) else a
+                for i, a in enumerate(args)
+            )
+        return func(*args, **kwargs)
+
+
+def tf32_model(fn, *args, **kwargs):
+    """fn(*args, **kwargs), autograd included, with every GEMM operand rounded to tf32 (see `_Tf32Gemms`)."""
+    with _Tf32Gemms():
+        return fn(*args, **kwargs)
+
+
+def tf32_tolerance(model: torch.Tensor, ref: torch.Tensor) -> float:
+    """Tolerance of a tf32 kernel output whose float64 reference is `ref`: TF32_FACTOR times the error of the
+    tf32-modelled computation `model` (`tf32_model`) against `ref`, floored at the fp32 tolerance.
+
+    A fixed number would be wrong both ways: the interpreter used to compute tf32 dots in full fp32 (~1e-7, where
+    any bug below 1e-3 hid), and a GPU truncating to tf32 reaches 1.5-2e-3 on the MLP gradients and attention's
+    dq / dk (errors grow with the reduction length and with cancellation in dS = P (dP - delta))."""
+    return max(TOLERANCES[torch.float32], TF32_FACTOR * rel_error(model, ref))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the interpreter, made to compute like the GPU
+# ----------------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_bf16_like_the_gpu():
-    """Make Triton 3.6's interpreter treat bf16 as the GPU does (numpy has no bf16, and it shows):
+    """Make Triton 3.6's interpreter treat bf16 and tf32 as the GPU does (numpy has no bf16, and it shows):
     - dot: it multiplies bf16 operands as their raw uint16 bit patterns; upcast them to fp32 first, which is
       what the tensor cores do (exact products, fp32 accumulation);
+    - dot with input_precision="tf32": it ignores the precision and multiplies fp32 exactly; round fp32
+      operands to tf32 first (`tf32_round`), so that tf32 tests see a tensor core's error here too, and a launch
+      given "tf32" where "ieee" was asked for fails an fp32 tolerance;
     - fp32 -> bf16 casts: it truncates where compiled kernels round to nearest even, a bias that adds up
       coherently over sums (bias gradients, dW).
     Only the interpreter is patched; compiled kernels never see this."""
@@ -62,17 +148,21 @@ def _interpreter_bf16_like_the_gpu():
         builder = interpreter.InterpreterBuilder
         original_dot, original_cast = builder.create_dot, builder.cast_impl
         convert = interpreter._convert_float
+        tf32 = interpreter._ir.INPUT_PRECISION.TF32
     except (ImportError, AttributeError):  # no triton, or an interpreter without these code paths
         yield
         return
 
-    def create_dot(self, a, b, *args, **kwargs):
+    def create_dot(self, a, b, d, input_precision, *args, **kwargs):
         def up(x):
+            if x.dtype.scalar == tl.float32 and input_precision == tf32:
+                truncated = np.array(x.data, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+                return interpreter.TensorHandle(truncated.view(np.float32), tl.float32)
             if x.dtype.scalar != tl.bfloat16:
                 return x
             return interpreter.TensorHandle(convert(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
 
-        return original_dot(self, up(a), up(b), *args, **kwargs)
+        return original_dot(self, up(a), up(b), d, input_precision, *args, **kwargs)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
