@@ -37,22 +37,46 @@ def test_reference_attention_matches_sdpa(dtype, shape):
         assert rel_error(g, rg) < tol
 
 
+def _qkv_by_loops(x, w, b, H):
+    """q, k, v (B, H, N, D) written element by element from the definition, independent of reference.fused_qkv's
+    linear + reshape + permute: q[b, h, t, d] = x[b, t, :] . w[h * D + d, :] + bias[h * D + d]; k and v read
+    the weight rows C + ... and 2C + ...."""
+    B, N, C = x.shape
+    D = C // H
+    out = torch.zeros(3, B, H, N, D, dtype=x.dtype)
+    for which in range(3):
+        for h in range(H):
+            for d in range(D):
+                row = which * C + h * D + d
+                for t in range(N):
+                    for bi in range(B):
+                        out[which, bi, h, t, d] = torch.dot(x[bi, t], w[row]) + (b[row] if b is not None else 0.0)
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_reference_fused_qkv_matches_linear_permute(dtype, bias):
-    B, N, C, H = 2, 17, 48, 3
+def test_reference_fused_qkv_matches_definition(dtype, bias):
+    """reference.fused_qkv against q, k, v built element by element in float64 (forward), and its gradients
+    against the float64 gradients of that element-wise construction."""
+    B, N, C, H = 2, 5, 12, 3  # D = 4: small enough for Python loops, H and D distinct, B and N > 1
     x, w = torch.randn(B, N, C), torch.randn(3 * C, C) / C**0.5
     b = torch.randn(3 * C) if bias else None
-    inputs = [x, w, b]
-    ref = (
-        F.linear(*(t.double() if t is not None else None for t in inputs))
-        .reshape(B, N, 3, H, C // H)
-        .permute(2, 0, 3, 1, 4)
-    )
-    q, k, v = reference.fused_qkv(*(t.to(dtype) if t is not None else None for t in inputs), H)
-    for i, t in enumerate((q, k, v)):
-        assert t.shape == (B, H, N, C // H)
-        assert rel_error(t, ref[i]) < TOLERANCES[dtype] * 2
+    grads = [torch.randn(B, H, N, C // H) for _ in range(3)]
+    leaves64 = [t.double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    ref = _qkv_by_loops(*leaves64, H)
+    torch.autograd.backward(list(ref.unbind(0)), [g.double() for g in grads])
+
+    low = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    q, k, v = reference.fused_qkv(*low, H)
+    torch.autograd.backward((q, k, v), [g.to(dtype) for g in grads])
+    tol = TOLERANCES[dtype] * 2
+    for name, t, r in zip("qkv", (q, k, v), ref.unbind(0), strict=True):
+        assert t.shape == (B, H, N, C // H), name
+        assert rel_error(t, r) < tol, name
+    for name, t, r in zip(("x", "weight", "bias"), low, leaves64, strict=True):
+        if t is not None:
+            assert rel_error(t.grad, r.grad) < tol, f"d{name}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,0 +1,93 @@
+"""Which dot precision every Triton launch is given, for each dtype and each torch matmul precision.
+
+The interpreter used to ignore `input_precision` (conftest.py now makes it truncate fp32 operands for "tf32"), and a
+GPU only shows the difference as ~1e-3 of error, so this checks the launches themselves: every module-level
+`@triton.jit` kernel of vit_kernels.ops is wrapped with a recorder, and the public ops run forward and backward.
+  fp32, torch.get_float32_matmul_precision() == "highest" (PyTorch's default) -> "ieee" (exact fp32 dots)
+  fp32, "high" or "medium"                                                 -> "tf32"
+  fp16 / bf16, any setting                                                  -> "tf32": the launchers' one value for
+      16-bit dots, whose products are exact with fp32 accumulation whatever the flag (it only picks fp32's path)
+"""
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels.ops import attention as triton_attention
+from vit_kernels.ops import linear as triton_linear
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records (name, INPUT_PRECISION) and launches."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, kwargs.get("INPUT_PRECISION")))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The (kernel name, INPUT_PRECISION) of every Triton launch made while the test runs."""
+    recorded = []
+    for module in (triton_attention, triton_linear):
+        for name, value in vars(module).items():
+            # Only kernels launched from Python: the @triton.jit helpers they call are looked up in the same module
+            # namespace when a kernel compiles, and must stay JITFunctions.
+            if name.endswith("_kernel") and hasattr(value, "arg_names"):
+                monkeypatch.setattr(module, name, _Recorder(name, value, recorded))
+    return recorded
+
+
+@pytest.fixture
+def matmul_precision():
+    old = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(old)
+
+
+def _run_ops(dtype, device):
+    """Forward and backward of the three public ops on the triton backend."""
+    B, N, C, H = 1, 9, 64, 2
+    x = torch.randn(B, N, C, device=device).to(dtype).requires_grad_(True)
+    w_qkv = (torch.randn(3 * C, C, device=device) * C**-0.5).to(dtype).requires_grad_(True)
+    w1 = (torch.randn(2 * C, C, device=device) * C**-0.5).to(dtype).requires_grad_(True)
+    w2 = (torch.randn(C, 2 * C, device=device) * C**-0.5).to(dtype).requires_grad_(True)
+    q, k, v = vk.fused_qkv(x, w_qkv, None, num_heads=H, backend="triton")
+    o = vk.attention(q, k, v, backend="triton")
+    y = vk.gelu_mlp(o.transpose(1, 2).reshape(B, N, C), w1, None, w2, None, backend="triton")
+    y.sum().backward()
+
+
+# GEMM launches: qkv 1 forward + 2 backward; mlp 2 forward + 4 backward. Attention: forward, dK/dV, dQ (the
+# backward's delta preprocess has no dot and takes no precision).
+EXPECTED_DOT_LAUNCHES = {"_gemm_kernel": 9, "_attn_fwd_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
+
+
+@pytest.mark.parametrize(
+    "dtype, setting, expected",
+    [
+        (F32, "highest", "ieee"),
+        (F32, "high", "tf32"),
+        (F32, "medium", "tf32"),
+        (F16, "highest", "tf32"),
+        (BF16, "highest", "tf32"),
+        (BF16, "high", "tf32"),
+    ],
+)
+def test_each_launch_gets_the_precision_asked_for(launches, matmul_precision, device, dtype, setting, expected):
+    matmul_precision(setting)
+    _run_ops(dtype, device)
+    counts = {}
+    for name, precision in launches:
+        if precision is not None:
+            counts[name] = counts.get(name, 0) + 1
+            assert precision == expected, f"{name} launched with {precision!r}, expected {expected!r}"
+    assert counts == EXPECTED_DOT_LAUNCHES, f"launches with a dot: {counts}"
