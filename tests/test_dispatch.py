@@ -1,31 +1,49 @@
-"""Dispatch: backend choice as documented, clear errors on bad input, and no graph breaks under torch.compile."""
+"""Dispatch: backend choice as documented (`auto` from the measured table), clear errors on bad input, the
+per-device caches, and no graph breaks under torch.compile.
+
+Tests that run a backend use this machine's device (CUDA when present) and run every backend that can run
+there, skipping the others with their reason; the selection logic on CUDA is also checked without a GPU,
+on fake CUDA tensors (FakeTensorMode) with a faked compute capability.
+"""
+
+import importlib.util
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_kernels as vk
 from vit_kernels import dispatch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BACKENDS = ("triton", "cuda")
 
-def _attn_inputs(B=1, H=2, N=5, D=32, dtype=torch.float32):
-    return [torch.randn(B, H, N, D, dtype=dtype) for _ in range(3)]
+
+def _skip_unless_runs(backend: str, device: str = DEVICE) -> None:
+    why = dispatch.device_unavailable_reason(backend, torch.device(device))
+    if why:
+        pytest.skip(f"{backend} cannot run on {device} here: {why}")
 
 
-def _qkv_inputs(B=1, N=5, C=64, dtype=torch.float32, bias=True):
+def _attn_inputs(B=1, H=2, N=5, D=32, dtype=torch.float32, device=DEVICE):
+    return [torch.randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3)]
+
+
+def _qkv_inputs(B=1, N=5, C=64, dtype=torch.float32, bias=True, device=DEVICE):
     return (
-        torch.randn(B, N, C, dtype=dtype),
-        torch.randn(3 * C, C, dtype=dtype),
-        torch.randn(3 * C, dtype=dtype) if bias else None,
+        torch.randn(B, N, C, dtype=dtype, device=device),
+        torch.randn(3 * C, C, dtype=dtype, device=device),
+        torch.randn(3 * C, dtype=dtype, device=device) if bias else None,
     )
 
 
-def _mlp_inputs(M=5, C=32, Hd=64, dtype=torch.float32):
+def _mlp_inputs(M=5, C=32, Hd=64, dtype=torch.float32, device=DEVICE):
     return (
-        torch.randn(M, C, dtype=dtype),
-        torch.randn(Hd, C, dtype=dtype),
-        torch.randn(Hd, dtype=dtype),
-        torch.randn(C, Hd, dtype=dtype),
-        torch.randn(C, dtype=dtype),
+        torch.randn(M, C, dtype=dtype, device=device),
+        torch.randn(Hd, C, dtype=dtype, device=device),
+        torch.randn(Hd, dtype=dtype, device=device),
+        torch.randn(C, Hd, dtype=dtype, device=device),
+        torch.randn(C, dtype=dtype, device=device),
     )
 
 
@@ -42,28 +60,45 @@ def test_available_backends_on_cpu():
 
 
 def test_auto_on_cpu_is_torch_never_reference():
-    q, k, v = _attn_inputs()
-    assert dispatch.check_attention(q, k, v, None, "auto")[0] == "torch"
-    assert dispatch.check_fused_qkv(*_qkv_inputs(), 2, "auto") == "torch"
-    assert dispatch.check_gelu_mlp(*_mlp_inputs(), "none", "auto") == "torch"
+    q, k, v = _attn_inputs(device="cpu")
+    reason = "auto on cpu is torch: kernel backends are picked only from GPU measurements"
+    assert dispatch.check_attention(q, k, v, None, "auto")[0] == ("torch", reason)
+    assert dispatch.check_fused_qkv(*_qkv_inputs(device="cpu"), 2, "auto") == ("torch", reason)
+    assert dispatch.check_gelu_mlp(*_mlp_inputs(device="cpu"), "none", "auto") == ("torch", reason)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_is_torch_where_nothing_was_measured(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TABLE", {})
+    q, k, v = _attn_inputs(device="cuda", dtype=torch.bfloat16, N=197, D=64)
+    backend, reason = vk.explain_backend("attention", q, k, v)
+    major, minor = torch.cuda.get_device_capability()
+    assert (backend, reason) == (
+        "torch",
+        f"no committed GPU measurement for sm_{major}{minor} attention bf16 D=64 N<=256: torch",
+    )
+    assert vk.explain_backend("fused_qkv", *_qkv_inputs(device="cuda"), 2).backend == "torch"
+    assert vk.explain_backend("gelu_mlp", *_mlp_inputs(device="cuda")).backend == "torch"
 
 
 def test_explicit_backend_is_honoured_or_raises():
     q, k, v = _attn_inputs()
-    for backend in ("torch", "reference"):
-        assert dispatch.check_attention(q, k, v, None, backend)[0] == backend
+    for backend in vk.available_backends(DEVICE):
+        assert dispatch.check_attention(q, k, v, None, backend)[0] == (backend, f"backend={backend!r} was requested")
+    cpu = _attn_inputs(device="cpu")
     with pytest.raises(ValueError, match="backend='cuda'.*CUDA"):
-        vk.attention(q, k, v, backend="cuda")
+        vk.attention(*cpu, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         vk.attention(q, k, v, backend="flash")
 
 
-def test_unsupported_head_dim_names_backend_and_dim():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_unsupported_head_dim_names_backend_and_dim(backend):
     q, k, v = _attn_inputs(D=40)
-    if "triton" in vk.available_backends("cpu"):
-        with pytest.raises(ValueError, match=r"head dim D=40 is not supported"):
-            vk.attention(q, k, v, backend="triton")
-    assert dispatch.check_attention(q, k, v, None, "auto")[0] == "torch"  # auto routes around it
+    assert dispatch.check_attention(q, k, v, None, "auto")[0].backend == "torch"  # auto routes around it
+    _skip_unless_runs(backend)
+    with pytest.raises(ValueError, match=rf"backend='{backend}'.*head dim D=40 is not supported"):
+        vk.attention(q, k, v, backend=backend)
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
@@ -94,7 +129,7 @@ def _bad_attention_cases():
         ((q[:, :, :0], k[:, :, :0], v[:, :, :0]), {}, ValueError, "q must be non-empty"),
         ((q, k, v), {"scale": float("nan")}, TypeError, "scale must be a finite float"),
         ((q, k, v), {"scale": "0.1"}, TypeError, "scale must be a finite float"),
-        ((q, k, v), {"backend": "cuda"}, ValueError, "cuda"),
+        ((q.cpu(), k.cpu(), v.cpu()), {"backend": "cuda"}, ValueError, "cuda"),
     ]
 
 
@@ -108,7 +143,7 @@ def test_bad_attention_input_raises_clear_error(case):
 def _bad_qkv_cases():
     x, w, b = _qkv_inputs()
     return [
-        ((x[0], w, b, 2), TypeError if False else ValueError, "x must be 3-D"),
+        ((x[0], w, b, 2), ValueError, "x must be 3-D"),
         ((x, w[:64], b, 2), ValueError, r"weight must have shape \(3C, C\)"),
         ((x, w, b[:10], 2), ValueError, r"bias must have shape \(3C,\)"),
         ((x, w, b, 3), ValueError, "divisible by num_heads=3"),
@@ -127,12 +162,13 @@ def test_bad_fused_qkv_input_raises_clear_error(case):
         vk.fused_qkv(*args)
 
 
-def test_fused_qkv_channel_alignment_for_kernel_backends():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_qkv_channel_alignment_for_kernel_backends(backend):
     x, w, b = _qkv_inputs(C=36)
     assert len(vk.fused_qkv(x, w, b, 3, backend="torch")) == 3  # eager backends take any C
-    if "triton" in vk.available_backends("cpu"):
-        with pytest.raises(ValueError, match="multiples of 8, got C=36"):
-            vk.fused_qkv(x, w, b, 3, backend="triton")
+    _skip_unless_runs(backend)
+    with pytest.raises(ValueError, match=rf"backend='{backend}'.*multiples of 8, got C=36"):
+        vk.fused_qkv(x, w, b, 3, backend=backend)
 
 
 def _bad_mlp_cases():
@@ -158,15 +194,16 @@ def test_bad_gelu_mlp_input_raises_clear_error(case):
 def test_device_mismatch_is_a_value_error():
     q, k, v = _attn_inputs()
     k = k.to("meta")
-    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+    with pytest.raises(ValueError, match=f"k is on meta but q is on {q.device}"):
         vk.attention(q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch.compile: each op is one node, no graph break, forward and backward
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", vk.available_backends("cpu"))
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
 def test_torch_compile_has_no_graph_breaks(backend):
+    _skip_unless_runs(backend)
     torch._dynamo.reset()
     x, w, b = _qkv_inputs(B=1, N=5, C=64)
     _, w1, b1, w2, b2 = _mlp_inputs(C=64, Hd=64)
@@ -194,3 +231,197 @@ def test_partial_build_is_reported_not_crashed(monkeypatch):
     reason = dispatch._missing_kernels("torch", "attention")
     assert reason == "this build of vit_kernels has no torch attention kernels (vit_kernels.no_such_module is missing)"
     assert dispatch._missing_kernels("torch", "linear") is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# auto on CUDA: the measured table (fake CUDA tensors, faked compute capability: no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+def _table(*entries):
+    return dispatch.parse_table(
+        {"entries": [dict(zip(("arch", "op", "dtype", "dim", "tokens", "backend"), e)) for e in entries]}
+    )
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Fake CUDA tensors (shapes and dtypes only) on a device whose capability the test sets; an empty table."""
+    capability = {0: (9, 0)}
+    monkeypatch.setattr(dispatch, "_CAPABILITY", capability)
+    monkeypatch.setattr(dispatch, "_TABLE", {})
+    with FakeTensorMode():
+        yield capability
+
+
+def _cuda(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def test_committed_table_loads():
+    table = dispatch.load_table(dispatch.MEASURED_TABLE)
+    assert table == dispatch._TABLE
+    assert all(entry["backend"] in ("torch", "triton", "cuda") for entry in table.values())
+
+
+def test_auto_without_a_measurement_is_torch_and_says_so(fake_cuda):
+    q = _cuda(2, 3, 197, 64)
+    assert vk.explain_backend("attention", q, q, q) == (
+        "torch",
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch",
+    )
+    x, w, b = _cuda(8, 197, 768), _cuda(3 * 768, 768), _cuda(3 * 768)
+    assert vk.explain_backend("fused_qkv", x, w, b, 12) == (
+        "torch",
+        "no committed GPU measurement for sm_90 fused_qkv bf16 C<=1024 B*N<=2048: torch",
+    )
+
+
+def test_auto_takes_the_measured_backend_only_where_it_was_measured(fake_cuda, monkeypatch):
+    _skip_unless_runs("triton", "cuda:0")  # the real availability check, on the faked sm_90
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 64, 256, "triton")))
+    q = _cuda(2, 3, 197, 64)
+    backend, reason = vk.explain_backend("attention", q, q, q)
+    assert (backend, reason) == ("triton", "measured correct and fastest for sm_90 attention bf16 D=64 N<=256: triton")
+    assert dispatch.check_attention(q, q, q, None, "auto")[0].backend == "triton"
+    assert vk.explain_backend("attention", *[_cuda(2, 3, 129, 64)] * 3).backend == "triton"  # same bucket
+    # every other key misses: another N bucket, head dim, dtype, op, arch
+    assert vk.explain_backend("attention", *[_cuda(2, 3, 257, 64)] * 3).backend == "torch"
+    assert vk.explain_backend("attention", *[_cuda(2, 3, 128, 64)] * 3).backend == "torch"
+    assert vk.explain_backend("attention", *[_cuda(2, 3, 197, 80)] * 3).backend == "torch"
+    assert vk.explain_backend("attention", *[_cuda(2, 3, 197, 64, dtype=torch.float16)] * 3).backend == "torch"
+    x = _cuda(1, 197, 192)
+    assert vk.explain_backend("fused_qkv", x, _cuda(576, 192), None, 3).backend == "torch"
+    fake_cuda[0] = (8, 6)  # an sm_86 card: the sm_90 measurement says nothing about it
+    assert vk.explain_backend("attention", q, q, q) == (
+        "torch",
+        "no committed GPU measurement for sm_86 attention bf16 D=64 N<=256: torch",
+    )
+    assert vk.explain_backend("attention", q, q, q, backend="reference").backend == "reference"
+
+
+def test_auto_linear_ops_use_channel_and_token_buckets(fake_cuda, monkeypatch):
+    _skip_unless_runs("triton", "cuda:0")
+    monkeypatch.setattr(
+        dispatch,
+        "_TABLE",
+        _table(
+            ("sm_90", "gelu_mlp", "fp16", 1024, 65536, "triton"), ("sm_90", "fused_qkv", "fp16", 1024, 65536, "torch")
+        ),
+    )
+    x = _cuda(256, 197, 768, dtype=torch.float16)  # B * N = 50432 rows, C = 768
+    w1, b1 = _cuda(3072, 768, dtype=torch.float16), _cuda(3072, dtype=torch.float16)
+    w2, b2 = _cuda(768, 3072, dtype=torch.float16), _cuda(768, dtype=torch.float16)
+    assert vk.explain_backend("gelu_mlp", x, w1, b1, w2, b2) == (
+        "triton",
+        "measured correct and fastest for sm_90 gelu_mlp fp16 C<=1024 B*N<=65536: triton",
+    )
+    assert (
+        vk.explain_backend("gelu_mlp", _cuda(8, 197, 768, dtype=torch.float16), w1, b1, w2, b2).backend == "torch"
+    )  # 1576 rows: not measured
+    w, b = _cuda(3 * 768, 768, dtype=torch.float16), _cuda(3 * 768, dtype=torch.float16)
+    assert vk.explain_backend("fused_qkv", x, w, b, 12).backend == "torch"  # measured: torch won
+
+
+def test_auto_fp32_is_keyed_by_the_matmul_precision(fake_cuda, monkeypatch):
+    _skip_unless_runs("triton", "cuda:0")
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "tf32", 64, 256, "triton")))
+    q = _cuda(2, 3, 197, 64, dtype=torch.float32)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # exact fp32: the tf32 measurement does not apply
+        assert vk.explain_backend("attention", q, q, q).reason.startswith(
+            "no committed GPU measurement for sm_90 attention fp32"
+        )
+        torch.set_float32_matmul_precision("high")
+        assert vk.explain_backend("attention", q, q, q).backend == "triton"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_auto_measured_backend_that_cannot_run_these_inputs_is_torch(fake_cuda, monkeypatch):
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 40, 256, "triton")))
+    q = _cuda(2, 3, 197, 40)
+    backend, reason = vk.explain_backend("attention", q, q, q)
+    assert backend == "torch"
+    assert reason.startswith("measured fastest for sm_90 attention bf16 D=40 N<=256 is triton, which cannot run here (")
+    assert reason.endswith("): torch")
+
+
+def test_explain_backend_on_cpu_and_bad_arguments():
+    q, k, v = _attn_inputs(device="cpu")
+    assert vk.explain_backend("attention", q, k, v, scale=0.5) == (
+        "torch",
+        "auto on cpu is torch: kernel backends are picked only from GPU measurements",
+    )
+    assert vk.explain_backend("gelu_mlp", *_mlp_inputs(device="cpu"), approximate="tanh", backend="reference") == (
+        "reference",
+        "backend='reference' was requested",
+    )
+    with pytest.raises(ValueError, match="op must be one of"):
+        vk.explain_backend("softmax", q, k, v)
+    with pytest.raises(TypeError, match="k has dtype"):
+        vk.explain_backend("attention", q, k.half(), v)  # the op's own validation
+
+
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        (("sm_90", "attention", "bf16", 64, 197, "triton"), "tokens 197 is not a power of two"),
+        (("sm_90", "mlp", "bf16", 64, 256, "triton"), "op 'mlp' is not one of"),
+        (("sm_90", "gelu_mlp", "bf16", 768, 256, "triton"), "dim 768 is not a power of two"),
+        (("sm_90", "attention", "fp64", 64, 256, "triton"), "dtype 'fp64'"),
+        (("90", "attention", "bf16", 64, 256, "triton"), "arch '90' is not sm_"),
+        (("sm_90", "attention", "bf16", 64, 256, "auto"), "backend 'auto' is not torch, triton or cuda"),
+    ],
+)
+def test_bad_table_entry_is_named(entry, match):
+    with pytest.raises(ValueError, match=match):
+        _table(entry)
+
+
+def test_table_key_repeated_or_missing_fields():
+    with pytest.raises(ValueError, match="repeats the key sm_90 attention bf16 D=64 N<=256"):
+        _table(*[("sm_90", "attention", "bf16", 64, 256, "triton")] * 2)
+    with pytest.raises(ValueError, match="entry 0 .* is malformed"):
+        dispatch.parse_table({"entries": [{"arch": "sm_90", "op": "attention"}]})
+
+
+def test_bucket():
+    assert [dispatch.bucket(n) for n in (1, 2, 3, 197, 256, 257, 577, 50432)] == [1, 2, 4, 256, 256, 512, 1024, 65536]
+
+
+# ----------------------------------------------------------------------------------------------------
+# host overhead: per-device caches of the capability and of find_spec
+# ----------------------------------------------------------------------------------------------------
+def test_compute_capability_is_looked_up_once_per_device(monkeypatch):
+    calls = []
+
+    def get_device_capability(device=None):
+        calls.append(device)
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {}, raising=False)
+    for _ in range(50):
+        for index in (0, 1):
+            assert dispatch.device_unavailable_reason("triton", torch.device("cuda", index)) is None
+    assert sorted(calls) == [0, 1], calls
+
+
+def test_find_spec_is_looked_up_once_per_module(monkeypatch):
+    calls = []
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        calls.append(name)
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(dispatch, "_MODULE_FOUND", {}, raising=False)
+    q, k, v = _attn_inputs(device="cpu")
+    x, w, b = _qkv_inputs(device="cpu")
+    for _ in range(50):
+        dispatch.available_backends("cpu")
+        for backend in ("auto", "torch", *vk.available_backends("cpu")):
+            dispatch.check_attention(q, k, v, None, backend)
+            dispatch.check_fused_qkv(x, w, b, 2, backend)
+    assert len(calls) == len(set(calls)), calls

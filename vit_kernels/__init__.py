@@ -1,7 +1,9 @@
 """vit-kernels: fused Triton and CUDA C++ kernels for Vision Transformers.
 
 The public API (see shared DESIGN.md): `attention`, `fused_qkv`, `gelu_mlp`, `available_backends`,
-`build_info`. Every op validates its inputs and picks its backend in `dispatch.py`.
+`build_info`, and `explain_backend` (which backend a call runs on, and why). Every op validates its
+inputs and picks its backend in `dispatch.py`; under `torch.autocast` its floating inputs are first cast
+to the autocast dtype, as `F.linear` and SDPA do.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from vit_kernels import dispatch, library, reference, torch_backend
 from vit_kernels.dispatch import available_backends
 
-__all__ = ["attention", "fused_qkv", "gelu_mlp", "available_backends", "build_info"]
+__all__ = ["attention", "fused_qkv", "gelu_mlp", "available_backends", "build_info", "explain_backend"]
 __version__ = "0.1.0"
 
 
@@ -23,7 +25,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     (B, N, H, D), so `out.transpose(1, 2).reshape(B, N, H * D)` is free.
     fp32 inputs use tf32 on the kernel backends unless `torch.get_float32_matmul_precision() == "highest"`.
     """
-    backend, scale = dispatch.check_attention(q, k, v, scale, backend)
+    (backend, _why), (q, k, v), scale = _plan_attention(q, k, v, scale=scale, backend=backend)
     if backend == "reference":
         return reference.attention(q, k, v, scale)
     if backend == "torch":
@@ -36,7 +38,7 @@ def fused_qkv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *, backend: str = "auto"
 ):
     """x (B, N, C) @ weight (3C, C)^T + bias (3C,) -> q, k, v each (B, H, N, C // H), split in the GEMM epilogue."""
-    backend = dispatch.check_fused_qkv(x, weight, bias, num_heads, backend)
+    (backend, _why), (x, weight, bias) = _plan_fused_qkv(x, weight, bias, num_heads, backend=backend)
     if backend == "reference":
         return reference.fused_qkv(x, weight, bias, num_heads)
     if backend == "torch":
@@ -58,7 +60,9 @@ def gelu_mlp(
 
     `approximate="none"` is exact erf GELU (timm and Hugging Face), `"tanh"` the tanh form.
     """
-    backend = dispatch.check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend)
+    (backend, _why), (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) = _plan_gelu_mlp(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate, backend=backend
+    )
     if backend == "reference":
         return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
     if backend == "torch":
@@ -74,6 +78,41 @@ def gelu_mlp(
         backend,
     )
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
+
+
+def explain_backend(op: str, *args, **kwargs) -> dispatch.Choice:
+    """Which backend `vk.<op>(*args, **kwargs)` would run on, and why, without running it.
+
+    op: "attention", "fused_qkv" or "gelu_mlp"; the other arguments are exactly the op's. Returns a
+    `(backend, reason)` named tuple, e.g. on an H100 with bf16 ViT-B inputs and no measurement yet:
+    ('torch', 'no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch').
+    Raises what the op would raise for bad inputs.
+    """
+    if op not in _PLANS:
+        raise ValueError(f"op must be one of {tuple(_PLANS)}, got {op!r}")
+    return _PLANS[op](*args, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# what every op does before its kernel: autocast, validation, backend choice (shared with explain_backend)
+# ----------------------------------------------------------------------------------------------------
+def _plan_attention(q, k, v, *, scale=None, backend="auto"):
+    q, k, v = dispatch.autocast_inputs(q, k, v)
+    choice, scale = dispatch.check_attention(q, k, v, scale, backend)
+    return choice, (q, k, v), scale
+
+
+def _plan_fused_qkv(x, weight, bias, num_heads, *, backend="auto"):
+    x, weight, bias = dispatch.autocast_inputs(x, weight, bias)
+    return dispatch.check_fused_qkv(x, weight, bias, num_heads, backend), (x, weight, bias)
+
+
+def _plan_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", backend="auto"):
+    tensors = dispatch.autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return dispatch.check_gelu_mlp(*tensors, approximate, backend), tensors
+
+
+_PLANS = {"attention": _plan_attention, "fused_qkv": _plan_fused_qkv, "gelu_mlp": _plan_gelu_mlp}
 
 
 def build_info() -> dict:

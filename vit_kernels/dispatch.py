@@ -1,17 +1,28 @@
 """The one place that validates inputs and picks a backend.
 
 Each backend declares what it supports (devices, dtypes, head dims, channel alignment, compute
-capability, whether it is built/importable here); `auto` takes the first backend in its preference
-list that accepts the inputs, and a backend named explicitly either accepts them or raises with its
-reasons. Nothing ever falls back silently.
+capability, whether it is built/importable here); a backend named explicitly either accepts the inputs
+or raises with its reasons. Nothing ever falls back silently.
+
+`auto` runs a kernel backend only where a GPU measurement showed it correct and faster than `torch`:
+the committed table `measured_backends.json` (written by `benchmarks/auto_table.py` from GPU benchmark
+results) maps (arch, op, dtype, head dim or channel bucket, token bucket) to a backend; everything it
+does not cover, and every CPU input, runs on `torch`. `explain` says which backend a call gets and why.
+
+Under `torch.autocast` the public ops first cast their floating inputs to the autocast dtype
+(`autocast_inputs`), as `F.linear` and SDPA do, so validation, the table and the kernels all see the
+dtype that will run.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -20,9 +31,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # GEMM tiles load 16-byte vectors along the reduction dim, so channels come in multiples of 8.
 KERNEL_CHANNEL_MULTIPLE = 8
-# Preference of `auto` on a CUDA device. Triton first: its kernels cover sm_80 and sm_90 through the
-# compiler; to be revisited with the committed GPU measurements in benchmarks/results/.
-AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+OPS = ("attention", "fused_qkv", "gelu_mlp")
+MEASURED_TABLE = Path(__file__).with_name("measured_backends.json")
 
 
 @dataclass(frozen=True)
@@ -56,27 +67,47 @@ def _cuda_extension():
     return _C, None
 
 
+# Per-process caches of what cannot change while the process runs: whether a module can be imported
+# and each device's compute capability. Looked up on every op call, they were most of the host time of
+# a small call (`importlib.util.find_spec` of a module not yet imported costs ~13 us).
+_MODULE_FOUND: dict[str, bool] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _module_found(name: str) -> bool:
+    found = _MODULE_FOUND.get(name)
+    if found is None:
+        found = _MODULE_FOUND[name] = importlib.util.find_spec(name) is not None
+    return found
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return capability
+
+
 def device_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device` here, or None if it can."""
     if backend in ("reference", "torch"):
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _module_found("triton"):
             return "triton is not installed"
         if device.type == "cpu":
             return None if _triton_interpreting() else "CPU tensors run Triton kernels only with TRITON_INTERPRET=1"
         if device.type != "cuda":
             return f"triton kernels need a CUDA device, got {device.type}"
-        major, _ = torch.cuda.get_device_capability(device)
-        return None if major >= 8 else "triton kernels need compute capability >= 8.0"
+        return None if _capability(device)[0] >= 8 else "triton kernels need compute capability >= 8.0"
     if backend == "cuda":
         _C, reason = _cuda_extension()
         if reason:
             return reason
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        major, _ = torch.cuda.get_device_capability(device)
-        return None if major >= 8 else "the CUDA kernels are built for compute capability >= 8.0"
+        return None if _capability(device)[0] >= 8 else "the CUDA kernels are built for compute capability >= 8.0"
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
@@ -121,31 +152,130 @@ def _missing_kernels(backend: str, family: str) -> str | None:
     from vit_kernels.library import _KERNEL_MODULES
 
     module = _KERNEL_MODULES.get((backend, family))
-    if module is None or importlib.util.find_spec(module) is not None:
+    if module is None or _module_found(module):
         return None
     return f"this build of vit_kernels has no {backend} {family} kernels ({module} is missing)"
 
 
-def _select(backend: str, device: torch.device, family: str, kernel_reasons: dict[str, str | None]) -> str:
-    """Resolve `backend` for `family` ("attention" or "linear") on `device`; `kernel_reasons` gives each
-    backend's objection to these particular inputs."""
+# ----------------------------------------------------------------------------------------------------
+# auto: the committed table of GPU measurements
+# ----------------------------------------------------------------------------------------------------
+class Choice(NamedTuple):
+    """The backend an op call runs on, and why (what `vk.explain_backend` returns)."""
+
+    backend: str
+    reason: str
+
+
+class TableKey(NamedTuple):
+    """One cell of the measured table. Sizes are rounded up to a power of two (`bucket`), so N = 197
+    falls in N<=256 and N = 257 in N<=512."""
+
+    arch: str  # "sm_90": the device's compute capability (an A100's measurements say nothing of an sm_86 card)
+    op: str  # "attention" | "fused_qkv" | "gelu_mlp"
+    dtype: str  # "fp16" | "bf16" | "fp32" (exact) | "tf32" (fp32 inputs where the matmul precision allows tf32)
+    dim: int  # attention: the head dim D; fused_qkv, gelu_mlp: the channel count C, bucketed
+    tokens: int  # attention: the sequence length N; fused_qkv, gelu_mlp: the GEMM's rows B * N; bucketed
+
+    def __str__(self) -> str:
+        if self.op == "attention":
+            return f"{self.arch} attention {self.dtype} D={self.dim} N<={self.tokens}"
+        return f"{self.arch} {self.op} {self.dtype} C<={self.dim} B*N<={self.tokens}"
+
+
+def bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def parse_table(data: dict) -> dict[TableKey, dict]:
+    """The entries of a measured table (the JSON of `measured_backends.json`), keyed; ValueError naming the
+    first bad entry."""
+    table = {}
+    for i, entry in enumerate(data.get("entries", [])):
+        try:
+            key = TableKey(entry["arch"], entry["op"], entry["dtype"], int(entry["dim"]), int(entry["tokens"]))
+            backend = entry["backend"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"measured table entry {i} ({entry!r}) is malformed: {exc!r}") from None
+        checks = (
+            (key.arch.startswith("sm_") and key.arch[3:].isdigit(), f"arch {key.arch!r} is not sm_<major><minor>"),
+            (key.op in OPS, f"op {key.op!r} is not one of {OPS}"),
+            (key.dtype in ("fp32", "tf32", "fp16", "bf16"), f"dtype {key.dtype!r} is not fp32, tf32, fp16 or bf16"),
+            (key.tokens == bucket(key.tokens), f"tokens {key.tokens} is not a power of two"),
+            (key.op == "attention" or key.dim == bucket(key.dim), f"dim {key.dim} is not a power of two"),
+            (backend in ("torch", "triton", "cuda"), f"backend {backend!r} is not torch, triton or cuda"),
+            (key not in table, f"it repeats the key {key}"),
+        )
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError(f"measured table entry {i} ({entry!r}): {'; '.join(problems)}")
+        table[key] = entry
+    return table
+
+
+def load_table(path: Path) -> dict[TableKey, dict]:
+    """The measured table at `path`; empty if the file is missing (then `auto` is `torch` everywhere)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    return parse_table(json.loads(text))
+
+
+# Read once at import: a lookup per op call must cost a dict access, and a file read could not be traced
+# by torch.compile. Tests swap in their own table with monkeypatch.
+_TABLE: dict[TableKey, dict] = load_table(MEASURED_TABLE)
+_REQUESTED = {b: f"backend={b!r} was requested" for b in BACKENDS}
+
+
+def _table_key(device: torch.device, op: str, dtype: torch.dtype, dim: int, tokens: int) -> TableKey:
+    major, minor = _capability(device)
+    name = DTYPE_NAMES[dtype]
+    if name == "fp32" and allow_tf32():
+        name = "tf32"
+    if op != "attention":
+        dim = bucket(dim)
+    return TableKey(f"sm_{major}{minor}", op, name, dim, bucket(tokens))
+
+
+def _select(
+    backend: str,
+    device: torch.device,
+    op: str,
+    sizes: tuple[torch.dtype, int, int],
+    kernel_reasons: dict[str, str | None],
+) -> Choice:
+    """Resolve `backend` for `op` on `device`. `sizes` is (dtype, dim, tokens) of these inputs, the table's key
+    (see TableKey); `kernel_reasons` gives each backend's objection to these particular inputs."""
+    family = "attention" if op == "attention" else "linear"
 
     def reason(b: str) -> str | None:
         return device_unavailable_reason(b, device) or _missing_kernels(b, family) or kernel_reasons.get(b)
 
     if backend == "auto":
         if device.type != "cuda":
-            return "torch"
-        for b in AUTO_ORDER_CUDA:
-            if reason(b) is None:
-                return b
-        raise AssertionError("unreachable: the torch backend accepts every validated input")
+            return Choice(
+                "torch", f"auto on {device.type} is torch: kernel backends are picked only from GPU measurements"
+            )
+        key = _table_key(device, op, *sizes)
+        entry = _TABLE.get(key)
+        if entry is None:
+            return Choice("torch", f"no committed GPU measurement for {key}: torch")
+        chosen = entry["backend"]
+        why = reason(chosen)
+        if why is not None:
+            return Choice("torch", f"measured fastest for {key} is {chosen}, which cannot run here ({why}): torch")
+        evidence = entry.get("evidence")
+        return Choice(
+            chosen, f"measured correct and fastest for {key}: {chosen}" + (f" ({evidence})" if evidence else "")
+        )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     why = reason(backend)
     if why is not None:
         raise ValueError(f"backend={backend!r} cannot run these inputs: {why}")
-    return backend
+    return Choice(backend, _REQUESTED[backend])
 
 
 def _channel_reasons(dims: dict[str, int]) -> dict[str, str | None]:
@@ -161,9 +291,24 @@ def _channel_reasons(dims: dict[str, int]) -> dict[str, str | None]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# per-op validation: returns the resolved backend
+# autocast, then per-op validation: returns the resolved backend
 # ----------------------------------------------------------------------------------------------------
-def check_attention(q, k, v, scale, backend: str) -> tuple[str, float]:
+def autocast_inputs(*tensors):
+    """`tensors` as an op under `torch.autocast` runs them, the way F.linear and SDPA do: with autocast on for
+    the first tensor's device type, every fp32/fp16/bf16 tensor is cast to the autocast dtype (fp64 and
+    non-tensors are left for validation to reject); otherwise all are returned as they are. The cast is
+    differentiable, so each gradient comes back in its input's own dtype (fp32 master weights get fp32)."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in DTYPES else t for t in tensors)
+
+
+def check_attention(q, k, v, scale, backend: str) -> tuple[Choice, float]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
     _check_same({"q": q, "k": k, "v": v})
@@ -178,10 +323,10 @@ def check_attention(q, k, v, scale, backend: str) -> tuple[str, float]:
     for b, support in SUPPORT.items():
         if support.head_dims is not None and head_dim not in support.head_dims:
             reasons[b] = f"head dim D={head_dim} is not supported (supported: {support.head_dims})"
-    return _select(backend, q.device, "attention", reasons), float(scale)
+    return _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), reasons), float(scale)
 
 
-def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> str:
+def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
     _check_tensor("x", x, ndim=3)
     _check_tensor("weight", weight, ndim=2)
     if bias is not None:
@@ -196,10 +341,11 @@ def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> str:
     if bias is not None:
         _check_shape("bias", bias, (3 * C,), "(3C,)")
     # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
-    return _select(backend, x.device, "linear", _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads}))
+    reasons = _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads})
+    return _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), reasons)
 
 
-def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> str:
+def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> Choice:
     _check_tensor("x", x)
     _check_tensor("fc1_weight", fc1_weight, ndim=2)
     _check_tensor("fc2_weight", fc2_weight, ndim=2)
@@ -218,7 +364,8 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
         _check_shape("fc1_bias", fc1_bias, (hidden,), "(hidden,)")
     if fc2_bias is not None:
         _check_shape("fc2_bias", fc2_bias, (C_out,), "(C_out,)")
-    return _select(backend, x.device, "linear", _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out}))
+    reasons = _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out})
+    return _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), reasons)
 
 
 # A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it
