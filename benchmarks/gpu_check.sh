@@ -111,7 +111,9 @@ digest() {  # what of a stage's log goes into the report
   [ -s "$log" ] || return 0
   case $s in
     smoke) grep -E " (PASS|FAIL|ERROR|SKIP)|^smoke parity" "$log" ;;
-    tests) grep -E "^(FAILED|ERROR)|passed|failed|error|no tests ran" "$log" | tail -n 40 ;;
+    tests)
+      echo "$(grep -cE ' PASSED' "$log") PASSED lines, $(grep -cE ' SKIPPED' "$log") SKIPPED lines so far"
+      grep -E "^(FAILED|ERROR) | FAILED | ERROR |^=+ .*(passed|failed|error)|no tests ran" "$log" | tail -n 40 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
     headline | attn_tables | mlp_tables | vit_tables | tune | compile_tables | auto_table)
       grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
@@ -235,7 +237,8 @@ peaks_arg=()
 mapfile -t gpu_tests < <(grep -lE 'cuda|mark\.gpu' tests/test_*.py)
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n auto)
-stage tests 1 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
+# -v: one line per finished test, so a run killed at its slice still shows what passed and what failed
+stage tests 1 "$PY" -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
   --junitxml="$work/results/pytest-gpu.xml" "${gpu_tests[@]}"
 
 # 6. the full tables (torch.compile rows come later: minutes of compilation)

@@ -65,11 +65,13 @@ def ratio_rows(attn: list[dict], mlp: list[dict], vit: list[dict]) -> list[dict]
         for mode in ("fwd", "fwd_bwd"):
             group = [r for r in mlp if r["op"] == op and r["mode"] == mode]
             eager = next((r["ms"] for r in group if r["provider"] == "eager"), None)
+            name = "fused_qkv" if op == "qkv" else "gelu_mlp"
             for r in group:
+                speedup = eager / r["ms"] if eager else None
                 rows.append({
-                    "what": f"{'fused_qkv' if op == 'qkv' else 'gelu_mlp'} {mode}", "provider": r["provider"],
-                    "ms": r["ms"], "rate": r["tflops"], "unit": "TFLOP/s", "vs_base": eager / r["ms"] if eager else None,
-                    "vs_torch": eager / r["ms"] if eager else None, "torch_best": "eager", "rel_err": r.get("rel_err"),
+                    "what": f"{name} {mode}", "provider": r["provider"], "ms": r["ms"], "rate": r["tflops"],
+                    "unit": "TFLOP/s", "vs_base": speedup, "vs_torch": speedup, "torch_best": "eager",
+                    "rel_err": r.get("rel_err"),
                 })  # fmt: skip
     base = next((r["ms"] for r in vit if r["provider"] == "vit:torch"), None)
     timm_ms = next((r["ms"] for r in vit if r["provider"] == "timm"), None)

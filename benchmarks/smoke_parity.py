@@ -179,7 +179,9 @@ def line(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true", help="a few tokens, batch 1 (the interpreter on CPU runs this)")
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--backends", default=",".join(BACKENDS))
@@ -203,7 +205,8 @@ def main(argv=None) -> int:
         for backend in backends:
             reason = dispatch.device_unavailable_reason(backend, torch.device(device))
             if reason:
-                rows.append({"op": "*", "backend": backend, "dtype": "*", "shape": "*", "status": "SKIP", "reason": reason})
+                rows.append({"op": "*", "backend": backend, "dtype": "*", "shape": "*"})
+                rows[-1].update(status="SKIP", reason=reason)
                 print(line(rows[-1]), flush=True)
                 continue
             for op in ops:
@@ -213,8 +216,9 @@ def main(argv=None) -> int:
                         try:
                             row = check_case(op, backend, dtype_name, shape, device)
                         except Exception as exc:  # one broken case must not hide the others
-                            row = {"op": op, "backend": backend, "dtype": dtype_name, "shape": shape[0],
-                                   "status": "ERROR", "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}  # fmt: skip
+                            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                            row = {"op": op, "backend": backend, "dtype": dtype_name, "shape": shape[0]}
+                            row.update(status="ERROR", reason=reason)
                             traceback.print_exc(file=sys.stderr)
                         rows.append(row)
                         print(line(row), flush=True)

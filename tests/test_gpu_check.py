@@ -1,0 +1,123 @@
+"""benchmarks/gpu_check.sh keeps its promises on a machine without a GPU: it ends within its budget, every
+stage of the report is `ran`, `skipped: <reason>` or `timed out`, at most 4 files land in OUT, and a stage that
+overruns its slice is killed (its whole process group) and reported while the stages after it still run."""
+
+import os
+import re
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+STAGES = ("build", "info", "smoke", "headline", "tests", "attn_tables", "mlp_tables", "vit_tables", "pytest_bench",
+          "memcheck", "racecheck", "tune", "compile_tables", "auto_table")  # fmt: skip
+GPU_STAGES = set(STAGES) - {"info", "auto_table"}
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the check builds and runs every stage for real: run it by hand"
+)
+
+
+def run_check(tmp_path, *args, timeout=150):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PYTHON=os.environ.get("PYTHON", __import__("sys").executable))
+    t0 = time.monotonic()
+    res = subprocess.run(
+        ["bash", str(SCRIPT), "--results-dir", str(tmp_path / "results"), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    reports = list(out.glob("*.md"))
+    assert len(reports) == 1, f"OUT holds {sorted(p.name for p in out.iterdir())}\n{res.stdout}\n{res.stderr}"
+    return res, seconds, out, reports[0].read_text()
+
+
+def stage_lines(report: str) -> dict[str, str]:
+    """The report's stage list: {stage: status}."""
+    section = report.split("## Stages", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^- (\w+): (.+)$", section, re.M))
+
+
+def test_cpu_run_ends_within_budget_with_every_stage_reported(tmp_path):
+    res, seconds, out, report = run_check(tmp_path, "--budget", "60")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert seconds < 90, f"took {seconds:.0f} s"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 4 and any(f.endswith(".tar.gz") for f in files), files
+    lines = stage_lines(report)
+    assert list(lines) == list(STAGES), lines
+    for stage, status in lines.items():
+        assert re.match(r"(ran\b|skipped: \S|timed out)", status), f"{stage}: {status}"
+        if stage in GPU_STAGES:
+            assert status == "skipped: no CUDA device", f"{stage}: {status}"
+    assert lines["info"].startswith("ran, exit 0"), lines["info"]
+    assert '"available_backends"' in report  # info's output made it into the report
+    # the same report is kept for committing, and the tarball holds every stage's log
+    assert (tmp_path / "results" / next(out.glob("*.md")).name).read_text() == report
+    with tarfile.open(next(out.glob("*.tar.gz"))) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"info.log", "report.md"} <= names, names
+
+
+def test_a_stage_past_its_slice_is_killed_and_later_stages_still_run(tmp_path):
+    # smoke sleeps for ten minutes in a child process; headline (sleep 0) must still run after it.
+    fakes = ["--fake-stage", "smoke=600", "--fake-stage", "headline=0"]
+    res, seconds, out, report = run_check(tmp_path, "--budget", "30", "--only", "smoke,headline", *fakes)
+    assert seconds < 40, f"took {seconds:.0f} s: the sleeping stage was not killed at its slice"
+    assert res.returncode == 1, "a timed-out stage must make the exit status non-zero"
+    lines = stage_lines(report)
+    assert lines["smoke"].startswith("timed out"), lines
+    assert lines["headline"].startswith("ran, exit 0"), lines
+    assert lines["tests"] == "skipped: not in --only", lines
+    assert "## smoke (timed out" in report
+    # the sleeping grandchild went with its stage: timeout signalled the whole process group
+    child = re.search(r"fake smoke: child (\d+)", res.stdout)
+    assert child, res.stdout
+    proc = Path(f"/proc/{child.group(1)}")
+    assert not proc.exists() or "sleep" not in (proc / "cmdline").read_text(), "the stage's child outlived the kill"
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks/smoke_parity.py, the check's second stage: on CPU with Triton under the interpreter, tiny shapes
+# ----------------------------------------------------------------------------------------------------
+def test_smoke_parity_prints_one_line_per_case_and_skips_cuda_with_its_reason(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [os.environ.get("PYTHON", __import__("sys").executable), str(ROOT / "benchmarks" / "smoke_parity.py"),
+         "--tiny", "--ops", "attention", "--dtypes", "bf16", "--json", str(tmp_path / "rows.json")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    cases = [line for line in res.stdout.splitlines() if line.startswith("attention triton")]
+    assert len(cases) == 2 and all(" PASS " in c for c in cases), res.stdout  # 2 shapes
+    assert re.search(r"^\*\s+cuda .* SKIP: \S", res.stdout, re.M), res.stdout
+    rows = __import__("json").loads((tmp_path / "rows.json").read_text())
+    assert {(r["dtype"], r["shape"]) for r in rows if r["status"] == "PASS"} == {
+        ("bf16", s) for s in ("N=17 D=64 packed", "N=9 D=80")
+    }
+    assert all(0 < r["max_err"] <= r["tol"] for r in rows if r["status"] == "PASS")
+
+
+@pytest.mark.parametrize("wrong", ["scaled", "nan"])
+def test_smoke_parity_fails_a_wrong_kernel(monkeypatch, capsys, wrong):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import smoke_parity
+
+    right = smoke_parity.vk.attention
+
+    def broken(q, k, v, **kw):
+        out = right(q, k, v, **kw)
+        return out * 1.01 if wrong == "scaled" else out + float("nan")
+
+    monkeypatch.setattr(smoke_parity.vk, "attention", broken)
+    assert smoke_parity.main(["--tiny", "--ops", "attention", "--backends", "triton", "--dtypes", "fp32"]) == 1
+    out = capsys.readouterr().out
+    assert out.count(" FAIL ") == 2 and "2 FAIL" in out, out
