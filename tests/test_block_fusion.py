@@ -335,3 +335,25 @@ def test_vit_block_with_drop_path_in_training_stays_unfused(monkeypatch):
     seen.clear()
     model.eval()(torch.randn(2, 3, 16, 16))
     assert seen == ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"] * 2
+
+
+def test_block_bench_cpu(tmp_path):
+    """benchmarks/block_bench.py runs on CPU: eager rows checked against the reference, predicted bytes printed,
+    the Triton providers skipped with their reason (the interpreter is far too slow to time)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--device", "cpu", "--shapes", "1,17,64,128,2", "--rep-ms", "5", "--no-progress", "--threads", "1"]
+    args += ["--providers", "eager,unfused,fused", "--out-dir", str(tmp_path)]
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "block_bench.py"), *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "fwd"), ("eager", "fwd_bwd")]
+    assert all(float(r["rel err"]) < 1e-5 and float(r["ms (median)"]) > 0 for r in rows)
+    assert float(rows[0]["pred fwd GB"]) > 0
+    for provider in ("unfused", "fused"):
+        assert f"- skipped {provider} (all cells): on CPU tensors Triton runs only under its interpreter" in res.stdout
+    assert list(tmp_path.glob("block_bench-*.json"))
