@@ -357,3 +357,25 @@ def test_block_bench_cpu(tmp_path):
     for provider in ("unfused", "fused"):
         assert f"- skipped {provider} (all cells): on CPU tensors Triton runs only under its interpreter" in res.stdout
     assert list(tmp_path.glob("block_bench-*.json"))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, grad):
+    """Under no_grad fc1 stores GELU(hidden) only: one (M, hidden) buffer instead of two, and the result is the same."""
+    B, N, C, Hd, eps = 1, 5, 64, 128, 1e-6
+    shapes = []
+
+    def recording_alloc(*shape, like, dtype=None):
+        shapes.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+    monkeypatch.setattr(block, "_alloc", recording_alloc)
+    x = _x(B, N, C, F32, "plain").requires_grad_(grad)
+    ln_w, ln_b = _ln_params(C, F32)
+    w1, b1, w2 = _randn(Hd, C, dtype=F32, scale=C**-0.5), _randn(Hd, dtype=F32), _randn(C, Hd, dtype=F32)
+    with torch.set_grad_enabled(grad):
+        out = vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, None, backend="triton")
+    assert shapes.count((B * N, Hd)) == (2 if grad else 1)
+    assert out.requires_grad == grad
+    ref = reference.ln_gelu_mlp(*_double([x.detach(), ln_w, ln_b]), eps, w1.double(), b1.double(), w2.double(), None)
+    assert rel_error(out, ref) <= TOLERANCES[F32]

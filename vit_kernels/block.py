@@ -166,10 +166,14 @@ class _ProjResidual(torch.autograd.Function):
 
 class _LnMlp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32):
+    def forward(ctx, x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32,
+                needs_grad):  # fmt: skip
+        # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
         out, hidden, mean, rstd = _ops().ln_mlp_fwd(
-            x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32
+            x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32, needs_grad
         )
+        if not needs_grad:
+            return out
         ctx.save_for_backward(x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd)
         ctx.has_b1, ctx.has_b2 = fc1_b is not None, fc2_b is not None
         ctx.approximate, ctx.residual, ctx.allow_tf32 = approximate, residual, allow_tf32
@@ -182,7 +186,7 @@ class _LnMlp(torch.autograd.Function):
             dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
             ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32,
         )  # fmt: skip
-        return dx, dln_w, dln_b, None, dw1, db1, dw2, db2, None, None, None
+        return dx, dln_w, dln_b, None, dw1, db1, dw2, db2, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +240,9 @@ def ln_gelu_mlp(
         y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
         out = torch_backend.gelu_mlp(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
         return x + out if residual else out
+    tensors = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return _LnMlp.apply(
         x, ln_weight, ln_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-        dispatch.allow_tf32(),
+        dispatch.allow_tf32(), needs_grad,
     )  # fmt: skip

@@ -27,7 +27,8 @@ dy through the normalisation (dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 residual's gradient in the same pass where the residual is x itself, and reduces dgamma = sum(dy * xhat),
 dbeta = sum(dy) into per-program fp32 partials that torch sums (deterministic, no atomics). Recomputing y costs
 one (M, C) write + read in backward; a B-operand LN prologue in the dW GEMM would remove it (not done yet).
-proj_residual keeps nothing but o and W: the residual's gradient is dout itself.
+proj_residual keeps nothing but o and W: the residual's gradient is dout itself. Without autograd (no_grad,
+inference) ln_mlp's fc1 does not write the pre-activation at all (STORE_PRE), only GELU of it for fc2.
 
 Launch configs: linear.py's table (`linear._config`) for the same epilogue. The LN prologue holds the A tile in
 registers for the normalisation; `compile_report` checks that this still compiles without spills.
@@ -85,7 +86,7 @@ def _ln_rows_kernel(
 def _block_gemm_kernel(
     A,  # (M, K), rows split as (M // A_ROWS, A_ROWS): x when LN, else the GEMM input
     W,  # (N, K) weight, read as B = W^T in place
-    C,  # (M, N); EPILOGUE 2: q (B, H, N_TOK, D) contiguous
+    C,  # (M, N); EPILOGUE 1: the pre-activation, written when STORE_PRE; EPILOGUE 2: q (B, H, N_TOK, D) contiguous
     C2,  # EPILOGUE 1: GELU(pre-activation) (M, N) with C's strides; EPILOGUE 2: k like q
     C3,  # EPILOGUE 2: v like q
     Bias,  # (N,) contiguous, read when HAS_BIAS
@@ -99,7 +100,7 @@ def _block_gemm_kernel(
     R_ROWS, stride_r_outer, stride_r_inner, stride_rn,
     N_TOK,
     LN: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
+    STORE_PRE: tl.constexpr, TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -168,7 +169,8 @@ def _block_gemm_kernel(
         else:
             # Pre-activation rounded first, so that backward's GELU recomputed from `hidden` sees the same numbers.
             pre = acc.to(out_ty)
-            tl.store(C + c_offs, pre, mask=c_mask)
+            if STORE_PRE:  # only backward needs it: inference skips this (M, N) write
+                tl.store(C + c_offs, pre, mask=c_mask)
             tl.store(C2 + c_offs, _gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
 
 
@@ -317,6 +319,7 @@ def _gemm_args(
     c3: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     ln: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    store_pre: bool = True,
     tanh: bool = False,
     n_tok: int = 1,
     qkv_c: int = 1,
@@ -335,7 +338,8 @@ def _gemm_args(
         M, N, K, *_rows(a), weight.stride(0), weight.stride(1), *c_strides, *res_rows, n_tok,
     )  # fmt: skip
     kwargs = dict(
-        LN=ln is not None, EPILOGUE=epilogue, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TANH=tanh,
+        LN=ln is not None, EPILOGUE=epilogue, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        STORE_PRE=store_pre, TANH=tanh,
         QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         INPUT_PRECISION=linear._input_precision(dtype, allow_tf32), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -442,9 +446,11 @@ def ln_mlp_fwd(
     approximate: str,
     residual: bool,
     allow_tf32: bool,
+    save_hidden: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """x (B, N, C) any strides -> out (B, N, C_out) contiguous = [x +] fc2(GELU(fc1(LN(x)))), hidden (B*N, Hd)
-    (the pre-activation, saved for backward), mean, rstd (B*N,) fp32.
+    (the pre-activation, saved for backward; None when not save_hidden, i.e. no gradient will be asked for, and
+    then never written), mean, rstd (B*N,) fp32.
 
     Three launches: row statistics; fc1 with the LN prologue and the GELU epilogue (which also writes the
     activation into a scratch buffer, as linear.mlp_fwd does, for the reason given there); fc2 with the bias and
@@ -452,12 +458,13 @@ def ln_mlp_fwd(
     B, N, C = x.shape
     M, Hd, C_out = B * N, fc1_weight.shape[0], fc2_weight.shape[0]
     mean, rstd = ln_stats(x, eps)
-    hidden = _alloc(M, Hd, like=x)
+    hidden = _alloc(M, Hd, like=x) if save_hidden else None
     act = _alloc(M, Hd, like=x)
     out = _alloc(B, N, C_out, like=x)
     _launch(
-        x, fc1_weight, hidden, M, Hd, C, allow_tf32, epilogue=EPI_GELU, bias=_vector(fc1_bias), c2=act,
-        tanh=approximate == "tanh", ln=(mean, rstd, ln_weight.contiguous(), ln_bias.contiguous()),
+        x, fc1_weight, hidden if save_hidden else act, M, Hd, C, allow_tf32, epilogue=EPI_GELU,
+        bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh", store_pre=save_hidden,
+        ln=(mean, rstd, ln_weight.contiguous(), ln_bias.contiguous()),
     )  # fmt: skip
     _launch(
         act, fc2_weight, out.view(M, C_out), M, C_out, Hd, allow_tf32, bias=_vector(fc2_bias),
