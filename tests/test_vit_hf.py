@@ -6,6 +6,7 @@ patch_hf, every parameter gradient) in fp32 on CPU.
 
 import copy
 import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
 import vit  # noqa: E402
+import vit_kernels as vk  # noqa: E402
 
 HF_TINY = dict(
     hidden_size=64,
@@ -134,7 +136,10 @@ def test_from_hf_rejects_missing_and_unexpected_keys(hf_model):
 
 
 def test_patch_hf_logits_and_grads(hf_model):
-    patched = vit.patch_hf(copy.deepcopy(hf_model), backend="torch")
+    patched = copy.deepcopy(hf_model)
+    summary = vit.patch_hf(patched, backend="torch")
+    assert summary.attention == ["vit.layers.0.attention", "vit.layers.1.attention"]  # transformers >= 5 layout
+    assert len(summary.mlp) == 2 and summary.skipped == []
     x = torch.randn(2, 3, 32, 32)
     g = torch.randn(2, 10)
     results = []
@@ -148,11 +153,77 @@ def test_patch_hf_logits_and_grads(hf_model):
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    # The weights stayed where they were: same state dict, and the patched forward is really in use.
+    # The weights stayed where they were: same state dict.
     assert patched.state_dict().keys() == hf_model.state_dict().keys()
-    assert patched.vit.layers[0].attention._vk_backend == "torch"
 
 
-def test_patch_hf_rejects_models_without_vit_modules():
-    with pytest.raises(ValueError, match="found no ViTAttention"):
+@contextmanager
+def counting_fused_ops(monkeypatch):
+    """Calls of vk.fused_qkv / vk.attention / vk.gelu_mlp (the patched forwards look them up at call time)."""
+    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in counts:
+            m.setattr(vk, name, counted(name, getattr(vk, name)))
+        yield counts
+
+
+def test_patch_hf_runs_the_fused_ops(hf_model, monkeypatch):
+    """With backend="torch" a patched model computes the same maths as HF's, so equal logits cannot show that
+    the patch is in use: count the fused ops' calls, forward and backward (issue 16, item 2)."""
+    x = torch.randn(2, 3, 32, 32)
+    with counting_fused_ops(monkeypatch) as counts:
+        hf_logits(hf_model, x)
+    assert counts == dict(fused_qkv=0, attention=0, gelu_mlp=0)  # the counter sees only the fused ops
+    vit.patch_hf(hf_model, backend="torch")
+    with counting_fused_ops(monkeypatch) as counts:
+        hf_logits(hf_model, x).sum().backward()
+    assert counts == dict(fused_qkv=2, attention=2, gelu_mlp=2)  # 2 layers: one of each per layer
+    assert all(p.grad is not None for p in hf_model.parameters())
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_patch_hf_falls_back_where_it_would_change_outputs(attn_implementation, monkeypatch):
+    """output_attentions (weights the fused attention never forms) and an attention mask run HF's own forward:
+    the same outputs as the unpatched model, attentions included, and no fused attention call."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**HF_TINY, attn_implementation=attn_implementation)
+    model = transformers.ViTForImageClassification(config).eval()
+    patched = copy.deepcopy(model)
+    vit.patch_hf(patched, backend="torch")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), counting_fused_ops(monkeypatch) as counts:
+        ref, out = model(pixel_values=x, output_attentions=True), patched(pixel_values=x, output_attentions=True)
+        torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+        assert len(out.attentions) == len(ref.attentions)
+        for a, b in zip(out.attentions, ref.attentions):
+            assert (a is None and b is None) or torch.equal(a, b)
+        attention = patched.vit.layers[0].attention
+        h, mask = torch.randn(1, 17, 64), torch.randn(1, 1, 17, 17)
+        torch.testing.assert_close(attention(h, mask)[0], type(attention).forward(attention, h, mask)[0])
+        assert counts["attention"] == 0
+        patched(pixel_values=x)
+        assert counts["attention"] == 2
+
+
+def test_patch_hf_skips_and_refuses(hf_model):
+    """Attention dropout: the attention is left alone and listed; strict=True names it; nothing patchable and
+    unknown backends are ValueErrors."""
+    config = transformers.ViTConfig(**{**HF_TINY, "attention_probs_dropout_prob": 0.1})
+    model = transformers.ViTForImageClassification(config).eval()
+    summary = vit.patch_hf(model, backend="torch")
+    assert summary.attention == [] and len(summary.mlp) == 2 and len(summary.skipped) == 2
+    assert "attention dropout (attention_probs_dropout_prob) p=0.1" in summary.skipped[0][1]
+    with pytest.raises(ValueError, match=r"patch_hf\(strict=True\): \S+\.0\.attention cannot be patched"):
+        vit.patch_hf(transformers.ViTForImageClassification(config), strict=True)
+    with pytest.raises(ValueError, match="patch_hf found nothing it can patch in Sequential"):
         vit.patch_hf(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vit.patch_hf(hf_model, backend="fast")

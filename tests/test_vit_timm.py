@@ -6,11 +6,13 @@ file in a second environment (torch 2.14.1, torchvision 0.29.1, timm).
 """
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 import vit
+import vit_kernels as vk
 
 
 def _import_timm():
@@ -66,8 +68,10 @@ def test_timm_checkpoint_loads_strict_with_same_logits_and_grads(timm_model, bac
 
 
 def test_patch_timm_same_logits_and_grads(timm_model):
-    patched = vit.patch_timm(copy.deepcopy(timm_model), backend="torch")
-    assert patched.blocks[0].attn._vk_backend == "torch" and patched.blocks[0].mlp._vk_backend == "torch"
+    patched = copy.deepcopy(timm_model)
+    summary = vit.patch_timm(patched, backend="torch")
+    assert summary.attention == ["blocks.0.attn", "blocks.1.attn"] and summary.mlp == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert summary.skipped == [] and "patched 2 attention and 2 MLP modules" in str(summary)
     x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 10)
     ref_logits, ref_grads = logits_and_grads(timm_model, x, g)
     logits, grads = logits_and_grads(patched, x, g)
@@ -77,13 +81,91 @@ def test_patch_timm_same_logits_and_grads(timm_model):
     assert patched.state_dict().keys() == timm_model.state_dict().keys()
 
 
-def test_patch_timm_rejects_what_the_fused_ops_cannot_do():
+@contextmanager
+def counting_fused_ops(monkeypatch):
+    """Calls of vk.fused_qkv / vk.attention / vk.gelu_mlp (the patched forwards look them up at call time)."""
+    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in counts:
+            m.setattr(vk, name, counted(name, getattr(vk, name)))
+        yield counts
+
+
+def test_patch_timm_runs_the_fused_ops(timm_model, monkeypatch):
+    """With backend="torch" a patched model computes the same maths as timm's, so equal logits cannot show
+    that the patch is in use: count the fused ops' calls, forward and backward (issue 16, item 2)."""
+    x = torch.randn(2, 3, 32, 32)
+    with counting_fused_ops(monkeypatch) as counts:
+        timm_model(x)
+    assert counts == dict(fused_qkv=0, attention=0, gelu_mlp=0)  # the counter sees only the fused ops
+    vit.patch_timm(timm_model, backend="torch")
+    with counting_fused_ops(monkeypatch) as counts:
+        timm_model(x).sum().backward()
+    assert counts == dict(fused_qkv=2, attention=2, gelu_mlp=2)  # depth 2: one of each per block
+    assert all(p.grad is not None for p in timm_model.parameters())
+
+
+def test_patch_timm_falls_back_for_masks(timm_model, monkeypatch):
+    """A mask or is_causal (timm passes them as arguments) runs timm's own forward: same result, no fused op."""
+    vit.patch_timm(timm_model, backend="torch")
+    attn = timm_model.blocks[0].attn
+    x = torch.randn(2, 5, 64)
+    mask = torch.randn(2, 1, 5, 5)
+    original = type(attn).forward
+    with counting_fused_ops(monkeypatch) as counts:
+        torch.testing.assert_close(attn(x, attn_mask=mask), original(attn, x, attn_mask=mask), atol=0, rtol=0)
+        torch.testing.assert_close(attn(x, None, True), original(attn, x, is_causal=True), atol=0, rtol=0)
+        assert counts["attention"] == 0
+        torch.testing.assert_close(attn(x, attn_mask=None), original(attn, x), atol=1e-6, rtol=1e-5)
+        assert counts["attention"] == 1
+
+
+def test_patch_timm_skips_what_the_fused_ops_cannot_do():
+    """q/k norm, dropout inside attention: left alone and listed; strict=True refuses, naming the module."""
     from timm.models.vision_transformer import VisionTransformer
 
-    with pytest.raises(ValueError, match="q_norm"):
-        vit.patch_timm(VisionTransformer(**TINY, qk_norm=True))
-    with pytest.raises(ValueError, match="attn_drop"):
-        vit.patch_timm(VisionTransformer(**TINY, attn_drop_rate=0.1))
+    model = VisionTransformer(**TINY, qk_norm=True)
+    summary = vit.patch_timm(model)
+    assert summary.attention == [] and summary.mlp == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert summary.skipped[0] == (
+        "blocks.0.attn",
+        "Attention: q_norm is LayerNorm, not Identity: the fused ops do not compute it",
+    )
+    assert "forward" not in model.blocks[0].attn.__dict__
+    strict_model = VisionTransformer(**TINY, attn_drop_rate=0.1)
+    with pytest.raises(ValueError, match=r"strict=True\): blocks\.0\.attn cannot be patched: .*attn_drop p=0\.1"):
+        vit.patch_timm(strict_model, strict=True)
+    assert not any("forward" in m.__dict__ for m in strict_model.modules())  # refused: untouched, MLPs too
+
+
+def test_patch_timm_refuses_models_with_nothing_to_patch():
+    """A ValueError at patch time, never an AttributeError or a failure at the first forward."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ValueError, match="patch_timm found nothing it can patch in Sequential"):
+        vit.patch_timm(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="(?s)nothing it can patch.*blocks.0.attn: Attention: norm is LayerNorm"):
+        vit.patch_timm(VisionTransformer(**TINY, scale_attn_norm=True, scale_mlp_norm=True))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vit.patch_timm(VisionTransformer(**TINY), backend="fast")
+
+
+def test_patch_timm_backend_shapes_checked_at_patch_time():
+    """Head dim 16 is not a kernel head dim: with backend="triton" the attention is skipped with the reason
+    (the MLP, 64 -> 256 -> 64 channels, still fits), instead of failing at the first forward."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    summary = vit.patch_timm(VisionTransformer(**{**TINY, "num_heads": 4}), backend="triton")
+    assert summary.attention == [] and len(summary.mlp) == 2
+    assert "head dim 16 is not supported by backend='triton'" in summary.skipped[0][1]
 
 
 @pytest.mark.parametrize("name", sorted(vit.PRESETS))

@@ -3,8 +3,10 @@
 - `from_hf(state_dict, config)`: a Hugging Face `ViTForImageClassification` / `ViTModel` state dict ->
   our `VisionTransformer` (timm layout). q/k/v are concatenated into one `qkv` weight.
 - `patch_timm(model)`, `patch_hf(model)`: replace the `forward` of each attention and MLP module of an
-  existing model by one that calls the fused ops on the module's own parameters. No weight is copied or
-  moved, the state dict is unchanged, and autograd reaches the same parameters.
+  existing model that is provably the computation of the fused ops (exact class + structure checks) by one
+  that calls them on the module's own parameters; every other one is left alone and listed, with the
+  reason, in the returned PatchSummary. No weight is copied or moved, the state dict is unchanged, and
+  autograd reaches the same parameters.
 
 Hugging Face key names -> ours (`{i}` is the layer index; the prefix `vit.` of
 `ViTForImageClassification` is optional, `ViTModel` has none):
@@ -31,14 +33,21 @@ counterpart that is missing, is a ValueError that lists them.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import math
 import re
+import sys
 import types
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 import vit_kernels as vk
 from vit.model import VisionTransformer, _pair, resize_pos_embed
+from vit_kernels import dispatch
 
 # (regex on the key without "vit." and without the ".weight"/".bias" suffix) -> our name; "{i}" from group 1.
 _HF_GLOBAL = {
@@ -174,41 +183,143 @@ def _diff_keys(model: nn.Module, sd: dict) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------------------------------
 # patching existing models in place
 # ----------------------------------------------------------------------------------------------------
+# A module is patched only where its forward is provably what the fused ops compute: its class is one of the
+# classes below *by identity* (never by name: timm's BEiT, SAM and EfficientFormer each have an `Attention` of
+# their own, and patching those by name changed or broke the model), and its structure passes the checks of
+# that class (no submodule, parameter or buffer beyond the known set, a GELU, no dropout inside, a forward
+# signature we know). Everything else keeps its own forward and is listed in the PatchSummary with the reason.
+
+logger = logging.getLogger(__name__)
+
+# Names that look like an attention or MLP: used only to *report* modules left alone, never to patch.
+_LOOKS_PATCHABLE = re.compile(r"attn|attention|mlp|ffn|feedforward|glu", re.IGNORECASE)
+_CONTAINER = re.compile(r"Block|Layer|Stage|Encoder|Decoder|Model")
 
 
-def _gelu_approximate(act: nn.Module, where: str) -> str:
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    # transformers' activations: GELUActivation (exact erf), PytorchGELUTanh / NewGELUActivation (tanh form).
-    name = type(act).__name__
-    if name == "GELUActivation" and not getattr(act, "use_gelu_python", False):
-        return "none"
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh"):
-        return "tanh"
-    raise ValueError(f"{where}: activation {name} is not GELU; vk.gelu_mlp fuses GELU only")
+def _looks_patchable(name: str, m: nn.Module) -> bool:
+    """An attention or MLP by its class or attribute name (XCiT's `attn` is an `XCA`), holding submodules (so
+    not a dropout or activation named after one), and not a container (a block, layer or stage)."""
+    cls = type(m).__name__
+    named = _LOOKS_PATCHABLE.search(cls) or _LOOKS_PATCHABLE.search(name.rpartition(".")[2])
+    container = isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) or _CONTAINER.search(cls)
+    return bool(named) and next(m.children(), None) is not None and not container
 
 
-def _require_identity(module: nn.Module, attr: str, where: str) -> None:
-    m = getattr(module, attr, None)
-    if m is not None and not isinstance(m, nn.Identity):
-        raise ValueError(f"{where}.{attr} is {type(m).__name__}, which the fused ops do not implement")
+@dataclass
+class PatchSummary:
+    """What `patch_timm` / `patch_hf` did: the modules now on the fused ops, and those left alone, with why.
+
+    `attention`, `mlp`: qualified module names now running the fused ops. `skipped`: (name, reason) of each
+    attention- or MLP-like module that keeps its own forward. `str(summary)` is a readable report.
+    """
+
+    attention: list[str] = field(default_factory=list)
+    mlp: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"patched {len(self.attention)} attention and {len(self.mlp)} MLP modules onto the fused ops; "
+            f"{len(self.skipped)} left on their own forward"
+        ]
+        lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
 
 
-def _require_no_dropout(p: float, where: str) -> None:
+class _Skip(Exception):
+    """Why a module is not patched (internal: ends up in PatchSummary.skipped)."""
+
+
+def _loaded_class(module: str, name: str):
+    """The class `module.name` if that module is imported, else None: a model built from it imports it first."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _check_signature(m: nn.Module, known: tuple[str, ...], var_keyword: bool = False) -> None:
+    """The class's forward takes the first argument of `known` and then a prefix of the rest (and **kwargs
+    iff `var_keyword`): an argument we do not know could change the computation."""
+    params = list(inspect.signature(type(m).forward).parameters.values())[1:]
+    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    has_var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if not names or names != list(known[: len(names)]) or has_var_positional or has_var_keyword != var_keyword:
+        shown = ", ".join(str(p) for p in params)
+        raise _Skip(f"forward({shown}) is not a signature the fused forward knows ({', '.join(known)})")
+
+
+def _check_children(m: nn.Module, kinds: dict[str, tuple[type, ...]], required: tuple[str, ...]) -> None:
+    """Submodules exactly of the known names and classes, no hooks on them (the fused path bypasses some of
+    them), and no parameter or buffer of the module's own."""
+    children = dict(m.named_children())
+    unknown = [f"{n} ({type(c).__name__})" for n, c in children.items() if n not in kinds]
+    if unknown:
+        raise _Skip(f"has submodules the fused ops do not compute: {', '.join(unknown)}")
+    for n in required:
+        if n not in children:
+            raise _Skip(f"has no {n}")
+    for n, child in children.items():
+        if type(child) not in kinds[n]:
+            expected = " or ".join(k.__name__ for k in kinds[n])
+            raise _Skip(f"{n} is {type(child).__name__}, not {expected}: the fused ops do not compute it")
+        if child._forward_hooks or child._forward_pre_hooks:
+            raise _Skip(f"{n} has forward hooks, which the fused path would bypass")
+    own = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
+    if own:
+        raise _Skip(f"has parameters or buffers of its own ({', '.join(own)}) that the fused ops would ignore")
+
+
+def _check_no_dropout(p: float, what: str) -> None:
     if p:
-        raise ValueError(f"{where} has dropout p={p}; the fused ops have no dropout inside attention or the MLP")
+        raise _Skip(f"{what} p={p}: the fused ops have no dropout inside attention or the MLP")
 
 
-def _timm_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    if attn_mask is not None:
-        raise ValueError("the fused attention takes no attn_mask")
+def _check_backend(backend: str, head_dim: int | None = None, **channels: int) -> None:
+    """Shapes an explicitly chosen backend cannot run are refused now, not at the first forward."""
+    support = dispatch.SUPPORT.get(backend)  # None for "auto", which always finds a backend that fits
+    if support is None:
+        return
+    if head_dim is not None:
+        if support.head_dims is not None and head_dim not in support.head_dims:
+            raise _Skip(f"head dim {head_dim} is not supported by backend={backend!r} (supported: {support.head_dims})")
+        channels["head dim"] = head_dim
+    bad = [f"{n}={d}" for n, d in channels.items() if d % support.channel_multiple]
+    if bad:
+        raise _Skip(
+            f"backend={backend!r} needs channel sizes that are multiples of {support.channel_multiple}: "
+            + ", ".join(bad)
+        )
+
+
+def _gelu_form(act: nn.Module) -> str:
+    """The GELU form, "none" (erf) or "tanh", of an activation module of torch, timm or transformers (matched
+    by class identity); anything else is not a GELU."""
+    if type(act) is nn.GELU:
+        return act.approximate
+    if act.__class__ is _loaded_class("timm.layers.activations", "GELU"):
+        return "none"
+    if act.__class__ is _loaded_class("timm.layers.activations", "GELUTanh"):
+        return "tanh"
+    if act.__class__ is _loaded_class("transformers.activations", "GELUActivation"):
+        # F.gelu, or its erf formula written out (use_gelu_python=True): the same function either way.
+        return "none"
+    if act.__class__ in (
+        _loaded_class("transformers.activations", "GELUTanh"),
+        _loaded_class("transformers.activations", "NewGELUActivation"),
+    ):
+        return "tanh"  # F.gelu(approximate="tanh") or the same tanh formula written out
+    raise _Skip(f"activation {type(act).__module__}.{type(act).__name__} is not GELU; vk.gelu_mlp fuses GELU only")
+
+
+# ---- timm ----
+def _timm_attention_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # A mask or is_causal=True (timm passes them as arguments, e.g. NaFlex ViT's padding mask), or an input
+    # that is not (B, N, C), is the original forward's to compute: falling back keeps the model's outputs.
+    if x.dim() != 3 or any(a is not None and a is not False for a in (*args, *kwargs.values())):
+        return type(self).forward(self, x, *args, **kwargs)
     B, N, C = x.shape
     q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self._vk_backend)
     out = vk.attention(q, k, v, scale=self.scale, backend=self._vk_backend)  # (B, H, N, D)
-    x = out.transpose(1, 2).reshape(B, N, -1)
-    if hasattr(self, "norm"):
-        x = self.norm(x)
-    return self.proj_drop(self.proj(x))
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
 def _timm_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,49 +330,90 @@ def _timm_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.drop2(y)
 
 
-def patch_timm(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make a timm VisionTransformer run on the fused ops, in place; returns the model.
+def _check_timm_attention(m: nn.Module, backend: str) -> dict:
+    # timm's Attention: qkv -> (q_norm, k_norm) -> SDPA (attn_drop) -> norm -> (gate) -> proj -> proj_drop.
+    _check_signature(m, ("x", "attn_mask", "is_causal"))
+    drop, ident = (nn.Dropout, nn.Identity), (nn.Identity,)
+    kinds = dict(qkv=(nn.Linear,), q_norm=ident, k_norm=ident, attn_drop=drop, norm=ident, proj=(nn.Linear,))
+    _check_children(m, {**kinds, "proj_drop": drop}, required=("qkv", "proj"))
+    if getattr(m, "gate", None) is not None:
+        raise _Skip("has a gate on the attention output, which the fused ops do not compute")
+    if isinstance(getattr(m, "attn_drop", None), nn.Dropout):
+        _check_no_dropout(m.attn_drop.p, "attn_drop")
+    C, H = m.qkv.in_features, m.num_heads
+    if m.qkv.out_features != 3 * C:
+        raise _Skip(f"qkv maps {C} channels to {m.qkv.out_features}; vk.fused_qkv needs 3 * {C}")
+    if C % H or getattr(m, "head_dim", C // H) != C // H:
+        raise _Skip(f"head dim {getattr(m, 'head_dim', None)} is not dim / num_heads = {C} / {H}")
+    D = C // H
+    # timm's SDPA path uses D ** -0.5 whatever m.scale says; its manual path uses m.scale: they agree only here.
+    if not math.isclose(m.scale, D**-0.5, rel_tol=1e-9):
+        raise _Skip(f"scale {m.scale} is not head_dim ** -0.5 = {D**-0.5}")
+    _check_backend(backend, head_dim=D, C=C)
+    return {}
 
-    Every `Attention` (qkv -> SDPA -> proj) and `Mlp` (fc1 -> GELU -> fc2) gets a forward that calls
-    vk.fused_qkv/vk.attention and vk.gelu_mlp on its own weights. Raises ValueError for modules the
-    fused ops cannot reproduce (q/k norm, non-GELU activation, dropout inside attention or the MLP),
-    and if nothing was patched.
-    """
-    n_attn = n_mlp = 0
-    for name, m in model.named_modules():
-        cls = type(m).__name__
-        if cls == "Attention" and isinstance(getattr(m, "qkv", None), nn.Linear):
-            _require_identity(m, "q_norm", name)
-            _require_identity(m, "k_norm", name)
-            _require_identity(m, "norm", name)
-            _require_no_dropout(m.attn_drop.p, f"{name}.attn_drop")
-            if m.qkv.out_features != 3 * m.qkv.in_features:
-                raise ValueError(f"{name}.qkv has {m.qkv.out_features} outputs; fused_qkv needs 3 * dim")
-            m._vk_backend = backend
-            m.forward = types.MethodType(_timm_attention_forward, m)
-            n_attn += 1
-        elif cls == "Mlp" and isinstance(getattr(m, "fc1", None), nn.Linear):
-            _require_identity(m, "norm", name)
-            _require_no_dropout(m.drop1.p, f"{name}.drop1")
-            m._vk_approximate = _gelu_approximate(m.act, name)
-            m._vk_backend = backend
-            m.forward = types.MethodType(_timm_mlp_forward, m)
-            n_mlp += 1
-    if n_attn == 0 and n_mlp == 0:
-        raise ValueError(f"patch_timm found no timm Attention or Mlp module in {type(model).__name__}")
-    return model
+
+def _check_timm_mlp(m: nn.Module, backend: str) -> dict:
+    # timm's Mlp: fc1 -> act -> drop1 -> norm -> fc2 -> drop2.
+    _check_signature(m, ("x",))
+    drop, ident = (nn.Dropout, nn.Identity), (nn.Identity,)
+    kinds = dict(
+        fc1=(nn.Linear,), act=(type(getattr(m, "act", None)),), drop1=drop, norm=ident, fc2=(nn.Linear,), drop2=drop
+    )
+    _check_children(m, kinds, required=("fc1", "act", "fc2"))
+    approximate = _gelu_form(m.act)
+    if isinstance(getattr(m, "drop1", None), nn.Dropout):
+        _check_no_dropout(m.drop1.p, "drop1")
+    _check_backend(backend, C=m.fc1.in_features, hidden=m.fc1.out_features, C_out=m.fc2.out_features)
+    return {"_vk_approximate": approximate}
+
+
+def _timm_rules() -> dict[type, tuple]:
+    """class -> (kind, check, forward). Older timm defined its Attention in vision_transformer.py itself."""
+    attention = ("attention", _check_timm_attention, _timm_attention_forward)
+    found = {
+        _loaded_class("timm.layers.attention", "Attention"): attention,
+        _loaded_class("timm.models.vision_transformer", "Attention"): attention,
+        _loaded_class("timm.layers.mlp", "Mlp"): ("mlp", _check_timm_mlp, _timm_mlp_forward),
+    }
+    found.pop(None, None)
+    return found
+
+
+# ---- Hugging Face transformers ----
+# Model families whose attention and MLP classes are ViT's under another name (transformers' "modular"
+# copies). Each is patched only if its forward is ViT's code, checked at patch time.
+_HF_FAMILIES = {
+    "vit": ("ViTAttention", "ViTMLP"),
+    "deit": ("DeiTAttention", "DeiTMLP"),
+    "dinov2": ("Dinov2Attention", "Dinov2MLP"),
+    "dinov2_with_registers": ("Dinov2WithRegistersAttention", "Dinov2WithRegistersMLP"),
+    "beit": ("BeitAttention", "BeitMLP"),
+    "vit_msn": ("ViTMSNAttention", "ViTMSNMLP"),
+    "ijepa": ("IJepaAttention", "IJepaMLP"),
+}
+# kwargs of the attention call that do not change what it computes; any other set kwarg -> original forward.
+_HF_NEUTRAL_KWARGS = frozenset({"output_hidden_states", "return_dict"})
 
 
 def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
-    if attention_mask is not None:
-        raise ValueError("the fused attention takes no attention_mask")
+    # A mask (BEiT passes its relative position bias this way), requested attention weights, or any other
+    # argument is the original forward's to compute: falling back keeps the model's outputs.
+    wants_more = getattr(self.config, "output_attentions", False) or any(
+        v is not None and v is not False for k, v in kwargs.items() if k not in _HF_NEUTRAL_KWARGS
+    )
+    if attention_mask is not None or hidden_states.dim() != 3 or wants_more:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     B, N, C = hidden_states.shape
+    projections = (self.q_proj, self.k_proj, self.v_proj)
     # One (3C, C) weight for the fused projection; the cat is tiny next to the GEMM and keeps HF's parameters.
-    weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-    bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+    weight = torch.cat([p.weight for p in projections])
+    bias = None
+    if any(p.bias is not None for p in projections):  # BEiT's k_proj has no bias: zeros in its place
+        bias = torch.cat([p.weight.new_zeros(C) if p.bias is None else p.bias for p in projections])
     q, k, v = vk.fused_qkv(hidden_states, weight, bias, self.num_attention_heads, backend=self._vk_backend)
     out = vk.attention(q, k, v, scale=self.scaling, backend=self._vk_backend)  # (B, H, N, D)
-    return self.o_proj(out.transpose(1, 2).reshape(B, N, -1)), None  # no attention weights: never formed
+    return self.o_proj(out.transpose(1, 2).reshape(B, N, C)), None  # no attention weights: never formed
 
 
 def _hf_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -277,32 +429,146 @@ def _hf_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     )
 
 
-def patch_hf(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make a Hugging Face ViT (ViTModel / ViTForImageClassification) run on the fused ops, in place.
+def _same_code(f, g) -> bool:
+    a, b = f.__code__, g.__code__
+    return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (b.co_code, b.co_names, b.co_consts, b.co_varnames)
 
-    Patches `ViTAttention` (q_proj/k_proj/v_proj/o_proj) and `ViTMLP` (fc1/fc2), the module layout of
-    transformers >= 5. The attention returns no attention weights (output_attentions gives None).
-    Older transformers (ViTSelfAttention with query/key/value, ViTIntermediate/ViTOutput) raise
-    ValueError: convert those with `from_hf` instead.
-    """
-    n = 0
+
+def _check_same_forward_as_vit(m: nn.Module, vit_class: type | None) -> None:
+    if vit_class is not None and type(m) is not vit_class and not _same_code(type(m).forward, vit_class.forward):
+        raise _Skip(f"{type(m).__name__}.forward is not {vit_class.__name__}.forward's code in this transformers")
+
+
+def _check_hf_attention(m: nn.Module, backend: str) -> dict:
+    # q_proj, k_proj, v_proj -> attention interface (SDPA / eager / ...; mask, dropout, scaling) -> o_proj.
+    _check_same_forward_as_vit(m, _hf_vit_class("ViTAttention"))
+    _check_signature(m, ("hidden_states", "attention_mask"), var_keyword=True)
+    linear = (nn.Linear,)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    _check_children(m, dict.fromkeys(projections, linear), required=projections)
+    if getattr(m, "is_causal", False):
+        raise _Skip("is_causal=True")
+    _check_no_dropout(m.attention_dropout, "attention dropout (attention_probs_dropout_prob)")
+    if any(getattr(m.config, f"use{s}_relative_position_bias", False) for s in ("", "_shared")):
+        raise _Skip(
+            "relative position bias: the layer passes it as attention_mask on every call, and the fused attention "
+            "takes no bias (the patched forward would always fall back)"
+        )
+    C, H = m.q_proj.in_features, m.num_attention_heads
+    shapes = {n: tuple(getattr(m, n).weight.shape) for n in projections}
+    if any(s != (C, C) for s in shapes.values()):
+        raise _Skip(f"projections {shapes} are not all (hidden, hidden) = ({C}, {C})")
+    if C % H or m.head_dim != C // H:
+        raise _Skip(f"head dim {m.head_dim} is not hidden_size / num_attention_heads = {C} / {H}")
+    _check_backend(backend, head_dim=C // H, C=C)
+    return {}
+
+
+def _check_hf_mlp(m: nn.Module, backend: str) -> dict:
+    # fc1 -> activation_fn -> fc2.
+    _check_same_forward_as_vit(m, _hf_vit_class("ViTMLP"))
+    _check_signature(m, ("hidden_states",))
+    kinds = dict(fc1=(nn.Linear,), activation_fn=(type(getattr(m, "activation_fn", None)),), fc2=(nn.Linear,))
+    _check_children(m, kinds, required=("fc1", "activation_fn", "fc2"))
+    approximate = _gelu_form(m.activation_fn)
+    _check_backend(backend, C=m.fc1.in_features, hidden=m.fc1.out_features, C_out=m.fc2.out_features)
+    return {"_vk_approximate": approximate}
+
+
+def _hf_vit_class(name: str):
+    """ViT's own class: the reference the other families' forwards are compared with."""
+    module = "transformers.models.vit.modeling_vit"
+    if module not in sys.modules:
+        importlib.import_module(module)
+    return _loaded_class(module, name)
+
+
+def _hf_rules() -> dict[type, tuple]:
+    found = {}
+    for family, (attention, mlp) in _HF_FAMILIES.items():
+        module = f"transformers.models.{family}.modeling_{family}"
+        found[_loaded_class(module, attention)] = ("attention", _check_hf_attention, _hf_attention_forward)
+        found[_loaded_class(module, mlp)] = ("mlp", _check_hf_mlp, _hf_mlp_forward)
+    found.pop(None, None)
+    return found
+
+
+# ---- both ----
+_PATCHED_FORWARDS = (_timm_attention_forward, _timm_mlp_forward, _hf_attention_forward, _hf_mlp_forward)
+
+
+def _patch(
+    model: nn.Module, rules: dict[type, tuple], backend: str, strict: bool, caller: str, advice: str = ""
+) -> PatchSummary:
+    if backend != "auto" and backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + dispatch.BACKENDS}, got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    summary, plan = PatchSummary(), []
     for name, m in model.named_modules():
-        cls = type(m).__name__
-        if cls == "ViTSelfAttention":
-            raise ValueError(
-                f"{name} is the transformers < 5 layout (ViTSelfAttention); patch_hf supports transformers >= 5 "
-                "(ViTAttention.q_proj ...); use vit.from_hf(model.state_dict(), model.config) instead"
-            )
-        if cls == "ViTAttention" and isinstance(getattr(m, "q_proj", None), nn.Linear):
-            _require_no_dropout(m.attention_dropout, f"{name} (attention_probs_dropout_prob)")
-            m._vk_backend = backend
-            m.forward = types.MethodType(_hf_attention_forward, m)
-            n += 1
-        elif cls == "ViTMLP" and isinstance(getattr(m, "fc1", None), nn.Linear):
-            m._vk_approximate = _gelu_approximate(m.activation_fn, name)
-            m._vk_backend = backend
-            m.forward = types.MethodType(_hf_mlp_forward, m)
-            n += 1
-    if n == 0:
-        raise ValueError(f"patch_hf found no ViTAttention or ViTMLP module in {type(model).__name__}")
-    return model
+        name = name or type(model).__name__
+        rule = rules.get(type(m))
+        if rule is None:
+            if _looks_patchable(name, m):
+                cls = f"{type(m).__module__}.{type(m).__qualname__}"
+                summary.skipped.append((name, f"{cls} is not a class {caller} patches"))
+            continue
+        kind, check, forward = rule
+        try:
+            own = m.__dict__.get("forward")
+            if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+                raise _Skip("its forward was already replaced on the instance by someone else")
+            attrs = check(m, backend)
+        except _Skip as why:
+            summary.skipped.append((name, f"{type(m).__name__}: {why}"))
+            continue
+        except AttributeError as exc:  # a known class built without an attribute its forward reads
+            summary.skipped.append((name, f"{type(m).__name__}: not the known structure ({exc})"))
+            continue
+        plan.append((m, forward, attrs))
+        (summary.attention if kind == "attention" else summary.mlp).append(name)
+    # Decide before touching anything: a refusal leaves the model exactly as it was.
+    if strict and summary.skipped:
+        name, reason = summary.skipped[0]
+        raise ValueError(f"{caller}(strict=True): {name} cannot be patched: {reason}\n{summary}")
+    if not plan:
+        raise ValueError(f"{caller} found nothing it can patch in {type(model).__name__}{advice}: {summary}")
+    for m, forward, attrs in plan:
+        for attr, value in attrs.items():
+            setattr(m, attr, value)
+        m._vk_backend = backend
+        m.forward = types.MethodType(forward, m)
+    (logger.warning if summary.skipped else logger.info)("%s: %s", caller, summary)
+    return summary
+
+
+def patch_timm(model: nn.Module, backend: str = "auto", *, strict: bool = False) -> PatchSummary:
+    """Put a timm model's attention and MLP modules onto the fused ops, in place; returns a PatchSummary.
+
+    Patched: modules whose class *is* timm's `Attention` (qkv -> SDPA -> proj) or `Mlp` (fc1 -> GELU -> fc2),
+    with no q/k norm, scale norm, gate, dropout inside, or other extra, and shapes `backend` can run. Their
+    forward then calls vk.fused_qkv + vk.attention or vk.gelu_mlp on the module's own weights (no copy; the
+    state dict and autograd are unchanged). A call with an attention mask, is_causal=True or a non-(B, N, C)
+    input runs the module's original forward, so outputs never change. Every other attention- or MLP-like
+    module (BEiT's, EVA's, Swin's ... attention, SwiGLU MLPs) keeps its forward and is listed in
+    `summary.skipped` with the reason; a summary with skips is logged as a warning.
+
+    strict=True: ValueError naming the first module that cannot be patched (the model is left untouched).
+    Nothing patchable: ValueError. A backend other than the five: ValueError.
+    """
+    return _patch(model, _timm_rules(), backend, strict, "patch_timm")
+
+
+def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -> PatchSummary:
+    """Put a Hugging Face ViT-family model onto the fused ops, in place; returns a PatchSummary.
+
+    Patched: ViT's `ViTAttention` (q_proj/k_proj/v_proj/o_proj) and `ViTMLP` (fc1/fc2), the layout of
+    transformers >= 5, and the same classes of DeiT, DINOv2 (with registers), BEiT, ViT-MSN and I-JEPA where
+    their forward is ViT's code (checked when patching), with no attention dropout and a GELU. BEiT with a
+    relative position bias keeps its attention. A call with an attention mask or output_attentions runs the
+    original forward (the patched one forms no attention weights), so outputs never change. Other modules
+    are listed in `summary.skipped` with the reason. transformers < 5 (ViTSelfAttention with query/key/value)
+    has nothing patch_hf knows: convert it with `from_hf` instead. strict=True and errors as `patch_timm`.
+    """
+    advice = " (a transformers < 5 ViT, with ViTSelfAttention, converts with vit.from_hf instead)"
+    return _patch(model, _hf_rules(), backend, strict, "patch_hf", advice)

@@ -1,0 +1,441 @@
+"""patch_timm / patch_hf over a zoo of ViT-family models: each is patched with its outputs unchanged, or
+partly patched / refused with a reason listed; never a silent change, never a crash (issue 17).
+
+Every model is built offline with small dims and random weights, every parameter perturbed so that the
+tables timm and transformers zero-initialise (relative position biases, layer scales, position embeddings,
+biases) are not zero. Expected outcomes are pinned per model, so a patch that starts skipping what it
+patched before fails here too. While the patched model runs, the fused ops are counted: each patched
+attention calls vk.fused_qkv and vk.attention once, each patched MLP vk.gelu_mlp once.
+
+The timm models need the timm CI environment (torch 2.14.1, torchvision, timm); the Hugging Face ones
+need transformers (both environments). backend="torch" runs on the CPU (outputs there are bit-identical:
+the same SDPA and GEMMs); backend="triton" on the test device (the Triton interpreter on CPU), with the
+five costliest models under the interpreter (pit, twins, swin, crossvit, tnt) marked slow.
+"""
+
+import copy
+import functools
+import types
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import DEVICE, TOLERANCES, rel_error
+
+import vit
+import vit_kernels as vk
+
+
+def _import_timm():
+    try:
+        import timm
+
+        return timm, None
+    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
+        return None, f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
+
+
+timm, TIMM_MISSING = _import_timm()
+try:
+    import transformers
+except ImportError:
+    transformers = None
+needs_timm = pytest.mark.skipif(timm is None, reason=str(TIMM_MISSING))
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers (pip install transformers)")
+TRITON_HERE = "triton" in vk.available_backends(DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=f"the triton backend cannot run on {DEVICE} here")
+
+
+def expect(attention=0, mlp=0, skipped=(), refused=None):
+    """The pinned outcome of patch_*(backend="torch"): counts of patched modules and, per skipped module, a
+    piece of its reason (one entry per module, in module order); or `refused`, a piece of the ValueError."""
+    return dict(attention=attention, mlp=mlp, skipped=list(skipped), refused=refused)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the zoo
+# ----------------------------------------------------------------------------------------------------
+SMALL = dict(embed_dim=64, depth=2, num_heads=2)  # head dim 32: one the triton kernels have
+# (id, timm name, create_model kwargs, image size, outcome, triton: "fast" | "slow" | None (nothing to run))
+TIMM_ZOO = [
+    ("vit", "vit_tiny_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("deit_distilled", "deit_tiny_distilled_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("deit3", "deit3_small_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("dinov2_reg4", "vit_small_patch14_reg4_dinov2", dict(img_size=28, **SMALL), 28, expect(2, 2), "fast"),
+    (
+        "siglip",
+        "vit_base_patch16_siglip_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(2, 3, ["attention_pool.AttentionPoolLatent is not a class patch_timm patches"]),
+        "fast",
+    ),
+    ("clip", "vit_base_patch16_clip_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    (
+        "clip_quickgelu",
+        "vit_base_patch16_clip_quickgelu_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(2, 0, ["QuickGELU is not GELU"] * 2),
+        "fast",
+    ),
+    (
+        "vit_gelu_tanh",  # nn.GELU(approximate="tanh")
+        "vit_tiny_patch16_224",
+        dict(img_size=32, act_layer=functools.partial(torch.nn.GELU, approximate="tanh"), **SMALL),
+        32,
+        expect(2, 2),
+        "fast",
+    ),
+    (
+        "vit_timm_gelu_tanh",
+        "vit_tiny_patch16_224",
+        dict(img_size=32, act_layer="gelu_tanh", **SMALL),
+        32,
+        expect(2, 2),
+        None,
+    ),
+    ("flexivit", "flexivit_small", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("vit_gap", "vit_medium_patch16_gap_256", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    (
+        "vit_qk_norm",
+        "vit_tiny_patch16_224",
+        dict(img_size=32, qk_norm=True, **SMALL),
+        32,
+        expect(0, 2, ["q_norm is LayerNorm, not Identity"] * 2),
+        "fast",
+    ),
+    (
+        "vit_attn_drop",
+        "vit_tiny_patch16_224",
+        dict(img_size=32, attn_drop_rate=0.1, **SMALL),
+        32,
+        expect(0, 2, ["attn_drop p=0.1"] * 2),
+        "fast",
+    ),
+    (
+        "vit_scale_norms",
+        "vit_tiny_patch16_224",
+        dict(img_size=32, scale_attn_norm=True, scale_mlp_norm=True, **SMALL),
+        32,
+        expect(refused="blocks.0.attn: Attention: norm is LayerNorm"),
+        None,
+    ),
+    (
+        "vit_relpos",
+        "vit_relpos_small_patch16_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(0, 2, ["RelPosAttention is not", "RelPosMlp is not", "ReLU is not GELU"] * 2),
+        "fast",
+    ),
+    (
+        "beit",
+        "beit_base_patch16_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(0, 2, ["timm.models.beit.Attention is not a class patch_timm patches"] * 2),
+        "fast",
+    ),
+    (
+        "beitv2",
+        "beitv2_base_patch16_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(0, 2, ["timm.models.beit.Attention is not"] * 2),
+        "fast",
+    ),
+    (
+        "samvit",
+        "samvit_base_patch16",
+        dict(img_size=64, global_attn_indexes=(1,), window_size=2, neck_chans=16, **SMALL),
+        64,
+        expect(0, 2, ["vision_transformer_sam.Attention is not"] * 2),
+        "fast",
+    ),
+    (
+        "efficientformer",
+        "efficientformer_l1",
+        dict(depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 64)),  # its attention is built for 224 px
+        224,
+        expect(0, 1, ["ConvMlpWithNorm is not"] * 4 + ["efficientformer.Attention is not"]),
+        "fast",
+    ),
+    (
+        "cait",
+        "cait_xxs24_224",
+        dict(img_size=32, depth_token_only=1, **SMALL),
+        32,
+        expect(0, 3, ["TalkingHeadAttn is not"] * 2 + ["ClassAttn is not"]),
+        "fast",
+    ),
+    (
+        "xcit",
+        "xcit_nano_12_p16_224",
+        dict(img_size=32, cls_attn_layers=1, **SMALL),
+        32,
+        expect(0, 3, ["xcit.XCA is not"] * 2 + ["ClassAttn is not"]),
+        "fast",
+    ),
+    (
+        "eva02_rope_swiglu",
+        "eva02_tiny_patch14_224",
+        dict(img_size=28, **SMALL),
+        28,
+        expect(refused="blocks.0.attn: timm.models.eva.EvaAttention is not a class patch_timm patches"),
+        None,
+    ),
+    ("pit", "pit_ti_224", dict(img_size=64, depth=(1, 1, 1)), 64, expect(3, 3), "slow"),
+    ("levit", "levit_128s", dict(img_size=64, depth=(1, 1, 1)), 64, expect(refused="levit.Attention"), None),
+    (
+        "twins",
+        "twins_svt_small",
+        dict(img_size=64, embed_dims=(32, 64, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2)),
+        64,
+        expect(0, 4, ["LocallyGroupedAttn is not"] * 4),
+        "slow",
+    ),
+    (
+        "swin",  # its Mlp sees (B, H, W, C) tokens
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=64, window_size=2, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2)),
+        64,
+        expect(0, 4, ["WindowAttention is not"] * 4),
+        "slow",
+    ),
+    (
+        "crossvit",
+        "crossvit_tiny_240",
+        dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 2]),
+        240,
+        expect(2, 2, ["CrossAttention is not"] * 2),
+        "slow",
+    ),
+    (
+        "tnt",
+        "tnt_s_patch16_224",
+        dict(img_size=32, embed_dim=64, inner_dim=16, depth=2, num_heads_outer=2, num_heads_inner=2),
+        32,
+        expect(0, 4, ["tnt.Attention is not"] * 4),
+        "slow",
+    ),
+]
+
+HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5)
+HF_VIT = dict(HF_SMALL, intermediate_size=96)
+# (id, model class name, config class name, config kwargs, outcome)
+HF_ZOO = [
+    ("vit", "ViTForImageClassification", "ViTConfig", HF_VIT, expect(2, 2)),
+    (
+        "vit_gelu_tanh",
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(HF_VIT, hidden_act="gelu_pytorch_tanh"),
+        expect(2, 2),
+    ),
+    ("vit_gelu_new", "ViTForImageClassification", "ViTConfig", dict(HF_VIT, hidden_act="gelu_new"), expect(2, 2)),
+    (
+        "vit_quick_gelu",
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(HF_VIT, hidden_act="quick_gelu"),
+        expect(2, 0, ["QuickGELUActivation is not GELU"] * 2),
+    ),
+    (
+        "vit_attention_dropout",
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(HF_VIT, attention_probs_dropout_prob=0.1),
+        expect(0, 2, ["attention dropout (attention_probs_dropout_prob) p=0.1"] * 2),
+    ),
+    ("deit_with_teacher", "DeiTForImageClassificationWithTeacher", "DeiTConfig", HF_VIT, expect(2, 2)),
+    ("beit", "BeitForImageClassification", "BeitConfig", HF_VIT, expect(2, 2)),  # k_proj has no bias
+    (
+        "beit_relative_position_bias",
+        "BeitForImageClassification",
+        "BeitConfig",
+        dict(HF_VIT, use_relative_position_bias=True, layer_scale_init_value=0.1),
+        expect(0, 2, ["relative position bias"] * 2),
+    ),
+    ("dinov2", "Dinov2ForImageClassification", "Dinov2Config", dict(HF_SMALL, mlp_ratio=2), expect(2, 2)),
+    (
+        "dinov2_swiglu",
+        "Dinov2ForImageClassification",
+        "Dinov2Config",
+        dict(HF_SMALL, use_swiglu_ffn=True),
+        expect(2, 0, ["Dinov2SwiGLUFFN is not a class patch_hf patches"] * 2),
+    ),
+    (
+        "dinov2_registers",
+        "Dinov2WithRegistersForImageClassification",
+        "Dinov2WithRegistersConfig",
+        dict(HF_SMALL, num_register_tokens=2),
+        expect(2, 2),
+    ),
+    ("vit_msn", "ViTMSNForImageClassification", "ViTMSNConfig", HF_VIT, expect(2, 2)),
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter plus 0.1 * N(0, 1): zero-initialised biases, layer scales and position tables matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model.eval()
+
+
+_BUILT = {}
+
+
+def timm_model(entry):
+    """A fresh copy of the zoo entry's perturbed model (built once per session; the build is most of the cost)."""
+    key = ("timm", entry[0])
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        _BUILT[key] = perturb(timm.create_model(entry[1], pretrained=False, num_classes=5, **entry[2]))
+    return copy.deepcopy(_BUILT[key])
+
+
+def hf_model(entry):
+    key = ("hf", entry[0])
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        config = getattr(transformers, entry[2])(**entry[3])
+        _BUILT[key] = perturb(getattr(transformers, entry[1])(config))
+    return copy.deepcopy(_BUILT[key])
+
+
+@contextmanager
+def counting_fused_ops(monkeypatch):
+    """vk.fused_qkv / vk.attention / vk.gelu_mlp wrapped to count their calls (the patched forwards look them
+    up on the vit_kernels module at call time)."""
+    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in counts:
+            m.setattr(vk, name, counted(name, getattr(vk, name)))
+        yield counts
+
+
+def instance_forwards(model):
+    """Names of the modules whose forward was replaced on the instance (what patching does)."""
+    return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), types.MethodType)]
+
+
+def check_outcome(summary, outcome, patched_model):
+    assert (len(summary.attention), len(summary.mlp)) == (outcome["attention"], outcome["mlp"]), str(summary)
+    assert len(summary.skipped) == len(outcome["skipped"]), str(summary)
+    for (name, reason), piece in zip(summary.skipped, outcome["skipped"]):
+        assert piece in reason, f"{name}: {reason!r} does not say {piece!r}"
+    assert sorted(instance_forwards(patched_model)) == sorted(summary.attention + summary.mlp)
+    assert str(len(summary.skipped)) in str(summary) and all(name in str(summary) for name, _ in summary.skipped)
+
+
+def run_patched(patch, model, x, backend, outcome, monkeypatch, call):
+    """Patch `model`; check the outcome, that its output equals the original's, and that the fused ops ran."""
+    with torch.no_grad():
+        ref = call(model, x)
+    patched = copy.deepcopy(model)
+    summary = patch(patched, backend=backend)
+    with counting_fused_ops(monkeypatch) as counts, torch.no_grad():
+        out = call(patched, x)
+    assert counts == dict(attention=len(summary.attention), fused_qkv=len(summary.attention), gelu_mlp=len(summary.mlp))
+    assert rel_error(out, ref) <= TOLERANCES[torch.float32], f"patched output changed by {rel_error(out, ref):.2e}"
+    return summary, patched
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 without tf32 for the kernel backends on a GPU (a no-op on CPU), restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def timm_call(model, x):
+    return model(x)
+
+
+def hf_call(model, x):
+    return model(pixel_values=x).logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# timm
+# ----------------------------------------------------------------------------------------------------
+@needs_timm
+@pytest.mark.parametrize("entry", TIMM_ZOO, ids=[e[0] for e in TIMM_ZOO])
+def test_timm_zoo_torch_backend(entry, monkeypatch):
+    _, _, _, img, outcome, _ = entry
+    model, x = timm_model(entry), torch.randn(2, 3, img, img)
+    if outcome["refused"] is not None:
+        with pytest.raises(ValueError, match="patch_timm found nothing it can patch") as err:
+            vit.patch_timm(model, backend="torch")
+        assert outcome["refused"] in str(err.value)
+        assert instance_forwards(model) == []  # refused: left exactly as it was
+        with pytest.raises(ValueError, match=r"patch_timm\(strict=True\)"):
+            vit.patch_timm(model, backend="torch", strict=True)
+        return
+    summary, patched = run_patched(vit.patch_timm, model, x, "torch", outcome, monkeypatch, timm_call)
+    check_outcome(summary, outcome, patched)
+    if summary.skipped:  # strict refuses the same model, naming its first skipped module, and leaves it alone
+        first = summary.skipped[0][0]
+        fresh = timm_model(entry)
+        with pytest.raises(ValueError, match=rf"patch_timm\(strict=True\): {first} cannot be patched"):
+            vit.patch_timm(fresh, backend="torch", strict=True)
+        assert instance_forwards(fresh) == []
+
+
+TIMM_TRITON = [pytest.param(e, marks=[pytest.mark.slow] if e[5] == "slow" else [], id=e[0]) for e in TIMM_ZOO if e[5]]
+
+
+@needs_timm
+@needs_triton
+@pytest.mark.parametrize("entry", TIMM_TRITON)
+def test_timm_zoo_triton_backend(entry, monkeypatch, exact_fp32):
+    """The same models on the Triton kernels: what the kernels cannot run (head dim, channel multiples) is
+    skipped with a reason naming the backend, the rest patched as with torch, outputs within fp32 tolerance."""
+    _, _, _, img, outcome, _ = entry
+    model, x = timm_model(entry).to(DEVICE), torch.randn(1, 3, img, img, device=DEVICE)
+    torch_summary = vit.patch_timm(copy.deepcopy(model), backend="torch")
+    summary, _ = run_patched(vit.patch_timm, model, x, "triton", outcome, monkeypatch, timm_call)
+    assert set(summary.attention) <= set(torch_summary.attention) and set(summary.mlp) <= set(torch_summary.mlp)
+    newly_skipped = [(n, r) for n, r in summary.skipped if (n, r) not in torch_summary.skipped]
+    assert len(newly_skipped) == len(torch_summary.attention + torch_summary.mlp) - len(summary.attention + summary.mlp)
+    assert all("backend='triton'" in r for _, r in newly_skipped), newly_skipped
+    assert summary.attention or summary.mlp
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ----------------------------------------------------------------------------------------------------
+@needs_transformers
+@pytest.mark.parametrize("entry", HF_ZOO, ids=[e[0] for e in HF_ZOO])
+def test_hf_zoo_torch_backend(entry, monkeypatch):
+    outcome = entry[4]
+    model, x = hf_model(entry), torch.randn(2, 3, 32, 32)
+    summary, patched = run_patched(vit.patch_hf, model, x, "torch", outcome, monkeypatch, hf_call)
+    check_outcome(summary, outcome, patched)
+
+
+@needs_transformers
+@needs_triton
+@pytest.mark.parametrize(
+    "entry", [e for e in HF_ZOO if e[0] in ("vit", "beit", "dinov2_registers")], ids=lambda e: e[0]
+)
+def test_hf_zoo_triton_backend(entry, monkeypatch, exact_fp32):
+    model, x = hf_model(entry).to(DEVICE), torch.randn(1, 3, 32, 32, device=DEVICE)
+    summary, patched = run_patched(vit.patch_hf, model, x, "triton", entry[4], monkeypatch, hf_call)
+    check_outcome(summary, entry[4], patched)
