@@ -30,6 +30,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 start=$(date +%s)
+# The checkout's vit_kernels and vit come first even when the build stage is skipped or killed (then without
+# the CUDA extension: the cuda backend is skipped with its reason and the Triton one still runs).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 budget=480
 out=${OUT:-}
@@ -59,7 +62,7 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables pytest
 declare -A NOMINAL=([build]=110 [info]=5 [smoke]=80 [headline]=70 [tests]=75 [attn_tables]=25 [mlp_tables]=10
   [vit_tables]=15 [pytest_bench]=20 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
 declare -A status=() secs=() slice_of=()
-MIN_SLICE=15
+MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")

