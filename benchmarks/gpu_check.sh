@@ -59,8 +59,8 @@ done
 STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables pytest_bench memcheck racecheck tune
   compile_tables auto_table)
 # Nominal seconds of each stage in a 480 s budget on a cold H100 (README "GPU check" explains the estimate).
-declare -A NOMINAL=([build]=110 [info]=5 [smoke]=80 [headline]=70 [tests]=75 [attn_tables]=25 [mlp_tables]=10
-  [vit_tables]=15 [pytest_bench]=20 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
+declare -A NOMINAL=([build]=70 [info]=5 [smoke]=80 [headline]=70 [tests]=105 [attn_tables]=25 [mlp_tables]=10
+  [vit_tables]=15 [pytest_bench]=30 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL

@@ -29,7 +29,7 @@ from vit_kernels import reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = vk.available_backends(DEVICE)  # reference, torch, and triton / cuda where they run
 if DEVICE == "cuda":
-    DTYPE, ROUNDS = torch.bfloat16, 30
+    DTYPE, ROUNDS = torch.bfloat16, 20
     B, H, N, D, HIDDEN = 256, 12, 197, 64, 3072  # ViT-B/16 at 224
 else:
     DTYPE, ROUNDS = torch.float32, 3
