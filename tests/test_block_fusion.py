@@ -379,3 +379,31 @@ def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, gr
     assert out.requires_grad == grad
     ref = reference.ln_gelu_mlp(*_double([x.detach(), ln_w, ln_b]), eps, w1.double(), b1.double(), w2.double(), None)
     assert rel_error(out, ref) <= TOLERANCES[F32]
+
+
+def test_torch_compile_sees_one_node_per_op_no_graph_break():
+    """The triton ops are torch.library custom ops: torch.compile (fullgraph) runs a fused block forward and
+    backward without tracing into the Triton launches, with the eager results."""
+    torch._dynamo.reset()
+    C, H, Hd = 64, 2, 128
+    x = _randn(1, 5, C, dtype=F32)
+    ln_w, ln_b = _ln_params(C, F32)
+    w, pw, pb = _randn(3 * C, C, dtype=F32, scale=C**-0.5), _randn(C, C, dtype=F32, scale=C**-0.5), _randn(C, dtype=F32)
+    w1, w2 = _randn(Hd, C, dtype=F32, scale=C**-0.5), _randn(C, Hd, dtype=F32, scale=Hd**-0.5)
+    params = [t.requires_grad_(True) for t in (x, ln_w, ln_b, w, pw, pb, w1, w2)]
+
+    def fused_block(x, ln_w, ln_b, w, pw, pb, w1, w2):
+        q, k, v = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
+        o = q.transpose(1, 2).reshape(x.shape) + v.transpose(1, 2).reshape(x.shape) * k.mean()
+        x = vkb.proj_residual(o, pw, pb, x, backend="triton")
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="triton")
+
+    explanation = torch._dynamo.explain(fused_block)(*params)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(fused_block, backend="aot_eager", fullgraph=True)(*params)
+    grads = torch.autograd.grad(out.sum(), params)
+    expected = fused_block(*params)
+    expected_grads = torch.autograd.grad(expected.sum(), params)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

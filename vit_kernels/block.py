@@ -4,7 +4,7 @@
     proj_residual(o, proj_weight, proj_bias, residual)                           -> residual + o @ W^T + b
     ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b)          -> x + gelu_mlp(LN(x))
 
-Backends: "triton" (vit_kernels/ops/block.py, forward and backward as autograd Functions), "torch" (the unfused
+Backends: "triton" (vit_kernels/ops/block.py, forward and backward as torch.library custom ops), "torch" (the unfused
 composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from vit_kernels.reference).
 "auto" is "torch" everywhere for now: no GPU has measured the fused kernels, and dispatch's rule is that auto
 picks a kernel only where a committed measurement says it wins. There is no "cuda" backend for these yet
@@ -130,63 +130,217 @@ def check_ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, ap
 
 
 # ----------------------------------------------------------------------------------------------------
-# autograd Functions (glue: the launchers in ops/block.py do the work)
+# torch.library custom ops with autograd (glue, as in library.py: the launchers in ops/block.py do the work)
 # ----------------------------------------------------------------------------------------------------
-class _LnQkv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32):
-        q, k, v, mean, rstd = _ops().ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
-        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
-        ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
-        return q, k, v
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
-        dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
-            dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, ctx.has_bias, ctx.allow_tf32
-        )
-        return dx, dln_w, dln_b, None, dweight, dbias, None, None
+# Custom ops rather than autograd Functions so that torch.compile sees one opaque node per call (it cannot trace
+# a Triton launch); fake implementations give it the output shapes. Custom ops cannot return None, so absent
+# bias gradients and the skipped pre-activation travel as empty tensors.
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
 
 
-class _ProjResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o, weight, bias, residual, allow_tf32):
-        out = _ops().proj_residual_fwd(o, weight, bias, residual, allow_tf32)
-        ctx.save_for_backward(o, weight)
-        ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        o, weight = ctx.saved_tensors
-        do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, ctx.has_bias, ctx.allow_tf32)
-        return do, dweight, dbias, dout, None
+def _rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
-class _LnMlp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32,
-                needs_grad):  # fmt: skip
-        # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
-        out, hidden, mean, rstd = _ops().ln_mlp_fwd(
-            x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32, needs_grad
-        )
-        if not needs_grad:
-            return out
-        ctx.save_for_backward(x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd)
-        ctx.has_b1, ctx.has_b2 = fc1_b is not None, fc2_b is not None
-        ctx.approximate, ctx.residual, ctx.allow_tf32 = approximate, residual, allow_tf32
-        return out
+@torch.library.custom_op("vit_kernels::ln_qkv_fwd", mutates_args=())
+def ln_qkv_fwd(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ops().ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd = ctx.saved_tensors
-        dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops().ln_mlp_bwd(
-            dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
-            ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32,
-        )  # fmt: skip
-        return dx, dln_w, dln_b, None, dw1, db1, dw2, db2, None, None, None, None
+
+@ln_qkv_fwd.register_fake
+def _(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32):
+    B, N, C = x.shape
+    shape = (B, num_heads, N, C // num_heads)
+    stats = x.new_empty(B * N, dtype=torch.float32)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape), stats, stats.new_empty(B * N)
+
+
+@torch.library.custom_op("vit_kernels::ln_qkv_bwd", mutates_args=())
+def ln_qkv_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
+        dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32
+    )
+    return dx, dln_w, dln_b, dweight, dbias if dbias is not None else _empty(x)
+
+
+@ln_qkv_bwd.register_fake
+def _(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32):
+    dbias = x.new_empty(weight.shape[0]) if has_bias else _empty(x)
+    return x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape), \
+        weight.new_empty(weight.shape), dbias  # fmt: skip
+
+
+def _ln_qkv_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32 = inputs
+    *_qkv, mean, rstd = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+    ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_qkv_backward(ctx, dq, dk, dv, _dmean, _drstd):
+    x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+    dx, dln_w, dln_b, dweight, dbias = ln_qkv_bwd(
+        dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, ctx.has_bias, ctx.allow_tf32
+    )
+    return dx, dln_w, dln_b, None, dweight, (dbias if ctx.has_bias else None), None, None
+
+
+ln_qkv_fwd.register_autograd(_ln_qkv_backward, setup_context=_ln_qkv_setup)
+
+
+@torch.library.custom_op("vit_kernels::proj_residual_fwd", mutates_args=())
+def proj_residual_fwd(
+    o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, allow_tf32: bool
+) -> torch.Tensor:
+    return _ops().proj_residual_fwd(o, weight, bias, residual, allow_tf32)
+
+
+@proj_residual_fwd.register_fake
+def _(o, weight, bias, residual, allow_tf32):
+    return o.new_empty(*o.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("vit_kernels::proj_residual_bwd", mutates_args=())
+def proj_residual_bwd(
+    dout: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, has_bias, allow_tf32)
+    return do, dweight, dbias if dbias is not None else _empty(o)
+
+
+@proj_residual_bwd.register_fake
+def _(dout, o, weight, has_bias, allow_tf32):
+    dbias = o.new_empty(weight.shape[0]) if has_bias else _empty(o)
+    return o.new_empty(o.shape), weight.new_empty(weight.shape), dbias
+
+
+def _proj_residual_setup(ctx, inputs, output):
+    o, weight, bias, residual, allow_tf32 = inputs
+    ctx.save_for_backward(o, weight)
+    ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+
+
+def _proj_residual_backward(ctx, dout):
+    o, weight = ctx.saved_tensors
+    do, dweight, dbias = proj_residual_bwd(dout, o, weight, ctx.has_bias, ctx.allow_tf32)
+    return do, dweight, (dbias if ctx.has_bias else None), dout, None  # the residual's gradient is dout itself
+
+
+proj_residual_fwd.register_autograd(_proj_residual_backward, setup_context=_proj_residual_setup)
+
+
+@torch.library.custom_op("vit_kernels::ln_mlp_fwd", mutates_args=())
+def ln_mlp_fwd(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    approximate: str,
+    residual: bool,
+    allow_tf32: bool,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
+    out, hidden, mean, rstd = _ops().ln_mlp_fwd(
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
+        needs_grad,
+    )  # fmt: skip
+    return out, hidden if hidden is not None else _empty(x), mean, rstd
+
+
+@ln_mlp_fwd.register_fake
+def _(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
+      needs_grad):  # fmt: skip
+    M = _rows_of(x)
+    hidden = x.new_empty(M, fc1_weight.shape[0]) if needs_grad else _empty(x)
+    stats = x.new_empty(M, dtype=torch.float32)
+    return x.new_empty(*x.shape[:-1], fc2_weight.shape[0]), hidden, stats, stats.new_empty(M)
+
+
+@torch.library.custom_op("vit_kernels::ln_mlp_bwd", mutates_args=())
+def ln_mlp_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    has_fc1_bias: bool,
+    has_fc2_bias: bool,
+    approximate: str,
+    residual: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops().ln_mlp_bwd(
+        dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden,
+        has_fc1_bias, has_fc2_bias, approximate, residual, allow_tf32,
+    )  # fmt: skip
+    return dx, dln_w, dln_b, dw1, db1 if db1 is not None else _empty(x), dw2, db2 if db2 is not None else _empty(x)
+
+
+@ln_mlp_bwd.register_fake
+def _(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias,
+      approximate, residual, allow_tf32):  # fmt: skip
+    db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else _empty(x)
+    db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else _empty(x)
+    return (
+        x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape),
+        fc1_weight.new_empty(fc1_weight.shape), db1, fc2_weight.new_empty(fc2_weight.shape), db2,
+    )  # fmt: skip
+
+
+def _ln_mlp_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32, needs_grad = inputs
+    _out, hidden, mean, rstd = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd)
+    ctx.has_b1, ctx.has_b2 = fc1_b is not None, fc2_b is not None
+    ctx.approximate, ctx.residual, ctx.allow_tf32 = approximate, residual, allow_tf32
+    ctx.mark_non_differentiable(hidden, mean, rstd)
+
+
+def _ln_mlp_backward(ctx, dout, _dhidden, _dmean, _drstd):
+    x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd = ctx.saved_tensors
+    dx, dln_w, dln_b, dw1, db1, dw2, db2 = ln_mlp_bwd(
+        dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
+        ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32,
+    )  # fmt: skip
+    return (
+        dx, dln_w, dln_b, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
+        None, None, None, None,
+    )  # fmt: skip
+
+
+ln_mlp_fwd.register_autograd(_ln_mlp_backward, setup_context=_ln_mlp_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +357,10 @@ def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *,
     if backend == "torch":
         y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
         return torch_backend.fused_qkv(y, qkv_weight, qkv_bias, num_heads)
-    return _LnQkv.apply(x, ln_weight, ln_bias, float(eps), qkv_weight, qkv_bias, num_heads, dispatch.allow_tf32())
+    q, k, v, _mean, _rstd = ln_qkv_fwd(
+        x, ln_weight, ln_bias, float(eps), qkv_weight, qkv_bias, num_heads, dispatch.allow_tf32()
+    )
+    return q, k, v
 
 
 def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
@@ -215,7 +372,7 @@ def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
         return reference.proj_residual(o, proj_weight, proj_bias, residual)
     if backend == "torch":
         return residual + F.linear(o, proj_weight, proj_bias)
-    return _ProjResidual.apply(o, proj_weight, proj_bias, residual, dispatch.allow_tf32())
+    return proj_residual_fwd(o, proj_weight, proj_bias, residual, dispatch.allow_tf32())
 
 
 def ln_gelu_mlp(
@@ -242,7 +399,8 @@ def ln_gelu_mlp(
         return x + out if residual else out
     tensors = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _LnMlp.apply(
+    out, _hidden, _mean, _rstd = ln_mlp_fwd(
         x, ln_weight, ln_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
         dispatch.allow_tf32(), needs_grad,
     )  # fmt: skip
+    return out
