@@ -10,7 +10,7 @@
 #   smoke         benchmarks/smoke_parity.py: op x backend x dtype at two ViT shapes vs float64, fwd + every grad
 #   headline      benchmarks/headline.py: ViT-B/16 attention, fused_qkv, gelu_mlp, whole model; one ratio table
 #   tests         pytest on every test file that uses CUDA (-n auto when pytest-xdist is importable)
-#   attn_tables, mlp_tables, vit_tables    the full benchmark tables (torch.compile left to compile_tables)
+#   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
 #   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
@@ -56,11 +56,11 @@ while [ $# -gt 0 ]; do
 done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
-STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables pytest_bench memcheck racecheck tune
-  compile_tables auto_table)
+STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables pytest_bench memcheck racecheck
+  tune compile_tables auto_table)
 # Nominal seconds of each stage in a 480 s budget on a cold H100 (README "GPU check" explains the estimate).
-declare -A NOMINAL=([build]=70 [info]=5 [smoke]=80 [headline]=70 [tests]=105 [attn_tables]=25 [mlp_tables]=10
-  [vit_tables]=15 [pytest_bench]=30 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
+declare -A NOMINAL=([build]=65 [info]=5 [smoke]=80 [headline]=70 [tests]=95 [attn_tables]=25 [mlp_tables]=10
+  [vit_tables]=15 [block_tables]=15 [pytest_bench]=30 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
@@ -118,7 +118,7 @@ digest() {  # what of a stage's log goes into the report
       echo "$(grep -cE ' PASSED' "$log") PASSED lines, $(grep -cE ' SKIPPED' "$log") SKIPPED lines so far"
       grep -E "^(FAILED|ERROR) | FAILED | ERROR |^=+ .*(passed|failed|error)|no tests ran" "$log" | tail -n 40 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
-    headline | attn_tables | mlp_tables | vit_tables | tune | compile_tables | auto_table)
+    headline | *_tables | tune | auto_table)
       grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
     pytest_bench) grep -E "^(Name|[-]{5}|test_)|passed|failed|error" "$log" | tail -n 60 ;;
     *) tail -n 25 "$log" ;;
@@ -232,7 +232,7 @@ stage info 0 bash -c "nvidia-smi 2>/dev/null; \"$PY\" -c 'import json, vit_kerne
 stage smoke 1 "$PY" benchmarks/smoke_parity.py --json "$work/results/smoke_parity.json"
 
 # 4. headline speed (measures the peaks the later tables reuse)
-stage headline 1 "$PY" benchmarks/headline.py --out-dir "$work/results" --peaks-json "$peaks"
+stage headline 1 "$PY" benchmarks/headline.py --out-dir "$work/results/headline" --peaks-json "$peaks"
 peaks_arg=()
 [ -s "$peaks" ] && peaks_arg=(--peaks "$peaks")
 
@@ -245,11 +245,19 @@ stage tests 1 "$PY" -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" --durati
   --junitxml="$work/results/pytest-gpu.xml" "${gpu_tests[@]}"
 
 # 6. the full tables (torch.compile rows come later: minutes of compilation)
-bench_args=(--no-progress --out-dir "$work/results" "${peaks_arg[@]}")
-stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --packed \
+# Each stage writes into its own folder: the benchmarks name their files by device, dtype and date only.
+bench_args=(--no-progress "${peaks_arg[@]}")
+stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --out-dir "$work/results/attn_tables" --packed \
   --providers eager,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,triton,cuda
-stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --providers eager,views,reference,triton,cuda
-stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --compile no
+stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$work/results/mlp_tables" \
+  --providers eager,views,reference,triton,cuda
+stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" --compile no
+if [ -f benchmarks/block_bench.py ]; then
+  stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
+    --providers eager,unfused,fused
+else
+  optional block_tables "benchmarks/block_bench.py is not in this checkout"
+fi
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
@@ -298,15 +306,16 @@ else
 fi
 
 # 9. the attention launch table's tuner, at the two shapes that matter most
-stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --out-dir "$work/results" \
+stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --out-dir "$work/results/tune" \
   --shapes "256,12,197,64;196,16,257,80"
 
 # 10. torch.compile: the baseline users will ask about, last because it compiles for minutes
-stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]} --packed --shapes 256,12,197,64 \
-  --providers eager,compile && \"$PY\" benchmarks/mlp_bench.py ${bench_args[*]} --providers eager,compile"
+stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]} --out-dir $work/results/compile_tables \
+  --packed --shapes 256,12,197,64 --providers eager,compile && \"$PY\" benchmarks/mlp_bench.py ${bench_args[*]} \
+  --out-dir $work/results/compile_tables --providers eager,compile"
 
-# 11. proposed entries for backend="auto"'s table, from every benchmark JSON above
-mapfile -t bench_json < <(ls "$work"/results/*_bench-*.json 2>/dev/null)
+# 11. proposed entries for backend="auto"'s table, from the attention and GEMM benchmark JSON above
+mapfile -t bench_json < <(ls "$work"/results/{headline,attn_tables,mlp_tables}/{attn,mlp}_bench-*.json 2>/dev/null)
 if [ ! -f benchmarks/auto_table.py ]; then
   optional auto_table "benchmarks/auto_table.py is not in this checkout"
 elif [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
