@@ -1,0 +1,110 @@
+"""torch.compile beyond aot_eager: Inductor (the default backend), fullgraph, forward and backward, around the
+custom ops of the kernel backends; and fullgraph compile under torch.autocast.
+
+Inductor treats each `vit_kernels::*` custom op as an opaque extern call and generates code for what lies
+between them. On CPU the kernel backend is Triton under the interpreter (CPU tensors), so Inductor emits C++
+for the surrounding graph; on a GPU the same tests run on CUDA tensors for every kernel backend available.
+Each test runs this machine's device and skips a backend that cannot run here, with its reason.
+"""
+
+import pytest
+import torch
+from conftest import rel_error
+
+import vit
+import vit_kernels as vk
+from vit_kernels import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+def _skip_unless_runs(backend: str, device: str = DEVICE) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    why = dispatch.device_unavailable_reason(backend, torch.device(device))
+    if why:
+        pytest.skip(f"{backend} cannot run on {device} here: {why}")
+
+
+def _block(x, w, b, w1, b1, w2, b2, backend):
+    q, k, v = vk.fused_qkv(x, w, b, 2, backend=backend)
+    o = vk.attention(q, k, v, backend=backend).transpose(1, 2).reshape(x.shape)
+    return vk.gelu_mlp(o, w1, b1, w2, b2, backend=backend)
+
+
+def _params(device, C=64, hidden=128):
+    shapes = ((1, 5, C), (3 * C, C), (3 * C,), (hidden, C), (hidden,), (C, hidden), (C,))
+    return [(torch.randn(*s, device=device) * s[-1] ** -0.5).requires_grad_(True) for s in shapes]
+
+
+def _outputs_and_grads(fn, params):
+    for p in params:
+        p.grad = None
+    out = fn(*params)
+    out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+    return [out.detach(), *(p.grad.clone() for p in params)]
+
+
+def _assert_close(got, expected, tol):
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g.dtype == e.dtype, i
+        assert rel_error(g, e) < tol, (i, rel_error(g, e))
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # Eager and compiled must run the same kernels; exact fp32 keeps tf32 rounding out of the comparison.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    torch._dynamo.reset()
+    yield
+    torch.set_float32_matmul_precision(previous)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inductor_fullgraph_block(backend):
+    """fused_qkv -> attention -> gelu_mlp under Inductor, forward and backward. Between the ops there are only
+    views (attention's output is laid out (B, N, H, D)), so Inductor lowers the custom ops as extern calls and
+    generates no kernel of its own: cheap enough for every run. The ViT below adds Inductor's own kernels."""
+    _skip_unless_runs(backend)
+    params = _params(DEVICE)
+    eager = _outputs_and_grads(lambda *p: _block(*p, backend=backend), params)
+    compiled = torch.compile(lambda *p: _block(*p, backend=backend), fullgraph=True)
+    _assert_close(_outputs_and_grads(compiled, params), eager, 1e-5)
+
+
+# A ViT with head dim 32 and N = 5 tokens. Inductor's first C++ build of its graph takes about a minute on a
+# 2-core CPU (seconds once cached), hence slow: deselected under the interpreter unless --slow.
+TINY_KERNEL = dict(img_size=16, patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=1, num_heads=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inductor_fullgraph_vit(backend):
+    _skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(backend=backend, **TINY_KERNEL).to(DEVICE)
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    params = list(model.parameters())
+    eager = _outputs_and_grads(lambda *_: model(images), params)
+    compiled_model = torch.compile(model, fullgraph=True)
+    _assert_close(_outputs_and_grads(lambda *_: compiled_model(images), params), eager, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_fullgraph_under_autocast(backend):
+    """The autocast cast happens in the public functions, which Dynamo traces: no graph break, the compiled
+    graph runs in the autocast dtype and gives fp32 gradients to fp32 parameters, like eager."""
+    _skip_unless_runs(backend)
+    params = _params(DEVICE)
+
+    def run(*p):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return _block(*p, backend=backend)
+
+    eager = _outputs_and_grads(run, params)
+    assert eager[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in eager[1:])
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    _assert_close(_outputs_and_grads(compiled, params), eager, 1e-2)
