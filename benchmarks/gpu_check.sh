@@ -204,6 +204,7 @@ stage() {  # NAME NEEDS_GPU CMD...
 }
 
 optional() {  # NAME REASON: a stage that cannot run here for a reason other than the device
+  if [ -n "$only" ] && [[ $only != *",$1,"* ]]; then finish_stage "$1" "skipped: not in --only"; return; fi
   finish_stage "$1" "skipped: $2"
 }
 
@@ -329,6 +330,16 @@ echo
 echo "gpu_check: $(( $(date +%s) - start )) s of a $budget s budget; report $report"
 [ -n "$out" ] && echo "gpu_check: $out holds $(basename "$report") and $tarball"
 [ -z "$out" ] && echo "gpu_check: logs and results in $work"
+# The essentials once more at the very end of stdout, for when only the output's tail comes back.
+if [ -s "$work/smoke.log" ]; then
+  echo
+  grep -E " (FAIL|ERROR) |^smoke parity" "$work/smoke.log" | tail -n 40
+fi
+if [ -s "$work/headline.log" ]; then
+  echo
+  sed -n '/^## headline: /,$p' "$work/headline.log"
+fi
+echo
 bad=0
 for s in "${STAGES[@]}"; do
   echo "- $s: $(stage_line "$s")"
