@@ -15,7 +15,8 @@ matmul precision, "highest", so no tf32 allowance). Shapes:
 Each line gives the largest relative error over the output and every gradient, which tensor it was, the
 error of plain PyTorch in the same dtype on the same inputs (what the hardware allows), the tolerance and
 the seconds the case took (the first case of each kernel includes its compile). Exit status 1 if any case
-fails or errors; a backend that cannot run here is one SKIP line with the reason.
+fails or errors; a backend that cannot run here is one SKIP line with the reason. `--jobs N` runs the
+(op, dtype) groups in N processes at once: on a cold Triton cache the compiles, not the GPU, take the time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -187,6 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--json", type=Path, help="write every case as a JSON row here")
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="processes, one per (op, dtype) at a time: Triton compiles one kernel at a time per process, so on a "
+        "cold cache N processes compile N at once (gpu_check uses 9)",
+    )  # fmt: skip
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of --jobs' processes: cases only
     args = p.parse_args(argv)
     ops, backends, dtypes = (s.split(",") for s in (args.ops, args.backends, args.dtypes))
     for name, got, allowed in (("--ops", ops, OPS), ("--backends", backends, BACKENDS), ("--dtypes", dtypes, DTYPES)):
@@ -194,13 +203,16 @@ def main(argv=None) -> int:
             p.error(f"{name}: {sorted(set(got) - set(allowed))} not in {list(allowed)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = TINY_SHAPES if args.tiny or device == "cpu" else GPU_SHAPES
-    print(f"smoke parity on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
-          f" (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}), matmul precision "
-          f"{torch.get_float32_matmul_precision()}", flush=True)  # fmt: skip
+    if not args.child:
+        print(f"smoke parity on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
+              f" (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}), matmul precision "
+              f"{torch.get_float32_matmul_precision()}", flush=True)  # fmt: skip
 
     # Under the interpreter, bf16 is patched to behave as on the GPU: the tests' own session fixture.
     interp = contextlib.contextmanager(conftest._interpreter_bf16_like_the_gpu.__wrapped__)
     rows = []
+    if args.jobs > 1:
+        return run_parallel(args, ops, backends, dtypes, device)
     with interp():
         for backend in backends:
             reason = dispatch.device_unavailable_reason(backend, torch.device(device))
@@ -222,11 +234,56 @@ def main(argv=None) -> int:
                             traceback.print_exc(file=sys.stderr)
                         rows.append(row)
                         print(line(row), flush=True)
+    return summarize(rows, args.json, quiet=args.child)
+
+
+def summarize(rows: list[dict], json_path: Path | None, quiet: bool = False) -> int:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "ERROR", "SKIP")}
-    print("smoke parity: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if not quiet:
+        print("smoke parity: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1))
     return 1 if counts["FAIL"] or counts["ERROR"] else 0
+
+
+def run_parallel(args, ops, backends, dtypes, device) -> int:
+    """One child process per (op, dtype), `args.jobs` at a time, printing their case lines as they finish
+    (interleaved; each line names its case); the rows are merged at the end."""
+    rows, runnable = [], []
+    for backend in backends:
+        reason = dispatch.device_unavailable_reason(backend, torch.device(device))
+        if reason:
+            rows.append({"op": "*", "backend": backend, "dtype": "*", "shape": "*", "status": "SKIP"})
+            rows[-1]["reason"] = reason
+            print(line(rows[-1]), flush=True)
+        else:
+            runnable.append(backend)
+    if not runnable:
+        return summarize(rows, args.json)
+    with tempfile.TemporaryDirectory() as tmp:
+        todo = [(op, d) for op in ops for d in dtypes]
+        running: list[tuple[subprocess.Popen, Path, str]] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                op, dtype_name = todo.pop(0)
+                out = Path(tmp) / f"{op}-{dtype_name}.json"
+                cmd = [sys.executable, __file__, "--ops", op, "--dtypes", dtype_name, "--backends", ",".join(runnable),
+                       "--json", str(out), "--child", *(["--tiny"] if args.tiny else [])]  # fmt: skip
+                # Children write their case lines straight to our stdout, so a kill loses none of them.
+                running.append((subprocess.Popen(cmd), out, f"{op} {dtype_name}"))
+            for child, out, what in list(running):
+                if child.poll() is None:
+                    continue
+                running.remove((child, out, what))
+                if out.exists():
+                    rows += json.loads(out.read_text())
+                else:
+                    op, dtype_name = what.split()
+                    rows.append({"op": op, "backend": ",".join(runnable), "dtype": dtype_name, "shape": "*"})
+                    rows[-1].update(status="ERROR", reason=f"its process exited {child.returncode} before writing rows")
+                    print(line(rows[-1]), flush=True)
+            time.sleep(0.2)
+    return summarize(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -89,19 +89,21 @@ def test_a_stage_past_its_slice_is_killed_and_later_stages_still_run(tmp_path):
 # benchmarks/smoke_parity.py, the check's second stage: on CPU with Triton under the interpreter, tiny shapes
 # ----------------------------------------------------------------------------------------------------
 def test_smoke_parity_prints_one_line_per_case_and_skips_cuda_with_its_reason(tmp_path):
+    # --jobs 2: the (op, dtype) groups in two processes, as gpu_check runs it; the rows merged at the end
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
         [os.environ.get("PYTHON", __import__("sys").executable), str(ROOT / "benchmarks" / "smoke_parity.py"),
-         "--tiny", "--ops", "attention", "--dtypes", "bf16", "--json", str(tmp_path / "rows.json")],
+         "--tiny", "--ops", "attention", "--dtypes", "bf16,fp32", "--jobs", "2", "--json", str(tmp_path / "rows.json")],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=180,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     cases = [line for line in res.stdout.splitlines() if line.startswith("attention triton")]
-    assert len(cases) == 2 and all(" PASS " in c for c in cases), res.stdout  # 2 shapes
+    assert len(cases) == 4 and all(" PASS " in c for c in cases), res.stdout  # 2 dtypes (a process each) x 2 shapes
+    assert res.stdout.count("smoke parity:") == 1, res.stdout  # one merged summary
     assert re.search(r"^\*\s+cuda .* SKIP: \S", res.stdout, re.M), res.stdout
     rows = __import__("json").loads((tmp_path / "rows.json").read_text())
     assert {(r["dtype"], r["shape"]) for r in rows if r["status"] == "PASS"} == {
-        ("bf16", s) for s in ("N=17 D=64 packed", "N=9 D=80")
+        (d, s) for d in ("bf16", "fp32") for s in ("N=17 D=64 packed", "N=9 D=80")
     }
     assert all(0 < r["max_err"] <= r["tol"] for r in rows if r["status"] == "PASS")
 
