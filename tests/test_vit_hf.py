@@ -227,3 +227,27 @@ def test_patch_hf_skips_and_refuses(hf_model):
         vit.patch_hf(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="backend must be one of"):
         vit.patch_hf(hf_model, backend="fast")
+
+
+def test_patch_hf_family_class_must_have_vits_forward(monkeypatch):
+    """DeiT's attention is patched because its forward is ViT's code; a transformers in which it is not (here
+    DeiTAttention.forward replaced by one that adds a bias) keeps it on its own forward, with the reason."""
+    from transformers.models.deit import modeling_deit
+
+    config = transformers.DeiTConfig(**{k: v for k, v in HF_TINY.items() if k != "num_labels"})
+    original = modeling_deit.DeiTAttention.forward
+
+    def forward_with_a_bias(self, hidden_states, attention_mask=None, **kwargs):
+        out, weights = original(self, hidden_states, attention_mask, **kwargs)
+        return out + 1.0, weights
+
+    monkeypatch.setattr(modeling_deit.DeiTAttention, "forward", forward_with_a_bias)
+    model = transformers.DeiTModel(config).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+    summary = vit.patch_hf(model, backend="torch")
+    assert summary.attention == [] and len(summary.mlp) == 2
+    assert "DeiTAttention.forward is not ViTAttention.forward's code" in summary.skipped[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
