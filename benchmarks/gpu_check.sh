@@ -125,16 +125,26 @@ digest() {  # what of a stage's log goes into the report
   esac
 }
 
+# What does not change during the run, collected once. A copy of the tree without .git names its commit
+# through GPU_CHECK_COMMIT.
+commit=$(git rev-parse HEAD 2>/dev/null)
+if [ -n "$commit" ]; then
+  [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (dirty)"
+else
+  commit="${GPU_CHECK_COMMIT:-unknown: no git checkout here (GPU_CHECK_COMMIT=<sha> names it)}"
+fi
+header="- commit: $commit
+- python: $("$PY" --version 2>&1); $(cat "$work/versions.txt" 2>/dev/null)
+- driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+- nvcc: $( (nvcc --version 2>/dev/null || /usr/local/cuda/bin/nvcc --version 2>/dev/null) | tail -1)"
+
 write_report() {
   local tmp="$work/report.md.tmp" s
   {
     echo "# GPU check: $gpu_name, $stamp"
     echo
-    echo "- commit: $(git rev-parse HEAD 2>/dev/null)$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (dirty)')"
+    echo "$header"
     echo "- host: $(hostname), $(nproc) CPU cores; budget $budget s, $(( $(date +%s) - start )) s elapsed at this writing"
-    echo "- python: $("$PY" --version 2>&1); $(cat "$work/versions.txt" 2>/dev/null)"
-    echo "- driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true)"
-    echo "- nvcc: $( (nvcc --version 2>/dev/null || /usr/local/cuda/bin/nvcc --version 2>/dev/null) | tail -1)"
     echo
     echo "## Stages"
     echo
