@@ -410,3 +410,47 @@ def test_torch_compile_sees_one_node_per_op_no_graph_break():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def _timm_missing() -> str | None:
+    try:
+        import timm  # noqa: F401
+    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
+        return f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.mark.skipif(_timm_missing() is not None, reason=str(_timm_missing()))
+def test_vit_on_the_fused_path_matches_timm(highest_precision_fp32):
+    """A timm checkpoint in our ViT on backend="triton" (every block fused): timm's logits and gradients."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import vit
+
+    tiny = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=2, num_heads=2)
+    timm_model = VisionTransformer(**tiny).eval()
+    with torch.no_grad():  # timm zero-inits biases and unit-inits norms: randomise them so the mapping matters
+        for name, p in timm_model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ours = vit.VisionTransformer(backend="triton", **tiny).eval()
+    ours.load_state_dict(timm_model.state_dict(), strict=True)
+    x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 10)
+    results = []
+    for model in (timm_model, ours):
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.backward(g)
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert rel_error(logits, ref_logits) < 1e-5
+    for name, ref in ref_grads.items():
+        assert rel_error(grads[name], ref) < 1e-5, name
+
+
+@pytest.fixture
+def highest_precision_fp32():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
