@@ -107,10 +107,21 @@ class _Tf32Gemms(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def tf32_model(fn, *args, **kwargs):
-    """fn(*args, **kwargs), autograd included, with every GEMM operand rounded to tf32 (see `_Tf32Gemms`)."""
+    """fn(*args, **kwargs), autograd included, with every GEMM operand rounded to tf32 (see `_Tf32Gemms`).
+
+    Runs on CPU copies of the tensor arguments (results on CPU): the dispatch mode is thread-local, and on CPU the
+    backward GEMMs run on this thread too, so they are rounded whatever device the test uses."""
     with _Tf32Gemms():
-        return fn(*args, **kwargs)
+        return fn(*_to_cpu(args), **{k: _to_cpu(v) for k, v in kwargs.items()})
 
 
 def tf32_tolerance(model: torch.Tensor, ref: torch.Tensor) -> float:
@@ -120,7 +131,7 @@ def tf32_tolerance(model: torch.Tensor, ref: torch.Tensor) -> float:
     A fixed number would be wrong both ways: the interpreter used to compute tf32 dots in full fp32 (~1e-7, where
     any bug below 1e-3 hid), and a GPU truncating to tf32 reaches 1.5-2e-3 on the MLP gradients and attention's
     dq / dk (errors grow with the reduction length and with cancellation in dS = P (dP - delta))."""
-    return max(TOLERANCES[torch.float32], TF32_FACTOR * rel_error(model, ref))
+    return max(TOLERANCES[torch.float32], TF32_FACTOR * rel_error(model.to(ref.device), ref))
 
 
 # ----------------------------------------------------------------------------------------------------

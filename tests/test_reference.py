@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, rel_error
+from conftest import TOLERANCES, rel_error, tf32_model, tf32_round
 
 import vit_kernels as vk
 from vit_kernels import reference
@@ -113,3 +113,25 @@ def test_eager_backends_through_public_api(backend):
     q, k, v = (torch.randn(2, 3, 9, 16, dtype=torch.float64).float() for _ in range(3))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert rel_error(vk.attention(q, k, v, backend=backend), ref) < 1e-5
+
+
+def test_tf32_model_rounds_every_gemm_operand_forward_and_backward():
+    """The tf32 model behind the tf32 tolerances (conftest.tf32_model): forward and autograd's backward GEMMs see
+    operands truncated to 10 mantissa bits, non-GEMM ops and the added term of addmm do not."""
+    x = torch.randn(4, 8, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(3, 8, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64)
+    dy = torch.randn(4, 3, dtype=torch.float64)
+
+    def run(x, w, b, dy):
+        y = F.linear(x, w, b)
+        y.backward(dy)
+        return y
+
+    y = tf32_model(run, x, w, b, dy)
+    r = tf32_round
+    assert torch.equal(r(torch.tensor([1.0 + 2.0**-10 + 2.0**-11])), torch.tensor([1.0 + 2.0**-10]))
+    assert torch.allclose(y, r(x) @ r(w).t() + b, rtol=1e-14, atol=0)
+    assert torch.allclose(x.grad, r(dy) @ r(w), rtol=1e-14, atol=0)
+    assert torch.allclose(w.grad, r(dy).t() @ r(x), rtol=1e-14, atol=0)
+    assert not torch.allclose(y, x @ w.t() + b, rtol=1e-6, atol=0), "the model must differ from plain float64"
