@@ -3,10 +3,14 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
 namespace vk {
+
+// Blocks along grid x; y and z stop at 65,535, so every launcher here puts its large counts on x.
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
 
 // Every runtime call and launch goes through these: a failure raises std::runtime_error, which
 // pybind11 turns into a Python RuntimeError naming the kernel (or call) and CUDA's own reason.

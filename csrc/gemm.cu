@@ -328,7 +328,21 @@ struct SmemTile {
 // ====================================================================================================
 // kernels
 // ====================================================================================================
-// Tensor-core GEMM, fp16/bf16 in, fp32 accumulate. Grid: (ceil(N / BN), ceil(M / BM)); rows >= M,
+// (m0, n0) of this block's output tile in the flat grid of grid_for: ceil(M / BM) * ceil(N / BN) blocks along x,
+// the N-tiles of one M-tile adjacent (they share its A rows in L2), the order the former (N-tiles, M-tiles) 2-D
+// grid ran in. One axis, because grid y stops at 65,535 M-tiles (8.4M rows, 4.2M for the 64-row SIMT tiles).
+struct TileOrigin {
+  int m0, n0;
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ TileOrigin tile_origin(int N) {
+  const unsigned n_tiles = (static_cast<unsigned>(N) + BN - 1) / BN;
+  const unsigned m_tile = blockIdx.x / n_tiles;
+  return {static_cast<int>(m_tile * BM), static_cast<int>((blockIdx.x - m_tile * n_tiles) * BN)};
+}
+
+// Tensor-core GEMM, fp16/bf16 in, fp32 accumulate. Grid: ceil(M / BM) * ceil(N / BN) (tile_origin); rows >= M,
 // columns >= N and k >= K are zero-filled by cp.async and never stored.
 template <class Cfg, class T, class OpA, class OpB, class Epi>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) gemm_tc_kernel(OpA a, OpB b, Epi epi, int M, int N, int K) {
@@ -344,8 +358,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) gemm_tc_k
   const int warp = tid >> 5;
   const int warp_m = warp / Cfg::kWarpsN;
   const int warp_n = warp % Cfg::kWarpsN;
-  const int m0 = blockIdx.y * Cfg::kBM;
-  const int n0 = blockIdx.x * Cfg::kBN;
+  const TileOrigin tile = tile_origin<Cfg::kBM, Cfg::kBN>(N);
+  const int m0 = tile.m0, n0 = tile.n0;
 
   auto load_stage = [&](int stage, int k_tile) {
     const int k_base = k_tile * Cfg::kBK;
@@ -443,7 +457,8 @@ __global__ void __launch_bounds__(SimtConfig::kThreads) gemm_simt_kernel(OpA a, 
   __shared__ float bs[BK][BN];
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const TileOrigin tile = tile_origin<BM, BN>(N);
+  const int m0 = tile.m0, n0 = tile.n0;
 
   float acc[4][4] = {};
   for (int k0 = 0; k0 < K; k0 += BK) {
@@ -513,6 +528,14 @@ __global__ void __launch_bounds__(512) colsum_kernel(Op src, T* out, int rows, i
 template <class T>
 inline constexpr bool kTensorCores = !std::is_same_v<T, float>;
 
+// The flat grid tile_origin<BM, BN> reads, or a ValueError where even 2^31 - 1 blocks are too few.
+inline dim3 grid_for(index_t M, index_t N, int bm, int bn, const std::string& name) {
+  const index_t blocks = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+  require(blocks <= kMaxGridX, name + ": " + std::to_string(blocks) + " output tiles exceed the 2^31 - 1 blocks of a "
+                                          "CUDA grid; split the batch");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
 template <class T, class OpA, class OpB, class Epi>
 void run_gemm(const OpA& a, const OpB& b, const Epi& epi, index_t M, index_t N, index_t K, cudaStream_t stream,
               const char* name) {
@@ -526,16 +549,14 @@ void run_gemm(const OpA& a, const OpB& b, const Epi& epi, index_t M, index_t N, 
   if constexpr (kTensorCores<T>) {
     using Cfg = TileConfig128x128;
     constexpr int kSmem = Cfg::kStages * (Cfg::kBM + Cfg::kBN) * Cfg::kBK * 2;  // 2 bytes per element
-    const dim3 grid((N + Cfg::kBN - 1) / Cfg::kBN, (M + Cfg::kBM - 1) / Cfg::kBM);
-    require(grid.y <= 65535, n + ": M too large for the grid");
+    const dim3 grid = grid_for(M, N, Cfg::kBM, Cfg::kBN, n);
     auto kernel = gemm_tc_kernel<Cfg, T, OpA, OpB, Epi>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                "cudaFuncSetAttribute(gemm_tc_kernel)");
     kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(a, b, epi, static_cast<int>(M), static_cast<int>(N),
                                                     static_cast<int>(K));
   } else {
-    const dim3 grid((N + SimtConfig::kBN - 1) / SimtConfig::kBN, (M + SimtConfig::kBM - 1) / SimtConfig::kBM);
-    require(grid.y <= 65535, n + ": M too large for the grid");
+    const dim3 grid = grid_for(M, N, SimtConfig::kBM, SimtConfig::kBN, n);
     gemm_simt_kernel<T><<<grid, SimtConfig::kThreads, 0, stream>>>(a, b, epi, static_cast<int>(M),
                                                                   static_cast<int>(N), static_cast<int>(K));
   }
