@@ -27,6 +27,8 @@ N = 197, D = 64: forward 127 registers / 56 KB shared, dK/dV 141 / 32 KB, dQ 93 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -40,9 +42,25 @@ LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Pyt
 # kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _tile_and_head():
+    # (row tile, (batch, head)) of this program. B * H on grid axis 0 (up to 2^31 - 1): axes 1 and 2 stop at
+    # 65,535, which B * H passes at ViT-B batch 5,462. A flat axis 0 of tiles * B * H programs would keep the
+    # launch order of the tiles-first grid, but its runtime division made the fp32 dK/dV kernels spill (sm_80, sm_90).
+    return tl.program_id(1), tl.program_id(0)
+
+
+@triton.jit
 def _head(base, pid_bh, H, stride_z, stride_h):
-    # The start of the (batch, head) that program axis 1 numbers; 64-bit, since B*H*N*D can pass 2^31.
+    # The start of the (batch, head) `pid_bh`; 64-bit, since B*H*N*D can pass 2^31.
     return base + (pid_bh // H).to(tl.int64) * stride_z + (pid_bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile_ptrs(base, rows, cols, stride_r, stride_c):
+    # Pointers of the (rows, cols) tile of one head at base (its 64-bit start, `_head`). The offsets within a head
+    # are int32: the launchers copy any operand whose head spans 2^31 elements or more (`_in_head_int32`), and
+    # int64 here costs the fp32 dK/dV kernels their last registers (9 more on sm_90 at D = 80: 40 bytes of spills).
+    return base + rows[:, None] * stride_r + cols[None, :] * stride_c
 
 
 @triton.jit
@@ -59,8 +77,8 @@ def _attn_fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, stride_kn, stride_kk), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, stride_vn, stride_vk), mask=kv_mask, other=0.0)
         # Scores in the log2 domain: exp2 is the native instruction, exp would cost an extra multiply.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         # Key columns past N must weigh exactly zero. Every tile holds at least one real key (start_n < N),
@@ -88,8 +106,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head()
     # int64 offsets: B * H * N * D passes 2^31 for large batches of ViT-H at 518 px.
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
@@ -100,7 +117,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     q_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
+    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, stride_qm, stride_qk), mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -112,9 +129,7 @@ def _attn_fwd_kernel(
 
     # l_i >= 1 (the row maximum contributes exp2(0)), so the division is safe for every row.
     acc = acc / l_i[:, None]
-    tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, acc.to(Out.dtype.element_ty), mask=q_mask
-    )
+    tl.store(_tile_ptrs(o_base, offs_m, offs_d, stride_om, stride_ok), acc.to(Out.dtype.element_ty), mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 domain -> natural log
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=m_mask)
 
@@ -130,16 +145,15 @@ def _attn_bwd_preprocess_kernel(
 ):  # fmt: skip
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax-backward correction, computed once per row
     # here rather than once per K/V tile inside the dK/dV kernel.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head()
     o_base = _head(Out, pid_bh, H, stride_oz, stride_oh)
     do_base = _head(DOut, pid_bh, H, stride_dz, stride_dh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=mask, other=0.0)
+    o = tl.load(_tile_ptrs(o_base, offs_m, offs_d, stride_om, stride_ok), mask=mask, other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, stride_dm, stride_dk), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_mask)
 
@@ -159,8 +173,7 @@ def _attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     # One program owns BLOCK_N keys and streams every query tile past them: dK and dV are finished in
     # registers and written once, so no atomics and a deterministic result.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _tile_and_head()
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
     v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
@@ -172,8 +185,8 @@ def _attn_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < N
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, stride_kn, stride_kk), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, stride_vn, stride_vk), mask=kv_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -181,8 +194,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < N
         q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=q_mask, other=0.0)
+        q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, stride_qm, stride_qk), mask=q_mask, other=0.0)
+        do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, stride_dm, stride_dk), mask=q_mask, other=0.0)
         lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
         # Transposed scores S^T (BLOCK_N, BLOCK_M), so that dV += P^T dO and dK += dS^T Q need no transposes
@@ -198,7 +211,7 @@ def _attn_bwd_dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
     dk = dk * scale
 
-    out_offs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = (row_base + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -217,8 +230,7 @@ def _attn_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_M queries and streams every K/V tile: dQ has a single writer (no atomics).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_head()
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
     v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
@@ -230,8 +242,8 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
     q_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dk, mask=q_mask, other=0.0)
+    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, stride_qm, stride_qk), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, stride_dm, stride_dk), mask=q_mask, other=0.0)
     lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
 
@@ -240,8 +252,8 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, stride_kn, stride_kk), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, stride_vn, stride_vk), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ, nor overflow to inf on the
         # way: masked before exp2.
@@ -251,7 +263,7 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     dq = dq * scale
 
-    out_offs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -309,6 +321,35 @@ def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) ->
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
+_INT32_LIMIT = 2**31  # CUDA grid axis 0 holds up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+
+
+def _grid(N: int, block: int, BH: int) -> tuple[int, int]:
+    """(B * H, row tiles): the grid `_tile_and_head` reads."""
+    tiles = triton.cdiv(N, block)
+    if BH >= _INT32_LIMIT or tiles > 65535:
+        raise ValueError(
+            f"attention: B*H={BH} heads x {tiles} tiles of {block} rows (N={N}) exceed the CUDA grid "
+            f"(2^31 - 1 x 65,535); split the batch or the sequence"
+        )
+    return (BH, tiles)
+
+
+def _in_head_int32(t: torch.Tensor) -> torch.Tensor:
+    """t (B, H, N, D) as the kernels can address it: in place when every element of a (batch, head) lies within
+    2^31 elements of the head's start (int32 offsets, `_tile_ptrs`), else a contiguous copy, whose heads span
+    N * D. Only giant strides need the copy, e.g. sequence-first (N, B, H, D) memory with B * H * D * N >= 2^31."""
+    _B, _H, N, D = t.shape
+    if (N - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) < _INT32_LIMIT:
+        return t
+    return t.contiguous()
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make that t's device (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
@@ -331,19 +372,22 @@ def attention_fwd(
     """
     assert q.shape == k.shape == v.shape and q.dim() == 4
     B, H, N, D = q.shape
+    if N * H * D >= _INT32_LIMIT:  # out is (B, N, H, D) memory: one head's rows span N * H * D elements
+        raise ValueError(f"attention: N * H * D = {N * H * D} elements per image must stay below 2^31")
+    q, k, v = _in_head_int32(q), _in_head_int32(k), _in_head_int32(v)
     block_d = triton.next_power_of_2(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(N, block_d, q.dtype)
     out = _alloc(B, N, H, D, like=q).transpose(1, 2)
     lse = _alloc(B, H, N, like=q, dtype=torch.float32)
-    grid = (triton.cdiv(N, block_m), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, N, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        INPUT_PRECISION=_input_precision(q.dtype, allow_tf32),
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    with _on_device(q):
+        _attn_fwd_kernel[_grid(N, block_m, B * H)](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, N, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -366,30 +410,31 @@ def attention_bwd(
     """
     assert dout.shape == q.shape == k.shape == v.shape == out.shape and q.dim() == 4
     B, H, N, D = q.shape
+    dout, q, k, v, out = (_in_head_int32(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     block_d = triton.next_power_of_2(D)
     precision = _input_precision(q.dtype, allow_tf32)
 
     delta = _alloc(B, H, N, like=q, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PREPROCESS_BLOCK_M), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, N,
-        HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
-    )  # fmt: skip
-
     dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
     block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    # dQ holds the query side, so the (streamed, held) sizes swap.
-    _attn_bwd_dq_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, dout, dq, lse, delta, *strides, H, N, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    with _on_device(q):
+        _attn_bwd_preprocess_kernel[_grid(N, _PREPROCESS_BLOCK_M, B * H)](
+            out, dout, delta, *out.stride(), *dout.stride(), H, N,
+            HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
+        )  # fmt: skip
+        _attn_bwd_dkdv_kernel[_grid(N, block_n, B * H)](
+            q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, INPUT_PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        # dQ holds the query side, so the (streamed, held) sizes swap.
+        _attn_bwd_dq_kernel[_grid(N, block_n, B * H)](
+            q, k, v, dout, dq, lse, delta, *strides, H, N, scale, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     return dq, dk, dv
 
 

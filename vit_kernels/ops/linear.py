@@ -41,6 +41,8 @@ ieee fp32) and a shape class from the number of 128 x 128 output tiles versus th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -99,11 +101,12 @@ def _dqkv_ptrs(
 ):  # fmt: skip
     # The index map dQKV[tok, j] -> d{q,k,v}[b, h, t, d]. C and D are constexprs so that d = j % D keeps the
     # contiguity of j (vectorised loads along the head dim) and which / h cost shifts or multiplies.
+    # 64-bit: with "any strides" each of b, t, h, d times its stride can pass 2^31 elements on its own.
     b = (tok // N_TOK).to(tl.int64)
     t = (tok % N_TOK).to(tl.int64)
     which = j // QKV_C
-    h = (j % QKV_C) // QKV_D
-    d = j % QKV_D
+    h = ((j % QKV_C) // QKV_D).to(tl.int64)
+    d = (j % QKV_D).to(tl.int64)
     pq = DQ + (b * stride_qb + t * stride_qt) + (h * stride_qh + d * stride_qd)
     pk = DK + (b * stride_kb + t * stride_kt) + (h * stride_kh + d * stride_kd)
     pv = DV + (b * stride_vb + t * stride_vt) + (h * stride_vh + d * stride_vd)
@@ -151,6 +154,9 @@ def _gemm_kernel(
     n_mask = offs_n < N
     # Masked (zero-filled) edges rather than wrapped indices: M = B * 197 never fills a tile, and the row sums
     # must not count a wrapped row twice.
+    # Every index is widened to 64 bits before it meets a stride: an index below 2^31 times a stride below 2^31
+    # can still pass 2^31 elements (the dfc1 weight gradient reads dhidden^T, k up to B*N tokens times stride
+    # Hd: 590,848 x 4096 for ViT-L/16 at 384 px, batch 1024). Unit strides are constants, so those cost nothing.
     a_rows = _split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)  # (BLOCK_M,) used by A_MODE 0
     b_cols = offs_n.to(tl.int64) * stride_bn
 
@@ -160,7 +166,7 @@ def _gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         if A_MODE == 0:
-            a_ptrs = A + a_rows[:, None] + (offs_k * stride_ak)[None, :]
+            a_ptrs = A + a_rows[:, None] + (offs_k.to(tl.int64) * stride_ak)[None, :]
         elif A_MODE == 1:  # dQKV (M, 3C): rows are tokens, K runs over the 3C columns
             a_ptrs = _dqkv_ptrs(
                 DQ, DK, DV, offs_m[:, None], offs_k[None, :], N_TOK,
@@ -192,7 +198,7 @@ def _gemm_kernel(
         # buffers, not one (3, B, H, N, D): outputs of a torch.library custom op may not alias each other.
         b_idx = (offs_m // N_TOK).to(tl.int64)
         t_idx = (offs_m % N_TOK).to(tl.int64)
-        row_off = b_idx * (N_TOK * QKV_C) + t_idx * QKV_D
+        row_off = b_idx * N_TOK * QKV_C + t_idx * QKV_D  # int64 from the left: N_TOK * C alone may not fit
         which = offs_n // QKV_C
         h_idx = (offs_n % QKV_C) // QKV_D
         col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
@@ -201,7 +207,7 @@ def _gemm_kernel(
         ptrs = tl.where(which == 0, C + offs, tl.where(which == 1, C2 + offs, C3 + offs))
         tl.store(ptrs, acc.to(out_ty), mask=c_mask)
     else:
-        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n * stride_cn)[None, :]
+        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n.to(tl.int64) * stride_cn)[None, :]
         if EPILOGUE == 0:
             tl.store(C + c_offs, acc.to(out_ty), mask=c_mask)
         elif EPILOGUE == 1:
@@ -211,7 +217,7 @@ def _gemm_kernel(
             tl.store(C + c_offs, pre, mask=c_mask)
             tl.store(C2 + c_offs, _gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
         else:
-            h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + (offs_n * stride_hn)[None, :]
+            h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + (offs_n.to(tl.int64) * stride_hn)[None, :]
             hid = tl.load(Hid + h_offs, mask=c_mask, other=0.0).to(tl.float32)
             act, grad = _gelu_fwd_bwd(hid, TANH)
             tl.store(C + c_offs, (acc * grad).to(out_ty), mask=c_mask)
@@ -375,9 +381,21 @@ def _kernel_args(
     return args, kwargs, grid
 
 
+_MAX_INT32 = 2**31 - 1  # also CUDA's limit on grid axis 0, the only axis the GEMM uses
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make that t's device (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch(a, b, c, M, N, K, dtype, allow_tf32, **epilogue) -> None:
     args, kwargs, grid = _kernel_args(a, b, c, M, N, K, dtype, allow_tf32, _arch(c.device), **epilogue)
-    _gemm_kernel[grid](*args, **kwargs)
+    # Tile row / column / k indices are int32 in the kernel (addresses are not): past this they would wrap.
+    if max(M, N, K) > _MAX_INT32 - 1024 or grid[0] > _MAX_INT32:
+        raise ValueError(f"GEMM ({M} x {K}) @ ({K} x {N}) is too large for 32-bit tile indices; split the batch")
+    with _on_device(c):
+        _gemm_kernel[grid](*args, **kwargs)
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
