@@ -108,3 +108,16 @@ def test_fullgraph_under_autocast(backend):
     assert eager[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in eager[1:])
     compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
     _assert_close(_outputs_and_grads(compiled, params), eager, 1e-2)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_tracing_sees_one_custom_op_per_call(backend):
+    """Eager calls skip the custom-op dispatcher (library._eager); anything that traces must still see the ops:
+    make_fx (a dispatch mode) records vit_kernels::attention_fwd, not the kernel's internals."""
+    _skip_unless_runs(backend)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = (torch.randn(1, 2, 5, 32, device=DEVICE) for _ in range(3))
+    graph = make_fx(lambda q, k, v: vk.attention(q, k, v, backend=backend))(q, k, v)
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert "vit_kernels.attention_fwd.default" in targets, targets

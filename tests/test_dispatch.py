@@ -8,7 +8,6 @@ on fake CUDA tensors (FakeTensorMode) with a faked compute capability.
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -445,10 +444,17 @@ def _attn_rows(N, D, mode, times, errors=None):
     return [{**shape, "provider": p, "ms": ms, "rel_err": errors.get(p, 1e-3)} for p, ms in times.items()]
 
 
-def test_auto_table_proposes_only_correct_and_faster_backends(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+@pytest.fixture
+def auto_table(monkeypatch):
+    """benchmarks/auto_table.py as a module. monkeypatch restores sys.path afterwards: left in place, the
+    benchmarks folder would shadow tests/conftest.py for spawned subprocesses (benchmarks has a conftest.py)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import auto_table
 
+    return auto_table
+
+
+def test_auto_table_proposes_only_correct_and_faster_backends(auto_table, tmp_path, capsys):
     sdpa = {"sdpa_flash": 1.0, "sdpa_efficient": 1.2, "sdpa_math": 5.0}
     sdpa_bwd = {"sdpa_flash": 3.0, "sdpa_efficient": 3.5, "sdpa_math": 9.0}
     rows = [
@@ -490,10 +496,7 @@ def test_auto_table_proposes_only_correct_and_faster_backends(tmp_path, capsys):
     assert "sm_90 fused_qkv bf16 C<=1024 B*N<=65536: torch (no entry): triton: slower than torch" in report
 
 
-def test_auto_table_needs_an_arch_it_can_tell(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import auto_table
-
+def test_auto_table_needs_an_arch_it_can_tell(auto_table, tmp_path):
     rows = _attn_rows(197, 64, "fwd", {"sdpa_flash": 1.0, "triton": 0.5})
     path = _results(tmp_path / "gpu.json", "cuda", rows)
     data = json.loads(path.read_text())

@@ -30,7 +30,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         return reference.attention(q, k, v, scale)
     if backend == "torch":
         return torch_backend.attention(q, k, v, scale)
-    out, _lse = library.attention_fwd(q, k, v, scale, dispatch.allow_tf32(), backend)
+    out, _lse = library.run_attention(q, k, v, scale, dispatch.allow_tf32(), backend)
     return out
 
 
@@ -43,7 +43,7 @@ def fused_qkv(
         return reference.fused_qkv(x, weight, bias, num_heads)
     if backend == "torch":
         return torch_backend.fused_qkv(x, weight, bias, num_heads)
-    return library.qkv_fwd(x, weight, bias, num_heads, dispatch.allow_tf32(), backend)
+    return library.run_qkv(x, weight, bias, num_heads, dispatch.allow_tf32(), backend)
 
 
 def gelu_mlp(
@@ -67,7 +67,7 @@ def gelu_mlp(
         return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
     if backend == "torch":
         return torch_backend.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
-    y, _hidden = library.mlp_fwd(
+    y, _hidden = library.run_mlp(
         x.reshape(-1, x.shape[-1]),
         fc1_weight,
         fc1_bias,

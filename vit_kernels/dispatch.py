@@ -244,14 +244,15 @@ def _select(
     device: torch.device,
     op: str,
     sizes: tuple[torch.dtype, int, int],
-    kernel_reasons: dict[str, str | None],
+    objection,
 ) -> Choice:
     """Resolve `backend` for `op` on `device`. `sizes` is (dtype, dim, tokens) of these inputs, the table's key
-    (see TableKey); `kernel_reasons` gives each backend's objection to these particular inputs."""
+    (see TableKey); `objection(b)` is backend b's objection to these particular inputs, or None (called only
+    for the backends considered: building every backend's reasons on every call cost microseconds)."""
     family = "attention" if op == "attention" else "linear"
 
     def reason(b: str) -> str | None:
-        return device_unavailable_reason(b, device) or _missing_kernels(b, family) or kernel_reasons.get(b)
+        return device_unavailable_reason(b, device) or _missing_kernels(b, family) or objection(b)
 
     if backend == "auto":
         if device.type != "cuda":
@@ -278,16 +279,20 @@ def _select(
     return Choice(backend, _REQUESTED[backend])
 
 
+def _channel_objection(dims: dict[str, int]):
+    """objection(b) for channel counts `dims` (name -> size): which are not multiples of b's alignment."""
+
+    def objection(b: str) -> str | None:
+        multiple = SUPPORT[b].channel_multiple
+        bad = [f"{n}={d}" for n, d in dims.items() if d % multiple]
+        return f"needs channel sizes that are multiples of {multiple}, got {', '.join(bad)}" if bad else None
+
+    return objection
+
+
 def _channel_reasons(dims: dict[str, int]) -> dict[str, str | None]:
-    reasons = {}
-    for b, support in SUPPORT.items():
-        bad = [f"{n}={d}" for n, d in dims.items() if d % support.channel_multiple]
-        reasons[b] = (
-            f"needs channel sizes that are multiples of {support.channel_multiple}, got {', '.join(bad)}"
-            if bad
-            else None
-        )
-    return reasons
+    objection = _channel_objection(dims)
+    return {b: objection(b) for b in SUPPORT}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,11 +324,14 @@ def check_attention(q, k, v, scale, backend: str) -> tuple[Choice, float]:
         scale = head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    reasons = {}
-    for b, support in SUPPORT.items():
-        if support.head_dims is not None and head_dim not in support.head_dims:
-            reasons[b] = f"head dim D={head_dim} is not supported (supported: {support.head_dims})"
-    return _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), reasons), float(scale)
+
+    def objection(b: str) -> str | None:
+        dims = SUPPORT[b].head_dims
+        if dims is None or head_dim in dims:
+            return None
+        return f"head dim D={head_dim} is not supported (supported: {dims})"
+
+    return _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), objection), float(scale)
 
 
 def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
@@ -341,8 +349,8 @@ def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
     if bias is not None:
         _check_shape("bias", bias, (3 * C,), "(3C,)")
     # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
-    reasons = _channel_reasons({"C": C, "head dim C // num_heads": C // num_heads})
-    return _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), reasons)
+    objection = _channel_objection({"C": C, "head dim C // num_heads": C // num_heads})
+    return _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), objection)
 
 
 def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> Choice:
@@ -364,8 +372,8 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
         _check_shape("fc1_bias", fc1_bias, (hidden,), "(hidden,)")
     if fc2_bias is not None:
         _check_shape("fc2_bias", fc2_bias, (C_out,), "(C_out,)")
-    reasons = _channel_reasons({"C": C, "hidden": hidden, "C_out": C_out})
-    return _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), reasons)
+    objection = _channel_objection({"C": C, "hidden": hidden, "C_out": C_out})
+    return _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), objection)
 
 
 # A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it
