@@ -261,6 +261,7 @@ def _cuda(*shape, dtype=torch.bfloat16):
 def test_committed_table_loads():
     table = dispatch.load_table(dispatch.MEASURED_TABLE)
     assert table == dispatch._TABLE
+    assert vk.build_info()["measured_table_entries"] == len(table)
     assert all(entry["backend"] in ("torch", "triton", "cuda") for entry in table.values())
 
 

@@ -125,6 +125,8 @@ def build_info() -> dict:
         "cuda_extension_missing_reason": reason,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "available_backends": available_backends(),
+        # how many (arch, op, dtype, size) cells of `auto`'s measured table name a backend (0: auto is torch on CUDA)
+        "measured_table_entries": len(dispatch._TABLE),
     }
     try:
         import triton
