@@ -3,6 +3,7 @@
     python benchmarks/tune_attention.py                     # on a GPU: compile, check and time every candidate
     python benchmarks/tune_attention.py --static-only       # any machine: registers / spills / smem per candidate
     python benchmarks/tune_attention.py --shapes "128,12,197,64;64,16,257,80" --dtype fp16
+    python benchmarks/tune_attention.py --static-only --dtype fp32 --fp32-precision ieee   # or tf32
 
 The kernels ship a fixed table (`_fwd_config` / `_bwd_config` in vit_kernels/ops/attention.py) so that no
 call pays for autotuning. This script is how that table is chosen: it compiles each candidate for the
@@ -34,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attn_bench  # noqa: E402
 import common  # noqa: E402
 
-from vit_kernels import reference  # noqa: E402
+from vit_kernels import dispatch, reference  # noqa: E402
 from vit_kernels.ops import attention as triton_attention  # noqa: E402
 
-# Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages).
+# Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages). The small 8-warp tiles are
+# for exact fp32 ("ieee"), whose FMA dots hold whole operand rows per thread.
 FWD_CANDIDATES = (
+    (32, 32, 8, 2),
     (64, 32, 4, 2),
     (64, 64, 4, 2),
     (64, 64, 4, 3),
@@ -50,6 +53,9 @@ FWD_CANDIDATES = (
 )
 # Backward (rows streamed, rows held, num_warps, num_stages): dK/dV holds keys and streams queries, dQ the reverse.
 BWD_CANDIDATES = (
+    (16, 32, 8, 2),
+    (32, 32, 4, 2),
+    (32, 32, 8, 2),
     (32, 64, 4, 1),
     (32, 64, 4, 2),
     (32, 64, 8, 2),
@@ -62,14 +68,18 @@ BWD_CANDIDATES = (
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def shipped(N: int, D: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+def shipped(N: int, D: int, dtype: torch.dtype, allow_tf32: bool) -> tuple[tuple, tuple]:
     block_d = 1 << (D - 1).bit_length()
-    return triton_attention._fwd_config(N, block_d, dtype), triton_attention._bwd_config(N, block_d, dtype)
+    precision = triton_attention._input_precision(dtype, allow_tf32)
+    return (
+        triton_attention._fwd_config(N, block_d, dtype, precision),
+        triton_attention._bwd_config(N, block_d, dtype, precision),
+    )
 
 
-def candidates(pass_: str, N: int, D: int, dtype: torch.dtype) -> list[tuple]:
+def candidates(pass_: str, N: int, D: int, dtype: torch.dtype, allow_tf32: bool) -> list[tuple]:
     """The candidate list, the shipped config first (timed even if it were not in the list)."""
-    mine = shipped(N, D, dtype)[0 if pass_ == "fwd" else 1]
+    mine = shipped(N, D, dtype, allow_tf32)[0 if pass_ == "fwd" else 1]
     pool = FWD_CANDIDATES if pass_ == "fwd" else BWD_CANDIDATES
     return [mine, *(c for c in pool if c != mine)]
 
@@ -77,19 +87,19 @@ def candidates(pass_: str, N: int, D: int, dtype: torch.dtype) -> list[tuple]:
 # ----------------------------------------------------------------------------------------------------
 # static step: compile for the target, drop what spills or does not fit
 # ----------------------------------------------------------------------------------------------------
-def static_rows(arch: int, shapes, dtype: torch.dtype, bar) -> dict[tuple, dict]:
+def static_rows(arch: int, shapes, dtype: torch.dtype, allow_tf32: bool, bar) -> dict[tuple, dict]:
     """(pass, D, config) -> {regs, spills, smem, ok, why}: the worst kernel of the pass (dK/dV or dQ for bwd)."""
     out: dict[tuple, dict] = {}
     for shape in shapes:
         for pass_ in ("fwd", "bwd"):
-            for cfg in candidates(pass_, shape.N, shape.D, dtype):
+            for cfg in candidates(pass_, shape.N, shape.D, dtype, allow_tf32):
                 key = (pass_, shape.D, cfg)
                 if key in out:
                     bar.update(1)
                     continue
                 try:
                     kw = {"fwd": cfg} if pass_ == "fwd" else {"bwd": cfg}
-                    rows = triton_attention.compile_config(arch, dtype, shape.D, **kw)
+                    rows = triton_attention.compile_config(arch, dtype, shape.D, allow_tf32=allow_tf32, **kw)
                     rows = [r for r in rows if "preprocess" not in r["kernel"]]
                 except Exception as exc:  # a config Triton cannot compile is a finding, not a crash
                     out[key] = {"ok": False, "why": common.short_reason(exc)}
@@ -117,6 +127,7 @@ def _inputs(B, H, N, D, dtype, device, n_sets):
 
 def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
     B, H, N, D = shape.B, shape.H, shape.N, shape.D
+    tf32 = args.allow_tf32
     scale = D**-0.5
     n_sets = common.n_input_sets(4 * B * H * N * D * dtype.itemsize, args.device)
     sets = _inputs(B, H, N, D, dtype, args.device, n_sets)
@@ -125,25 +136,25 @@ def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
     leaves = [t.double().requires_grad_() for t in (q0, k0, v0)]
     reference.attention(*leaves, scale).backward(dout0.double())
     ref_grads = [t.grad for t in leaves]
-    saved = [triton_attention.attention_fwd(q, k, v, scale, True) for q, k, v, _ in sets]
+    saved = [triton_attention.attention_fwd(q, k, v, scale, tf32) for q, k, v, _ in sets]
 
     def error(pass_: str, cfg: tuple) -> float:
         if pass_ == "fwd":
-            out, _ = triton_attention.attention_fwd(q0, k0, v0, scale, True, config=cfg)
+            out, _ = triton_attention.attention_fwd(q0, k0, v0, scale, tf32, config=cfg)
             return common.rel_error(out, ref_out)
-        out, lse = triton_attention.attention_fwd(q0, k0, v0, scale, True)
-        grads = triton_attention.attention_bwd(dout0, q0, k0, v0, out, lse, scale, True, config=cfg)
+        out, lse = triton_attention.attention_fwd(q0, k0, v0, scale, tf32)
+        grads = triton_attention.attention_bwd(dout0, q0, k0, v0, out, lse, scale, tf32, config=cfg)
         return max(common.rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True))
 
     def step(pass_: str, cfg: tuple):
         def fwd(j):
             q, k, v, _ = sets[j]
-            triton_attention.attention_fwd(q, k, v, scale, True, config=cfg)
+            triton_attention.attention_fwd(q, k, v, scale, tf32, config=cfg)
 
         def bwd(j):
             q, k, v, dout = sets[j]
             out, lse = saved[j]
-            triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, True, config=cfg)
+            triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, tf32, config=cfg)
 
         return fwd if pass_ == "fwd" else bwd
 
@@ -159,7 +170,7 @@ def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
     for pass_ in ("fwd", "bwd"):
         flops = common.attention_flops(B, H, N, D, pass_)
         nbytes = common.attention_bytes(B, H, N, D, dtype.itemsize, pass_)
-        for i, cfg in enumerate(candidates(pass_, N, D, dtype)):
+        for i, cfg in enumerate(candidates(pass_, N, D, dtype, tf32)):
             bar.update(1)
             info = static.get((pass_, D, cfg), {"ok": True, "why": ""})
             row = {"shape": f"{shape.model} {B}x{H}x{N}x{D}", "pass": pass_, "config": "/".join(map(str, cfg)),
@@ -197,11 +208,20 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, choices=[80, 90], help="compile target (default: this GPU's, else 90)")
     p.add_argument("--static-only", action="store_true", help="compile and report; time nothing")
     p.add_argument("--interpret", action="store_true", help="time under the Triton interpreter on CPU (tests only)")
+    p.add_argument(
+        "--fp32-precision",
+        choices=["ieee", "tf32"],
+        help="fp32's dots: exact 'ieee' or 'tf32' tensor cores (default: what the ops pick from "
+        "torch.get_float32_matmul_precision(): ieee under PyTorch's default 'highest')",
+    )
     args = p.parse_args(argv)
     if args.dtype is None and not args.interpret:
         args.dtype = "bf16"  # what ViTs train and serve in; the static step needs no GPU to judge it
     common.resolve_common_args(args)
     dtype = common.DTYPES[args.dtype]
+    if args.fp32_precision is None:
+        args.fp32_precision = "tf32" if dispatch.allow_tf32() else "ieee"
+    args.allow_tf32 = args.fp32_precision == "tf32"  # ignored by 16-bit dtypes
     # The GPU shapes even on CPU: the static step depends only on D, the timing step runs on a GPU.
     shapes = attn_bench.parse_shapes(args.shapes) if args.shapes else attn_bench.default_shapes("cuda")
     env = common.Env.collect(args.device, args.dtype)
@@ -215,11 +235,12 @@ def main(argv=None) -> int:
         arch = args.arch
         if arch is None:
             arch = 90 if args.device != "cuda" else min(90, 10 * torch.cuda.get_device_capability()[0])
-        n = sum(len(candidates(ps, sh.N, sh.D, dtype)) for sh in shapes for ps in ("fwd", "bwd"))
+        n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, f"compile sm_{arch}", args.no_progress)
-        static = static_rows(arch, shapes, dtype, bar)
+        static = static_rows(arch, shapes, dtype, args.allow_tf32, bar)
         bar.close()
-        print(f"### compile for sm_{arch} ({args.dtype}): worst kernel of each pass\n")
+        what = f"{args.dtype} {args.fp32_precision}" if dtype == torch.float32 else args.dtype
+        print(f"### compile for sm_{arch} ({what}): worst kernel of each pass\n")
         srows = [{"pass": ps, "D": D, "config": "/".join(map(str, c)), **v} for (ps, D, c), v in static.items()]
         cols = [("pass", "pass"), ("D", "D"), ("config M/N/warps/stages", "config"), ("regs", "regs"),
                 ("spill B", "spills"), ("smem B", "smem"), ("usable", "ok"), ("why not", "why")]  # fmt: skip
@@ -230,7 +251,7 @@ def main(argv=None) -> int:
     elif args.device != "cuda" and not args.interpret:
         report.skip("timing", "no CUDA device here (timing needs a GPU; --interpret exercises it on CPU)")
     else:
-        n = sum(len(candidates(ps, sh.N, sh.D, dtype)) for sh in shapes for ps in ("fwd", "bwd"))
+        n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, "time", args.no_progress)
         for shape in shapes:
             time_shape(shape, dtype, args, static, report, bar)

@@ -1,5 +1,7 @@
 """Static check, no GPU needed: every shipped Triton config compiles for sm_80 and sm_90 with no register
-spills, within the shared-memory limit, and on tensor cores (wgmma on sm_90, mma.sync on sm_80).
+spills, within the shared-memory limit, and on tensor cores (wgmma on sm_90, mma.sync on sm_80), for fp16 and
+for fp32 with both of its dot precisions: "tf32" (tensor cores) and "ieee" (exact fp32 FMA loops, no tensor
+cores: what PyTorch's default matmul precision "highest" gives). CI runs this once per Triton version it tests.
 
 Interpreted @jit functions cannot be compiled, so each op's `compile_report` runs in a fresh process
 without TRITON_INTERPRET.
@@ -19,18 +21,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What each op's report compiles: ViT shapes chosen to cover every config class of its table.
 REPORTS = {
     "attention": """
-import json, sys, torch
+import json, sys, torch, triton
 from vit_kernels.ops.attention import compile_report
-rows = compile_report(int(sys.argv[1]), shapes=((50, 32), (197, 64), (257, 80)), dtypes=(torch.float16, torch.float32))
-print(json.dumps(rows))
+rows = compile_report(int(sys.argv[1]), dtypes=(torch.float16, torch.float32))  # every cell of the table
+print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
 """,
     "linear": """
-import json, sys, torch
+import json, sys, torch, triton
 from vit_kernels.ops.linear import compile_report
 arch = int(sys.argv[1])
 rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
 rows += compile_report(arch, shapes=((1, 197, 768, 12),), dtypes=(torch.float16,))  # the 64-row "small" tiles
-print(json.dumps(rows))
+print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
 """,
 }
 KERNELS = {
@@ -41,6 +43,8 @@ KERNELS = {
     },
 }  # fmt: skip
 NO_DOT = {"attn_bwd_preprocess"}  # a row reduction: no tensor-core instruction expected
+# What each report must hold besides fp16: fp32 compiled once per dot precision.
+VARIANTS = {("fp16", None), ("fp32", "ieee"), ("fp32", "tf32")}
 
 
 def _ptxas_available() -> bool:
@@ -63,11 +67,33 @@ def test_shipped_configs_compile_without_spills_on_tensor_cores(op, arch):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {row["kernel"] for row in rows} == KERNELS[op]
+    for variant in VARIANTS:
+        assert {row["kernel"] for row in rows if (row["dtype"], row["precision"]) == variant} == KERNELS[op], variant
+    spilled = []
     for row in rows:
-        what = f"{row} on sm_{arch}"
-        assert row["n_spills"] == 0, f"{what}: {row['n_spills']} bytes of register spills"
+        what = f"{row} on sm_{arch} (triton {row['triton']})"
+        if row["n_spills"]:
+            spilled.append(f"{what}: {row['n_spills']} bytes of register spills")
         assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
         assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
-        if row["kernel"] not in NO_DOT:
-            # Measured: every dot (fp32 through tf32 included) becomes wgmma on sm_90, mma.sync on sm_80.
+        if row["kernel"] in NO_DOT:
+            continue
+        if row["precision"] == "ieee":
+            # Exact fp32 dots are FMA loops: a tensor-core instruction here would mean tf32 was compiled instead.
+            assert not (row["wgmma"] or row["mma"]), f"{what}: tensor-core instruction in an ieee kernel"
+        else:
+            # Measured: every 16-bit and tf32 dot becomes wgmma on sm_90, mma.sync on sm_80.
             assert row["wgmma"] if arch == 90 else row["mma"], f"{what}: no tensor-core instruction in the PTX"
+    assert not spilled, "\n".join(spilled)
+
+
+def test_dtype_precisions_compiles_fp32_once_per_precision():
+    import torch
+
+    from vit_kernels.ops.static_check import dtype_precisions
+
+    pairs = list(dtype_precisions((torch.float16, torch.float32)))
+    assert pairs == [(torch.float16, True), (torch.float32, False), (torch.float32, True)]
+    assert list(dtype_precisions((torch.float32,), ("tf32",))) == [(torch.float32, True)]
+    with pytest.raises(ValueError, match="fp32_precisions"):
+        list(dtype_precisions((torch.float32,), ("fp64",)))

@@ -20,9 +20,10 @@ Any N >= 1 (tails masked), head dim D up to 128 through a power-of-two tile BLOC
 with masked columns (D = 48, 80, 96). fp16 / bf16 go through tensor cores with fp32 accumulation;
 fp32 uses tf32 only when `allow_tf32`, else exact fp32 ("ieee") dots.
 
-Static check (`compile_report`, Triton 3.6, ptxas -v; no GPU needed): every shipped config compiles with 0 spills;
-on sm_90 every dot becomes Hopper `wgmma.mma_async` (fp32 through tf32 wgmma), on sm_80 `mma.sync`. sm_90 fp16,
-N = 197, D = 64: forward 127 registers / 56 KB shared, dK/dV 141 / 32 KB, dQ 93 / 32 KB. Not yet measured on a GPU.
+Static check (`compile_report`, Triton 3.6, 3.8 and 3.9, ptxas -v; no GPU needed): every shipped config compiles
+with 0 spills; on sm_90 every 16-bit and tf32 dot becomes Hopper `wgmma.mma_async`, on sm_80 `mma.sync`; exact fp32
+("ieee") dots are FMA loops. sm_90 fp16, N = 197, D = 64: forward 127 registers / 56 KB shared, dK/dV 142 / 32 KB,
+dQ 92 / 32 KB. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -270,42 +271,70 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configs
 # ----------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (N bucket, BLOCK_D, dtype) so that a call costs no
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (operands, BLOCK_D, N bucket) so that a call costs no
 # autotuning; benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below
-# rest on register / shared-memory counts from compiling for sm_80 and sm_90 only: no GPU has timed them yet.
-# ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12),
-# so the grid (cdiv(N, BLOCK_M), B * H) already fills 132 SMs; tiles are picked for occupancy, not length.
+# rest on the static step only (registers / spills / shared memory from compiling for sm_80 and sm_90 with
+# Triton 3.6, 3.8 and 3.9): no GPU has timed them yet. Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor
+# cores) and "ieee" (exact fp32: FMA loops, the default under PyTorch's matmul precision "highest").
+# ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12), so the grid
+# (cdiv(N, BLOCK_M) * B * H) already fills 132 SMs; tiles are picked for occupancy and for 0 spills on every
+# Triton, since ptxas's choices move between versions (e.g. tf32 dK/dV at BLOCK_D 128, 32 x 64 / 8 warps /
+# 2 stages: 255 registers with 0 spills on 3.6, 12 bytes (sm_80) / 48 bytes (sm_90) of spills on 3.9).
 #
 # forward: BLOCK_M query rows held, BLOCK_N keys streamed.
 #  - N <= 256: BLOCK_M = 64. 197 tokens pad to 256 rows with either 64 or 128, and 64 gives 2x the programs
 #    and half the registers per program; with 4 warps a 64-row tile is exactly one Hopper warpgroup (m64).
-#  - N > 256: BLOCK_M = 128 halves the number of K/V passes over memory; 8 warps keep the fp32 accumulator at
-#    128 x BLOCK_D / 256 threads (<= 64 registers for D = 128).
-#  - fp32 doubles the shared memory of each staged K/V tile: BLOCK_N = 32 for BLOCK_D = 128 and 2 stages, which
-#    keeps every fp32 config under sm_80's 163 KB.
-# backward: dK/dV holds BLOCK_N keys (two fp32 accumulators) and streams BLOCK_M queries; dQ the reverse.
-#  - 64 keys x BLOCK_D x 2 accumulators: 8 warps for BLOCK_D = 128 (64 registers each), else 4. fp32 operands
-#    take 8 warps from BLOCK_D = 64: their fragments are twice the registers (sm_90 dK/dV: 205 -> 167 registers;
-#    sm_80's ptxas uses all 255 either way, without spilling). Not at BLOCK_D = 32: there sm_80's ptxas caps
-#    8-warp dK/dV at 128 registers and spills 12 bytes, while 4 warps need 166 with no spill.
-#  - the streamed side is 32 rows: S^T, P^T, dP^T, dS^T are all (64, 32) fp32 live at once.
-def _fwd_config(N: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if N <= 64:
-        return 64, 32, 4, 2  # one or two K tiles: nothing to pipeline
-    fp32 = dtype == torch.float32
-    block_n = 32 if (fp32 and block_d >= 128) else 64
-    num_stages = 2 if fp32 else 3
-    if N <= 256:
-        return 64, block_n, 4, num_stages
-    return 128, block_n, 8 if block_d >= 64 else 4, num_stages
+#  - N > 256: BLOCK_M = 128 halves the number of K/V passes over memory, 8 warps from BLOCK_D = 64.
+#  - BLOCK_N = 64, or 32 where 64 reaches 255 registers and spills on sm_80: BLOCK_D = 128 (16-bit), and tf32
+#    at BLOCK_D = 128 or BLOCK_M = 128. 16-bit takes 3 stages everywhere (2 spilled 28 bytes at N <= 64,
+#    BLOCK_D = 32 on 3.6 sm_80); fp32 2 (twice the bytes per staged tile).
+#  - ieee: small tiles on 8 warps for every N: an FMA dot holds whole operand rows per thread. 64 x 32 on 4 warps
+#    spilled 0.9-36 KB; 32 x 32 on 8 warps needs <= 160 registers at BLOCK_D <= 64, but at BLOCK_D = 128 ptxas
+#    capped it at 80 and spilled 24 bytes (3.6 sm_80), so there BLOCK_N = 16 (<= 73 registers everywhere).
+# backward: dK/dV holds `held` keys (two fp32 accumulators) and streams `streamed` queries; dQ the reverse.
+#  - 16-bit: 64 held x 32 streamed, 8 warps at BLOCK_D = 128 (64 accumulator registers each), else 4.
+#  - tf32: fragments twice the registers of 16-bit. BLOCK_D 32: as 16-bit. From BLOCK_D 64: 16 streamed x 64 held
+#    on 8 warps (32 x 64 reached 255 registers and spilled 12-48 bytes on sm_80 / sm_90 with 4 or 8 warps, 1 or 2
+#    stages, by version; 16 x 64 needs <= 236). The held side stays 64: one Hopper warpgroup (m64) for wgmma,
+#    where 32 held rows fall back to mma.sync.
+#  - ieee: 16 streamed x 64 held on 8 warps (32 x 32 on 4 warps spilled 1-32 KB; 16 x 32 on 8 warps 16 bytes at
+#    BLOCK_D = 128 on 3.8 sm_90; 16 x 64 needs <= 182 registers).
+_FWD_CONFIGS = {  # (operands, BLOCK_D): (N <= 64, N <= 256, N > 256)
+    ("16bit", 32): ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)),
+    ("16bit", 64): ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)),
+    ("16bit", 128): ((64, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
+    ("tf32", 32): ((64, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)),
+    ("tf32", 64): ((64, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)),
+    ("tf32", 128): ((64, 32, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
+    ("ieee", 32): ((32, 32, 8, 2),) * 3,
+    ("ieee", 64): ((32, 32, 8, 2),) * 3,
+    ("ieee", 128): ((32, 16, 8, 2),) * 3,
+}
+_BWD_CONFIGS = {  # (operands, BLOCK_D): (streamed, held, num_warps, num_stages)
+    ("16bit", 32): (32, 64, 4, 2),
+    ("16bit", 64): (32, 64, 4, 2),
+    ("16bit", 128): (32, 64, 8, 2),
+    ("tf32", 32): (32, 64, 4, 2),
+    ("tf32", 64): (16, 64, 8, 2),
+    ("tf32", 128): (16, 64, 8, 2),
+    **{("ieee", block_d): (16, 64, 8, 2) for block_d in (32, 64, 128)},
+}
 
 
-def _bwd_config(N: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    # (streamed, held, warps, stages): dK/dV holds 64 keys and streams 32 queries (BLOCK_M=32, BLOCK_N=64); dQ
-    # holds 64 queries and streams 32 keys (BLOCK_M=64, BLOCK_N=32), so one entry serves both kernels.
-    num_warps = 8 if (block_d >= 128 or (dtype == torch.float32 and block_d >= 64)) else 4
-    num_stages = 1 if N <= 64 else 2
-    return 32, 64, num_warps, num_stages
+def _operands(dtype: torch.dtype, precision: str) -> str:
+    return "16bit" if dtype != torch.float32 else precision
+
+
+def _fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; precision as `_input_precision` gives it."""
+    small, medium, large = _FWD_CONFIGS[(_operands(dtype, precision), block_d)]
+    return small if N <= 64 else (medium if N <= 256 else large)
+
+
+def _bwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
+    """(streamed, held, num_warps, num_stages): dK/dV runs BLOCK_M = streamed queries past BLOCK_N = held keys,
+    dQ BLOCK_M = held queries past BLOCK_N = streamed keys, so one entry serves both kernels. Any N."""
+    return _BWD_CONFIGS[(_operands(dtype, precision), block_d)]
 
 
 _PREPROCESS_BLOCK_M = 64  # a pure row reduction: memory bound, any reasonable tile is fine
@@ -376,7 +405,9 @@ def attention_fwd(
         raise ValueError(f"attention: N * H * D = {N * H * D} elements per image must stay below 2^31")
     q, k, v = _in_head_int32(q), _in_head_int32(k), _in_head_int32(v)
     block_d = triton.next_power_of_2(D)
-    block_m, block_n, num_warps, num_stages = config or _fwd_config(N, block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _fwd_config(
+        N, block_d, q.dtype, _input_precision(q.dtype, allow_tf32)
+    )
     out = _alloc(B, N, H, D, like=q).transpose(1, 2)
     lse = _alloc(B, H, N, like=q, dtype=torch.float32)
     with _on_device(q):
@@ -417,7 +448,7 @@ def attention_bwd(
 
     delta = _alloc(B, H, N, like=q, dtype=torch.float32)
     dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
-    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     with _on_device(q):
         _attn_bwd_preprocess_kernel[_grid(N, _PREPROCESS_BLOCK_M, B * H)](
@@ -441,8 +472,9 @@ def attention_bwd(
 # ----------------------------------------------------------------------------------------------------
 # static check: compile the shipped configs for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------
-# ViT shapes the table is meant for: (N, D) of ViT-B/16 at 224 and 384 px, ViT-H/14 (D = 80 -> BLOCK_D 128).
-REPORT_SHAPES = ((50, 64), (197, 64), (577, 64), (257, 80), (197, 32))
+# One (N, D) per cell of the config table (N <= 64 / <= 256 / > 256, BLOCK_D 32 / 64 / 128), ViT shapes where there
+# is one: ViT-B/16 at 112, 224 and 384 px (N = 50, 197, 577; D = 64), ViT-H/14 at 224 px (N = 257, D = 80).
+REPORT_SHAPES = tuple((N, D) for D in (32, 64, 80) for N in (50, 197, 257 if D == 80 else 577))
 _INNER_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dk")
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -479,13 +511,15 @@ def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, nu
 
 
 def compile_config(
-    arch: int, dtype: torch.dtype, D: int, fwd: tuple | None = None, bwd: tuple | None = None
+    arch: int, dtype: torch.dtype, D: int, fwd: tuple | None = None, bwd: tuple | None = None, allow_tf32: bool = True
 ) -> list[dict]:
     """Compile the kernels of one launch config for sm_<arch> (80 or 90): `fwd` as `_fwd_config` returns it,
     `bwd` as `_bwd_config` does (its dK/dV and dQ kernels, and the preprocess). Without a GPU, not under
-    TRITON_INTERPRET. One dict per kernel: name, config, n_regs, n_spills (bytes of spill stores + loads),
-    shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or Ampere-style `mma.sync`."""
-    precision = _input_precision(dtype, allow_tf32=True)
+    TRITON_INTERPRET. fp32 compiles its tf32 dots when `allow_tf32`, else its exact ("ieee") ones, as the launchers
+    do. One dict per kernel: name, config, dtype, precision ("tf32" / "ieee" for fp32, None for 16-bit), n_regs,
+    n_spills (bytes of spill stores + loads), shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async`
+    or Ampere-style `mma.sync`."""
+    precision = _input_precision(dtype, allow_tf32)
     jobs = []
     if fwd is not None:
         bm, bn, warps, stages = fwd
@@ -504,18 +538,30 @@ def compile_config(
             constexprs["INPUT_PRECISION"] = precision
         info = _compile(kernel, arch, dtype, D, constexprs, w, st)
         config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
-        rows.append({"kernel": name, "D": D, "dtype": _TL_DTYPES[dtype], "config": config, **info})
+        rows.append({
+            "kernel": name, "D": D, "dtype": _TL_DTYPES[dtype],
+            "precision": precision if dtype == torch.float32 else None, "config": config, **info,
+        })  # fmt: skip
     return rows
 
 
 def compile_report(
-    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32)
+    arch: int,
+    shapes=REPORT_SHAPES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    fp32_precisions=static_check.FP32_PRECISIONS,
 ) -> list[dict]:
-    """`compile_config` of the config the table ships for each (N, D, dtype) in `shapes`; rows also carry N."""
-    rows = []
+    """`compile_config` of the config the table ships for each (N, D, dtype) in `shapes`, fp32 once per precision
+    in `fp32_precisions` ("ieee": matmul precision "highest", PyTorch's default; "tf32"); rows also carry N."""
+    rows, done = [], {}
     for N, D in shapes:
         block_d = triton.next_power_of_2(D)
-        for dtype in dtypes:
-            fwd, bwd = _fwd_config(N, block_d, dtype), _bwd_config(N, block_d, dtype)
-            rows += [{"N": N, **r} for r in compile_config(arch, dtype, D, fwd=fwd, bwd=bwd)]
+        for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
+            precision = _input_precision(dtype, allow_tf32)
+            for pass_, config in (("fwd", _fwd_config(N, block_d, dtype, precision)),
+                                  ("bwd", _bwd_config(N, block_d, dtype, precision))):  # fmt: skip
+                key = (pass_, config, D, dtype, allow_tf32)  # shapes that share a config compile it once
+                if key not in done:
+                    done[key] = compile_config(arch, dtype, D, allow_tf32=allow_tf32, **{pass_: config})
+                rows += [{"N": N, **r} for r in done[key]]
     return rows

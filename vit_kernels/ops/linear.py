@@ -243,8 +243,11 @@ def _gemm_kernel(
 #  - sm_90 16-bit: BLOCK_K = 64 (128-byte rows: full-width swizzled smem for wgmma), 3-4 stages (<= 147 KB smem).
 #  - sm_80 16-bit: the classic Ampere 128 x 128 x 32, 4 stages (64 KB smem), 8 warps for headroom in the GELU
 #    epilogues; 4 warps at 64 rows.
-#  - fp32: twice the bytes per tile: BLOCK_K = 32 and 3 stages (tf32); exact "ieee" fp32 dots are FMA loops that
-#    hold operands in registers, so they get 64 x 64 tiles.
+#  - fp32: twice the bytes per tile: BLOCK_K = 32 and 3 stages (tf32); exact "ieee" fp32 dots (PyTorch's default
+#    matmul precision "highest") are FMA loops that hold operand rows in registers, so they get 64 x 64 tiles on 8
+#    warps: 4 warps spilled 16 bytes in mlp_bwd_dx on Triton 3.9 sm_90 (96 registers); 8 warps need <= 80.
+#  - Every config compiles with 0 spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (tests/test_static_kernels.py;
+#    the static step only: no GPU has timed them).
 #  - The interpreter (CPU tensors) runs every program in numpy: one mid-size tile keeps the tests quick.
 _SM_COUNT = {90: 132, 80: 108}
 _CONFIGS = {
@@ -261,7 +264,7 @@ _CONFIGS = {
     (80, "tf32", "medium"): (128, 128, 32, 8, 8, 3),
     (80, "tf32", "small"): (64, 128, 32, 8, 4, 3),
 }
-_IEEE_CONFIG = (64, 64, 32, 8, 4, 2)
+_IEEE_CONFIG = (64, 64, 32, 8, 8, 2)
 _INTERPRETER_CONFIG = (32, 64, 32, 4, 4, 1)
 
 
@@ -594,27 +597,33 @@ REPORT_SHAPES = ((64, 197, 768, 12),)
 
 
 def compile_report(
-    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32), kernels=None
+    arch: int,
+    shapes=REPORT_SHAPES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    kernels=None,
+    fp32_precisions=static_check.FP32_PRECISIONS,
 ) -> list[dict]:
     """Compile every product of a ViT block (forward and backward) with the config the table ships, for sm_<arch>.
 
-    shapes: (B, N, C, H) tuples; kernels: names from `_block_gemms` to keep (all when None). Runs without a GPU,
-    but not under TRITON_INTERPRET (interpreted kernels cannot be compiled). Identical compilations are done
-    once. Returns one dict per product: kernel, M, N, K, dtype, config, n_regs, n_spills (bytes of spill stores
-    + loads), shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync` instructions.
-    fp32 is compiled with allow_tf32 (its tensor-core path).
+    shapes: (B, N, C, H) tuples; kernels: names from `_block_gemms` to keep (all when None); fp32 is compiled once
+    per precision in `fp32_precisions` ("ieee": matmul precision "highest", PyTorch's default; "tf32"). Runs
+    without a GPU, but not under TRITON_INTERPRET (interpreted kernels cannot be compiled). Identical compilations
+    are done once. Returns one dict per product: kernel, M, N, K, dtype, precision ("ieee" / "tf32" for fp32, None
+    for 16-bit), config, n_regs, n_spills (bytes of spill stores + loads), shared (bytes), and whether the PTX
+    holds Hopper `wgmma.mma_async` or `mma.sync` instructions.
     """
     rows, cache = [], {}
     for B, N, C, H in shapes:
-        for dtype in dtypes:
+        for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
+            precision = _input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
             for name, (a, b, c, M, N_, K), extra in _block_gemms(B, N, C, H, 4, dtype):
                 if kernels is not None and name not in kernels:
                     continue
-                args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, True, arch, **extra)
+                args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
                 key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
                 if key not in cache:
                     cache[key] = _compile(args, kwargs, arch)
                 config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
-                rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": _TL_DTYPES[dtype], "config": config,
-                             **cache[key]})  # fmt: skip
+                rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": _TL_DTYPES[dtype],
+                             "precision": precision, "config": config, **cache[key]})  # fmt: skip
     return rows

@@ -3,6 +3,9 @@
 Shared by the `compile_report` functions of the Triton op files (and through them benchmarks/kernel_report.py
 and the static tests). Compile with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 outside TRITON_INTERPRET, then pass the result to `usage`.
+
+fp32 has two kernels per config: exact "ieee" dots (what PyTorch's default matmul precision, "highest", gives)
+and "tf32" tensor-core dots (precision "high" / "medium"). Their registers differ, so both are compiled.
 """
 
 from __future__ import annotations
@@ -11,6 +14,23 @@ import os
 import re
 import subprocess
 import tempfile
+
+# fp32's two dot precisions, in the order the reports list them: ieee first, it is PyTorch's default.
+FP32_PRECISIONS = ("ieee", "tf32")
+
+
+def dtype_precisions(dtypes, fp32_precisions=FP32_PRECISIONS):
+    """(dtype, allow_tf32) pairs to compile: 16-bit dtypes once, fp32 once per precision in `fp32_precisions`."""
+    import torch
+
+    unknown = set(fp32_precisions) - set(FP32_PRECISIONS)
+    if unknown:
+        raise ValueError(f"fp32_precisions: {sorted(unknown)} not in {FP32_PRECISIONS}")
+    for dtype in dtypes:
+        if dtype == torch.float32:
+            yield from ((dtype, precision == "tf32") for precision in fp32_precisions)
+        else:
+            yield dtype, True
 
 
 def ptxas_path(arch: int) -> str:
