@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
+# Appended, not prepended: benchmarks/ has a conftest.py of its own, and a process spawned from this suite
+# (the DDP test) must still find tests/conftest.py first when it imports `conftest`.
+sys.path.append(str(BENCH))
 
 import common  # noqa: E402
 import kernel_report  # noqa: E402

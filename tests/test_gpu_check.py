@@ -110,9 +110,7 @@ def test_smoke_parity_prints_one_line_per_case_and_skips_cuda_with_its_reason(tm
 
 @pytest.mark.parametrize("wrong", ["scaled", "nan"])
 def test_smoke_parity_fails_a_wrong_kernel(monkeypatch, capsys, wrong):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # undone after the test (benchmarks/ has a conftest.py)
     import smoke_parity
 
     right = smoke_parity.vk.attention
