@@ -6,6 +6,7 @@ imported; conftest.py is imported by pytest before any test module, so setting i
 """
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -132,6 +133,28 @@ def tf32_tolerance(model: torch.Tensor, ref: torch.Tensor) -> float:
     any bug below 1e-3 hid), and a GPU truncating to tf32 reaches 1.5-2e-3 on the MLP gradients and attention's
     dq / dk (errors grow with the reduction length and with cancellation in dS = P (dP - delta))."""
     return max(TOLERANCES[torch.float32], TF32_FACTOR * rel_error(model.to(ref.device), ref))
+
+
+@contextmanager
+def counting_fused_ops(monkeypatch):
+    """vk.fused_qkv / vk.attention / vk.gelu_mlp wrapped to count their calls (the patched forwards look them
+    up on the vit_kernels module at call time): with backend="torch" equal outputs cannot show that a patch is in
+    use, the counts can. Yields the counts dict, by op name."""
+    import vit_kernels as vk  # here, not at the top: TRITON_INTERPRET must be set before the kernels are defined
+
+    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in counts:
+            m.setattr(vk, name, counted(name, getattr(vk, name)))
+        yield counts
 
 
 # ----------------------------------------------------------------------------------------------------

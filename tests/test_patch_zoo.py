@@ -16,11 +16,10 @@ five costliest models under the interpreter (pit, twins, swin, crossvit, tnt) ma
 import copy
 import functools
 import types
-from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, rel_error
+from conftest import DEVICE, TOLERANCES, counting_fused_ops, rel_error
 
 import vit
 import vit_kernels as vk
@@ -307,25 +306,6 @@ def hf_model(entry):
         config = getattr(transformers, entry[2])(**entry[3])
         _BUILT[key] = perturb(getattr(transformers, entry[1])(config))
     return copy.deepcopy(_BUILT[key])
-
-
-@contextmanager
-def counting_fused_ops(monkeypatch):
-    """vk.fused_qkv / vk.attention / vk.gelu_mlp wrapped to count their calls (the patched forwards look them
-    up on the vit_kernels module at call time)."""
-    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for name in counts:
-            m.setattr(vk, name, counted(name, getattr(vk, name)))
-        yield counts
 
 
 def instance_forwards(model):

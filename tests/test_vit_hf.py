@@ -6,15 +6,14 @@ patch_hf, every parameter gradient) in fp32 on CPU.
 
 import copy
 import re
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import counting_fused_ops
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
 import vit  # noqa: E402
-import vit_kernels as vk  # noqa: E402
 
 HF_TINY = dict(
     hidden_size=64,
@@ -155,24 +154,6 @@ def test_patch_hf_logits_and_grads(hf_model):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     # The weights stayed where they were: same state dict.
     assert patched.state_dict().keys() == hf_model.state_dict().keys()
-
-
-@contextmanager
-def counting_fused_ops(monkeypatch):
-    """Calls of vk.fused_qkv / vk.attention / vk.gelu_mlp (the patched forwards look them up at call time)."""
-    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for name in counts:
-            m.setattr(vk, name, counted(name, getattr(vk, name)))
-        yield counts
 
 
 def test_patch_hf_runs_the_fused_ops(hf_model, monkeypatch):

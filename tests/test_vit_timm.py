@@ -6,13 +6,12 @@ file in a second environment (torch 2.14.1, torchvision 0.29.1, timm).
 """
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import counting_fused_ops
 
 import vit
-import vit_kernels as vk
 
 
 def _import_timm():
@@ -79,24 +78,6 @@ def test_patch_timm_same_logits_and_grads(timm_model):
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     assert patched.state_dict().keys() == timm_model.state_dict().keys()
-
-
-@contextmanager
-def counting_fused_ops(monkeypatch):
-    """Calls of vk.fused_qkv / vk.attention / vk.gelu_mlp (the patched forwards look them up at call time)."""
-    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for name in counts:
-            m.setattr(vk, name, counted(name, getattr(vk, name)))
-        yield counts
 
 
 def test_patch_timm_runs_the_fused_ops(timm_model, monkeypatch):
