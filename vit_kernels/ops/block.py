@@ -41,7 +41,15 @@ import triton
 import triton.language as tl
 
 from vit_kernels.ops import linear, static_check
-from vit_kernels.ops.linear import EPI_GELU, EPI_QKV, EPI_STORE, _gelu_fwd, _split_offset
+from vit_kernels.ops.linear import (
+    EPI_GELU,
+    EPI_QKV,
+    EPI_STORE,
+    _gelu_fwd,
+    _grouped_tile,
+    _split_offset,
+    _store_head_split,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,17 +112,7 @@ def _block_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped tile order as in linear._gemm_kernel: GROUP_M row-tiles sweep the N-tiles together (W tiles in L2).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -151,17 +149,7 @@ def _block_gemm_kernel(
         acc += res.to(tl.float32)
     out_ty = C.dtype.element_ty
     if EPILOGUE == 2:
-        # Head split, as linear._gemm_kernel's EPILOGUE 2: column n = (which, h, d) of row (b, t) goes to
-        # [q, k, v][which][b, h, t, d], each contiguous (B, H, N_TOK, D).
-        b_idx = (offs_m // N_TOK).to(tl.int64)
-        t_idx = (offs_m % N_TOK).to(tl.int64)
-        row_off = b_idx * (N_TOK * QKV_C) + t_idx * QKV_D
-        which = (offs_n // QKV_C)[None, :]
-        h_idx = (offs_n % QKV_C) // QKV_D
-        col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
-        offs = row_off[:, None] + col_off[None, :]
-        ptrs = tl.where(which == 0, C + offs, tl.where(which == 1, C2 + offs, C3 + offs))
-        tl.store(ptrs, acc.to(out_ty), mask=c_mask)
+        _store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n * stride_cn)[None, :]
         if EPILOGUE == 0:

@@ -90,6 +90,37 @@ def _split_offset(r, ROWS, stride_outer, stride_inner):
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row-tiles sweep the N-tiles together, so the B tiles they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _store_head_split(Q, K, V, out, offs_m, offs_n, mask, N_TOK, QKV_C: tl.constexpr, QKV_D: tl.constexpr):
+    # Head split: row m = (b, t), column n = (which, h, d) of (B*N, 3C) goes to [q, k, v][which][b, h, t, d],
+    # each contiguous (B, H, N_TOK, D); C, D constexpr keep runs of d contiguous for vector stores. Three
+    # buffers, not one (3, B, H, N, D): outputs of a torch.library custom op may not alias each other.
+    b_idx = (offs_m // N_TOK).to(tl.int64)
+    t_idx = (offs_m % N_TOK).to(tl.int64)
+    row_off = b_idx * N_TOK * QKV_C + t_idx * QKV_D  # int64 from the left: N_TOK * C alone may not fit
+    which = (offs_n // QKV_C)[None, :]
+    h_idx = (offs_n % QKV_C) // QKV_D
+    col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
+    offs = row_off[:, None] + col_off[None, :]
+    ptrs = tl.where(which == 0, Q + offs, tl.where(which == 1, K + offs, V + offs))
+    tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
 def _dqkv_ptrs(
     DQ, DK, DV,  # (B, H, N_TOK, D) each, any strides
     tok, j,  # token index and column of dQKV (M, 3C), broadcastable against each other
@@ -137,17 +168,7 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped tile order: GROUP_M row-tiles sweep the N-tiles together, so the B tiles they share stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -193,19 +214,7 @@ def _gemm_kernel(
     c_mask = m_mask[:, None] & n_mask[None, :]
     out_ty = C.dtype.element_ty
     if EPILOGUE == 2:
-        # Head split: row m = (b, t), column n = (which, h, d) of (B*N, 3C) goes to [q, k, v][which][b, h, t, d],
-        # each contiguous (B, H, N_TOK, D); C, D constexpr keep runs of d contiguous for vector stores. Three
-        # buffers, not one (3, B, H, N, D): outputs of a torch.library custom op may not alias each other.
-        b_idx = (offs_m // N_TOK).to(tl.int64)
-        t_idx = (offs_m % N_TOK).to(tl.int64)
-        row_off = b_idx * N_TOK * QKV_C + t_idx * QKV_D  # int64 from the left: N_TOK * C alone may not fit
-        which = offs_n // QKV_C
-        h_idx = (offs_n % QKV_C) // QKV_D
-        col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
-        offs = row_off[:, None] + col_off[None, :]
-        which = which[None, :]
-        ptrs = tl.where(which == 0, C + offs, tl.where(which == 1, C2 + offs, C3 + offs))
-        tl.store(ptrs, acc.to(out_ty), mask=c_mask)
+        _store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n.to(tl.int64) * stride_cn)[None, :]
         if EPILOGUE == 0:
