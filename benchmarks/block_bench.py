@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 if "--include-interpreter" in sys.argv and not __import__("torch").cuda.is_available():
@@ -49,21 +48,7 @@ PROVIDERS = ("eager", "compile", "unfused", "fused")
 MODES = ("fwd", "fwd_bwd")
 
 
-@dataclass(frozen=True)
-class Shape:
-    model: str
-    B: int
-    N: int
-    C: int
-    hidden: int
-    heads: int
-
-    @property
-    def M(self) -> int:
-        return self.B * self.N
-
-    def __str__(self) -> str:
-        return f"{self.model} B={self.B} N={self.N} C={self.C} hidden={self.hidden} heads={self.heads}"
+Shape = common.LayerShape
 
 
 def default_shapes(device: str) -> list[Shape]:
@@ -73,7 +58,7 @@ def default_shapes(device: str) -> list[Shape]:
 
 
 def parse_shapes(text: str) -> list[Shape]:
-    return [Shape("custom", *(int(v) for v in part.split(","))) for part in text.split(";") if part.strip()]
+    return common.parse_layer_shapes(text)
 
 
 def flops(s: Shape, mode: str) -> float:

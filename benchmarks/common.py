@@ -301,6 +301,38 @@ def measure_peaks(device: str, dtypes: Sequence[str], peaks_file: Path | None = 
 
 
 # ----------------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """One ViT layer's sizes (mlp_bench, block_bench): B images of N tokens, width C, MLP hidden width, heads."""
+
+    model: str
+    B: int
+    N: int
+    C: int
+    hidden: int
+    heads: int
+
+    @property
+    def M(self) -> int:
+        return self.B * self.N
+
+    def __str__(self) -> str:
+        return f"{self.model} B={self.B} N={self.N} C={self.C} hidden={self.hidden} heads={self.heads}"
+
+
+def parse_layer_shapes(text: str, cls: type[LayerShape] = LayerShape) -> list[LayerShape]:
+    """--shapes "B,N,C,hidden,heads;...": one `cls` named "custom" per part."""
+    shapes = []
+    for part in text.split(";"):
+        if part.strip():
+            B, N, C, hidden, heads = (int(x) for x in part.split(","))
+            shapes.append(cls("custom", B, N, C, hidden, heads))
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------
 # FLOP and byte formulas (written out, one function per op)
 # ----------------------------------------------------------------------------------------------------
 def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:

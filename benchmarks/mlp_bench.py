@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 if "--include-interpreter" in sys.argv and not __import__("torch").cuda.is_available():
@@ -46,20 +45,8 @@ ALL_PROVIDERS = tuple(dict.fromkeys(p for ps in PROVIDERS.values() for p in ps))
 MODES = ("fwd", "fwd_bwd")
 
 
-@dataclass(frozen=True)
-class Shape:
-    model: str
-    B: int
-    N: int
-    C: int
-    hidden: int
-    heads: int
-
-    @property
-    def M(self) -> int:
-        return self.B * self.N
-
-    def __str__(self) -> str:
+class Shape(common.LayerShape):
+    def __str__(self) -> str:  # the GEMMs see M = B * N rows, whatever B and N are
         return f"{self.model} M={self.M} C={self.C} hidden={self.hidden} heads={self.heads}"
 
 
@@ -70,12 +57,7 @@ def default_shapes(device: str) -> list[Shape]:
 
 
 def parse_shapes(text: str) -> list[Shape]:
-    shapes = []
-    for part in text.split(";"):
-        if part.strip():
-            B, N, C, hidden, heads = (int(x) for x in part.split(","))
-            shapes.append(Shape("custom", B, N, C, hidden, heads))
-    return shapes
+    return common.parse_layer_shapes(text, Shape)
 
 
 def global_skip_reason(provider: str, device: str, args) -> str | None:
