@@ -135,6 +135,16 @@ def tf32_tolerance(model: torch.Tensor, ref: torch.Tensor) -> float:
     return max(TOLERANCES[torch.float32], TF32_FACTOR * rel_error(model.to(ref.device), ref))
 
 
+def import_timm():
+    """(timm, None), or (None, why) where timm cannot be imported here."""
+    try:
+        import timm
+
+        return timm, None
+    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
+        return None, f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
+
+
 @contextmanager
 def counting_fused_ops(monkeypatch):
     """vk.fused_qkv / vk.attention / vk.gelu_mlp wrapped to count their calls (the patched forwards look them

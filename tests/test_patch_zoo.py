@@ -19,22 +19,12 @@ import types
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, counting_fused_ops, rel_error
+from conftest import DEVICE, TOLERANCES, counting_fused_ops, import_timm, rel_error
 
 import vit
 import vit_kernels as vk
 
-
-def _import_timm():
-    try:
-        import timm
-
-        return timm, None
-    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
-        return None, f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
-
-
-timm, TIMM_MISSING = _import_timm()
+timm, TIMM_MISSING = import_timm()
 try:
     import transformers
 except ImportError:

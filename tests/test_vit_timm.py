@@ -9,21 +9,11 @@ import copy
 
 import pytest
 import torch
-from conftest import counting_fused_ops
+from conftest import counting_fused_ops, import_timm
 
 import vit
 
-
-def _import_timm():
-    try:
-        import timm
-
-        return timm, None
-    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
-        return None, f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
-
-
-timm, TIMM_MISSING = _import_timm()
+timm, TIMM_MISSING = import_timm()
 # A skip mark rather than a module-level importorskip: the tests are still collected, so running this file
 # alone where timm is missing reports skips (exit 0) instead of "no tests collected" (exit 5).
 pytestmark = pytest.mark.skipif(timm is None, reason=str(TIMM_MISSING))
