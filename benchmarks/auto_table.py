@@ -1,10 +1,11 @@
 """Propose the entries of `auto`'s measured table from GPU benchmark results.
 
     python benchmarks/auto_table.py benchmarks/results/attn_bench-nvidia-h100-*.json \\
-        benchmarks/results/mlp_bench-nvidia-h100-*.json --out proposed_backends.json
+        benchmarks/results/mlp_bench-nvidia-h100-*.json benchmarks/results/block_bench-nvidia-h100-*.json \\
+        --out proposed_backends.json
     python benchmarks/auto_table.py RESULTS_JSON... --out vit_kernels/measured_backends.json --arch sm_90
 
-Reads the JSON files that attn_bench.py and mlp_bench.py write (`env` + `rows`, see common.Report.write)
+Reads the JSON files that attn_bench.py, mlp_bench.py and block_bench.py write (`env` + `rows`, see common.Report.write)
 and writes a table in the format of vit_kernels/measured_backends.json (keys: dispatch.TableKey). A cell
 of the table is (arch, op, dtype, head dim D or channel bucket, sequence-length or row bucket); a kernel
 backend (triton, cuda) goes in for a cell only if, in EVERY measured row of that cell (each shape, mode and
@@ -13,6 +14,11 @@ layout), it passed parity (rel err finite and within common.TOLERANCE) and its m
   attention  the fastest of the SDPA backends measured (sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math)
   fused_qkv  `views`  (vit_kernels.torch_backend.fused_qkv)
   gelu_mlp   `eager`  (vit_kernels.torch_backend.gelu_mlp)
+  block      `eager`  (block_bench: the block on backend "torch", which is what `auto` runs without an entry); the
+             kernel is block_bench's `fused` provider (triton). A block cell (C bucket, B*N bucket) that fused wins
+             becomes three entries, one per dispatch.BLOCK_OPS, so the ViT block on `auto` fuses there
+             (vit_kernels.block.fuses_block needs all three). torch.compile is not something `auto` can pick, so
+             the `compile` rows are not a baseline.
 Where both kernel backends qualify, the one with the smaller total time wins. Every other cell stays out,
 so `auto` runs `torch` there. Stdout lists each cell's decision and why. CPU results and other benchmarks'
 rows are ignored (and said so).
@@ -49,6 +55,8 @@ ARCH_BY_NAME = (
 )
 # Row fields that describe one measured case (everything but the provider and its measurements).
 CASE_FIELDS = ("model", "B", "H", "N", "D", "M", "C", "hidden", "heads", "mode", "layout")
+# block_bench providers under the backend name they measure (its `unfused` is not one backend of the block ops).
+BLOCK_PROVIDERS = {"fused": "triton", "eager": "eager"}
 
 
 def arch_of(env: dict, override: str | None) -> str:
@@ -72,7 +80,8 @@ def dtype_of(row: dict, env: dict) -> str:
 
 
 def cell_of(row: dict, arch: str, dtype: str) -> tuple[dispatch.TableKey, str] | None:
-    """(table key, baseline provider family) of one benchmark row, or None for rows of other benchmarks."""
+    """(table key, baseline provider family) of one benchmark row, or None for rows of other benchmarks (and
+    block_bench's `compile` and `unfused` rows)."""
     bench, op = row.get("bench"), row.get("op")
     if bench == "attn_bench":
         return dispatch.TableKey(arch, "attention", dtype, int(row["D"]), dispatch.bucket(int(row["N"]))), "sdpa"
@@ -80,6 +89,10 @@ def cell_of(row: dict, arch: str, dtype: str) -> tuple[dispatch.TableKey, str] |
         name, baseline = ("fused_qkv", "views") if op == "qkv" else ("gelu_mlp", "eager")
         key = dispatch.TableKey(arch, name, dtype, dispatch.bucket(int(row["C"])), dispatch.bucket(int(row["M"])))
         return key, baseline
+    if bench == "block_bench" and row.get("provider") in BLOCK_PROVIDERS:
+        tokens = int(row["B"]) * int(row["N"])
+        key = dispatch.TableKey(arch, "block", dtype, dispatch.bucket(int(row["C"])), dispatch.bucket(tokens))
+        return key, "eager"
     return None
 
 
@@ -114,11 +127,12 @@ def propose(paths: list[Path], arch_override: str | None = None) -> tuple[list[d
             key, baseline = found
             baselines[key] = baseline
             case = tuple(row.get(f) for f in CASE_FIELDS)
-            cells[key][case][row["provider"]] = row
+            provider = BLOCK_PROVIDERS[row["provider"]] if key.op == "block" else row["provider"]
+            cells[key][case][provider] = row
             sources[key].add(f"{Path(path).name} @ {row.get('commit') or env.get('commit')}")
             devices[key] = row.get("device_name") or env.get("device_name")
         if ignored:
-            notes.append(f"{path}: {ignored} rows of other benchmarks ignored")
+            notes.append(f"{path}: {ignored} rows of other benchmarks or providers ignored")
 
     entries = []
     for key in sorted(cells):
@@ -134,11 +148,13 @@ def propose(paths: list[Path], arch_override: str | None = None) -> tuple[list[d
         total, backend = min(winners)
         _, evidence = verdicts[backend]
         evidence = f"{devices[key]}: {evidence}; {', '.join(sorted(sources[key]))}"
-        entries.append(
-            {"arch": key.arch, "op": key.op, "dtype": key.dtype, "dim": key.dim, "tokens": key.tokens,
+        ops = dispatch.BLOCK_OPS if key.op == "block" else (key.op,)
+        entries += [
+            {"arch": key.arch, "op": op, "dtype": key.dtype, "dim": key.dim, "tokens": key.tokens,
              "backend": backend, "evidence": evidence}
-        )  # fmt: skip
-        notes.append(f"{key}: {backend} ({evidence})")
+            for op in ops
+        ]  # fmt: skip
+        notes.append(f"{key}: {backend}{' for ' + ', '.join(ops) if key.op == 'block' else ''} ({evidence})")
     return entries, notes
 
 
@@ -173,7 +189,9 @@ def _verdict(backend: str, cases: dict[tuple, dict[str, dict]], baseline: str, d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files (attn_bench, mlp_bench)")
+    p.add_argument(
+        "results", nargs="+", type=Path, help="benchmark result JSON files (attn_bench, mlp_bench, block_bench)"
+    )
     p.add_argument("--out", type=Path, required=True, help="where to write the proposed table (JSON)")
     p.add_argument("--arch", help="sm_XY of the GPU that produced the results, when they do not say")
     args = p.parse_args(argv)

@@ -507,3 +507,138 @@ def test_auto_table_needs_an_arch_it_can_tell(auto_table, tmp_path):
         auto_table.main([str(path), "--out", str(tmp_path / "t.json")])
     auto_table.main([str(path), "--out", str(tmp_path / "t.json"), "--arch", "sm_100"])
     assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole-block fused ops (vit_kernels/block.py) and the ViT block on auto: the same table
+# ----------------------------------------------------------------------------------------------------
+def _block_args(B=8, N=197, C=192, hidden=768, heads=3, dtype=torch.bfloat16):
+    """Fake CUDA arguments of the three block ops (call inside fake_cuda)."""
+    x, ln_w, ln_b = _cuda(B, N, C, dtype=dtype), _cuda(C, dtype=dtype), _cuda(C, dtype=dtype)
+    qkv = (x, ln_w, ln_b, 1e-6, _cuda(3 * C, C, dtype=dtype), _cuda(3 * C, dtype=dtype), heads)
+    proj = (x, _cuda(C, C, dtype=dtype), _cuda(C, dtype=dtype), x)
+    w1, b1, w2, b2 = (
+        _cuda(hidden, C, dtype=dtype),
+        _cuda(hidden, dtype=dtype),
+        _cuda(C, hidden, dtype=dtype),
+        _cuda(C, dtype=dtype),
+    )
+    mlp = (x, ln_w, ln_b, 1e-6, w1, b1, w2, b2)
+    return x, {"ln_fused_qkv": qkv, "proj_residual": proj, "ln_gelu_mlp": mlp}
+
+
+def _block_table(*ops, dim=256, tokens=2048, dtype="bf16", arch="sm_90"):
+    return _table(*[(arch, op, dtype, dim, tokens, "triton") for op in ops])
+
+
+def test_auto_block_ops_follow_the_measured_table(fake_cuda, monkeypatch):
+    from vit_kernels import block as vkb
+
+    x, args = _block_args()  # C = 192 -> C<=256, B * N = 1576 -> B*N<=2048
+    for op, op_args in args.items():
+        assert vk.explain_backend(op, *op_args) == (
+            "torch",
+            f"no committed GPU measurement for sm_90 {op} bf16 C<=256 B*N<=2048: torch",
+        )
+    assert not vkb.fuses_block("auto", x)
+    assert vkb.fuses_block("triton", x) and not vkb.fuses_block("torch", x)
+
+    _skip_unless_runs("triton", "cuda:0")  # the real availability check, on the faked sm_90
+    monkeypatch.setattr(dispatch, "_TABLE", _block_table(*dispatch.BLOCK_OPS))
+    for op, op_args in args.items():
+        assert vk.explain_backend(op, *op_args) == (
+            "triton",
+            f"measured correct and fastest for sm_90 {op} bf16 C<=256 B*N<=2048: triton",
+        )
+        assert vk.explain_backend(op, *op_args, backend="torch").backend == "torch"  # explicit wins
+    assert vkb.fuses_block("auto", x)  # (autocast, which turns fusion off, cannot be enabled for CUDA on CPU builds)
+    # every other key misses: another token bucket, width bucket, dtype, arch
+    for other in (_block_args(B=16)[0], _block_args(C=512, heads=4)[0], _block_args(dtype=torch.float16)[0]):
+        assert not vkb.fuses_block("auto", other)
+    assert vk.explain_backend("ln_fused_qkv", *_block_args(B=16)[1]["ln_fused_qkv"]).backend == "torch"
+    fake_cuda[0] = (8, 6)
+    assert not vkb.fuses_block("auto", x)
+    fake_cuda[0] = (9, 0)
+    # the block fuses only where all three ops were measured to win
+    monkeypatch.setattr(dispatch, "_TABLE", _block_table("ln_fused_qkv", "ln_gelu_mlp"))
+    assert not vkb.fuses_block("auto", x)
+    assert vk.explain_backend("proj_residual", *args["proj_residual"]).backend == "torch"
+
+
+def test_auto_block_op_measured_triton_that_cannot_run_these_inputs_is_torch(fake_cuda, monkeypatch):
+    _skip_unless_runs("triton", "cuda:0")
+    monkeypatch.setattr(dispatch, "_TABLE", _block_table("ln_gelu_mlp"))
+    _x, args = _block_args(hidden=770)  # hidden not a multiple of 8
+    backend, reason = vk.explain_backend("ln_gelu_mlp", *args["ln_gelu_mlp"])
+    assert backend == "torch"
+    assert "measured fastest for sm_90 ln_gelu_mlp bf16 C<=256 B*N<=2048 is triton, which cannot run here" in reason
+    assert "hidden=770" in reason
+
+
+def test_block_ops_in_the_table_are_checked():
+    with pytest.raises(ValueError, match="ln_gelu_mlp has no cuda kernels"):
+        _table(("sm_90", "ln_gelu_mlp", "bf16", 1024, 65536, "cuda"))
+    assert len(_block_table(*dispatch.BLOCK_OPS)) == 3
+
+
+def test_vit_block_on_auto_fuses_only_where_the_table_says(fake_cuda, monkeypatch):
+    """vit.model.Block with backend="auto" on (fake) CUDA: the unfused ops without a measurement, the fused ops
+    (each resolving to triton) where the table names triton for all three."""
+    from torch import nn
+
+    from vit.model import PRESETS, Block
+
+    cfg = PRESETS["vit_tiny_patch16_224"]  # C = 192, hidden 768, 3 heads
+    blk = Block(cfg, 0.0, "auto").eval()
+    for mod in blk.modules():  # fake CUDA parameters (autograd on fake CUDA needs a CUDA build: no_grad)
+        for name, p in list(mod.named_parameters(recurse=False)):
+            setattr(mod, name, nn.Parameter(torch.empty(p.shape, device="cuda"), requires_grad=False))
+    calls = []
+    for op in ("fused_qkv", "gelu_mlp", *dispatch.BLOCK_OPS):
+        fn = getattr(vk, op)
+        monkeypatch.setattr(
+            vk, op, lambda *a, _op=op, _fn=fn, **k: (calls.append((_op, k["backend"])), _fn(*a, **k))[1]
+        )
+    x = _cuda(8, 197, 192, dtype=torch.float32)
+    with torch.no_grad():
+        assert blk(x).shape == x.shape
+        assert calls == [("fused_qkv", "auto"), ("gelu_mlp", "auto")]
+        _skip_unless_runs("triton", "cuda:0")
+        monkeypatch.setattr(dispatch, "_TABLE", _block_table(*dispatch.BLOCK_OPS, dtype="fp32"))
+        calls.clear()
+        assert blk(x).shape == x.shape
+        assert calls == [(op, "auto") for op in dispatch.BLOCK_OPS]
+        assert blk.attn.qkv.weight.device.type == "cuda"
+
+
+def test_auto_table_turns_block_bench_rows_into_the_three_block_ops(auto_table, tmp_path, capsys):
+    def block_rows(B, mode, times, errors=None):
+        shape = {"bench": "block_bench", "model": "ViT-B/16", "B": B, "N": 197, "C": 768, "hidden": 3072, "heads": 12}
+        errors = errors or {}
+        return [
+            {**shape, "mode": mode, "provider": p, "ms": ms, "rel_err": errors.get(p, 1e-3)} for p, ms in times.items()
+        ]
+
+    rows = [
+        # B=256 (B*N = 50432): fused beats eager in both modes; compile is faster still, but auto cannot pick it
+        *block_rows(256, "fwd", {"eager": 2.0, "compile": 1.0, "unfused": 1.9, "fused": 1.6}),
+        *block_rows(256, "fwd_bwd", {"eager": 6.0, "compile": 4.0, "unfused": 5.8, "fused": 5.0}),
+        # B=64 (B*N = 12608): fused wins forward but fails parity forward+backward: no entry
+        *block_rows(64, "fwd", {"eager": 0.5, "fused": 0.4}),
+        *block_rows(64, "fwd_bwd", {"eager": 1.5, "fused": 1.2}, {"fused": 0.5}),
+        # B=1: fused slower than eager: no entry
+        *block_rows(1, "fwd", {"eager": 0.05, "fused": 0.06}),
+    ]
+    out = tmp_path / "table.json"
+    assert auto_table.main([str(_results(tmp_path / "gpu.json", "cuda", rows)), "--out", str(out)]) == 0
+    table = dispatch.load_table(out)
+    assert {str(key): entry["backend"] for key, entry in table.items()} == {
+        f"sm_90 {op} bf16 C<=1024 B*N<=65536": "triton" for op in dispatch.BLOCK_OPS
+    }
+    evidence = table[dispatch.TableKey("sm_90", "ln_gelu_mlp", "bf16", 1024, 65536)]["evidence"]
+    assert evidence.startswith("NVIDIA H100 80GB HBM3: 2 cases, 1.20-1.25x faster than torch")
+    report = capsys.readouterr().out
+    assert "sm_90 block bf16 C<=1024 B*N<=65536: triton for ln_fused_qkv, proj_residual, ln_gelu_mlp" in report
+    assert "sm_90 block bf16 C<=1024 B*N<=16384: torch (no entry): triton: failed parity at" in report
+    assert "sm_90 block bf16 C<=1024 B*N<=256: torch (no entry): triton: slower than torch" in report
+    assert "gpu.json: 4 rows of other benchmarks or providers ignored" in report  # compile and unfused

@@ -83,7 +83,8 @@ def gelu_mlp(
 def explain_backend(op: str, *args, **kwargs) -> dispatch.Choice:
     """Which backend `vk.<op>(*args, **kwargs)` would run on, and why, without running it.
 
-    op: "attention", "fused_qkv" or "gelu_mlp"; the other arguments are exactly the op's. Returns a
+    op: "attention", "fused_qkv", "gelu_mlp", or a whole-block op ("ln_fused_qkv", "proj_residual",
+    "ln_gelu_mlp"); the other arguments are exactly the op's. Returns a
     `(backend, reason)` named tuple, e.g. on an H100 with bf16 ViT-B inputs and no measurement yet:
     ('torch', 'no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch').
     Raises what the op would raise for bad inputs.
@@ -138,6 +139,12 @@ def build_info() -> dict:
 
 
 # Whole-block fusion (LayerNorm in the qkv / fc1 GEMMs, residual adds in proj / fc2): see vit_kernels/block.py.
+from vit_kernels import block as _block  # noqa: E402
 from vit_kernels.block import ln_fused_qkv, ln_gelu_mlp, proj_residual  # noqa: E402
 
 __all__ += ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"]
+_PLANS.update(
+    ln_fused_qkv=_block.plan_ln_fused_qkv,
+    proj_residual=_block.plan_proj_residual,
+    ln_gelu_mlp=_block.plan_ln_gelu_mlp,
+)

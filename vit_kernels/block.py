@@ -6,13 +6,16 @@
 
 Backends: "triton" (vit_kernels/ops/block.py, forward and backward as torch.library custom ops), "torch" (the unfused
 composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from vit_kernels.reference).
-"auto" is "torch" everywhere for now: no GPU has measured the fused kernels, and dispatch's rule is that auto
-picks a kernel only where a committed measurement says it wins. There is no "cuda" backend for these yet
-(a ValueError says so). Validation names the bad argument (ValueError / TypeError), as dispatch.py does.
+"auto" follows dispatch's rule: "triton" only where the committed measured table (dispatch.TableKey, ops
+dispatch.BLOCK_OPS, keyed by the block's width C and rows B * N) names it, "torch" everywhere else (today the table
+is empty: no GPU has measured the fused kernels); `vk.explain_backend` says which and why. There is no "cuda"
+backend for these yet (a ValueError says so). Validation names the bad argument (ValueError / TypeError), as
+dispatch.py does.
 Under `torch.autocast` the tensor inputs are cast to the autocast dtype first (`dispatch.autocast_inputs`), as
 the other ops do; LayerNorm then sees x in that dtype (eager autocast would run it in fp32).
 
 `fuses_block(backend, x)` is the one place that says whether a pre-LN block (vit/model.py) takes these ops.
+`plan_<op>` (autocast, validation, backend choice) is what each op and `vk.explain_backend` run first.
 """
 
 from __future__ import annotations
@@ -36,18 +39,32 @@ def _ops():
 
 def fuses_block(backend: str, x: torch.Tensor) -> bool:
     """Whether a pre-LN block with this `backend` should run as ln_fused_qkv -> attention -> proj_residual ->
-    ln_gelu_mlp: on "triton" only ("auto" means "torch" here until a GPU measurement exists), and not under
-    autocast, where the unfused block keeps its residual stream in fp32 and the fused epilogues would round it
-    to the autocast dtype at every add."""
-    return backend == "triton" and not torch.is_autocast_enabled(x.device.type)
+    ln_gelu_mlp: on "triton", and on "auto" where the measured table names triton for all three ops at x's
+    (arch, dtype, C, B * N) (then each op's own "auto" picks triton too); never under autocast, where the unfused
+    block keeps its residual stream in fp32 and the fused epilogues would round it to the autocast dtype at every
+    add."""
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if backend != "auto":
+        return backend == "triton"
+    if x.device.type != "cuda" or x.dim() != 3 or x.dtype not in dispatch.DTYPES:
+        return False
+    if dispatch.device_unavailable_reason("triton", x.device) is not None:
+        return False
+    sizes = (x.dtype, x.shape[-1], x.shape[0] * x.shape[1])
+    return all(
+        dispatch._TABLE.get(dispatch._table_key(x.device, op, *sizes), {}).get("backend") == "triton"
+        for op in dispatch.BLOCK_OPS
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------
-def _select(backend: str, device: torch.device, channels: dict[str, int]) -> str:
-    if backend == "auto":
-        return "torch"
+def _select(backend: str, device: torch.device, op: str, sizes: tuple, channels: dict[str, int]) -> dispatch.Choice:
+    """Resolve `backend` for block op `op`; `sizes` = (dtype, C, B * N), the measured table's key (TableKey)."""
+    if backend == "auto":  # the table holds only torch or triton for these ops (dispatch.parse_table)
+        return dispatch._select("auto", device, op, sizes, dispatch._channel_objection(channels))
     if backend == "cuda":
         raise ValueError("backend='cuda' has no fused block kernels yet; use 'triton', 'torch' or 'reference'")
     if backend not in BLOCK_BACKENDS:
@@ -56,7 +73,7 @@ def _select(backend: str, device: torch.device, channels: dict[str, int]) -> str
         why = dispatch.device_unavailable_reason("triton", device) or dispatch._channel_reasons(channels)["triton"]
         if why is not None:
             raise ValueError(f"backend='triton' cannot run these inputs: {why}")
-    return backend
+    return dispatch.Choice(backend, dispatch._REQUESTED[backend])
 
 
 def _check_ln(x, ln_weight, ln_bias, eps) -> None:
@@ -69,7 +86,7 @@ def _check_ln(x, ln_weight, ln_bias, eps) -> None:
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
 
 
-def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend: str) -> str:
+def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend: str) -> dispatch.Choice:
     dispatch._check_tensor("x", x, ndim=3)
     _check_ln(x, ln_weight, ln_bias, eps)
     dispatch._check_tensor("qkv_weight", weight, ndim=2)
@@ -84,10 +101,11 @@ def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, back
     dispatch._check_shape("qkv_weight", weight, (3 * C, C), "(3C, C)")
     if bias is not None:
         dispatch._check_shape("qkv_bias", bias, (3 * C,), "(3C,)")
-    return _select(backend, x.device, {"C": C, "head dim C // num_heads": C // num_heads})
+    sizes = (x.dtype, C, x.shape[0] * x.shape[1])
+    return _select(backend, x.device, "ln_fused_qkv", sizes, {"C": C, "head dim C // num_heads": C // num_heads})
 
 
-def check_proj_residual(o, weight, bias, residual, backend: str) -> str:
+def check_proj_residual(o, weight, bias, residual, backend: str) -> dispatch.Choice:
     dispatch._check_tensor("o", o, ndim=3)
     dispatch._check_tensor("proj_weight", weight, ndim=2)
     dispatch._check_tensor("residual", residual, ndim=3)
@@ -100,10 +118,12 @@ def check_proj_residual(o, weight, bias, residual, backend: str) -> str:
     if bias is not None:
         dispatch._check_shape("proj_bias", bias, (C,), "(C,) with C = proj_weight.shape[0]")
     dispatch._check_shape("residual", residual, (B, N, C), "(B, N, C) with C = proj_weight.shape[0]")
-    return _select(backend, o.device, {"C_in": C_in, "C": C})
+    return _select(backend, o.device, "proj_residual", (o.dtype, C, B * N), {"C_in": C_in, "C": C})
 
 
-def check_ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, backend) -> str:
+def check_ln_gelu_mlp(
+    x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, backend
+) -> dispatch.Choice:
     dispatch._check_tensor("x", x, ndim=3)
     _check_ln(x, ln_weight, ln_bias, eps)
     dispatch._check_tensor("fc1_weight", fc1_w, ndim=2)
@@ -126,7 +146,8 @@ def check_ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, ap
         dispatch._check_shape("fc2_bias", fc2_b, (C_out,), "(C_out,)")
     if residual and C_out != C:
         raise ValueError(f"residual=True adds x, so fc2_weight must map back to C={C} channels, got C_out={C_out}")
-    return _select(backend, x.device, {"C": C, "hidden": hidden, "C_out": C_out})
+    sizes = (x.dtype, C, x.shape[0] * x.shape[1])
+    return _select(backend, x.device, "ln_gelu_mlp", sizes, {"C": C, "hidden": hidden, "C_out": C_out})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,14 +365,41 @@ ln_mlp_fwd.register_autograd(_ln_mlp_backward, setup_context=_ln_mlp_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
+# what each op does before its kernel: autocast, validation, backend choice (shared with vk.explain_backend)
+# ----------------------------------------------------------------------------------------------------
+def plan_ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *, backend="auto"):
+    tensors = dispatch.autocast_inputs(x, ln_weight, ln_bias, qkv_weight, qkv_bias)
+    x, ln_weight, ln_bias, qkv_weight, qkv_bias = tensors
+    return check_ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend), tensors
+
+
+def plan_proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
+    tensors = dispatch.autocast_inputs(o, proj_weight, proj_bias, residual)
+    return check_proj_residual(*tensors, backend), tensors
+
+
+def plan_ln_gelu_mlp(
+    x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=True,
+    backend="auto",
+):  # fmt: skip
+    tensors = dispatch.autocast_inputs(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = tensors
+    choice = check_ln_gelu_mlp(
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, backend
+    )
+    return choice, tensors
+
+
+# ----------------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------------
 def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *, backend="auto"):
     """fused_qkv(layer_norm(x)): x (B, N, C); ln_weight, ln_bias (C,); eps (timm 1e-6, HF 1e-12); qkv_weight
     (3C, C), qkv_bias (3C,) or None -> q, k, v each (B, H, N, C // H). On triton the normalised x is never
     written in forward (LayerNorm runs in the GEMM's A-tile prologue)."""
-    x, ln_weight, ln_bias, qkv_weight, qkv_bias = dispatch.autocast_inputs(x, ln_weight, ln_bias, qkv_weight, qkv_bias)
-    backend = check_ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend)
+    (backend, _why), (x, ln_weight, ln_bias, qkv_weight, qkv_bias) = plan_ln_fused_qkv(
+        x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend=backend
+    )
     if backend == "reference":
         return reference.ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads)
     if backend == "torch":
@@ -366,8 +414,9 @@ def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *,
 def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
     """residual + o @ proj_weight^T + proj_bias: o (B, N, C_in) (e.g. attention's output as (B, N, H * D), a free
     view), proj_weight (C, C_in), residual (B, N, C) -> (B, N, C). On triton the add is in the GEMM epilogue."""
-    o, proj_weight, proj_bias, residual = dispatch.autocast_inputs(o, proj_weight, proj_bias, residual)
-    backend = check_proj_residual(o, proj_weight, proj_bias, residual, backend)
+    (backend, _why), (o, proj_weight, proj_bias, residual) = plan_proj_residual(
+        o, proj_weight, proj_bias, residual, backend=backend
+    )
     if backend == "reference":
         return reference.proj_residual(o, proj_weight, proj_bias, residual)
     if backend == "torch":
@@ -383,12 +432,10 @@ def ln_gelu_mlp(
 
     The residual is always x, the LayerNorm's input (a pre-LN block's second half), which lets backward add the
     residual's gradient inside the LayerNorm backward pass."""
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = dispatch.autocast_inputs(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
-    )
-    backend = check_ln_gelu_mlp(
-        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, backend
-    )
+    (backend, _why), (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias) = plan_ln_gelu_mlp(
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate,
+        residual=residual, backend=backend,
+    )  # fmt: skip
     if backend == "reference":
         return reference.ln_gelu_mlp(
             x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual

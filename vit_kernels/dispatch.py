@@ -32,7 +32,10 @@ KERNEL_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # GEMM tiles load 16-byte vectors along the reduction dim, so channels come in multiples of 8.
 KERNEL_CHANNEL_MULTIPLE = 8
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-OPS = ("attention", "fused_qkv", "gelu_mlp")
+# The whole-block fused ops (vit_kernels/block.py): triton only, no cuda kernels; a pre-LN block on `auto` fuses
+# only where the table names triton for all three (block.fuses_block).
+BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
+OPS = ("attention", "fused_qkv", "gelu_mlp", *BLOCK_OPS)
 MEASURED_TABLE = Path(__file__).with_name("measured_backends.json")
 
 
@@ -172,10 +175,10 @@ class TableKey(NamedTuple):
     falls in N<=256 and N = 257 in N<=512."""
 
     arch: str  # "sm_90": the device's compute capability (an A100's measurements say nothing of an sm_86 card)
-    op: str  # "attention" | "fused_qkv" | "gelu_mlp"
+    op: str  # "attention" | "fused_qkv" | "gelu_mlp" | one of BLOCK_OPS
     dtype: str  # "fp16" | "bf16" | "fp32" (exact) | "tf32" (fp32 inputs where the matmul precision allows tf32)
-    dim: int  # attention: the head dim D; fused_qkv, gelu_mlp: the channel count C, bucketed
-    tokens: int  # attention: the sequence length N; fused_qkv, gelu_mlp: the GEMM's rows B * N; bucketed
+    dim: int  # attention: the head dim D; the others: the channel count C (the block's width), bucketed
+    tokens: int  # attention: the sequence length N; the others: the GEMM's rows B * N; bucketed
 
     def __str__(self) -> str:
         if self.op == "attention":
@@ -205,6 +208,7 @@ def parse_table(data: dict) -> dict[TableKey, dict]:
             (key.tokens == bucket(key.tokens), f"tokens {key.tokens} is not a power of two"),
             (key.op == "attention" or key.dim == bucket(key.dim), f"dim {key.dim} is not a power of two"),
             (backend in ("torch", "triton", "cuda"), f"backend {backend!r} is not torch, triton or cuda"),
+            (key.op not in BLOCK_OPS or backend != "cuda", f"{key.op} has no cuda kernels"),
             (key not in table, f"it repeats the key {key}"),
         )
         problems = [message for ok, message in checks if not ok]
@@ -249,7 +253,7 @@ def _select(
     """Resolve `backend` for `op` on `device`. `sizes` is (dtype, dim, tokens) of these inputs, the table's key
     (see TableKey); `objection(b)` is backend b's objection to these particular inputs, or None (called only
     for the backends considered: building every backend's reasons on every call cost microseconds)."""
-    family = "attention" if op == "attention" else "linear"
+    family = "attention" if op == "attention" else "block" if op in BLOCK_OPS else "linear"
 
     def reason(b: str) -> str | None:
         return device_unavailable_reason(b, device) or _missing_kernels(b, family) or objection(b)

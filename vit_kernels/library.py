@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _KERNEL_MODULES = {
     ("triton", "attention"): "vit_kernels.ops.attention",
     ("triton", "linear"): "vit_kernels.ops.linear",
+    ("triton", "block"): "vit_kernels.ops.block",
     ("cuda", "attention"): "vit_kernels.cuda.attention",
     ("cuda", "linear"): "vit_kernels.cuda.linear",
 }
