@@ -13,6 +13,7 @@ the same SDPA and GEMMs); backend="triton" on the test device (the Triton interp
 five costliest models under the interpreter (pit, twins, swin, crossvit, tnt) marked slow.
 """
 
+import contextlib
 import copy
 import functools
 import types
@@ -35,10 +36,11 @@ TRITON_HERE = "triton" in vk.available_backends(DEVICE)
 needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=f"the triton backend cannot run on {DEVICE} here")
 
 
-def expect(attention=0, mlp=0, skipped=(), refused=None):
+def expect(attention=0, mlp=0, skipped=(), refused=None, blocks=0):
     """The pinned outcome of patch_*(backend="torch"): counts of patched modules and, per skipped module, a
-    piece of its reason (one entry per module, in module order); or `refused`, a piece of the ValueError."""
-    return dict(attention=attention, mlp=mlp, skipped=list(skipped), refused=refused)
+    piece of its reason (one entry per module, in module order); or `refused`, a piece of the ValueError.
+    `blocks`: how many pre-LN blocks are patched to run whole-block fused (timm's Block without LayerScale)."""
+    return dict(attention=attention, mlp=mlp, skipped=list(skipped), refused=refused, blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,8 +49,15 @@ def expect(attention=0, mlp=0, skipped=(), refused=None):
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)  # head dim 32: one the triton kernels have
 # (id, timm name, create_model kwargs, image size, outcome, triton: "fast" | "slow" | None (nothing to run))
 TIMM_ZOO = [
-    ("vit", "vit_tiny_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
-    ("deit_distilled", "deit_tiny_distilled_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("vit", "vit_tiny_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2, blocks=2), "fast"),
+    (
+        "deit_distilled",
+        "deit_tiny_distilled_patch16_224",
+        dict(img_size=32, **SMALL),
+        32,
+        expect(2, 2, blocks=2),
+        "fast",
+    ),
     ("deit3", "deit3_small_patch16_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
     ("dinov2_reg4", "vit_small_patch14_reg4_dinov2", dict(img_size=28, **SMALL), 28, expect(2, 2), "fast"),
     (
@@ -56,10 +65,10 @@ TIMM_ZOO = [
         "vit_base_patch16_siglip_224",
         dict(img_size=32, **SMALL),
         32,
-        expect(2, 3, ["attention_pool.AttentionPoolLatent is not a class patch_timm patches"]),
+        expect(2, 3, ["attention_pool.AttentionPoolLatent is not a class patch_timm patches"], blocks=2),
         "fast",
     ),
-    ("clip", "vit_base_patch16_clip_224", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("clip", "vit_base_patch16_clip_224", dict(img_size=32, **SMALL), 32, expect(2, 2, blocks=2), "fast"),
     (
         "clip_quickgelu",
         "vit_base_patch16_clip_quickgelu_224",
@@ -73,7 +82,7 @@ TIMM_ZOO = [
         "vit_tiny_patch16_224",
         dict(img_size=32, act_layer=functools.partial(torch.nn.GELU, approximate="tanh"), **SMALL),
         32,
-        expect(2, 2),
+        expect(2, 2, blocks=2),
         "fast",
     ),
     (
@@ -81,10 +90,10 @@ TIMM_ZOO = [
         "vit_tiny_patch16_224",
         dict(img_size=32, act_layer="gelu_tanh", **SMALL),
         32,
-        expect(2, 2),
+        expect(2, 2, blocks=2),
         None,
     ),
-    ("flexivit", "flexivit_small", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
+    ("flexivit", "flexivit_small", dict(img_size=32, **SMALL), 32, expect(2, 2, blocks=2), "fast"),
     ("vit_gap", "vit_medium_patch16_gap_256", dict(img_size=32, **SMALL), 32, expect(2, 2), "fast"),
     (
         "vit_qk_norm",
@@ -174,7 +183,7 @@ TIMM_ZOO = [
         expect(refused="blocks.0.attn: timm.models.eva.EvaAttention is not a class patch_timm patches"),
         None,
     ),
-    ("pit", "pit_ti_224", dict(img_size=64, depth=(1, 1, 1)), 64, expect(3, 3), "slow"),
+    ("pit", "pit_ti_224", dict(img_size=64, depth=(1, 1, 1)), 64, expect(3, 3, blocks=3), "slow"),
     ("levit", "levit_128s", dict(img_size=64, depth=(1, 1, 1)), 64, expect(refused="levit.Attention"), None),
     (
         "twins",
@@ -197,7 +206,7 @@ TIMM_ZOO = [
         "crossvit_tiny_240",
         dict(embed_dim=[32, 64], depth=[[1, 1, 0]], num_heads=[1, 2]),
         240,
-        expect(2, 2, ["CrossAttention is not"] * 2),
+        expect(2, 2, ["CrossAttention is not"] * 2, blocks=2),
         "slow",
     ),
     (
@@ -308,19 +317,48 @@ def check_outcome(summary, outcome, patched_model):
     assert len(summary.skipped) == len(outcome["skipped"]), str(summary)
     for (name, reason), piece in zip(summary.skipped, outcome["skipped"]):
         assert piece in reason, f"{name}: {reason!r} does not say {piece!r}"
-    assert sorted(instance_forwards(patched_model)) == sorted(summary.attention + summary.mlp)
+    assert len(summary.blocks) == outcome["blocks"], str(summary)
+    assert sorted(instance_forwards(patched_model)) == sorted(summary.attention + summary.mlp + summary.blocks)
     assert str(len(summary.skipped)) in str(summary) and all(name in str(summary) for name, _ in summary.skipped)
+    assert all(name in str(summary) for name, _ in summary.unfused_blocks)
+
+
+BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
+
+
+@contextlib.contextmanager
+def counting_block_ops(monkeypatch):
+    """vk's whole-block ops wrapped to count their calls, as conftest's counting_fused_ops does for the others."""
+    counts = dict.fromkeys(BLOCK_OPS, 0)
+
+    def counted(op, fn):
+        def wrapper(*args, **kwargs):
+            counts[op] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for op in BLOCK_OPS:
+            m.setattr(vk, op, counted(op, getattr(vk, op)))
+        yield counts
 
 
 def run_patched(patch, model, x, backend, outcome, monkeypatch, call):
-    """Patch `model`; check the outcome, that its output equals the original's, and that the fused ops ran."""
+    """Patch `model`; check the outcome, that its output equals the original's, and that the fused ops ran:
+    on triton each patched block runs whole-block fused (one call of each block op instead of its attention's
+    fused_qkv and its MLP's gelu_mlp), on torch it runs its patched attention and MLP."""
     with torch.no_grad():
         ref = call(model, x)
     patched = copy.deepcopy(model)
     summary = patch(patched, backend=backend)
-    with counting_fused_ops(monkeypatch) as counts, torch.no_grad():
+    with counting_fused_ops(monkeypatch) as counts, counting_block_ops(monkeypatch) as block_counts, torch.no_grad():
         out = call(patched, x)
-    assert counts == dict(attention=len(summary.attention), fused_qkv=len(summary.attention), gelu_mlp=len(summary.mlp))
+    fused = len(summary.blocks) if backend == "triton" else 0
+    assert block_counts == dict.fromkeys(BLOCK_OPS, fused)
+    assert counts == dict(
+        attention=len(summary.attention), fused_qkv=len(summary.attention) - fused, gelu_mlp=len(summary.mlp) - fused
+    )
     assert rel_error(out, ref) <= TOLERANCES[torch.float32], f"patched output changed by {rel_error(out, ref):.2e}"
     return summary, patched
 
@@ -386,6 +424,51 @@ def test_timm_zoo_triton_backend(entry, monkeypatch, exact_fp32):
     assert len(newly_skipped) == len(torch_summary.attention + torch_summary.mlp) - len(summary.attention + summary.mlp)
     assert all("backend='triton'" in r for _, r in newly_skipped), newly_skipped
     assert summary.attention or summary.mlp
+
+
+@needs_timm
+@needs_triton
+def test_timm_block_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, exact_fp32):
+    """A timm ViT patched on triton: in eval its blocks run whole-block fused, with the original's outputs and
+    parameter gradients; in training with drop-path, and with an attention mask, they run the original forward
+    (on the patched attention and MLP). LayerScale blocks are not fused whole, and say why."""
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, num_classes=5, img_size=32, **SMALL)
+    model = perturb(timm.create_model("vit_tiny_patch16_224", drop_path_rate=0.1, **kwargs)).to(DEVICE)
+    patched = copy.deepcopy(model)
+    summary = vit.patch_timm(patched, backend="triton")
+    assert summary.blocks == ["blocks.0", "blocks.1"] and summary.unfused_blocks == []
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with counting_block_ops(monkeypatch) as counts:
+        out = patched(x)
+    assert counts == dict.fromkeys(BLOCK_OPS, 2)
+    ref = model(x)
+    assert rel_error(out, ref) <= TOLERANCES[torch.float32]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(patched.parameters()), dout)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), dout)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert rel_error(g, r) <= 2 * TOLERANCES[torch.float32], f"{name}: {rel_error(g, r):.2e}"
+
+    # training: blocks.1's DropPath(0.1) is active, so it runs its own forward; blocks.0 has drop-path rate 0
+    patched.train()
+    with counting_block_ops(monkeypatch) as counts, counting_fused_ops(monkeypatch) as unfused, torch.no_grad():
+        patched(x)
+    assert counts == dict.fromkeys(BLOCK_OPS, 1) and unfused["fused_qkv"] == 1
+    patched.eval()
+    tokens, mask = torch.randn(1, 5, 64, device=DEVICE), torch.zeros(1, 1, 5, 5, device=DEVICE)
+    mask[..., -1] = float("-inf")
+    with counting_block_ops(monkeypatch) as counts, torch.no_grad():
+        masked = patched.blocks[0](tokens, attn_mask=mask)
+        assert rel_error(masked, model.blocks[0](tokens, attn_mask=mask)) <= TOLERANCES[torch.float32]
+    assert counts == dict.fromkeys(BLOCK_OPS, 0)
+
+    scaled = timm.create_model("vit_tiny_patch16_224", init_values=1e-5, **kwargs)
+    summary = vit.patch_timm(scaled, backend="triton")
+    assert summary.blocks == [] and len(summary.attention) == 2 and len(summary.mlp) == 2
+    assert [reason for _, reason in summary.unfused_blocks] == ["Block: ls1 is LayerScale, not Identity: "
+                                                                 "the fused ops do not compute it"] * 2  # fmt: skip
+    assert "blocks.1 (block not fused whole): Block: ls1 is LayerScale" in str(summary)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
   existing model that is provably the computation of the fused ops (exact class + structure checks) by one
   that calls them on the module's own parameters; every other one is left alone and listed, with the
   reason, in the returned PatchSummary. No weight is copied or moved, the state dict is unchanged, and
-  autograd reaches the same parameters.
+  autograd reaches the same parameters. `patch_timm` also patches timm's pre-LN `Block` (LayerNorms, patched
+  attention and MLP, no LayerScale) to run whole-block fused where `vit_kernels.block.fuses_block` says so.
 
 Hugging Face key names -> ours (`{i}` is the layer index; the prefix `vit.` of
 `ViTForImageClassification` is optional, `ViTModel` has none):
@@ -47,6 +48,7 @@ import torch.nn as nn
 
 import vit_kernels as vk
 from vit.model import VisionTransformer, _pair, resize_pos_embed
+from vit_kernels import block as vk_block
 from vit_kernels import dispatch
 
 # (regex on the key without "vit." and without the ".weight"/".bias" suffix) -> our name; "{i}" from group 1.
@@ -210,19 +212,27 @@ class PatchSummary:
     """What `patch_timm` / `patch_hf` did: the modules now on the fused ops, and those left alone, with why.
 
     `attention`, `mlp`: qualified module names now running the fused ops. `skipped`: (name, reason) of each
-    attention- or MLP-like module that keeps its own forward. `str(summary)` is a readable report.
+    attention- or MLP-like module that keeps its own forward. `blocks`: pre-LN blocks patched to run whole-block
+    fused (vk.ln_fused_qkv -> vk.attention -> vk.proj_residual -> vk.ln_gelu_mlp) where
+    `vit_kernels.block.fuses_block` says so, and their patched attention and MLP otherwise; `unfused_blocks`:
+    (name, reason) of blocks of a known class that keep their own forward (their attention and MLP may still be
+    patched; these are not skips: `strict` ignores them). `str(summary)` is a readable report.
     """
 
     attention: list[str] = field(default_factory=list)
     mlp: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+    unfused_blocks: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
-            f"patched {len(self.attention)} attention and {len(self.mlp)} MLP modules onto the fused ops; "
+            f"patched {len(self.attention)} attention and {len(self.mlp)} MLP modules onto the fused ops "
+            f"and {len(self.blocks)} blocks (fused whole where vit_kernels.block.fuses_block says); "
             f"{len(self.skipped)} left on their own forward"
         ]
         lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"  {name} (block not fused whole): {reason}" for name, reason in self.unfused_blocks]
         return "\n".join(lines)
 
 
@@ -368,7 +378,71 @@ def _check_timm_mlp(m: nn.Module, backend: str) -> dict:
     return {"_vk_approximate": approximate}
 
 
-def _timm_rules() -> dict[type, tuple]:
+def _timm_block_dropping(self) -> bool:
+    """Whether a stochastic module of the block is active now (training, p > 0): stochastic depth and the
+    dropouts after proj and fc2 act before the residual add, which the fused epilogues cannot do."""
+    for m in (self.drop_path1, self.drop_path2, self.attn.proj_drop, self.mlp.drop2):
+        if m.training and getattr(m, "drop_prob", getattr(m, "p", 0.0)):
+            return True
+    return False
+
+
+def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # A mask or is_causal=True, a non-(B, N, C) input, active dropout / drop-path, or a backend on which
+    # fuses_block says no (torch, reference, cuda; auto without a measurement) run the original forward, which
+    # calls the (patched) attention and MLP.
+    if (
+        x.dim() != 3
+        or any(a is not None and a is not False for a in (*args, *kwargs.values()))
+        or _timm_block_dropping(self)
+        or not vk_block.fuses_block(self._vk_backend, x)
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    attn, mlp, n1, n2, backend = self.attn, self.mlp, self.norm1, self.norm2, self._vk_backend
+    B, N, C = x.shape
+    q, k, v = vk.ln_fused_qkv(x, n1.weight, n1.bias, n1.eps, attn.qkv.weight, attn.qkv.bias, attn.num_heads,
+                              backend=backend)  # fmt: skip
+    o = vk.attention(q, k, v, scale=attn.scale, backend=backend).transpose(1, 2).reshape(B, N, C)
+    x = vk.proj_residual(o, attn.proj.weight, attn.proj.bias, x, backend=backend)
+    return vk.ln_gelu_mlp(x, n2.weight, n2.bias, n2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                          approximate=self._vk_approximate, backend=backend)  # fmt: skip
+
+
+def _check_timm_layer_norm(name: str, norm: nn.Module, C: int) -> None:
+    if norm.normalized_shape != (C,) or norm.weight is None or norm.bias is None:
+        raise _Skip(f"{name} is not a LayerNorm over the {C} channels with weight and bias")
+    if getattr(norm, "_fast_norm", False):
+        raise _Skip(f"{name} uses timm's fast norm, which the fused LayerNorm does not reproduce")
+
+
+def _check_timm_block(m: nn.Module, backend: str) -> dict:
+    # timm's Block: x + drop_path1(ls1(attn(norm1(x)))), then x + drop_path2(ls2(mlp(norm2(x)))).
+    _check_signature(m, ("x", "attn_mask", "is_causal"))
+    layer_norm = tuple(c for c in (nn.LayerNorm, _loaded_class("timm.layers.norm", "LayerNorm")) if c is not None)
+    drop_path = tuple(c for c in (nn.Identity, _loaded_class("timm.layers.drop", "DropPath")) if c is not None)
+    rules = _timm_rules(blocks=False)
+    attn_kinds = tuple(c for c, rule in rules.items() if rule[0] == "attention")
+    mlp_kinds = tuple(c for c, rule in rules.items() if rule[0] == "mlp")
+    kinds = dict(norm1=layer_norm, attn=attn_kinds, ls1=(nn.Identity,), drop_path1=drop_path,
+                 norm2=layer_norm, mlp=mlp_kinds, ls2=(nn.Identity,), drop_path2=drop_path)  # fmt: skip
+    _check_children(m, kinds, required=tuple(kinds))
+    C = m.attn.qkv.in_features
+    _check_timm_layer_norm("norm1", m.norm1, C)
+    _check_timm_layer_norm("norm2", m.norm2, C)
+    for name, sub, check in (("attn", m.attn, _check_timm_attention), ("mlp", m.mlp, _check_timm_mlp)):
+        own = sub.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+            raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
+        try:
+            attrs = check(sub, backend)
+        except _Skip as why:
+            raise _Skip(f"its {name} is not patched ({why})") from None
+    if m.mlp.fc2.out_features != C:
+        raise _Skip(f"mlp maps back to {m.mlp.fc2.out_features} channels, not the block's {C}")
+    return attrs  # the MLP's: _vk_approximate
+
+
+def _timm_rules(blocks: bool = True) -> dict[type, tuple]:
     """class -> (kind, check, forward). Older timm defined its Attention in vision_transformer.py itself."""
     attention = ("attention", _check_timm_attention, _timm_attention_forward)
     found = {
@@ -376,6 +450,12 @@ def _timm_rules() -> dict[type, tuple]:
         _loaded_class("timm.models.vision_transformer", "Attention"): attention,
         _loaded_class("timm.layers.mlp", "Mlp"): ("mlp", _check_timm_mlp, _timm_mlp_forward),
     }
+    if blocks:
+        found[_loaded_class("timm.models.vision_transformer", "Block")] = (
+            "block",
+            _check_timm_block,
+            _timm_block_forward,
+        )
     found.pop(None, None)
     return found
 
@@ -494,7 +574,9 @@ def _hf_rules() -> dict[type, tuple]:
 
 
 # ---- both ----
-_PATCHED_FORWARDS = (_timm_attention_forward, _timm_mlp_forward, _hf_attention_forward, _hf_mlp_forward)
+_PATCHED_FORWARDS = (
+    _timm_attention_forward, _timm_mlp_forward, _timm_block_forward, _hf_attention_forward, _hf_mlp_forward
+)  # fmt: skip
 
 
 def _patch(
@@ -520,13 +602,16 @@ def _patch(
                 raise _Skip("its forward was already replaced on the instance by someone else")
             attrs = check(m, backend)
         except _Skip as why:
-            summary.skipped.append((name, f"{type(m).__name__}: {why}"))
+            # A block that cannot run whole keeps its forward, and its attention and MLP are still patched.
+            skips = summary.unfused_blocks if kind == "block" else summary.skipped
+            skips.append((name, f"{type(m).__name__}: {why}"))
             continue
         except AttributeError as exc:  # a known class built without an attribute its forward reads
-            summary.skipped.append((name, f"{type(m).__name__}: not the known structure ({exc})"))
+            skips = summary.unfused_blocks if kind == "block" else summary.skipped
+            skips.append((name, f"{type(m).__name__}: not the known structure ({exc})"))
             continue
         plan.append((m, forward, attrs))
-        (summary.attention if kind == "attention" else summary.mlp).append(name)
+        {"attention": summary.attention, "mlp": summary.mlp, "block": summary.blocks}[kind].append(name)
     # Decide before touching anything: a refusal leaves the model exactly as it was.
     if strict and summary.skipped:
         name, reason = summary.skipped[0]
@@ -549,7 +634,13 @@ def patch_timm(model: nn.Module, backend: str = "auto", *, strict: bool = False)
     with no q/k norm, scale norm, gate, dropout inside, or other extra, and shapes `backend` can run. Their
     forward then calls vk.fused_qkv + vk.attention or vk.gelu_mlp on the module's own weights (no copy; the
     state dict and autograd are unchanged). A call with an attention mask, is_causal=True or a non-(B, N, C)
-    input runs the module's original forward, so outputs never change. Every other attention- or MLP-like
+    input runs the module's original forward, so outputs never change. A `vision_transformer.Block` whose norms
+    are LayerNorms with weight and bias, whose attention and MLP are patched, with no LayerScale, and drop-path
+    Identity or DropPath, is patched too (`summary.blocks`): where `vit_kernels.block.fuses_block(backend, x)`
+    says so (triton; auto where the measured table names triton) it runs vk.ln_fused_qkv -> vk.attention ->
+    vk.proj_residual -> vk.ln_gelu_mlp, and otherwise (other backends, a mask, active drop-path or dropout in
+    training) its own forward on the patched attention and MLP. Blocks that cannot are listed, with the
+    reason, in `summary.unfused_blocks` (not a skip: strict ignores them). Every other attention- or MLP-like
     module (BEiT's, EVA's, Swin's ... attention, SwiGLU MLPs) keeps its forward and is listed in
     `summary.skipped` with the reason; a summary with skips is logged as a warning.
 
