@@ -39,7 +39,8 @@ needs_triton = pytest.mark.skipif(not TRITON_HERE, reason=f"the triton backend c
 def expect(attention=0, mlp=0, skipped=(), refused=None, blocks=0):
     """The pinned outcome of patch_*(backend="torch"): counts of patched modules and, per skipped module, a
     piece of its reason (one entry per module, in module order); or `refused`, a piece of the ValueError.
-    `blocks`: how many pre-LN blocks are patched to run whole-block fused (timm's Block without LayerScale)."""
+    `blocks`: how many pre-LN blocks are patched to run whole-block fused (timm's Block without LayerScale, HF's
+    ViTLayer)."""
     return dict(attention=attention, mlp=mlp, skipped=list(skipped), refused=refused, blocks=blocks)
 
 
@@ -223,15 +224,21 @@ HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, imag
 HF_VIT = dict(HF_SMALL, intermediate_size=96)
 # (id, model class name, config class name, config kwargs, outcome)
 HF_ZOO = [
-    ("vit", "ViTForImageClassification", "ViTConfig", HF_VIT, expect(2, 2)),
+    ("vit", "ViTForImageClassification", "ViTConfig", HF_VIT, expect(2, 2, blocks=2)),
     (
         "vit_gelu_tanh",
         "ViTForImageClassification",
         "ViTConfig",
         dict(HF_VIT, hidden_act="gelu_pytorch_tanh"),
-        expect(2, 2),
+        expect(2, 2, blocks=2),
     ),
-    ("vit_gelu_new", "ViTForImageClassification", "ViTConfig", dict(HF_VIT, hidden_act="gelu_new"), expect(2, 2)),
+    (
+        "vit_gelu_new",
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(HF_VIT, hidden_act="gelu_new"),
+        expect(2, 2, blocks=2),
+    ),
     (
         "vit_quick_gelu",
         "ViTForImageClassification",
@@ -492,3 +499,42 @@ def test_hf_zoo_triton_backend(entry, monkeypatch, exact_fp32):
     model, x = hf_model(entry).to(DEVICE), torch.randn(1, 3, 32, 32, device=DEVICE)
     summary, patched = run_patched(vit.patch_hf, model, x, "triton", entry[4], monkeypatch, hf_call)
     check_outcome(summary, entry[4], patched)
+
+
+@needs_transformers
+@needs_triton
+def test_hf_vit_layer_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, exact_fp32):
+    """HF's ViTLayer patched on triton: in eval it runs whole-block fused with the original's outputs and parameter
+    gradients; with hidden dropout active (training) or an attention mask it runs its own forward."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**HF_VIT, hidden_dropout_prob=0.1)
+    model = perturb(transformers.ViTForImageClassification(config)).to(DEVICE)
+    patched = copy.deepcopy(model)
+    summary = vit.patch_hf(patched, backend="triton")
+    assert summary.blocks == ["vit.layers.0", "vit.layers.1"] and summary.unfused_blocks == []
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with counting_block_ops(monkeypatch) as counts:
+        out = hf_call(patched, x)
+    assert counts == dict.fromkeys(BLOCK_OPS, 2)
+    ref = hf_call(model, x)
+    assert rel_error(out, ref) <= TOLERANCES[torch.float32]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(patched.parameters()), dout)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), dout)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        if name.endswith("k_proj.bias"):  # zero in exact arithmetic (softmax ignores a per-query shift): rounding
+            assert g.norm() <= 1e-4 * grads[0].norm() and r.norm() <= 1e-4 * ref_grads[0].norm(), name
+            continue
+        assert rel_error(g, r) <= 2 * TOLERANCES[torch.float32], f"{name}: {rel_error(g, r):.2e}"
+
+    patched.train()  # hidden dropout p=0.1 active: the layers' own forward
+    with counting_block_ops(monkeypatch) as counts, counting_fused_ops(monkeypatch) as unfused, torch.no_grad():
+        hf_call(patched, x)
+    assert counts == dict.fromkeys(BLOCK_OPS, 0) and unfused["fused_qkv"] == 2
+    patched.eval()
+    tokens, mask = torch.randn(1, 5, 64, device=DEVICE), torch.zeros(1, 1, 5, 5, device=DEVICE)
+    mask[..., -1] = float("-inf")
+    layer, ref_layer = patched.vit.layers[0], model.vit.layers[0]
+    with counting_block_ops(monkeypatch) as counts, torch.no_grad():
+        assert rel_error(layer(tokens, attention_mask=mask), ref_layer(tokens, attention_mask=mask)) <= 1e-6
+    assert counts == dict.fromkeys(BLOCK_OPS, 0)

@@ -7,7 +7,8 @@
   that calls them on the module's own parameters; every other one is left alone and listed, with the
   reason, in the returned PatchSummary. No weight is copied or moved, the state dict is unchanged, and
   autograd reaches the same parameters. `patch_timm` also patches timm's pre-LN `Block` (LayerNorms, patched
-  attention and MLP, no LayerScale) to run whole-block fused where `vit_kernels.block.fuses_block` says so.
+  attention and MLP, no LayerScale) and `patch_hf` HF's `ViTLayer`, to run whole-block fused where
+  `vit_kernels.block.fuses_block` says so.
 
 Hugging Face key names -> ours (`{i}` is the layer index; the prefix `vit.` of
 `ViTForImageClassification` is optional, `ViTModel` has none):
@@ -408,7 +409,7 @@ def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                           approximate=self._vk_approximate, backend=backend)  # fmt: skip
 
 
-def _check_timm_layer_norm(name: str, norm: nn.Module, C: int) -> None:
+def _check_layer_norm(name: str, norm: nn.Module, C: int) -> None:
     if norm.normalized_shape != (C,) or norm.weight is None or norm.bias is None:
         raise _Skip(f"{name} is not a LayerNorm over the {C} channels with weight and bias")
     if getattr(norm, "_fast_norm", False):
@@ -427,8 +428,8 @@ def _check_timm_block(m: nn.Module, backend: str) -> dict:
                  norm2=layer_norm, mlp=mlp_kinds, ls2=(nn.Identity,), drop_path2=drop_path)  # fmt: skip
     _check_children(m, kinds, required=tuple(kinds))
     C = m.attn.qkv.in_features
-    _check_timm_layer_norm("norm1", m.norm1, C)
-    _check_timm_layer_norm("norm2", m.norm2, C)
+    _check_layer_norm("norm1", m.norm1, C)
+    _check_layer_norm("norm2", m.norm2, C)
     for name, sub, check in (("attn", m.attn, _check_timm_attention), ("mlp", m.mlp, _check_timm_mlp)):
         own = sub.__dict__.get("forward")
         if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
@@ -479,21 +480,61 @@ _HF_NEUTRAL_KWARGS = frozenset({"output_hidden_states", "return_dict"})
 def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
     # A mask (BEiT passes its relative position bias this way), requested attention weights, or any other
     # argument is the original forward's to compute: falling back keeps the model's outputs.
-    wants_more = getattr(self.config, "output_attentions", False) or any(
-        v is not None and v is not False for k, v in kwargs.items() if k not in _HF_NEUTRAL_KWARGS
-    )
-    if attention_mask is not None or hidden_states.dim() != 3 or wants_more:
+    if attention_mask is not None or hidden_states.dim() != 3 or _hf_wants_more(self.config, kwargs):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     B, N, C = hidden_states.shape
-    projections = (self.q_proj, self.k_proj, self.v_proj)
-    # One (3C, C) weight for the fused projection; the cat is tiny next to the GEMM and keeps HF's parameters.
-    weight = torch.cat([p.weight for p in projections])
-    bias = None
-    if any(p.bias is not None for p in projections):  # BEiT's k_proj has no bias: zeros in its place
-        bias = torch.cat([p.weight.new_zeros(C) if p.bias is None else p.bias for p in projections])
+    weight, bias = _hf_qkv_parameters(self)
     q, k, v = vk.fused_qkv(hidden_states, weight, bias, self.num_attention_heads, backend=self._vk_backend)
     out = vk.attention(q, k, v, scale=self.scaling, backend=self._vk_backend)  # (B, H, N, D)
     return self.o_proj(out.transpose(1, 2).reshape(B, N, C)), None  # no attention weights: never formed
+
+
+def _hf_qkv_parameters(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (3C, C) weight (and (3C,) bias) for the fused projection; the cat is tiny next to the GEMM and keeps
+    HF's parameters."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight for p in projections])
+    bias = None
+    if any(p.bias is not None for p in projections):  # BEiT's k_proj has no bias: zeros in its place
+        C = attn.q_proj.in_features
+        bias = torch.cat([p.weight.new_zeros(C) if p.bias is None else p.bias for p in projections])
+    return weight, bias
+
+
+def _hf_wants_more(config, kwargs: dict) -> bool:
+    """Attention weights requested, or a call argument that could change what attention computes."""
+    return getattr(config, "output_attentions", False) or any(
+        v is not None and v is not False for k, v in kwargs.items() if k not in _HF_NEUTRAL_KWARGS
+    )
+
+
+def _hf_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    # ViTLayer: x + dropout(attention(layernorm_before(x))), then x + dropout(mlp(layernorm_after(x))). A mask,
+    # other arguments, active hidden dropout (training, p > 0), or a backend on which fuses_block says no run the
+    # original forward, on the patched attention and MLP.
+    attn, mlp, ln1, ln2, backend = (
+        self.attention,
+        self.mlp,
+        self.layernorm_before,
+        self.layernorm_after,
+        self._vk_backend,
+    )
+    if (
+        attention_mask is not None
+        or hidden_states.dim() != 3
+        or _hf_wants_more(attn.config, kwargs)
+        or (self.dropout.training and self.dropout.p)
+        or not vk_block.fuses_block(backend, hidden_states)
+    ):
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    x = hidden_states
+    B, N, C = x.shape
+    weight, bias = _hf_qkv_parameters(attn)
+    q, k, v = vk.ln_fused_qkv(x, ln1.weight, ln1.bias, ln1.eps, weight, bias, attn.num_attention_heads, backend=backend)
+    o = vk.attention(q, k, v, scale=attn.scaling, backend=backend).transpose(1, 2).reshape(B, N, C)
+    x = vk.proj_residual(o, attn.o_proj.weight, attn.o_proj.bias, x, backend=backend)
+    return vk.ln_gelu_mlp(x, ln2.weight, ln2.bias, ln2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                          mlp.fc2.bias, approximate=self._vk_approximate, backend=backend)  # fmt: skip
 
 
 def _hf_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -555,6 +596,28 @@ def _check_hf_mlp(m: nn.Module, backend: str) -> dict:
     return {"_vk_approximate": approximate}
 
 
+def _check_hf_layer(m: nn.Module, backend: str) -> dict:
+    # ViTLayer: layernorm_before -> attention -> dropout -> add, layernorm_after -> mlp -> dropout -> add.
+    _check_signature(m, ("hidden_states", "attention_mask"), var_keyword=True)
+    kinds = dict(attention=(_hf_vit_class("ViTAttention"),), layernorm_before=(nn.LayerNorm,),
+                 layernorm_after=(nn.LayerNorm,), mlp=(_hf_vit_class("ViTMLP"),), dropout=(nn.Dropout,))  # fmt: skip
+    _check_children(m, kinds, required=tuple(kinds))
+    C = m.attention.q_proj.in_features
+    _check_layer_norm("layernorm_before", m.layernorm_before, C)
+    _check_layer_norm("layernorm_after", m.layernorm_after, C)
+    for name, sub, check in (("attention", m.attention, _check_hf_attention), ("mlp", m.mlp, _check_hf_mlp)):
+        own = sub.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+            raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
+        try:
+            attrs = check(sub, backend)
+        except _Skip as why:
+            raise _Skip(f"its {name} is not patched ({why})") from None
+    if m.mlp.fc2.out_features != C:
+        raise _Skip(f"mlp maps back to {m.mlp.fc2.out_features} channels, not the layer's {C}")
+    return attrs  # the MLP's: _vk_approximate
+
+
 def _hf_vit_class(name: str):
     """ViT's own class: the reference the other families' forwards are compared with."""
     module = "transformers.models.vit.modeling_vit"
@@ -569,13 +632,17 @@ def _hf_rules() -> dict[type, tuple]:
         module = f"transformers.models.{family}.modeling_{family}"
         found[_loaded_class(module, attention)] = ("attention", _check_hf_attention, _hf_attention_forward)
         found[_loaded_class(module, mlp)] = ("mlp", _check_hf_mlp, _hf_mlp_forward)
+    # The whole layer, ViT's own class only (the other families' layers differ: LayerScale, drop-path, ...).
+    found[_loaded_class("transformers.models.vit.modeling_vit", "ViTLayer")] = ("block", _check_hf_layer,
+                                                                               _hf_layer_forward)  # fmt: skip
     found.pop(None, None)
     return found
 
 
 # ---- both ----
 _PATCHED_FORWARDS = (
-    _timm_attention_forward, _timm_mlp_forward, _timm_block_forward, _hf_attention_forward, _hf_mlp_forward
+    _timm_attention_forward, _timm_mlp_forward, _timm_block_forward, _hf_attention_forward, _hf_mlp_forward,
+    _hf_layer_forward,
 )  # fmt: skip
 
 
@@ -657,8 +724,11 @@ def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -
     transformers >= 5, and the same classes of DeiT, DINOv2 (with registers), BEiT, ViT-MSN and I-JEPA where
     their forward is ViT's code (checked when patching), with no attention dropout and a GELU. BEiT with a
     relative position bias keeps its attention. A call with an attention mask or output_attentions runs the
-    original forward (the patched one forms no attention weights), so outputs never change. Other modules
-    are listed in `summary.skipped` with the reason. transformers < 5 (ViTSelfAttention with query/key/value)
+    original forward (the patched one forms no attention weights), so outputs never change. ViT's own
+    `ViTLayer` (not the other families') whose attention and MLP are patched is patched too (`summary.blocks`):
+    whole-block fused where `vit_kernels.block.fuses_block` says so, its own forward otherwise (a mask, other
+    arguments, hidden dropout active in training, other backends). Other modules are listed in
+    `summary.skipped` with the reason. transformers < 5 (ViTSelfAttention with query/key/value)
     has nothing patch_hf knows: convert it with `from_hf` instead. strict=True and errors as `patch_timm`.
     """
     advice = " (a transformers < 5 ViT, with ViTSelfAttention, converts with vit.from_hf instead)"
