@@ -382,8 +382,9 @@ def _check_timm_mlp(m: nn.Module, backend: str) -> dict:
 def _timm_block_dropping(self) -> bool:
     """Whether a stochastic module of the block is active now (training, p > 0): stochastic depth and the
     dropouts after proj and fc2 act before the residual add, which the fused epilogues cannot do."""
-    for m in (self.drop_path1, self.drop_path2, self.attn.proj_drop, self.mlp.drop2):
-        if m.training and getattr(m, "drop_prob", getattr(m, "p", 0.0)):
+    optional = (getattr(self.attn, "proj_drop", None), getattr(self.mlp, "drop2", None))
+    for m in (self.drop_path1, self.drop_path2, *optional):
+        if m is not None and m.training and getattr(m, "drop_prob", getattr(m, "p", 0.0)):
             return True
     return False
 
