@@ -417,6 +417,23 @@ def _check_layer_norm(name: str, norm: nn.Module, C: int) -> None:
         raise _Skip(f"{name} uses timm's fast norm, which the fused LayerNorm does not reproduce")
 
 
+def _check_block_parts(parts, C: int, backend: str) -> dict:
+    """A block fuses only around an attention and an MLP that are patched by us (the same checks) and that
+    map back to the block's C channels; returns the MLP's patch attributes (_vk_approximate)."""
+    for name, sub, check in parts:
+        own = sub.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+            raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
+        try:
+            attrs = check(sub, backend)
+        except _Skip as why:
+            raise _Skip(f"its {name} is not patched ({why})") from None
+    mlp = parts[-1][1]
+    if mlp.fc2.out_features != C:
+        raise _Skip(f"mlp maps back to {mlp.fc2.out_features} channels, not the block's {C}")
+    return attrs
+
+
 def _check_timm_block(m: nn.Module, backend: str) -> dict:
     # timm's Block: x + drop_path1(ls1(attn(norm1(x)))), then x + drop_path2(ls2(mlp(norm2(x)))).
     _check_signature(m, ("x", "attn_mask", "is_causal"))
@@ -431,17 +448,7 @@ def _check_timm_block(m: nn.Module, backend: str) -> dict:
     C = m.attn.qkv.in_features
     _check_layer_norm("norm1", m.norm1, C)
     _check_layer_norm("norm2", m.norm2, C)
-    for name, sub, check in (("attn", m.attn, _check_timm_attention), ("mlp", m.mlp, _check_timm_mlp)):
-        own = sub.__dict__.get("forward")
-        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
-            raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
-        try:
-            attrs = check(sub, backend)
-        except _Skip as why:
-            raise _Skip(f"its {name} is not patched ({why})") from None
-    if m.mlp.fc2.out_features != C:
-        raise _Skip(f"mlp maps back to {m.mlp.fc2.out_features} channels, not the block's {C}")
-    return attrs  # the MLP's: _vk_approximate
+    return _check_block_parts((("attn", m.attn, _check_timm_attention), ("mlp", m.mlp, _check_timm_mlp)), C, backend)
 
 
 def _timm_rules(blocks: bool = True) -> dict[type, tuple]:
@@ -606,17 +613,8 @@ def _check_hf_layer(m: nn.Module, backend: str) -> dict:
     C = m.attention.q_proj.in_features
     _check_layer_norm("layernorm_before", m.layernorm_before, C)
     _check_layer_norm("layernorm_after", m.layernorm_after, C)
-    for name, sub, check in (("attention", m.attention, _check_hf_attention), ("mlp", m.mlp, _check_hf_mlp)):
-        own = sub.__dict__.get("forward")
-        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
-            raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
-        try:
-            attrs = check(sub, backend)
-        except _Skip as why:
-            raise _Skip(f"its {name} is not patched ({why})") from None
-    if m.mlp.fc2.out_features != C:
-        raise _Skip(f"mlp maps back to {m.mlp.fc2.out_features} channels, not the layer's {C}")
-    return attrs  # the MLP's: _vk_approximate
+    parts = (("attention", m.attention, _check_hf_attention), ("mlp", m.mlp, _check_hf_mlp))
+    return _check_block_parts(parts, C, backend)
 
 
 def _hf_vit_class(name: str):
