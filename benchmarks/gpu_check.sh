@@ -9,7 +9,7 @@
 #   info          vit_kernels.build_info(), nvidia-smi
 #   smoke         benchmarks/smoke_parity.py: op x backend x dtype at two ViT shapes vs float64, fwd + every grad
 #   headline      benchmarks/headline.py: ViT-B/16 attention, fused_qkv, gelu_mlp, whole model; one ratio table
-#   tests         pytest on every test file that uses CUDA (-n auto when pytest-xdist is importable)
+#   tests         pytest on every test file that runs kernels on the device (-n auto when pytest-xdist is importable)
 #   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
 #   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
@@ -249,7 +249,14 @@ peaks_arg=()
 [ -s "$peaks" ] && peaks_arg=(--peaks "$peaks")
 
 # 5. the tests that use CUDA, spread over the cores (Triton compiles in parallel)
-mapfile -t gpu_tests < <(grep -lE 'cuda|mark\.gpu' tests/test_*.py)
+# Every test file that runs kernels on the device (named, not grepped: the Triton tests take the device from the
+# conftest fixture and never say "cuda"); CPU-only checks (static compiles, this script's own test) stay out.
+gpu_tests=()
+for f in test_attention test_linear test_cuda_attention test_cuda_linear test_block_fusion test_gelu \
+  test_input_precision test_kernel_limits test_autocast test_dispatch test_vit test_compile test_patch_zoo \
+  test_vit_timm test_vit_hf; do
+  [ -f "tests/$f.py" ] && gpu_tests+=("tests/$f.py")
+done
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n auto)
 # -v: one line per finished test, so a run killed at its slice still shows what passed and what failed
