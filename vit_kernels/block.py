@@ -20,21 +20,20 @@ the other ops do; LayerNorm then sees x in that dtype (eager autocast would run 
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from vit_kernels import dispatch, reference, torch_backend
+from vit_kernels.library import _kernels
 
 BLOCK_BACKENDS = ("reference", "torch", "triton")
 
 
 def _ops():
-    # Imported on first use, like library._kernels: `import vit_kernels` must not define Triton kernels before
-    # the interpreter switch is read.
-    return importlib.import_module("vit_kernels.ops.block")
+    # The one lazy kernel-module loader (library._kernels: ("triton", "block") -> vit_kernels.ops.block).
+    return _kernels("triton", "block")
 
 
 def fuses_block(backend: str, x: torch.Tensor) -> bool:
