@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TOLERANCES, attention_reference, rel_error
 
-from vit_kernels.ops import attention, linear
+from vit_kernels.ops import attention, block, linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16 = torch.float16
@@ -179,6 +179,34 @@ def test_every_launch_runs_under_the_tensors_device(spied):
     assert len(spied) == 4 + 1 + 2
     for name, _, device in spied:
         assert device == x.device, f"{name} launched outside the tensors' device guard"
+
+
+BLOCK_KERNELS = ("_block_gemm_kernel", "_ln_rows_kernel", "_ln_bwd_kernel")
+
+
+def test_every_block_launch_runs_under_the_tensors_device(spied, monkeypatch):
+    """The whole-block launchers (ops/block.py) too: their own kernels and linear.py's backward GEMMs."""
+    for name in BLOCK_KERNELS:
+        monkeypatch.setattr(block, name, _Spy(name, spied))
+    C, H = 32, 2
+    x, ln_w, ln_b = torch.zeros(2, 5, C), torch.ones(C), torch.zeros(C)
+    w_qkv, w_proj, w1, w2 = torch.zeros(3 * C, C), torch.zeros(C, C), torch.zeros(2 * C, C), torch.zeros(C, 2 * C)
+    q, k, v, mean, rstd = block.ln_qkv_fwd(x, ln_w, ln_b, 1e-6, w_qkv, None, H, False)
+    block.ln_qkv_bwd(q, k, v, x, mean, rstd, ln_w, ln_b, w_qkv, False, False)
+    out = block.proj_residual_fwd(x, w_proj, None, x, False)
+    block.proj_residual_bwd(out, x, w_proj, False, False)
+    out, hidden, mean, rstd = block.ln_mlp_fwd(x, ln_w, ln_b, 1e-6, w1, None, w2, None, "none", True, False)
+    block.ln_mlp_bwd(out, x, mean, rstd, ln_w, ln_b, w1, w2, hidden, False, False, "none", True, False)
+    assert {name for name, _, _ in spied} == {*BLOCK_KERNELS, "_gemm_kernel"}
+    for name, _, device in spied:
+        assert device == x.device, f"{name} launched outside the tensors' device guard"
+
+
+def test_block_gemm_past_32_bit_indices_is_a_value_error():
+    # meta tensors: 2^31 rows without memory; the launcher must refuse before any launch, as linear._launch does.
+    o = torch.empty(1, 2**31, 8, device="meta")
+    with pytest.raises(ValueError, match="too large for 32-bit tile indices"):
+        block.proj_residual_fwd(o, torch.empty(8, 8, device="meta"), None, o, False)
 
 
 def test_on_device_guard():

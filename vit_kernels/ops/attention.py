@@ -28,12 +28,11 @@ dQ 92 / 32 KB. Not yet measured on a GPU.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import on_device as _on_device
 from vit_kernels.ops import static_check
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Python global is not a constexpr
@@ -374,11 +373,6 @@ def _in_head_int32(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make that t's device (a no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
@@ -476,14 +470,13 @@ def attention_bwd(
 # is one: ViT-B/16 at 112, 224 and 384 px (N = 50, 197, 577; D = 64), ViT-H/14 at 224 px (N = 257, D = 80).
 REPORT_SHAPES = tuple((N, D) for D in (32, 64, 80) for N in (50, 197, 257 if D == 80 else 577))
 _INNER_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dk")
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, num_warps: int, num_stages: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ty = _TL_DTYPES[dtype]
+    ty = static_check.TL_DTYPES[dtype]
     # Mirror the launch-time specialisation of a typical call: 16-byte aligned pointers, unit innermost strides
     # (specialised to the constant 1), other strides multiples of 16 elements (H * D and D are, for ViT).
     constexprs = dict(constexprs, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
@@ -539,7 +532,7 @@ def compile_config(
         info = _compile(kernel, arch, dtype, D, constexprs, w, st)
         config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
         rows.append({
-            "kernel": name, "D": D, "dtype": _TL_DTYPES[dtype],
+            "kernel": name, "D": D, "dtype": static_check.TL_DTYPES[dtype],
             "precision": precision if dtype == torch.float32 else None, "config": config, **info,
         })  # fmt: skip
     return rows

@@ -240,10 +240,11 @@ def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     mean = _alloc(M, like=x, dtype=torch.float32)
     rstd = _alloc(M, like=x, dtype=torch.float32)
     block_r, block_c, num_warps = _row_block(C)
-    _ln_rows_kernel[(triton.cdiv(M, block_r),)](
-        x, x, mean, rstd, x, x, M, C, *_rows(x), float(eps),
-        STATS=True, WRITE_Y=False, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+    with linear._on_device(x):
+        _ln_rows_kernel[(triton.cdiv(M, block_r),)](
+            x, x, mean, rstd, x, x, M, C, *_rows(x), float(eps),
+            STATS=True, WRITE_Y=False, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
     return mean, rstd
 
 
@@ -255,10 +256,11 @@ def ln_apply(
     M = x.numel() // C
     y = _alloc(M, C, like=x)
     block_r, block_c, num_warps = _row_block(C)
-    _ln_rows_kernel[(triton.cdiv(M, block_r),)](
-        x, y, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), M, C, *_rows(x), 0.0,
-        STATS=False, WRITE_Y=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+    with linear._on_device(x):
+        _ln_rows_kernel[(triton.cdiv(M, block_r),)](
+            x, y, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), M, C, *_rows(x), 0.0,
+            STATS=False, WRITE_Y=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
     return y
 
 
@@ -283,11 +285,12 @@ def ln_backward(
     dw_part = _alloc(programs, C, like=x, dtype=torch.float32)
     db_part = _alloc(programs, C, like=x, dtype=torch.float32)
     dres = dresidual if dresidual is not None else x
-    _ln_bwd_kernel[(programs,)](
-        x, dy, dres, dx, mean, rstd, ln_weight.contiguous(), dw_part, db_part, M, C,
-        *_rows(x), dy.stride(0), dy.stride(1), *_rows(dres),
-        ADD_DRES=dresidual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+    with linear._on_device(x):
+        _ln_bwd_kernel[(programs,)](
+            x, dy, dres, dx, mean, rstd, ln_weight.contiguous(), dw_part, db_part, M, C,
+            *_rows(x), dy.stride(0), dy.stride(1), *_rows(dres),
+            ADD_DRES=dresidual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
     return dx, dw_part.sum(0).to(ln_weight.dtype), db_part.sum(0).to(ln_weight.dtype)
 
 
@@ -336,7 +339,9 @@ def _gemm_args(
 
 def _launch(a, weight, c, M, N, K, allow_tf32, **extra) -> None:
     args, kwargs, grid = _gemm_args(a, weight, c, M, N, K, allow_tf32, linear._arch(c.device), **extra)
-    _block_gemm_kernel[grid](*args, **kwargs)
+    linear._check_gemm_size(M, N, K, grid)
+    with linear._on_device(c):
+        _block_gemm_kernel[grid](*args, **kwargs)
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -493,9 +498,6 @@ def ln_mlp_bwd(
 # ----------------------------------------------------------------------------------------------------
 # static check: compile the shipped configs for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _block_kernels(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype, arch: int):
     """(name, kernel, args, kwargs) of every launch this file adds to a ViT block, on meta tensors laid out as
     the launchers lay them out."""
@@ -532,33 +534,6 @@ def _block_kernels(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
     return rows
 
 
-def _compile(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
-    """Compile `kernel` for sm_<arch> with the specialisation a launch with `args` would get (as linear._compile:
-    integers equal to 1 become constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
-    signature, constexprs, attrs = {}, dict(kwargs), {}
-    for i, (name, value) in enumerate(zip(kernel.arg_names, (*args, *([None] * len(kwargs))), strict=True)):
-        if name in kwargs:
-            signature[name] = "constexpr"
-        elif isinstance(value, torch.Tensor):
-            signature[name] = f"*{_TL_DTYPES[value.dtype]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return static_check.usage(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), arch)
-
-
 # ViT-B/16 at 224 px, batch 64 (as linear.REPORT_SHAPES).
 REPORT_SHAPES = ((64, 197, 768, 12),)
 
@@ -577,6 +552,6 @@ def compile_report(
                 if kernels is not None and name not in kernels:
                     continue
                 config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}
-                rows.append({"kernel": name, "dtype": _TL_DTYPES[dtype], "config": config,
-                             **_compile(kernel, args, kwargs, arch)})  # fmt: skip
+                rows.append({"kernel": name, "dtype": static_check.TL_DTYPES[dtype], "config": config,
+                             **static_check.compile_launch(kernel, args, kwargs, arch)})  # fmt: skip
     return rows

@@ -41,12 +41,11 @@ ieee fp32) and a shape class from the number of 128 x 128 output tiles versus th
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import on_device as _on_device
 from vit_kernels.ops import static_check
 
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
@@ -396,16 +395,16 @@ def _kernel_args(
 _MAX_INT32 = 2**31 - 1  # also CUDA's limit on grid axis 0, the only axis the GEMM uses
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make that t's device (a no-op for the interpreter's CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _check_gemm_size(M: int, N: int, K: int, grid: tuple[int]) -> None:
+    """ValueError where a GEMM launch (this file's or block.py's) would pass its kernel's 32-bit limits."""
+    # Tile row / column / k indices are int32 in the kernel (addresses are not): past this they would wrap.
+    if max(M, N, K) > _MAX_INT32 - 1024 or grid[0] > _MAX_INT32:
+        raise ValueError(f"GEMM ({M} x {K}) @ ({K} x {N}) is too large for 32-bit tile indices; split the batch")
 
 
 def _launch(a, b, c, M, N, K, dtype, allow_tf32, **epilogue) -> None:
     args, kwargs, grid = _kernel_args(a, b, c, M, N, K, dtype, allow_tf32, _arch(c.device), **epilogue)
-    # Tile row / column / k indices are int32 in the kernel (addresses are not): past this they would wrap.
-    if max(M, N, K) > _MAX_INT32 - 1024 or grid[0] > _MAX_INT32:
-        raise ValueError(f"GEMM ({M} x {K}) @ ({K} x {N}) is too large for 32-bit tile indices; split the batch")
+    _check_gemm_size(M, N, K, grid)
     with _on_device(c):
         _gemm_kernel[grid](*args, **kwargs)
 
@@ -541,9 +540,6 @@ def mlp_bwd(
 # ----------------------------------------------------------------------------------------------------
 # static check: compile the shipped configs for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype) -> list[tuple[str, tuple, dict]]:
     """The nine products of one ViT block (forward and backward) as `_kernel_args` calls on meta tensors laid out
     as the launchers lay them out (contiguous inputs, the (B, N, 3, H, D) packed view for dq / dk / dv)."""
@@ -571,32 +567,6 @@ def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dt
         ("mlp_bwd_dw1", (_Operand(hid, transpose=True), _Operand(x2), t(Hd, C), Hd, C, M), dict(row_sum=b1)),
         ("mlp_bwd_dx", (_Operand(hid), _Operand(w1), t(M, C), M, C, Hd), {}),
     ]  # fmt: skip
-
-
-def _compile(args: tuple, kwargs: dict, arch: int) -> dict:
-    """Compile `_gemm_kernel` for sm_<arch> with the specialisation a launch with `args` would get: integer
-    arguments equal to 1 become constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
-    signature, constexprs, attrs = {}, dict(kwargs), {}
-    for i, (name, value) in enumerate(zip(_gemm_kernel.arg_names, (*args, *([None] * len(kwargs))), strict=True)):
-        if name in kwargs:
-            signature[name] = "constexpr"
-        elif isinstance(value, torch.Tensor):
-            signature[name] = f"*{_TL_DTYPES[value.dtype]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return static_check.usage(compiled, arch)
 
 
 # ViT-B/16 at 224 px, batch 64: on sm_90 its products already use all three shape classes (qkv_fwd "large",
@@ -631,8 +601,8 @@ def compile_report(
                 args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
                 key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
                 if key not in cache:
-                    cache[key] = _compile(args, kwargs, arch)
+                    cache[key] = static_check.compile_launch(_gemm_kernel, args, kwargs, arch)
                 config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
-                rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": _TL_DTYPES[dtype],
+                rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": static_check.TL_DTYPES[dtype],
                              "precision": precision, "config": config, **cache[key]})  # fmt: skip
     return rows

@@ -15,14 +15,16 @@ import re
 import subprocess
 import tempfile
 
+import torch
+
+# Triton's pointer element type of each torch dtype, as a compile signature names it.
+TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # fp32's two dot precisions, in the order the reports list them: ieee first, it is PyTorch's default.
 FP32_PRECISIONS = ("ieee", "tf32")
 
 
 def dtype_precisions(dtypes, fp32_precisions=FP32_PRECISIONS):
     """(dtype, allow_tf32) pairs to compile: 16-bit dtypes once, fp32 once per precision in `fp32_precisions`."""
-    import torch
-
     unknown = set(fp32_precisions) - set(FP32_PRECISIONS)
     if unknown:
         raise ValueError(f"fp32_precisions: {sorted(unknown)} not in {FP32_PRECISIONS}")
@@ -72,3 +74,33 @@ def usage(compiled, arch: int) -> dict:
         "wgmma": "wgmma.mma_async" in ptx,
         "mma": "mma.sync" in ptx,
     }
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
+    """Compile `kernel` for sm_<arch> with the specialisation a launch `kernel[grid](*args, **kwargs)` would get
+    (tensors may be meta), and return its `usage`: integer arguments equal to 1 become constants, multiples of 16
+    are marked divisible by 16, pointers 16-byte aligned; kwargs are the constexprs plus num_warps and
+    num_stages (3 when absent, Triton's default)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
+    signature, constexprs, attrs = {}, dict(kwargs), {}
+    for i, (name, value) in enumerate(zip(kernel.arg_names, (*args, *([None] * len(kwargs))), strict=True)):
+        if name in kwargs:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.Tensor):
+            signature[name] = f"*{TL_DTYPES[value.dtype]}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return usage(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), arch)
