@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_kernels import dispatch, reference, torch_backend
-from vit_kernels.library import _kernels
+from vit_kernels.library import _kernels, _none_to_empty
 
 BLOCK_BACKENDS = ("reference", "torch", "triton")
 
@@ -61,18 +61,14 @@ def fuses_block(backend: str, x: torch.Tensor) -> bool:
 # validation
 # ----------------------------------------------------------------------------------------------------
 def _select(backend: str, device: torch.device, op: str, sizes: tuple, channels: dict[str, int]) -> dispatch.Choice:
-    """Resolve `backend` for block op `op`; `sizes` = (dtype, C, B * N), the measured table's key (TableKey)."""
-    if backend == "auto":  # the table holds only torch or triton for these ops (dispatch.parse_table)
-        return dispatch._select("auto", device, op, sizes, dispatch._channel_objection(channels))
+    """Resolve `backend` for block op `op` by dispatch's rule, but for the backends these ops have; `sizes` =
+    (dtype, C, B * N), the measured table's key (TableKey), which holds only torch or triton for them
+    (dispatch.parse_table)."""
     if backend == "cuda":
         raise ValueError("backend='cuda' has no fused block kernels yet; use 'triton', 'torch' or 'reference'")
-    if backend not in BLOCK_BACKENDS:
+    if backend != "auto" and backend not in BLOCK_BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BLOCK_BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        why = dispatch.device_unavailable_reason("triton", device) or dispatch._channel_reasons(channels)["triton"]
-        if why is not None:
-            raise ValueError(f"backend='triton' cannot run these inputs: {why}")
-    return dispatch.Choice(backend, dispatch._REQUESTED[backend])
+    return dispatch._select(backend, device, op, sizes, dispatch._channel_objection(channels))
 
 
 def _check_ln(x, ln_weight, ln_bias, eps) -> None:
@@ -154,11 +150,7 @@ def check_ln_gelu_mlp(
 # ----------------------------------------------------------------------------------------------------
 # Custom ops rather than autograd Functions so that torch.compile sees one opaque node per call (it cannot trace
 # a Triton launch); fake implementations give it the output shapes. Custom ops cannot return None, so absent
-# bias gradients and the skipped pre-activation travel as empty tensors.
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
-
-
+# bias gradients and the skipped pre-activation travel as empty tensors (library._none_to_empty).
 def _rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
@@ -202,12 +194,12 @@ def ln_qkv_bwd(
     dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
         dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32
     )
-    return dx, dln_w, dln_b, dweight, dbias if dbias is not None else _empty(x)
+    return dx, dln_w, dln_b, dweight, _none_to_empty(dbias, x)
 
 
 @ln_qkv_bwd.register_fake
 def _(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32):
-    dbias = x.new_empty(weight.shape[0]) if has_bias else _empty(x)
+    dbias = x.new_empty(weight.shape[0]) if has_bias else x.new_empty(0)
     return x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape), \
         weight.new_empty(weight.shape), dbias  # fmt: skip
 
@@ -248,12 +240,12 @@ def proj_residual_bwd(
     dout: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, has_bias, allow_tf32)
-    return do, dweight, dbias if dbias is not None else _empty(o)
+    return do, dweight, _none_to_empty(dbias, o)
 
 
 @proj_residual_bwd.register_fake
 def _(dout, o, weight, has_bias, allow_tf32):
-    dbias = o.new_empty(weight.shape[0]) if has_bias else _empty(o)
+    dbias = o.new_empty(weight.shape[0]) if has_bias else o.new_empty(0)
     return o.new_empty(o.shape), weight.new_empty(weight.shape), dbias
 
 
@@ -292,14 +284,14 @@ def ln_mlp_fwd(
         x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
         needs_grad,
     )  # fmt: skip
-    return out, hidden if hidden is not None else _empty(x), mean, rstd
+    return out, _none_to_empty(hidden, x), mean, rstd
 
 
 @ln_mlp_fwd.register_fake
 def _(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
       needs_grad):  # fmt: skip
     M = _rows_of(x)
-    hidden = x.new_empty(M, fc1_weight.shape[0]) if needs_grad else _empty(x)
+    hidden = x.new_empty(M, fc1_weight.shape[0]) if needs_grad else x.new_empty(0)
     stats = x.new_empty(M, dtype=torch.float32)
     return x.new_empty(*x.shape[:-1], fc2_weight.shape[0]), hidden, stats, stats.new_empty(M)
 
@@ -325,14 +317,14 @@ def ln_mlp_bwd(
         dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden,
         has_fc1_bias, has_fc2_bias, approximate, residual, allow_tf32,
     )  # fmt: skip
-    return dx, dln_w, dln_b, dw1, db1 if db1 is not None else _empty(x), dw2, db2 if db2 is not None else _empty(x)
+    return dx, dln_w, dln_b, dw1, _none_to_empty(db1, x), dw2, _none_to_empty(db2, x)
 
 
 @ln_mlp_bwd.register_fake
 def _(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias,
       approximate, residual, allow_tf32):  # fmt: skip
-    db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else _empty(x)
-    db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else _empty(x)
+    db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else x.new_empty(0)
+    db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else x.new_empty(0)
     return (
         x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape),
         fc1_weight.new_empty(fc1_weight.shape), db1, fc2_weight.new_empty(fc2_weight.shape), db2,

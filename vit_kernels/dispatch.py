@@ -294,11 +294,6 @@ def _channel_objection(dims: dict[str, int]):
     return objection
 
 
-def _channel_reasons(dims: dict[str, int]) -> dict[str, str | None]:
-    objection = _channel_objection(dims)
-    return {b: objection(b) for b in SUPPORT}
-
-
 # ----------------------------------------------------------------------------------------------------
 # autocast, then per-op validation: returns the resolved backend
 # ----------------------------------------------------------------------------------------------------
