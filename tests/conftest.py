@@ -5,7 +5,10 @@ TRITON_INTERPRET must be set before any Triton kernel is defined, i.e. before th
 imported; conftest.py is imported by pytest before any test module, so setting it here is early enough.
 """
 
+import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -165,6 +168,35 @@ def counting_fused_ops(monkeypatch):
         for name in counts:
             m.setattr(vk, name, counted(name, getattr(vk, name)))
         yield counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# static checks: a kernel file's compile_report, compiled for a GPU target without a GPU
+# ----------------------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Largest shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+def ptxas_available() -> bool:
+    """Whether Triton's NVIDIA backend (its bundled ptxas) is here to compile for sm_80 / sm_90."""
+    try:
+        from vit_kernels.ops import static_check
+
+        return os.path.exists(static_check.ptxas_path(80))
+    except Exception:
+        return False
+
+
+def compile_report_rows(script: str, arch: int) -> list:
+    """The JSON list `script` prints last, run as `python -c script <arch>` in a fresh process without
+    TRITON_INTERPRET: interpreted @jit functions cannot be compiled."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(arch)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ their spread, non-contiguous inputs, every launcher buffer NaN-poisoned. The las
 for sm_80 / sm_90 without a GPU.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, rel_error
+from conftest import REPO, SMEM_LIMIT, TOLERANCES, compile_report_rows, ptxas_available, rel_error
 
 import vit_kernels.block as vkb
 from vit_kernels import reference
@@ -26,7 +25,6 @@ from vit_kernels.ops import block, linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (B, N, C, H, eps, rows): "shifted" rows have mean +-100 and std 1 (the case E[x^2] - E[x]^2 cancels on).
 CASES = [
@@ -240,7 +238,6 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------------------------------
 # static: the new kernels compile for sm_80 / sm_90 without spills, on tensor cores
 # ----------------------------------------------------------------------------------------------------
-SMEM_LIMIT = {80: 166912, 90: 232448}  # as tests/test_static_kernels.py
 REPORT = """
 import json, sys, torch
 from vit_kernels.ops.block import compile_report
@@ -255,24 +252,10 @@ KERNELS = {"ln_qkv_fwd", "proj_residual_fwd", "ln_mlp_fc1", "mlp_fc2_residual", 
 NO_DOT = {"ln_stats", "ln_apply", "ln_bwd"}
 
 
-def _ptxas_available() -> bool:
-    try:
-        from vit_kernels.ops import static_check
-
-        return os.path.exists(static_check.ptxas_path(80))
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_block_kernels_compile_without_spills_on_tensor_cores(arch):
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", REPORT, str(arch)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = compile_report_rows(REPORT, arch)
     assert {row["kernel"] for row in rows} == KERNELS
     for row in rows:
         what = f"{row} on sm_{arch}"

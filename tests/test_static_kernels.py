@@ -7,16 +7,8 @@ Interpreted @jit functions cannot be compiled, so each op's `compile_report` run
 without TRITON_INTERPRET.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-
-# Largest shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
-SMEM_LIMIT = {80: 166912, 90: 232448}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import SMEM_LIMIT, compile_report_rows, ptxas_available
 
 # What each op's report compiles: ViT shapes chosen to cover every config class of its table.
 REPORTS = {
@@ -47,25 +39,11 @@ NO_DOT = {"attn_bwd_preprocess"}  # a row reduction: no tensor-core instruction 
 VARIANTS = {("fp16", None), ("fp32", "ieee"), ("fp32", "tf32")}
 
 
-def _ptxas_available() -> bool:
-    try:
-        from vit_kernels.ops import static_check
-
-        return os.path.exists(static_check.ptxas_path(80))
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("op", sorted(REPORTS))
 def test_shipped_configs_compile_without_spills_on_tensor_cores(op, arch):
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", REPORTS[op], str(arch)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = compile_report_rows(REPORTS[op], arch)
     assert {row["kernel"] for row in rows} == KERNELS[op]
     for variant in VARIANTS:
         assert {row["kernel"] for row in rows if (row["dtype"], row["precision"]) == variant} == KERNELS[op], variant
