@@ -301,16 +301,11 @@ def main(argv=None) -> int:
     runnable = report.runnable(PROVIDERS, args.providers, lambda pr: global_skip_reason(pr, args.device, args))
 
     report.print_header()
-    bar = common.progress(len(shapes) * len(modes) * len(runnable), "attn_bench", disable=args.no_progress)
-    for shape in shapes:
-        for mode in modes:
-            for provider in runnable:
-                bar.set_postfix_str(f"{provider} {shape.model} N={shape.N} {mode}")
-                row = run_cell(report, provider, shape, mode, args, dtype, peaks)
-                bar.update()
-                if row:
-                    report.add(row)
-    bar.close()
+    report.run_cells(
+        [(shape, mode, provider) for shape in shapes for mode in modes for provider in runnable],
+        lambda shape, mode, provider: f"{provider} {shape.model} N={shape.N} {mode}",
+        lambda shape, mode, provider: run_cell(report, provider, shape, mode, args, dtype, peaks),
+    )
     report.set_speedups(("model", "B", "H", "N", "D", "mode"), baseline="eager")
     extra = plot(report.rows, peaks, env, args) if args.plot and report.rows and not args.no_save else []
     report.finish(common.markdown_table(COLUMNS, report.rows), extra)

@@ -195,14 +195,11 @@ def main(argv=None) -> int:
     runnable = report.runnable(PROVIDERS, args.providers, lambda pr: skip_reason(pr, args.device, args))
     report.print_header()
     cells = [(s, m, pr) for s in shapes for m in modes for pr in PROVIDERS if pr in runnable]
-    bar = common.progress(len(cells), "block_bench", disable=args.no_progress)
-    for shape, mode, provider in cells:
-        bar.set_postfix_str(f"{provider} {shape.model} {mode}")
-        row = run_cell(report, provider, shape, mode, args, dtype)
-        bar.update()
-        if row:
-            report.add(row)
-    bar.close()
+    report.run_cells(
+        cells,
+        lambda shape, mode, provider: f"{provider} {shape.model} {mode}",
+        lambda shape, mode, provider: run_cell(report, provider, shape, mode, args, dtype),
+    )
     report.set_speedups(("model", "B", "N", "C", "hidden", "heads", "mode"), baseline="eager")
     report.finish(common.markdown_table(COLUMNS, report.rows))
     return 0

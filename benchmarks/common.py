@@ -548,6 +548,17 @@ class Report:
     def skip(self, provider: str, reason: str, where: str = "all") -> None:
         self.skipped.append({"provider": provider, "where": where, "reason": reason})
 
+    def run_cells(self, cells: Sequence[tuple], label: Callable[..., str], run: Callable[..., dict | None]) -> None:
+        """run(*cell) for every cell in order, under a progress bar showing label(*cell); adds each row it returns."""
+        bar = progress(len(cells), self.name, disable=self.args.no_progress)
+        for cell in cells:
+            bar.set_postfix_str(label(*cell))
+            row = run(*cell)
+            bar.update()
+            if row:
+                self.add(row)
+        bar.close()
+
     def runnable(self, providers: Sequence[str], requested: str | None, unavailable: Callable[[str], str | None]):
         """The providers to time: those --providers asks for (all by default) that can run here at all;
         every other one is recorded as skipped with its reason (`unavailable(provider)` gives it, or None)."""

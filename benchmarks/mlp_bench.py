@@ -267,14 +267,11 @@ def main(argv=None) -> int:
 
     report.print_header()
     cells = [(op, s, m, pr) for op in ops for s in shapes for m in modes for pr in PROVIDERS[op] if pr in runnable]
-    bar = common.progress(len(cells), "mlp_bench", disable=args.no_progress)
-    for op, shape, mode, provider in cells:
-        bar.set_postfix_str(f"{op} {provider} {shape.model} {mode}")
-        row = run_cell(report, op, provider, shape, mode, args, dtype, peaks)
-        bar.update()
-        if row:
-            report.add(row)
-    bar.close()
+    report.run_cells(
+        cells,
+        lambda op, shape, mode, provider: f"{op} {provider} {shape.model} {mode}",
+        lambda op, shape, mode, provider: run_cell(report, op, provider, shape, mode, args, dtype, peaks),
+    )
     report.set_speedups(("op", "model", "M", "C", "hidden", "heads", "mode"), baseline="eager")
     report.finish(common.markdown_table(COLUMNS, report.rows))
     return 0
