@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 import vit_kernels as vk
-from vit.model import VisionTransformer, _pair, resize_pos_embed
+from vit.model import VisionTransformer, _pair, fused_block_forward, resize_pos_embed
 from vit_kernels import block as vk_block
 from vit_kernels import dispatch
 
@@ -293,12 +293,9 @@ def _check_backend(backend: str, head_dim: int | None = None, **channels: int) -
         if support.head_dims is not None and head_dim not in support.head_dims:
             raise _Skip(f"head dim {head_dim} is not supported by backend={backend!r} (supported: {support.head_dims})")
         channels["head dim"] = head_dim
-    bad = [f"{n}={d}" for n, d in channels.items() if d % support.channel_multiple]
-    if bad:
-        raise _Skip(
-            f"backend={backend!r} needs channel sizes that are multiples of {support.channel_multiple}: "
-            + ", ".join(bad)
-        )
+    objection = dispatch._channel_objection(channels)(backend)
+    if objection:
+        raise _Skip(f"backend={backend!r} {objection}")
 
 
 def _gelu_form(act: nn.Module) -> str:
@@ -321,11 +318,16 @@ def _gelu_form(act: nn.Module) -> str:
     raise _Skip(f"activation {type(act).__module__}.{type(act).__name__} is not GELU; vk.gelu_mlp fuses GELU only")
 
 
+def _has_call_args(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passed anything beyond x that is set (a mask, is_causal=True, ...)."""
+    return any(a is not None and a is not False for a in (*args, *kwargs.values()))
+
+
 # ---- timm ----
 def _timm_attention_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # A mask or is_causal=True (timm passes them as arguments, e.g. NaFlex ViT's padding mask), or an input
     # that is not (B, N, C), is the original forward's to compute: falling back keeps the model's outputs.
-    if x.dim() != 3 or any(a is not None and a is not False for a in (*args, *kwargs.values())):
+    if x.dim() != 3 or _has_call_args(args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     B, N, C = x.shape
     q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self._vk_backend)
@@ -395,19 +397,16 @@ def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # calls the (patched) attention and MLP.
     if (
         x.dim() != 3
-        or any(a is not None and a is not False for a in (*args, *kwargs.values()))
+        or _has_call_args(args, kwargs)
         or _timm_block_dropping(self)
         or not vk_block.fuses_block(self._vk_backend, x)
     ):
         return type(self).forward(self, x, *args, **kwargs)
-    attn, mlp, n1, n2, backend = self.attn, self.mlp, self.norm1, self.norm2, self._vk_backend
-    B, N, C = x.shape
-    q, k, v = vk.ln_fused_qkv(x, n1.weight, n1.bias, n1.eps, attn.qkv.weight, attn.qkv.bias, attn.num_heads,
-                              backend=backend)  # fmt: skip
-    o = vk.attention(q, k, v, scale=attn.scale, backend=backend).transpose(1, 2).reshape(B, N, C)
-    x = vk.proj_residual(o, attn.proj.weight, attn.proj.bias, x, backend=backend)
-    return vk.ln_gelu_mlp(x, n2.weight, n2.bias, n2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                          approximate=self._vk_approximate, backend=backend)  # fmt: skip
+    attn, mlp = self.attn, self.mlp
+    return fused_block_forward(
+        x, self.norm1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, attn.scale, attn.proj, self.norm2, mlp.fc1,
+        mlp.fc2, mlp._vk_approximate, self._vk_backend,
+    )  # fmt: skip
 
 
 def _check_layer_norm(name: str, norm: nn.Module, C: int) -> None:
@@ -417,21 +416,25 @@ def _check_layer_norm(name: str, norm: nn.Module, C: int) -> None:
         raise _Skip(f"{name} uses timm's fast norm, which the fused LayerNorm does not reproduce")
 
 
+def _forward_replaced_by_others(m: nn.Module) -> bool:
+    own = m.__dict__.get("forward")
+    return own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS
+
+
 def _check_block_parts(parts, C: int, backend: str) -> dict:
     """A block fuses only around an attention and an MLP that are patched by us (the same checks) and that
-    map back to the block's C channels; returns the MLP's patch attributes (_vk_approximate)."""
+    map back to the block's C channels. The fused forward reads the patched MLP's _vk_approximate."""
     for name, sub, check in parts:
-        own = sub.__dict__.get("forward")
-        if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+        if _forward_replaced_by_others(sub):
             raise _Skip(f"its {name}'s forward was already replaced on the instance by someone else")
         try:
-            attrs = check(sub, backend)
+            check(sub, backend)
         except _Skip as why:
             raise _Skip(f"its {name} is not patched ({why})") from None
     mlp = parts[-1][1]
     if mlp.fc2.out_features != C:
         raise _Skip(f"mlp maps back to {mlp.fc2.out_features} channels, not the block's {C}")
-    return attrs
+    return {}
 
 
 def _check_timm_block(m: nn.Module, backend: str) -> dict:
@@ -535,14 +538,11 @@ def _hf_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **
         or not vk_block.fuses_block(backend, hidden_states)
     ):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
-    x = hidden_states
-    B, N, C = x.shape
     weight, bias = _hf_qkv_parameters(attn)
-    q, k, v = vk.ln_fused_qkv(x, ln1.weight, ln1.bias, ln1.eps, weight, bias, attn.num_attention_heads, backend=backend)
-    o = vk.attention(q, k, v, scale=attn.scaling, backend=backend).transpose(1, 2).reshape(B, N, C)
-    x = vk.proj_residual(o, attn.o_proj.weight, attn.o_proj.bias, x, backend=backend)
-    return vk.ln_gelu_mlp(x, ln2.weight, ln2.bias, ln2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                          mlp.fc2.bias, approximate=self._vk_approximate, backend=backend)  # fmt: skip
+    return fused_block_forward(
+        hidden_states, ln1, weight, bias, attn.num_attention_heads, attn.scaling, attn.o_proj, ln2, mlp.fc1, mlp.fc2,
+        mlp._vk_approximate, backend,
+    )  # fmt: skip
 
 
 def _hf_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -663,18 +663,14 @@ def _patch(
             continue
         kind, check, forward = rule
         try:
-            own = m.__dict__.get("forward")
-            if own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS:
+            if _forward_replaced_by_others(m):
                 raise _Skip("its forward was already replaced on the instance by someone else")
             attrs = check(m, backend)
-        except _Skip as why:
+        except (_Skip, AttributeError) as exc:  # AttributeError: a known class built without an attribute it reads
+            why = exc if isinstance(exc, _Skip) else f"not the known structure ({exc})"
             # A block that cannot run whole keeps its forward, and its attention and MLP are still patched.
             skips = summary.unfused_blocks if kind == "block" else summary.skipped
             skips.append((name, f"{type(m).__name__}: {why}"))
-            continue
-        except AttributeError as exc:  # a known class built without an attribute its forward reads
-            skips = summary.unfused_blocks if kind == "block" else summary.skipped
-            skips.append((name, f"{type(m).__name__}: not the known structure ({exc})"))
             continue
         plan.append((m, forward, attrs))
         {"attention": summary.attention, "mlp": summary.mlp, "block": summary.blocks}[kind].append(name)

@@ -261,15 +261,36 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same block with LayerNorm inside the qkv / fc1 GEMMs and the residual adds inside proj / fc2."""
-        attn, mlp, backend = self.attn, self.mlp, self.attn.backend
-        B, N, C = x.shape
-        q, k, v = vk.ln_fused_qkv(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, attn.qkv.weight,
-                                  attn.qkv.bias, attn.num_heads, backend=backend)  # fmt: skip
-        o = vk.attention(q, k, v, backend=backend).transpose(1, 2).reshape(B, N, C)  # free on kernel backends
-        x = vk.proj_residual(o, attn.proj.weight, attn.proj.bias, x, backend=backend)
-        return vk.ln_gelu_mlp(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, mlp.fc1.weight, mlp.fc1.bias,
-                              mlp.fc2.weight, mlp.fc2.bias, approximate=mlp.approximate, backend=backend)  # fmt: skip
+        attn, mlp = self.attn, self.mlp
+        return fused_block_forward(
+            x, self.norm1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, None, attn.proj, self.norm2, mlp.fc1,
+            mlp.fc2, mlp.approximate, attn.backend,
+        )  # fmt: skip
+
+
+def fused_block_forward(
+    x: torch.Tensor,
+    norm1: nn.LayerNorm,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    num_heads: int,
+    scale: float | None,
+    proj: nn.Linear,
+    norm2: nn.LayerNorm,
+    fc1: nn.Linear,
+    fc2: nn.Linear,
+    approximate: str,
+    backend: str,
+) -> torch.Tensor:
+    """A pre-LN block, x + proj(attention(qkv(norm1(x)))) then x + fc2(GELU(fc1(norm2(x)))), with LayerNorm inside
+    the qkv / fc1 GEMMs and the residual adds inside proj / fc2 (vit_kernels.block); Block and the blocks that
+    patch_timm / patch_hf fuse all run this. scale None is head_dim ** -0.5."""
+    B, N, C = x.shape
+    q, k, v = vk.ln_fused_qkv(x, norm1.weight, norm1.bias, norm1.eps, qkv_weight, qkv_bias, num_heads, backend=backend)
+    o = vk.attention(q, k, v, scale=scale, backend=backend).transpose(1, 2).reshape(B, N, C)  # free on kernel backends
+    x = vk.proj_residual(o, proj.weight, proj.bias, x, backend=backend)
+    return vk.ln_gelu_mlp(x, norm2.weight, norm2.bias, norm2.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                          approximate=approximate, backend=backend)  # fmt: skip
 
 
 class VisionTransformer(nn.Module):
