@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vit_kernels as vk  # noqa: E402
-from vit_kernels import dispatch, reference  # noqa: E402
+from vit_kernels import reference  # noqa: E402
 
 PROVIDERS = ("eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton", "cuda", "compile")
 SDPA_BACKENDS = {
@@ -102,12 +102,8 @@ def parse_shapes(text: str) -> list[Shape]:
 # ----------------------------------------------------------------------------------------------------
 def global_skip_reason(provider: str, device: str, args) -> str | None:
     """Why `provider` cannot run at all on this device, or None."""
-    if provider == "triton":
-        if device == "cpu" and not args.include_interpreter:
-            return common.TRITON_ON_CPU
-        return dispatch.device_unavailable_reason("triton", torch.device(device))
-    if provider == "cuda":
-        return dispatch.device_unavailable_reason("cuda", torch.device(device))
+    if provider in ("triton", "cuda"):
+        return common.kernel_skip_reason(provider, device, args.include_interpreter)
     if provider in SDPA_BACKENDS and device == "cpu" and provider in ("sdpa_efficient", "sdpa_cudnn"):
         return f"SDPBackend.{SDPA_BACKENDS[provider]} has no CPU kernel in PyTorch (CUDA only)"
     return None

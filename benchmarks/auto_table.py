@@ -33,17 +33,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attn_bench  # noqa: E402
 import common  # noqa: E402
 
 from vit_kernels import dispatch  # noqa: E402
 
 KERNEL_BACKENDS = ("triton", "cuda")
-SDPA_PROVIDERS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+SDPA_PROVIDERS = tuple(attn_bench.SDPA_BACKENDS)
 # Known GPU names -> arch, for results written before the benchmarks recorded the capability.
 ARCH_BY_NAME = (
     ("GH200", "sm_90"),
@@ -62,9 +64,11 @@ BLOCK_PROVIDERS = {"fused": "triton", "eager": "eager"}
 def arch_of(env: dict, override: str | None) -> str:
     if override:
         return override
-    capability = env.get("capability")
-    if capability:
-        major, minor = (int(x) for x in str(capability).replace("sm_", "").replace(",", ".").split(".")[:2])
+    capability = str(env.get("capability") or "")
+    if re.fullmatch(r"sm_\d+", capability):  # as common.Env writes it
+        return capability
+    if capability:  # "9.0"
+        major, minor = (int(x) for x in capability.replace("sm_", "").replace(",", ".").split(".")[:2])
         return f"sm_{major}{minor}"
     name = env.get("device_name", "")
     for marker, arch in ARCH_BY_NAME:

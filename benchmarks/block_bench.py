@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from vit.model import Block, ViTConfig  # noqa: E402
-from vit_kernels import dispatch, reference  # noqa: E402
+from vit_kernels import reference  # noqa: E402
 
 PROVIDERS = ("eager", "compile", "unfused", "fused")
 MODES = ("fwd", "fwd_bwd")
@@ -62,9 +62,10 @@ def parse_shapes(text: str) -> list[Shape]:
 
 
 def flops(s: Shape, mode: str) -> float:
-    gemm = 2 * s.M * s.C * (3 * s.C + s.C + 2 * s.hidden)
-    attn = 4 * s.B * s.N * s.N * s.C
-    return gemm + attn if mode == "fwd" else 3 * gemm + 3.5 * attn
+    """QKV, proj and the MLP's two GEMMs (common.linear_flops, mlp_flops), plus attention (common.attention_flops)."""
+    qkv_proj = common.linear_flops(s.M, s.C, 3 * s.C, mode) + common.linear_flops(s.M, s.C, s.C, mode)
+    attn = common.attention_flops(s.B, s.heads, s.N, s.C // s.heads, mode)  # Block checks C % heads == 0
+    return qkv_proj + common.mlp_flops(s.M, s.C, s.hidden, mode) + attn
 
 
 def predicted_fwd_bytes(provider: str, s: Shape, elem: int) -> float:
@@ -80,9 +81,7 @@ def predicted_fwd_bytes(provider: str, s: Shape, elem: int) -> float:
 
 def skip_reason(provider: str, device: str, args) -> str | None:
     if provider in ("unfused", "fused"):
-        if device == "cpu" and not args.include_interpreter:
-            return common.TRITON_ON_CPU
-        return dispatch.device_unavailable_reason("triton", torch.device(device))
+        return common.kernel_skip_reason("triton", device, args.include_interpreter)
     return None
 
 
@@ -160,12 +159,13 @@ def run_cell(report, provider: str, s: Shape, mode: str, args, dtype) -> dict | 
         return None
     ms = cell.timing.median_ms
     nbytes = predicted_fwd_bytes(provider, s, elem) if mode == "fwd" else None
+    n_flops = flops(s, mode)
     return {
         "model": s.model, "B": s.B, "N": s.N, "C": s.C, "hidden": s.hidden, "heads": s.heads, "mode": mode,
         "provider": provider, "ms": ms, "ms_p20": cell.timing.p20_ms, "ms_p80": cell.timing.p80_ms,
-        "tflops": flops(s, mode) / (ms * 1e-3) / 1e12, "pred_gb": nbytes / 1e9 if nbytes else None,
+        "tflops": n_flops / (ms * 1e-3) / 1e12, "pred_gb": nbytes / 1e9 if nbytes else None,
         "gbps": nbytes / (ms * 1e-3) / 1e9 if nbytes else None, "mem_mib": cell.mem_mib, "rel_err": cell.err,
-        "flops": flops(s, mode), "bytes": nbytes,
+        "flops": n_flops, "bytes": nbytes,
     }  # fmt: skip
 
 

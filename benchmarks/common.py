@@ -46,6 +46,16 @@ TRITON_ON_CPU = (
 )
 
 
+def kernel_skip_reason(backend: str, device: str, include_interpreter: bool) -> str | None:
+    """Why vit_kernels' kernel `backend` ("triton" or "cuda") cannot be timed on `device`, or None: Triton on CPU
+    only with --include-interpreter (TRITON_ON_CPU), else dispatch.device_unavailable_reason's answer."""
+    if backend == "triton" and device == "cpu" and not include_interpreter:
+        return TRITON_ON_CPU
+    from vit_kernels import dispatch  # here: the scripts set TRITON_INTERPRET before any kernel module is imported
+
+    return dispatch.device_unavailable_reason(backend, torch.device(device))
+
+
 # ----------------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------------
@@ -78,11 +88,16 @@ class Env:
     commit: str | None
     date: str
     load_avg: float | None = None  # 1-minute load average at start: a busy shared CPU makes timings noisy
+    capability: str | None = None  # "sm_90" (CUDA compute capability, auto_table's arch); None on CPU
+    float32_matmul_precision: str | None = None  # torch's at start: "highest" (exact fp32), "high"/"medium" (tf32)
 
     @classmethod
     def collect(cls, device: str, dtype: str) -> Env:
+        capability = None
         if device == "cuda":
             name = torch.cuda.get_device_name()
+            major, minor = torch.cuda.get_device_capability()
+            capability = f"sm_{major}{minor}"
         else:
             name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
         try:
@@ -104,6 +119,8 @@ class Env:
             commit=commit,
             date=_dt.datetime.now().strftime("%Y-%m-%d"),
             load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            capability=capability,
+            float32_matmul_precision=torch.get_float32_matmul_precision(),
         )
 
     @property
@@ -650,6 +667,11 @@ class Report:
             print(f"wrote {shown}", file=sys.stderr)
 
 
+def write_peaks(path: Path, env: Env, peaks: Peaks) -> None:
+    """The peaks JSON that --peaks reads back (`measure_peaks`): the environment and the measured peaks."""
+    Path(path).write_text(json.dumps({"env": asdict(env), **asdict(peaks)}, indent=1))
+
+
 def try_plot():
     """matplotlib's pyplot with the file-only backend, or None (and the reason) when it is missing."""
     try:
@@ -679,7 +701,7 @@ def main() -> None:
         print(f"matmul peak {d}: {fmt(v)} TFLOP/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"env": asdict(env), **asdict(peaks)}, indent=1))
+        write_peaks(args.json, env, peaks)
         print(f"wrote {args.json}")
 
 

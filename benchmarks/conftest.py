@@ -10,8 +10,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
 _spec = importlib.util.spec_from_file_location(
     "tests_conftest", Path(__file__).resolve().parent.parent / "tests" / "conftest.py"
 )
@@ -19,9 +17,4 @@ tests_conftest = importlib.util.module_from_spec(_spec)
 sys.modules["tests_conftest"] = tests_conftest
 _spec.loader.exec_module(tests_conftest)
 
-
-@pytest.fixture(autouse=True)
-def _seed():
-    import torch
-
-    torch.manual_seed(0)
+_seed = tests_conftest._seed  # the tests' autouse fixture: torch.manual_seed(0) before every benchmark

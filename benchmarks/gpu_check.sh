@@ -15,7 +15,7 @@
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
 #   compile_tables torch.compile rows of attn_bench and mlp_bench at ViT-B/16
-#   auto_table    benchmarks/auto_table.py over the benchmark JSON (when that script exists)
+#   auto_table    benchmarks/auto_table.py over the attn, mlp and block tables' JSON
 # A slice is the budget still left times the stage's share of the nominal seconds of the stages still to
 # come (NOMINAL below, for a 480 s budget), so time a stage does not use (or a skipped stage) goes to the rest.
 #
@@ -178,10 +178,14 @@ finish_stage() {  # NAME STATUS
   write_report
 }
 
+wanted() {  # NAME: whether --only (if given) names this stage
+  [ -z "$only" ] || [[ $only == *",$1,"* ]]
+}
+
 stage() {  # NAME NEEDS_GPU CMD...
   local name=$1 needs_gpu=$2 s left weights=0 slice floor rc t0
   shift 2
-  if [ -n "$only" ] && [[ $only != *",$name,"* ]]; then finish_stage "$name" "skipped: not in --only"; return; fi
+  if ! wanted "$name"; then finish_stage "$name" "skipped: not in --only"; return; fi
   if [ -n "${fake[$name]:-}" ]; then
     # a child of its own, so the tests can see that the whole process group is killed, not just the shell
     set -- bash -c "sleep ${fake[$name]} & echo \"fake $name: child \$!\"; wait"
@@ -190,7 +194,7 @@ stage() {  # NAME NEEDS_GPU CMD...
     return
   fi
   for s in "${STAGES[@]}"; do
-    [ -z "${status[$s]:-}" ] && { [ -z "$only" ] || [[ $only == *",$s,"* ]]; } && weights=$((weights + NOMINAL[$s]))
+    [ -z "${status[$s]:-}" ] && wanted "$s" && weights=$((weights + NOMINAL[$s]))
   done
   left=$((budget - ($(date +%s) - start) - RESERVE))
   slice=$((left * NOMINAL[$name] / weights))
@@ -214,7 +218,7 @@ stage() {  # NAME NEEDS_GPU CMD...
 }
 
 optional() {  # NAME REASON: a stage that cannot run here for a reason other than the device
-  if [ -n "$only" ] && [[ $only != *",$1,"* ]]; then finish_stage "$1" "skipped: not in --only"; return; fi
+  if ! wanted "$1"; then finish_stage "$1" "skipped: not in --only"; return; fi
   finish_stage "$1" "skipped: $2"
 }
 
@@ -255,7 +259,7 @@ gpu_tests=()
 for f in test_attention test_linear test_cuda_attention test_cuda_linear test_block_fusion test_gelu \
   test_input_precision test_kernel_limits test_autocast test_dispatch test_vit test_compile test_patch_zoo \
   test_vit_timm test_vit_hf; do
-  [ -f "tests/$f.py" ] && gpu_tests+=("tests/$f.py")
+  gpu_tests+=("tests/$f.py")
 done
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n auto)
@@ -271,12 +275,8 @@ stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --out-dir 
 stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$work/results/mlp_tables" \
   --providers eager,views,reference,triton,cuda
 stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" --compile no
-if [ -f benchmarks/block_bench.py ]; then
-  stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
-    --providers eager,unfused,fused
-else
-  optional block_tables "benchmarks/block_bench.py is not in this checkout"
-fi
+stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
+  --providers eager,unfused,fused
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 # (without a GPU the stage reports "no CUDA device" whatever is installed, like every GPU stage)
@@ -334,11 +334,12 @@ stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]
   --packed --shapes 256,12,197,64 --providers eager,compile && \"$PY\" benchmarks/mlp_bench.py ${bench_args[*]} \
   --out-dir $work/results/compile_tables --providers eager,compile"
 
-# 11. proposed entries for backend="auto"'s table, from the attention and GEMM benchmark JSON above
-mapfile -t bench_json < <(ls "$work"/results/{headline,attn_tables,mlp_tables}/{attn,mlp}_bench-*.json 2>/dev/null)
-if [ ! -f benchmarks/auto_table.py ]; then
-  optional auto_table "benchmarks/auto_table.py is not in this checkout"
-elif [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
+# 11. proposed entries for backend="auto"'s table, from the attention, GEMM and block tables' JSON above (not
+# headline's: its shapes are named "custom", a second case of a table shape, and its mlp run has no `views`, the
+# fused_qkv baseline)
+mapfile -t bench_json < <(ls "$work"/results/{attn_tables,mlp_tables,block_tables}/{attn,mlp,block}_bench-*.json \
+  2>/dev/null)
+if [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
   optional auto_table "no benchmark results to read"
 else
   stage auto_table 0 "$PY" benchmarks/auto_table.py "${bench_json[@]}" --out "$work/results/auto_table.json"

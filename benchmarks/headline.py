@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -105,8 +104,7 @@ def main(argv=None) -> int:
                                  ",".join(["eager", *SDPA, "triton", "cuda"])])  # fmt: skip
     if args.peaks_json:
         peaks = common.measure_peaks("cuda", ["bf16"])  # cached: the peaks attn_bench just measured
-        env = common.Env.collect("cuda", "bf16")
-        args.peaks_json.write_text(json.dumps({"env": asdict(env), **asdict(peaks)}, indent=1))
+        common.write_peaks(args.peaks_json, common.Env.collect("cuda", "bf16"), peaks)
     mlp = run(mlp_bench.main, [*shared, "--shapes", MLP_SHAPE, "--providers", "eager,triton,cuda"])
     vit = run(vit_bench.main, [*shared, "--models", "vit_base_patch16_224", "--batch", "256", "--mode", "infer",
                                "--compile", "no", "--providers", "vit:torch,vit:triton,vit:cuda,timm"])  # fmt: skip

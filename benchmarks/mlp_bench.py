@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vit_kernels as vk  # noqa: E402
-from vit_kernels import dispatch, reference, torch_backend  # noqa: E402
+from vit_kernels import reference, torch_backend  # noqa: E402
 
 OPS = ("mlp", "qkv")
 PROVIDERS = {
@@ -61,12 +61,8 @@ def parse_shapes(text: str) -> list[Shape]:
 
 
 def global_skip_reason(provider: str, device: str, args) -> str | None:
-    if provider == "triton":
-        if device == "cpu" and not args.include_interpreter:
-            return common.TRITON_ON_CPU
-        return dispatch.device_unavailable_reason("triton", torch.device(device))
-    if provider == "cuda":
-        return dispatch.device_unavailable_reason("cuda", torch.device(device))
+    if provider in ("triton", "cuda"):
+        return common.kernel_skip_reason(provider, device, args.include_interpreter)
     return None
 
 

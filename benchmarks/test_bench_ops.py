@@ -10,6 +10,7 @@ row of the JSON is self-describing. The numbers are wall-clock rounds with a CUD
 each call; the event-timed tables (attn_bench.py, mlp_bench.py) remain the reference for absolute speed.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def attention_problem():
         q, k, v = (t if cast is None else t.to(cast) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
         return (reference.attention(q, k, v),) if backend == "ref64" else (vk.attention(q, k, v, backend=backend),)
 
-    flops = common.attention_flops(B, H, N, D, "fwd")
+    flops = functools.partial(common.attention_flops, B, H, N, D)
     return (qkv,), fn, (torch.randn(B, H, N, D, device=DEVICE).to(DTYPE),), flops
 
 
@@ -63,7 +64,7 @@ def qkv_problem():
         return tuple(vk.fused_qkv(*args, H, backend=backend))
 
     douts = tuple(torch.randn(B, H, N, D, device=DEVICE).to(DTYPE) for _ in range(3))
-    return (x, w, b), fn, douts, common.linear_flops(B * N, C, 3 * C, "fwd")
+    return (x, w, b), fn, douts, functools.partial(common.linear_flops, B * N, C, 3 * C)
 
 
 def mlp_problem():
@@ -76,16 +77,12 @@ def mlp_problem():
             return (reference.gelu_mlp(*args),)
         return (vk.gelu_mlp(*args, backend=backend),)
 
-    return params, fn, (torch.randn(B, N, C, device=DEVICE).to(DTYPE),), common.mlp_flops(B * N, C, HIDDEN, "fwd")
+    douts = (torch.randn(B, N, C, device=DEVICE).to(DTYPE),)
+    return params, fn, douts, functools.partial(common.mlp_flops, B * N, C, HIDDEN)
 
 
+# op -> () -> (leaves, fn(backend, cast), douts, flops(mode)): flops by common's formulas, "fwd" or "fwd_bwd"
 PROBLEMS = {"attention": attention_problem, "fused_qkv": qkv_problem, "gelu_mlp": mlp_problem}
-FWD_BWD_FLOPS = {"attention": 3.5, "fused_qkv": 3.0, "gelu_mlp": 3.0}  # x forward: common's backward conventions
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _run(fn, backend, leaves, douts, mode, cast=None):
@@ -101,7 +98,7 @@ def _run(fn, backend, leaves, douts, mode, cast=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(PROBLEMS))
 def test_op(benchmark, op, backend, mode):
-    leaves, fn, douts, fwd_flops = PROBLEMS[op]()
+    leaves, fn, douts, flops = PROBLEMS[op]()
     # parity before timing: the output (and every gradient) against float64, with the tests' tolerances
     try:
         got = _run(fn, backend, leaves, douts, mode)
@@ -114,11 +111,11 @@ def test_op(benchmark, op, backend, mode):
 
     def step():
         _run(fn, backend, leaves, douts, mode)
-        _sync()
+        common._sync(DEVICE)
 
     benchmark.group = f"{op} {mode}"
     benchmark.extra_info.update(
         op=op, backend=backend, mode=mode, dtype=str(DTYPE).removeprefix("torch."), device=DEVICE, shape=SHAPE,
-        rel_err=err, flops=fwd_flops * (FWD_BWD_FLOPS[op] if mode == "fwd_bwd" else 1.0),
+        rel_err=err, flops=flops(mode),
     )  # fmt: skip
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)

@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     env = common.Env.collect(args.device, args.dtype)
     report = common.Report("tune_attention", env, None, args)
     report.print_header()
+    # candidate configs over every shape and pass: the length of each progress bar below
+    n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
 
     static: dict = {}
     if args.interpret:
@@ -235,7 +237,6 @@ def main(argv=None) -> int:
         arch = args.arch
         if arch is None:
             arch = 90 if args.device != "cuda" else min(90, 10 * torch.cuda.get_device_capability()[0])
-        n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, f"compile sm_{arch}", args.no_progress)
         static = static_rows(arch, shapes, dtype, args.allow_tf32, bar)
         bar.close()
@@ -251,7 +252,6 @@ def main(argv=None) -> int:
     elif args.device != "cuda" and not args.interpret:
         report.skip("timing", "no CUDA device here (timing needs a GPU; --interpret exercises it on CPU)")
     else:
-        n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
         bar = common.progress(n, "time", args.no_progress)
         for shape in shapes:
             time_shape(shape, dtype, args, static, report, bar)

@@ -32,8 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-from vit_kernels import dispatch  # noqa: E402
-
 # name: (img, patch, dim, depth, heads, mlp_ratio, classes): the FLOP count's inputs, as in timm.
 MODELS = {
     "vit_tiny_patch16_224": (224, 16, 192, 12, 3, 4.0, 1000),
@@ -89,10 +87,8 @@ def global_skip_reason(provider: str, args) -> str | None:
     if provider.endswith("+compile") and not args.compile_on:
         return "torch.compile of a whole ViT takes minutes on this CPU (--compile yes to include it)"
     backend = provider.split("+")[0].partition(":")[2]
-    if backend == "triton" and args.device == "cpu" and not args.include_interpreter:
-        return common.TRITON_ON_CPU
     if backend in ("triton", "cuda"):
-        return dispatch.device_unavailable_reason(backend, torch.device(args.device))
+        return common.kernel_skip_reason(backend, args.device, args.include_interpreter)
     return None
 
 
