@@ -37,6 +37,16 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture
+def highest_precision():
+    """fp32 matmuls in true fp32 for the test (torch.set_float32_matmul_precision("highest")), the previous setting
+    restored afterwards: fp32 on the kernel backends uses tf32 unless asked not to; parity in fp32 means true fp32."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run the tests marked slow under the Triton interpreter too")
 
@@ -65,6 +75,21 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     floor = 1e-6 * max(ref.numel(), 1) ** 0.5
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
+
+
+def randn(*shape, dtype, device, scale=1.0, shift=None) -> torch.Tensor:
+    """torch.randn(*shape) * scale (+ shift), drawn on the CPU (the same numbers on every machine), then rounded to
+    dtype on `device`: the float64 reference sees exactly the values the kernel sees."""
+    t = torch.randn(*shape) * scale
+    if shift is not None:
+        t = t + shift
+    return t.to(device=device, dtype=dtype)
+
+
+def nan_alloc(*shape, like, dtype=None) -> torch.Tensor:
+    """A launcher's `_alloc(*shape, like, dtype=None)` that fills the buffer with NaN instead of leaving it empty:
+    monkeypatched in, it makes an element a kernel forgets to write (a tail row, a masked column) fail the test."""
+    return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
 
 def attention_reference(q, k, v, dout, scale):
@@ -149,13 +174,13 @@ def import_timm():
 
 
 @contextmanager
-def counting_fused_ops(monkeypatch):
-    """vk.fused_qkv / vk.attention / vk.gelu_mlp wrapped to count their calls (the patched forwards look them
-    up on the vit_kernels module at call time): with backend="torch" equal outputs cannot show that a patch is in
-    use, the counts can. Yields the counts dict, by op name."""
+def counting_fused_ops(monkeypatch, names=("fused_qkv", "attention", "gelu_mlp")):
+    """The vit_kernels ops `names` (default vk.fused_qkv / vk.attention / vk.gelu_mlp) wrapped to count their calls
+    (the patched forwards look them up on the vit_kernels module at call time): with backend="torch" equal outputs
+    cannot show that a patch is in use, the counts can. Yields the counts dict, by op name."""
     import vit_kernels as vk  # here, not at the top: TRITON_INTERPRET must be set before the kernels are defined
 
-    counts = dict(fused_qkv=0, attention=0, gelu_mlp=0)
+    counts = dict.fromkeys(names, 0)
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):

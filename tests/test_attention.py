@@ -16,7 +16,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import INTERPRETING, TOLERANCES, attention_reference, rel_error, tf32_model, tf32_tolerance
+from conftest import (
+    INTERPRETING,
+    TOLERANCES,
+    attention_reference,
+    nan_alloc,
+    randn,
+    rel_error,
+    tf32_model,
+    tf32_tolerance,
+)
 
 from vit_kernels import library, reference
 from vit_kernels.ops import attention as triton_attention
@@ -25,30 +34,21 @@ from vit_kernels.ops import attention as triton_attention
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate (out, lse, delta, dq, dk, dv) starts as NaN."""
-
-    def nan_alloc(*shape, like, dtype=None):
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-
     monkeypatch.setattr(triton_attention, "_alloc", nan_alloc)
-
-
-def _randn(*shape, dtype, device):
-    # Drawn on the CPU (the same numbers on every machine), then rounded to dtype on the test's device.
-    return torch.randn(*shape).to(device=device, dtype=dtype)
 
 
 def _qkv(B: int, H: int, N: int, D: int, dtype: torch.dtype, layout: str, device):
     """Random q, k, v (B, H, N, D) in dtype on device, in the given memory layout."""
     if layout == "contiguous":
-        return [_randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3)]
+        return [randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3)]
     if layout == "packed":  # timm's qkv: views of one (B, N, 3, H, D) tensor, read in place
-        return list(_randn(B, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0))
+        return list(randn(B, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0))
     if layout == "transposed":  # head dim not unit-stride: (B, H, D, N) memory
-        return [_randn(B, H, D, N, dtype=dtype, device=device).transpose(-2, -1) for _ in range(3)]
+        return [randn(B, H, D, N, dtype=dtype, device=device).transpose(-2, -1) for _ in range(3)]
     if layout == "mixed":  # three stride patterns at once: a kernel reading one operand with another's strides fails
-        q = _randn(B, H, N, D, dtype=dtype, device=device)
-        k = _randn(B, H, D, N, dtype=dtype, device=device).transpose(-2, -1)
-        v = _randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
+        q = randn(B, H, N, D, dtype=dtype, device=device)
+        k = randn(B, H, D, N, dtype=dtype, device=device).transpose(-2, -1)
+        v = randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
         return [q, k, v]
     raise ValueError(layout)
 
@@ -113,7 +113,7 @@ def _run_launchers(N, D, dtype, allow_tf32, layout, scale, device):
     B, H = (2, 2) if N <= 17 else (1, 2)
     scale = D**-0.5 if scale is None else scale
     q, k, v = _qkv(B, H, N, D, dtype, layout, device)
-    dout = _randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)  # gradient of a (B, N, H * D) input
+    dout = randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)  # gradient of a (B, N, H * D) input
 
     out, lse = triton_attention.attention_fwd(q, k, v, scale, allow_tf32)
     dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32)
@@ -180,13 +180,13 @@ AUTOGRAD_CASES = [
 def test_autograd_custom_op_matches_attention_reference(poisoned, device, N, D, dtype, layout):
     B, H, scale = 2, 2, D**-0.5
     if layout == "packed":
-        qkv = _randn(B, N, 3, H, D, dtype=dtype, device=device).requires_grad_(True)
+        qkv = randn(B, N, 3, H, D, dtype=dtype, device=device).requires_grad_(True)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         leaves = (qkv,)
     else:
         q, k, v = (t.requires_grad_(True) for t in _qkv(B, H, N, D, dtype, layout, device))
         leaves = (q, k, v)
-    dout = _randn(B, H, N, D, dtype=dtype, device=device)
+    dout = randn(B, H, N, D, dtype=dtype, device=device)
 
     out, lse = library.attention_fwd(q, k, v, scale, False, "triton")
     out.backward(dout)
@@ -211,7 +211,7 @@ def test_backward_is_deterministic(poisoned, device, dtype):
     dK / dV with atomics, or raced on a shared buffer, would differ in the last bits from run to run."""
     B, H, N, D = 32, 12, 197, 64
     q, k, v = _qkv(B, H, N, D, dtype, "packed", device)
-    dout = _randn(B, H, N, D, dtype=dtype, device=device)
+    dout = randn(B, H, N, D, dtype=dtype, device=device)
     out, lse = triton_attention.attention_fwd(q, k, v, 0.125, False)
     first = triton_attention.attention_bwd(dout, q, k, v, out, lse, 0.125, False)
     assert all(torch.isfinite(g).all() for g in first)
@@ -232,7 +232,7 @@ def test_large_logits_stay_finite(poisoned, device, dtype):
     q, k, v = _qkv(B, H, N, D, dtype, "contiguous", device)
     q = (q.float() * 16).to(dtype)
     k = (k.float() * 16).to(dtype)
-    dout = _randn(B, H, N, D, dtype=dtype, device=device)
+    dout = randn(B, H, N, D, dtype=dtype, device=device)
     out, lse = triton_attention.attention_fwd(q, k, v, 1.0, False)
     dq, dk, dv = triton_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
     ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, 1.0)
@@ -249,7 +249,7 @@ def test_large_logits_stay_finite(poisoned, device, dtype):
 def test_identical_keys_give_uniform_weights(poisoned, device, dtype):
     B, H, N, D = 1, 2, 45, 80
     q, k, v = _qkv(B, H, N, D, dtype, "packed", device)
-    k = _randn(B, H, 1, D, dtype=dtype, device=device).expand(B, H, N, D)  # stride 0 along tokens
+    k = randn(B, H, 1, D, dtype=dtype, device=device).expand(B, H, N, D)  # stride 0 along tokens
     scale = D**-0.5
     out, lse = triton_attention.attention_fwd(q, k, v, scale, False)
     mean = v.double().mean(dim=2, keepdim=True).expand(B, H, N, D)
@@ -266,7 +266,7 @@ def test_very_negative_lse_backward_has_no_overflow(poisoned, device):
     u = torch.nn.functional.normalize(torch.randn(B, H, 1, D, dtype=torch.float64), dim=-1) * 12
     q = (-u + 0.01 * torch.randn(B, H, N, D, dtype=torch.float64)).to(device=device, dtype=F32)
     k = (u + 0.01 * torch.randn(B, H, N, D, dtype=torch.float64)).to(device=device, dtype=F32)
-    v, dout = _randn(B, H, N, D, dtype=F32, device=device), _randn(B, H, N, D, dtype=F32, device=device)
+    v, dout = randn(B, H, N, D, dtype=F32, device=device), randn(B, H, N, D, dtype=F32, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out, lse = triton_attention.attention_fwd(q, k, v, 1.0, False)

@@ -93,6 +93,22 @@ def test_mlp_bench_cpu(tmp_path):
         assert re.search(rf"^- skipped {provider} \(.+\): \S", out, re.M), f"no skip reason for {provider}:\n{out}"
 
 
+def test_block_bench_cpu(tmp_path):
+    """benchmarks/block_bench.py runs on CPU: eager rows checked against the reference, predicted bytes printed,
+    the Triton providers skipped with their reason (the interpreter is far too slow to time)."""
+    out = run_script(
+        "block_bench.py", "--device", "cpu", "--shapes", "1,17,64,128,2", "--rep-ms", "5", "--no-progress",
+        "--threads", "1", "--providers", "eager,unfused,fused", "--out-dir", str(tmp_path), timeout=300,
+    )  # fmt: skip
+    rows = table_rows(out)
+    assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "fwd"), ("eager", "fwd_bwd")]
+    assert all(float(r["rel err"]) < 1e-5 and float(r["ms (median)"]) > 0 for r in rows)
+    assert float(rows[0]["pred fwd GB"]) > 0
+    for provider in ("unfused", "fused"):
+        assert f"- skipped {provider} (all cells): on CPU tensors Triton runs only under its interpreter" in out
+    assert list(tmp_path.glob("block_bench-*.json"))
+
+
 STUB_VIT = '''
 """Stand-in for the vit package (benchmark plumbing only): the factory signature, a few real ops."""
 import torch

@@ -10,21 +10,29 @@ their spread, non-contiguous inputs, every launcher buffer NaN-poisoned. The las
 for sm_80 / sm_90 without a GPU.
 """
 
-import os
-import subprocess
-import sys
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, SMEM_LIMIT, TOLERANCES, compile_report_rows, ptxas_available, rel_error
+from conftest import (
+    DEVICE,
+    SMEM_LIMIT,
+    TOLERANCES,
+    compile_report_rows,
+    import_timm,
+    nan_alloc,
+    ptxas_available,
+    randn,
+    rel_error,
+)
 
 import vit_kernels.block as vkb
 from vit_kernels import reference
 from vit_kernels.ops import block, linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_, TIMM_MISSING = import_timm()
 
 # (B, N, C, H, eps, rows): "shifted" rows have mean +-100 and std 1 (the case E[x^2] - E[x]^2 cancels on).
 CASES = [
@@ -37,19 +45,11 @@ CASES = [
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate (this file's and linear.py's, which backward reuses) starts as NaN."""
-
-    def nan_alloc(*shape, like, dtype=None):
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-
     monkeypatch.setattr(block, "_alloc", nan_alloc)
     monkeypatch.setattr(linear, "_alloc", lambda *shape, like: nan_alloc(*shape, like=like))
 
 
-def _randn(*shape, dtype, scale=1.0, shift=None):
-    t = torch.randn(*shape) * scale
-    if shift is not None:
-        t = t + shift
-    return t.to(device=DEVICE, dtype=dtype)  # rounded first: the float64 reference sees the kernel's values
+_randn = functools.partial(randn, device=DEVICE)  # every input on the Triton tests' device
 
 
 def _x(B, N, C, dtype, rows):
@@ -323,28 +323,6 @@ def test_vit_block_with_drop_path_in_training_stays_unfused(monkeypatch):
     assert seen == ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"] * 2
 
 
-def test_block_bench_cpu(tmp_path):
-    """benchmarks/block_bench.py runs on CPU: eager rows checked against the reference, predicted bytes printed,
-    the Triton providers skipped with their reason (the interpreter is far too slow to time)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--device", "cpu", "--shapes", "1,17,64,128,2", "--rep-ms", "5", "--no-progress", "--threads", "1"]
-    args += ["--providers", "eager,unfused,fused", "--out-dir", str(tmp_path)]
-    res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "block_bench.py"), *args],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
-    assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "fwd"), ("eager", "fwd_bwd")]
-    assert all(float(r["rel err"]) < 1e-5 and float(r["ms (median)"]) > 0 for r in rows)
-    assert float(rows[0]["pred fwd GB"]) > 0
-    for provider in ("unfused", "fused"):
-        assert f"- skipped {provider} (all cells): on CPU tensors Triton runs only under its interpreter" in res.stdout
-    assert list(tmp_path.glob("block_bench-*.json"))
-
-
 @pytest.mark.parametrize("grad", [False, True])
 def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, grad):
     """Under no_grad fc1 stores GELU(hidden) only: one (M, hidden) buffer instead of two, and the result is the same."""
@@ -353,7 +331,7 @@ def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, gr
 
     def recording_alloc(*shape, like, dtype=None):
         shapes.append(shape)
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+        return nan_alloc(*shape, like=like, dtype=dtype)
 
     monkeypatch.setattr(block, "_alloc", recording_alloc)
     x = _x(B, N, C, F32, "plain").requires_grad_(grad)
@@ -395,16 +373,8 @@ def test_torch_compile_sees_one_node_per_op_no_graph_break():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def _timm_missing() -> str | None:
-    try:
-        import timm  # noqa: F401
-    except Exception as exc:  # not installed, or a torchvision that does not import beside this torch
-        return f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
-    return None
-
-
-@pytest.mark.skipif(_timm_missing() is not None, reason=str(_timm_missing()))
-def test_vit_on_the_fused_path_matches_timm(highest_precision_fp32):
+@pytest.mark.skipif(TIMM_MISSING is not None, reason=str(TIMM_MISSING))
+def test_vit_on_the_fused_path_matches_timm(highest_precision):
     """A timm checkpoint in our ViT on backend="triton" (every block fused): timm's logits and gradients."""
     from timm.models.vision_transformer import VisionTransformer
 
@@ -429,11 +399,3 @@ def test_vit_on_the_fused_path_matches_timm(highest_precision_fp32):
     assert rel_error(logits, ref_logits) < 1e-5
     for name, ref in ref_grads.items():
         assert rel_error(grads[name], ref) < 1e-5, name
-
-
-@pytest.fixture
-def highest_precision_fp32():
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)

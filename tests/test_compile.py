@@ -9,18 +9,17 @@ Each test runs this machine's device and skips a backend that cannot run here, w
 
 import pytest
 import torch
-from conftest import rel_error
+from conftest import DEVICE, rel_error
 
 import vit
 import vit_kernels as vk
 from vit_kernels import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_BACKENDS = ("triton", "cuda")
 
 
-def _skip_unless_runs(backend: str, device: str = DEVICE) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
+def _skip_unless_runs(backend: str, device: torch.device | str = DEVICE) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     why = dispatch.device_unavailable_reason(backend, torch.device(device))
     if why:
@@ -53,13 +52,10 @@ def _assert_close(got, expected, tol):
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
+def _exact_fp32(highest_precision):
     # Eager and compiled must run the same kernels; exact fp32 keeps tf32 rounding out of the comparison.
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
     torch._dynamo.reset()
     yield
-    torch.set_float32_matmul_precision(previous)
     torch._dynamo.reset()
 
 
@@ -101,7 +97,7 @@ def test_fullgraph_under_autocast(backend):
     params = _params(DEVICE)
 
     def run(*p):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return _block(*p, backend=backend)
 
     eager = _outputs_and_grads(run, params)

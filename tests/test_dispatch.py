@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_kernels as vk
 from vit_kernels import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_BACKENDS = ("triton", "cuda")
 
 
-def _skip_unless_runs(backend: str, device: str = DEVICE) -> None:
+def _skip_unless_runs(backend: str, device: torch.device | str = DEVICE) -> None:
     why = dispatch.device_unavailable_reason(backend, torch.device(device))
     if why:
         pytest.skip(f"{backend} cannot run on {device} here: {why}")
@@ -324,20 +324,16 @@ def test_auto_linear_ops_use_channel_and_token_buckets(fake_cuda, monkeypatch):
     assert vk.explain_backend("fused_qkv", x, w, b, 12).backend == "torch"  # measured: torch won
 
 
-def test_auto_fp32_is_keyed_by_the_matmul_precision(fake_cuda, monkeypatch):
+def test_auto_fp32_is_keyed_by_the_matmul_precision(fake_cuda, monkeypatch, highest_precision):
     _skip_unless_runs("triton", "cuda:0")
     monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "tf32", 64, 256, "triton")))
     q = _cuda(2, 3, 197, 64, dtype=torch.float32)
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")  # exact fp32: the tf32 measurement does not apply
-        assert vk.explain_backend("attention", q, q, q).reason.startswith(
-            "no committed GPU measurement for sm_90 attention fp32"
-        )
-        torch.set_float32_matmul_precision("high")
-        assert vk.explain_backend("attention", q, q, q).backend == "triton"
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    # "highest" (the fixture's; restored after the test): exact fp32, the tf32 measurement does not apply
+    assert vk.explain_backend("attention", q, q, q).reason.startswith(
+        "no committed GPU measurement for sm_90 attention fp32"
+    )
+    torch.set_float32_matmul_precision("high")
+    assert vk.explain_backend("attention", q, q, q).backend == "triton"
 
 
 def test_auto_measured_backend_that_cannot_run_these_inputs_is_torch(fake_cuda, monkeypatch):

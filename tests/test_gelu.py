@@ -14,6 +14,7 @@ derivative, for both forms (erf and tanh).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import nan_alloc
 
 from vit_kernels.ops import linear
 
@@ -55,7 +56,7 @@ def _check_elementwise(name: str, got: torch.Tensor, ref: torch.Tensor, h: torch
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_epilogues_match_float64(device, pre_activations, approximate, monkeypatch):
-    monkeypatch.setattr(linear, "_alloc", lambda *shape, like: torch.full(shape, float("nan"), device=like.device))
+    monkeypatch.setattr(linear, "_alloc", lambda *shape, like: nan_alloc(*shape, like=like))
     h = pre_activations
     eye = torch.eye(64, device=device)
     value_ref, derivative_ref = _gelu64(h, approximate)

@@ -9,7 +9,7 @@ interpreter (no GPU) the shapes are small; the last test compiles the shipped GP
 
 import pytest
 import torch
-from conftest import TOLERANCES, rel_error, tf32_model, tf32_tolerance
+from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_model, tf32_tolerance
 
 from vit_kernels import library, reference
 from vit_kernels.ops import linear
@@ -20,23 +20,14 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: a skipped tile, row or column cannot pass."""
-
-    def nan_alloc(*shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-
-    monkeypatch.setattr(linear, "_alloc", nan_alloc)
+    # linear's _alloc takes no dtype: the lambda keeps its signature, so a call that passed one would fail here too
+    monkeypatch.setattr(linear, "_alloc", lambda *shape, like: nan_alloc(*shape, like=like))
 
 
 def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element of a poisoned buffer?)"
     err = rel_error(out, ref)
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
-
-
-def _randn(*shape, dtype, device, scale=1.0):
-    # Drawn on the CPU (the same numbers on every machine), then rounded to dtype: the float64 reference sees
-    # exactly the values the kernel sees.
-    return (torch.randn(*shape) * scale).to(device=device, dtype=dtype)
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -57,13 +48,13 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def _grads(B, N, H, D, dtype, layout, device):
     """dq, dk, dv (B, H, N, D) as the views attention's backward might hand over."""
     if layout == "packed":  # views of one (B, N, 3, H, D) gradient: stride 3C along tokens
-        return _randn(B, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+        return randn(B, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
     if layout == "contiguous":
-        return tuple(_randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3))
+        return tuple(randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3))
     if layout == "mixed":  # three different stride patterns at once
-        dq = _randn(B, H, D, N, dtype=dtype, device=device).transpose(2, 3)
-        dk = _randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
-        dv = _randn(B, H, N, D, dtype=dtype, device=device)
+        dq = randn(B, H, D, N, dtype=dtype, device=device).transpose(2, 3)
+        dk = randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
+        dv = randn(B, H, N, D, dtype=dtype, device=device)
         return dq, dk, dv
     raise ValueError(layout)
 
@@ -111,9 +102,9 @@ QKV_SHAPES = [(2, 17, 72, 3), (3, 1, 24, 2), (1, 197, 40, 5)]  # (B, N, C, H): M
 
 def _run_qkv(B, N, C, H, dtype, has_bias, allow_tf32, x_layout, grad_layout, device):
     D = C // H
-    x = _layout(_randn(B, N, C, dtype=dtype, device=device), x_layout)
-    weight = _randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
-    bias = _randn(3 * C, dtype=dtype, device=device) if has_bias else None
+    x = _layout(randn(B, N, C, dtype=dtype, device=device), x_layout)
+    weight = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
+    bias = randn(3 * C, dtype=dtype, device=device) if has_bias else None
     grads = _grads(B, N, H, D, dtype, grad_layout, device)
 
     q, k, v = linear.qkv_fwd(x, weight, bias, H, allow_tf32)
@@ -166,9 +157,9 @@ def test_qkv_bwd_reads_gradients_in_place(monkeypatch, device):
         return original(a, b, c, *args, **kwargs)
 
     monkeypatch.setattr(linear, "_kernel_args", spy)
-    x = _layout(_randn(B, N, C, dtype=F32, device=device), "transposed")
+    x = _layout(randn(B, N, C, dtype=F32, device=device), "transposed")
     grads = _grads(B, N, H, C // H, F32, "packed", device)
-    linear.qkv_bwd(*grads, x, _randn(3 * C, C, dtype=F32, device=device), True, False)
+    linear.qkv_bwd(*grads, x, randn(3 * C, C, dtype=F32, device=device), True, False)
     assert len(seen) == 2
     for _a, _b, dqkv in seen:
         assert [t.data_ptr() for t in dqkv] == [g.data_ptr() for g in grads]
@@ -183,12 +174,12 @@ MLP_SHAPES = [(34, 72, 96, 72), (1, 16, 64, 24), (197, 40, 160, 40)]  # (M, C, H
 
 
 def _run_mlp(M, C, Hd, C_out, dtype, biases, approximate, allow_tf32, x_layout, device, dy_layout="contiguous"):
-    x = _layout(_randn(M, C, dtype=dtype, device=device), x_layout)
-    w1 = _randn(Hd, C, dtype=dtype, device=device, scale=C**-0.5)
-    w2 = _randn(C_out, Hd, dtype=dtype, device=device, scale=Hd**-0.5)
-    b1 = _randn(Hd, dtype=dtype, device=device) if biases in ("both", "fc1") else None
-    b2 = _randn(C_out, dtype=dtype, device=device) if biases in ("both", "fc2") else None
-    dy = _layout(_randn(M, C_out, dtype=dtype, device=device), dy_layout)
+    x = _layout(randn(M, C, dtype=dtype, device=device), x_layout)
+    w1 = randn(Hd, C, dtype=dtype, device=device, scale=C**-0.5)
+    w2 = randn(C_out, Hd, dtype=dtype, device=device, scale=Hd**-0.5)
+    b1 = randn(Hd, dtype=dtype, device=device) if biases in ("both", "fc1") else None
+    b2 = randn(C_out, dtype=dtype, device=device) if biases in ("both", "fc2") else None
+    dy = _layout(randn(M, C_out, dtype=dtype, device=device), dy_layout)
 
     y, hidden = linear.mlp_fwd(x, w1, b1, w2, b2, approximate, allow_tf32)
     grads = linear.mlp_bwd(dy, x, w1, w2, hidden, b1 is not None, b2 is not None, approximate, allow_tf32)
@@ -233,10 +224,10 @@ def test_mlp_tf32(device, approximate):
 def test_gelu_saturates_without_nan(device):
     """Pre-activations far out in both tails (tanh's exp(2u) overflows to inf there): finite, and still exact."""
     M, C, Hd = 5, 16, 32
-    x = _randn(M, C, dtype=F32, device=device) * 30.0
-    w1 = _randn(Hd, C, dtype=F32, device=device)
-    w2 = _randn(C, Hd, dtype=F32, device=device, scale=Hd**-0.5)
-    dy = _randn(M, C, dtype=F32, device=device)
+    x = randn(M, C, dtype=F32, device=device) * 30.0
+    w1 = randn(Hd, C, dtype=F32, device=device)
+    w2 = randn(C, Hd, dtype=F32, device=device, scale=Hd**-0.5)
+    dy = randn(M, C, dtype=F32, device=device)
     for approximate in ("none", "tanh"):
         y, hidden = linear.mlp_fwd(x, w1, None, w2, None, approximate, False)
         assert hidden.abs().max() > 100
@@ -254,9 +245,9 @@ def test_gelu_saturates_without_nan(device):
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_qkv_autograd(device, dtype, has_bias):
     B, N, C, H = 2, 17, 72, 3
-    x = _layout(_randn(B, N, C, dtype=dtype, device=device), "sliced").requires_grad_(True)
-    weight = _randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5).requires_grad_(True)
-    bias = _randn(3 * C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
+    x = _layout(randn(B, N, C, dtype=dtype, device=device), "sliced").requires_grad_(True)
+    weight = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5).requires_grad_(True)
+    bias = randn(3 * C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     grads = _grads(B, N, H, C // H, dtype, "packed", device)
     q, k, v = library.qkv_fwd(x, weight, bias, H, False, "triton")
     torch.autograd.backward((q, k, v), grads)
@@ -274,12 +265,12 @@ def test_qkv_autograd(device, dtype, has_bias):
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_mlp_autograd(device, dtype, approximate, has_bias):
     M, C, Hd = 34, 72, 96
-    x = _layout(_randn(M, C, dtype=dtype, device=device), "sliced").requires_grad_(True)
-    w1 = _randn(Hd, C, dtype=dtype, device=device, scale=C**-0.5).requires_grad_(True)
-    w2 = _randn(C, Hd, dtype=dtype, device=device, scale=Hd**-0.5).requires_grad_(True)
-    b1 = _randn(Hd, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
-    b2 = _randn(C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
-    dy = _randn(M, C, dtype=dtype, device=device)
+    x = _layout(randn(M, C, dtype=dtype, device=device), "sliced").requires_grad_(True)
+    w1 = randn(Hd, C, dtype=dtype, device=device, scale=C**-0.5).requires_grad_(True)
+    w2 = randn(C, Hd, dtype=dtype, device=device, scale=Hd**-0.5).requires_grad_(True)
+    b1 = randn(Hd, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
+    b2 = randn(C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
+    dy = randn(M, C, dtype=dtype, device=device)
     y, _hidden = library.mlp_fwd(x, w1, b1, w2, b2, approximate, False, "triton")
     y.backward(dy)
     y_ref, grads_ref = _mlp_reference(x, w1, b1, w2, b2, approximate, dy)

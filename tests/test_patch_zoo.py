@@ -13,7 +13,6 @@ the same SDPA and GEMMs); backend="triton" on the test device (the Triton interp
 five costliest models under the interpreter (pit, twins, swin, crossvit, tnt) marked slow.
 """
 
-import contextlib
 import copy
 import functools
 import types
@@ -331,24 +330,8 @@ def check_outcome(summary, outcome, patched_model):
 
 
 BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
-
-
-@contextlib.contextmanager
-def counting_block_ops(monkeypatch):
-    """vk's whole-block ops wrapped to count their calls, as conftest's counting_fused_ops does for the others."""
-    counts = dict.fromkeys(BLOCK_OPS, 0)
-
-    def counted(op, fn):
-        def wrapper(*args, **kwargs):
-            counts[op] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for op in BLOCK_OPS:
-            m.setattr(vk, op, counted(op, getattr(vk, op)))
-        yield counts
+# vk's whole-block ops wrapped to count their calls, as counting_fused_ops does for the others
+counting_block_ops = functools.partial(counting_fused_ops, names=BLOCK_OPS)
 
 
 def run_patched(patch, model, x, backend, outcome, monkeypatch, call):
@@ -368,15 +351,6 @@ def run_patched(patch, model, x, backend, outcome, monkeypatch, call):
     )
     assert rel_error(out, ref) <= TOLERANCES[torch.float32], f"patched output changed by {rel_error(out, ref):.2e}"
     return summary, patched
-
-
-@pytest.fixture
-def exact_fp32():
-    """fp32 without tf32 for the kernel backends on a GPU (a no-op on CPU), restored afterwards."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 def timm_call(model, x):
@@ -419,7 +393,7 @@ TIMM_TRITON = [pytest.param(e, marks=[pytest.mark.slow] if e[5] == "slow" else [
 @needs_timm
 @needs_triton
 @pytest.mark.parametrize("entry", TIMM_TRITON)
-def test_timm_zoo_triton_backend(entry, monkeypatch, exact_fp32):
+def test_timm_zoo_triton_backend(entry, monkeypatch, highest_precision):
     """The same models on the Triton kernels: what the kernels cannot run (head dim, channel multiples) is
     skipped with a reason naming the backend, the rest patched as with torch, outputs within fp32 tolerance."""
     _, _, _, img, outcome, _ = entry
@@ -435,7 +409,7 @@ def test_timm_zoo_triton_backend(entry, monkeypatch, exact_fp32):
 
 @needs_timm
 @needs_triton
-def test_timm_block_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, exact_fp32):
+def test_timm_block_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, highest_precision):
     """A timm ViT patched on triton: in eval its blocks run whole-block fused, with the original's outputs and
     parameter gradients; in training with drop-path, and with an attention mask, they run the original forward
     (on the patched attention and MLP). LayerScale blocks are not fused whole, and say why."""
@@ -495,7 +469,7 @@ def test_hf_zoo_torch_backend(entry, monkeypatch):
 @pytest.mark.parametrize(
     "entry", [e for e in HF_ZOO if e[0] in ("vit", "beit", "dinov2_registers")], ids=lambda e: e[0]
 )
-def test_hf_zoo_triton_backend(entry, monkeypatch, exact_fp32):
+def test_hf_zoo_triton_backend(entry, monkeypatch, highest_precision):
     model, x = hf_model(entry).to(DEVICE), torch.randn(1, 3, 32, 32, device=DEVICE)
     summary, patched = run_patched(vit.patch_hf, model, x, "triton", entry[4], monkeypatch, hf_call)
     check_outcome(summary, entry[4], patched)
@@ -503,7 +477,7 @@ def test_hf_zoo_triton_backend(entry, monkeypatch, exact_fp32):
 
 @needs_transformers
 @needs_triton
-def test_hf_vit_layer_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, exact_fp32):
+def test_hf_vit_layer_runs_whole_fused_with_the_same_gradients_and_falls_back(monkeypatch, highest_precision):
     """HF's ViTLayer patched on triton: in eval it runs whole-block fused with the original's outputs and parameter
     gradients; with hidden dropout active (training) or an attention mask it runs its own forward."""
     torch.manual_seed(0)

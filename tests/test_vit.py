@@ -88,15 +88,6 @@ def errors(model, x):
     return out
 
 
-@pytest.fixture
-def highest_precision():
-    # fp32 on the kernel backends uses tf32 unless asked not to; parity in fp32 means true fp32.
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
-
-
 # ----------------------------------------------------------------------------------------------------
 # layout
 # ----------------------------------------------------------------------------------------------------
