@@ -7,7 +7,7 @@ memory and tensor-core instructions, for sm_80 and sm_90a.
 CUDA C++: every kernel in the built extension vit_kernels/_C*.so, read with `cuobjdump
 --dump-resource-usage` (REG, STACK, SHARED, LOCAL per function per arch) and `cuobjdump -sass`
 (HMMA / HGMMA tensor-core instructions, LDL / STL local-memory accesses).
-Triton: `compile_report(arch)` of vit_kernels.ops.attention and vit_kernels.ops.linear, which compile
+Triton: `compile_report(arch)` of vit_kernels.ops.attention, .linear and .block, which compile
 every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET (interpreted
 kernels cannot be compiled).
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = {"sm_80": 80, "sm_90a": 90}
-TRITON_MODULES = ("vit_kernels.ops.attention", "vit_kernels.ops.linear")
+TRITON_MODULES = ("vit_kernels.ops.attention", "vit_kernels.ops.linear", "vit_kernels.ops.block")
 TRITON_TIMEOUT_S = 300  # cold cache: fp32 compiles twice (ieee and tf32)
 
 

@@ -257,12 +257,19 @@ NO_DOT = {"ln_stats", "ln_apply", "ln_bwd"}
 def test_block_kernels_compile_without_spills_on_tensor_cores(arch):
     rows = compile_report_rows(REPORT, arch)
     assert {row["kernel"] for row in rows} == KERNELS
+    # fp32 once per dot precision (exact "ieee", PyTorch's default, and "tf32"), as tests/test_static_kernels.py
+    for variant in (("fp16", None), ("fp32", "ieee"), ("fp32", "tf32")):
+        assert {row["kernel"] for row in rows if (row["dtype"], row["precision"]) == variant} == KERNELS, variant
     for row in rows:
         what = f"{row} on sm_{arch}"
         assert row["n_spills"] == 0, f"{what}: {row['n_spills']} bytes of register spills"
         assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
         assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
-        if row["kernel"] not in NO_DOT:
+        if row["kernel"] in NO_DOT:
+            continue
+        if row["precision"] == "ieee":  # exact fp32 dots are FMA loops: a tensor-core instruction would be tf32
+            assert not (row["wgmma"] or row["mma"]), f"{what}: tensor-core instruction in an ieee kernel"
+        else:
             assert row["wgmma"] if arch == 90 else row["mma"], f"{what}: no tensor-core instruction in the PTX"
 
 

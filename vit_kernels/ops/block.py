@@ -320,6 +320,11 @@ def _gemm_args(
     C (M, N) = epilogue(prologue(a) (M, K) @ weight (N, K)^T). ln = (mean, rstd, ln_weight, ln_bias)."""
     dtype = a.dtype
     block_m, block_n, block_k, group_m, num_warps, num_stages = linear._config(M, N, dtype, allow_tf32, arch, epilogue)
+    if ln is not None and arch and linear._input_precision(dtype, allow_tf32) == "ieee":
+        # Exact fp32 with the LN prologue: linear.py's 64 x 64 ieee tile on 8 warps spilled 16 bytes on sm_80
+        # (Triton 3.8, 3.9; capped at 80 registers); 32 x 64 on 4 warps holds 96 with 0 spills on sm_80 and sm_90,
+        # Triton 3.6 / 3.8 / 3.9 (static step only: not timed on a GPU).
+        block_m, num_warps = 32, 4
     mean, rstd, ln_w, ln_b = ln if ln is not None else (c, c, c, c)
     res_rows = _rows(residual) if residual is not None else (1, 0, 0, 0)
     c_strides = c.stride() if c.dim() == 2 else (0, 0)
@@ -498,7 +503,9 @@ def ln_mlp_bwd(
 # ----------------------------------------------------------------------------------------------------
 # static check: compile the shipped configs for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------
-def _block_kernels(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype, arch: int):
+def _block_kernels(
+    B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype, arch: int, allow_tf32: bool = True
+):
     """(name, kernel, args, kwargs) of every launch this file adds to a ViT block, on meta tensors laid out as
     the launchers lay them out."""
     D, M, Hd = C // H, B * N, mlp_ratio * C
@@ -518,7 +525,7 @@ def _block_kernels(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
     ]  # fmt: skip
     rows = []
     for name, (a, w, c, M_, N_, K_), extra in gemms:
-        args, kwargs, _grid = _gemm_args(a, w, c, M_, N_, K_, True, arch, **extra)
+        args, kwargs, _grid = _gemm_args(a, w, c, M_, N_, K_, allow_tf32, arch, **extra)
         rows.append((name, _block_gemm_kernel, args, kwargs))
     block_r, block_c, num_warps = _row_block(C)
     f32 = t(M, dt=torch.float32)
@@ -539,19 +546,28 @@ REPORT_SHAPES = ((64, 197, 768, 12),)
 
 
 def compile_report(
-    arch: int, shapes=REPORT_SHAPES, dtypes=(torch.float16, torch.bfloat16, torch.float32), kernels=None
+    arch: int,
+    shapes=REPORT_SHAPES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    kernels=None,
+    fp32_precisions=static_check.FP32_PRECISIONS,
 ) -> list[dict]:
     """Compile every kernel launch this file adds to a ViT block, with the shipped config, for sm_<arch>; no GPU
-    needed, but not under TRITON_INTERPRET. One dict per launch: kernel, dtype, config, n_regs, n_spills, shared,
-    wgmma, mma (see linear.compile_report); kernels: names to keep (all when None). fp32 is compiled with
-    allow_tf32."""
-    rows = []
+    needed, but not under TRITON_INTERPRET. One dict per launch: kernel, dtype, precision ("ieee" / "tf32" for
+    fp32, None for 16-bit), config, n_regs, n_spills, shared, wgmma, mma (see linear.compile_report); kernels:
+    names to keep (all when None); fp32 is compiled once per precision in `fp32_precisions`, as linear.py's.
+    Identical compilations (the row kernels, which have no dot) are done once."""
+    rows, cache = [], {}
     for B, N, C, H in shapes:
-        for dtype in dtypes:
-            for name, kernel, args, kwargs in _block_kernels(B, N, C, H, 4, dtype, arch):
+        for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
+            precision = linear._input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
+            for name, kernel, args, kwargs in _block_kernels(B, N, C, H, 4, dtype, arch, allow_tf32):
                 if kernels is not None and name not in kernels:
                     continue
+                key = (name, tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args), tuple(kwargs.items()))
+                if key not in cache:
+                    cache[key] = static_check.compile_launch(kernel, args, kwargs, arch)
                 config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}
-                rows.append({"kernel": name, "dtype": static_check.TL_DTYPES[dtype], "config": config,
-                             **static_check.compile_launch(kernel, args, kwargs, arch)})  # fmt: skip
+                rows.append({"kernel": name, "dtype": static_check.TL_DTYPES[dtype], "precision": precision,
+                             "config": config, **cache[key]})  # fmt: skip
     return rows
