@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -91,6 +92,13 @@ def test_mlp_bench_cpu(tmp_path):
     assert any(r["provider"] == "views" for r in rows) and any(r["provider"] == "reference" for r in rows)
     for provider in ("triton", "cuda", "compile"):
         assert re.search(rf"^- skipped {provider} \(.+\): \S", out, re.M), f"no skip reason for {provider}:\n{out}"
+
+
+def test_env_records_what_auto_table_reads():
+    """auto_table keys results by the GPU's arch and fp32's matmul precision: every result's env carries both."""
+    env = common.Env.collect("cpu", "fp32")
+    assert env.capability is None  # CPU results are skipped by auto_table
+    assert env.float32_matmul_precision == torch.get_float32_matmul_precision()
 
 
 def test_block_bench_cpu(tmp_path):

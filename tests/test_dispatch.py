@@ -505,6 +505,17 @@ def test_auto_table_needs_an_arch_it_can_tell(auto_table, tmp_path):
     assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
 
 
+def test_auto_table_takes_the_arch_from_the_capability_the_benchmarks_record(auto_table, tmp_path):
+    """common.Env writes capability "sm_XY" into every result's env: it names the arch even where the GPU's name
+    is unknown."""
+    path = _results(tmp_path / "gpu.json", "cuda", _attn_rows(197, 64, "fwd", {"sdpa_flash": 1.0, "triton": 0.5}))
+    data = json.loads(path.read_text())
+    data["env"].update(device_name="Some Future GPU", capability="sm_100")
+    path.write_text(json.dumps(data))
+    auto_table.main([str(path), "--out", str(tmp_path / "t.json")])
+    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the whole-block fused ops (vit_kernels/block.py) and the ViT block on auto: the same table
 # ----------------------------------------------------------------------------------------------------
