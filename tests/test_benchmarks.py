@@ -162,9 +162,8 @@ def test_vit_bench_cpu_plumbing(tmp_path):
 
 def test_vit_bench_cpu_real_package(tmp_path):
     """With this repository's own vit package (skipped with its reason while it is missing)."""
-    res = subprocess.run(
-        [sys.executable, "-c", "import vit; vit.vit_tiny_patch16_224"], capture_output=True, text=True, cwd=ROOT
-    )
+    probe = [sys.executable, "-c", "import vit; vit.vit_tiny_patch16_224"]
+    res = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, timeout=120)
     out = run_script(
         "vit_bench.py", "--device", "cpu", "--batch", "1", "--rep-ms", "10", "--no-progress", "--mode", "infer",
         "--providers", "vit:torch,vit:triton,vit:cuda,timm", "--out-dir", str(tmp_path),

@@ -345,12 +345,32 @@ def test_deepcopy_and_drop_path_train_mode():
 # ----------------------------------------------------------------------------------------------------
 # DistributedDataParallel, 2 CPU processes over gloo
 # ----------------------------------------------------------------------------------------------------
+# It takes seconds. A CI run once hung here until CI's 90-minute limit, with nothing printed to say where; so every
+# wait is bounded: gloo on the loopback interface (not whatever the host name resolves to), a store / collective
+# timeout, each rank dumps its stack and exits when stuck, and the test kills the ranks at a deadline.
+DDP_DEADLINE_S = 240
+DDP_RANK_STUCK_S = 150
+
+
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import datetime
+    import faulthandler
+    import socket
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    faulthandler.dump_traceback_later(DDP_RANK_STUCK_S, exit=True)  # a stuck rank prints where, then exits 1
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
         model = DDP(vit.VisionTransformer(backend="auto", **TINY))
@@ -366,12 +386,21 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 def test_ddp_two_processes_gloo(tmp_path):
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + DDP_DEADLINE_S
+    while not ranks.join(timeout=2):  # raises as soon as a rank fails
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks were still running after {DDP_DEADLINE_S} s and were killed")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["grads"].abs().sum() > 0
     torch.testing.assert_close(r0["grads"], r1["grads"], atol=0, rtol=0)  # all-reduced: identical
