@@ -48,13 +48,16 @@ def fuses_block(backend: str, x: torch.Tensor) -> bool:
         return backend == "triton"
     if x.device.type != "cuda" or x.dim() != 3 or x.dtype not in dispatch.DTYPES:
         return False
-    if dispatch.device_unavailable_reason("triton", x.device) is not None:
-        return False
     sizes = (x.dtype, x.shape[-1], x.shape[0] * x.shape[1])
+    # dispatch's own rule, so this says yes where each op's auto would pick triton. Channel sizes are left to each
+    # op (x does not give the MLP width): where triton cannot take them, that op's auto runs torch.
     return all(
-        dispatch._TABLE.get(dispatch._table_key(x.device, op, *sizes), {}).get("backend") == "triton"
-        for op in dispatch.BLOCK_OPS
+        dispatch._select("auto", x.device, op, sizes, _no_objection).backend == "triton" for op in dispatch.BLOCK_OPS
     )
+
+
+def _no_objection(backend: str) -> None:
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
