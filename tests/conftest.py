@@ -173,6 +173,18 @@ def import_timm():
         return None, f"needs timm and torchvision (the timm CI environment): {type(exc).__name__}: {exc}"
 
 
+def skip_unless_runs(backend: str, device: torch.device | str = DEVICE) -> None:
+    """Skip, with the reason, where `backend` cannot run on `device` here (a CUDA device needs a real one)."""
+    from vit_kernels import dispatch  # here, not at the top: TRITON_INTERPRET must be set first
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    why = dispatch.device_unavailable_reason(backend, device)
+    if why:
+        pytest.skip(f"{backend} cannot run on {device} here: {why}")
+
+
 @contextmanager
 def counting_fused_ops(monkeypatch, names=("fused_qkv", "attention", "gelu_mlp")):
     """The vit_kernels ops `names` (default vk.fused_qkv / vk.attention / vk.gelu_mlp) wrapped to count their calls

@@ -9,7 +9,7 @@ on CPU (Triton under the interpreter) and on CUDA, each skipping with its reason
 
 import pytest
 import torch
-from conftest import TOLERANCES, rel_error
+from conftest import TOLERANCES, rel_error, skip_unless_runs
 
 import vit
 import vit_kernels as vk
@@ -17,14 +17,6 @@ from vit_kernels import dispatch, reference
 
 DEVICES = ("cpu", "cuda")
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _skip_unless_runs(backend: str, device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    why = dispatch.device_unavailable_reason(backend, torch.device(device))
-    if why:
-        pytest.skip(f"{backend} cannot run on {device} here: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,7 +88,7 @@ def _block_params(device, C=64, hidden=128):
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_launches_see_the_autocast_dtype(device, dtype, triton_launches):
-    _skip_unless_runs("triton", device)
+    skip_unless_runs("triton", device)
     params = _block_params(device)
     with torch.autocast(device, dtype=dtype):
         y = _block(*params, backend="triton")
@@ -118,7 +110,7 @@ def test_triton_launches_see_the_autocast_dtype(device, dtype, triton_launches):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_cast_without_autocast(device, triton_launches):
-    _skip_unless_runs("triton", device)
+    skip_unless_runs("triton", device)
     with torch.autocast(device, enabled=False):
         y = _block(*_block_params(device), backend="triton")
     assert y.dtype == torch.float32
@@ -132,7 +124,7 @@ def test_no_cast_without_autocast(device, triton_launches):
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_backend_runs_in_the_autocast_dtype(device, backend, dtype):
-    _skip_unless_runs(backend, device)
+    skip_unless_runs(backend, device)
     params = _block_params(device)
     with torch.autocast(device, dtype=dtype):
         y = _block(*params, backend=backend)
@@ -192,7 +184,7 @@ TINY_KERNEL = dict(
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vit_trains_under_autocast(device, triton_launches):
-    _skip_unless_runs("triton", device)
+    skip_unless_runs("triton", device)
     torch.manual_seed(0)
     model = vit.VisionTransformer(backend="triton", **TINY_KERNEL).to(device)
     images = torch.randn(4, 3, 16, 16, device=device)

@@ -9,21 +9,12 @@ Each test runs this machine's device and skips a backend that cannot run here, w
 
 import pytest
 import torch
-from conftest import DEVICE, rel_error
+from conftest import DEVICE, rel_error, skip_unless_runs
 
 import vit
 import vit_kernels as vk
-from vit_kernels import dispatch
 
 KERNEL_BACKENDS = ("triton", "cuda")
-
-
-def _skip_unless_runs(backend: str, device: torch.device | str = DEVICE) -> None:
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    why = dispatch.device_unavailable_reason(backend, torch.device(device))
-    if why:
-        pytest.skip(f"{backend} cannot run on {device} here: {why}")
 
 
 def _block(x, w, b, w1, b1, w2, b2, backend):
@@ -64,7 +55,7 @@ def test_inductor_fullgraph_block(backend):
     """fused_qkv -> attention -> gelu_mlp under Inductor, forward and backward. Between the ops there are only
     views (attention's output is laid out (B, N, H, D)), so Inductor lowers the custom ops as extern calls and
     generates no kernel of its own: cheap enough for every run. The ViT below adds Inductor's own kernels."""
-    _skip_unless_runs(backend)
+    skip_unless_runs(backend)
     params = _params(DEVICE)
     eager = _outputs_and_grads(lambda *p: _block(*p, backend=backend), params)
     compiled = torch.compile(lambda *p: _block(*p, backend=backend), fullgraph=True)
@@ -79,7 +70,7 @@ TINY_KERNEL = dict(img_size=16, patch_size=8, in_chans=3, num_classes=10, embed_
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_inductor_fullgraph_vit(backend):
-    _skip_unless_runs(backend)
+    skip_unless_runs(backend)
     torch.manual_seed(0)
     model = vit.VisionTransformer(backend=backend, **TINY_KERNEL).to(DEVICE)
     images = torch.randn(2, 3, 16, 16, device=DEVICE)
@@ -93,7 +84,7 @@ def test_inductor_fullgraph_vit(backend):
 def test_fullgraph_under_autocast(backend):
     """The autocast cast happens in the public functions, which Dynamo traces: no graph break, the compiled
     graph runs in the autocast dtype and gives fp32 gradients to fp32 parameters, like eager."""
-    _skip_unless_runs(backend)
+    skip_unless_runs(backend)
     params = _params(DEVICE)
 
     def run(*p):
@@ -110,7 +101,7 @@ def test_fullgraph_under_autocast(backend):
 def test_tracing_sees_one_custom_op_per_call(backend):
     """Eager calls skip the custom-op dispatcher (library._eager); anything that traces must still see the ops:
     make_fx (a dispatch mode) records vit_kernels::attention_fwd, not the kernel's internals."""
-    _skip_unless_runs(backend)
+    skip_unless_runs(backend)
     from torch.fx.experimental.proxy_tensor import make_fx
 
     q, k, v = (torch.randn(1, 2, 5, 32, device=DEVICE) for _ in range(3))
