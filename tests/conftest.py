@@ -207,6 +207,46 @@ def counting_fused_ops(monkeypatch, names=("fused_qkv", "attention", "gelu_mlp")
         yield counts
 
 
+class TritonLaunchSpy:
+    """Stands in for a `@triton.jit` kernel launched from Python: `kernel[grid](*args, **kwargs)` appends
+    `record(name, grid, args, kwargs)` to `log`, then launches the real kernel (with `kernel=None` it only records).
+    Any other attribute is the kernel's."""
+
+    def __init__(self, name, kernel, log, record):
+        self.name, self.kernel, self.log, self.record = name, kernel, log, record
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.record(self.name, grid, args, kwargs))
+            if self.kernel is not None:
+                return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+
+def spy_triton_launches(monkeypatch, modules, record, *, names=None, launch=True) -> list:
+    """Swap a TritonLaunchSpy, sharing one log (returned, empty), for each kernel of `modules` that Python launches:
+    the module-level JITFunctions named *_kernel (`@triton.jit` helpers are looked up in the module namespace
+    when a kernel compiles and must stay JITFunctions), or the `names` given. `launch=False`: record only."""
+    log, found = [], set()
+    for module in modules:
+        spied = [
+            name
+            for name, value in vars(module).items()
+            if (name in names if names is not None else name.endswith("_kernel") and hasattr(value, "arg_names"))
+        ]
+        assert spied, f"no kernel to spy on in {module.__name__}"  # a renamed kernel must not empty the test
+        for name in spied:
+            kernel = getattr(module, name)
+            monkeypatch.setattr(module, name, TritonLaunchSpy(name, kernel if launch else None, log, record))
+        found.update(spied)
+    assert names is None or found == set(names), f"not found: {set(names) - found}"
+    return log
+
+
 # ----------------------------------------------------------------------------------------------------
 # static checks: a kernel file's compile_report, compiled for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------

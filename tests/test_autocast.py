@@ -9,7 +9,7 @@ on CPU (Triton under the interpreter) and on CUDA, each skipping with its reason
 
 import pytest
 import torch
-from conftest import TOLERANCES, rel_error, skip_unless_runs
+from conftest import TOLERANCES, rel_error, skip_unless_runs, spy_triton_launches
 
 import vit
 import vit_kernels as vk
@@ -22,29 +22,9 @@ AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------------
 # a spy on the Triton kernel launches
 # ----------------------------------------------------------------------------------------------------
-class _LaunchRecorder:
-    """Stands in for a module-level `@triton.jit` kernel: `kernel[grid](*args)` records the kernel's name
-    and the dtypes of its first two tensor arguments (the operands: q and k, out and dout, A and B),
-    then launches the real kernel. Anything else (attributes, a direct call) goes to the kernel."""
-
-    def __init__(self, name, kernel, records):
-        self.name, self.kernel, self.records = name, kernel, records
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def record_and_launch(*args, **kwargs):
-            operands = [a for a in args if isinstance(a, torch.Tensor)][:2]
-            self.records.append((self.name, tuple(a.dtype for a in operands)))
-            return launch(*args, **kwargs)
-
-        return record_and_launch
-
-    def __call__(self, *args, **kwargs):
-        return self.kernel(*args, **kwargs)
-
-    def __getattr__(self, attr):
-        return getattr(self.kernel, attr)
+def _operand_dtypes(name, grid, args, kwargs):
+    """(kernel name, dtypes of its first two tensor arguments: the operands q and k, out and dout, A and B)."""
+    return name, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))[:2]
 
 
 @pytest.fixture
@@ -54,13 +34,7 @@ def triton_launches(monkeypatch):
     from vit_kernels.ops import attention as attention_ops
     from vit_kernels.ops import linear as linear_ops
 
-    records = []
-    for module in (attention_ops, linear_ops):
-        for name, kernel in list(vars(module).items()):
-            if name.endswith("_kernel") and hasattr(kernel, "__getitem__") and hasattr(kernel, "fn"):
-                monkeypatch.setattr(module, name, _LaunchRecorder(name, kernel, records))
-    assert records == [] and any(isinstance(getattr(attention_ops, n), _LaunchRecorder) for n in vars(attention_ops))
-    return records
+    return spy_triton_launches(monkeypatch, (attention_ops, linear_ops), _operand_dtypes)
 
 
 def _block(x, w_qkv, b_qkv, w1, b1, w2, b2, backend):

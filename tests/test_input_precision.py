@@ -11,6 +11,7 @@ GPU only shows the difference as ~1e-3 of error, so this checks the launches the
 
 import pytest
 import torch
+from conftest import spy_triton_launches
 
 import vit_kernels as vk
 from vit_kernels.ops import attention as triton_attention
@@ -19,31 +20,14 @@ from vit_kernels.ops import linear as triton_linear
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-class _Recorder:
-    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records (name, INPUT_PRECISION) and launches."""
-
-    def __init__(self, name, kernel, launches):
-        self.name, self.kernel, self.launches = name, kernel, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((self.name, kwargs.get("INPUT_PRECISION")))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """The (kernel name, INPUT_PRECISION) of every Triton launch made while the test runs."""
-    recorded = []
-    for module in (triton_attention, triton_linear):
-        for name, value in vars(module).items():
-            # Only kernels launched from Python: the @triton.jit helpers they call are looked up in the same module
-            # namespace when a kernel compiles, and must stay JITFunctions.
-            if name.endswith("_kernel") and hasattr(value, "arg_names"):
-                monkeypatch.setattr(module, name, _Recorder(name, value, recorded))
-    return recorded
+    return spy_triton_launches(
+        monkeypatch,
+        (triton_attention, triton_linear),
+        lambda name, grid, args, kwargs: (name, kwargs.get("INPUT_PRECISION")),
+    )
 
 
 @pytest.fixture

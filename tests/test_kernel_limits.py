@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, attention_reference, rel_error
+from conftest import TOLERANCES, attention_reference, rel_error, spy_triton_launches
 
 from vit_kernels.ops import attention, block, linear
 
@@ -77,19 +77,6 @@ def test_attention_rows_past_2_31_elements():
 # ----------------------------------------------------------------------------------------------------
 # grid limits
 # ----------------------------------------------------------------------------------------------------
-class _Spy:
-    """Stands in for a @triton.jit kernel: records each launch's grid and the device guard active at launch."""
-
-    def __init__(self, name: str, log: list):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.name, tuple(grid), _Guard.active))
-
-        return launch
-
-
 class _Guard:
     """Stands in for `_on_device`: records the device it was entered for."""
 
@@ -106,17 +93,20 @@ class _Guard:
 
 
 ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+BLOCK_KERNELS = ("_block_gemm_kernel", "_ln_rows_kernel", "_ln_bwd_kernel")
+
+
+def _grid_and_guard(name, grid, args, kwargs):
+    return name, tuple(grid), _Guard.active
 
 
 @pytest.fixture
 def spied(monkeypatch):
-    log = []
-    for name in ATTENTION_KERNELS:
-        monkeypatch.setattr(attention, name, _Spy(name, log))
-    monkeypatch.setattr(linear, "_gemm_kernel", _Spy("_gemm_kernel", log))
+    """(kernel name, grid, device guard active) of each launch, recorded and not run: grids no CPU could run."""
     monkeypatch.setattr(attention, "_on_device", _Guard)
     monkeypatch.setattr(linear, "_on_device", _Guard)
-    return log
+    names = (*ATTENTION_KERNELS, "_gemm_kernel", *BLOCK_KERNELS)
+    return spy_triton_launches(monkeypatch, (attention, linear, block), _grid_and_guard, names=names, launch=False)
 
 
 def _attention_launches(B, H, N, D, device="cpu"):
@@ -181,13 +171,8 @@ def test_every_launch_runs_under_the_tensors_device(spied):
         assert device == x.device, f"{name} launched outside the tensors' device guard"
 
 
-BLOCK_KERNELS = ("_block_gemm_kernel", "_ln_rows_kernel", "_ln_bwd_kernel")
-
-
-def test_every_block_launch_runs_under_the_tensors_device(spied, monkeypatch):
+def test_every_block_launch_runs_under_the_tensors_device(spied):
     """The whole-block launchers (ops/block.py) too: their own kernels and linear.py's backward GEMMs."""
-    for name in BLOCK_KERNELS:
-        monkeypatch.setattr(block, name, _Spy(name, spied))
     C, H = 32, 2
     x, ln_w, ln_b = torch.zeros(2, 5, C), torch.ones(C), torch.zeros(C)
     w_qkv, w_proj, w1, w2 = torch.zeros(3 * C, C), torch.zeros(C, C), torch.zeros(2 * C, C), torch.zeros(C, 2 * C)
