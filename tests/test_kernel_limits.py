@@ -13,11 +13,10 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, attention_reference, rel_error, spy_triton_launches
+from conftest import DEVICE, TOLERANCES, attention_reference, rel_error, spy_triton_launches
 
 from vit_kernels.ops import attention, block, linear
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16 = torch.float16
 ROW_STRIDE = 2**26  # elements: rows 32.. of an operand start at or past 2^31 elements
 AXIS_0_MAX, AXIS_12_MAX = 2**31 - 1, 65535
