@@ -329,7 +329,7 @@ def check_outcome(summary, outcome, patched_model):
     assert all(name in str(summary) for name, _ in summary.unfused_blocks)
 
 
-BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
+BLOCK_OPS = vk.dispatch.BLOCK_OPS
 # vk's whole-block ops wrapped to count their calls, as counting_fused_ops does for the others
 counting_block_ops = functools.partial(counting_fused_ops, names=BLOCK_OPS)
 
