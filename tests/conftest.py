@@ -103,6 +103,20 @@ def attention_reference(q, k, v, dout, scale):
     return out.detach(), lse, (qd.grad, kd.grad, vd.grad)
 
 
+def flash_order_grads(q, k, v, dout, scale, round_to=None):
+    """(dq, dk) of attention in float64, in a flash kernel's order: delta = rowsum(dO * O) beside dP = dO V^T, then
+    dS = P (dP - delta); P and dS rounded to `round_to` before their GEMMs, as 16-bit kernels feed them to the
+    tensor cores. A model of the kernel's own rounding, for tolerances where the autograd reference (which takes
+    delta = sum(P dP), exact at N=1) has none: run under `tf32_model`, it leaves the tf32 rounding of dO and V in
+    dP - delta that a tf32 kernel leaves in dq and dk at N=1, where their exact value is 0."""
+    q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
+    rounded = (lambda t: t.to(round_to).double()) if round_to is not None else (lambda t: t)
+    p = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
+    delta = (dout * (rounded(p) @ v)).sum(-1, keepdim=True)
+    ds = rounded(p * (dout @ v.transpose(-2, -1) - delta))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale
+
+
 # ----------------------------------------------------------------------------------------------------
 # tf32: what the tensor cores do with fp32 operands, and the tolerance that follows from it
 # ----------------------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import pytest
 import torch
 from conftest import (
     INTERPRETING,
+    TF32_FACTOR,
     TOLERANCES,
     attention_reference,
+    flash_order_grads,
     nan_alloc,
     randn,
     rel_error,
@@ -129,6 +131,13 @@ def _run_launchers(N, D, dtype, allow_tf32, layout, scale, device):
         _check("out", out, ref_out, tf32_tolerance(model_out, ref_out))
         _check("lse", lse, ref_lse, tf32_tolerance(model_lse, ref_lse))
         tols = [tf32_tolerance(m, r) for m, r in zip(model_grads, ref_grads, strict=True)]
+        if N == 1:
+            # dq = dk = 0 exactly, and the tf32 model of the autograd reference has no dust there (it takes
+            # delta = sum(P dP), which cancels exactly). The kernel's dust is dP - delta with dP from tf32 dO and
+            # V: model that order instead (on the H100, 2.4-6.2e-4 of |dv|; this model gives 1.6-7e-4).
+            dust = tf32_model(flash_order_grads, q, k, v, dout, scale)
+            dv_norm = ref_grads[2].norm().item()
+            tols[:2] = [max(t, TF32_FACTOR * d.norm().item() / dv_norm) for t, d in zip(tols[:2], dust, strict=True)]
         _check_grads((dq, dk, dv), ref_grads, tols, (None,) * 3)
         return
     tol = TOLERANCES[dtype]

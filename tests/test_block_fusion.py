@@ -206,11 +206,11 @@ def test_backends_agree_and_auto_is_torch():
 
 def test_bad_arguments_are_named():
     C = 64
-    x = torch.randn(1, 3, C)
-    ln_w, ln_b = torch.ones(C), torch.zeros(C)
-    w, b = torch.randn(3 * C, C), torch.randn(3 * C)
+    x = _randn(1, 3, C, dtype=F32)
+    ln_w, ln_b = _ln_params(C, F32)
+    w, b = _randn(3 * C, C, dtype=F32), _randn(3 * C, dtype=F32)
     with pytest.raises(ValueError, match="ln_weight"):
-        vkb.ln_fused_qkv(x, torch.ones(C + 1), ln_b, 1e-6, w, b, 2)
+        vkb.ln_fused_qkv(x, _randn(C + 1, dtype=F32), ln_b, 1e-6, w, b, 2)
     with pytest.raises(ValueError, match="eps"):
         vkb.ln_fused_qkv(x, ln_w, ln_b, 0.0, w, b, 2)
     with pytest.raises(TypeError, match="qkv_weight"):
@@ -224,15 +224,17 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="backend"):
         vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
     with pytest.raises(ValueError, match="multiples of 8"):
-        vkb.proj_residual(torch.randn(1, 3, 20), torch.randn(20, 20), None, torch.randn(1, 3, 20), backend="triton")
+        vkb.proj_residual(_randn(1, 3, 20, dtype=F32), _randn(20, 20, dtype=F32), None, _randn(1, 3, 20, dtype=F32),
+                          backend="triton")  # fmt: skip
     with pytest.raises(ValueError, match="residual"):
-        vkb.proj_residual(x, torch.randn(C, C), None, torch.randn(1, 4, C))
+        vkb.proj_residual(x, _randn(C, C, dtype=F32), None, _randn(1, 4, C, dtype=F32))
     with pytest.raises(ValueError, match="residual"):
-        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(32, 128), None)
+        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(32, 128, dtype=F32), None)
     with pytest.raises(ValueError, match="approximate"):
-        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(C, 128), None, approximate="x")
+        w1, w2 = _randn(128, C, dtype=F32), _randn(C, 128, dtype=F32)
+        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, approximate="x")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        vkb.ln_gelu_mlp(None, ln_w, ln_b, 1e-6, torch.randn(128, C), None, torch.randn(C, 128), None)
+        vkb.ln_gelu_mlp(None, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(C, 128, dtype=F32), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,10 +277,10 @@ def test_block_kernels_compile_without_spills_on_tensor_cores(arch):
 
 def test_autocast_casts_inputs_and_returns_grads_in_their_dtype():
     C, H = 64, 2
-    x = torch.randn(1, 5, C, requires_grad=True)
-    ln_w, ln_b = (torch.ones(C) + 0.1 * torch.randn(C)).requires_grad_(), torch.zeros(C, requires_grad=True)
-    w = (torch.randn(3 * C, C) * C**-0.5).requires_grad_()
-    with torch.autocast("cpu", dtype=BF16):
+    x = _randn(1, 5, C, dtype=F32).requires_grad_()
+    ln_w, ln_b = (t.requires_grad_() for t in _ln_params(C, F32))
+    w = _randn(3 * C, C, dtype=F32, scale=C**-0.5).requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=BF16):
         q, k, v = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
     assert q.dtype == BF16
     ref = reference.ln_fused_qkv(*_double([x, ln_w, ln_b]), 1e-6, w.double(), None, H)
@@ -311,8 +313,8 @@ def test_vit_block_uses_fused_ops_on_triton_only(monkeypatch, backend, fused):
 
     seen = _spy_ops(monkeypatch)
     model = vit.VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=64, depth=1, num_heads=2,
-                                  backend=backend)  # fmt: skip
-    model.eval()(torch.randn(1, 3, 16, 16))
+                                  backend=backend).to(DEVICE)  # fmt: skip
+    model.eval()(_randn(1, 3, 16, 16, dtype=F32))
     assert seen == (["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"] if fused else ["fused_qkv", "gelu_mlp"])
 
 
@@ -321,12 +323,12 @@ def test_vit_block_with_drop_path_in_training_stays_unfused(monkeypatch):
 
     seen = _spy_ops(monkeypatch)
     model = vit.VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=64, depth=2, num_heads=2,
-                                  drop_path_rate=0.5, backend="triton")  # fmt: skip
-    model.train()(torch.randn(2, 3, 16, 16))
+                                  drop_path_rate=0.5, backend="triton").to(DEVICE)  # fmt: skip
+    model.train()(_randn(2, 3, 16, 16, dtype=F32))
     # drop-path rates rise linearly from 0: the first block has none (fused), the second drops (unfused)
     assert seen == ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp", "fused_qkv", "gelu_mlp"]
     seen.clear()
-    model.eval()(torch.randn(2, 3, 16, 16))
+    model.eval()(_randn(2, 3, 16, 16, dtype=F32))
     assert seen == ["ln_fused_qkv", "proj_residual", "ln_gelu_mlp"] * 2
 
 
@@ -352,9 +354,13 @@ def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, gr
     assert rel_error(out, ref) <= TOLERANCES[F32]
 
 
-def test_torch_compile_sees_one_node_per_op_no_graph_break():
+def test_torch_compile_sees_one_node_per_op_no_graph_break(monkeypatch):
     """The triton ops are torch.library custom ops: torch.compile (fullgraph) runs a fused block forward and
-    backward without tracing into the Triton launches, with the eager results."""
+    backward without tracing into the Triton launches, with the eager results. The dispatch caches start empty,
+    as in a process that compiles before any eager call (find_spec under dynamo was a graph break)."""
+    from vit_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_MODULE_FOUND", {})
     torch._dynamo.reset()
     C, H, Hd = 64, 2, 128
     x = _randn(1, 5, C, dtype=F32)
@@ -393,9 +399,10 @@ def test_vit_on_the_fused_path_matches_timm(highest_precision):
         for name, p in timm_model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    ours = vit.VisionTransformer(backend="triton", **tiny).eval()
+    timm_model.to(DEVICE)
+    ours = vit.VisionTransformer(backend="triton", **tiny).to(DEVICE).eval()
     ours.load_state_dict(timm_model.state_dict(), strict=True)
-    x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 10)
+    x, g = _randn(2, 3, 32, 32, dtype=F32), _randn(2, 10, dtype=F32)
     results = []
     for model in (timm_model, ours):
         model.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ CUDA call.
 
 import pytest
 import torch
-from conftest import TOLERANCES, attention_reference, rel_error
+from conftest import TOLERANCES, attention_reference, flash_order_grads, rel_error
 
 import vit_kernels as vk
 from vit_kernels import reference
@@ -188,11 +188,15 @@ def test_very_negative_lse(poisoned, dtype):
     grads = cuda_attention.attention_bwd(dout, q, k, v, out, lse, 1.0, False)
     ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, 1.0)
     assert ref_lse.max() < -100, "the test must push lse below exp's fp32 range"
-    # Logits of ~144 carry rounding of ~1e-5 (fp32) and ~0.1 (fp16 inputs' products), amplified in dq, dk.
+    # Logits of ~144 carry rounding of ~1e-5 in fp32, amplified in dq and dk: every k_j is u plus 1% noise, so
+    # dq = sum_j dS_j k_j cancels u's share (about 150x). In fp16 the kernel rounds P and dS to fp16 for the
+    # tensor cores; amplified alike that alone gives dq 3-5e-2 (flash_order_grads; the H100 measured 5.0e-2),
+    # so 16-bit dq and dk may be within twice that model's error instead.
     tol = 1e-4 if dtype == F32 else 2e-2
     _check("out", out, ref_out, tol)
-    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        _check(name, got, ref, tol)
+    model = flash_order_grads(q, k, v, dout, 1.0, round_to=dtype) if dtype != F32 else (None, None)
+    for name, got, ref, rounded in zip(("dq", "dk", "dv"), grads, ref_grads, (*model, None), strict=True):
+        _check(name, got, ref, tol if rounded is None else max(tol, 2 * rel_error(rounded, ref)))
 
 
 @needs_gpu

@@ -110,7 +110,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v = _attn_inputs()
+    q, k, v = _attn_inputs(device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         vk.attention(q, k, v, backend="triton")
 
@@ -121,7 +121,7 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
 def _bad_attention_cases():
     q, k, v = _attn_inputs()
     return [
-        ((q.numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),
+        ((q.cpu().numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),
         ((q[0], k[0], v[0]), {}, ValueError, "q must be 4-D"),
         ((q, k.half(), v), {}, TypeError, "k has dtype"),
         ((q.double(), k.double(), v.double()), {}, TypeError, "q must be float32, float16 or bfloat16"),
@@ -204,8 +204,9 @@ def test_device_mismatch_is_a_value_error():
 # torch.compile: each op is one node, no graph break, forward and backward
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
-def test_torch_compile_has_no_graph_breaks(backend):
+def test_torch_compile_has_no_graph_breaks(backend, monkeypatch):
     _skip_unless_runs(backend)
+    monkeypatch.setattr(dispatch, "_MODULE_FOUND", {})  # cold, as when compiling before any eager call
     torch._dynamo.reset()
     x, w, b = _qkv_inputs(B=1, N=5, C=64)
     _, w1, b1, w2, b2 = _mlp_inputs(C=64, Hd=64)

@@ -77,6 +77,9 @@ _MODULE_FOUND: dict[str, bool] = {}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
+# Under torch.compile the first lookup would reach find_spec, which dynamo will not trace (a graph break, or an
+# error with fullgraph=True, when a model is compiled before any eager call): dynamo calls it and keeps the result.
+@torch._dynamo.assume_constant_result
 def _module_found(name: str) -> bool:
     found = _MODULE_FOUND.get(name)
     if found is None:
