@@ -50,6 +50,12 @@ using index_t = int64_t;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+// x * y rounded to fp32, never contracted into an FMA with what follows (nvcc and ptxas contract a plain multiply
+// feeding an add). Every base-2 logit (S * scale * log2 e) and base-2 lse goes through it, so that the backward's
+// P = exp2(S' - lse') matches, key by key, the forward's P behind out and delta = rowsum(dO * O): dq = sum_j dS_j
+// k_j cancels, and amplified any difference (fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an H100).
+__device__ __forceinline__ float mul_rounded(float x, float y) { return __fmul_rn(x, y); }
 constexpr float kNegInf = -__builtin_huge_valf();
 
 // ====================================================================================================
@@ -382,7 +388,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attn_fwd_kernel(const Fw
     for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float x = s[nt][e] * p.scale_log2;
+        const float x = mul_rounded(s[nt][e], p.scale_log2);
         s[nt][e] = key0 + nt * 8 + (e & 1) < N ? x : kNegInf;
       }
 
@@ -527,7 +533,7 @@ __global__ void __launch_bounds__(DkdvTile<D>::kThreads, 1) attn_dkdv_kernel(con
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
         const int key = n0 + warp * 16 + (lane >> 2) + 8 * (e >> 1);
-        const float x = pt[nt][e] * p.scale_log2 - s_lse[col] * kLog2e;
+        const float x = mul_rounded(pt[nt][e], p.scale_log2) - mul_rounded(s_lse[col], kLog2e);
         pt[nt][e] = i * BM + col < N && key < N ? exp2f(x) : 0.0f;
       }
     uint32_t a[BM / 16][4];
@@ -596,7 +602,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) attn_dq_kernel(const BwdP
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
     const index_t idx = contiguous_row(b, h, p.H, N, row < N ? row : 0);
-    lse2[r] = row < N ? p.lse[idx] * kLog2e : 0.0f;
+    lse2[r] = row < N ? mul_rounded(p.lse[idx], kLog2e) : 0.0f;
     delta[r] = row < N ? p.delta[idx] : 0.0f;
   }
 
@@ -624,7 +630,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) attn_dq_kernel(const BwdP
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pv = key0 + nt * 8 + (e & 1) < N ? exp2f(s[nt][e] * p.scale_log2 - lse2[r]) : 0.0f;
+        const float pv = key0 + nt * 8 + (e & 1) < N ? exp2f(mul_rounded(s[nt][e], p.scale_log2) - lse2[r]) : 0.0f;
         s[nt][e] = pv * (dp[nt][e] - delta[r]);
       }
     uint32_t a[BN / 16][4];
@@ -684,7 +690,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_fwd_simt_kernel(const Fw
   load_row(head(p.q, p.sq, b, h) + i * p.sq.n, p.D, lane, qi);
   float m = kNegInf, l = 0.0f;
   for (int j = 0; j < p.N; ++j) {
-    const float x = warp_dot(qi, k + j * p.sk.n, p.D, lane) * p.scale_log2;
+    const float x = mul_rounded(warp_dot(qi, k + j * p.sk.n, p.D, lane), p.scale_log2);
     const float m_new = fmaxf(m, x);
     const float alpha = exp2f(m - m_new);  // 0 on the first key (m = -inf)
     const float pj = exp2f(x - m_new);
@@ -717,7 +723,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dkdv_simt_kernel(const B
   for (int i = 0; i < p.N; ++i) {
     const T* qi = q + i * p.sq.n;
     const T* doi = dout + i * p.sdo.n;
-    const float pij = exp2f(warp_dot(kj, qi, p.D, lane) * p.scale_log2 - lse[i] * kLog2e);
+    const float pij = exp2f(mul_rounded(warp_dot(kj, qi, p.D, lane), p.scale_log2) - mul_rounded(lse[i], kLog2e));
     const float ds = pij * (warp_dot(vj, doi, p.D, lane) - delta[i]);
 #pragma unroll
     for (int c = 0; c < kSimtPerLane; ++c) {
@@ -742,13 +748,13 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dq_simt_kernel(const Bwd
   const T* k = head(p.k, p.sk, b, h);
   const T* v = head(p.v, p.sv, b, h);
   const index_t ri = contiguous_row(b, h, p.H, p.N, i);
-  const float lse2 = p.lse[ri] * kLog2e, delta = p.delta[ri];
+  const float lse2 = mul_rounded(p.lse[ri], kLog2e), delta = p.delta[ri];
   float qi[kSimtPerLane], doi[kSimtPerLane], dq[kSimtPerLane] = {};
   load_row(head(p.q, p.sq, b, h) + i * p.sq.n, p.D, lane, qi);
   load_row(head(p.dout, p.sdo, b, h) + i * p.sdo.n, p.D, lane, doi);
   for (int j = 0; j < p.N; ++j) {
     const T* kj = k + j * p.sk.n;
-    const float pij = exp2f(warp_dot(qi, kj, p.D, lane) * p.scale_log2 - lse2);
+    const float pij = exp2f(mul_rounded(warp_dot(qi, kj, p.D, lane), p.scale_log2) - lse2);
     const float ds = pij * (warp_dot(doi, v + j * p.sv.n, p.D, lane) - delta);
 #pragma unroll
     for (int c = 0; c < kSimtPerLane; ++c) {

@@ -196,15 +196,18 @@ def _attn_bwd_dkdv_kernel(
         q_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, stride_qm, stride_qk), mask=q_mask, other=0.0)
         do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, stride_dm, stride_dk), mask=q_mask, other=0.0)
-        lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        # lse in base-2 units, rounded here (the select keeps the product out of an FMA with the subtraction below)
+        lse = tl.where(m_mask, tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634, 0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
         # Transposed scores S^T (BLOCK_N, BLOCK_M), so that dV += P^T dO and dK += dS^T Q need no transposes
         # of the large accumulators.
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
         # Padding query rows (q = 0, lse = 0) would give P = 1 without the mask; padding key rows (k = 0) would
         # give exp2(-lse), inf once lse < -88, then NaN in dS (never stored, but it hides real NaNs when
-        # debugging). Masking before exp2 makes both exactly 0.
-        p_t = tl.math.exp2(tl.where(m_mask[None, :] & n_mask[:, None], s_t - lse[None, :], float("-inf")))
+        # debugging). Masking before exp2 makes both exactly 0. The mask sits between the scaling and the
+        # subtraction, as in the forward, so that no FMA fuses them: P must be bitwise the forward's (see dQ).
+        s_t = tl.where(m_mask[None, :] & n_mask[:, None], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -244,7 +247,7 @@ def _attn_bwd_dq_kernel(
     q_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, stride_qm, stride_qk), mask=q_mask, other=0.0)
     do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, stride_dm, stride_dk), mask=q_mask, other=0.0)
-    lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse = tl.where(m_mask, tl.load(Lse + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634, 0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -256,8 +259,12 @@ def _attn_bwd_dq_kernel(
         v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, stride_vn, stride_vk), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ, nor overflow to inf on the
-        # way: masked before exp2.
-        p = tl.math.exp2(tl.where(n_mask[None, :], s - lse[:, None], float("-inf")))
+        # way: masked before exp2. Masked before the subtraction, as in the forward: fused into one FMA, S * scale
+        # - lse skips the rounding of the product that the forward keeps, P differs from the forward's (behind
+        # out, so delta) key by key in the last bits, and dq = sum_j dS_j k_j, which cancels, amplifies that:
+        # fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an H100 (static_check.exp2_args_with_fma).
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)

@@ -65,14 +65,54 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return {"n_regs": int(regs.group(1)) if regs else -1, "n_spills": spills}
 
 
+_PTX_DEF = re.compile(r"\s*([a-z][\w.]*)\s+(%\w+),\s*([^;]*);")
+_PTX_EX2 = re.compile(r"\s*ex2\.approx[\w.]*\s+%\w+,\s*(%\w+);")
+
+
+def exp2_args_with_fma(ptx: str) -> int:
+    """How many `ex2.approx` instructions take an argument that an FMA computes or may compute: an `fma`, or a
+    `sub` / `add` of a plain `mul` (ptxas contracts those into one FFMA; `mul.rn` it leaves alone), looking back
+    through selp and mov. Attention's backward must recompute each P exactly as its forward did: `S * scale - lse`
+    fused into one FMA skips the rounding of the product that the forward keeps, so P differs key by key in the
+    last bits, and dq = sum_j dS_j k_j amplifies that (fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an
+    H100, both backends)."""
+    lines = ptx.splitlines()
+    defs = {
+        m.group(2): (m.group(1), [a.strip() for a in m.group(3).split(",")]) for m in map(_PTX_DEF.match, lines) if m
+    }
+
+    def plain_mul(reg: str) -> bool:
+        op = defs.get(reg, ("",))[0]
+        return op.startswith("mul.") and ".rn" not in op and op.endswith("f32")
+
+    count = 0
+    for m in filter(None, map(_PTX_EX2.match, lines)):
+        todo, seen = [m.group(1)], set()
+        while todo:
+            reg = todo.pop()
+            if reg in seen or reg not in defs:
+                continue
+            seen.add(reg)
+            op, operands = defs[reg]
+            registers = [a for a in operands if a.startswith("%") and not a.startswith("%p")]
+            if op.startswith(("selp", "mov")):
+                todo += registers
+            elif op.startswith("fma") or (op.startswith(("sub.", "add.")) and any(map(plain_mul, registers))):
+                count += 1
+                break
+    return count
+
+
 def usage(compiled, arch: int) -> dict:
-    """n_regs, n_spills, shared bytes, and whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync`."""
+    """n_regs, n_spills, shared bytes, whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync`, and
+    `exp2_fma` (`exp2_args_with_fma`)."""
     ptx = compiled.asm["ptx"]
     return {
         **ptxas_usage(ptx, arch),
         "shared": compiled.metadata.shared,
         "wgmma": "wgmma.mma_async" in ptx,
         "mma": "mma.sync" in ptx,
+        "exp2_fma": exp2_args_with_fma(ptx),
     }
 
 
