@@ -17,7 +17,7 @@
 #   compile_tables torch.compile rows of attn_bench and mlp_bench at ViT-B/16
 #   auto_table    benchmarks/auto_table.py over the attn, mlp and block tables' JSON
 # A slice is the budget still left times the stage's share of the nominal seconds of the stages still to
-# come (NOMINAL below, for a 480 s budget), so time a stage does not use (or a skipped stage) goes to the rest.
+# come (NOMINAL below), so time a stage does not use (or a skipped stage) goes to the rest.
 #
 # After EVERY stage the Markdown report is rewritten (benchmarks/results/<gpu>-<date>.md, or --results-dir),
 # and, when $OUT or --out is set, the report and one .tar.gz of every log and result file are (re)written
@@ -58,9 +58,12 @@ done
 
 STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables pytest_bench memcheck racecheck
   tune compile_tables auto_table)
-# Nominal seconds of each stage in a 480 s budget on a cold H100 (README "GPU check" explains the estimate).
-declare -A NOMINAL=([build]=65 [info]=5 [smoke]=45 [headline]=70 [tests]=130 [attn_tables]=25 [mlp_tables]=10
-  [vit_tables]=15 [block_tables]=15 [pytest_bench]=30 [memcheck]=20 [racecheck]=15 [tune]=15 [compile_tables]=15 [auto_table]=5)
+# Nominal seconds of each stage on a cold H100, from the first run there (2026-11-26, README "GPU check"): the
+# measured time plus a margin, or, for a stage killed at its slice then, a guess above that slice. They sum to
+# ~670 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
+declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=60 [mlp_tables]=15
+  [vit_tables]=60 [block_tables]=15 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40 [compile_tables]=60
+  [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
@@ -116,7 +119,9 @@ digest() {  # what of a stage's log goes into the report
     smoke) grep -E " (PASS|FAIL|ERROR|SKIP)|^smoke parity" "$log" ;;
     tests)
       echo "$(grep -cE ' PASSED' "$log") PASSED lines, $(grep -cE ' SKIPPED' "$log") SKIPPED lines so far"
-      grep -E "^(FAILED|ERROR) | FAILED | ERROR |^=+ .*(passed|failed|error)|no tests ran" "$log" | tail -n 40 ;;
+      grep -E "^(FAILED|ERROR) | FAILED | ERROR |^=+ .*(passed|failed|error)|no tests ran" "$log" | tail -n 40
+      # the assertion line of each failure, from the log written as they happen (whole tracebacks in the tarball)
+      [ -s "$work/test_failures.log" ] && grep -E "^=== |^E  " "$work/test_failures.log" | cut -c1-300 | head -n 80 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
     headline | *_tables | tune | auto_table)
       grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
@@ -263,8 +268,10 @@ for f in test_attention test_linear test_cuda_attention test_cuda_linear test_bl
 done
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n auto)
-# -v: one line per finished test, so a run killed at its slice still shows what passed and what failed
-stage tests 1 "$PY" -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
+# -v: one line per finished test, so a run killed at its slice still shows what passed and what failed;
+# VIT_KERNELS_FAILURES_LOG (tests/conftest.py): each failure's traceback as it happens, kept if the slice runs out
+stage tests 1 env VIT_KERNELS_FAILURES_LOG="$work/test_failures.log" \
+  "$PY" -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
   --junitxml="$work/results/pytest-gpu.xml" "${gpu_tests[@]}"
 
 # 6. the full tables (torch.compile rows come later: minutes of compilation)

@@ -51,6 +51,16 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run the tests marked slow under the Triton interpreter too")
 
 
+def pytest_runtest_logreport(report):
+    """With VIT_KERNELS_FAILURES_LOG set (benchmarks/gpu_check.sh sets it), each failure's traceback is appended to
+    that file as it happens: pytest prints them only at the end, so a run killed at its time limit lost them
+    (the first H100 run). Written by the main process only (xdist workers forward their reports to it)."""
+    path = os.environ.get("VIT_KERNELS_FAILURES_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     # On a GPU the slow crosses take seconds and always run; under the interpreter they take minutes, so they are
     # deselected there (pytest's summary counts them as "deselected") unless --slow is given.

@@ -123,3 +123,21 @@ def test_smoke_parity_fails_a_wrong_kernel(monkeypatch, capsys, wrong):
     assert smoke_parity.main(["--tiny", "--ops", "attention", "--backends", "triton", "--dtypes", "fp32"]) == 1
     out = capsys.readouterr().out
     assert out.count(" FAIL ") == 2 and "2 FAIL" in out, out
+
+
+def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
+    """The tests stage sets VIT_KERNELS_FAILURES_LOG: tests/conftest.py appends each failure's traceback there at
+    once (pytest prints them only at the end, lost when the stage's slice runs out), from the main process only."""
+    import types
+
+    import conftest
+
+    log = tmp_path / "failures.log"
+    monkeypatch.setenv("VIT_KERNELS_FAILURES_LOG", str(log))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    report = types.SimpleNamespace(nodeid="tests/x.py::test_y", when="call", failed=True, longreprtext="E   boom")
+    conftest.pytest_runtest_logreport(report)
+    conftest.pytest_runtest_logreport(types.SimpleNamespace(**{**vars(report), "failed": False, "nodeid": "ok"}))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker: its report reaches the main process too
+    conftest.pytest_runtest_logreport(report)
+    assert log.read_text() == "=== tests/x.py::test_y (call)\nE   boom\n"
