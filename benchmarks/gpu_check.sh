@@ -11,6 +11,7 @@
 #   headline      benchmarks/headline.py: ViT-B/16 attention, fused_qkv, gelu_mlp, whole model; one ratio table
 #   tests         pytest on every test file that runs kernels on the device (-n auto when pytest-xdist is importable)
 #   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
+#   profile       Nsight Compute per kernel launch, one fwd + bwd of each op and backend (benchmarks/profile_kernels.py)
 #   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
@@ -56,13 +57,13 @@ while [ $# -gt 0 ]; do
 done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
-STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables pytest_bench memcheck racecheck
-  tune compile_tables auto_table)
+STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile pytest_bench memcheck
+  racecheck tune compile_tables auto_table)
 # Nominal seconds of each stage on a cold H100, from the first run there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice then, a guess above that slice. They sum to
 # ~670 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
 declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=60 [mlp_tables]=15
-  [vit_tables]=60 [block_tables]=15 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40 [compile_tables]=60
+  [vit_tables]=60 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40 [compile_tables]=60
   [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
@@ -123,7 +124,7 @@ digest() {  # what of a stage's log goes into the report
       # the assertion line of each failure, from the log written as they happen (whole tracebacks in the tarball)
       [ -s "$work/test_failures.log" ] && grep -E "^=== |^E  " "$work/test_failures.log" | cut -c1-300 | head -n 80 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
-    headline | *_tables | tune | auto_table)
+    headline | *_tables | tune | auto_table | profile)
       grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
     pytest_bench) grep -E "^(Name|[-]{5}|test_)|passed|failed|error" "$log" | tail -n 60 ;;
     *) tail -n 25 "$log" ;;
@@ -284,6 +285,18 @@ stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$
 stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" --compile no
 stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
   --providers eager,unfused,fused
+
+# 6b. Nsight Compute on one fwd + bwd of each op and backend at ViT-B/16: per launch, time, DRAM / SM throughput,
+# occupancy, waves per SM (benchmarks/profile_kernels.py; the raw CSV lands in the tarball)
+ncu=$(command -v ncu || true)
+[ -z "$ncu" ] && [ -x /usr/local/cuda/bin/ncu ] && ncu=/usr/local/cuda/bin/ncu
+if [ -n "$ncu" ] || [ $has_gpu = 0 ] || [ -n "${fake[profile]:-}" ]; then
+  stage profile 1 bash -c "\"\$0\" --profile-from-start off --csv --page details --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --log-file \"\$2/ncu.csv\" \"\$1\" benchmarks/profile_kernels.py \
+    && \"\$1\" benchmarks/profile_kernels.py --digest \"\$2/ncu.csv\"" "$ncu" "$PY" "$work/results"
+else
+  optional profile "ncu (Nsight Compute) not found (PATH, /usr/local/cuda/bin)"
+fi
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 # (without a GPU the stage reports "no CUDA device" whatever is installed, like every GPU stage)
