@@ -61,10 +61,10 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_
   racecheck tune compile_tables auto_table)
 # Nominal seconds of each stage on a cold H100, from the first run there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice then, a guess above that slice. They sum to
-# ~670 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
+# ~730 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
 declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=60 [mlp_tables]=15
-  [vit_tables]=60 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40 [compile_tables]=60
-  [auto_table]=10)
+  [vit_tables]=60 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40
+  [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
