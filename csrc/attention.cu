@@ -50,13 +50,14 @@ using index_t = int64_t;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
 
 // x * y rounded to fp32, never contracted into an FMA with what follows (nvcc and ptxas contract a plain multiply
-// feeding an add). Every base-2 logit (S * scale * log2 e) and base-2 lse goes through it, so that the backward's
-// P = exp2(S' - lse') matches, key by key, the forward's P behind out and delta = rowsum(dO * O): dq = sum_j dS_j
-// k_j cancels, and amplified any difference (fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an H100).
+// feeding an add). Every base-2 logit (S * scale * log2 e) and base-2 lse goes through it, so that the backward
+// rounds each logit as the forward did and its P agrees, key by key, with the forward's P behind out and
+// delta = rowsum(dO * O). dq = sum_j dS_j k_j cancels, so it amplifies any disagreement: fp32 dq was 4e-4 instead
+// of 1e-5 at logits ~ -144 on an H100 while the backward fused S * scale - lse.
 __device__ __forceinline__ float mul_rounded(float x, float y) { return __fmul_rn(x, y); }
-constexpr float kNegInf = -__builtin_huge_valf();
 
 // ====================================================================================================
 // dtype and PTX helpers of this file (the shared ones are in common.cuh)

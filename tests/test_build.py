@@ -52,7 +52,7 @@ def test_build_info_lists_what_runs_here():
 @pytest.mark.parametrize("arch", ["80", "90a"])
 def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
     """No exp2 argument in csrc/attention.cu is, or may be contracted into, an FMA (static_check.exp2_args_with_fma):
-    the backward's P must be the forward's to the last bit. The H100 measured fp32 dq at 4.4e-4 instead of ~1e-5
+    the backward must round each logit as the forward does. The H100 measured fp32 dq at 4.4e-4 instead of ~1e-5
     at logits ~ -144 while S * scale - lse could fuse."""
     source = Path(__file__).resolve().parent.parent / "csrc" / "attention.cu"
     ptx = tmp_path / "attention.ptx"

@@ -55,7 +55,7 @@ def test_shipped_configs_compile_without_spills_on_tensor_cores(op, arch):
         assert 0 < row["n_regs"] <= 255, f"{what}: {row['n_regs']} registers"
         assert row["shared"] <= SMEM_LIMIT[arch], f"{what}: {row['shared']} bytes of shared memory"
         if op == "attention":
-            # The backward's P must be bitwise the forward's (static_check.exp2_args_with_fma: the H100 showed
+            # The backward must round S * scale as the forward does (static_check.exp2_args_with_fma: the H100 showed
             # fp32 dq at 4e-4 instead of 1e-5 while the backward fused S * scale - lse into one FMA).
             assert row["exp2_fma"] == 0, f"{what}: {row['exp2_fma']} exp2 arguments computed by an FMA"
         if row["kernel"] in NO_DOT:

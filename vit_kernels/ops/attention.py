@@ -205,7 +205,7 @@ def _attn_bwd_dkdv_kernel(
         # Padding query rows (q = 0, lse = 0) would give P = 1 without the mask; padding key rows (k = 0) would
         # give exp2(-lse), inf once lse < -88, then NaN in dS (never stored, but it hides real NaNs when
         # debugging). Masking before exp2 makes both exactly 0. The mask sits between the scaling and the
-        # subtraction, as in the forward, so that no FMA fuses them: P must be bitwise the forward's (see dQ).
+        # subtraction, as in the forward, so that no FMA fuses them and S * scale is rounded as there (see dQ).
         s_t = tl.where(m_mask[None, :] & n_mask[:, None], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
@@ -260,9 +260,9 @@ def _attn_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ, nor overflow to inf on the
         # way: masked before exp2. Masked before the subtraction, as in the forward: fused into one FMA, S * scale
-        # - lse skips the rounding of the product that the forward keeps, P differs from the forward's (behind
-        # out, so delta) key by key in the last bits, and dq = sum_j dS_j k_j, which cancels, amplifies that:
-        # fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an H100 (static_check.exp2_args_with_fma).
+        # - lse skips the rounding of the product that the forward keeps, so P disagrees key by key with the
+        # forward's P behind out (so delta), and dq = sum_j dS_j k_j, which cancels, amplifies that: fp32 dq was
+        # 4e-4 instead of 1e-5 at logits ~ -144 on an H100 (static_check.exp2_args_with_fma).
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)

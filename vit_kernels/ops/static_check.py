@@ -72,10 +72,10 @@ _PTX_EX2 = re.compile(r"\s*ex2\.approx[\w.]*\s+%\w+,\s*(%\w+);")
 def exp2_args_with_fma(ptx: str) -> int:
     """How many `ex2.approx` instructions take an argument that an FMA computes or may compute: an `fma`, or a
     `sub` / `add` of a plain `mul` (ptxas contracts those into one FFMA; `mul.rn` it leaves alone), looking back
-    through selp and mov. Attention's backward must recompute each P exactly as its forward did: `S * scale - lse`
-    fused into one FMA skips the rounding of the product that the forward keeps, so P differs key by key in the
-    last bits, and dq = sum_j dS_j k_j amplifies that (fp32 dq 4e-4 instead of 1e-5 at logits ~ -144 on an
-    H100, both backends)."""
+    through selp and mov. Attention's backward must round S * scale as its forward did: `S * scale - lse` fused
+    into one FMA skips the rounding of the product that the forward keeps, so P disagrees key by key with the
+    forward's in the last bits, and dq = sum_j dS_j k_j amplifies that (fp32 dq 4e-4 instead of 1e-5 at logits
+    ~ -144 on an H100, both backends)."""
     lines = ptx.splitlines()
     defs = {
         m.group(2): (m.group(1), [a.strip() for a in m.group(3).split(",")]) for m in map(_PTX_DEF.match, lines) if m
