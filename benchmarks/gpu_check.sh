@@ -139,10 +139,14 @@ if [ -n "$commit" ]; then
 else
   commit="${GPU_CHECK_COMMIT:-unknown: no git checkout here (GPU_CHECK_COMMIT=<sha> names it)}"
 fi
+cuda_tool() {  # NAME: its path on PATH, else in /usr/local/cuda/bin, else nothing
+  command -v "$1" || { [ -x "/usr/local/cuda/bin/$1" ] && echo "/usr/local/cuda/bin/$1"; } || true
+}
+
 header="- commit: $commit
 - python: $("$PY" --version 2>&1); $(cat "$work/versions.txt" 2>/dev/null)
 - driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
-- nvcc: $( (nvcc --version 2>/dev/null || /usr/local/cuda/bin/nvcc --version 2>/dev/null) | tail -1)"
+- nvcc: $(nvcc=$(cuda_tool nvcc); [ -n "$nvcc" ] && "$nvcc" --version 2>/dev/null | tail -1)"
 
 write_report() {
   local tmp="$work/report.md.tmp" s
@@ -288,8 +292,7 @@ stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-di
 
 # 6b. Nsight Compute on one fwd + bwd of each op and backend at ViT-B/16: per launch, time, DRAM / SM throughput,
 # occupancy, waves per SM (benchmarks/profile_kernels.py; the raw CSV lands in the tarball)
-ncu=$(command -v ncu || true)
-[ -z "$ncu" ] && [ -x /usr/local/cuda/bin/ncu ] && ncu=/usr/local/cuda/bin/ncu
+ncu=$(cuda_tool ncu)
 if [ -n "$ncu" ] || [ $has_gpu = 0 ] || [ -n "${fake[profile]:-}" ]; then
   stage profile 1 bash -c "\"\$0\" --profile-from-start off --csv --page details --section SpeedOfLight \
     --section Occupancy --section LaunchStats --log-file \"\$2/ncu.csv\" \"\$1\" benchmarks/profile_kernels.py \
@@ -308,8 +311,7 @@ else
 fi
 
 # 8. compute-sanitizer on a small script: every kernel backend, fwd and bwd, shapes whose kernels smoke compiled
-sanitizer=$(command -v compute-sanitizer || true)
-[ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+sanitizer=$(cuda_tool compute-sanitizer)
 cat >"$work/sanitize_me.py" <<'EOF'
 import torch
 import vit_kernels as vk

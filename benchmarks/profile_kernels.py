@@ -118,26 +118,23 @@ def digest(csv_path: Path) -> str:
             groups[-1].append(launch)
     if len(groups) != len(CASES):
         raise SystemExit(f"{csv_path}: {len(groups)} {MARKER} markers, expected one per case ({len(CASES)})")
+    duration = dict(METRICS)["us"]
+    columns = [("kernel", "kernel"), *((column, column) for column, _ in METRICS)]
     out = []
     for (op, provider), group in zip(CASES, groups, strict=True):
-        total = 0.0
-        rows = []
+        rows, total = [], 0.0
         for launch in group:
-            cells = [launch["kernel"][:70]]
-            for column, name in METRICS:
-                value, unit = launch["metrics"].get(name, ("n/a", ""))
-                number = _number(value)
-                if column == "us" and number is not None:
-                    number *= _TO_US.get(unit, 1.0)
-                    total += number
-                    value = f"{number:.1f}"
-                cells.append(value)
-            rows.append("| " + " | ".join(cells) + " |")
+            row = {"kernel": launch["kernel"][:70]}
+            row.update((column, launch["metrics"].get(name, (None, ""))[0]) for column, name in METRICS)
+            value, unit = launch["metrics"].get(duration, ("", ""))
+            us = _number(value)
+            if us is not None:
+                us *= _TO_US.get(unit, 1.0)
+                total += us
+                row["us"] = f"{us:.1f}"
+            rows.append(row)
         out.append(f"### {op} {provider}: {len(group)} launches, {total:.0f} us of kernel time (fwd + bwd)\n")
-        out.append("| kernel | " + " | ".join(c for c, _ in METRICS) + " |")
-        out.append("|---" * (len(METRICS) + 1) + "|")
-        out += rows
-        out.append("")
+        out += [common.markdown_table(columns, rows), ""]
     return "\n".join(out)
 
 
