@@ -62,14 +62,19 @@ class Shape:
         return f"{self.model} B={self.B} H={self.H} N={self.N} D={self.D}"
 
 
-# (name, heads, head dim, patch): timm's ViT-S/B/L/16 and ViT-H/14, plus B/14 (DINOv2) for D=64 at N=257.
+# (name, heads, head dim, patch): timm's ViT-S/B/L/16, the /14 models of CLIP and DINOv2 (B/14, L/14) and
+# ViT-H/14 (D=80).
 MODELS = (
     ("ViT-S/16", 6, 64, 16),
     ("ViT-B/16", 12, 64, 16),
     ("ViT-L/16", 16, 64, 16),
     ("ViT-B/14", 12, 64, 14),
+    ("ViT-L/14", 16, 64, 14),
     ("ViT-H/14", 16, 80, 14),
 )
+# The long-sequence resolution: 384 px for /16 (N=577); /14 models go to 336 px (CLIP's ViT-L/14-336, N=577),
+# since 384 is not a multiple of 14.
+RESOLUTIONS = {16: (224, 384), 14: (224, 336)}
 # On GPU the batch fills the device the way a ViT-B training batch of 256 images at 224 does: ~50k tokens.
 GPU_TOKENS = 256 * 197
 
@@ -79,13 +84,14 @@ def default_shapes(device: str) -> list[Shape]:
         # Seconds, not minutes: one image each, covering N = 197, 257, 577 and D = 64, 80.
         return [Shape("ViT-S/16@224", 1, 6, 197, 64), Shape("ViT-B/16@224", 1, 12, 197, 64),
                 Shape("ViT-H/14@224", 1, 16, 257, 80), Shape("ViT-B/16@384", 1, 12, 577, 64)]  # fmt: skip
-    shapes = []
+    shapes: dict[tuple[int, int, int, int], Shape] = {}
     for name, H, D, patch in MODELS:
-        # 224 and 384 px; ViT-H/14 and B/14 are used at 224 (N = 257) only.
-        for res in (224,) if patch == 14 else (224, 384):
+        for res in RESOLUTIONS[patch]:
             N = (res // patch) ** 2 + 1
-            shapes.append(Shape(f"{name}@{res}", max(1, round(GPU_TOKENS / N)), H, N, D))
-    return shapes
+            B = max(1, round(GPU_TOKENS / N))
+            # B/14 and L/14 at 336 px are B/16 and L/16 at 384 to the kernel: measured once, under the first name.
+            shapes.setdefault((B, H, N, D), Shape(f"{name}@{res}", B, H, N, D))
+    return list(shapes.values())
 
 
 def parse_shapes(text: str) -> list[Shape]:

@@ -59,11 +59,13 @@ done
 
 STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile pytest_bench memcheck
   racecheck tune compile_tables auto_table)
-# Nominal seconds of each stage on a cold H100, from the first run there (2026-11-26, README "GPU check"): the
-# measured time plus a margin, or, for a stage killed at its slice then, a guess above that slice. They sum to
-# ~730 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
-declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=60 [mlp_tables]=15
-  [vit_tables]=60 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=50 [tune]=40
+# Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
+# measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
+# the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
+# 43 s for 8 shapes, now 10). They sum to ~830 s, more than one 10-minute call: a lease runs them in two calls
+# with --only (README).
+declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
+  [vit_tables]=90 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=90 [tune]=60
   [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
@@ -123,7 +125,7 @@ digest() {  # what of a stage's log goes into the report
       grep -E "^(FAILED|ERROR) | FAILED | ERROR |^=+ .*(passed|failed|error)|no tests ran" "$log" | tail -n 40
       # the assertion line of each failure, from the log written as they happen (whole tracebacks in the tarball)
       [ -s "$work/test_failures.log" ] && grep -E "^=== |^E  " "$work/test_failures.log" | cut -c1-300 | head -n 80 ;;
-    memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|backends" "$log" | tail -n 25 ;;
+    memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|error|^ok|^done:|backends" "$log" | tail -n 25 ;;
     headline | *_tables | tune | auto_table | profile)
       grep -vE "^(wrote |=== )" "$log" | tail -n 120 ;;
     pytest_bench) grep -E "^(Name|[-]{5}|test_)|passed|failed|error" "$log" | tail -n 60 ;;
@@ -317,13 +319,15 @@ import torch
 import vit_kernels as vk
 
 backends = [b for b in vk.available_backends("cuda") if b in ("triton", "cuda")]
-print("kernel backends:", backends)
+print("kernel backends:", backends, flush=True)
 for backend in backends:
     for dtype in (torch.bfloat16, torch.float16):
         for B, H, N, D in ((1, 2, 197, 64), (1, 2, 257, 80), (1, 1, 1, 64)):
             q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             out = vk.attention(q, k, v, backend=backend)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            torch.cuda.synchronize()
+            print(f"done: attention {backend} {dtype} B={B} H={H} N={N} D={D}", flush=True)
         x = torch.randn(1, 197, 768, device="cuda", dtype=dtype, requires_grad=True)
         w = torch.randn(3 * 768, 768, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(3 * 768, device="cuda", dtype=dtype, requires_grad=True)
@@ -333,6 +337,8 @@ for backend in backends:
         w2 = torch.randn(768, 3072, device="cuda", dtype=dtype, requires_grad=True)
         y = vk.gelu_mlp(x, w1, None, w2, None, backend=backend)
         torch.autograd.grad(y, (x, w1, w2), torch.randn_like(y))
+        torch.cuda.synchronize()
+        print(f"done: fused_qkv, gelu_mlp {backend} {dtype}", flush=True)  # a killed run says how far it got
 torch.cuda.synchronize()
 print("ok")
 EOF

@@ -45,7 +45,9 @@ METRICS = (
     ("regs", "Registers Per Thread"),
     ("grid", "Grid Size"),
 )
-_TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# ncu writes a duration's unit as "ns" / "us" / "ms" (2025 releases; seen on the H200) or "nsecond" / "usecond" /
+# "msecond" (older ones). An unknown unit is refused: reading "ns" as microseconds made every time 1000x too long.
+_TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 
 
 def case_step(op: str, provider: str):
@@ -129,7 +131,10 @@ def digest(csv_path: Path) -> str:
             value, unit = launch["metrics"].get(duration, ("", ""))
             us = _number(value)
             if us is not None:
-                us *= _TO_US.get(unit, 1.0)
+                if unit not in _TO_US:
+                    name, known = launch["kernel"][:70], sorted(_TO_US)
+                    raise SystemExit(f"{csv_path}: duration unit {unit!r} of {name} is not one of {known}")
+                us *= _TO_US[unit]
                 total += us
                 row["us"] = f"{us:.1f}"
             rows.append(row)

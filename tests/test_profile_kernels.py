@@ -36,9 +36,9 @@ def test_digest_names_each_launch_by_its_case(tmp_path, profile_kernels):
     launches = []
     for i, _case in enumerate(profile_kernels.CASES):
         launches.append(("void at::cuda::spin_kernel(long)", "1,000", "nsecond"))
-        launches.append((f"kernel_{i}_a", "2.5", "usecond"))
+        launches.append((f"kernel_{i}_a", "2,500", "ns"))  # how ncu 2025 writes it (the H200 run)
         if i == 0:
-            launches.append(("kernel_0_b", "1.5", "msecond"))
+            launches.append(("kernel_0_b", "1.5", "msecond"))  # how older ncu writes it
     path = tmp_path / "ncu.csv"
     path.write_text(_ncu_csv(launches))
     text = profile_kernels.digest(path)
@@ -53,6 +53,10 @@ def test_digest_refuses_a_csv_that_does_not_match_the_cases(tmp_path, profile_ke
     path = tmp_path / "ncu.csv"
     path.write_text(_ncu_csv([("void at::cuda::spin_kernel(long)", "1", "usecond"), ("k", "1", "usecond")]))
     with pytest.raises(SystemExit, match="1 spin_kernel markers, expected one per case"):
+        profile_kernels.digest(path)
+    marked = [("void at::cuda::spin_kernel(long)", "1", "us"), ("k", "1", "fortnight")]
+    path.write_text(_ncu_csv(marked * len(profile_kernels.CASES)))
+    with pytest.raises(SystemExit, match="duration unit 'fortnight' of k is not one of"):
         profile_kernels.digest(path)
     path.write_text("not a csv\n")
     with pytest.raises(SystemExit, match="no ncu CSV header"):
