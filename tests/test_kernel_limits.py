@@ -5,7 +5,9 @@
   launchers copy any operand whose heads span 2^31 elements. Shown on strided views over a storage of 2^32 + fp16
   elements (8.6 GB of address space, almost none of it touched): the operand rows sit past 2^31 elements, and an
   int32 product would wrap to the zero pages below, so the result would be wrong rather than a crash.
-- Grid limits: CUDA grid axes 1 and 2 stop at 65,535; B * H goes on axis 0 (checked on the launch grid).
+- Grid limits: CUDA grid axes 1 and 2 stop at 65,535; B * H goes on axis 1 (row tiles first, so the programs of
+  one head run together and share its K / V through L2), and on axis 0 once it passes 65,535 (checked on the
+  launch grid; both orders checked for parity).
 - Device: Triton launches on the current CUDA device, so every launch must run under the tensors' device.
 """
 
@@ -114,15 +116,61 @@ def _attention_launches(B, H, N, D, device="cpu"):
     attention.attention_bwd(dout, q, k, v, out, lse, 0.25, allow_tf32=False)
 
 
+@pytest.fixture
+def spied_order(monkeypatch):
+    """(kernel name, grid, HEADS_FIRST) of each attention launch, recorded and not run."""
+    monkeypatch.setattr(attention, "_on_device", _Guard)
+
+    def record(name, grid, args, kwargs):
+        return name, tuple(grid), kwargs["HEADS_FIRST"]
+
+    return spy_triton_launches(monkeypatch, (attention,), record, names=ATTENTION_KERNELS, launch=False)
+
+
 @pytest.mark.parametrize("B, H", [(5462, 12), (65536, 1), (7, 16411)])
-def test_attention_grid_puts_batch_times_heads_on_axis_0(spied, B, H):
+def test_attention_grid_past_65535_heads_puts_them_on_axis_0(spied_order, B, H):
     """ViT-B (H = 12) at batch 5,462 is the first B * H past 65,535 (item 5)."""
     N, D = 3, 32
     _attention_launches(B, H, N, D)
-    assert [name for name, _, _ in spied] == list(ATTENTION_KERNELS)
-    for name, grid, _ in spied:
+    assert [name for name, _, _ in spied_order] == list(ATTENTION_KERNELS)
+    for name, grid, heads_first in spied_order:
         assert grid[0] <= AXIS_0_MAX and all(g <= AXIS_12_MAX for g in grid[1:]), f"{name}: grid {grid}"
         assert grid[0] == B * H and math.prod(grid) >= B * H * math.ceil(N / 128), f"{name}: grid {grid}"
+        assert heads_first, f"{name}: B * H on axis 0 must come with HEADS_FIRST"
+
+
+@pytest.mark.parametrize("B, H, N", [(256, 12, 197), (5461, 12, 197), (65535, 1, 577)])
+def test_attention_grid_launches_the_tiles_of_a_head_together(spied_order, B, H, N):
+    """Within 65,535 heads the row tiles go on axis 0 (launched first): the H200 profile of B * H first read K and
+    V from DRAM once per query tile, 2.5x the forward's bytes. Meta tensors: the launchers see only shapes."""
+    q = torch.empty(B, H, N, 64, device="meta")
+    out, lse = attention.attention_fwd(q, q, q, 0.125, allow_tf32=False)
+    attention.attention_bwd(q, q, q, q, out, lse, 0.125, allow_tf32=False)
+    assert [name for name, _, _ in spied_order] == list(ATTENTION_KERNELS)
+    for name, grid, heads_first in spied_order:
+        assert grid[1] == B * H and grid[0] < N, f"{name}: grid {grid}"
+        assert not heads_first, f"{name}: tiles on axis 0 must come with HEADS_FIRST=False"
+
+
+@pytest.mark.parametrize("heads_on_axis_0", [False, True])
+def test_attention_parity_in_both_grid_orders(monkeypatch, heads_on_axis_0):
+    """Both orders of `_tile_and_head` at a small shape (several tiles and heads): axis 1's limit is lowered to
+    put B * H = 6 on axis 0, so the order that ViT batches past 5,461 take is checked here too, not only on a
+    GPU at 65,537 heads."""
+    if heads_on_axis_0:
+        monkeypatch.setattr(attention, "_AXIS_1_MAX", 5)
+    B, H, N, D = 2, 3, 70, 32
+    q, k, v, dout = (torch.randn(B, H, N, D, device=DEVICE) for _ in range(4))
+    launches = spy_triton_launches(
+        monkeypatch, (attention,), lambda name, grid, args, kwargs: kwargs["HEADS_FIRST"], names=ATTENTION_KERNELS
+    )
+    out, lse = attention.attention_fwd(q, k, v, D**-0.5, allow_tf32=False)
+    grads = attention.attention_bwd(dout, q, k, v, out, lse, D**-0.5, allow_tf32=False)
+    assert launches == [heads_on_axis_0] * 4
+    ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, D**-0.5)
+    for name, got, ref in [("out", out, ref_out), ("lse", lse, ref_lse), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = rel_error(got, ref)
+        assert err <= TOLERANCES[torch.float32], f"{name}: relative error {err:.3g}"
 
 
 def test_attention_grid_beyond_cuda_is_a_value_error():

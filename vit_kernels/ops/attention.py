@@ -42,11 +42,21 @@ LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Pyt
 # kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_and_head():
-    # (row tile, (batch, head)) of this program. B * H on grid axis 0 (up to 2^31 - 1): axes 1 and 2 stop at
-    # 65,535, which B * H passes at ViT-B batch 5,462. A flat axis 0 of tiles * B * H programs would keep the
-    # launch order of the tiles-first grid, but its runtime division made the fp32 dK/dV kernels spill (sm_80, sm_90).
-    return tl.program_id(1), tl.program_id(0)
+def _tile_and_head(HEADS_FIRST: tl.constexpr):
+    # (row tile, (batch, head)) of this program. Tiles go on grid axis 0, which launches first, so the programs
+    # of one head run together and the K / V (or Q / dO) they all stream come from DRAM once, then from L2. With
+    # B * H first, the tiles of a head were B * H programs apart and each re-read them from DRAM: the H200
+    # profile (benchmarks/results/nvidia-h200-2026-11-26.md) read 778 MB in the forward for 310 MB of tensors.
+    # Axes 1 and 2 stop at 65,535, which B * H passes at ViT-B batch 5,462: then HEADS_FIRST puts B * H on axis 0
+    # (up to 2^31 - 1). A flat axis 0 of tiles * B * H would serve both, but its runtime division made the fp32
+    # dK/dV kernels spill (sm_80, sm_90).
+    if HEADS_FIRST:
+        tile = tl.program_id(1)
+        head = tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+    return tile, head
 
 
 @triton.jit
@@ -104,9 +114,9 @@ def _attn_fwd_kernel(
     stride_oz, stride_oh, stride_om, stride_ok,
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = _tile_and_head()
+    pid_m, pid_bh = _tile_and_head(HEADS_FIRST)
     # int64 offsets: B * H * N * D passes 2^31 for large batches of ViT-H at 518 px.
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
@@ -141,11 +151,11 @@ def _attn_bwd_preprocess_kernel(
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_dz, stride_dh, stride_dm, stride_dk,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax-backward correction, computed once per row
     # here rather than once per K/V tile inside the dK/dV kernel.
-    pid_m, pid_bh = _tile_and_head()
+    pid_m, pid_bh = _tile_and_head(HEADS_FIRST)
     o_base = _head(Out, pid_bh, H, stride_oz, stride_oh)
     do_base = _head(DOut, pid_bh, H, stride_dz, stride_dh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,11 +179,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dz, stride_dh, stride_dm, stride_dk,
     H, N, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_N keys and streams every query tile past them: dK and dV are finished in
     # registers and written once, so no atomics and a deterministic result.
-    pid_n, pid_bh = _tile_and_head()
+    pid_n, pid_bh = _tile_and_head(HEADS_FIRST)
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
     v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
@@ -230,10 +240,10 @@ def _attn_bwd_dq_kernel(
     stride_dz, stride_dh, stride_dm, stride_dk,
     H, N, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_M queries and streams every K/V tile: dQ has a single writer (no atomics).
-    pid_m, pid_bh = _tile_and_head()
+    pid_m, pid_bh = _tile_and_head(HEADS_FIRST)
     q_base = _head(Q, pid_bh, H, stride_qz, stride_qh)
     k_base = _head(K, pid_bh, H, stride_kz, stride_kh)
     v_base = _head(V, pid_bh, H, stride_vz, stride_vh)
@@ -357,17 +367,21 @@ def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) ->
 
 
 _INT32_LIMIT = 2**31  # CUDA grid axis 0 holds up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+_AXIS_1_MAX = 65535
 
 
-def _grid(N: int, block: int, BH: int) -> tuple[int, int]:
-    """(B * H, row tiles): the grid `_tile_and_head` reads."""
+def _grid(N: int, block: int, BH: int) -> tuple[tuple[int, int], bool]:
+    """The grid `_tile_and_head` reads, and its HEADS_FIRST: (row tiles, B * H), or (B * H, row tiles) when
+    B * H is past what axis 1 holds."""
     tiles = triton.cdiv(N, block)
-    if BH >= _INT32_LIMIT or tiles > 65535:
+    if BH >= _INT32_LIMIT or tiles > _AXIS_1_MAX:
         raise ValueError(
             f"attention: B*H={BH} heads x {tiles} tiles of {block} rows (N={N}) exceed the CUDA grid "
             f"(2^31 - 1 x 65,535); split the batch or the sequence"
         )
-    return (BH, tiles)
+    if BH > _AXIS_1_MAX:
+        return (BH, tiles), True
+    return (tiles, BH), False
 
 
 def _in_head_int32(t: torch.Tensor) -> torch.Tensor:
@@ -411,13 +425,14 @@ def attention_fwd(
     )
     out = _alloc(B, N, H, D, like=q).transpose(1, 2)
     lse = _alloc(B, H, N, like=q, dtype=torch.float32)
+    grid, heads_first = _grid(N, block_m, B * H)
     with _on_device(q):
-        _attn_fwd_kernel[_grid(N, block_m, B * H)](
+        _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, N, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32),
+            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), HEADS_FIRST=heads_first,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return out, lse
@@ -451,21 +466,23 @@ def attention_bwd(
     dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
     block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    pre_grid, pre_heads_first = _grid(N, _PREPROCESS_BLOCK_M, B * H)
+    grid, heads_first = _grid(N, block_n, B * H)  # the dK/dV and dQ kernels both hold block_n rows
     with _on_device(q):
-        _attn_bwd_preprocess_kernel[_grid(N, _PREPROCESS_BLOCK_M, B * H)](
+        _attn_bwd_preprocess_kernel[pre_grid](
             out, dout, delta, *out.stride(), *dout.stride(), H, N,
-            HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d,
+            HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d, HEADS_FIRST=pre_heads_first,
         )  # fmt: skip
-        _attn_bwd_dkdv_kernel[_grid(N, block_n, B * H)](
+        _attn_bwd_dkdv_kernel[grid](
             q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, INPUT_PRECISION=precision,
-            num_warps=num_warps, num_stages=num_stages,
+            HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         # dQ holds the query side, so the (streamed, held) sizes swap.
-        _attn_bwd_dq_kernel[_grid(N, block_n, B * H)](
+        _attn_bwd_dq_kernel[grid](
             q, k, v, dout, dq, lse, delta, *strides, H, N, scale, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
-            num_warps=num_warps, num_stages=num_stages,
+            HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return dq, dk, dv
 
@@ -486,7 +503,7 @@ def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, nu
     ty = static_check.TL_DTYPES[dtype]
     # Mirror the launch-time specialisation of a typical call: 16-byte aligned pointers, unit innermost strides
     # (specialised to the constant 1), other strides multiples of 16 elements (H * D and D are, for ViT).
-    constexprs = dict(constexprs, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))
+    constexprs = dict(constexprs, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HEADS_FIRST=False)
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in _INNER_STRIDES:
