@@ -13,15 +13,17 @@ void gemm_qkv_fwd(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t 
                   uintptr_t v, index_t batch, index_t tokens, index_t channels, index_t heads, int dtype,
                   uintptr_t stream);
 void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t s_h, index_t s_t, uintptr_t x,
-                  index_t ldx, uintptr_t w, index_t ldw, uintptr_t dx, uintptr_t dw, uintptr_t dbias, index_t batch,
-                  index_t tokens, index_t channels, index_t heads, int dtype, uintptr_t stream);
+                  index_t ldx, uintptr_t w, index_t ldw, uintptr_t dx, uintptr_t dw, uintptr_t dbias,
+                  uintptr_t scratch, index_t scratch_floats, index_t batch, index_t tokens, index_t channels,
+                  index_t heads, int dtype, uintptr_t stream);
 void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2, index_t ldw2,
                   uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C, index_t Hd,
                   index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
 void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
                   index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
-                  uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, index_t M, index_t C, index_t Hd,
-                  index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
+                  uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
+                  index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
+                  uintptr_t stream);
 
 void bind_gemm(pybind11::module_& m) {
   namespace py = pybind11;
@@ -31,10 +33,11 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("v"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"), py::arg("dtype"),
         py::arg("stream"));
   m.def("qkv_bwd", &gemm_qkv_bwd,
-        "dx (B*N, C), dweight (3C, C), dbias (3C,) or 0 from dq, dk, dv (B, H, N, D) sharing strides (s_b, s_h, s_t, 1)",
+        "dx (B*N, C), dweight (3C, C), dbias (3C,) or 0 from dq, dk, dv (B, H, N, D) sharing strides (s_b, s_h, s_t, 1); "
+        "the bias sum goes through scratch (scratch_floats fp32)",
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("s_b"), py::arg("s_h"), py::arg("s_t"), py::arg("x"),
         py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
-        py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"), py::arg("dtype"),
+        py::arg("scratch"), py::arg("scratch_floats"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"), py::arg("dtype"),
         py::arg("stream"));
   m.def("mlp_fwd", &gemm_mlp_fwd,
         "hidden = x @ fc1_weight^T + fc1_bias, act = gelu(hidden) (scratch), y = act @ fc2_weight^T + fc2_bias",
@@ -43,11 +46,12 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
         py::arg("stream"));
   m.def("mlp_bwd", &gemm_mlp_bwd,
-        "dx, dfc1_weight, dfc1_bias (or 0), dfc2_weight, dfc2_bias (or 0) of the GELU-MLP; dhidden and act are scratch",
+        "dx, dfc1_weight, dfc1_bias (or 0), dfc2_weight, dfc2_bias (or 0) of the GELU-MLP; dhidden, act and "
+        "scratch (scratch_floats fp32, for the bias sums) are scratch",
         py::arg("dy"), py::arg("ldy"), py::arg("x"), py::arg("ldx"), py::arg("fc1_weight"), py::arg("ldw1"),
         py::arg("fc2_weight"), py::arg("ldw2"), py::arg("hidden"), py::arg("ldh"), py::arg("dhidden"), py::arg("act"),
         py::arg("dx"), py::arg("dfc1_weight"), py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"),
-        py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
+        py::arg("scratch"), py::arg("scratch_floats"), py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
         py::arg("stream"));
 }
 

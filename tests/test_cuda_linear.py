@@ -33,8 +33,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def poisoned(monkeypatch):
     """Every buffer the wrappers allocate starts as NaN: a skipped tile, row or column cannot pass."""
 
-    def nan_empty(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    def nan_empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
     monkeypatch.setattr(linear, "_empty", nan_empty)
 
@@ -67,7 +67,9 @@ def _x_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # GPU parity: fused QKV
 # ----------------------------------------------------------------------------------------------------
-QKV_SHAPES = [(1, 1, 64, 2), (2, 197, 72, 9), (3, 50, 192, 3), (1, 257, 768, 12)]  # (B, N, C, H)
+# (B, N, C, H). 5 x 197 = 985 tokens: the bias sum splits its rows three ways (256 rows or more each), the last
+# split shorter than the others.
+QKV_SHAPES = [(1, 1, 64, 2), (2, 197, 72, 9), (3, 50, 192, 3), (1, 257, 768, 12), (5, 197, 72, 9)]
 
 
 @needs_gpu
@@ -131,7 +133,8 @@ def test_qkv_bwd_reads_gradient_views(poisoned, dtype, grad_layout):
 # ----------------------------------------------------------------------------------------------------
 # GPU parity: GELU-MLP
 # ----------------------------------------------------------------------------------------------------
-MLP_SHAPES = [(1, 8, 16, 8), (394, 72, 288, 72), (5, 192, 768, 192), (300, 768, 3072, 768)]  # (M, C, Hd, C_out)
+# (M, C, Hd, C_out); M = 600: the bias sums split their rows two ways.
+MLP_SHAPES = [(1, 8, 16, 8), (394, 72, 288, 72), (5, 192, 768, 192), (300, 768, 3072, 768), (600, 72, 288, 72)]
 
 
 @needs_gpu
@@ -240,12 +243,14 @@ def test_extension_binds_the_linear_launchers():
 _QKV_FWD_ARGS = dict(x=0, ldx=64, weight=0, ldw=64, bias=0, q=0, k=0, v=0, batch=1, tokens=5, channels=64, heads=2,
                      dtype=HALF, stream=0)  # fmt: skip
 _QKV_BWD_ARGS = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0,
-                     dweight=0, dbias=0, batch=1, tokens=5, channels=64, heads=2, dtype=HALF, stream=0)  # fmt: skip
+                     dweight=0, dbias=0, scratch=0, scratch_floats=0, batch=1, tokens=5, channels=64, heads=2,
+                     dtype=HALF, stream=0)  # fmt: skip
 _MLP_FWD_ARGS = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0,
                      act=0, y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
 _MLP_BWD_ARGS = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64,
-                     dhidden=0, act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, M=5, C=32,
-                     hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+                     dhidden=0, act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, scratch=0,
+                     scratch_floats=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF,
+                     stream=0)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -273,6 +278,20 @@ def test_qkv_bwd_launcher_checks_gradient_strides():
         _C.qkv_bwd(**{**_QKV_BWD_ARGS, "s_t": 36})
     with pytest.raises(ValueError, match=r"dq, dk, dv must be 16-byte aligned"):
         _C.qkv_bwd(**{**_QKV_BWD_ARGS, "dk": 4})
+
+
+def test_bias_sums_need_their_scratch_before_any_launch():
+    """A bias gradient (a two-pass column sum) needs fp32 scratch for one row of sums at least, checked with the
+    other preconditions, before the first GEMM launches."""
+    _C = _extension()
+    with pytest.raises(ValueError, match=r"qkv_bwd dbias: the fp32 scratch must hold at least one row of 192 column"):
+        _C.qkv_bwd(**{**_QKV_BWD_ARGS, "dbias": 16})
+    with pytest.raises(ValueError, match=r"mlp_bwd dfc2_bias: .* of 32 column sums, got 16 floats"):
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "dfc2_bias": 16, "scratch": 64, "scratch_floats": 16})
+    with pytest.raises(ValueError, match=r"mlp_bwd dfc1_bias: .* of 64 column sums, got 32 floats"):
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "dfc1_bias": 16, "scratch": 64, "scratch_floats": 32})
+    with pytest.raises(ValueError, match=r"mlp_bwd dfc1_bias: the fp32 scratch must be 4-byte aligned"):
+        _C.mlp_bwd(**{**_MLP_BWD_ARGS, "dfc1_bias": 16, "scratch": 66, "scratch_floats": 64})
 
 
 def test_mlp_launchers_check_channels_and_layout():

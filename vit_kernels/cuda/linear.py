@@ -21,10 +21,21 @@ import torch
 from vit_kernels.cuda import check_cuda_tensors, check_like, dtype_code, extension, ptr, stream_of
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     # Every output and scratch buffer comes from here, so tests can poison them (NaN-fill) and catch
     # any element a kernel forgets to write.
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# csrc/gemm.cu's kColsumMaxSplits: a bias gradient (column sum) adds up to this many row splits' fp32 partial
+# sums, so its scratch holds this many rows of column sums.
+_COLSUM_MAX_SPLITS = 64
+
+
+def _colsum_scratch(cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """fp32 scratch for column sums of up to `cols` columns, and its length in floats."""
+    scratch = _empty((_COLSUM_MAX_SPLITS * cols,), like, torch.float32)
+    return scratch, scratch.numel()
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -89,7 +100,7 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
     -> dx (B, N, C), dweight (3C, C), dbias (3C,) or None.
 
     dx = dQKV @ weight and dweight = dQKV^T @ x, with dQKV (B*N, 3C) read in place from dq, dk, dv;
-    dbias = column sums of dQKV (a separate reduction kernel).
+    dbias = column sums of dQKV (a separate two-pass reduction over row splits, through fp32 scratch).
     """
     check_cuda_tensors(dq=dq, dk=dk, dv=dv, x=x, weight=weight)
     if dq.dim() != 4:
@@ -106,11 +117,13 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
     dx = _empty((B, N, C), x)
     dweight = _empty((3 * C, C), weight)
     dbias = _empty((3 * C,), x) if has_bias else None
+    scratch, scratch_floats = _colsum_scratch(3 * C, x) if has_bias else (None, 0)
     s_b, s_h, s_t, _ = dq.stride()
     with torch.cuda.device(x.device):
         extension().qkv_bwd(
             ptr(dq), ptr(dk), ptr(dv), s_b, s_h, s_t, ptr(x2), x2.stride(0), ptr(w), w.stride(0),
-            ptr(dx), ptr(dweight), ptr(dbias), B, N, C, H, dtype_code(x), stream_of(x),
+            ptr(dx), ptr(dweight), ptr(dbias), ptr(scratch), scratch_floats, B, N, C, H, dtype_code(x),
+            stream_of(x),
         )  # fmt: skip
     return dx, dweight, dbias
 
@@ -172,10 +185,13 @@ def mlp_bwd(
     dw2 = _empty((C_out, Hd), fc2_weight)
     db1 = _empty((Hd,), x) if has_fc1_bias else None
     db2 = _empty((C_out,), x) if has_fc2_bias else None
+    # One scratch for both bias sums: they run one after the other on the stream.
+    cols = max(Hd if has_fc1_bias else 0, C_out if has_fc2_bias else 0)
+    scratch, scratch_floats = _colsum_scratch(cols, x) if cols else (None, 0)
     with torch.cuda.device(x.device):
         extension().mlp_bwd(
             ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(w2), w2.stride(0),
             ptr(h), h.stride(0), ptr(dhidden), ptr(act), ptr(dx), ptr(dw1), ptr(db1), ptr(dw2), ptr(db2),
-            M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
+            ptr(scratch), scratch_floats, M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
         )  # fmt: skip
     return dx, dw1, db1, dw2, db2
