@@ -12,6 +12,7 @@
 #   tests         pytest on every test file that runs kernels on the device (-n auto when pytest-xdist is importable)
 #   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
 #   profile       Nsight Compute per kernel launch, one fwd + bwd of each op and backend (benchmarks/profile_kernels.py)
+#   probe_dw      benchmarks/probe_weight_grad.py: which cause makes the Triton weight-gradient GEMM slow
 #   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
@@ -57,15 +58,15 @@ while [ $# -gt 0 ]; do
 done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
-STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile pytest_bench memcheck
-  racecheck tune compile_tables auto_table)
+STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile probe_dw pytest_bench
+  memcheck racecheck tune compile_tables auto_table)
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
-# 43 s for 8 shapes, now 10). They sum to ~830 s, more than one 10-minute call: a lease runs them in two calls
+# 43 s for 8 shapes, now 10; probe_dw: a guess). They sum to ~860 s, more than one 10-minute call: a lease runs them in two calls
 # with --only (README).
 declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
-  [vit_tables]=90 [block_tables]=15 [profile]=60 [pytest_bench]=20 [memcheck]=20 [racecheck]=90 [tune]=60
+  [vit_tables]=90 [block_tables]=15 [profile]=60 [probe_dw]=30 [pytest_bench]=20 [memcheck]=20 [racecheck]=90 [tune]=60
   [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
@@ -302,6 +303,9 @@ if [ -n "$ncu" ] || [ $has_gpu = 0 ] || [ -n "${fake[profile]:-}" ]; then
 else
   optional profile "ncu (Nsight Compute) not found (PATH, /usr/local/cuda/bin)"
 fi
+
+# 6b. the weight-gradient GEMM probe: one timing per candidate cause (NOTES.md, gelu_mlp)
+stage probe_dw 1 "$PY" benchmarks/probe_weight_grad.py
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 # (without a GPU the stage reports "no CUDA device" whatever is installed, like every GPU stage)
