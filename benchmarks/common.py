@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MiB = 1 << 20
+# When this module was first imported: `Report.finish` says how long the benchmark took, so that a run killed
+# at its slice (gpu_check.sh) shows whether the work or the exit after it ran out of time.
+_STARTED = time.monotonic()
 TRITON_ON_CPU = (
     "on CPU tensors Triton runs only under its interpreter, far too slow to benchmark"
     " (--include-interpreter to time it anyway)"
@@ -665,6 +668,7 @@ class Report:
             except ValueError:
                 shown = p
             print(f"wrote {shown}", file=sys.stderr)
+        print(f"{self.name}: finished {time.monotonic() - _STARTED:.0f} s after start", file=sys.stderr, flush=True)
 
 
 def write_peaks(path: Path, env: Env, peaks: Peaks) -> None:

@@ -358,7 +358,9 @@ else
 fi
 
 # 9. the attention launch table's tuner, at the two shapes that matter most
-stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --out-dir "$work/results/tune" \
+# (--no-static: compiling every candidate for the spill check took the whole 53 s slice on the H200; each
+# timed candidate is logged as it goes, so a killed run still reports what it timed)
+stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --no-static --out-dir "$work/results/tune" \
   --shapes "256,12,197,64;196,16,257,80"
 
 # 10. torch.compile: the baseline users will ask about, last because it compiles for minutes

@@ -186,6 +186,13 @@ def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
             ms = cell.timing.median_ms
             row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gbps=nbytes / (ms * 1e-3) / 1e9, rel_err=cell.err)
             report.add(row)
+            # as it goes, so that a run killed at its time limit still tells what it timed
+            print(
+                f"timed: {row['shape']} {pass_} {row['config']}{' (shipped)' if i == 0 else ''}: {ms:.4f} ms, "
+                f"rel err {cell.err:.2e}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -207,6 +214,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", help="B,H,N,D;... (default: attn_bench's GPU ViT shapes)")
     p.add_argument("--arch", type=int, choices=[80, 90], help="compile target (default: this GPU's, else 90)")
     p.add_argument("--static-only", action="store_true", help="compile and report; time nothing")
+    p.add_argument(
+        "--no-static",
+        action="store_true",
+        help="skip the static step (it compiles every candidate one after another: most of a short GPU window); "
+        "spilling candidates are then timed too",
+    )
     p.add_argument("--interpret", action="store_true", help="time under the Triton interpreter on CPU (tests only)")
     p.add_argument(
         "--fp32-precision",
@@ -233,6 +246,8 @@ def main(argv=None) -> int:
     static: dict = {}
     if args.interpret:
         report.skip("static check", "--interpret: interpreted kernels cannot be compiled for a GPU")
+    elif args.no_static and not args.static_only:
+        report.skip("static check", "--no-static")
     else:
         arch = args.arch
         if arch is None:
