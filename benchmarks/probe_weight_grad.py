@@ -14,6 +14,8 @@ and is checked against torch before it is timed:
   tiles_64       no row sum, 64 x 128 tiles: 288 programs (2.2 waves)
   split_k{S}     no row sum, K cut into S slices, one launch each on its own stream into fp32 partials, summed by
                  torch: split-K as cuBLAS does it, without a kernel change (S = 2, 4, 8)
+  kernel_split_k{S}  the kernel's own split-K (`linear._launch(..., split_k=S)`: grid axis 1 over K slices),
+                 with the row sum, as `mlp_bwd` would run it if the measurement picks it (S = 4, 8)
   dx_same_flops  dX = dhidden @ W1 (the GEMM that runs at 56-64% SM throughput), for the rate a tile can reach
   cublas         torch's dhidden.t() @ x
 """
@@ -94,12 +96,20 @@ def variants(dhidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor) -> dict:
 
         return run
 
+    def kernel_split_k(S: int):
+        def run():
+            linear._launch(dh_t, x_op, dw, Hd, C, M, dt, False, split_k=S, row_sum=db)
+            return dw
+
+        return run
+
     def dx_same_flops():
         _launch(dh_op, w1_op, dx, M, C, Hd, dt)
         return dx
 
     out = {"shipped": (shipped, ref_dw), "no_row_sum": (no_row_sum, ref_dw), "tiles_64": (tiles_64, ref_dw)}
     out.update({f"split_k{S}": (split_k(S), ref_dw) for S in (2, 4, 8)})
+    out.update({f"kernel_split_k{S}": (kernel_split_k(S), ref_dw) for S in (4, 8)})
     out["dx_same_flops"] = (dx_same_flops, ref_dx)
     out["cublas"] = (lambda: dhidden.t() @ x, ref_dw)
     return out

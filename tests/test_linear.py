@@ -20,8 +20,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: a skipped tile, row or column cannot pass."""
-    # linear's _alloc takes no dtype: the lambda keeps its signature, so a call that passed one would fail here too
-    monkeypatch.setattr(linear, "_alloc", lambda *shape, like: nan_alloc(*shape, like=like))
+    monkeypatch.setattr(linear, "_alloc", nan_alloc)
 
 
 def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -242,6 +241,43 @@ def test_gelu_saturates_without_nan(device):
 # ----------------------------------------------------------------------------------------------------
 # through autograd: the custom ops of vit_kernels.library with backend "triton"
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# split-K (the weight-gradient products; off in the ops until a GPU measurement picks it)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("split_k", [2, 3, 5])
+def test_split_k_weight_gradient_with_row_sum(device, dtype, split_k):
+    """dW1 = dhidden^T @ x and its bias row sum, K = 197 tokens cut into slices of whole BLOCK_K tiles: 2 -> 2 slices,
+    3 -> 3 (the last 5 tokens long), 5 -> 4 (fewer than asked) under the interpreter's BLOCK_K = 32."""
+    M, C, Hd = 197, 24, 40
+    dhidden = _layout(randn(M, Hd, dtype=dtype, device=device), "sliced")
+    x = randn(M, C, dtype=dtype, device=device)
+    dw = linear._alloc(Hd, C, like=x)
+    db = linear._alloc(Hd, like=x)
+    linear._launch(
+        linear._Operand(dhidden, transpose=True), linear._Operand(x), dw, Hd, C, M, dtype, False,
+        split_k=split_k, row_sum=db,
+    )  # fmt: skip
+    _check("dW1", dw, dhidden.double().t() @ x.double(), TOLERANCES[dtype])
+    _check("db1", db, dhidden.double().sum(0), TOLERANCES[dtype])
+
+
+def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
+    """The QKV weight gradient dW = dQKV^T @ x, dQKV read from packed dq, dk, dv (A_DQKV_T), in 3 slices."""
+    B, N, C, H = 2, 45, 24, 2
+    grads = _grads(B, N, H, C // H, F32, "packed", device)
+    x = randn(B * N, C, dtype=F32, device=device)
+    dw = linear._alloc(3 * C, C, like=x)
+    db = linear._alloc(3 * C, like=x)
+    linear._launch(
+        None, linear._Operand(x), dw, 3 * C, C, B * N, F32, False, split_k=3, row_sum=db,
+        a_mode=linear.A_DQKV_T, dqkv=grads, n_tok=N, qkv_c=C, qkv_d=C // H,
+    )  # fmt: skip
+    dqkv = torch.cat([g.transpose(1, 2).reshape(B * N, C) for g in grads], 1).double()
+    _check("dW", dw, dqkv.t() @ x.double(), TOLERANCES[F32])
+    _check("dbias", db, dqkv.sum(0), TOLERANCES[F32])
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_qkv_autograd(device, dtype, has_bias):

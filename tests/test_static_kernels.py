@@ -24,6 +24,7 @@ from vit_kernels.ops.linear import compile_report
 arch = int(sys.argv[1])
 rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
 rows += compile_report(arch, shapes=((1, 197, 768, 12),), dtypes=(torch.float16,))  # the 64-row "small" tiles
+rows += compile_report(arch, dtypes=(torch.float16, torch.float32), split_k=4)  # the weight gradients, split-K
 print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
 """,
 }
@@ -32,6 +33,7 @@ KERNELS = {
     "linear": {
         "qkv_fwd", "qkv_bwd_dx", "qkv_bwd_dw", "mlp_fc1", "mlp_fc2",
         "mlp_bwd_dhidden", "mlp_bwd_dw2", "mlp_bwd_dw1", "mlp_bwd_dx",
+        "qkv_bwd_dw_split_k", "mlp_bwd_dw2_split_k", "mlp_bwd_dw1_split_k",
     },
 }  # fmt: skip
 NO_DOT = {"attn_bwd_preprocess"}  # a row reduction: no tensor-core instruction expected

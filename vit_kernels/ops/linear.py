@@ -162,12 +162,22 @@ def _gemm_kernel(
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
+    K_SPLIT,  # SPLIT_K: the K elements of one slice (a multiple of BLOCK_K)
     A_MODE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SUM: tl.constexpr,
     TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
+    # SPLIT_K: grid axis 1 cuts K into slices of K_SPLIT; each program writes its fp32 partial product (and row
+    # sums) into slice program_id(1) of C (SPLIT_K, M, N) and RowSum (SPLIT_K, M), which the launcher adds up.
+    # Only plain stores (EPILOGUE 0, no bias).
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if SPLIT_K:
+        k_lo = tl.program_id(1) * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    else:
+        k_lo = 0
+        k_hi = K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -182,9 +192,9 @@ def _gemm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < K  # slices start at multiples of BLOCK_K, so only K itself cuts a tile
         if A_MODE == 0:
             a_ptrs = A + a_rows[:, None] + (offs_k.to(tl.int64) * stride_ak)[None, :]
         elif A_MODE == 1:  # dQKV (M, 3C): rows are tokens, K runs over the 3C columns
@@ -216,6 +226,8 @@ def _gemm_kernel(
         _store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n.to(tl.int64) * stride_cn)[None, :]
+        if SPLIT_K:
+            c_offs += tl.program_id(1).to(tl.int64) * M * N
         if EPILOGUE == 0:
             tl.store(C + c_offs, acc.to(out_ty), mask=c_mask)
         elif EPILOGUE == 1:
@@ -232,7 +244,10 @@ def _gemm_kernel(
             tl.store(C2 + c_offs, act.to(out_ty), mask=c_mask)
     if ROW_SUM:
         if pid_n == 0:
-            tl.store(RowSum + offs_m, row_acc.to(RowSum.dtype.element_ty), mask=m_mask)
+            row_ptrs = RowSum + offs_m
+            if SPLIT_K:
+                row_ptrs += tl.program_id(1).to(tl.int64) * M
+            tl.store(row_ptrs, row_acc.to(RowSum.dtype.element_ty), mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,8 +333,8 @@ def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 # Tests replace this with a NaN-filling allocator, so that an element a kernel never writes fails them.
-def _alloc(*shape: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,10 +383,15 @@ def _kernel_args(
     n_tok: int = 1,
     qkv_c: int = 1,
     qkv_d: int = 1,
-) -> tuple[tuple, dict, tuple[int]]:
+    split_k: int = 1,
+) -> tuple[tuple, dict, tuple[int, ...]]:
     """(positional args, constexpr and launch kwargs, grid) of one `_gemm_kernel` launch computing
-    C (M, N) = epilogue(A (M, K) @ B (K, N)). Pointers a product does not read are passed as `c`."""
+    C (M, N) = epilogue(A (M, K) @ B (K, N)). Pointers a product does not read are passed as `c`.
+    split_k > 1: K in that many slices (fewer where K is short), each program's fp32 partial into slice
+    program_id(1) of c (slices, M, N) and row_sum (slices, M), contiguous; the grid's second axis says how many."""
     block_m, block_n, block_k, group_m, num_warps, num_stages = _config(M, N, dtype, allow_tf32, arch, epilogue)
+    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    slices = triton.cdiv(K, k_split)
     a_args = a.args if a is not None else (c, 1, 0, 0, 0)
     dq, dk, dv = dqkv if dqkv is not None else (c, c, c)
     qkv_strides = (*dq.stride(), *dk.stride(), *dv.stride()) if dqkv is not None else (0,) * 12
@@ -382,13 +402,16 @@ def _kernel_args(
         bias if bias is not None else c,
         hidden if hidden is not None else c, row_sum if row_sum is not None else c, dq, dk, dv,
         M, N, K, *a_args[1:], *b.args[1:], *c_strides, *h_strides, n_tok, *qkv_strides,
+        k_split if split_k > 1 else K,  # K when unused: the same integer specialisation as K, no extra compile
     )  # fmt: skip
     kwargs = dict(
         A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None, TANH=tanh,
         QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        INPUT_PRECISION=_input_precision(dtype, allow_tf32), num_warps=num_warps, num_stages=num_stages,
+        INPUT_PRECISION=_input_precision(dtype, allow_tf32), SPLIT_K=split_k > 1,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    grid = (tiles, slices) if split_k > 1 else (tiles,)
     return args, kwargs, grid
 
 
@@ -402,11 +425,35 @@ def _check_gemm_size(M: int, N: int, K: int, grid: tuple[int]) -> None:
         raise ValueError(f"GEMM ({M} x {K}) @ ({K} x {N}) is too large for 32-bit tile indices; split the batch")
 
 
-def _launch(a, b, c, M, N, K, dtype, allow_tf32, **epilogue) -> None:
+def _launch(a, b, c, M, N, K, dtype, allow_tf32, split_k: int = 1, **epilogue) -> None:
+    if split_k > 1:
+        _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k, **epilogue)
+        return
     args, kwargs, grid = _kernel_args(a, b, c, M, N, K, dtype, allow_tf32, _arch(c.device), **epilogue)
     _check_gemm_size(M, N, K, grid)
     with _on_device(c):
         _gemm_kernel[grid](*args, **kwargs)
+
+
+def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, row_sum=None, **epilogue) -> None:
+    """C (M, N) = A @ B with K cut into `split_k` slices, for products whose M x N tiles are too few to fill the
+    GPU while K is long (the weight gradients: K = tokens). fp32 partials (slices, M, N), added up in slice order
+    by torch (deterministic) and rounded once. Plain stores only; row_sum too. Not used by the ops yet: the
+    probe (benchmarks/probe_weight_grad.py) measures it first."""
+    assert not epilogue.get("bias") and epilogue.get("epilogue", EPI_STORE) == EPI_STORE, "split-K stores only"
+    partial = _alloc(split_k, M, N, like=c, dtype=torch.float32)
+    sums = _alloc(split_k, M, like=c, dtype=torch.float32) if row_sum is not None else None
+    args, kwargs, grid = _kernel_args(
+        a, b, partial[0], M, N, K, dtype, allow_tf32, _arch(c.device), split_k=split_k,
+        row_sum=sums[0] if sums is not None else None, **epilogue,
+    )  # fmt: skip
+    _check_gemm_size(M, N, K, grid)
+    with _on_device(c):
+        _gemm_kernel[grid](*args, **kwargs)
+        slices = grid[1]
+        c.copy_(partial[:slices].sum(0))
+        if row_sum is not None:
+            row_sum.copy_(sums[:slices].sum(0))
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -569,6 +616,9 @@ def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dt
     ]  # fmt: skip
 
 
+# The products `_launch_split_k` is for: weight gradients, M x N = features x features, K = tokens.
+SPLIT_K_PRODUCTS = ("qkv_bwd_dw", "mlp_bwd_dw2", "mlp_bwd_dw1")
+
 # ViT-B/16 at 224 px, batch 64: on sm_90 its products already use all three shape classes (qkv_fwd "large",
 # qkv_bwd_dw "small") and both GELU caps. Pass (1, 197, 768, 12) too for the "small" tiles everywhere; one shape
 # keeps a cold-cache report (27 compiles per arch) well inside benchmarks/kernel_report.py's time limit.
@@ -581,8 +631,11 @@ def compile_report(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     kernels=None,
     fp32_precisions=static_check.FP32_PRECISIONS,
+    split_k: int = 1,
 ) -> list[dict]:
     """Compile every product of a ViT block (forward and backward) with the config the table ships, for sm_<arch>.
+    split_k > 1: the weight-gradient products (`SPLIT_K_PRODUCTS`) only, split along K into fp32 partials, named
+    "<product>_split_k".
 
     shapes: (B, N, C, H) tuples; kernels: names from `_block_gemms` to keep (all when None); fp32 is compiled once
     per precision in `fp32_precisions` ("ieee": matmul precision "highest", PyTorch's default; "tf32"). Runs
@@ -598,6 +651,13 @@ def compile_report(
             for name, (a, b, c, M, N_, K), extra in _block_gemms(B, N, C, H, 4, dtype):
                 if kernels is not None and name not in kernels:
                     continue
+                if split_k > 1:
+                    if name not in SPLIT_K_PRODUCTS:
+                        continue
+                    # the launcher's fp32 partials: (slices, M, N) and (slices, M), slice 0 passed
+                    c = torch.empty(c.shape, dtype=torch.float32, device="meta")
+                    extra = dict(extra, row_sum=torch.empty(M, dtype=torch.float32, device="meta"), split_k=split_k)
+                    name = f"{name}_split_k"
                 args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
                 key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
                 if key not in cache:
