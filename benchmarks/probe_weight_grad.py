@@ -12,10 +12,9 @@ and is checked against torch before it is timed:
   shipped        the launch `mlp_bwd` makes: 128 x 128 tiles, row sum of dhidden fused
   no_row_sum     the same without the row sum
   tiles_64       no row sum, 64 x 128 tiles: 288 programs (2.2 waves)
-  split_k{S}     no row sum, K cut into S slices, one launch each on its own stream into fp32 partials, summed by
-                 torch: split-K as cuBLAS does it, without a kernel change (S = 2, 4, 8)
-  kernel_split_k{S}  the kernel's own split-K (`linear._launch(..., split_k=S)`: grid axis 1 over K slices),
-                 with the row sum, as `mlp_bwd` would run it if the measurement picks it (S = 4, 8)
+  split_k{S}     the kernel's split-K (`linear._launch(..., split_k=S)`: grid axis 1 over K slices into fp32
+                 partials, summed by torch), with the row sum, as `mlp_bwd` would run it if the measurement
+                 picks it (S = 2, 4, 8)
   dx_same_flops  dX = dhidden @ W1 (the GEMM that runs at 56-64% SM throughput), for the rate a tile can reach
   cublas         torch's dhidden.t() @ x
 """
@@ -23,7 +22,6 @@ and is checked against torch before it is timed:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -39,15 +37,14 @@ import common  # noqa: E402
 from vit_kernels.ops import linear  # noqa: E402
 
 
-def _launch(a, b, c, M, N, K, dtype, *, row_sum=None, block_m=None, stream=None) -> None:
-    """One `_gemm_kernel` launch of C (M, N) = A (M, K) @ B (K, N) with operands of `dtype` (C may be fp32), the
-    config `linear` picks for it, optionally with its tile rows changed."""
+def _launch(a, b, c, M, N, K, dtype, *, row_sum=None, block_m=None) -> None:
+    """One `_gemm_kernel` launch of C (M, N) = A (M, K) @ B (K, N), the config `linear` picks for it, optionally
+    with its tile rows changed."""
     args, kwargs, grid = linear._kernel_args(a, b, c, M, N, K, dtype, False, linear._arch(c.device), row_sum=row_sum)
     if block_m is not None:
         kwargs["BLOCK_M"] = block_m
         grid = (-(-M // block_m) * -(-N // kwargs["BLOCK_N"]),)
-    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-    with linear._on_device(c), on_stream:
+    with linear._on_device(c):
         linear._gemm_kernel[grid](*args, **kwargs)
 
 
@@ -78,25 +75,6 @@ def variants(dhidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor) -> dict:
         return dw
 
     def split_k(S: int):
-        bounds = [M * i // S for i in range(S + 1)]
-        partial = torch.empty(S, Hd, C, device=dev, dtype=torch.float32)
-        streams = [torch.cuda.Stream(device=dev) for _ in range(S)] if dev.type == "cuda" else [None] * S
-
-        def run():
-            main = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-            for s, (k0, k1) in enumerate(zip(bounds, bounds[1:], strict=False)):
-                if main is not None:
-                    streams[s].wait_stream(main)
-                a, b = linear._Operand(dhidden[k0:k1], True), linear._Operand(x[k0:k1])
-                _launch(a, b, partial[s], Hd, C, k1 - k0, dt, stream=streams[s])
-            if main is not None:
-                for st in streams:
-                    main.wait_stream(st)
-            return partial.sum(0).to(dt)
-
-        return run
-
-    def kernel_split_k(S: int):
         def run():
             linear._launch(dh_t, x_op, dw, Hd, C, M, dt, False, split_k=S, row_sum=db)
             return dw
@@ -109,7 +87,6 @@ def variants(dhidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor) -> dict:
 
     out = {"shipped": (shipped, ref_dw), "no_row_sum": (no_row_sum, ref_dw), "tiles_64": (tiles_64, ref_dw)}
     out.update({f"split_k{S}": (split_k(S), ref_dw) for S in (2, 4, 8)})
-    out.update({f"kernel_split_k{S}": (kernel_split_k(S), ref_dw) for S in (4, 8)})
     out["dx_same_flops"] = (dx_same_flops, ref_dx)
     out["cublas"] = (lambda: dhidden.t() @ x, ref_dw)
     return out
