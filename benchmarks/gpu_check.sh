@@ -63,11 +63,11 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
-# 43 s for 8 shapes, now 10; probe_dw: a guess). They sum to ~860 s, more than one 10-minute call: a lease runs them in two calls
-# with --only (README).
+# 43 s for 8 shapes, now 10; probe_dw: a guess). They sum to ~870 s, more than one 10-minute call: a lease runs
+# them in two calls with --only (README).
 declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
-  [vit_tables]=90 [block_tables]=15 [profile]=60 [probe_dw]=30 [pytest_bench]=20 [memcheck]=20 [racecheck]=90 [tune]=60
-  [compile_tables]=60 [auto_table]=10)
+  [vit_tables]=90 [block_tables]=15 [profile]=60 [probe_dw]=30 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
+  [tune]=60 [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
