@@ -239,9 +239,6 @@ def test_gelu_saturates_without_nan(device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# through autograd: the custom ops of vit_kernels.library with backend "triton"
-# ----------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------
 # split-K (the weight-gradient products; off in the ops until a GPU measurement picks it)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -278,6 +275,9 @@ def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
     _check("dbias", db, dqkv.sum(0), TOLERANCES[F32])
 
 
+# ----------------------------------------------------------------------------------------------------
+# through autograd: the custom ops of vit_kernels.library with backend "triton"
+# ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_qkv_autograd(device, dtype, has_bias):
