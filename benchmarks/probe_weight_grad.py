@@ -1,22 +1,19 @@
-"""Why the Triton weight-gradient GEMMs are slow: one measurement that tells the candidate causes apart.
+"""The Triton weight-gradient GEMMs, split along K or not: the measurement that sets `linear._WEIGHT_GRAD_SPLIT_K`.
 
     python benchmarks/probe_weight_grad.py            # needs a CUDA device for timings; CPU runs it tiny, untimed
 
-The H200 profile (benchmarks/results/nvidia-h200-2026-11-26.md) ran gelu_mlp's dW1 = dhidden^T @ x at ViT-B/16
-(3072 x 768 output, K = 50,432 tokens) in 2.23 ms at 14% SM throughput, 144 programs on 132 SMs, where the dX
-GEMM of the same FLOPs took 0.58 ms and cuBLAS's split-K dW 0.36 ms. Candidates (benchmarks/NOTES.md has the
-predictions): the fused bias row sum (ROW_SUM), wave quantization (144 tiles, 1.09 waves), and the long K
-loop itself. Each variant below changes one of them, computes the same product through `linear._gemm_kernel`,
-and is checked against torch before it is timed:
-
-  shipped        the launch `mlp_bwd` makes: 128 x 128 tiles, row sum of dhidden fused
-  no_row_sum     the same without the row sum
-  tiles_64       no row sum, 64 x 128 tiles: 288 programs (2.2 waves)
-  split_k{S}     the kernel's split-K (`linear._launch(..., split_k=S)`: grid axis 1 over K slices into fp32
-                 partials, summed by torch), with the row sum, as `mlp_bwd` would run it if the measurement
-                 picks it (S = 2, 4, 8)
-  dx_same_flops  dX = dhidden @ W1 (the GEMM that runs at 56-64% SM throughput), for the rate a tile can reach
-  cublas         torch's dhidden.t() @ x
+History: on an H200 (benchmarks/results/nvidia-h200-2026-11-27.md) gelu_mlp's dW1 = dhidden^T @ x at ViT-B/16
+(3072 x 768 output, K = 50,432 tokens) took 1.65 ms with the bias row sum fused in, 0.72 ms without it; the row
+sum has since moved to a torch reduction. What is left to decide is split-K, for two products:
+  mlp_dw1   dW1 = dhidden^T @ x (Hd x C), as `mlp_bwd` launches it
+  qkv_dw    dW = dQKV^T @ x (3C x C), dQKV read in place from packed dq, dk, dv (A_DQKV_T), as `qkv_bwd` does
+Variants of each, every one checked against torch before it is timed:
+  gemm           the GEMM as the ops launch it with split-K off (`_launch`, split_k=1)
+  split_k{S}     the kernel's split-K: grid axis 1 over S slices of K into fp32 partials, summed by torch
+  tiles_64       (mlp_dw1) no split, 64 x 128 tiles: 288 programs instead of 144
+  bias_sum       the bias gradient beside it (`linear._bias_grad`: torch's fp32 column sum)
+  dx_same_flops  (mlp_dw1) dX = dhidden @ W1, the GEMM of the same FLOPs with many tiles, for the rate a tile reaches
+  cublas         torch's product (qkv_dw: from a materialised dQKV)
 """
 
 from __future__ import annotations
@@ -36,93 +33,121 @@ import common  # noqa: E402
 
 from vit_kernels.ops import linear  # noqa: E402
 
+SPLITS = (2, 4, 8)
 
-def _launch(a, b, c, M, N, K, dtype, *, row_sum=None, block_m=None) -> None:
-    """One `_gemm_kernel` launch of C (M, N) = A (M, K) @ B (K, N), the config `linear` picks for it, optionally
-    with its tile rows changed."""
-    args, kwargs, grid = linear._kernel_args(a, b, c, M, N, K, dtype, False, linear._arch(c.device), row_sum=row_sum)
-    if block_m is not None:
-        kwargs["BLOCK_M"] = block_m
-        grid = (-(-M // block_m) * -(-N // kwargs["BLOCK_N"]),)
+
+def _tiles_64(a, b, c, M, N, K, dtype) -> None:
+    """One `_gemm_kernel` launch of C = A @ B with the config `linear` picks, but 64-row tiles."""
+    args, kwargs, grid = linear._kernel_args(a, b, c, M, N, K, dtype, False, linear._arch(c.device))
+    kwargs["BLOCK_M"] = 64
+    grid = (-(-M // 64) * -(-N // kwargs["BLOCK_N"]),)
     with linear._on_device(c):
         linear._gemm_kernel[grid](*args, **kwargs)
 
 
-def variants(dhidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor) -> dict:
-    """name -> (fn() returning the product it computed, the reference it must match)."""
-    M, Hd = dhidden.shape
-    C = x.shape[1]
-    dev, dt = x.device, x.dtype
-    dw = torch.empty(Hd, C, device=dev, dtype=dt)
-    db = torch.empty(Hd, device=dev, dtype=dt)
-    dx = torch.empty(M, C, device=dev, dtype=dt)
-    ref_dw = (dhidden.t().float() @ x.float()).to(dt)
-    ref_dx = (dhidden.float() @ w1.float()).to(dt)
-    dh_t, x_op, dh_op, w1_op = (
-        linear._Operand(t, tr) for t, tr in ((dhidden, True), (x, False), (dhidden, False), (w1, False))
-    )
+def mlp_variants(M: int, C: int, Hd: int, device: str, dtype: torch.dtype) -> dict:
+    """name -> (fn() returning what it computed, the reference it must match, FLOPs)."""
+    dhidden = torch.randn(M, Hd, device=device).to(dtype)
+    x = torch.randn(M, C, device=device).to(dtype)
+    w1 = (torch.randn(Hd, C, device=device) * C**-0.5).to(dtype)
+    dw = torch.empty(Hd, C, device=device, dtype=dtype)
+    db = torch.empty(Hd, device=device, dtype=dtype)
+    dx = torch.empty(M, C, device=device, dtype=dtype)
+    ref_dw = (dhidden.t().float() @ x.float()).to(dtype)
+    dh_t, x_op = linear._Operand(dhidden, transpose=True), linear._Operand(x)
+    flops = 2.0 * M * C * Hd
 
-    def shipped():
-        _launch(dh_t, x_op, dw, Hd, C, M, dt, row_sum=db)
-        return dw
-
-    def no_row_sum():
-        _launch(dh_t, x_op, dw, Hd, C, M, dt)
-        return dw
-
-    def tiles_64():
-        _launch(dh_t, x_op, dw, Hd, C, M, dt, block_m=64)
-        return dw
-
-    def split_k(S: int):
+    def gemm(split_k: int = 1):
         def run():
-            linear._launch(dh_t, x_op, dw, Hd, C, M, dt, False, split_k=S, row_sum=db)
+            linear._launch(dh_t, x_op, dw, Hd, C, M, dtype, False, split_k=split_k)
             return dw
 
         return run
 
+    def tiles_64():
+        _tiles_64(dh_t, x_op, dw, Hd, C, M, dtype)
+        return dw
+
     def dx_same_flops():
-        _launch(dh_op, w1_op, dx, M, C, Hd, dt)
+        linear._launch(linear._Operand(dhidden), linear._Operand(w1), dx, M, C, Hd, dtype, False)
         return dx
 
-    out = {"shipped": (shipped, ref_dw), "no_row_sum": (no_row_sum, ref_dw), "tiles_64": (tiles_64, ref_dw)}
-    out.update({f"split_k{S}": (split_k(S), ref_dw) for S in (2, 4, 8)})
-    out["dx_same_flops"] = (dx_same_flops, ref_dx)
-    out["cublas"] = (lambda: dhidden.t() @ x, ref_dw)
+    out = {"gemm": (gemm(), ref_dw, flops)}
+    out.update({f"split_k{S}": (gemm(S), ref_dw, flops) for S in SPLITS})
+    out["tiles_64"] = (tiles_64, ref_dw, flops)
+    out["bias_sum"] = (lambda: linear._bias_grad(dhidden, db), dhidden.float().sum(0), None)
+    out["dx_same_flops"] = (dx_same_flops, (dhidden.float() @ w1.float()).to(dtype), flops)
+    out["cublas"] = (lambda: dhidden.t() @ x, ref_dw, flops)
+    return out
+
+
+def qkv_variants(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) -> dict:
+    D = C // H
+    # packed (B, N, 3, H, D) storage viewed as three (B, H, N, D) tensors: the layout attention's backward writes
+    dq, dk, dv = torch.randn(B, N, 3, H, D, device=device).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    x = torch.randn(B * N, C, device=device).to(dtype)
+    dw = torch.empty(3 * C, C, device=device, dtype=dtype)
+    db = torch.empty(3 * C, device=device, dtype=dtype)
+    dqkv = torch.cat([g.transpose(1, 2).reshape(B * N, C) for g in (dq, dk, dv)], 1)
+    ref_dw = (dqkv.t().float() @ x.float()).to(dtype)
+    x_op = linear._Operand(x)
+    heads = dict(a_mode=linear.A_DQKV_T, dqkv=(dq, dk, dv), n_tok=N, qkv_c=C, qkv_d=D)
+    flops = 2.0 * B * N * C * 3 * C
+
+    def gemm(split_k: int = 1):
+        def run():
+            linear._launch(None, x_op, dw, 3 * C, C, B * N, dtype, False, split_k=split_k, **heads)
+            return dw
+
+        return run
+
+    def bias_sum():
+        for i, g in enumerate((dq, dk, dv)):  # as qkv_bwd takes it
+            db[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
+        return db
+
+    out = {"gemm": (gemm(), ref_dw, flops)}
+    out.update({f"split_k{S}": (gemm(S), ref_dw, flops) for S in SPLITS})
+    out["bias_sum"] = (bias_sum, dqkv.float().sum(0), None)
+    out["cublas"] = (lambda: dqkv.t() @ x, ref_dw, flops)
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=None, help="K: 256 x 197 on a GPU, 300 on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="images: 256 on a GPU, 2 on CPU")
+    parser.add_argument("--tokens", type=int, default=None, help="per image: 197 on a GPU, 45 on CPU")
     parser.add_argument("--channels", type=int, default=None, help="C: 768 on a GPU, 32 on CPU")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden: 3072 on a GPU, 64 on CPU")
+    parser.add_argument("--heads", type=int, default=None, help="12 on a GPU, 2 on CPU")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
-    M = args.tokens or (256 * 197 if gpu else 300)
+    B = args.batch or (256 if gpu else 2)
+    N = args.tokens or (197 if gpu else 45)
     C = args.channels or (768 if gpu else 32)
-    Hd = args.hidden or (3072 if gpu else 64)
+    H = args.heads or (12 if gpu else 2)
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.manual_seed(0)
-    dhidden = torch.randn(M, Hd, device=device).to(dtype)
-    x = torch.randn(M, C, device=device).to(dtype)
-    w1 = (torch.randn(Hd, C, device=device) * C**-0.5).to(dtype)
-    flops = 2.0 * M * C * Hd
     name = torch.cuda.get_device_name() if gpu else "cpu (untimed: the interpreter)"
-    print(f"## probe_weight_grad: dW1 = dhidden^T @ x, {Hd} x {C}, K = {M}, {str(dtype)[6:]}, {name}\n")
-    print("| variant | ms (median) | TFLOP/s | rel err vs fp32 product |")
-    print("|---|---|---|---|")
+    products = {
+        f"mlp_dw1 ({4 * C} x {C})": mlp_variants(B * N, C, 4 * C, device, dtype),
+        f"qkv_dw ({3 * C} x {C})": qkv_variants(B, N, C, H, device, dtype),
+    }
+    print(f"## probe_weight_grad: weight gradients, K = {B} x {N} tokens, {str(dtype)[6:]}, {name}\n")
+    print("| product | variant | ms (median) | TFLOP/s | rel err vs fp32 |")
+    print("|---|---|---|---|---|")
     failed = False
-    for variant, (fn, ref) in variants(dhidden, x, w1).items():
-        err = common.rel_error(fn(), ref)
-        ok = err <= (1e-2 if dtype == torch.bfloat16 else 1e-4)
-        failed |= not ok
-        if gpu and ok:
-            ms = common.bench(lambda _i, fn=fn: fn(), 1, device).median_ms
-            print(f"| {variant} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err:.2e} |", flush=True)
-        else:
-            print(f"| {variant} | {'n/a' if ok else 'WRONG'} | n/a | {err:.2e} |", flush=True)
+    for product, variants in products.items():
+        for variant, (fn, ref, flops) in variants.items():
+            err = common.rel_error(fn(), ref)
+            ok = err <= (1e-2 if dtype == torch.bfloat16 else 1e-4)
+            failed |= not ok
+            if gpu and ok:
+                ms = common.bench(lambda _i, fn=fn: fn(), 1, device).median_ms
+                rate = f"{flops / ms / 1e9:.0f}" if flops else "n/a"
+                print(f"| {product} | {variant} | {ms:.3f} | {rate} | {err:.2e} |", flush=True)
+            else:
+                print(f"| {product} | {variant} | {'n/a' if ok else 'WRONG'} | n/a | {err:.2e} |", flush=True)
     return 1 if failed else 0
 
 

@@ -68,18 +68,19 @@ BWD_CANDIDATES = (
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def shipped(N: int, D: int, dtype: torch.dtype, allow_tf32: bool) -> tuple[tuple, tuple]:
+def shipped(N: int, D: int, dtype: torch.dtype, allow_tf32: bool, arch: int) -> tuple[tuple, tuple]:
+    """The table's (fwd, bwd) configs for sm_<arch> (0: the interpreter's)."""
     block_d = 1 << (D - 1).bit_length()
     precision = triton_attention._input_precision(dtype, allow_tf32)
     return (
-        triton_attention._fwd_config(N, block_d, dtype, precision),
-        triton_attention._bwd_config(N, block_d, dtype, precision),
+        triton_attention._fwd_config(N, block_d, dtype, precision, arch),
+        triton_attention._bwd_config(N, block_d, dtype, precision, arch),
     )
 
 
-def candidates(pass_: str, N: int, D: int, dtype: torch.dtype, allow_tf32: bool) -> list[tuple]:
+def candidates(pass_: str, N: int, D: int, dtype: torch.dtype, allow_tf32: bool, arch: int) -> list[tuple]:
     """The candidate list, the shipped config first (timed even if it were not in the list)."""
-    mine = shipped(N, D, dtype, allow_tf32)[0 if pass_ == "fwd" else 1]
+    mine = shipped(N, D, dtype, allow_tf32, arch)[0 if pass_ == "fwd" else 1]
     pool = FWD_CANDIDATES if pass_ == "fwd" else BWD_CANDIDATES
     return [mine, *(c for c in pool if c != mine)]
 
@@ -92,7 +93,7 @@ def static_rows(arch: int, shapes, dtype: torch.dtype, allow_tf32: bool, bar) ->
     out: dict[tuple, dict] = {}
     for shape in shapes:
         for pass_ in ("fwd", "bwd"):
-            for cfg in candidates(pass_, shape.N, shape.D, dtype, allow_tf32):
+            for cfg in candidates(pass_, shape.N, shape.D, dtype, allow_tf32, arch):
                 key = (pass_, shape.D, cfg)
                 if key in out:
                     bar.update(1)
@@ -170,7 +171,7 @@ def time_shape(shape, dtype: torch.dtype, args, static, report, bar):
     for pass_ in ("fwd", "bwd"):
         flops = common.attention_flops(B, H, N, D, pass_)
         nbytes = common.attention_bytes(B, H, N, D, dtype.itemsize, pass_)
-        for i, cfg in enumerate(candidates(pass_, N, D, dtype, tf32)):
+        for i, cfg in enumerate(candidates(pass_, N, D, dtype, tf32, args.table_arch)):
             bar.update(1)
             info = static.get((pass_, D, cfg), {"ok": True, "why": ""})
             row = {"shape": f"{shape.model} {B}x{H}x{N}x{D}", "pass": pass_, "config": "/".join(map(str, cfg)),
@@ -240,8 +241,14 @@ def main(argv=None) -> int:
     env = common.Env.collect(args.device, args.dtype)
     report = common.Report("tune_attention", env, None, args)
     report.print_header()
+    # the table the launchers read on this device (0: the interpreter's; no GPU: the static step's target)
+    args.table_arch = triton_attention._arch(torch.device(args.device)) or (0 if args.interpret else args.arch or 90)
     # candidate configs over every shape and pass: the length of each progress bar below
-    n = sum(len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32)) for sh in shapes for ps in ("fwd", "bwd"))
+    n = sum(
+        len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32, args.table_arch))
+        for sh in shapes
+        for ps in ("fwd", "bwd")
+    )
 
     static: dict = {}
     if args.interpret:

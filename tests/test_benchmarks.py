@@ -208,13 +208,15 @@ def test_tune_attention_timing_path_under_interpreter():
 
 
 def test_probe_weight_grad_checks_every_variant_on_cpu():
-    """The dW diagnostic for the next GPU lease: on CPU (interpreter, tiny shape) every variant computes the product
-    it claims to, so a GPU run can only differ in its timings."""
+    """The split-K measurement: on CPU (interpreter, tiny shape) every variant computes the product it claims to, so
+    a GPU run can only differ in its timings."""
     rows = table_rows(run_script("probe_weight_grad.py"))
-    names = ["shipped", "no_row_sum", "tiles_64", "split_k2", "split_k4", "split_k8", "dx_same_flops", "cublas"]
+    split = ["gemm", "split_k2", "split_k4", "split_k8"]
+    names = [*split, "tiles_64", "bias_sum", "dx_same_flops", "cublas", *split, "bias_sum", "cublas"]
     assert [r["variant"] for r in rows] == names
+    assert [r["product"].split()[0] for r in rows] == ["mlp_dw1"] * 8 + ["qkv_dw"] * 6
     for r in rows:
-        assert float(r["rel err vs fp32 product"]) < 1e-5, r
+        assert float(r["rel err vs fp32"]) < 1e-5, r
 
 
 def test_kernel_report_lists_every_cuda_kernel():

@@ -239,24 +239,21 @@ def test_gelu_saturates_without_nan(device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# split-K (the weight-gradient products; off in the ops until a GPU measurement picks it)
+# split-K (the weight-gradient products; `linear._WEIGHT_GRAD_SPLIT_K` turns it on in the ops)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("split_k", [2, 3, 5])
-def test_split_k_weight_gradient_with_row_sum(device, dtype, split_k):
-    """dW1 = dhidden^T @ x and its bias row sum, K = 197 tokens cut into slices of whole BLOCK_K tiles: 2 -> 2 slices,
-    3 -> 3 (the last 5 tokens long), 5 -> 4 (fewer than asked) under the interpreter's BLOCK_K = 32."""
+def test_split_k_weight_gradient(device, dtype, split_k):
+    """dW1 = dhidden^T @ x, K = 197 tokens cut into slices of whole BLOCK_K tiles: 2 -> 2 slices, 3 -> 3 (the last
+    5 tokens long), 5 -> 4 (fewer than asked) under the interpreter's BLOCK_K = 32."""
     M, C, Hd = 197, 24, 40
     dhidden = _layout(randn(M, Hd, dtype=dtype, device=device), "sliced")
     x = randn(M, C, dtype=dtype, device=device)
     dw = linear._alloc(Hd, C, like=x)
-    db = linear._alloc(Hd, like=x)
     linear._launch(
-        linear._Operand(dhidden, transpose=True), linear._Operand(x), dw, Hd, C, M, dtype, False,
-        split_k=split_k, row_sum=db,
-    )  # fmt: skip
+        linear._Operand(dhidden, transpose=True), linear._Operand(x), dw, Hd, C, M, dtype, False, split_k=split_k
+    )
     _check("dW1", dw, dhidden.double().t() @ x.double(), TOLERANCES[dtype])
-    _check("db1", db, dhidden.double().sum(0), TOLERANCES[dtype])
 
 
 def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
@@ -265,14 +262,12 @@ def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
     grads = _grads(B, N, H, C // H, F32, "packed", device)
     x = randn(B * N, C, dtype=F32, device=device)
     dw = linear._alloc(3 * C, C, like=x)
-    db = linear._alloc(3 * C, like=x)
     linear._launch(
-        None, linear._Operand(x), dw, 3 * C, C, B * N, F32, False, split_k=3, row_sum=db,
+        None, linear._Operand(x), dw, 3 * C, C, B * N, F32, False, split_k=3,
         a_mode=linear.A_DQKV_T, dqkv=grads, n_tok=N, qkv_c=C, qkv_d=C // H,
     )  # fmt: skip
     dqkv = torch.cat([g.transpose(1, 2).reshape(B * N, C) for g in grads], 1).double()
     _check("dW", dw, dqkv.t() @ x.double(), TOLERANCES[F32])
-    _check("dbias", db, dqkv.sum(0), TOLERANCES[F32])
 
 
 # ----------------------------------------------------------------------------------------------------

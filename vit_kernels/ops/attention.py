@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import arch as _arch
 from vit_kernels.ops import on_device as _on_device
 from vit_kernels.ops import static_check
 
@@ -335,22 +336,39 @@ _BWD_CONFIGS = {  # (operands, BLOCK_D): (streamed, held, num_warps, num_stages)
     ("tf32", 128): (16, 64, 8, 2),
     **{("ieee", block_d): (16, 64, 8, 2) for block_d in (32, 64, 128)},
 }
+# sm_90 entries that replace the ones above, each from an H200 measurement (benchmarks/tune_attention.py, bf16,
+# benchmarks/results/nvidia-h200-2026-11-27.md): the fastest candidate where it beat the table by more than
+# noise. sm_80 keeps the table: nothing has been measured there, and 4 warps at BLOCK_D = 128 spill 12 bytes in
+# dK/dV on sm_80 (D = 80), 0 on sm_90 (254 registers).
+#  - 16-bit fwd, BLOCK_D 64, N <= 256: 128 x 32 on 4 warps (two m64 wgmma per warpgroup), 0.179 ms against 0.196
+#    for 64 x 64 at ViT-B/16 (256 x 12 heads x 197 x 64).
+#  - 16-bit fwd, BLOCK_D 128, N > 256: 64 x 64 on 4 warps, 0.513 ms against 0.634 for 128 x 64 on 8 at ViT-H/14
+#    (196 x 16 x 257 x 80).
+#  - 16-bit bwd, BLOCK_D 128: 4 warps, 1.55 ms against 3.31 on 8 at ViT-H/14.
+_FWD_CONFIGS_SM90 = {
+    ("16bit", 64): ((64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)),
+    ("16bit", 128): ((64, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3)),
+}
+_BWD_CONFIGS_SM90 = {("16bit", 128): (32, 64, 4, 2)}
 
 
 def _operands(dtype: torch.dtype, precision: str) -> str:
     return "16bit" if dtype != torch.float32 else precision
 
 
-def _fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; precision as `_input_precision` gives it."""
-    small, medium, large = _FWD_CONFIGS[(_operands(dtype, precision), block_d)]
+def _fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; precision as `_input_precision` gives it, arch as
+    `vit_kernels.ops.arch` (90: the sm_90 entries first)."""
+    key = (_operands(dtype, precision), block_d)
+    small, medium, large = _FWD_CONFIGS_SM90[key] if arch == 90 and key in _FWD_CONFIGS_SM90 else _FWD_CONFIGS[key]
     return small if N <= 64 else (medium if N <= 256 else large)
 
 
-def _bwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
+def _bwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> tuple[int, int, int, int]:
     """(streamed, held, num_warps, num_stages): dK/dV runs BLOCK_M = streamed queries past BLOCK_N = held keys,
     dQ BLOCK_M = held queries past BLOCK_N = streamed keys, so one entry serves both kernels. Any N."""
-    return _BWD_CONFIGS[(_operands(dtype, precision), block_d)]
+    key = (_operands(dtype, precision), block_d)
+    return _BWD_CONFIGS_SM90[key] if arch == 90 and key in _BWD_CONFIGS_SM90 else _BWD_CONFIGS[key]
 
 
 _PREPROCESS_BLOCK_M = 64  # a pure row reduction: memory bound, any reasonable tile is fine
@@ -421,7 +439,7 @@ def attention_fwd(
     q, k, v = _in_head_int32(q), _in_head_int32(k), _in_head_int32(v)
     block_d = triton.next_power_of_2(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(
-        N, block_d, q.dtype, _input_precision(q.dtype, allow_tf32)
+        N, block_d, q.dtype, _input_precision(q.dtype, allow_tf32), _arch(q.device)
     )
     out = _alloc(B, N, H, D, like=q).transpose(1, 2)
     lse = _alloc(B, H, N, like=q, dtype=torch.float32)
@@ -464,7 +482,7 @@ def attention_bwd(
 
     delta = _alloc(B, H, N, like=q, dtype=torch.float32)
     dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
-    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision)
+    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision, _arch(q.device))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     pre_grid, pre_heads_first = _grid(N, _PREPROCESS_BLOCK_M, B * H)
     grid, heads_first = _grid(N, block_n, B * H)  # the dK/dV and dQ kernels both hold block_n rows
@@ -575,8 +593,8 @@ def compile_report(
         block_d = triton.next_power_of_2(D)
         for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
             precision = _input_precision(dtype, allow_tf32)
-            for pass_, config in (("fwd", _fwd_config(N, block_d, dtype, precision)),
-                                  ("bwd", _bwd_config(N, block_d, dtype, precision))):  # fmt: skip
+            for pass_, config in (("fwd", _fwd_config(N, block_d, dtype, precision, arch)),
+                                  ("bwd", _bwd_config(N, block_d, dtype, precision, arch))):  # fmt: skip
                 key = (pass_, config, D, dtype, allow_tf32)  # shapes that share a config compile it once
                 if key not in done:
                     done[key] = compile_config(arch, dtype, D, allow_tf32=allow_tf32, **{pass_: config})

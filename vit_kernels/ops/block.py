@@ -416,7 +416,7 @@ def proj_residual_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dout (B, N, C) any strides -> do (B, N, C_in), dweight (C, C_in), dbias (C,) or None (dresidual is dout).
 
-    Two plain GEMMs of linear.py: do = dout @ weight; dweight = dout^T @ o with the bias gradient fused in."""
+    Two plain GEMMs of linear.py, do = dout @ weight and dweight = dout^T @ o; dbias = column sums of dout."""
     B, N, C_in = o.shape
     C = weight.shape[0]
     M = B * N
@@ -425,10 +425,11 @@ def proj_residual_bwd(
     dbias = linear._alloc(C, like=o) if has_bias else None
     dout2 = dout.reshape(M, C)  # a view for every layout autograd hands over in practice; a copy otherwise
     linear._launch(linear._Operand(dout2), linear._Operand(weight), do.view(M, C_in), M, C_in, C, o.dtype, allow_tf32)
-    linear._launch(
-        linear._Operand(dout2, transpose=True), linear._Operand(o), dweight, C, C_in, M, o.dtype, allow_tf32,
-        row_sum=dbias,
-    )  # fmt: skip
+    linear._weight_grad(
+        linear._Operand(dout2, transpose=True), linear._Operand(o), dweight, C, C_in, M, o.dtype, allow_tf32
+    )
+    if dbias is not None:
+        linear._bias_grad(dout2, dbias)
     return do, dweight, dbias
 
 

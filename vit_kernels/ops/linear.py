@@ -18,8 +18,10 @@ Constexpr switches pick
   EPILOGUE   0: store (+ bias); 1: + bias, store the pre-activation and GELU of it; 2: + bias, scatter column n
              to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store acc * GELU'(hidden) and
              GELU(hidden).
-  ROW_SUM    also reduce A over K into a (M,) vector: the bias gradient of a dW = dY^T @ X product, fused into
-             it (the programs of the first N-tile add up the dY tiles they load anyway), so no extra pass over dY.
+
+Bias gradients are column sums of dY, taken by a torch reduction beside the dW = dY^T @ X GEMM, not fused into
+it: the fused row sum (up to 2459f46) made that GEMM 2.3x slower (ViT-B/16 dW1 on an H200: 1.65 ms against
+0.72 ms without it, benchmarks/results/nvidia-h200-2026-11-27.md), where torch's sum of dY takes 0.06-0.09 ms.
 
 Precision: fp16 / bf16 operands on tensor cores with fp32 accumulation, each output rounded once to the input
 dtype; fp32 operands through tf32 tensor cores when `allow_tf32`, else exact fp32 ("ieee") dots. GELU and its
@@ -45,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vit_kernels.ops import arch as _arch
 from vit_kernels.ops import on_device as _on_device
 from vit_kernels.ops import static_check
 
@@ -152,7 +155,6 @@ def _gemm_kernel(
     C3,  # EPILOGUE 2: v like q
     Bias,  # (N,) contiguous, read when HAS_BIAS
     Hid,  # (M, N) pre-activation, read by EPILOGUE 3
-    RowSum,  # (M,) contiguous: sum of A over K, written when ROW_SUM
     DQ, DK, DV,  # (B, H, N_TOK, D) each, any strides: the virtual A of A_MODE 1 / 2
     M, N, K,
     A_ROWS, stride_a_outer, stride_a_inner, stride_ak,
@@ -163,13 +165,13 @@ def _gemm_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     K_SPLIT,  # SPLIT_K: the K elements of one slice (a multiple of BLOCK_K)
-    A_MODE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SUM: tl.constexpr,
+    A_MODE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    # SPLIT_K: grid axis 1 cuts K into slices of K_SPLIT; each program writes its fp32 partial product (and row
-    # sums) into slice program_id(1) of C (SPLIT_K, M, N) and RowSum (SPLIT_K, M), which the launcher adds up.
+    # SPLIT_K: grid axis 1 cuts K into slices of K_SPLIT; each program writes its fp32 partial product into slice
+    # program_id(1) of C (SPLIT_K, M, N), which the launcher adds up.
     # Only plain stores (EPILOGUE 0, no bias).
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT_K:
@@ -182,8 +184,7 @@ def _gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    # Masked (zero-filled) edges rather than wrapped indices: M = B * 197 never fills a tile, and the row sums
-    # must not count a wrapped row twice.
+    # Masked (zero-filled) edges rather than wrapped indices: M = B * 197 never fills a tile.
     # Every index is widened to 64 bits before it meets a stride: an index below 2^31 times a stride below 2^31
     # can still pass 2^31 elements (the dfc1 weight gradient reads dhidden^T, k up to B*N tokens times stride
     # Hd: 590,848 x 4096 for ViT-L/16 at 384 px, batch 1024). Unit strides are constants, so those cost nothing.
@@ -191,7 +192,6 @@ def _gemm_kernel(
     b_cols = offs_n.to(tl.int64) * stride_bn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    row_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K  # slices start at multiples of BLOCK_K, so only K itself cuts a tile
@@ -212,10 +212,6 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b_rows = _split_offset(offs_k, B_ROWS, stride_b_outer, stride_b_inner)
         b = tl.load(B + b_rows[:, None] + b_cols[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if ROW_SUM:
-            # Only the first N-tile's programs own the bias gradient; the others skip the reduction.
-            if pid_n == 0:
-                row_acc += tl.sum(a.to(tl.float32), 1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
@@ -242,12 +238,6 @@ def _gemm_kernel(
             act, grad = _gelu_fwd_bwd(hid, TANH)
             tl.store(C + c_offs, (acc * grad).to(out_ty), mask=c_mask)
             tl.store(C2 + c_offs, act.to(out_ty), mask=c_mask)
-    if ROW_SUM:
-        if pid_n == 0:
-            row_ptrs = RowSum + offs_m
-            if SPLIT_K:
-                row_ptrs += tl.program_id(1).to(tl.int64) * M
-            tl.store(row_ptrs, row_acc.to(RowSum.dtype.element_ty), mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,14 +279,6 @@ _CONFIGS = {
 }
 _IEEE_CONFIG = (64, 64, 32, 8, 8, 2)
 _INTERPRETER_CONFIG = (32, 64, 32, 4, 4, 1)
-
-
-def _arch(device: torch.device) -> int:
-    """90 for Hopper, else 80 (Ampere, Ada and anything newer that is not Hopper use the mma.sync tables)."""
-    if device.type != "cuda":
-        return 0
-    major, _minor = torch.cuda.get_device_capability(device)
-    return 90 if major == 9 else 80
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -376,7 +358,6 @@ def _kernel_args(
     c2: torch.Tensor | None = None,
     c3: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
-    row_sum: torch.Tensor | None = None,
     tanh: bool = False,
     a_mode: int = A_MEMORY,
     dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -388,7 +369,7 @@ def _kernel_args(
     """(positional args, constexpr and launch kwargs, grid) of one `_gemm_kernel` launch computing
     C (M, N) = epilogue(A (M, K) @ B (K, N)). Pointers a product does not read are passed as `c`.
     split_k > 1: K in that many slices (fewer where K is short), each program's fp32 partial into slice
-    program_id(1) of c (slices, M, N) and row_sum (slices, M), contiguous; the grid's second axis says how many."""
+    program_id(1) of c (slices, M, N), contiguous; the grid's second axis says how many."""
     block_m, block_n, block_k, group_m, num_warps, num_stages = _config(M, N, dtype, allow_tf32, arch, epilogue)
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     slices = triton.cdiv(K, k_split)
@@ -400,12 +381,12 @@ def _kernel_args(
     args = (
         a_args[0], b.args[0], c, c2 if c2 is not None else c, c3 if c3 is not None else c,
         bias if bias is not None else c,
-        hidden if hidden is not None else c, row_sum if row_sum is not None else c, dq, dk, dv,
+        hidden if hidden is not None else c, dq, dk, dv,
         M, N, K, *a_args[1:], *b.args[1:], *c_strides, *h_strides, n_tok, *qkv_strides,
         k_split if split_k > 1 else K,  # K when unused: the same integer specialisation as K, no extra compile
     )  # fmt: skip
     kwargs = dict(
-        A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None, TANH=tanh,
+        A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, TANH=tanh,
         QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         INPUT_PRECISION=_input_precision(dtype, allow_tf32), SPLIT_K=split_k > 1,
         num_warps=num_warps, num_stages=num_stages,
@@ -435,25 +416,37 @@ def _launch(a, b, c, M, N, K, dtype, allow_tf32, split_k: int = 1, **epilogue) -
         _gemm_kernel[grid](*args, **kwargs)
 
 
-def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, row_sum=None, **epilogue) -> None:
+def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, **epilogue) -> None:
     """C (M, N) = A @ B with K cut into `split_k` slices, for products whose M x N tiles are too few to fill the
     GPU while K is long (the weight gradients: K = tokens). fp32 partials (slices, M, N), added up in slice order
-    by torch (deterministic) and rounded once. Plain stores only; row_sum too. Not used by the ops yet: the
-    probe (benchmarks/probe_weight_grad.py) measures it first."""
+    by torch (deterministic) and rounded once. Plain stores only. The ops use it where `_WEIGHT_GRAD_SPLIT_K` says
+    (benchmarks/probe_weight_grad.py measures it)."""
     assert not epilogue.get("bias") and epilogue.get("epilogue", EPI_STORE) == EPI_STORE, "split-K stores only"
     partial = _alloc(split_k, M, N, like=c, dtype=torch.float32)
-    sums = _alloc(split_k, M, like=c, dtype=torch.float32) if row_sum is not None else None
-    args, kwargs, grid = _kernel_args(
-        a, b, partial[0], M, N, K, dtype, allow_tf32, _arch(c.device), split_k=split_k,
-        row_sum=sums[0] if sums is not None else None, **epilogue,
-    )  # fmt: skip
+    arch = _arch(c.device)
+    args, kwargs, grid = _kernel_args(a, b, partial[0], M, N, K, dtype, allow_tf32, arch, split_k=split_k, **epilogue)
     _check_gemm_size(M, N, K, grid)
     with _on_device(c):
         _gemm_kernel[grid](*args, **kwargs)
         slices = grid[1]
         c.copy_(partial[:slices].sum(0))
-        if row_sum is not None:
-            row_sum.copy_(sums[:slices].sum(0))
+
+
+# K slices of the weight-gradient GEMMs (dW = dY^T @ X, K = tokens), which have few output tiles (features x
+# features) over a long K. 1: no split, until a GPU measurement picks one (benchmarks/probe_weight_grad.py).
+_WEIGHT_GRAD_SPLIT_K = 1
+
+
+def _weight_grad(a: _Operand, b: _Operand, c: torch.Tensor, M: int, N: int, K: int, dtype, allow_tf32, **kw) -> None:
+    """c (M, N) = a @ b for a weight gradient (K = tokens)."""
+    _launch(a, b, c, M, N, K, dtype, allow_tf32, split_k=_WEIGHT_GRAD_SPLIT_K, **kw)
+
+
+def _bias_grad(dy: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (N,) = column sums of dy (M, N), any strides, accumulated in fp32 and rounded once. A torch reduction
+    (deterministic): see the module docstring for why it is not fused into the weight-gradient GEMM."""
+    out.copy_(dy.sum(0, dtype=torch.float32))
+    return out
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -493,7 +486,7 @@ def qkv_bwd(
 
     dx = dQKV @ weight and dweight = dQKV^T @ x, where dQKV (B*N, 3C) is virtual: both GEMMs read it in place from
     dq, dk, dv through an index map in the A load (no gather copy, no torch.cat). dbias (3C,) = column sums of
-    dQKV, fused into the dweight GEMM (ROW_SUM); None when has_bias is False.
+    dQKV, i.e. each of dq, dk, dv summed over batch and tokens; None when has_bias is False.
     """
     B, H, N, D = dq.shape
     C = H * D
@@ -507,10 +500,12 @@ def qkv_bwd(
         a_mode=A_DQKV, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D,
     )  # fmt: skip
     x_op = _Operand(x)  # (B*N, C): rows are the K index of this product
-    _launch(
-        None, x_op, dweight, 3 * C, C, M, x.dtype, allow_tf32,
-        a_mode=A_DQKV_T, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D, row_sum=dbias,
-    )  # fmt: skip
+    _weight_grad(
+        None, x_op, dweight, 3 * C, C, M, x.dtype, allow_tf32, a_mode=A_DQKV_T, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D
+    )
+    if dbias is not None:
+        for i, g in enumerate(dqkv):  # (B, H, N, D) -> (H, D): bias columns i*C + h*D + d
+            dbias[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
     return dx, dweight, dbias
 
 
@@ -560,9 +555,8 @@ def mlp_bwd(
     or None, dfc2_weight (C_out, Hd), dfc2_bias (C_out,) or None.
 
     Four GEMMs: dhidden = (dy @ fc2_weight) * GELU'(hidden) (dGELU epilogue, which also writes act = GELU(hidden));
-    dfc2_weight = dy^T @ act with dfc2_bias = column sums of dy fused in; dfc1_weight = dhidden^T @ x with
-    dfc1_bias = column sums of dhidden fused in; dx = dhidden @ fc1_weight. Scratch: dhidden and act, (M, Hd) each,
-    in x's dtype.
+    dfc2_weight = dy^T @ act; dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; the biases' gradients are
+    the column sums of dy and dhidden (`_bias_grad`). Scratch: dhidden and act, (M, Hd) each, in x's dtype.
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
@@ -578,8 +572,12 @@ def mlp_bwd(
         _Operand(dy), _Operand(fc2_weight), dhidden, M, Hd, C_out, x.dtype, allow_tf32,
         epilogue=EPI_DGELU, hidden=hidden, c2=act, tanh=tanh,
     )  # fmt: skip
-    _launch(_Operand(dy, transpose=True), _Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32, row_sum=db2)
-    _launch(_Operand(dhidden, transpose=True), _Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32, row_sum=db1)
+    _weight_grad(_Operand(dy, transpose=True), _Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32)
+    _weight_grad(_Operand(dhidden, transpose=True), _Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32)
+    if db2 is not None:
+        _bias_grad(dy, db2)
+    if db1 is not None:
+        _bias_grad(dhidden, db1)
     _launch(_Operand(dhidden), _Operand(fc1_weight), dx, M, C, Hd, x.dtype, allow_tf32)
     return dx, dw1, db1, dw2, db2
 
@@ -605,13 +603,13 @@ def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dt
          dict(epilogue=EPI_QKV, bias=bias, c2=qkv, c3=qkv, **heads)),
         ("qkv_bwd_dx", (None, _Operand(w), t(M, C), M, C, 3 * C), dict(a_mode=A_DQKV, dqkv=dqkv, **heads)),
         ("qkv_bwd_dw", (None, _Operand(x), t(3 * C, C), 3 * C, C, M),
-         dict(a_mode=A_DQKV_T, dqkv=dqkv, row_sum=bias, **heads)),
+         dict(a_mode=A_DQKV_T, dqkv=dqkv, **heads)),
         ("mlp_fc1", (_Operand(x2), _Operand(w1, transpose=True), hid, M, Hd, C),
          dict(epilogue=EPI_GELU, bias=b1, c2=hid)),
         ("mlp_fc2", (_Operand(hid), _Operand(w2, transpose=True), t(M, C), M, C, Hd), dict(bias=b2)),
         ("mlp_bwd_dhidden", (_Operand(x2), _Operand(w2), hid, M, Hd, C), dict(epilogue=EPI_DGELU, hidden=hid, c2=hid)),
-        ("mlp_bwd_dw2", (_Operand(x2, transpose=True), _Operand(hid), t(C, Hd), C, Hd, M), dict(row_sum=b2)),
-        ("mlp_bwd_dw1", (_Operand(hid, transpose=True), _Operand(x2), t(Hd, C), Hd, C, M), dict(row_sum=b1)),
+        ("mlp_bwd_dw2", (_Operand(x2, transpose=True), _Operand(hid), t(C, Hd), C, Hd, M), {}),
+        ("mlp_bwd_dw1", (_Operand(hid, transpose=True), _Operand(x2), t(Hd, C), Hd, C, M), {}),
         ("mlp_bwd_dx", (_Operand(hid), _Operand(w1), t(M, C), M, C, Hd), {}),
     ]  # fmt: skip
 
@@ -654,9 +652,9 @@ def compile_report(
                 if split_k > 1:
                     if name not in SPLIT_K_PRODUCTS:
                         continue
-                    # the launcher's fp32 partials: (slices, M, N) and (slices, M), slice 0 passed
+                    # the launcher's fp32 partials (slices, M, N), slice 0 passed
                     c = torch.empty(c.shape, dtype=torch.float32, device="meta")
-                    extra = dict(extra, row_sum=torch.empty(M, dtype=torch.float32, device="meta"), split_k=split_k)
+                    extra = dict(extra, split_k=split_k)
                     name = f"{name}_split_k"
                 args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
                 key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
