@@ -7,8 +7,9 @@
 Backends: "triton" (vit_kernels/ops/block.py, forward and backward as torch.library custom ops), "torch" (the unfused
 composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from vit_kernels.reference).
 "auto" follows dispatch's rule: "triton" only where the committed measured table (dispatch.TableKey, ops
-dispatch.BLOCK_OPS, keyed by the block's width C and rows B * N) names it, "torch" everywhere else (today the table
-is empty: no GPU has measured the fused kernels); `vk.explain_backend` says which and why. There is no "cuda"
+dispatch.BLOCK_OPS, keyed by the block's width C and rows B * N) names it, "torch" everywhere else (the table has no
+block entry: on an H200 the fused ViT-B/16 block ran slower than torch's, 2.77 against 1.80 ms forward,
+benchmarks/results/nvidia-h200-2026-11-27.md); `vk.explain_backend` says which and why. There is no "cuda"
 backend for these yet (a ValueError says so). Validation names the bad argument (ValueError / TypeError), as
 dispatch.py does.
 Under `torch.autocast` the tensor inputs are cast to the autocast dtype first (`dispatch.autocast_inputs`), as

@@ -290,9 +290,11 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (operands, BLOCK_D, N bucket) so that a call costs no
 # autotuning; benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below
-# rest on the static step only (registers / spills / shared memory from compiling for sm_80 and sm_90 with
-# Triton 3.6, 3.8 and 3.9): no GPU has timed them yet. Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor
-# cores) and "ieee" (exact fp32: FMA loops, the default under PyTorch's matmul precision "highest").
+# rest on the static step (registers / spills / shared memory from compiling for sm_80 and sm_90 with Triton
+# 3.6, 3.8 and 3.9); on sm_90 an H200 then timed the 16-bit ones against the alternatives at ViT-B/16 and
+# ViT-H/14, and `_FWD_CONFIGS_SM90` / `_BWD_CONFIGS_SM90` hold where it found faster ones; sm_80 and fp32 are
+# untimed. Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor cores) and "ieee" (exact fp32: FMA loops, the
+# default under PyTorch's matmul precision "highest").
 # ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12), so the grid
 # (cdiv(N, BLOCK_M) * B * H) already fills 132 SMs; tiles are picked for occupancy and for 0 spills on every
 # Triton, since ptxas's choices move between versions (e.g. tf32 dK/dV at BLOCK_D 128, 32 x 64 / 8 warps /

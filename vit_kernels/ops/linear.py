@@ -259,8 +259,9 @@ def _gemm_kernel(
 #  - fp32: twice the bytes per tile: BLOCK_K = 32 and 3 stages (tf32); exact "ieee" fp32 dots (PyTorch's default
 #    matmul precision "highest") are FMA loops that hold operand rows in registers, so they get 64 x 64 tiles on 8
 #    warps: 4 warps spilled 16 bytes in mlp_bwd_dx on Triton 3.9 sm_90 (96 registers); 8 warps need <= 80.
-#  - Every config compiles with 0 spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (tests/test_static_kernels.py;
-#    the static step only: no GPU has timed them).
+#  - Every config compiles with 0 spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (tests/test_static_kernels.py).
+#    The sm_90 16-bit configs ran on an H200 (benchmarks/results/nvidia-h200-2026-11-27.md) but no sweep of GEMM tiles
+#    has been timed; sm_80 is untimed.
 #  - The interpreter (CPU tensors) runs every program in numpy: one mid-size tile keeps the tests quick.
 _SM_COUNT = {90: 132, 80: 108}
 _CONFIGS = {
