@@ -11,7 +11,7 @@ Variants of each, every one checked against torch before it is timed:
   gemm           the GEMM as the ops launch it with split-K off (`_launch`, split_k=1)
   split_k{S}     the kernel's split-K: grid axis 1 over S slices of K into fp32 partials, summed by torch
   tiles_64       (mlp_dw1) no split, 64 x 128 tiles: 288 programs instead of 144
-  bias_sum       the bias gradient beside it (`linear._bias_grad`: torch's fp32 column sum)
+  bias_sum       the bias gradient beside it (`linear._bias_grad` / `_qkv_bias_grad`: torch's fp32 column sums)
   dx_same_flops  (mlp_dw1) dX = dhidden @ W1, the GEMM of the same FLOPs with many tiles, for the rate a tile reaches
   cublas         torch's product (qkv_dw: from a materialised dQKV)
 """
@@ -101,14 +101,9 @@ def qkv_variants(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype
 
         return run
 
-    def bias_sum():
-        for i, g in enumerate((dq, dk, dv)):  # as qkv_bwd takes it
-            db[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
-        return db
-
     out = {"gemm": (gemm(), ref_dw, flops)}
     out.update({f"split_k{S}": (gemm(S), ref_dw, flops) for S in SPLITS})
-    out["bias_sum"] = (bias_sum, dqkv.float().sum(0), None)
+    out["bias_sum"] = (lambda: linear._qkv_bias_grad((dq, dk, dv), db), dqkv.float().sum(0), None)
     out["cublas"] = (lambda: dqkv.t() @ x, ref_dw, flops)
     return out
 

@@ -450,6 +450,15 @@ def _bias_grad(dy: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _qkv_bias_grad(dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """out (3C,) = column sums of the virtual dQKV (B*N, 3C): each of dq, dk, dv (B, H, N, D), any strides, summed
+    over batch and tokens into bias columns i*C + h*D + d; fp32 accumulation, rounded once (as `_bias_grad`)."""
+    C = out.numel() // 3
+    for i, g in enumerate(dqkv):
+        out[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
+    return out
+
+
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     # Biases are read with unit stride; a strided (3C,) bias is rare enough to copy.
     return None if t is None else t.contiguous()
@@ -505,8 +514,7 @@ def qkv_bwd(
         None, x_op, dweight, 3 * C, C, M, x.dtype, allow_tf32, a_mode=A_DQKV_T, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D
     )
     if dbias is not None:
-        for i, g in enumerate(dqkv):  # (B, H, N, D) -> (H, D): bias columns i*C + h*D + d
-            dbias[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
+        _qkv_bias_grad(dqkv, dbias)
     return dx, dweight, dbias
 
 
