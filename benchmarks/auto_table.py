@@ -191,6 +191,17 @@ def _verdict(backend: str, cases: dict[tuple, dict[str, dict]], baseline: str, d
     return total, evidence
 
 
+def committed_about() -> str:
+    """The committed table's "about" text, or a default: this script is how a broken committed table gets
+    rewritten, so it must not depend on reading it."""
+    try:
+        about = json.loads(dispatch.MEASURED_TABLE.read_text())["about"]
+    except (OSError, ValueError, KeyError, TypeError):
+        about = None
+    default = "What backend='auto' runs on CUDA (see vit_kernels/dispatch.py TableKey)."
+    return about if isinstance(about, str) else default
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -200,13 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", help="sm_XY of the GPU that produced the results, when they do not say")
     args = p.parse_args(argv)
     entries, notes = propose(args.results, args.arch)
-    table = {
-        "about": json.loads(dispatch.MEASURED_TABLE.read_text())["about"]
-        if dispatch.MEASURED_TABLE.exists()
-        else "What backend='auto' runs on CUDA (see vit_kernels/dispatch.py TableKey).",
-        "entries": entries,
-    }
-    dispatch.parse_table(table)  # what we write must load
+    table = {"about": committed_about(), "entries": entries}
+    dispatch.parse_table(table, str(args.out))  # what we write must load
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     print("\n".join(f"- {n}" for n in notes))

@@ -385,6 +385,93 @@ def test_table_key_repeated_or_missing_fields():
         dispatch.parse_table({"entries": [{"arch": "sm_90", "op": "attention"}]})
 
 
+# The arch keys the dispatcher builds (_table_key): f"sm_{major}{minor}" from torch's compute capability.
+@pytest.mark.parametrize("arch", ["sm_9", "sm_90a", "sm_090", "SM_90", "sm_", "sm_9.0", 90])
+def test_table_arch_the_dispatcher_can_never_match_is_refused(arch):
+    with pytest.raises(ValueError, match=r"entry 0 .*arch"):
+        _table((arch, "attention", "bf16", 64, 256, "triton"))
+
+
+def test_table_accepts_every_arch_a_device_can_have():
+    assert [k.arch for k in _table(*[(a, "attention", "bf16", 64, 256, "triton") for a in ("sm_80", "sm_86", "sm_90",
+                                                                                           "sm_100", "sm_120")])] == [
+        "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("dim", 64.9, "dim 64.9 is not an integer"),  # int() would have made it D=64
+        ("dim", 64.0, "dim 64.0 is not an integer"),
+        ("dim", "64", "dim '64' is not an integer"),
+        ("tokens", True, "tokens True is not an integer"),
+        ("dim", 0, "dim 0 is not positive"),
+        ("op", ["attention"], r"op \['attention'\] is not a string"),
+        ("backend", None, "backend None is not a string"),
+        ("evidence", 3, "evidence 3 is not a string"),
+    ],
+)
+def test_table_entry_of_the_wrong_type_is_named(field, value, match):
+    entry = {"arch": "sm_90", "op": "attention", "dtype": "bf16", "dim": 64, "tokens": 256, "backend": "triton"}
+    good = dict(entry, dim=80)
+    with pytest.raises(ValueError, match=rf"^t\.json: entry 1 \(.*{match}"):
+        dispatch.parse_table({"entries": [good, {**entry, field: value}]}, source="t.json")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[]", r"a JSON object with an \"entries\" list, got a list"),
+        ('{"entries": null}', r"\"entries\" is null"),
+        ('{"entries": {"arch": "sm_90"}}', r"\"entries\" is a dict"),
+        ("{}", r"no \"entries\""),
+        ('{"entries": ["sm_90"]}', r"entry 0 \('sm_90'\) is not an object"),
+        ('{"entries": [', "not valid JSON"),
+        ("\xff", "not valid JSON"),
+    ],
+)
+def test_malformed_table_file_is_a_value_error_naming_the_file(tmp_path, text, match):
+    path = tmp_path / "measured_backends.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=match) as info:
+        dispatch.load_table(path)
+    assert str(info.value).startswith(f"{path}: "), info.value
+
+
+def test_auto_says_when_the_committed_table_could_not_be_read(fake_cuda, monkeypatch):
+    monkeypatch.setattr(dispatch, "_TABLE_PROBLEM", "measured_backends.json: not valid JSON (...)")
+    q = _cuda(2, 3, 197, 64)
+    assert vk.explain_backend("attention", q, q, q) == (
+        "torch",
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch "
+        "(the committed table was not read: measured_backends.json: not valid JSON (...))",
+    )
+
+
+def test_malformed_committed_table_warns_and_leaves_auto_on_torch(tmp_path):
+    """`import vit_kernels` must not break for a bad committed table (CPU users never read it): a copy of the
+    package with a malformed table imports, warns naming the file and the problem, and auto has no entries."""
+    import shutil
+    import subprocess
+    import sys
+
+    package = Path(dispatch.__file__).parent
+    shutil.copytree(package, tmp_path / "vit_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    table = tmp_path / "vit_kernels" / "measured_backends.json"
+    table.write_text('{"entries": [{"arch": "sm_9", "op": "attention", "dtype": "bf16", "dim": 64.9}]}')
+    res = subprocess.run(
+        [sys.executable, "-W", "always", "-c",
+         "import vit_kernels as vk; from vit_kernels import dispatch; print(dispatch.__file__, len(dispatch._TABLE))"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(tmp_path / "vit_kernels" / "dispatch.py"), "0"], res.stdout
+    assert f"{table}: entry 0 (" in res.stderr and "backend='auto' runs torch" in res.stderr, res.stderr
+    assert "arch 'sm_9'" in res.stderr or "dim 64.9 is not an integer" in res.stderr, res.stderr
+
+
 def test_bucket():
     assert [dispatch.bucket(n) for n in (1, 2, 3, 197, 256, 257, 577, 50432)] == [1, 2, 4, 256, 256, 512, 1024, 65536]
 
@@ -504,6 +591,18 @@ def test_auto_table_needs_an_arch_it_can_tell(auto_table, tmp_path):
         auto_table.main([str(path), "--out", str(tmp_path / "t.json")])
     auto_table.main([str(path), "--out", str(tmp_path / "t.json"), "--arch", "sm_100"])
     assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
+
+
+@pytest.mark.parametrize("committed", ['{"entries": [', "[]", '{"entries": []}'])
+def test_auto_table_rewrites_a_broken_committed_table(auto_table, tmp_path, monkeypatch, committed):
+    """auto_table is how a broken committed table gets fixed: it must not need to read it (only its "about")."""
+    broken = tmp_path / "measured_backends.json"
+    broken.write_text(committed)
+    monkeypatch.setattr(dispatch, "MEASURED_TABLE", broken)
+    path = _results(tmp_path / "gpu.json", "cuda", _attn_rows(197, 64, "fwd", {"sdpa_flash": 1.0, "triton": 0.5}))
+    assert auto_table.main([str(path), "--out", str(tmp_path / "t.json")]) == 0
+    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_90 attention bf16 D=64 N<=256"]
+    assert "auto" in json.loads((tmp_path / "t.json").read_text())["about"]
 
 
 def test_auto_table_takes_the_arch_from_the_capability_the_benchmarks_record(auto_table, tmp_path):

@@ -20,6 +20,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -194,20 +196,53 @@ def bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def parse_table(data: dict) -> dict[TableKey, dict]:
-    """The entries of a measured table (the JSON of `measured_backends.json`), keyed; ValueError naming the
-    first bad entry."""
+# What `_table_key` builds from torch's compute capability: f"sm_{major}{minor}", the minor one digit. An arch
+# of another form ("sm_9", "sm_90a") could never be looked up, so its entry would be dead without a word.
+_TABLE_ARCH = re.compile(r"sm_[1-9][0-9]*[0-9]")
+# Each entry's fields and their JSON types; "evidence" (where the measurement is) may be left out.
+_TABLE_FIELDS = {"arch": str, "op": str, "dtype": str, "dim": int, "tokens": int, "backend": str}
+
+
+def _type_problem(name: str, value, kind: type) -> str | None:
+    # bool is an int to Python, and int() would make 64.9 a D=64: a table's sizes must be written as integers.
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{name} {value!r} is not an integer"
+    if kind is str and not isinstance(value, str):
+        return f"{name} {value!r} is not a string"
+    return None
+
+
+def parse_table(data, source: str = "measured table") -> dict[TableKey, dict]:
+    """The entries of a measured table (the JSON of `measured_backends.json`), keyed; ValueError naming `source`
+    (the file) and the first bad entry."""
+    if not isinstance(data, dict):
+        raise ValueError(f'{source}: expected a JSON object with an "entries" list, got a {type(data).__name__}')
+    if "entries" not in data:
+        raise ValueError(f'{source}: no "entries" (expected a JSON object with an "entries" list)')
+    entries = data["entries"]
+    if not isinstance(entries, list):
+        what = "null" if entries is None else f"a {type(entries).__name__}"
+        raise ValueError(f'{source}: "entries" is {what}, expected a list of entries')
     table = {}
-    for i, entry in enumerate(data.get("entries", [])):
-        try:
-            key = TableKey(entry["arch"], entry["op"], entry["dtype"], int(entry["dim"]), int(entry["tokens"]))
-            backend = entry["backend"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"measured table entry {i} ({entry!r}) is malformed: {exc!r}") from None
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: entry {i} ({entry!r}) is not an object with the fields {list(_TABLE_FIELDS)}")
+        missing = [name for name in _TABLE_FIELDS if name not in entry]
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        kinds = {**_TABLE_FIELDS, "evidence": str}
+        problems += filter(None, (_type_problem(n, entry[n], kind) for n, kind in kinds.items() if n in entry))
+        if problems:
+            raise ValueError(f"{source}: entry {i} ({entry!r}) is malformed: {'; '.join(problems)}")
+        key = TableKey(entry["arch"], entry["op"], entry["dtype"], entry["dim"], entry["tokens"])
+        backend = entry["backend"]
         checks = (
-            (key.arch.startswith("sm_") and key.arch[3:].isdigit(), f"arch {key.arch!r} is not sm_<major><minor>"),
+            (
+                _TABLE_ARCH.fullmatch(key.arch) is not None,
+                f"arch {key.arch!r} is not sm_<major><minor> as the dispatcher builds it (sm_80, sm_90, sm_100)",
+            ),
             (key.op in OPS, f"op {key.op!r} is not one of {OPS}"),
             (key.dtype in ("fp32", "tf32", "fp16", "bf16"), f"dtype {key.dtype!r} is not fp32, tf32, fp16 or bf16"),
+            (key.dim > 0, f"dim {key.dim} is not positive"),
             (key.tokens == bucket(key.tokens), f"tokens {key.tokens} is not a power of two"),
             (key.op == "attention" or key.dim == bucket(key.dim), f"dim {key.dim} is not a power of two"),
             (backend in ("torch", "triton", "cuda"), f"backend {backend!r} is not torch, triton or cuda"),
@@ -216,23 +251,41 @@ def parse_table(data: dict) -> dict[TableKey, dict]:
         )
         problems = [message for ok, message in checks if not ok]
         if problems:
-            raise ValueError(f"measured table entry {i} ({entry!r}): {'; '.join(problems)}")
+            raise ValueError(f"{source}: entry {i} ({entry!r}): {'; '.join(problems)}")
         table[key] = entry
     return table
 
 
 def load_table(path: Path) -> dict[TableKey, dict]:
-    """The measured table at `path`; empty if the file is missing (then `auto` is `torch` everywhere)."""
+    """The measured table at `path`; empty if the file is missing (then `auto` is `torch` everywhere). ValueError
+    naming the file when it is not valid JSON or not a valid table."""
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except FileNotFoundError:
         return {}
-    return parse_table(json.loads(text))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return parse_table(data, str(path))
+
+
+def _load_committed_table(path: Path) -> tuple[dict[TableKey, dict], str]:
+    """(load_table(path), ""), except that a broken committed table warns instead of raising: it must not break
+    `import vit_kernels` for users who never reach it (every CPU user). It gives ({}, the problem): `auto` is
+    then `torch` everywhere, and says why."""
+    try:
+        return load_table(path), ""
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{exc}; backend='auto' runs torch everywhere until it is fixed", RuntimeWarning, stacklevel=2)
+        return {}, str(exc)
 
 
 # Read once at import: a lookup per op call must cost a dict access, and a file read could not be traced
 # by torch.compile. Tests swap in their own table with monkeypatch.
-_TABLE: dict[TableKey, dict] = load_table(MEASURED_TABLE)
+_TABLE, _TABLE_PROBLEM = _load_committed_table(MEASURED_TABLE)
 _REQUESTED = {b: f"backend={b!r} was requested" for b in BACKENDS}
 
 
@@ -269,7 +322,8 @@ def _select(
         key = _table_key(device, op, *sizes)
         entry = _TABLE.get(key)
         if entry is None:
-            return Choice("torch", f"no committed GPU measurement for {key}: torch")
+            unread = f" (the committed table was not read: {_TABLE_PROBLEM})" if _TABLE_PROBLEM else ""
+            return Choice("torch", f"no committed GPU measurement for {key}: torch{unread}")
         chosen = entry["backend"]
         why = reason(chosen)
         if why is not None:
