@@ -441,3 +441,176 @@ def test_visualize_cli_random_model(tmp_path):
     assert 0 < maps["rollout"].sum() < 1  # the CLS row of a row-stochastic matrix, without its CLS column
     with pytest.raises(SystemExit):
         visualize.main([str(image), "--out", str(out)])  # neither --checkpoint nor --random-model
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command-line tools never lose or fake a result (issue 32)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--batch-size", "0"), ("--batch-size", "-4"), ("--epochs", "0"), ("--epochs", "-1"), ("--lr", "0")],
+)
+def test_train_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch, flag, value):
+    """Before the fix: --batch-size 0 raised ZeroDivisionError, --epochs 0 IndexError, and --batch-size -4 trained
+    nothing and wrote an untrained model with rc 0. Now an argparse error (exit 2) naming the argument, nothing run."""
+    from vit import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_train", lambda *a: pytest.fail("training started despite a bad argument"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main([flag, value, "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_cli_checks_out_before_training(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be created fails at once, not after the whole run."""
+    from vit import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_train", lambda *a: pytest.fail("training started before --out was checked"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--out", str(blocker / "run"), "--no-progress", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(blocker / "run") in err
+
+
+def test_train_never_overwrites_a_run_without_overwrite(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn (pip install scikit-learn)")
+    from vit import train as train_mod
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"earlier": "run"}')
+    args = ["--out", str(out), "--epochs", "1", "--no-progress", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(args)
+    assert exc.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == '{"earlier": "run"}' and not (out / "model.pt").exists()
+    # The library function refuses too: it is what writes the files.
+    with pytest.raises(FileExistsError, match="overwrite"):
+        train_mod.train(train_mod.TrainConfig(epochs=1, out=str(out), progress=False, device="cpu"))
+    train_mod.main([*args, "--overwrite"])
+    assert "earlier" not in (out / "metrics.json").read_text() and (out / "model.pt").exists()
+
+
+def test_train_default_output_is_git_ignored():
+    """`runs/` (vit.train's default --out) must not show up as untracked files."""
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "runs/digits/metrics.json"], cwd=root, check=False)
+    assert result.returncode == 0, "runs/ is not in .gitignore"
+
+
+def _save_image(path, array, mode=None):
+    from PIL import Image
+
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "suffix, make, expected",
+    [
+        # all-1 uint8: nearly black, not white (the old code rescaled only when the max was > 1)
+        pytest.param("tif", lambda np: np.ones((8, 8, 3), np.uint8), 1 / 255, id="uint8_ones_tif"),
+        pytest.param("png", lambda np: np.ones((8, 8, 3), np.uint8), 1 / 255, id="uint8_ones_png"),
+        pytest.param("tif", lambda np: np.full((8, 8), 255, np.uint8), 1.0, id="uint8_white_tif"),
+        # 16-bit: full scale is 65535 (the old code divided by 255: values up to 257)
+        pytest.param("tif", lambda np: np.full((8, 8), 65535, np.uint16), 1.0, id="uint16_white_tif"),
+        pytest.param("png", lambda np: np.full((8, 8), 32768, np.uint16), 32768 / 65535, id="uint16_half_png"),
+        pytest.param("tif", lambda np: np.full((8, 8), 65535, np.int32), 1.0, id="mode_I_white_tif"),
+        pytest.param("tif", lambda np: np.full((8, 8), 0.25, np.float32), 0.25, id="mode_F_kept_tif"),
+    ],
+)
+def test_visualize_scales_images_by_dtype(tmp_path, suffix, make, expected):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("PIL", reason="images are read with Pillow")
+    from vit import visualize
+
+    path = _save_image(tmp_path / f"in.{suffix}", make(np))
+    images, display = visualize.load_image(path, (8, 8), in_chans=3)
+    torch.testing.assert_close(display, torch.full((8, 8, 3), expected), atol=1e-6, rtol=0)
+    mean, std = torch.tensor(visualize.IMAGENET_MEAN), torch.tensor(visualize.IMAGENET_STD)
+    torch.testing.assert_close(images[0, :, 0, 0], (expected - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_visualize_rejects_out_of_range_float_image(tmp_path):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("PIL", reason="images are read with Pillow")
+    from vit import visualize
+
+    path = _save_image(tmp_path / "in.tif", np.full((8, 8), 3.0, np.float32))
+    with pytest.raises(ValueError, match="in.tif"):
+        visualize.load_image(path, (8, 8))
+
+
+def _visualize_fails(argv, capsys, monkeypatch) -> str:
+    """Run vit.visualize with `argv`; it must exit 2 before computing any map. Returns stderr."""
+    pytest.importorskip("matplotlib", reason="vit.visualize draws with matplotlib")
+    from vit import visualize
+
+    monkeypatch.setattr(visualize, "cls_maps", lambda *a: pytest.fail("maps computed despite a bad argument"))
+    with pytest.raises(SystemExit) as exc:
+        visualize.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def png(tmp_path):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("PIL", reason="images are read with Pillow")
+    return _save_image(tmp_path / "in.png", np.zeros((20, 20, 3), np.uint8))
+
+
+def test_visualize_missing_image(tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "nope.png")
+    err = _visualize_fails([missing, "--out", str(tmp_path / "m.png"), "--random-model"], capsys, monkeypatch)
+    assert missing in err
+
+
+def test_visualize_not_an_image(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    err = _visualize_fails([str(text), "--out", str(tmp_path / "m.png"), "--random-model"], capsys, monkeypatch)
+    assert str(text) in err
+
+
+@pytest.mark.parametrize("size", ["0", "-16"])
+def test_visualize_bad_img_size(tmp_path, png, capsys, monkeypatch, size):
+    err = _visualize_fails(
+        [png, "--out", str(tmp_path / "m.png"), "--random-model", "--img-size", size], capsys, monkeypatch
+    )
+    assert "--img-size" in err
+
+
+def test_visualize_missing_out_folder(tmp_path, png, capsys, monkeypatch):
+    out = str(tmp_path / "missing" / "m.png")
+    err = _visualize_fails([png, "--out", out, "--random-model", "--img-size", "32"], capsys, monkeypatch)
+    assert "--out" in err and str(tmp_path / "missing") in err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(lambda p: torch.save(torch.zeros(3), p), id="a_tensor"),
+        pytest.param(lambda p: torch.save({"head.weight": "text"}, p), id="dict_of_strings"),
+        pytest.param(lambda p: p.write_text("not a checkpoint"), id="not_torch"),
+        pytest.param(lambda p: None, id="missing"),
+        pytest.param(lambda p: torch.save({"head.weight": torch.zeros(3, 192)}, p), id="wrong_keys"),
+    ],
+)
+def test_visualize_bad_checkpoint(tmp_path, png, capsys, monkeypatch, content):
+    ckpt = tmp_path / "ckpt.pt"
+    content(ckpt)
+    err = _visualize_fails([png, "--out", str(tmp_path / "m.png"), "--checkpoint", str(ckpt)], capsys, monkeypatch)
+    assert "--checkpoint" in err and str(ckpt) in err

@@ -1,11 +1,13 @@
 """An end-to-end training job: a small ViT on scikit-learn's 8x8 handwritten digits.
 
-    python -m vit.train --data digits [--epochs 30] [--out runs/digits] [--backend auto] [--seed 0]
+    python -m vit.train --data digits [--epochs 30] [--out runs/digits] [--overwrite] [--backend auto] [--seed 0]
 
 The 1797 digits are split 80/20 (stratified, seeded), upscaled bilinearly to 16x16 and cut into 4x4
 patches (16 tokens + CLS). Training: AdamW, linear warmup then cosine decay, label smoothing, random
 shifts of up to one source pixel. The reported accuracy is on the held-out 20% after the last epoch
-(no model selection on it). Writes `metrics.json`, `loss_curve.png` and `model.pt` (state dict) to --out.
+(no model selection on it). Writes `metrics.json`, `loss_curve.png` and `model.pt` (state dict) to --out,
+which is created (or checked) before training starts; a non-empty --out is refused unless --overwrite is given,
+so that an earlier run is never replaced by accident.
 On a CUDA machine it trains on the GPU with backend="auto" (the fused kernels); on CPU, auto is the torch backend.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +51,7 @@ class TrainConfig:
     # a shared machine extra OpenMP threads spin-wait: measured 30 ms/step with 1 thread, 50-1400 with 2.
     threads: int | None = 1
     out: str | None = "runs/digits"  # None: write nothing
+    overwrite: bool = False  # allow a non-empty `out` (its metrics.json, loss_curve.png, model.pt are replaced)
     progress: bool = True
 
 
@@ -84,10 +88,56 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train and evaluate; returns the metrics (also written to cfg.out/metrics.json when cfg.out is set)."""
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first field that cannot give a real run (checked before any work is done)."""
     if cfg.data != "digits":
         raise ValueError(f"unknown data set {cfg.data!r}; available: digits")
+    # epochs 0 left no accuracy to report and a negative batch size trained nothing yet wrote a model: both refused.
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+    if cfg.threads is not None and cfg.threads < 0:
+        raise ValueError(f"threads must be >= 0, got {cfg.threads}")
+
+
+def prepare_out(out: str, overwrite: bool = False) -> Path:
+    """Create `out` (parents included) and make sure a run can be written there, before any training.
+
+    FileExistsError if it holds anything and `overwrite` is False (an earlier run is never silently replaced);
+    OSError if it cannot be created or written.
+    """
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not overwrite and any(path.iterdir()):
+            raise FileExistsError(
+                f"output directory {str(path)!r} is not empty (an earlier run?); "
+                "pass --overwrite (TrainConfig.overwrite=True) to replace its files, or choose another --out"
+            )
+        # mkdir succeeds on an existing read-only directory: probe that files can really be written.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except FileExistsError as e:
+        if e.errno is None:  # ours, above
+            raise
+        raise NotADirectoryError(f"output directory {str(path)!r} exists and is not a directory") from e
+    except OSError as e:
+        raise OSError(f"cannot create or write the output directory {str(path)!r}: {e.strerror or e}") from e
+    return path
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train and evaluate; returns the metrics (also written to cfg.out/metrics.json when cfg.out is set).
+
+    The config and `cfg.out` are checked first (see `check_config`, `prepare_out`), so a bad setting fails at once.
+    """
+    check_config(cfg)
+    if cfg.out is not None:
+        prepare_out(cfg.out, cfg.overwrite)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
@@ -172,8 +222,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         "config": asdict(cfg),
     }
     if cfg.out is not None:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(cfg.out)  # created and checked by prepare_out before training
         (out / "metrics.json").write_text(json.dumps({**metrics, "train_loss_per_step": losses}, indent=2))
         torch.save(model.state_dict(), out / "model.pt")
         plot_curves(losses, test_accs, steps_per_epoch, out / "loss_curve.png")
@@ -221,18 +270,44 @@ def plot_curves(losses: list[float], test_accs: list[float], steps_per_epoch: in
     plt.close(fig)
 
 
+def _number(kind, text: str, ok, expected: str):
+    """argparse `type`: `kind(text)` if `ok` holds for it, else an error saying what was `expected`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
 def main(argv: list[str] | None = None) -> dict:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m vit.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=defaults.data, choices=["digits"])
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--backend", default=defaults.backend, choices=["auto", "triton", "cuda", "torch", "reference"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=defaults.out, help="directory for metrics.json, loss_curve.png, model.pt")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (0: torch's default)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out (replaces an earlier run)")
+    p.add_argument(
+        "--threads", type=_non_negative_int, default=defaults.threads, help="CPU threads (0: torch's default)"
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = TrainConfig(
@@ -244,9 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
         backend=a.backend,
         device=a.device,
         out=a.out,
+        overwrite=a.overwrite,
         threads=a.threads,
         progress=not a.no_progress,
     )
+    try:  # the same checks train() makes first, here to give argparse's message and exit status 2
+        prepare_out(cfg.out, cfg.overwrite)
+    except OSError as e:  # not creatable, not writable, or an earlier run without --overwrite
+        p.error(f"--out: {e}")
     metrics = train(cfg)
     print(
         f"held-out accuracy {metrics['test_accuracy']:.4f} on {metrics['n_test']} digits "
