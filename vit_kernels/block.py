@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vit_kernels import dispatch, reference, torch_backend
+from vit_kernels import dispatch, library, reference, torch_backend
 from vit_kernels.library import _kernels, _none_to_empty
 
 BLOCK_BACKENDS = ("reference", "torch", "triton")
@@ -155,8 +155,84 @@ def check_ln_gelu_mlp(
 # Custom ops rather than autograd Functions so that torch.compile sees one opaque node per call (it cannot trace
 # a Triton launch); fake implementations give it the output shapes. Custom ops cannot return None, so absent
 # bias gradients and the skipped pre-activation travel as empty tensors (library._none_to_empty).
+# The raw ops (torch.ops.vit_kernels.*) are public, so each body first checks every tensor argument, as library.py's
+# ops do (`_check_<op>_args`, built from library's checks); the public functions above validated already.
 def _rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+def _check_ln_args(x, ln_weight, ln_bias, mean=None, rstd=None) -> None:
+    """ln_weight, ln_bias (C,) like x (B, N, C); the saved statistics mean, rstd (B * N,) float32 when given."""
+    C = x.shape[-1]
+    library.check_arg("ln_weight", ln_weight, (C,), "(C,) with C = x.shape[-1]", x)
+    library.check_arg("ln_bias", ln_bias, (C,), "(C,) with C = x.shape[-1]", x)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        library.check_arg(name, t, (_rows_of(x),), "(B * N,)", x, torch.float32)
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be positive and finite, got {eps}")
+
+
+def _check_mlp_residual(x, fc2_weight, residual: bool) -> None:
+    if residual and fc2_weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"residual=True adds x, so fc2_weight must map back to C={x.shape[-1]} channels, got "
+            f"C_out={fc2_weight.shape[0]}"
+        )
+
+
+def _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads) -> None:
+    library.check_qkv_fwd_args(x, weight, bias, num_heads, "triton")
+    _check_ln_args(x, ln_weight, ln_bias)
+    _check_eps(eps)
+
+
+def _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight) -> None:
+    library.check_qkv_bwd_args(dq, dk, dv, x, weight, "triton")
+    _check_ln_args(x, ln_weight, ln_bias, mean, rstd)
+
+
+def _check_proj_args(o, weight, bias=None) -> tuple[int, int, int]:
+    """o (B, N, C_in), weight (C, C_in), bias (C,) or None; returns (B, N, C)."""
+    library.check_first("o", o, "(B, N, C_in)", "triton", "block")
+    library.check_dim("weight", weight, "(C, C_in)")
+    B, N, C_in = o.shape
+    C = weight.shape[0]
+    library.check_arg("weight", weight, (C, C_in), "(C, C_in) with C_in = o.shape[-1]", o)
+    library.check_arg("bias", bias, (C,), "(C,) with C = weight.shape[0]", o)
+    library.check_channels("triton", C_in=C_in, C=C)
+    return B, N, C
+
+
+def _check_proj_residual_fwd_args(o, weight, bias, residual) -> None:
+    library.check_arg("residual", residual, _check_proj_args(o, weight, bias), "(B, N, C)", o)
+
+
+def _check_proj_residual_bwd_args(dout, o, weight) -> None:
+    library.check_arg("dout", dout, _check_proj_args(o, weight), "(B, N, C)", o)
+
+
+def _check_ln_mlp_fwd_args(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                           residual) -> None:  # fmt: skip
+    library.check_first("x", x, "(B, N, C)", "triton", "block")
+    library.check_mlp_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "triton")
+    _check_ln_args(x, ln_weight, ln_bias)
+    _check_eps(eps)
+    library.check_approximate(approximate)
+    _check_mlp_residual(x, fc2_weight, residual)
+
+
+def _check_ln_mlp_bwd_args(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, approximate,
+                           residual) -> None:  # fmt: skip
+    library.check_first("x", x, "(B, N, C)", "triton", "block")
+    Hd, C_out = library.check_mlp_weights(x, fc1_weight, None, fc2_weight, None, "triton")
+    _check_ln_args(x, ln_weight, ln_bias, mean, rstd)
+    library.check_arg("dout", dout, (*x.shape[:2], C_out), "(B, N, C_out)", x)
+    library.check_arg("hidden", hidden, (_rows_of(x), Hd), "(B * N, Hd)", x)
+    library.check_approximate(approximate)
+    _check_mlp_residual(x, fc2_weight, residual)
 
 
 @torch.library.custom_op("vit_kernels::ln_qkv_fwd", mutates_args=())
@@ -170,6 +246,7 @@ def ln_qkv_fwd(
     num_heads: int,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads)
     return _ops().ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
 
 
@@ -195,6 +272,7 @@ def ln_qkv_bwd(
     has_bias: bool,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight)
     dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
         dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32
     )
@@ -231,6 +309,7 @@ ln_qkv_fwd.register_autograd(_ln_qkv_backward, setup_context=_ln_qkv_setup)
 def proj_residual_fwd(
     o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, allow_tf32: bool
 ) -> torch.Tensor:
+    _check_proj_residual_fwd_args(o, weight, bias, residual)
     return _ops().proj_residual_fwd(o, weight, bias, residual, allow_tf32)
 
 
@@ -243,6 +322,7 @@ def _(o, weight, bias, residual, allow_tf32):
 def proj_residual_bwd(
     dout: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_proj_residual_bwd_args(dout, o, weight)
     do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, has_bias, allow_tf32)
     return do, dweight, _none_to_empty(dbias, o)
 
@@ -283,6 +363,9 @@ def ln_mlp_fwd(
     allow_tf32: bool,
     needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ln_mlp_fwd_args(
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual
+    )
     # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
     out, hidden, mean, rstd = _ops().ln_mlp_fwd(
         x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
@@ -317,6 +400,9 @@ def ln_mlp_bwd(
     residual: bool,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ln_mlp_bwd_args(
+        dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, approximate, residual
+    )
     dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops().ln_mlp_bwd(
         dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden,
         has_fc1_bias, has_fc2_bias, approximate, residual, allow_tf32,

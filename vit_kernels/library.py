@@ -7,10 +7,17 @@ call the same kernels through a plain autograd.Function with the same setup and 
 dispatcher's per-call host cost. The `backend` string argument picks the kernel
 module; the module implements the functions below (its launchers), and nothing here does math.
 
+The raw ops (`torch.ops.vit_kernels.*`) are public: a direct caller can pass what autograd never would (a
+wrong-shaped lse or hidden, a gradient of another dtype), and the kernels trust every size they are given.
+So each op's body first runs its `check_<op>_args` (shapes, dtypes and devices of every tensor argument, the
+backend, the sizes the kernels support), raising ValueError / TypeError naming the argument. The eager
+forward (`run_*`) does not: the public ops have validated in `dispatch.py` already, and that path exists to
+save host time. The backward always goes through the checked backward op.
+
 Kernel-module contract (implemented by `vit_kernels.ops.attention` / `vit_kernels.ops.linear` for
 Triton and `vit_kernels.cuda.attention` / `vit_kernels.cuda.linear` for CUDA C++). All tensors share
-one dtype unless stated; inputs are validated by `dispatch.py` before they get here; `allow_tf32`
-only matters for fp32 inputs.
+one dtype unless stated; inputs are validated before they get here (by `dispatch.py` on the public path,
+by the `check_*_args` below on the raw ops), never empty; `allow_tf32` only matters for fp32 inputs.
 
     attention_fwd(q, k, v, scale, allow_tf32) -> (out, lse)
         q, k, v (B, H, N, D) any strides; out (B, H, N, D) whose memory is laid out (B, N, H, D),
@@ -33,9 +40,12 @@ only matters for fp32 inputs.
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from vit_kernels import dispatch
 
 _KERNEL_MODULES = {
     ("triton", "attention"): "vit_kernels.ops.attention",
@@ -58,12 +68,155 @@ def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# argument checks of the raw ops (shared with the whole-block ops in vit_kernels/block.py)
+# ----------------------------------------------------------------------------------------------------
+def check_first(name: str, t: torch.Tensor, meaning: str, backend: str, family: str) -> None:
+    """The tensor that sets the dtype and device of a raw op's call: `meaning` gives its dims, e.g. "(B, N, C)";
+    supported dtype, non-empty (empty batches never reach a kernel: the public ops answer them with torch, and a
+    zero-size grid is a CUDA launch error), and a `backend` with `family` kernels that can run on its device."""
+    if (backend, family) not in _KERNEL_MODULES:
+        names = " or ".join(repr(b) for b, f in _KERNEL_MODULES if f == family)
+        raise ValueError(f"backend must be {names} (the backends with {family} kernels), got {backend!r}")
+    check_dim(name, t, meaning)
+    if t.dtype not in dispatch.DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)} (the public ops take empty batches)")
+    why = dispatch.device_unavailable_reason(backend, t.device)
+    if why is not None:
+        raise ValueError(f"backend={backend!r} cannot run here: {why}")
+
+
+def check_arg(name: str, t: torch.Tensor | None, shape: tuple[int, ...], meaning: str, like: torch.Tensor,
+              dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    """t (skipped if None) has `shape`, spelled `meaning` (e.g. "(B, H, N)"), `dtype` (default: like's) and like's
+    device."""
+    if t is None:
+        return
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(shape)}, got {tuple(t.shape)}")
+    dtype = dtype or like.dtype
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but must be on {like.device}, with the other tensors")
+
+
+def check_dim(name: str, t: torch.Tensor, meaning: str) -> None:
+    """t has as many dims as `meaning` names, e.g. "(B, N, C)" three (read its sizes only after this)."""
+    ndim = meaning.count(",") + 1
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {meaning}, got shape {tuple(t.shape)}")
+
+
+def check_channels(backend: str, **channels: int) -> None:
+    """The channel sizes (name=size) are multiples of the backend's GEMM alignment (dispatch.SUPPORT)."""
+    multiple = dispatch.SUPPORT[backend].channel_multiple
+    bad = [f"{name}={size}" for name, size in channels.items() if size % multiple]
+    if bad:
+        raise ValueError(
+            f"backend={backend!r} needs channel sizes that are multiples of {multiple}, got {', '.join(bad)}"
+        )
+
+
+def check_num_heads(num_heads: int, C: int, backend: str) -> int:
+    """num_heads splits C into heads of a head dim the backend's epilogue can store; returns the head dim."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    if C % num_heads:
+        raise ValueError(f"x's channel count C={C} must be divisible by num_heads={num_heads}")
+    check_channels(backend, C=C, **{"head dim C // num_heads": C // num_heads})
+    return C // num_heads
+
+
+def check_approximate(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def check_attention_fwd_args(q, k, v, scale: float, backend: str) -> None:
+    """q, k, v (B, H, N, D) of one dtype and device, D a head dim the backend has kernels for; scale finite."""
+    check_first("q", q, "(B, H, N, D)", backend, "attention")
+    check_arg("k", k, q.shape, "q.shape (B, H, N, D)", q)
+    check_arg("v", v, q.shape, "q.shape (B, H, N, D)", q)
+    head_dims = dispatch.SUPPORT[backend].head_dims
+    if q.shape[3] not in head_dims:
+        raise ValueError(f"head dim D={q.shape[3]} is not supported by backend={backend!r} (supported: {head_dims})")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_attention_bwd_args(dout, q, k, v, out, lse, scale: float, backend: str) -> None:
+    """attention_fwd's arguments, its outputs out (B, H, N, D) and lse (B, H, N) float32, and dout like out."""
+    check_attention_fwd_args(q, k, v, scale, backend)
+    check_arg("out", out, q.shape, "q.shape (B, H, N, D)", q)
+    check_arg("dout", dout, q.shape, "q.shape (B, H, N, D)", q)
+    check_arg("lse", lse, q.shape[:3], "(B, H, N)", q, torch.float32)
+
+
+def check_qkv_fwd_args(x, weight, bias, num_heads: int, backend: str) -> None:
+    """x (B, N, C); weight (3C, C); bias (3C,) or None; num_heads dividing C into a supported head dim."""
+    check_first("x", x, "(B, N, C)", backend, "linear")
+    C = x.shape[2]
+    check_arg("weight", weight, (3 * C, C), "(3C, C)", x)
+    check_arg("bias", bias, (3 * C,), "(3C,)", x)
+    check_num_heads(num_heads, C, backend)
+
+
+def check_qkv_bwd_args(dq, dk, dv, x, weight, backend: str) -> None:
+    """x (B, N, C); weight (3C, C); dq, dk, dv (B, H, N, D) with H * D = C (q, k, v as qkv_fwd returned them)."""
+    check_first("x", x, "(B, N, C)", backend, "linear")
+    B, N, C = x.shape
+    check_arg("weight", weight, (3 * C, C), "(3C, C)", x)
+    check_dim("dq", dq, "(B, H, N, D)")
+    H = dq.shape[1]
+    if H < 1 or C % H:
+        raise ValueError(f"dq must have shape (B, H, N, D) with H * D = x's C = {C}, got {tuple(dq.shape)}")
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        check_arg(name, t, (B, H, N, C // H), "(B, H, N, D) with (B, N, H * D) = x.shape", x)
+    check_channels(backend, C=C, **{"head dim D": C // H})
+
+
+def check_mlp_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend: str) -> tuple[int, int]:
+    """fc1_weight (Hd, C) with C = x.shape[-1], fc1_bias (Hd,) or None, fc2_weight (C_out, Hd), fc2_bias (C_out,)
+    or None, like x; sizes the backend's GEMMs take. Returns (Hd, C_out)."""
+    C = x.shape[-1]
+    check_dim("fc1_weight", fc1_weight, "(Hd, C)")
+    check_dim("fc2_weight", fc2_weight, "(C_out, Hd)")
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    check_arg("fc1_weight", fc1_weight, (Hd, C), "(Hd, C) with C = x.shape[-1]", x)
+    check_arg("fc1_bias", fc1_bias, (Hd,), "(Hd,)", x)
+    check_arg("fc2_weight", fc2_weight, (C_out, Hd), "(C_out, Hd) with Hd = fc1_weight.shape[0]", x)
+    check_arg("fc2_bias", fc2_bias, (C_out,), "(C_out,)", x)
+    check_channels(backend, C=C, Hd=Hd, C_out=C_out)
+    return Hd, C_out
+
+
+def check_mlp_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, backend: str) -> None:
+    """x (M, C) (the public op flattens x's leading dims); the weights as `check_mlp_weights` says."""
+    check_first("x", x, "(M, C)", backend, "linear")
+    check_mlp_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend)
+    check_approximate(approximate)
+
+
+def check_mlp_bwd_args(dy, x, fc1_weight, fc2_weight, hidden, approximate: str, backend: str) -> None:
+    """mlp_fwd's x and weights, its output's gradient dy (M, C_out) and its saved pre-activation hidden (M, Hd)."""
+    check_first("x", x, "(M, C)", backend, "linear")
+    Hd, C_out = check_mlp_weights(x, fc1_weight, None, fc2_weight, None, backend)
+    M = x.shape[0]
+    check_arg("dy", dy, (M, C_out), "(M, C_out)", x)
+    check_arg("hidden", hidden, (M, Hd), "(M, Hd)", x)
+    check_approximate(approximate)
+
+
+# ----------------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vit_kernels::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allow_tf32: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_attention_fwd_args(q, k, v, scale, backend)
     return _kernels(backend, "attention").attention_fwd(q, k, v, scale, allow_tf32)
 
 
@@ -87,6 +240,7 @@ def attention_bwd(
     allow_tf32: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_attention_bwd_args(dout, q, k, v, out, lse, scale, backend)
     return _kernels(backend, "attention").attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32)
 
 
@@ -128,6 +282,7 @@ def qkv_fwd(
     allow_tf32: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_qkv_fwd_args(x, weight, bias, num_heads, backend)
     return _kernels(backend, "linear").qkv_fwd(x, weight, bias, num_heads, allow_tf32)
 
 
@@ -149,6 +304,7 @@ def qkv_bwd(
     allow_tf32: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_qkv_bwd_args(dq, dk, dv, x, weight, backend)
     dx, dweight, dbias = _kernels(backend, "linear").qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32)
     return dx, dweight, _none_to_empty(dbias, x)
 
@@ -188,6 +344,7 @@ def mlp_fwd(
     allow_tf32: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_mlp_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend)
     return _kernels(backend, "linear").mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32)
 
 
@@ -210,6 +367,7 @@ def mlp_bwd(
     allow_tf32: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_mlp_bwd_args(dy, x, fc1_weight, fc2_weight, hidden, approximate, backend)
     dx, dw1, db1, dw2, db2 = _kernels(backend, "linear").mlp_bwd(
         dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32
     )

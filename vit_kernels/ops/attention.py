@@ -433,8 +433,9 @@ def attention_fwd(
     backward (by the autograd op): q, k, v, out and lse. lse (4 bytes per row) lets backward recompute
     P = exp(q k^T * scale - lse) tile by tile instead of storing the N x N matrix; out gives delta = rowsum(dO * O).
     `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the table's choice (benchmarks/tune_attention.py).
+    Arguments are checked before they get here (library.check_attention_fwd_args on the raw op, dispatch.py on
+    the public op's eager path), not again on every launch.
     """
-    assert q.shape == k.shape == v.shape and q.dim() == 4
     B, H, N, D = q.shape
     if N * H * D >= _INT32_LIMIT:  # out is (B, N, H, D) memory: one head's rows span N * H * D elements
         raise ValueError(f"attention: N * H * D = {N * H * D} elements per image must stay below 2^31")
@@ -474,8 +475,8 @@ def attention_bwd(
     dout, q, k, v, out: (B, H, N, D), any strides; lse (B, H, N) fp32 from `attention_fwd`.
     Returns dq, dk, dv: (B, H, N, D) contiguous. Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
     `config` (streamed rows, held rows, num_warps, num_stages) replaces the table's choice.
+    Arguments, lse included, are checked by the raw op before they get here (library.check_attention_bwd_args).
     """
-    assert dout.shape == q.shape == k.shape == v.shape == out.shape and q.dim() == 4
     B, H, N, D = q.shape
     dout, q, k, v, out = (_in_head_int32(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()

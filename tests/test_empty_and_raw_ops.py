@@ -1,0 +1,220 @@
+"""The raw custom ops refuse bad arguments.
+
+Raw ops: `torch.ops.vit_kernels.*` (library.py, block.py) are public, so a direct caller can hand them what autograd
+never would (a wrong-shaped lse or hidden, a gradient of another dtype). Each checks every tensor argument before a
+kernel sees it and raises ValueError / TypeError naming the argument and what was expected; the checks are real
+`if ... raise`, not `assert` (which `python -O` removes). The eager path of the public ops (`library.run_*`, which
+skips the dispatcher) is validated by dispatch.py and must not run them a second time.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, skip_unless_runs
+
+import vit_kernels as vk
+from vit_kernels import library
+
+F32 = torch.float32
+# Small shapes every kernel backend takes: head dim 32, channels multiples of 8; C_out != C catches swapped sizes.
+B, H, N, D = 1, 2, 5, 32
+C, HD, C_OUT = H * D, 64, 48
+
+
+def _t(*shape, dtype=F32):
+    return torch.randn(*shape, dtype=dtype).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# raw custom ops: valid arguments, then one bad argument at a time
+# ----------------------------------------------------------------------------------------------------
+def _valid(op: str) -> dict:
+    """Valid arguments of raw op `op` (in its schema's order, by name), for B=1, H=2, N=5, D=32."""
+    if op == "attention_fwd":
+        return dict(q=_t(B, H, N, D), k=_t(B, H, N, D), v=_t(B, H, N, D), scale=D**-0.5, allow_tf32=False)
+    if op == "attention_bwd":
+        return dict(dout=_t(B, H, N, D), q=_t(B, H, N, D), k=_t(B, H, N, D), v=_t(B, H, N, D), out=_t(B, H, N, D),
+                    lse=_t(B, H, N), scale=D**-0.5, allow_tf32=False)  # fmt: skip
+    if op == "qkv_fwd":
+        return dict(x=_t(B, N, C), weight=_t(3 * C, C), bias=_t(3 * C), num_heads=H, allow_tf32=False)
+    if op == "qkv_bwd":
+        return dict(dq=_t(B, H, N, D), dk=_t(B, H, N, D), dv=_t(B, H, N, D), x=_t(B, N, C), weight=_t(3 * C, C),
+                    has_bias=True, allow_tf32=False)  # fmt: skip
+    if op == "mlp_fwd":
+        return dict(x=_t(N, C), fc1_weight=_t(HD, C), fc1_bias=_t(HD), fc2_weight=_t(C_OUT, HD), fc2_bias=_t(C_OUT),
+                    approximate="none", allow_tf32=False)  # fmt: skip
+    if op == "mlp_bwd":
+        return dict(dy=_t(N, C_OUT), x=_t(N, C), fc1_weight=_t(HD, C), fc2_weight=_t(C_OUT, HD), hidden=_t(N, HD),
+                    has_fc1_bias=True, has_fc2_bias=True, approximate="none", allow_tf32=False)  # fmt: skip
+    stats = dict(mean=_t(B * N), rstd=_t(B * N).abs() + 1)
+    ln = dict(ln_weight=_t(C), ln_bias=_t(C))
+    if op == "ln_qkv_fwd":
+        return dict(x=_t(B, N, C), **ln, eps=1e-6, weight=_t(3 * C, C), bias=_t(3 * C), num_heads=H, allow_tf32=False)
+    if op == "ln_qkv_bwd":
+        return dict(dq=_t(B, H, N, D), dk=_t(B, H, N, D), dv=_t(B, H, N, D), x=_t(B, N, C), **stats, **ln,
+                    weight=_t(3 * C, C), has_bias=True, allow_tf32=False)  # fmt: skip
+    if op == "proj_residual_fwd":
+        return dict(o=_t(B, N, C), weight=_t(C_OUT, C), bias=_t(C_OUT), residual=_t(B, N, C_OUT), allow_tf32=False)
+    if op == "proj_residual_bwd":
+        return dict(dout=_t(B, N, C_OUT), o=_t(B, N, C), weight=_t(C_OUT, C), has_bias=True, allow_tf32=False)
+    if op == "ln_mlp_fwd":
+        return dict(x=_t(B, N, C), **ln, eps=1e-6, fc1_weight=_t(HD, C), fc1_bias=_t(HD), fc2_weight=_t(C_OUT, HD),
+                    fc2_bias=_t(C_OUT), approximate="none", residual=False, allow_tf32=False,
+                    needs_grad=True)  # fmt: skip
+    if op == "ln_mlp_bwd":
+        return dict(dout=_t(B, N, C_OUT), x=_t(B, N, C), **stats, **ln, fc1_weight=_t(HD, C), fc2_weight=_t(C_OUT, HD),
+                    hidden=_t(B * N, HD), has_fc1_bias=True, has_fc2_bias=True, approximate="none", residual=False,
+                    allow_tf32=False)  # fmt: skip
+    raise AssertionError(op)
+
+
+LIBRARY_OPS = ("attention_fwd", "attention_bwd", "qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd")
+BLOCK_OPS = ("ln_qkv_fwd", "ln_qkv_bwd", "proj_residual_fwd", "proj_residual_bwd", "ln_mlp_fwd", "ln_mlp_bwd")
+
+
+def _call(op: str, args: dict, backend: str):
+    fn = getattr(torch.ops.vit_kernels, op)
+    return fn(*args.values(), backend) if op in LIBRARY_OPS else fn(*args.values())
+
+
+# (op, {argument: replacement}, exception, message): the replacement is a function of the valid arguments.
+RAW_CASES = [
+    # attention
+    ("attention_fwd", {"q": lambda a: a["q"][0]}, ValueError, r"q must be 4-D \(B, H, N, D\)"),
+    ("attention_fwd", {"k": lambda a: a["k"][:, :, :3]}, ValueError, r"k must have shape .* \(1, 2, 5, 32\)"),
+    ("attention_fwd", {"v": lambda a: a["v"].half()}, TypeError, "v must be torch.float32"),
+    ("attention_fwd", {n: (lambda a, n=n: a[n].double()) for n in "qkv"}, TypeError, "q must be float32, float16"),
+    ("attention_fwd", {n: (lambda a, n=n: a[n][..., :20]) for n in "qkv"}, ValueError, "head dim D=20"),
+    ("attention_fwd", {n: (lambda a, n=n: a[n][:0]) for n in "qkv"}, ValueError, "q must be non-empty"),
+    ("attention_fwd", {"scale": lambda a: math.nan}, ValueError, "scale must be finite"),
+    ("attention_bwd", {"lse": lambda a: a["lse"][:, :, :2]}, ValueError, r"lse must have shape \(B, H, N\)"),
+    ("attention_bwd", {"lse": lambda a: a["lse"][0]}, ValueError, r"lse must have shape \(B, H, N\) = \(1, 2, 5\)"),
+    ("attention_bwd", {"lse": lambda a: a["lse"].half()}, TypeError, "lse must be torch.float32"),
+    ("attention_bwd", {"dout": lambda a: a["dout"][:, :, :4]}, ValueError, "dout must have shape"),
+    ("attention_bwd", {"out": lambda a: a["out"].bfloat16()}, TypeError, "out must be torch.float32"),
+    ("attention_bwd", {"k": lambda a: a["k"][:, :1]}, ValueError, "k must have shape"),
+    # fused QKV
+    ("qkv_fwd", {"x": lambda a: a["x"][0]}, ValueError, r"x must be 3-D \(B, N, C\)"),
+    ("qkv_fwd", {"weight": lambda a: a["weight"][:C]}, ValueError, r"weight must have shape \(3C, C\)"),
+    ("qkv_fwd", {"bias": lambda a: a["bias"][:C]}, ValueError, r"bias must have shape \(3C,\)"),
+    ("qkv_fwd", {"num_heads": lambda a: 3}, ValueError, "divisible by num_heads=3"),
+    ("qkv_fwd", {"num_heads": lambda a: 0}, ValueError, "num_heads must be positive"),
+    ("qkv_fwd", {"num_heads": lambda a: 16}, ValueError, "multiples of 8"),  # head dim 4
+    ("qkv_fwd", {"weight": lambda a: a["weight"].half()}, TypeError, "weight must be torch.float32"),
+    ("qkv_bwd", {"dq": lambda a: a["dq"][:, :, :4]}, ValueError, r"dq must have shape \(B, H, N, D\)"),
+    ("qkv_bwd", {"dk": lambda a: a["dk"][..., :16]}, ValueError, "dk must have shape"),
+    ("qkv_bwd", {"dv": lambda a: a["dv"].half()}, TypeError, "dv must be torch.float32"),
+    ("qkv_bwd", {"dq": lambda a: a["dq"][0]}, ValueError, r"dq must be 4-D \(B, H, N, D\)"),
+    ("qkv_bwd", {"x": lambda a: a["x"][..., :48]}, ValueError, r"weight must have shape \(3C, C\)"),
+    ("qkv_bwd", {"weight": lambda a: a["weight"][:, :48]}, ValueError, r"weight must have shape \(3C, C\)"),
+    # GELU-MLP (x is (M, C): the public op flattens its leading dims)
+    ("mlp_fwd", {"x": lambda a: a["x"][None]}, ValueError, r"x must be 2-D \(M, C\)"),
+    ("mlp_fwd", {"fc1_weight": lambda a: a["fc1_weight"][:, :8]}, ValueError, r"fc1_weight must have shape"),
+    ("mlp_fwd", {"fc1_bias": lambda a: a["fc1_bias"][:8]}, ValueError, r"fc1_bias must have shape \(Hd,\)"),
+    ("mlp_fwd", {"fc2_weight": lambda a: a["fc2_weight"][:, :8]}, ValueError, r"fc2_weight must have shape"),
+    ("mlp_fwd", {"fc2_bias": lambda a: a["fc2_bias"][:8]}, ValueError, r"fc2_bias must have shape \(C_out,\)"),
+    ("mlp_fwd", {"fc2_weight": lambda a: a["fc2_weight"][0]}, ValueError, r"fc2_weight must be 2-D"),
+    ("mlp_fwd", {"approximate": lambda a: "erf"}, ValueError, "approximate must be 'none' or 'tanh'"),
+    (
+        "mlp_fwd",
+        {"x": lambda a: a["x"][:, :36], "fc1_weight": lambda a: a["fc1_weight"][:, :36]},
+        ValueError,
+        "multiples of 8",
+    ),  # fmt: skip
+    ("mlp_bwd", {"hidden": lambda a: a["hidden"][:1]}, ValueError, r"hidden must have shape \(M, Hd\) = \(5, 64\)"),
+    ("mlp_bwd", {"hidden": lambda a: a["hidden"].half()}, TypeError, "hidden must be torch.float32"),
+    ("mlp_bwd", {"dy": lambda a: a["dy"][:, :8]}, ValueError, r"dy must have shape \(M, C_out\) = \(5, 48\)"),
+    ("mlp_bwd", {"dy": lambda a: a["dy"][:2]}, ValueError, r"dy must have shape"),
+    ("mlp_bwd", {"fc2_weight": lambda a: a["fc2_weight"][:, :8]}, ValueError, "fc2_weight must have shape"),
+    ("mlp_bwd", {"x": lambda a: a["x"][0]}, ValueError, r"x must be 2-D"),
+    # whole-block ops (triton only)
+    ("ln_qkv_fwd", {"ln_weight": lambda a: a["ln_weight"][:8]}, ValueError, r"ln_weight must have shape \(C,\)"),
+    ("ln_qkv_fwd", {"ln_bias": lambda a: a["ln_bias"].half()}, TypeError, "ln_bias must be torch.float32"),
+    ("ln_qkv_fwd", {"eps": lambda a: 0.0}, ValueError, "eps must be positive"),
+    ("ln_qkv_fwd", {"weight": lambda a: a["weight"][:C]}, ValueError, r"weight must have shape \(3C, C\)"),
+    ("ln_qkv_bwd", {"mean": lambda a: a["mean"][:2]}, ValueError, r"mean must have shape \(B \* N,\) = \(5,\)"),
+    ("ln_qkv_bwd", {"rstd": lambda a: a["rstd"].half()}, TypeError, "rstd must be torch.float32"),
+    ("ln_qkv_bwd", {"dk": lambda a: a["dk"][:, :, :2]}, ValueError, "dk must have shape"),
+    ("ln_qkv_bwd", {"ln_weight": lambda a: a["ln_weight"][:8]}, ValueError, "ln_weight must have shape"),
+    ("proj_residual_fwd", {"residual": lambda a: a["residual"][..., :8]}, ValueError, "residual must have shape"),
+    ("proj_residual_fwd", {"weight": lambda a: a["weight"][:, :8]}, ValueError, r"weight must have shape"),
+    ("proj_residual_fwd", {"bias": lambda a: a["bias"][:8]}, ValueError, r"bias must have shape \(C,\)"),
+    ("proj_residual_fwd", {"o": lambda a: a["o"][0]}, ValueError, r"o must be 3-D \(B, N, C_in\)"),
+    ("proj_residual_bwd", {"dout": lambda a: a["dout"][..., :8]}, ValueError, r"dout must have shape \(B, N, C\)"),
+    ("proj_residual_bwd", {"dout": lambda a: a["dout"].half()}, TypeError, "dout must be torch.float32"),
+    ("ln_mlp_fwd", {"residual": lambda a: True}, ValueError, "residual=True adds x"),
+    ("ln_mlp_fwd", {"fc2_bias": lambda a: a["fc2_bias"][:8]}, ValueError, "fc2_bias must have shape"),
+    ("ln_mlp_fwd", {"x": lambda a: a["x"][0]}, ValueError, "x must be 3-D"),
+    ("ln_mlp_bwd", {"hidden": lambda a: a["hidden"][:1]}, ValueError, r"hidden must have shape \(B \* N, Hd\)"),
+    ("ln_mlp_bwd", {"dout": lambda a: a["dout"][..., :8]}, ValueError, r"dout must have shape \(B, N, C_out\)"),
+    ("ln_mlp_bwd", {"mean": lambda a: a["mean"][None]}, ValueError, "mean must have shape"),
+]
+
+
+def _case_id(case) -> str:
+    op, changes, _exc, _match = case
+    return f"{op}-{'+'.join(changes)}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", RAW_CASES, ids=[_case_id(c) for c in RAW_CASES])
+def test_raw_op_names_the_bad_argument(case, backend):
+    op, changes, exc, match = case
+    if op in BLOCK_OPS and backend != "triton":
+        pytest.skip("the whole-block ops have triton kernels only")
+    skip_unless_runs(backend)
+    args = _valid(op)
+    args.update({name: change(args) for name, change in changes.items()})
+    with pytest.raises(exc, match=match):
+        _call(op, args, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", LIBRARY_OPS + BLOCK_OPS)
+def test_raw_op_takes_valid_arguments(op, backend):
+    """The checks refuse nothing the kernels take: each raw op runs on valid arguments (finite outputs)."""
+    if op in BLOCK_OPS and backend != "triton":
+        pytest.skip("the whole-block ops have triton kernels only")
+    skip_unless_runs(backend)
+    args = _valid(op)
+    if op == "attention_bwd":  # a real lse, so that exp(s - lse) stays finite
+        args["out"], args["lse"] = torch.ops.vit_kernels.attention_fwd(
+            args["q"], args["k"], args["v"], args["scale"], False, backend
+        )
+    outputs = _call(op, args, backend)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    assert all(torch.isfinite(t).all() for t in outputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "tritonn"])
+def test_raw_op_refuses_a_backend_without_kernels(backend):
+    with pytest.raises(ValueError, match=rf"backend must be 'triton' or 'cuda'.*got '{backend}'"):
+        torch.ops.vit_kernels.attention_fwd(*_valid("attention_fwd").values(), backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mismatch needs a second device type (CUDA)")
+@pytest.mark.parametrize("op, name", [("attention_bwd", "lse"), ("qkv_bwd", "weight"), ("mlp_bwd", "hidden"),
+                                      ("ln_qkv_bwd", "rstd"), ("proj_residual_fwd", "residual")])  # fmt: skip
+def test_raw_op_names_an_argument_on_another_device(op, name):
+    skip_unless_runs("triton")
+    args = _valid(op)
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=f"{name} is on cpu"):
+        _call(op, args, "triton")
+
+
+def test_eager_forward_skips_the_raw_op_checks(monkeypatch):
+    """The public ops validate in dispatch.py and call the kernels through `library.run_*` without the dispatcher;
+    the raw ops' checks would only cost host time there. (Backward always goes through the checked raw ops.)"""
+    skip_unless_runs("triton")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a raw-op check ran on the eager forward path")
+
+    for name in ("check_attention_fwd_args", "check_qkv_fwd_args", "check_mlp_fwd_args"):
+        monkeypatch.setattr(library, name, refuse)
+    x, w, b = _t(B, N, C), _t(3 * C, C), _t(3 * C)
+    q, k, v = vk.fused_qkv(x, w, b, H, backend="triton")
+    out = vk.attention(q, k, v, backend="triton")
+    vk.gelu_mlp(out.transpose(1, 2).reshape(B, N, C), _t(HD, C), _t(HD), _t(C_OUT, HD), None, backend="triton")
