@@ -173,6 +173,96 @@ def test_ln_gelu_mlp_without_residual_or_biases(dtype):
     _check_all("ln_gelu_mlp(residual=False)", ref_fn, [x, ln_w, ln_b, w1, w2], grads, triton_fn)
 
 
+# LayerNorm's eps and constant rows. The cases above use eps 1e-6 / 1e-12 on rows of variance ~1, where eps changes
+# nothing the tolerance can see: a kernel that ignored it passed. Here rows have variance ~eps (0.1 * randn, eps 1e-2,
+# so eps halves rstd) and one token row is constant (variance 0: without eps its rstd is inf and LN(x) NaN).
+LARGE_EPS = 1e-2
+
+
+def _x_large_eps(B, N, C, dtype):
+    x = _randn(B, N, C, dtype=dtype, scale=0.1)
+    x[B - 1, N // 2] = 3.0  # one constant token row (exact in every dtype)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ln_fused_qkv_large_eps_and_constant_row(backend, dtype):
+    B, N, C, H = 2, 5, 64, 2
+    x = _x_large_eps(B, N, C, dtype)
+    ln_w, ln_b = _ln_params(C, dtype)
+    w, b = _randn(3 * C, C, dtype=dtype, scale=C**-0.5), _randn(3 * C, dtype=dtype)
+    grads = [_randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
+
+    def backend_fn(x, ln_w, ln_b, w, b):
+        return vkb.ln_fused_qkv(x, ln_w, ln_b, LARGE_EPS, w, b, H, backend=backend)
+
+    def ref_fn(x, ln_w, ln_b, w, b):
+        return tuple(reference.ln_fused_qkv(x, ln_w, ln_b, LARGE_EPS, w, b, H))
+
+    _check_all(f"ln_fused_qkv[{backend}]", ref_fn, [x, ln_w, ln_b, w, b], grads, backend_fn)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ln_gelu_mlp_large_eps_and_constant_row(backend, dtype):
+    B, N, C, Hd = 2, 5, 64, 128
+    x = _x_large_eps(B, N, C, dtype)
+    ln_w, ln_b = _ln_params(C, dtype)
+    w1, b1 = _randn(Hd, C, dtype=dtype, scale=C**-0.5), _randn(Hd, dtype=dtype)
+    w2, b2 = _randn(C, Hd, dtype=dtype, scale=Hd**-0.5), _randn(C, dtype=dtype)
+    grads = [_randn(B, N, C, dtype=dtype)]
+
+    def backend_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, LARGE_EPS, w1, b1, w2, b2, backend=backend)
+
+    def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return reference.ln_gelu_mlp(x, ln_w, ln_b, LARGE_EPS, w1, b1, w2, b2)
+
+    _check_all(f"ln_gelu_mlp[{backend}]", ref_fn, [x, ln_w, ln_b, w1, b1, w2, b2], grads, backend_fn)
+
+
+# A residual stream in (N, B, C) memory order (sequence-first, as nn.MultiheadAttention keeps it): its batch and
+# token strides do not merge into one row stride. The cases above only ever slice contiguous residuals, where they
+# always merge, so a kernel indexing the residual's rows as b * N + n with one stride passed. The output gradient
+# is (N, B, C)-ordered too: ln_gelu_mlp's LN backward adds it to dx as the residual's own gradient.
+def _sequence_first(B, N, C, dtype):
+    return _randn(N, B, C, dtype=dtype).transpose(0, 1)  # (B, N, C), strides (C, B * C, 1)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_proj_residual_sequence_first_residual(backend, dtype):
+    B, N, C = 2, 5, 64
+    o, residual = _sequence_first(B, N, C, dtype), _sequence_first(B, N, C, dtype)
+    w, b = _randn(C, C, dtype=dtype, scale=C**-0.5), _randn(C, dtype=dtype)
+    grads = [_sequence_first(B, N, C, dtype)]
+
+    def backend_fn(o, w, b, residual):
+        return vkb.proj_residual(o, w, b, residual, backend=backend)
+
+    _check_all(f"proj_residual[{backend}]", reference.proj_residual, [o, w, b, residual], grads, backend_fn)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ln_gelu_mlp_sequence_first_residual(backend, dtype):
+    B, N, C, Hd, eps = 2, 5, 64, 128, 1e-6
+    x = _sequence_first(B, N, C, dtype)
+    ln_w, ln_b = _ln_params(C, dtype)
+    w1, b1 = _randn(Hd, C, dtype=dtype, scale=C**-0.5), _randn(Hd, dtype=dtype)
+    w2, b2 = _randn(C, Hd, dtype=dtype, scale=Hd**-0.5), _randn(C, dtype=dtype)
+    grads = [_sequence_first(B, N, C, dtype)]
+
+    def backend_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, backend=backend)
+
+    def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
+        return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2)
+
+    _check_all(f"ln_gelu_mlp[{backend}]", ref_fn, [x, ln_w, ln_b, w1, b1, w2, b2], grads, backend_fn)
+
+
 def test_ln_stats_two_pass_where_one_pass_cancels():
     """Rows with mean 100x their spread: the kernel's mean / rstd match float64 to ~1e-6, and the inputs are hard
     enough that the one-pass E[x^2] - E[x]^2 variance in fp32 misses the tolerance (so the test can fail)."""
