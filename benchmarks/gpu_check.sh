@@ -21,13 +21,19 @@
 # A slice is the budget still left times the stage's share of the nominal seconds of the stages still to
 # come (NOMINAL below), so time a stage does not use (or a skipped stage) goes to the rest.
 #
-# After EVERY stage the Markdown report is rewritten (benchmarks/results/<gpu>-<date>.md, or --results-dir),
-# and, when $OUT or --out is set, the report and one .tar.gz of every log and result file are (re)written
-# there (two files; each replaced atomically). Without a CUDA device the GPU stages are marked
-# "skipped: no CUDA device" and the report is still written. Exit status 1 if a stage failed or timed out.
+# After EVERY stage the Markdown report is rewritten (benchmarks/out/<gpu>-<date>.md, which git ignores;
+# --results-dir benchmarks/results to write it where it is committed), and, when $OUT or --out is set, the report
+# and one .tar.gz of every log and result file are (re)written there (two files; each replaced atomically; without
+# OUT the .tar.gz goes beside the report). A report or tarball that exists already is never replaced: a rerun's
+# files get -2, -3, ... Without a CUDA device the GPU stages are marked "skipped: no CUDA device" and the report
+# is still written.
+# Exit status: 1 if a stage failed, timed out, or was asked for and did not run ("not run: <reason>": the budget
+# was spent, a tool is missing, or the device probe failed: python could not run or import torch, which is not
+# the same as no GPU); "skipped: no CUDA device" and "skipped: not in --only" are no failures. 2: bad arguments
+# (an unknown stage in --only), before anything runs.
 #
-# Options: --budget S, --out DIR, --arch-only, --no-build, --results-dir DIR, --only a,b (run only these stages).
-# PYTHON=/path/to/python picks the interpreter.
+# Options: --budget S, --out DIR, --arch-only, --no-build, --results-dir DIR (default benchmarks/out),
+# --only a,b (run only these stages). PYTHON=/path/to/python picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -38,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 budget=480
 out=${OUT:-}
-results_dir=benchmarks/results
+results_dir=benchmarks/out  # untracked: benchmarks/results/ only when asked
 arch_only=0
 no_build=0
 only=""
@@ -69,39 +75,96 @@ declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [a
   [vit_tables]=90 [block_tables]=15 [profile]=60 [probe_dw]=30 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
   [tune]=60 [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
+# A typo in --only would skip every stage and exit 0: a stage name must be one of STAGES, before anything runs.
+usage_error() {  # MESSAGE
+  echo "gpu_check.sh: $1 (stages: ${STAGES[*]})" >&2
+  exit 2
+}
+if [ -n "$only" ]; then
+  IFS=, read -ra asked <<<"${only:1:${#only}-2}"
+  [ ${#asked[@]} -gt 0 ] || usage_error "--only names no stage"
+  unknown=()
+  for s in "${asked[@]}"; do [[ -n $s && " ${STAGES[*]} " == *" $s "* ]] || unknown+=("${s:-\"\"}"); done
+  printf -v bad_names '%s, ' "${unknown[@]}"
+  [ ${#unknown[@]} -eq 0 ] || usage_error "unknown stage(s) in --only: ${bad_names%, }"
+fi
+for s in "${!fake[@]}"; do
+  [[ " ${STAGES[*]} " == *" $s "* ]] || usage_error "unknown stage in --fake-stage: $s"
+  [[ ${fake[$s]} =~ ^[0-9]+$ ]] || usage_error "--fake-stage $s needs whole seconds, got ${fake[$s]}"
+done
 MIN_SLICE=30  # even a short stage (info: one Python import) gets this much, up to half of what is left
 RESERVE=6  # seconds kept back for the last report and tarball, and timeout's grace before its KILL
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 1
+# The work folder goes when the script ends, however it ends; the report and the tarball were copied out of it
+# after every stage. INT, TERM and HUP exit through that trap too.
+trap 'rm -rf -- "$work"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 mkdir -p "$work/results" "$results_dir"
+logs_dir=${out:-$results_dir}  # where the tarball goes
 
 # ---------------------------------------------------------------------------------------------------
 # the device
 # ---------------------------------------------------------------------------------------------------
-gpu_probe=$(timeout 60 "$PY" -c "
+# Paths reach Python through argv, never pasted into its source (a ' in TMPDIR would be a SyntaxError).
+timeout 60 "$PY" - "$work/versions.txt" >"$work/gpu_probe.out" 2>"$work/gpu_probe.log" <<'EOF'
+import sys
+
 import torch
+
 try:
     import triton
+
     triton_version = triton.__version__
 except ImportError:
     triton_version = None
-with open('$work/versions.txt', 'w') as f:
-    print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}', file=f)
+with open(sys.argv[1], "w") as f:
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}", file=f)
 if torch.cuda.is_available():
     major, minor = torch.cuda.get_device_capability()
-    print(f'{major}{minor}|{torch.cuda.get_device_name()}')
+    print(f"{major}{minor}|{torch.cuda.get_device_name()}")
 else:
-    print('|')
-" 2>"$work/gpu_probe.log" | tail -n 1)
+    print("|")
+EOF
+probe_rc=$?
+gpu_probe=$(tail -n 1 "$work/gpu_probe.out")
+# A probe that could not look (python missing, torch not importable, a hang) is not "no GPU": the stages that
+# need one are then "not run", and the exit status says so.
+probe_error=""
+if [ $probe_rc -ne 0 ]; then
+  probe_error="$PY exited $probe_rc"
+  [ $probe_rc -eq 124 ] && probe_error="$probe_error (killed after 60 s)"
+elif ! [[ $gpu_probe =~ ^([0-9]+\|.+|\|)$ ]]; then
+  probe_error="$PY printed ${gpu_probe:-nothing}, not <capability>|<name>"
+fi
+if [ -n "$probe_error" ]; then
+  last_line=$(grep -v '^[[:space:]]*$' "$work/gpu_probe.log" | tail -n 1)
+  probe_error="$probe_error${last_line:+: $last_line}"
+  gpu_probe="|"
+fi
 cap=${gpu_probe%%|*}
 gpu_name=${gpu_probe#*|}
 has_gpu=0
 [ -n "$cap" ] && has_gpu=1
-[ $has_gpu = 1 ] || gpu_name="no GPU ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs))"
+no_gpu_status="skipped: no CUDA device"  # what a stage that needs a GPU says without one
+if [ -n "$probe_error" ]; then
+  gpu_name="unknown device (the device probe failed)"
+  no_gpu_status="not run: the device probe failed"
+elif [ $has_gpu = 0 ]; then
+  gpu_name="no GPU ($(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs))"
+fi
 slug=$(echo "${gpu_name%% (*}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 stamp=$(date -u +%Y-%m-%d)
-report="$results_dir/$slug-$stamp.md"
-tarball="gpu_check-$slug-$stamp.tar.gz"
+# An earlier report of the same GPU and day (a committed one, the first of two calls) is never replaced.
+report_name="$slug-$stamp"
+for ((n = 2; ; n++)); do
+  [ -e "$results_dir/$report_name.md" ] || [ -e "$logs_dir/$report_name.md" ] ||
+    [ -e "$logs_dir/gpu_check-$report_name.tar.gz" ] || break
+  report_name="$slug-$stamp-$n"
+done
+report="$results_dir/$report_name.md"
+tarball="gpu_check-$report_name.tar.gz"
 peaks="$work/results/peaks.json"
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,9 +210,11 @@ cuda_tool() {  # NAME: its path on PATH, else in /usr/local/cuda/bin, else nothi
 }
 
 header="- commit: $commit
-- python: $("$PY" --version 2>&1); $(cat "$work/versions.txt" 2>/dev/null)
+- python: $("$PY" --version 2>&1 | head -n 1); $(cat "$work/versions.txt" 2>/dev/null)
 - driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 - nvcc: $(nvcc=$(cuda_tool nvcc); [ -n "$nvcc" ] && "$nvcc" --version 2>/dev/null | tail -1)"
+[ -n "$probe_error" ] && header="$header
+- device probe: FAILED: $probe_error (gpu_probe.log in the tarball)"
 
 write_report() {
   local tmp="$work/report.md.tmp" s
@@ -177,9 +242,9 @@ write_report() {
   if [ -n "$out" ]; then
     mkdir -p "$out"
     cp "$tmp" "$out/.report.md.tmp" && mv "$out/.report.md.tmp" "$out/$(basename "$report")"
-    tar -czf "$out/.tarball.tmp" -C "$work" --exclude=report.md.tmp . 2>/dev/null &&
-      mv "$out/.tarball.tmp" "$out/$tarball"
   fi
+  tar -czf "$logs_dir/.tarball.tmp" -C "$work" --exclude=report.md.tmp . 2>/dev/null &&
+    mv "$logs_dir/.tarball.tmp" "$logs_dir/$tarball"
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,7 +268,7 @@ stage() {  # NAME NEEDS_GPU CMD...
     # a child of its own, so the tests can see that the whole process group is killed, not just the shell
     set -- bash -c "sleep ${fake[$name]} & echo \"fake $name: child \$!\"; wait"
   elif [ "$needs_gpu" = 1 ] && [ $has_gpu = 0 ]; then
-    finish_stage "$name" "skipped: no CUDA device"
+    finish_stage "$name" "$no_gpu_status"
     return
   fi
   for s in "${STAGES[@]}"; do
@@ -214,7 +279,7 @@ stage() {  # NAME NEEDS_GPU CMD...
   # A short stage (info) still gets a usable slice when the budget is small.
   floor=$((left / 2 < MIN_SLICE ? left / 2 : MIN_SLICE))
   [ $slice -lt $floor ] && slice=$floor
-  if [ $slice -lt 3 ]; then finish_stage "$name" "skipped: budget spent ($left s left)"; return; fi
+  if [ $slice -lt 3 ]; then finish_stage "$name" "not run: budget spent ($left s left)"; return; fi
   slice_of[$name]=$slice
   echo "=== $name: $* (slice $slice s)"
   t0=$(date +%s)
@@ -230,9 +295,9 @@ stage() {  # NAME NEEDS_GPU CMD...
   fi
 }
 
-optional() {  # NAME REASON: a stage that cannot run here for a reason other than the device
+optional() {  # NAME REASON: a stage asked for that cannot run here for a reason other than the device (a failure)
   if ! wanted "$1"; then finish_stage "$1" "skipped: not in --only"; return; fi
-  finish_stage "$1" "skipped: $2"
+  finish_stage "$1" "not run: $2"
 }
 
 
@@ -247,14 +312,15 @@ if [ $arch_only = 1 ] && [ $has_gpu = 1 ]; then
   arch_args=("CMAKE_ARGS=${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$arch")
 fi
 if [ $no_build = 1 ]; then
-  optional build "--no-build"
+  finish_stage build "skipped: $(wanted build && echo "--no-build" || echo "not in --only")"
 else
   stage build 1 env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}" \
     "$PY" -m pip install -e . --no-build-isolation --no-deps
 fi
 
 # 2. what was built and what can run
-stage info 0 bash -c "nvidia-smi 2>/dev/null; \"$PY\" -c 'import json, vit_kernels as vk; print(json.dumps(vk.build_info(), indent=1))'"
+stage info 0 bash -c 'nvidia-smi 2>/dev/null; "$0" -c "import json, vit_kernels as vk; print(json.dumps(vk.build_info(), indent=1))"' \
+  "$PY"
 
 # 3. smoke parity
 # one process per (op, dtype), up to 9 at once: on a cold cache the Triton compiles take the time, one per process
@@ -364,9 +430,9 @@ stage tune 1 "$PY" benchmarks/tune_attention.py --no-progress --no-static --out-
   --shapes "256,12,197,64;196,16,257,80"
 
 # 10. torch.compile: the baseline users will ask about, last because it compiles for minutes
-stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]} --out-dir $work/results/compile_tables \
-  --packed --shapes 256,12,197,64 --providers eager,compile && \"$PY\" benchmarks/mlp_bench.py ${bench_args[*]} \
-  --out-dir $work/results/compile_tables --providers eager,compile"
+stage compile_tables 1 bash -c '"$0" benchmarks/attn_bench.py "${@:2}" --out-dir "$1" --packed --shapes 256,12,197,64 \
+  --providers eager,compile && "$0" benchmarks/mlp_bench.py "${@:2}" --out-dir "$1" --providers eager,compile' \
+  "$PY" "$work/results/compile_tables" "${bench_args[@]}"
 
 # 11. proposed entries for backend="auto"'s table, from the attention, GEMM and block tables' JSON above (not
 # headline's: its shapes are named "custom", a second case of a table shape, and its mlp run has no `views`, the
@@ -374,16 +440,22 @@ stage compile_tables 1 bash -c "\"$PY\" benchmarks/attn_bench.py ${bench_args[*]
 mapfile -t bench_json < <(ls "$work"/results/{attn_tables,mlp_tables,block_tables}/{attn,mlp,block}_bench-*.json \
   2>/dev/null)
 if [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
-  optional auto_table "no benchmark results to read"
+  if [ $has_gpu = 0 ] && wanted auto_table; then
+    finish_stage auto_table "$no_gpu_status"  # its inputs are the GPU stages' tables
+  else
+    optional auto_table "no benchmark results to read"
+  fi
 else
   stage auto_table 0 "$PY" benchmarks/auto_table.py "${bench_json[@]}" --out "$work/results/auto_table.json"
 fi
 
 # ---------------------------------------------------------------------------------------------------
 echo
-echo "gpu_check: $(( $(date +%s) - start )) s of a $budget s budget; report $report"
+echo "gpu_check: $(( $(date +%s) - start )) s of a $budget s budget"
+echo "gpu_check: report $report"
+echo "gpu_check: logs $logs_dir/$tarball"
 [ -n "$out" ] && echo "gpu_check: $out holds $(basename "$report") and $tarball"
-[ -z "$out" ] && echo "gpu_check: logs and results in $work"
+[ -n "$probe_error" ] && echo "gpu_check: the device probe FAILED: $probe_error"
 # The essentials once more at the very end of stdout, for when only the output's tail comes back.
 if [ -s "$work/smoke.log" ]; then
   echo
@@ -395,6 +467,7 @@ if [ -s "$work/headline.log" ]; then
 fi
 echo
 bad=0
+[ -n "$probe_error" ] && bad=1
 for s in "${STAGES[@]}"; do
   echo "- $s: $(stage_line "$s")"
   case ${status[$s]:-} in ran:0 | skipped:*) ;; *) bad=1 ;; esac

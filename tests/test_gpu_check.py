@@ -5,6 +5,7 @@ overruns its slice is killed (its whole process group) and reported while the st
 import os
 import re
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -84,6 +85,122 @@ def test_a_stage_past_its_slice_is_killed_and_later_stages_still_run(tmp_path):
     assert child, res.stdout
     proc = Path(f"/proc/{child.group(1)}")
     assert not proc.exists() or "sleep" not in (proc / "cmdline").read_text(), "the stage's child outlived the kill"
+
+
+# ----------------------------------------------------------------------------------------------------
+# a result never faked or lost: a check that did not run says so in its exit status, nothing is overwritten
+# ----------------------------------------------------------------------------------------------------
+def run_raw(tmp_path, *args, env_extra=None, timeout=120):
+    """The script as run_check runs it, without assuming a report was written."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=os.environ.get("PYTHON", sys.executable))
+    env.update(env_extra or {})
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize("only", ["smok,test", "smoke,,info", ""])
+def test_unknown_stage_in_only_is_an_error_before_anything_runs(tmp_path, only):
+    res = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), "--only", only)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--only" in res.stderr and "build info smoke headline tests" in res.stderr, res.stderr
+    if only == "smok,test":
+        assert "smok, test" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()  # nothing ran
+    assert "===" not in res.stdout, res.stdout
+
+
+def test_an_unknown_fake_stage_is_an_error(tmp_path):
+    res = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), "--fake-stage", "smok=1")
+    assert res.returncode == 2 and "smok" in res.stderr, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("python", ["false", "no_torch"])
+def test_a_failed_device_probe_is_an_error_not_an_absent_gpu(tmp_path, python):
+    """PYTHON that cannot run, or a Python without a working torch: the GPU stages did not run because the check
+    could not look, not because there is no GPU. The report and the exit status say so."""
+    env_extra = {"PYTHON": "/bin/false"}
+    if python == "no_torch":
+        (tmp_path / "shadow").mkdir()
+        (tmp_path / "shadow" / "torch.py").write_text('raise ImportError("no torch in this interpreter")')
+        env_extra = {"PYTHONPATH": str(tmp_path / "shadow")}
+    res, _, _, report = run_check_env(tmp_path, env_extra, "--budget", "40", "--only", "smoke,auto_table")
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = stage_lines(report)
+    assert lines["smoke"].startswith("not run: the device probe failed"), lines
+    assert lines["auto_table"].startswith("not run: the device probe failed"), lines
+    assert "no CUDA device" not in report, report
+    assert "device probe: FAILED" in report, report
+    if python == "no_torch":
+        assert "no torch in this interpreter" in report, report
+
+
+def run_check_env(tmp_path, env_extra, *args):
+    """run_check with extra environment: (result, seconds, OUT, the report's text)."""
+    t0 = time.monotonic()
+    res = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), *args, env_extra=env_extra, timeout=150)
+    reports = list((tmp_path / "out").glob("*.md"))
+    assert len(reports) == 1, f"{res.stdout}\n{res.stderr}"
+    return res, time.monotonic() - t0, tmp_path / "out", reports[0].read_text()
+
+
+def test_paths_with_quotes_and_spaces_work_and_the_work_folder_is_removed(tmp_path):
+    tmpdir = tmp_path / 'it\'s a "tmp" $dir'
+    tmpdir.mkdir()
+    res, _, out, report = run_check_env(tmp_path, {"TMPDIR": str(tmpdir)}, "--budget", "60", "--only", "info")
+    assert res.returncode == 0, res.stdout + res.stderr
+    python_line = next(line for line in report.splitlines() if line.startswith("- python:"))
+    assert "torch " in python_line, python_line  # the probe ran and wrote the versions
+    assert stage_lines(report)["smoke"] == "skipped: not in --only"
+    assert "device probe: FAILED" not in report, report
+    assert not list(tmpdir.glob("gpu_check.*")), "the work folder was left behind"  # (torch leaves a cache there)
+    with tarfile.open(next(out.glob("*.tar.gz"))) as tar:
+        assert "info.log" in {Path(n).name for n in tar.getnames()}  # what OUT got is kept
+
+
+def test_an_asked_for_stage_that_could_not_run_makes_the_exit_status_non_zero(tmp_path):
+    # a 5 s budget leaves nothing after the 6 s kept in reserve: info is asked for and cannot run
+    res, _, _, report = run_check_env(tmp_path, {}, "--budget", "5", "--only", "info")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert stage_lines(report)["info"].startswith("not run: budget spent"), report
+
+
+def test_a_rerun_never_replaces_an_earlier_report(tmp_path):
+    first = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), "--budget", "30", "--only", "auto_table")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (report,) = (tmp_path / "results").glob("*.md")
+    text = report.read_text()
+    second = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), "--budget", "30", "--only", "auto_table")
+    assert second.returncode == 0, second.stdout + second.stderr
+    reports = {p.name for p in (tmp_path / "results").glob("*.md")}
+    assert reports == {report.name, report.name.replace(".md", "-2.md")}, reports
+    assert report.read_text() == text
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= reports  # OUT gets both too
+
+
+def test_by_default_the_report_goes_to_an_untracked_folder(tmp_path):
+    """Without --results-dir nothing lands in the committed benchmarks/results/: the report and the logs go to
+    benchmarks/out/, which git ignores."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["PYTHON"] = os.environ.get("PYTHON", sys.executable)
+    committed = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/results"], cwd=ROOT,
+                               capture_output=True, text=True).stdout  # fmt: skip
+    res = subprocess.run(["bash", str(SCRIPT), "--budget", "30", "--only", "auto_table"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    written = [ROOT / m for m in re.findall(r"^gpu_check: (?:report|logs) (\S+)$", res.stdout, re.M)]
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert len(written) == 2 and all(p.is_file() for p in written), res.stdout
+        for path in written:
+            assert path.parent == ROOT / "benchmarks" / "out", path
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+            assert ignored.returncode == 0, f"{path} is not ignored by git"
+        after = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/results"], cwd=ROOT,
+                               capture_output=True, text=True).stdout  # fmt: skip
+        assert after == committed
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
