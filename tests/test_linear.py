@@ -23,6 +23,18 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(linear, "_alloc", nan_alloc)
 
 
+# The GEMM path of the parity tests below: "tma" (tma_gemm.py, what Hopper runs: the interpreter's default) or
+# "pointer" (`_gemm_kernel`, what sm_80 runs). Exact fp32 has no tensor-core path and runs "pointer" either way.
+DTYPE_PATHS = [(F32, "pointer"), (F16, "tma"), (F16, "pointer"), (BF16, "tma"), (BF16, "pointer")]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    if request.param == "pointer":
+        monkeypatch.setattr(linear, "TMA_ARCHS", ())
+    return request.param
+
+
 def _check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element of a poisoned buffer?)"
     err = rel_error(out, ref)
@@ -126,10 +138,10 @@ def _run_qkv(B, N, C, H, dtype, has_bias, allow_tf32, x_layout, grad_layout, dev
         assert dbias is None
 
 
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype, path", DTYPE_PATHS, indirect=["path"])
 @pytest.mark.parametrize("shape", QKV_SHAPES)
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_qkv_matches_reference(device, dtype, shape, has_bias):
+def test_qkv_matches_reference(device, dtype, path, shape, has_bias):
     _run_qkv(*shape, dtype, has_bias, False, "contiguous", "packed", device)
 
 
@@ -140,7 +152,8 @@ def test_qkv_layouts(device, dtype, x_layout, grad_layout):
     _run_qkv(2, 17, 72, 3, dtype, True, False, x_layout, grad_layout, device)
 
 
-def test_qkv_tf32(device):
+@pytest.mark.parametrize("path", ["tma", "pointer"], indirect=True)
+def test_qkv_tf32(device, path):
     _run_qkv(2, 17, 72, 3, F32, True, True, "contiguous", "packed", device)
 
 
@@ -200,11 +213,11 @@ def _run_mlp(M, C, Hd, C_out, dtype, biases, approximate, allow_tf32, x_layout, 
             _check(name, g, ref, t)
 
 
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype, path", DTYPE_PATHS, indirect=["path"])
 @pytest.mark.parametrize("shape", MLP_SHAPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("biases", ["both", "none"])
-def test_mlp_matches_reference(device, dtype, shape, approximate, biases):
+def test_mlp_matches_reference(device, dtype, path, shape, approximate, biases):
     _run_mlp(*shape, dtype, biases, approximate, False, "contiguous", device)
 
 
@@ -216,7 +229,8 @@ def test_mlp_layouts(device, dtype, x_layout, biases):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_mlp_tf32(device, approximate):
+@pytest.mark.parametrize("path", ["tma", "pointer"], indirect=True)
+def test_mlp_tf32(device, approximate, path):
     _run_mlp(34, 72, 96, 72, F32, "both", approximate, True, "contiguous", device)
 
 

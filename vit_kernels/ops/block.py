@@ -40,16 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.ops import linear, static_check
-from vit_kernels.ops.linear import (
-    EPI_GELU,
-    EPI_QKV,
-    EPI_STORE,
-    _gelu_fwd,
-    _grouped_tile,
-    _split_offset,
-    _store_head_split,
-)
+from vit_kernels.ops import linear, static_check, tma_gemm
+from vit_kernels.ops.gemm_helpers import gelu_fwd, grouped_tile, split_offset, store_head_split
+from vit_kernels.ops.linear import EPI_GELU, EPI_QKV, EPI_STORE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -70,7 +63,7 @@ def _ln_rows_kernel(
     cols = tl.arange(0, BLOCK_C)
     r_mask = rows < M
     mask = r_mask[:, None] & (cols < C)[None, :]
-    x_rows = _split_offset(rows, X_ROWS, stride_x_outer, stride_x_inner)
+    x_rows = split_offset(rows, X_ROWS, stride_x_outer, stride_x_inner)
     x = tl.load(X + x_rows[:, None] + (cols * stride_xc)[None, :], mask=mask, other=0.0).to(tl.float32)
     if STATS:
         # Two passes over the row held in registers: the variance is a sum of squares of centred values.
@@ -112,12 +105,12 @@ def _block_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    a_rows = _split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)
+    a_rows = split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)
     w_rows = offs_n.to(tl.int64) * stride_wn
     if LN:
         mean = tl.load(Mean + offs_m, mask=m_mask, other=0.0)
@@ -144,12 +137,12 @@ def _block_gemm_kernel(
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c_mask = m_mask[:, None] & n_mask[None, :]
     if RESIDUAL:
-        r_rows = _split_offset(offs_m, R_ROWS, stride_r_outer, stride_r_inner)
+        r_rows = split_offset(offs_m, R_ROWS, stride_r_outer, stride_r_inner)
         res = tl.load(Res + r_rows[:, None] + (offs_n * stride_rn)[None, :], mask=c_mask, other=0.0)
         acc += res.to(tl.float32)
     out_ty = C.dtype.element_ty
     if EPILOGUE == 2:
-        _store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
+        store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n * stride_cn)[None, :]
         if EPILOGUE == 0:
@@ -159,7 +152,7 @@ def _block_gemm_kernel(
             pre = acc.to(out_ty)
             if STORE_PRE:  # only backward needs it: inference skips this (M, N) write
                 tl.store(C + c_offs, pre, mask=c_mask)
-            tl.store(C2 + c_offs, _gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
+            tl.store(C2 + c_offs, gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
 
 
 @triton.jit
@@ -188,7 +181,7 @@ def _ln_bwd_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         r_mask = rows < M
         mask = r_mask[:, None] & c_mask[None, :]
-        x_rows = _split_offset(rows, X_ROWS, stride_x_outer, stride_x_inner)
+        x_rows = split_offset(rows, X_ROWS, stride_x_outer, stride_x_inner)
         x = tl.load(X + x_rows[:, None] + (cols * stride_xc)[None, :], mask=mask, other=0.0).to(tl.float32)
         dy_offs = rows.to(tl.int64)[:, None] * stride_dym + (cols * stride_dyc)[None, :]
         dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(tl.float32)
@@ -200,7 +193,7 @@ def _ln_bwd_kernel(
         c2 = tl.sum(g, 1) / C
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if ADD_DRES:
-            r_rows = _split_offset(rows, R_ROWS, stride_r_outer, stride_r_inner)
+            r_rows = split_offset(rows, R_ROWS, stride_r_outer, stride_r_inner)
             dx += tl.load(DRes + r_rows[:, None] + (cols * stride_rc)[None, :], mask=mask, other=0.0).to(tl.float32)
         dx_offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -246,6 +239,26 @@ def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
             STATS=True, WRITE_Y=False, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
         )  # fmt: skip
     return mean, rstd
+
+
+def ln_rows(
+    x: torch.Tensor, eps: float, ln_weight: torch.Tensor, ln_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, N, C) or (M, C), any strides -> y = LN(x) (M, C) contiguous in x's dtype, mean, rstd (M,) fp32: one
+    pass of `_ln_rows_kernel` (statistics and normalisation), for the GEMMs of the Hopper path, which read y by
+    TMA instead of normalising A tiles in registers."""
+    C = x.shape[-1]
+    M = x.numel() // C
+    y = _alloc(M, C, like=x)
+    mean = _alloc(M, like=x, dtype=torch.float32)
+    rstd = _alloc(M, like=x, dtype=torch.float32)
+    block_r, block_c, num_warps = _row_block(C)
+    with linear._on_device(x):
+        _ln_rows_kernel[(triton.cdiv(M, block_r),)](
+            x, y, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), M, C, *_rows(x), float(eps),
+            STATS=True, WRITE_Y=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
+    return y, mean, rstd
 
 
 def ln_apply(
@@ -342,6 +355,12 @@ def _gemm_args(
     return args, kwargs, (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
 
 
+def _tma_path(x: torch.Tensor, allow_tf32: bool, *weights: torch.Tensor) -> bool:
+    """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS): LayerNorm then runs as a row kernel writing
+    LN(x), and the residual is read in the GEMM's epilogue."""
+    return linear._tma_path(linear._arch(x.device), x.dtype, allow_tf32, *weights)
+
+
 def _launch(a, weight, c, M, N, K, allow_tf32, **extra) -> None:
     args, kwargs, grid = _gemm_args(a, weight, c, M, N, K, allow_tf32, linear._arch(c.device), **extra)
     linear._check_gemm_size(M, N, K, grid)
@@ -367,6 +386,10 @@ def ln_qkv_fwd(
     mean, rstd (B*N,) fp32 (for backward). Two launches: row statistics, then the LN-prologue / head-split GEMM."""
     B, N, C = x.shape
     D = C // num_heads
+    if _tma_path(x, allow_tf32, weight):
+        y, mean, rstd = ln_rows(x, eps, ln_weight, ln_bias)
+        q, k, v = linear.qkv_fwd(y.view(B, N, C), weight, bias, num_heads, allow_tf32)
+        return q, k, v, mean, rstd
     mean, rstd = ln_stats(x, eps)
     q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
     _launch(
@@ -407,6 +430,13 @@ def proj_residual_fwd(
     B, N, C_in = o.shape
     C = weight.shape[0]
     out = _alloc(B, N, C, like=o)
+    o2 = linear._matrix(o)
+    if _tma_path(o, allow_tf32, weight) and o2 is not None and tma_gemm.describable(o2):
+        arch = linear._arch(o.device)
+        launch = tma_gemm.residual_args(o2, weight.t(), out.view(B * N, C), _vector(bias), (residual, *_rows(residual)),
+                                        allow_tf32, arch)  # fmt: skip
+        linear._tma_launch(*launch, B * N, C, C_in, out)
+        return out
     _launch(o, weight, out.view(B * N, C), B * N, C, C_in, allow_tf32, bias=_vector(bias), residual=residual)
     return out
 
@@ -424,10 +454,11 @@ def proj_residual_bwd(
     dweight = linear._alloc(C, C_in, like=weight)
     dbias = linear._alloc(C, like=o) if has_bias else None
     dout2 = dout.reshape(M, C)  # a view for every layout autograd hands over in practice; a copy otherwise
-    linear._launch(linear._Operand(dout2), linear._Operand(weight), do.view(M, C_in), M, C_in, C, o.dtype, allow_tf32)
-    linear._weight_grad(
-        linear._Operand(dout2, transpose=True), linear._Operand(o), dweight, C, C_in, M, o.dtype, allow_tf32
-    )
+    o2 = linear._matrix(o)
+    if o2 is None:  # (B, N) dims that do not merge: the pointer kernel reads split rows, TMA needs one matrix
+        o2 = o.reshape(M, C_in)
+    linear.gemm(dout2, weight, do.view(M, C_in), allow_tf32)
+    linear.weight_grad(dout2.t(), o2, dweight, allow_tf32)
     if dbias is not None:
         linear._bias_grad(dout2, dbias)
     return do, dweight, dbias
@@ -456,10 +487,23 @@ def ln_mlp_fwd(
     residual epilogue."""
     B, N, C = x.shape
     M, Hd, C_out = B * N, fc1_weight.shape[0], fc2_weight.shape[0]
-    mean, rstd = ln_stats(x, eps)
     hidden = _alloc(M, Hd, like=x) if save_hidden else None
     act = _alloc(M, Hd, like=x)
     out = _alloc(B, N, C_out, like=x)
+    if _tma_path(x, allow_tf32, fc1_weight, fc2_weight):
+        arch = linear._arch(x.device)
+        y, mean, rstd = ln_rows(x, eps, ln_weight, ln_bias)
+        fc1 = tma_gemm.gelu_args(y, fc1_weight.t(), hidden, act, _vector(fc1_bias), approximate == "tanh",
+                                 allow_tf32, arch)  # fmt: skip
+        linear._tma_launch(*fc1, M, Hd, C, act)
+        if residual:
+            fc2 = tma_gemm.residual_args(act, fc2_weight.t(), out.view(M, C_out), _vector(fc2_bias), (x, *_rows(x)),
+                                         allow_tf32, arch)  # fmt: skip
+            linear._tma_launch(*fc2, M, C_out, Hd, out)
+        else:
+            linear.gemm(act, fc2_weight.t(), out.view(M, C_out), allow_tf32, bias=fc2_bias)
+        return out, hidden, mean, rstd
+    mean, rstd = ln_stats(x, eps)
     _launch(
         x, fc1_weight, hidden if save_hidden else act, M, Hd, C, allow_tf32, epilogue=EPI_GELU,
         bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh", store_pre=save_hidden,

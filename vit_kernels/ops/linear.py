@@ -49,7 +49,8 @@ import triton.language as tl
 
 from vit_kernels.ops import arch as _arch
 from vit_kernels.ops import on_device as _on_device
-from vit_kernels.ops import static_check
+from vit_kernels.ops import static_check, tma_gemm
+from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
 A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2
@@ -58,70 +59,6 @@ A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2
 # ----------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _gelu_fwd(h, TANH: tl.constexpr):
-    # h: fp32 tile. tanh(u) = 1 - 2 / (exp(2u) + 1) saturates to +-1 without inf / inf (exp overflow gives 1).
-    if TANH:
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        act = 0.5 * h * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
-    else:
-        act = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    return act
-
-
-@triton.jit
-def _gelu_fwd_bwd(h, TANH: tl.constexpr):
-    # (GELU(h), GELU'(h)) for an fp32 tile, sharing the erf / tanh between the two.
-    if TANH:
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-        act = 0.5 * h * (1.0 + t)
-        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
-        act = h * cdf
-        grad = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327  # Phi(h) + h * phi(h)
-    return act, grad
-
-
-@triton.jit
-def _split_offset(r, ROWS, stride_outer, stride_inner):
-    # Offset of row r of an operand whose rows are (r // ROWS, r % ROWS), e.g. the (B, N) token dims of x.
-    # ROWS == 1 is a compile-time constant (Triton specialises integer arguments equal to 1): just r * stride_outer.
-    return (r // ROWS).to(tl.int64) * stride_outer + (r % ROWS).to(tl.int64) * stride_inner
-
-
-@triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row-tiles sweep the N-tiles together, so the B tiles they share stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _store_head_split(Q, K, V, out, offs_m, offs_n, mask, N_TOK, QKV_C: tl.constexpr, QKV_D: tl.constexpr):
-    # Head split: row m = (b, t), column n = (which, h, d) of (B*N, 3C) goes to [q, k, v][which][b, h, t, d],
-    # each contiguous (B, H, N_TOK, D); C, D constexpr keep runs of d contiguous for vector stores. Three
-    # buffers, not one (3, B, H, N, D): outputs of a torch.library custom op may not alias each other.
-    b_idx = (offs_m // N_TOK).to(tl.int64)
-    t_idx = (offs_m % N_TOK).to(tl.int64)
-    row_off = b_idx * N_TOK * QKV_C + t_idx * QKV_D  # int64 from the left: N_TOK * C alone may not fit
-    which = (offs_n // QKV_C)[None, :]
-    h_idx = (offs_n % QKV_C) // QKV_D
-    col_off = (h_idx * QKV_D).to(tl.int64) * N_TOK + offs_n % QKV_D
-    offs = row_off[:, None] + col_off[None, :]
-    ptrs = tl.where(which == 0, Q + offs, tl.where(which == 1, K + offs, V + offs))
-    tl.store(ptrs, out, mask=mask)
-
-
 @triton.jit
 def _dqkv_ptrs(
     DQ, DK, DV,  # (B, H, N_TOK, D) each, any strides
@@ -173,7 +110,7 @@ def _gemm_kernel(
     # SPLIT_K: grid axis 1 cuts K into slices of K_SPLIT; each program writes its fp32 partial product into slice
     # program_id(1) of C (SPLIT_K, M, N), which the launcher adds up.
     # Only plain stores (EPILOGUE 0, no bias).
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT_K:
         k_lo = tl.program_id(1) * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
@@ -188,7 +125,7 @@ def _gemm_kernel(
     # Every index is widened to 64 bits before it meets a stride: an index below 2^31 times a stride below 2^31
     # can still pass 2^31 elements (the dfc1 weight gradient reads dhidden^T, k up to B*N tokens times stride
     # Hd: 590,848 x 4096 for ViT-L/16 at 384 px, batch 1024). Unit strides are constants, so those cost nothing.
-    a_rows = _split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)  # (BLOCK_M,) used by A_MODE 0
+    a_rows = split_offset(offs_m, A_ROWS, stride_a_outer, stride_a_inner)  # (BLOCK_M,) used by A_MODE 0
     b_cols = offs_n.to(tl.int64) * stride_bn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -210,7 +147,7 @@ def _gemm_kernel(
                 stride_vb, stride_vh, stride_vt, stride_vd, QKV_C, QKV_D,
             )  # fmt: skip
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b_rows = _split_offset(offs_k, B_ROWS, stride_b_outer, stride_b_inner)
+        b_rows = split_offset(offs_k, B_ROWS, stride_b_outer, stride_b_inner)
         b = tl.load(B + b_rows[:, None] + b_cols[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -219,7 +156,7 @@ def _gemm_kernel(
     c_mask = m_mask[:, None] & n_mask[None, :]
     out_ty = C.dtype.element_ty
     if EPILOGUE == 2:
-        _store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
+        store_head_split(C, C2, C3, acc.to(out_ty), offs_m, offs_n, c_mask, N_TOK, QKV_C, QKV_D)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + (offs_n.to(tl.int64) * stride_cn)[None, :]
         if SPLIT_K:
@@ -231,11 +168,11 @@ def _gemm_kernel(
             # the one backward recomputes from `hidden` are the same numbers.
             pre = acc.to(out_ty)
             tl.store(C + c_offs, pre, mask=c_mask)
-            tl.store(C2 + c_offs, _gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
+            tl.store(C2 + c_offs, gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
         else:
             h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + (offs_n.to(tl.int64) * stride_hn)[None, :]
             hid = tl.load(Hid + h_offs, mask=c_mask, other=0.0).to(tl.float32)
-            act, grad = _gelu_fwd_bwd(hid, TANH)
+            act, grad = gelu_fwd_bwd(hid, TANH)
             tl.store(C + c_offs, (acc * grad).to(out_ty), mask=c_mask)
             tl.store(C2 + c_offs, act.to(out_ty), mask=c_mask)
 
@@ -464,6 +401,87 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+# ----------------------------------------------------------------------------------------------------
+# the Hopper path: tma_gemm's persistent TMA kernels
+# ----------------------------------------------------------------------------------------------------
+# Archs whose GEMMs run on tma_gemm.py where the operands allow it (16-bit or tf32 dots, views TMA can describe);
+# everything else runs `_gemm_kernel`. 0 is the interpreter (CPU tensors): the CPU tests run the Hopper path, and
+# set this to () to run the pointer kernel that sm_80 runs.
+TMA_ARCHS = (90, 0)
+
+
+def _tma_path(arch: int, dtype: torch.dtype, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
+    return (
+        arch in TMA_ARCHS
+        and _input_precision(dtype, allow_tf32) == "tf32"
+        and all(v is not None for v in views)
+        and tma_gemm.describable(*views)
+    )
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """t (B, N, C) or (M, C) as an (M, C) view, or None where its batch and token dims do not merge into one
+    stride (that layout runs the pointer kernel, which reads split rows in place)."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _tma_launch(kernel, args, kwargs, grid, M: int, N: int, K: int, out: torch.Tensor) -> None:
+    _check_gemm_size(M, N, K, grid)
+    with _on_device(out):
+        tma_gemm.launch(kernel, args, kwargs, grid)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool, bias: torch.Tensor | None = None):
+    """c (M, N) = a (M, K) @ b (K, N) (+ bias (N,)): 2-D views, any strides, c contiguous. TMA on Hopper where the
+    views allow it, else `_gemm_kernel` (block.py's products go through here too)."""
+    (M, K), N = a.shape, b.shape[1]
+    arch = _arch(c.device)
+    if _tma_path(arch, a.dtype, allow_tf32, a, b, c):
+        _tma_launch(*tma_gemm.store_args(a, b, c, _vector(bias), allow_tf32, arch), M, N, K, c)
+    else:
+        _launch(_Operand(a), _Operand(b), c, M, N, K, a.dtype, allow_tf32, bias=_vector(bias))
+
+
+def weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool) -> None:
+    """c (M, N) = a (M, K) @ b (K, N) for a weight gradient (K = tokens): on Hopper, split along K until the work
+    units fill the SMs (`tma_gemm.split_k_slices`); else `_weight_grad`."""
+    (M, K), N = a.shape, b.shape[1]
+    arch = _arch(c.device)
+    if _tma_path(arch, a.dtype, allow_tf32, a, b, c):
+        _check_gemm_size(M, N, K, (1,))
+        with _on_device(c):
+            tma_gemm.weight_grad(
+                a, b, c, allow_tf32, arch, alloc=lambda *shape: _alloc(*shape, like=c, dtype=torch.float32)
+            )
+    else:
+        _weight_grad(_Operand(a), _Operand(b), c, M, N, K, a.dtype, allow_tf32)
+
+
+def _packed_dqkv(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """dQKV (B*N, 3C) as one matrix: a view where dq, dk, dv are the q / k / v slices of one (B, N, 3, H, D) buffer,
+    else a gather copy into one (what TMA needs: the pointer kernel reads the three in place instead)."""
+    B, H, N, D = dq.shape
+    C = H * D
+    step = C * dq.element_size()
+    packed_strides = (N * 3 * C, D, 3 * C, 1)
+    if (
+        all(g.stride() == packed_strides for g in (dk, dv))
+        and dq.stride() == packed_strides
+        and dk.data_ptr() == dq.data_ptr() + step
+        and dv.data_ptr() == dq.data_ptr() + 2 * step
+    ):
+        return dq.as_strided((B * N, 3 * C), (3 * C, 1))
+    packed = _alloc(B, N, 3, H, D, like=dq)
+    for i, g in enumerate((dq, dk, dv)):
+        packed[:, :, i].copy_(g.transpose(1, 2))
+    return packed.view(B * N, 3 * C)
+
+
 def qkv_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -476,6 +494,11 @@ def qkv_fwd(
     B, N, C = x.shape
     D = C // num_heads
     q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
+    arch, x2 = _arch(x.device), _matrix(x)
+    if _tma_path(arch, x.dtype, allow_tf32, x2, weight):
+        launch = tma_gemm.qkv_args(x2, weight.t(), q, k, v, _vector(bias), N, allow_tf32, arch)
+        _tma_launch(*launch, B * N, 3 * C, C, q)
+        return q, k, v
     _launch(
         _Operand(x), _Operand(weight, transpose=True), q, B * N, 3 * C, C, x.dtype, allow_tf32,
         epilogue=EPI_QKV, c2=k, c3=v, bias=_vector(bias), n_tok=N, qkv_c=C, qkv_d=D,
@@ -505,6 +528,15 @@ def qkv_bwd(
     dx = _alloc(B, N, C, like=x)
     dweight = _alloc(3 * C, C, like=weight)
     dbias = _alloc(3 * C, like=x) if has_bias else None
+    arch, x2 = _arch(x.device), _matrix(x)
+    if _tma_path(arch, x.dtype, allow_tf32, x2, weight):
+        # Hopper: dQKV as one (M, 3C) matrix (TMA cannot gather), then two plain GEMMs and a column sum.
+        packed = _packed_dqkv(dq, dk, dv)
+        gemm(packed, weight, dx.view(M, C), allow_tf32)
+        weight_grad(packed.t(), x2, dweight, allow_tf32)
+        if dbias is not None:
+            _bias_grad(packed, dbias)
+        return dx, dweight, dbias
     _launch(
         None, _Operand(weight), dx.view(M, C), M, C, 3 * C, x.dtype, allow_tf32,
         a_mode=A_DQKV, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D,
@@ -538,6 +570,13 @@ def mlp_fwd(
     hidden = _alloc(M, Hd, like=x)
     act = _alloc(M, Hd, like=x)
     y = _alloc(M, C_out, like=x)
+    arch = _arch(x.device)
+    if _tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
+        launch = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, _vector(fc1_bias), approximate == "tanh",
+                                    allow_tf32, arch)  # fmt: skip
+        _tma_launch(*launch, M, Hd, C, hidden)
+        gemm(act, fc2_weight.t(), y, allow_tf32, bias=fc2_bias)
+        return y, hidden
     _launch(
         _Operand(x), _Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
         epilogue=EPI_GELU, bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
@@ -577,18 +616,32 @@ def mlp_bwd(
     dw2 = _alloc(C_out, Hd, like=fc2_weight)
     db1 = _alloc(Hd, like=x) if has_fc1_bias else None
     db2 = _alloc(C_out, like=x) if has_fc2_bias else None
+    arch = _arch(x.device)
+    if _tma_path(arch, x.dtype, allow_tf32, dy, x, hidden, fc1_weight, fc2_weight):
+        launch = tma_gemm.dgelu_args(dy, fc2_weight, hidden, dhidden, act, tanh, allow_tf32, arch)
+        _tma_launch(*launch, M, Hd, C_out, dhidden)
+        weight_grad(dy.t(), act, dw2, allow_tf32)
+        weight_grad(dhidden.t(), x, dw1, allow_tf32)
+        gemm(dhidden, fc1_weight, dx, allow_tf32)
+    else:
+        _pointer_mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, dhidden, act, dx, dw1, dw2, tanh, allow_tf32)
+    if db2 is not None:
+        _bias_grad(dy, db2)
+    if db1 is not None:
+        _bias_grad(dhidden, db1)
+    return dx, dw1, db1, dw2, db2
+
+
+def _pointer_mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, dhidden, act, dx, dw1, dw2, tanh, allow_tf32) -> None:
+    M, C = x.shape
+    Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
     _launch(
         _Operand(dy), _Operand(fc2_weight), dhidden, M, Hd, C_out, x.dtype, allow_tf32,
         epilogue=EPI_DGELU, hidden=hidden, c2=act, tanh=tanh,
     )  # fmt: skip
     _weight_grad(_Operand(dy, transpose=True), _Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32)
     _weight_grad(_Operand(dhidden, transpose=True), _Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32)
-    if db2 is not None:
-        _bias_grad(dy, db2)
-    if db1 is not None:
-        _bias_grad(dhidden, db1)
     _launch(_Operand(dhidden), _Operand(fc1_weight), dx, M, C, Hd, x.dtype, allow_tf32)
-    return dx, dw1, db1, dw2, db2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,8 +47,14 @@ def ptxas_path(arch: int) -> str:
         return knobs.nvidia.ptxas.path
 
 
+# ptxas's "wgmma.mma_async instructions are serialized" performance warnings (C7509 / C7510 and their kin): the
+# async wgmma pipeline is broken up, e.g. by a register operand that needs a wait or by a call in the loop.
+_WGMMA_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized")
+
+
 def ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from `ptxas -v` on the PTX (Triton learns n_regs only when loading on a device)."""
+    """Registers and spill bytes from `ptxas -v` on the PTX (Triton learns n_regs only when loading on a device),
+    and how many wgmma-serialisation warnings it printed."""
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -62,7 +68,11 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
         ).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return {"n_regs": int(regs.group(1)) if regs else -1, "n_spills": spills}
+    return {
+        "n_regs": int(regs.group(1)) if regs else -1,
+        "n_spills": spills,
+        "wgmma_serialized": len(_WGMMA_SERIALIZED.findall(log)),
+    }
 
 
 _PTX_DEF = re.compile(r"\s*([a-z][\w.]*)\s+(%\w+),\s*([^;]*);")
@@ -103,9 +113,23 @@ def exp2_args_with_fma(ptx: str) -> int:
     return count
 
 
+def hopper_features(ptx: str) -> dict:
+    """What a kernel's PTX says of its sm_90 design: TMA loads (`cp.async.bulk.tensor` global -> shared), the
+    Ampere `cp.async` ring (`cp.async.ca` / `.cg`), mbarriers, `setmaxnreg` (warp specialisation that rebalances
+    registers between producer and consumer warps) and the N sizes of its wgmma instructions."""
+    return {
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cta|cluster)\.global", ptx)),
+        "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::(?:cta|cluster)", ptx)),
+        "cp_async": len(re.findall(r"cp\.async\.c[ag]\.", ptx)),
+        "mbarrier": "mbarrier." in ptx,
+        "setmaxnreg": "setmaxnreg" in ptx,
+        "wgmma_n": sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}),
+    }
+
+
 def usage(compiled, arch: int) -> dict:
-    """n_regs, n_spills, shared bytes, whether the PTX holds Hopper `wgmma.mma_async` or `mma.sync`, and
-    `exp2_fma` (`exp2_args_with_fma`)."""
+    """n_regs, n_spills, wgmma_serialized (ptxas warnings), shared bytes, whether the PTX holds Hopper
+    `wgmma.mma_async` or `mma.sync`, `exp2_fma` (`exp2_args_with_fma`) and the `hopper_features`."""
     ptx = compiled.asm["ptx"]
     return {
         **ptxas_usage(ptx, arch),
@@ -113,17 +137,19 @@ def usage(compiled, arch: int) -> dict:
         "wgmma": "wgmma.mma_async" in ptx,
         "mma": "mma.sync" in ptx,
         "exp2_fma": exp2_args_with_fma(ptx),
+        **hopper_features(ptx),
     }
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
     """Compile `kernel` for sm_<arch> with the specialisation a launch `kernel[grid](*args, **kwargs)` would get
-    (tensors may be meta), and return its `usage`: integer arguments equal to 1 become constants, multiples of 16
-    are marked divisible by 16, pointers 16-byte aligned; kwargs are the constexprs plus num_warps and
-    num_stages (3 when absent, Triton's default)."""
+    (tensors may be meta, TMA descriptors too), and return its `usage`: integer arguments equal to 1 become
+    constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned; kwargs are the constexprs plus
+    num_warps and num_stages (3 when absent, Triton's default)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     kwargs = dict(kwargs)
     options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
@@ -131,6 +157,9 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
     for i, (name, value) in enumerate(zip(kernel.arg_names, (*args, *([None] * len(kwargs))), strict=True)):
         if name in kwargs:
             signature[name] = "constexpr"
+        elif isinstance(value, TensorDescriptor):  # a host-built TMA descriptor: typed by dtype and block
+            block = ", ".join(map(str, value.block_shape))
+            signature[name] = f"tensordesc<{TL_DTYPES[value.base.dtype]}[{block}]>"
         elif isinstance(value, torch.Tensor):
             signature[name] = f"*{TL_DTYPES[value.dtype]}"
             attrs[(i,)] = [["tt.divisibility", 16]]

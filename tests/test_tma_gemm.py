@@ -1,0 +1,262 @@
+"""The Hopper GEMMs (vit_kernels/ops/tma_gemm.py): every entry kernel against float64, and the ops' routing to them.
+
+Under the interpreter (no GPU) linear.TMA_ARCHS includes the CPU, so these kernels run with small tiles and 4
+persistent programs (each program walks several tiles). Shapes are ragged on purpose: M = 296 and 197 rows never
+fill a tile, K = 80 is not a multiple of BLOCK_K, and A comes stored both ways ((M, K), and (K, M) as the weight
+gradients read dY^T). Every output buffer is NaN before the kernel writes it. The parity of whole ops on this path
+(forward and every gradient) is in test_linear.py and test_block_fusion.py; the sm_90 compile is checked in
+test_static_kernels.py.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_round, tf32_tolerance
+
+from vit_kernels.ops import block, linear, tma_gemm
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+M, K, N = 296, 80, 200  # N * 2 bytes and N * 4 bytes are multiples of 16: every operand is TMA-describable
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(linear, "_alloc", nan_alloc)
+    monkeypatch.setattr(block, "_alloc", nan_alloc)
+
+
+def nan(*shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _check(name, out, ref, tol):
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (an element the kernel never wrote?)"
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
+
+
+def _operands(dtype, a_stored, device):
+    """a (M, K) stored as (M, K) or as (K, M); b (K, N) for x @ W^T (stored (N, K)); bias (N,)."""
+    a = randn(M, K, dtype=dtype, device=device)
+    if a_stored == "transposed":
+        a = a.t().contiguous().t()
+    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    return a, w.t(), randn(N, dtype=dtype, device=device)
+
+
+def _product_tol(dtype, a, b, ref_fn):
+    """The dtype's tolerance; for fp32 (tf32 dots) twice the error of ref_fn on tf32-rounded operands."""
+    if dtype != F32:
+        return TOLERANCES[dtype]
+    return tf32_tolerance(ref_fn(tf32_round(a.double()), tf32_round(b.double())), ref_fn(a.double(), b.double()))
+
+
+DTYPES = [F16, BF16, F32]  # fp32 runs tf32 dots: exact fp32 has no tensor-core path and stays on linear.py's kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a_stored", ["rows", "transposed"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_store(device, dtype, a_stored, has_bias):
+    a, b, bias = _operands(dtype, a_stored, device)
+    bias = bias if has_bias else None
+    c = nan(M, N, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.store_args(a, b, c, bias, True, 0))
+    ref = a.double() @ b.double() + (bias.double() if has_bias else 0.0)
+    _check("c", c, ref, _product_tol(dtype, a, b, torch.matmul))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual_layout", ["rows", "split_rows"])
+def test_residual(device, dtype, residual_layout):
+    """out = a @ b + bias + residual; the residual read in place with any row strides, e.g. (N, B, C) in memory."""
+    a, b, bias = _operands(dtype, "rows", device)
+    if residual_layout == "rows":
+        residual = randn(M, N, dtype=dtype, device=device)
+        rows = (residual, 1, N, 0, 1)
+        flat = residual
+    else:  # (B, T, C) = (8, 37, N) laid out (T, B, C): batch and token strides do not merge
+        residual = randn(37, 8, N, dtype=dtype, device=device).transpose(0, 1)
+        rows = (residual, *block._rows(residual))
+        flat = residual.reshape(M, N)
+    c = nan(M, N, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.residual_args(a, b, c, bias, rows, True, 0))
+    ref = a.double() @ b.double() + bias.double() + flat.double()
+    tol = _product_tol(dtype, a, b, lambda x, y: x @ y + bias.double() + flat.double())
+    _check("c", c, ref, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("store_pre", [True, False])
+def test_gelu(device, dtype, approximate, store_pre):
+    """hidden = a @ b + bias (stored only when backward needs it) and act = GELU(hidden) from the rounded hidden."""
+    a, b, bias = _operands(dtype, "rows", device)
+    hidden = nan(M, N, dtype=dtype, device=device) if store_pre else None
+    act = nan(M, N, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.gelu_args(a, b, hidden, act, bias, approximate == "tanh", True, 0))
+    ref = a.double() @ b.double() + bias.double()
+    if store_pre:
+        _check("hidden", hidden, ref, _product_tol(dtype, a, b, lambda x, y: x @ y + bias.double()))
+        _check("act vs GELU(stored hidden)", act, F.gelu(hidden.double(), approximate=approximate), TOLERANCES[dtype])
+    _check("act", act, F.gelu(ref, approximate=approximate), 2 * _product_tol(dtype, a, b, torch.matmul))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("store_act", [True, False])
+def test_dgelu(device, dtype, approximate, store_act):
+    """dhidden = (dy @ W2) * GELU'(hidden), hidden read by TMA; act = GELU(hidden) where asked."""
+    dy, b, _bias = _operands(dtype, "rows", device)
+    hidden = randn(M, N, dtype=dtype, device=device)
+    dhidden = nan(M, N, dtype=dtype, device=device)
+    act = nan(M, N, dtype=dtype, device=device) if store_act else None
+    tma_gemm.launch(*tma_gemm.dgelu_args(dy, b, hidden, dhidden, act, approximate == "tanh", True, 0))
+    h = hidden.double().requires_grad_(True)
+    dact = dy.double() @ b.double()
+    (ref,) = torch.autograd.grad(F.gelu(h, approximate=approximate), h, dact)
+    _check("dhidden", dhidden, ref, 2 * _product_tol(dtype, dy, b, torch.matmul))
+    if store_act:
+        _check("act", act, F.gelu(hidden.double(), approximate=approximate), TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 148, 64, 4), (3, 1, 40, 5), (1, 197, 48, 3)])  # (B, T, C, H)
+def test_qkv_head_split(device, dtype, shape):
+    B, T, C, H = shape
+    D = C // H
+    x = randn(B * T, C, dtype=dtype, device=device)
+    w = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
+    bias = randn(3 * C, dtype=dtype, device=device)
+    q, k, v = (nan(B, H, T, D, dtype=dtype, device=device) for _ in range(3))
+    tma_gemm.launch(*tma_gemm.qkv_args(x, w.t(), q, k, v, bias, T, True, 0))
+    full = x.double() @ w.double().t() + bias.double()
+    refs = full.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    tol = _product_tol(dtype, x, w.t(), lambda a, b: a @ b + bias.double())
+    for name, out, ref in zip("qkv", (q, k, v), refs, strict=True):
+        _check(name, out, ref, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [197, 296])
+def test_weight_grad_split_k(device, dtype, tokens):
+    """dW = dY^T @ X with K = tokens: A stored transposed, K cut into slices (2 under the interpreter) whose fp32
+    partials (NaN-poisoned buffer) torch adds in order."""
+    dy = randn(tokens, 72, dtype=dtype, device=device)
+    x = randn(tokens, 40, dtype=dtype, device=device)
+    dw = nan(72, 40, dtype=dtype, device=device)
+    allocs = []
+
+    def alloc(*shape):
+        allocs.append(shape)
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+    tma_gemm.weight_grad(dy.t(), x, dw, True, 0, alloc=alloc)
+    assert allocs == [(2, 72, 40)], allocs
+    _check("dW", dw, dy.double().t() @ x.double(), _product_tol(dtype, dy.t(), x, torch.matmul))
+
+
+def test_split_k_slices_fill_the_gpu():
+    """The weight gradients of ViT-B/16 at B=256 (tiles of 128 x 256, K = 50,432 tokens) get work units that fill
+    the last wave of 132 SMs to >= 90% with slices of >= 8 BLOCK_K steps; products with many tiles are not split."""
+    for tiles in (54, 72):  # qkv dW (2304 x 768), mlp dW1 / dW2 (3072 x 768 and 768 x 3072)
+        s = tma_gemm.split_k_slices(90, tiles, 50432, 64)
+        units = tiles * s
+        assert units / (-(-units // 132) * 132) >= 0.9 and 50432 // s >= 8 * 64, (tiles, s)
+    assert tma_gemm.split_k_slices(90, 1182, 50432, 64) == 1  # ~9 waves already
+    assert tma_gemm.split_k_slices(90, 6, 300, 64) == 1  # too short to cut
+
+
+def test_describable():
+    t = torch.empty(64, 40, dtype=F16)
+    assert tma_gemm.describable(t, t.t())  # rows and columns
+    assert not tma_gemm.describable(torch.empty(64, 41, dtype=F16)[:, :40])  # 82-byte rows
+    assert not tma_gemm.describable(t[:, 1:])  # base off 16-byte alignment
+    assert not tma_gemm.describable(torch.empty(64, 40, 2, dtype=F16)[..., 0])  # no unit stride
+    assert not tma_gemm.describable(torch.empty(4, 8, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing: which products of the ops take this path
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the entry kernels the ops launch through tma_gemm, and how many pointer-kernel launches."""
+    seen = {"tma": [], "pointer": 0}
+    tma_launch = tma_gemm.launch
+
+    def spy_tma(kernel, *args):
+        seen["tma"].append(kernel.fn.__name__)
+        return tma_launch(kernel, *args)
+
+    pointer_args = linear._kernel_args
+
+    def spy_pointer(*args, **kwargs):
+        seen["pointer"] += 1
+        return pointer_args(*args, **kwargs)
+
+    monkeypatch.setattr(tma_gemm, "launch", spy_tma)
+    monkeypatch.setattr(linear, "_kernel_args", spy_pointer)
+    return seen
+
+
+def test_ops_take_the_tma_path(device, launches):
+    B, T, C, H, Hd = 2, 67, 48, 3, 96  # 134 tokens: the weight gradients split in 2 under the interpreter
+    x = randn(B, T, C, dtype=BF16, device=device)
+    w = randn(3 * C, C, dtype=BF16, device=device)
+    q, k, v = linear.qkv_fwd(x, w, None, H, True)
+    linear.qkv_bwd(q, k, v, x, w, True, True)
+    w1, w2 = randn(Hd, C, dtype=BF16, device=device), randn(C, Hd, dtype=BF16, device=device)
+    y, hidden = linear.mlp_fwd(x.view(-1, C), w1, None, w2, None, "none", True)
+    linear.mlp_bwd(y, x.view(-1, C), w1, w2, hidden, True, True, "none", True)
+    assert launches["tma"] == [
+        "_qkv_kernel", "_store_kernel", "_partial_kernel",  # qkv: fwd, dx, dW (split-K under the interpreter)
+        "_gelu_kernel", "_store_kernel",  # mlp fc1, fc2
+        "_dgelu_kernel", "_partial_kernel", "_partial_kernel", "_store_kernel",  # dhidden, dW2, dW1, dx
+    ]  # fmt: skip
+    assert launches["pointer"] == 0
+
+
+def test_block_ops_take_the_tma_path(device, launches):
+    B, T, C, H = 2, 17, 48, 3
+    x = randn(B, T, C, dtype=F16, device=device)
+    ln_w, ln_b = randn(C, dtype=F16, device=device), randn(C, dtype=F16, device=device)
+    block.ln_qkv_fwd(x, ln_w, ln_b, 1e-6, randn(3 * C, C, dtype=F16, device=device), None, H, True)
+    block.proj_residual_fwd(x, randn(C, C, dtype=F16, device=device), None, x, True)
+    w1, w2 = randn(4 * C, C, dtype=F16, device=device), randn(C, 4 * C, dtype=F16, device=device)
+    block.ln_mlp_fwd(x, ln_w, ln_b, 1e-6, w1, None, w2, None, "none", True, True)
+    assert launches["tma"] == ["_qkv_kernel", "_residual_kernel", "_gelu_kernel", "_residual_kernel"]
+    assert launches["pointer"] == 0
+
+
+@pytest.mark.parametrize(
+    "why, dtype, layout, allow_tf32",
+    [
+        ("exact fp32 has no tensor-core path", F32, "contiguous", False),
+        ("(B, N) dims that do not merge", F16, "transposed", True),
+        ("rows of 56 bytes, not a multiple of 16", F16, "odd_rows", True),
+    ],
+)
+def test_pointer_kernel_where_tma_cannot(device, launches, why, dtype, layout, allow_tf32):
+    B, T, C, H = 2, 17, 24, 2
+    x = randn(B, T, C, dtype=dtype, device=device)
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "odd_rows":
+        x = torch.cat([x, x[..., :4]], -1)[..., :C]  # row stride 28 elements
+    linear.qkv_fwd(x, randn(3 * C, C, dtype=dtype, device=device), None, H, allow_tf32)
+    assert launches == {"tma": [], "pointer": 1}, why
+
+
+def test_packed_dqkv_is_read_in_place(device):
+    """dq, dk, dv that are slices of one (B, N, 3, H, D) buffer are read as one (B*N, 3C) matrix without a copy;
+    separate tensors are gathered into one."""
+    B, T, H, D = 2, 17, 3, 16
+    packed = randn(B, T, 3, H, D, dtype=F16, device=device)
+    grads = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    view = linear._packed_dqkv(*grads)
+    assert view.data_ptr() == packed.data_ptr() and torch.equal(view, packed.view(B * T, 3 * H * D))
+    separate = [g.contiguous() for g in grads]
+    gathered = linear._packed_dqkv(*separate)
+    assert gathered.data_ptr() not in [g.data_ptr() for g in separate]
+    assert torch.equal(gathered, packed.view(B * T, 3 * H * D))
