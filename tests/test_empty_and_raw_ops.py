@@ -1,20 +1,26 @@
-"""The raw custom ops refuse bad arguments.
+"""The raw custom ops refuse bad arguments; empty batches (B = 0) give empty outputs and gradients.
 
 Raw ops: `torch.ops.vit_kernels.*` (library.py, block.py) are public, so a direct caller can hand them what autograd
 never would (a wrong-shaped lse or hidden, a gradient of another dtype). Each checks every tensor argument before a
 kernel sees it and raises ValueError / TypeError naming the argument and what was expected; the checks are real
 `if ... raise`, not `assert` (which `python -O` removes). The eager path of the public ops (`library.run_*`, which
 skips the dispatcher) is validated by dispatch.py and must not run them a second time.
+
+Empty batches: every op, on every backend, returns correctly-shaped empty outputs for B = 0 (for gelu_mlp, x with
+no rows), and backward gives input gradients of the inputs' shapes and weight / bias gradients of zeros, as
+`F.linear` and SDPA do. No kernel is launched for them (a zero-size grid is a CUDA launch error).
 """
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, skip_unless_runs
 
+import vit
 import vit_kernels as vk
-from vit_kernels import library
+from vit_kernels import block, library
 
 F32 = torch.float32
 # Small shapes every kernel backend takes: head dim 32, channels multiples of 8; C_out != C catches swapped sizes.
@@ -218,3 +224,181 @@ def test_eager_forward_skips_the_raw_op_checks(monkeypatch):
     q, k, v = vk.fused_qkv(x, w, b, H, backend="triton")
     out = vk.attention(q, k, v, backend="triton")
     vk.gelu_mlp(out.transpose(1, 2).reshape(B, N, C), _t(HD, C), _t(HD), _t(C_OUT, HD), None, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------
+# empty batches
+# ----------------------------------------------------------------------------------------------------
+def _ln():
+    return _t(C), _t(C)
+
+
+def _empty_case(op: str, batch: int = 0):
+    """(function of the tensors, tensors, names of the weights and biases) of `op` on a batch of `batch` images."""
+    if op == "attention":
+        return (
+            (lambda q, k, v, backend: vk.attention(q, k, v, backend=backend)),
+            [_t(batch, H, N, D) for _ in "qkv"],
+            (),
+        )
+    if op == "fused_qkv":
+        return (
+            lambda x, w, b, backend: vk.fused_qkv(x, w, b, H, backend=backend),
+            [_t(batch, N, C), _t(3 * C, C), _t(3 * C)],
+            (1, 2),
+        )
+    if op == "gelu_mlp":
+        return (
+            lambda x, w1, b1, w2, b2, backend: vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend),
+            [_t(batch, N, C), _t(HD, C), _t(HD), _t(C_OUT, HD), _t(C_OUT)],
+            (1, 2, 3, 4),
+        )
+    if op == "ln_fused_qkv":
+        return (
+            lambda x, lw, lb, w, b, backend: vk.ln_fused_qkv(x, lw, lb, 1e-6, w, b, H, backend=backend),
+            [_t(batch, N, C), *_ln(), _t(3 * C, C), _t(3 * C)],
+            (1, 2, 3, 4),
+        )
+    if op == "proj_residual":
+        return (
+            lambda o, w, b, r, backend: vk.proj_residual(o, w, b, r, backend=backend),
+            [_t(batch, N, C), _t(C_OUT, C), _t(C_OUT), _t(batch, N, C_OUT)],
+            (1, 2),
+        )
+    if op == "ln_gelu_mlp":
+        return (
+            lambda x, lw, lb, w1, b1, w2, b2, backend: vk.ln_gelu_mlp(x, lw, lb, 1e-6, w1, b1, w2, b2, backend=backend),
+            [_t(batch, N, C), *_ln(), _t(HD, C), _t(HD), _t(C, HD), _t(C)],
+            (1, 2, 3, 4, 5, 6),
+        )
+    raise AssertionError(op)
+
+
+EMPTY_OPS = ("attention", "fused_qkv", "gelu_mlp", "ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
+
+
+def _no_kernels(monkeypatch):
+    """Make any kernel-module lookup fail the test: an empty batch must launch nothing."""
+
+    def refuse(*args):
+        raise AssertionError(f"an empty batch reached the kernels {args}")
+
+    monkeypatch.setattr(library, "_kernels", refuse)
+    monkeypatch.setattr(block, "_kernels", refuse)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "cuda"])
+@pytest.mark.parametrize("op", EMPTY_OPS)
+def test_empty_batch_gives_empty_outputs_and_zero_weight_gradients(op, backend, monkeypatch):
+    if backend == "cuda" and op in ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp"):
+        pytest.skip("the whole-block ops have no cuda backend")
+    skip_unless_runs(backend)
+    _no_kernels(monkeypatch)
+    fn, tensors, weights = _empty_case(op)
+    tensors = [t.requires_grad_(True) for t in tensors]
+    outputs = fn(*tensors, backend=backend)
+    expected = fn(*(t.detach() for t in tensors), backend="reference")  # plain torch ops: PyTorch's own answer
+    outputs, expected = [o if isinstance(o, (tuple, list)) else (o,) for o in (outputs, expected)]
+    assert [o.shape for o in outputs] == [e.shape for e in expected]
+    assert all(o.numel() == 0 for o in outputs)
+    torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+    for i, t in enumerate(tensors):
+        assert t.grad is not None and t.grad.shape == t.shape, f"tensor {i}"
+        if i in weights:  # a sum over no rows, as F.linear's and LayerNorm's backward give
+            assert torch.equal(t.grad, torch.zeros_like(t)), f"tensor {i}"
+    if backend in ("triton", "cuda"):
+        assert "empty" in vk.explain_backend(op, *_explain_args(op, tensors), backend=backend).reason
+
+
+def _explain_args(op, tensors):
+    if op == "attention":
+        return tensors
+    if op == "fused_qkv":
+        return (*tensors, H)
+    if op == "gelu_mlp":
+        return tensors
+    if op == "ln_fused_qkv":
+        x, lw, lb, w, b = tensors
+        return x, lw, lb, 1e-6, w, b, H
+    if op == "proj_residual":
+        return tensors
+    x, lw, lb, *mlp = tensors
+    return (x, lw, lb, 1e-6, *mlp)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_explain_backend_says_an_empty_batch_runs_no_kernel(backend):
+    skip_unless_runs(backend)
+    q, k, v = (_t(0, H, N, D) for _ in range(3))
+    choice = vk.explain_backend("attention", q, k, v, backend=backend)
+    assert choice.backend == "torch"
+    if backend != "torch":
+        assert f"backend={backend!r} was requested" in choice.reason and "no kernel" in choice.reason
+
+
+@pytest.mark.parametrize("shape", [(0, C), (2, 0, C), (0, 3, N, C)])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_gelu_mlp_takes_x_with_no_rows(shape, backend, monkeypatch):
+    skip_unless_runs(backend)
+    _no_kernels(monkeypatch)
+    x = _t(*shape).requires_grad_(True)
+    w1, b1, w2, b2 = (_t(*s).requires_grad_(True) for s in ((HD, C), (HD,), (C_OUT, HD), (C_OUT,)))
+    y = vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend)
+    assert y.shape == (*shape[:-1], C_OUT)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in (w1, b1, w2, b2))
+
+
+def test_gelu_mlp_0d_x_is_a_value_error_naming_x():
+    with pytest.raises(ValueError, match=r"x must have at least 1 dim \(\.\.\., C\)"):
+        vk.gelu_mlp(torch.tensor(1.0), torch.randn(4, 1), None, torch.randn(1, 4), None)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: vk.attention(*(torch.randn(1, 2, 0, 32) for _ in range(3))), "q must be non-empty"),
+        (lambda: vk.attention(*(torch.randn(0, 0, 5, 32) for _ in range(3))), "q must be non-empty"),
+        (lambda: vk.fused_qkv(torch.randn(0, 5, 64), torch.randn(0, 64), None, 2), "weight must be non-empty"),
+        (lambda: vk.gelu_mlp(torch.randn(0, 0), torch.randn(4, 0), None, torch.randn(1, 4), None), "x must be non-emp"),
+        (lambda: vk.proj_residual(torch.randn(0, 5, 8), torch.randn(8, 8), None, torch.randn(0, 5, 0)), "residual"),
+    ],
+)
+def test_only_the_batch_may_be_empty(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "op, kwargs, match",
+    [
+        ("attention", {"backend": "cuda"}, "backend='cuda' cannot run these inputs"),
+        ("fused_qkv", {"backend": "nope"}, "backend must be one of"),
+    ],
+)
+def test_an_empty_batch_is_validated_like_any_other(op, kwargs, match):
+    """An empty batch runs no kernel, but the backend asked for must still be one that could run these inputs."""
+    if op == "attention" and torch.cuda.is_available():
+        pytest.skip("needs CPU tensors for the cuda backend to refuse them")
+    _fn, tensors, _weights = _empty_case(op)
+    with pytest.raises(ValueError, match=match):
+        getattr(vk, op)(*tensors[:3], *([H] if op == "fused_qkv" else []), **kwargs)
+    if "triton" in vk.available_backends(DEVICE):
+        q, k, v = (_t(0, H, N, 20) for _ in range(3))
+        with pytest.raises(ValueError, match="head dim D=20"):
+            vk.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "auto"])
+def test_vit_forward_and_backward_on_an_empty_batch(backend, monkeypatch):
+    skip_unless_runs(backend if backend != "auto" else "torch")
+    _no_kernels(monkeypatch)
+    model = vit.VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=64, depth=2, num_heads=2,
+                                  backend=backend).to(DEVICE)  # fmt: skip
+    images = _t(0, 3, 16, 16)
+    logits = model(images)
+    assert logits.shape == (0, 3)
+    F.cross_entropy(logits, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction="sum").backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name

@@ -86,7 +86,7 @@ def _check_ln(x, ln_weight, ln_bias, eps) -> None:
 
 
 def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend: str) -> dispatch.Choice:
-    dispatch._check_tensor("x", x, ndim=3)
+    dispatch._check_tensor("x", x, ndim=3, batch_dims=1)
     _check_ln(x, ln_weight, ln_bias, eps)
     dispatch._check_tensor("qkv_weight", weight, ndim=2)
     if bias is not None:
@@ -101,13 +101,14 @@ def check_ln_fused_qkv(x, ln_weight, ln_bias, eps, weight, bias, num_heads, back
     if bias is not None:
         dispatch._check_shape("qkv_bias", bias, (3 * C,), "(3C,)")
     sizes = (x.dtype, C, x.shape[0] * x.shape[1])
-    return _select(backend, x.device, "ln_fused_qkv", sizes, {"C": C, "head dim C // num_heads": C // num_heads})
+    choice = _select(backend, x.device, "ln_fused_qkv", sizes, {"C": C, "head dim C // num_heads": C // num_heads})
+    return dispatch.empty_batch(choice) if x.shape[0] == 0 else choice
 
 
 def check_proj_residual(o, weight, bias, residual, backend: str) -> dispatch.Choice:
-    dispatch._check_tensor("o", o, ndim=3)
+    dispatch._check_tensor("o", o, ndim=3, batch_dims=1)
     dispatch._check_tensor("proj_weight", weight, ndim=2)
-    dispatch._check_tensor("residual", residual, ndim=3)
+    dispatch._check_tensor("residual", residual, ndim=3, batch_dims=1)
     if bias is not None:
         dispatch._check_tensor("proj_bias", bias, ndim=1)
     dispatch._check_same({"o": o, "proj_weight": weight, "proj_bias": bias, "residual": residual})
@@ -117,13 +118,14 @@ def check_proj_residual(o, weight, bias, residual, backend: str) -> dispatch.Cho
     if bias is not None:
         dispatch._check_shape("proj_bias", bias, (C,), "(C,) with C = proj_weight.shape[0]")
     dispatch._check_shape("residual", residual, (B, N, C), "(B, N, C) with C = proj_weight.shape[0]")
-    return _select(backend, o.device, "proj_residual", (o.dtype, C, B * N), {"C_in": C_in, "C": C})
+    choice = _select(backend, o.device, "proj_residual", (o.dtype, C, B * N), {"C_in": C_in, "C": C})
+    return dispatch.empty_batch(choice) if B == 0 else choice
 
 
 def check_ln_gelu_mlp(
     x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, backend
 ) -> dispatch.Choice:
-    dispatch._check_tensor("x", x, ndim=3)
+    dispatch._check_tensor("x", x, ndim=3, batch_dims=1)
     _check_ln(x, ln_weight, ln_bias, eps)
     dispatch._check_tensor("fc1_weight", fc1_w, ndim=2)
     dispatch._check_tensor("fc2_weight", fc2_w, ndim=2)
@@ -146,7 +148,8 @@ def check_ln_gelu_mlp(
     if residual and C_out != C:
         raise ValueError(f"residual=True adds x, so fc2_weight must map back to C={C} channels, got C_out={C_out}")
     sizes = (x.dtype, C, x.shape[0] * x.shape[1])
-    return _select(backend, x.device, "ln_gelu_mlp", sizes, {"C": C, "hidden": hidden, "C_out": C_out})
+    choice = _select(backend, x.device, "ln_gelu_mlp", sizes, {"C": C, "hidden": hidden, "C_out": C_out})
+    return dispatch.empty_batch(choice) if x.shape[0] == 0 else choice
 
 
 # ----------------------------------------------------------------------------------------------------

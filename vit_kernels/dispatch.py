@@ -2,7 +2,8 @@
 
 Each backend declares what it supports (devices, dtypes, head dims, channel alignment, compute
 capability, whether it is built/importable here); a backend named explicitly either accepts the inputs
-or raises with its reasons. Nothing ever falls back silently.
+or raises with its reasons. Nothing ever falls back silently. An empty batch (B = 0) is validated like any
+other, then runs no kernel: the torch composition returns its empty outputs (`empty_batch`, whose reason says so).
 
 `auto` runs a kernel backend only where a GPU measurement showed it correct and faster than `torch`:
 the committed table `measured_backends.json` (written by `benchmarks/auto_table.py` from GPU benchmark
@@ -129,15 +130,20 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # input checks shared by the ops
 # ----------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+def _check_tensor(name: str, t, ndim: int | None = None, batch_dims: int = 0) -> None:
+    """`batch_dims`: how many leading dims of t may be 0 (an empty batch, answered by `empty_batch`); -1: all but
+    the last (x (..., C)). Any other empty dim (channels, heads, tokens, a weight's) is an error."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    if batch_dims == -1 and t.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dim (..., C), got a 0-D tensor")
+    if t.numel() == 0 and 0 in t.shape[batch_dims:]:
+        only = " (only its batch dims may be 0)" if batch_dims else ""
+        raise ValueError(f"{name} must be non-empty{only}, got shape {tuple(t.shape)}")
 
 
 def _check_same(named: dict[str, torch.Tensor | None]) -> None:
@@ -340,6 +346,17 @@ def _select(
     return Choice(backend, _REQUESTED[backend])
 
 
+def empty_batch(choice: Choice) -> Choice:
+    """`choice` for inputs whose batch is empty (B = 0, or x with no rows), made after the inputs were validated for
+    it: no kernel is launched (there is nothing to compute, and a zero-size grid is a CUDA launch error), and the
+    torch composition returns the empty outputs, and in backward input gradients of the inputs' shapes and zero
+    weight gradients, as F.linear and SDPA do. Not a fallback of real work, and the reason says so."""
+    if choice.backend in ("torch", "reference"):
+        return choice
+    reason = f"{choice.reason}; the batch is empty, so no kernel is launched: torch's composition returns the empties"
+    return Choice("torch", reason)
+
+
 def _channel_objection(dims: dict[str, int]):
     """objection(b) for channel counts `dims` (name -> size): which are not multiples of b's alignment."""
 
@@ -371,7 +388,7 @@ def autocast_inputs(*tensors):
 
 def check_attention(q, k, v, scale, backend: str) -> tuple[Choice, float]:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=4)
+        _check_tensor(name, t, ndim=4, batch_dims=1)
     _check_same({"q": q, "k": k, "v": v})
     _check_shape("k", k, q.shape, "q.shape (B, H, N, D)")
     _check_shape("v", v, q.shape, "q.shape (B, H, N, D)")
@@ -387,11 +404,12 @@ def check_attention(q, k, v, scale, backend: str) -> tuple[Choice, float]:
             return None
         return f"head dim D={head_dim} is not supported (supported: {dims})"
 
-    return _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), objection), float(scale)
+    choice = _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), objection)
+    return (empty_batch(choice) if q.shape[0] == 0 else choice), float(scale)
 
 
 def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
-    _check_tensor("x", x, ndim=3)
+    _check_tensor("x", x, ndim=3, batch_dims=1)
     _check_tensor("weight", weight, ndim=2)
     if bias is not None:
         _check_tensor("bias", bias, ndim=1)
@@ -406,11 +424,12 @@ def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
         _check_shape("bias", bias, (3 * C,), "(3C,)")
     # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
     objection = _channel_objection({"C": C, "head dim C // num_heads": C // num_heads})
-    return _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), objection)
+    choice = _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), objection)
+    return empty_batch(choice) if x.shape[0] == 0 else choice
 
 
 def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> Choice:
-    _check_tensor("x", x)
+    _check_tensor("x", x, batch_dims=-1)
     _check_tensor("fc1_weight", fc1_weight, ndim=2)
     _check_tensor("fc2_weight", fc2_weight, ndim=2)
     for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias)):
@@ -429,7 +448,8 @@ def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, b
     if fc2_bias is not None:
         _check_shape("fc2_bias", fc2_bias, (C_out,), "(C_out,)")
     objection = _channel_objection({"C": C, "hidden": hidden, "C_out": C_out})
-    return _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), objection)
+    choice = _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), objection)
+    return empty_batch(choice) if x.numel() == 0 else choice
 
 
 # A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it
