@@ -15,7 +15,8 @@ Providers (each checked against `vit_kernels.reference.attention` before it is t
 
 FLOPs: forward 4 B H N^2 D, backward 2.5x forward (see common.attention_flops); bytes: the minimum of a
 fused kernel (common.attention_bytes). "% roofline" is the time floor from the measured copy bandwidth
-and matmul peak over the measured time. Results: Markdown on stdout, CSV and JSON in benchmarks/results/.
+and matmul peak over the measured time. Results: Markdown on stdout, CSV and JSON in benchmarks/out/ (untracked;
+--out-dir benchmarks/results to commit them).
 """
 
 from __future__ import annotations
@@ -263,8 +264,9 @@ def plot(rows, peaks, env, args) -> list[Path]:
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"attention {mode}, {args.dtype}, {env.device_name}", fontsize=10)
         fig.tight_layout()
-        path = Path(args.out_dir) / f"attn_bench-{env.slug}-{args.dtype}-{mode}-{env.date}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        stem = common.unused_stem(args.out_dir, f"attn_bench-{env.slug}-{args.dtype}-{mode}-{env.date}", (".png",))
+        path = Path(f"{stem}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         files.append(path)

@@ -4,7 +4,12 @@ Every benchmark script does the same four things, in this order:
   1. `Env.collect()`: device name, dtype, versions, git commit (carried by every machine-readable row);
   2. `measure_peaks()`: copy bandwidth and matmul throughput measured on this machine, once per run;
   3. per cell: check the provider against the reference, then `bench()` (medians over rotating inputs);
-  4. `Report`: a Markdown table on stdout, CSV + JSON under benchmarks/results/, the skip list.
+  4. `Report`: a Markdown table on stdout, CSV + JSON under --out-dir, the skip list.
+
+Where files go. By default to benchmarks/out/, which git ignores, so that a run never dirties the tree;
+benchmarks/results/ holds the committed measurements (cited by vit_kernels/measured_backends.json and NOTES.md)
+and is written only when asked: `--out-dir benchmarks/results`. Files are named by bench, device, dtype and date,
+so an existing file is never replaced: a rerun's files get -2, -3, ... (`unused_stem`).
 
 Timing. On CUDA each call is bracketed by CUDA events and the median over calls is reported; on CPU,
 `time.perf_counter` around each call. Each call takes the next of several input sets (`n_sets`), so a
@@ -37,7 +42,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # committed measurements: written only with --out-dir
+OUT_DIR = ROOT / "benchmarks" / "out"  # the default --out-dir: in .gitignore
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MiB = 1 << 20
 # When this module was first imported: `Report.finish` says how long the benchmark took, so that a run killed
@@ -147,7 +153,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtype_gpu: str = "b
     parser.add_argument("--dtype", choices=sorted(DTYPES), help=f"default: {default_dtype_gpu} on GPU, fp32 on CPU")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--providers", help="comma-separated subset of providers to run (default: all)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV/JSON/PNG files go")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        help="where the CSV/JSON/PNG files go (default benchmarks/out/, untracked; benchmarks/results/ to commit "
+        "them); an existing file is never replaced: this run's get -2, -3, ...",
+    )
     parser.add_argument("--no-save", action="store_true", help="print the table only, write no files")
     parser.add_argument("--peaks", type=Path, help="JSON from `python benchmarks/common.py --json`: skip measuring")
     parser.add_argument("--rep-ms", type=float, default=None, help="time budget per cell (default 200 GPU, 100 CPU)")
@@ -546,6 +558,20 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def unused_stem(out_dir: Path, name: str, suffixes: Sequence[str]) -> Path:
+    """out_dir/name, else out_dir/name-2, name-3, ...: the first for which no `stem + suffix` file exists. Results
+    are named by bench, device, dtype and date, so a rerun on the same day would otherwise replace the file that
+    a committed table cites as evidence."""
+    first = Path(out_dir) / name
+    stem, n = first, 1
+    while taken := [Path(f"{stem}{suffix}") for suffix in suffixes if Path(f"{stem}{suffix}").exists()]:
+        if n == 1:
+            print(f"{taken[0]} exists already: not replaced; this run's files get a suffix", file=sys.stderr)
+        n += 1
+        stem = first.with_name(f"{name}-{n}")
+    return stem
+
+
 def markdown_table(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> str:
     """columns: (header, row key); values are formatted with `fmt`."""
     head = "| " + " | ".join(h for h, _ in columns) + " |"
@@ -632,10 +658,11 @@ class Report:
             return []
         out_dir = Path(self.args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"{self.name}-{self.env.slug}-{self.env.dtype}-{self.env.date}"
+        stem = unused_stem(out_dir, f"{self.name}-{self.env.slug}-{self.env.dtype}-{self.env.date}", (".csv", ".json"))
         rows = self.machine_rows()
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(f"{stem}.csv", "w", newline="") as f:
+        # "x": a file that appeared since unused_stem looked (a concurrent run) raises instead of being replaced
+        with open(f"{stem}.csv", "x", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
@@ -646,7 +673,8 @@ class Report:
             "skipped": self.skipped,
             "rows": rows,
         }
-        Path(f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+        with open(f"{stem}.json", "x") as f:
+            f.write(json.dumps(payload, indent=1, default=str))
         return [Path(f"{stem}.csv"), Path(f"{stem}.json")]
 
     def print_header(self) -> None:

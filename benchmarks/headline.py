@@ -92,7 +92,7 @@ COLUMNS = [
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--out-dir", type=Path, default=common.OUT_DIR, help="default benchmarks/out/ (untracked)")
     p.add_argument("--peaks-json", type=Path, help="save the measured peaks here (the later tables reuse them)")
     p.add_argument("--rep-ms", default="100", help="time budget per cell, ms")
     args = p.parse_args(argv)

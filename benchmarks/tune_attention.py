@@ -11,7 +11,8 @@ target GPU (dropping those that spill or do not fit in shared memory), then, on 
 on the shape, checks its output against the float64 reference before timing it, and times it (median of
 event-timed runs over rotating inputs). The table at the end gives, per shape and pass, the shipped
 config's time and the fastest candidate's: a ratio above ~1.05 is a reason to change the table (and to
-commit this run's files from benchmarks/results/ with the change).
+commit this run's files with the change: run it with --out-dir benchmarks/results, the default being the
+untracked benchmarks/out/).
 
 Without a GPU it runs the static step for sm_90 (or --arch) and says timing was skipped. With
 --interpret (tests only) the timing step runs under the Triton interpreter on CPU: the numbers mean

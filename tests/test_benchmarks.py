@@ -94,6 +94,64 @@ def test_mlp_bench_cpu(tmp_path):
         assert re.search(rf"^- skipped {provider} \(.+\): \S", out, re.M), f"no skip reason for {provider}:\n{out}"
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_benchmarks_write_outside_the_committed_results_by_default():
+    """benchmarks/results/ holds the measurements that measured_backends.json and the NOTES cite: a plain run must
+    not write there (only --out-dir benchmarks/results does)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser)
+    out_dir = parser.parse_args([]).out_dir
+    assert out_dir.resolve() != common.RESULTS_DIR.resolve()
+    assert _git("check-ignore", "-q", str(out_dir / "attn_bench-x.json")).returncode == 0, f"{out_dir} is tracked"
+
+
+def test_a_rerun_never_replaces_an_earlier_result(tmp_path, capsys):
+    """Files are named by bench, device, dtype and date: a second run on the same day gets -2, -3, ... instead of
+    replacing the first (which may be the evidence a committed table cites)."""
+    import argparse
+
+    env = common.Env.collect("cpu", "fp32")
+    args = argparse.Namespace(out_dir=tmp_path, no_save=False)
+    written = []
+    for ms in (1.0, 2.0, 3.0):
+        report = common.Report("attn_bench", env, None, args)
+        report.add({"provider": "eager", "ms": ms})
+        written.append(report.write())
+    stem = f"attn_bench-{env.slug}-fp32-{env.date}"
+    assert [[p.name for p in files] for files in written] == [
+        [f"{stem}{n}.csv", f"{stem}{n}.json"] for n in ("", "-2", "-3")
+    ]
+    assert [json.loads(files[1].read_text())["rows"][0]["ms"] for files in written] == [1.0, 2.0, 3.0]
+    assert f"{stem}.csv exists already: not replaced" in capsys.readouterr().err
+
+
+def test_the_readme_benchmark_command_leaves_git_status_clean():
+    """`python benchmarks/attn_bench.py` as the README runs it (tiny shapes here, for time): whatever it writes is
+    ignored by git, and nothing under benchmarks/results/ changes."""
+    committed = _git("status", "--porcelain", "--untracked-files=all", "--", "benchmarks/results").stdout
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, str(BENCH / "attn_bench.py"), "--shapes", "1,2,17,32", "--rep-ms", "1", "--providers",
+         "eager", "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    written = [ROOT / p for p in re.findall(r"^wrote (.+)$", res.stderr, re.M)]
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert len(written) == 2 and all(p.is_file() for p in written), res.stderr
+        for path in written:
+            assert _git("check-ignore", "-q", str(path)).returncode == 0, f"{path} is not ignored by git"
+        assert _git("status", "--porcelain", "--untracked-files=all", "--", "benchmarks/results").stdout == committed
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
 def test_env_records_what_auto_table_reads():
     """auto_table keys results by the GPU's arch and fp32's matmul precision: every result's env carries both."""
     env = common.Env.collect("cpu", "fp32")
