@@ -551,3 +551,117 @@ def test_hf_vit_layer_runs_whole_fused_with_the_same_gradients_and_falls_back(mo
     with counting_block_ops(monkeypatch) as counts, torch.no_grad():
         assert rel_error(layer(tokens, attention_mask=mask), ref_layer(tokens, attention_mask=mask)) <= 1e-6
     assert counts == dict.fromkeys(BLOCK_OPS, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# subclasses of the patched classes: left alone (they may compute something else), and said so
+# ----------------------------------------------------------------------------------------------------
+# Each subclass overrides forward with a different computation on the same weights. patch_* patches a class
+# *itself* only: an isinstance check would put these on the fused ops and change the outputs. On torch a patched
+# block falls back to type(self).forward (the subclass's), so only the summary shows a wrongly patched block there;
+# on triton the outputs do too.
+def _timm_subclasses():
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block
+
+    class HalvedAttention(Attention):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return 0.5 * super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    class ShiftedMlp(Mlp):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    class DampedBlock(Block):  # name matches the patcher's "container" pattern: never reported by name alone
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return x + 0.5 * (super().forward(x, attn_mask=attn_mask, is_causal=is_causal) - x)
+
+    return {"attention": (Attention, HalvedAttention), "mlp": (Mlp, ShiftedMlp), "block": (Block, DampedBlock)}
+
+
+def _hf_subclasses():
+    from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
+
+    class HalvedViTAttention(ViTAttention):
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            out, weights = super().forward(hidden_states, attention_mask, **kwargs)
+            return 0.5 * out, weights
+
+    class ShiftedViTMLP(ViTMLP):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + 1.0
+
+    class DampedViTLayer(ViTLayer):
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            out = super().forward(hidden_states, attention_mask, **kwargs)
+            return hidden_states + 0.5 * (out - hidden_states)
+
+    return {"attention": (ViTAttention, HalvedViTAttention), "mlp": (ViTMLP, ShiftedViTMLP),
+            "block": (ViTLayer, DampedViTLayer)}  # fmt: skip
+
+
+def _swap_class(model, base, sub) -> list[str]:
+    """Every module of exactly class `base` becomes a `sub` (same weights); returns their names."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is base:
+            m.__class__ = sub
+            names.append(name)
+    assert names, f"no {base.__name__} in the model"
+    return names
+
+
+def check_subclass_left_alone(patch, model, x, call, kind, base, sub, backend, monkeypatch):
+    names = _swap_class(model, base, sub)
+    model = model.to(DEVICE)
+    with torch.no_grad():
+        ref = call(model, x)
+    patched = copy.deepcopy(model)
+    summary = patch(patched, backend=backend)
+    assert not any(n in instance_forwards(patched) for n in names), "a subclass's forward was replaced"
+    listed = summary.unfused_blocks if kind == "block" else summary.skipped
+    reasons = dict(listed)
+    for n in names:  # each listed, with a reason naming the subclass and the class patch_* patches
+        assert n in reasons, f"{n} ({sub.__name__}) is not listed in the summary:\n{summary}"
+        assert sub.__name__ in reasons[n] and f"subclass of {base.__module__}.{base.__qualname__}" in reasons[n]
+        assert n in str(summary)
+    patched_names = summary.attention + summary.mlp + summary.blocks
+    assert not set(names) & set(patched_names), str(summary)
+    # The rest is still patched: both blocks' attention and MLP, except the subclassed kind.
+    depth = 2  # SMALL, HF_SMALL
+    expected = (0 if kind == "attention" else depth, 0 if kind == "mlp" else depth)
+    assert (len(summary.attention), len(summary.mlp)) == expected, str(summary)
+    if kind != "block":  # a block fuses only around an attention and MLP of the patched classes themselves
+        assert summary.blocks == [], str(summary)
+    with counting_block_ops(monkeypatch) as block_counts, torch.no_grad():
+        out = call(patched, x)
+    if kind == "block":
+        assert block_counts == dict.fromkeys(BLOCK_OPS, 0)  # the subclass's forward ran, not the fused block
+    assert rel_error(out, ref) <= TOLERANCES[torch.float32], f"patched output changed by {rel_error(out, ref):.2e}"
+    if kind != "block":  # strict refuses a model with a subclassed attention / MLP, naming the first
+        with pytest.raises(ValueError, match=rf"strict=True\): {names[0]} cannot be patched: .*{sub.__name__}"):
+            patch(copy.deepcopy(model), backend=backend, strict=True)
+    return summary
+
+
+BACKENDS_HERE = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("kind", ["attention", "mlp", "block"])
+def test_timm_subclass_with_its_own_forward_is_left_alone(kind, backend, monkeypatch, highest_precision):
+    base, sub = _timm_subclasses()[kind]
+    model = timm_model(TIMM_ZOO[0])  # vit_tiny, small dims
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    check_subclass_left_alone(vit.patch_timm, model, x, timm_call, kind, base, sub, backend, monkeypatch)
+
+
+@needs_transformers
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("kind", ["attention", "mlp", "block"])
+def test_hf_subclass_with_its_own_forward_is_left_alone(kind, backend, monkeypatch, highest_precision):
+    base, sub = _hf_subclasses()[kind]
+    model = hf_model(HF_ZOO[0])  # ViTForImageClassification, small dims
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    check_subclass_left_alone(vit.patch_hf, model, x, hf_call, kind, base, sub, backend, monkeypatch)

@@ -191,6 +191,8 @@ def _diff_keys(model: nn.Module, sd: dict) -> tuple[list[str], list[str]]:
 # their own, and patching those by name changed or broke the model), and its structure passes the checks of
 # that class (no submodule, parameter or buffer beyond the known set, a GELU, no dropout inside, a forward
 # signature we know). Everything else keeps its own forward and is listed in the PatchSummary with the reason.
+# A subclass of one of those classes is left alone too, and always listed (whatever its name): its forward, or
+# what it adds, may compute something else, and an isinstance check would have replaced it.
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +218,9 @@ class PatchSummary:
     attention- or MLP-like module that keeps its own forward. `blocks`: pre-LN blocks patched to run whole-block
     fused (vk.ln_fused_qkv -> vk.attention -> vk.proj_residual -> vk.ln_gelu_mlp) where
     `vit_kernels.block.fuses_block` says so, and their patched attention and MLP otherwise; `unfused_blocks`:
-    (name, reason) of blocks of a known class that keep their own forward (their attention and MLP may still be
-    patched; these are not skips: `strict` ignores them). `str(summary)` is a readable report.
+    (name, reason) of blocks of a known class, or of a subclass of one, that keep their own forward (their
+    attention and MLP may still be patched; these are not skips: `strict` ignores them). `str(summary)` is a
+    readable report.
     """
 
     attention: list[str] = field(default_factory=list)
@@ -645,6 +648,22 @@ _PATCHED_FORWARDS = (
 )  # fmt: skip
 
 
+def _subclassed_rule(cls: type, rules: dict[type, tuple]) -> tuple[type, tuple] | None:
+    """(base, rule) of the nearest class in `cls`'s MRO (itself excluded) that `rules` patches, else None."""
+    for base in cls.__mro__[1:]:
+        if base in rules:
+            return base, rules[base]
+    return None
+
+
+def _subclass_reason(cls: type, base: type, caller: str) -> str:
+    what = "overrides forward" if cls.forward is not base.forward else "adds to it"
+    return (
+        f"{cls.__name__} is a subclass of {base.__module__}.{base.__qualname__} ({what}): {caller} patches that "
+        "class itself only, since a subclass may compute something else"
+    )
+
+
 def _patch(
     model: nn.Module, rules: dict[type, tuple], backend: str, strict: bool, caller: str, advice: str = ""
 ) -> PatchSummary:
@@ -655,9 +674,15 @@ def _patch(
     summary, plan = PatchSummary(), []
     for name, m in model.named_modules():
         name = name or type(model).__name__
-        rule = rules.get(type(m))
+        rule = rules.get(type(m))  # the class itself: never isinstance (see _subclassed_rule)
         if rule is None:
-            if _looks_patchable(name, m):
+            subclassed = _subclassed_rule(type(m), rules)
+            if subclassed is not None:
+                base, (kind, _, _) = subclassed
+                # A block keeps its forward and its attention and MLP may still be patched: not a skip.
+                skips = summary.unfused_blocks if kind == "block" else summary.skipped
+                skips.append((name, _subclass_reason(type(m), base, caller)))
+            elif _looks_patchable(name, m):
                 cls = f"{type(m).__module__}.{type(m).__qualname__}"
                 summary.skipped.append((name, f"{cls} is not a class {caller} patches"))
             continue
@@ -704,7 +729,9 @@ def patch_timm(model: nn.Module, backend: str = "auto", *, strict: bool = False)
     training) its own forward on the patched attention and MLP. Blocks that cannot are listed, with the
     reason, in `summary.unfused_blocks` (not a skip: strict ignores them). Every other attention- or MLP-like
     module (BEiT's, EVA's, Swin's ... attention, SwiGLU MLPs) keeps its forward and is listed in
-    `summary.skipped` with the reason; a summary with skips is logged as a warning.
+    `summary.skipped` with the reason; a summary with skips is logged as a warning. Classes are matched by
+    identity, never isinstance: a subclass of `Attention`, `Mlp` or `Block` (which may compute something else)
+    keeps its forward and is listed, in `skipped` (a `Block` subclass: in `unfused_blocks`).
 
     strict=True: ValueError naming the first module that cannot be patched (the model is left untouched).
     Nothing patchable: ValueError. A backend other than the five: ValueError.
@@ -723,7 +750,8 @@ def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -
     `ViTLayer` (not the other families') whose attention and MLP are patched is patched too (`summary.blocks`):
     whole-block fused where `vit_kernels.block.fuses_block` says so, its own forward otherwise (a mask, other
     arguments, hidden dropout active in training, other backends). Other modules are listed in
-    `summary.skipped` with the reason. transformers < 5 (ViTSelfAttention with query/key/value)
+    `summary.skipped` with the reason; a subclass of any of these classes keeps its forward and is listed too
+    (in `skipped`; a `ViTLayer` subclass in `unfused_blocks`). transformers < 5 (ViTSelfAttention with query/key/value)
     has nothing patch_hf knows: convert it with `from_hf` instead. strict=True and errors as `patch_timm`.
     """
     advice = " (a transformers < 5 ViT, with ViTSelfAttention, converts with vit.from_hf instead)"
