@@ -7,9 +7,11 @@ memory and tensor-core instructions, for sm_80 and sm_90a.
 CUDA C++: every kernel in the built extension vit_kernels/_C*.so, read with `cuobjdump
 --dump-resource-usage` (REG, STACK, SHARED, LOCAL per function per arch) and `cuobjdump -sass`
 (HMMA / HGMMA tensor-core instructions, LDL / STL local-memory accesses).
-Triton: `compile_report(arch)` of vit_kernels.ops.attention, .linear and .block, which compile
-every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET (interpreted
-kernels cannot be compiled).
+Triton: `compile_report(arch)` of vit_kernels.ops.attention, .linear, .block and .tma_gemm (the Hopper GEMMs:
+sm_90 only), which compile every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET
+(interpreted kernels cannot be compiled). For the Hopper GEMMs the report adds what proves their design (TMA loads,
+no cp.async ring, wgmma N, ptxas wgmma-serialisation warnings, setmaxnreg) and a wave table per product: output
+tiles, K slices, work units, persistent programs, CTAs per SM from registers and shared memory, waves.
 
 Triton's fp32 kernels are compiled once per dot precision, "ieee" (exact fp32 on FMA units: what PyTorch's
 default matmul precision "highest" gives) and "tf32" (tensor cores); the dtype column says which.
@@ -35,7 +37,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = {"sm_80": 80, "sm_90a": 90}
-TRITON_MODULES = ("vit_kernels.ops.attention", "vit_kernels.ops.linear", "vit_kernels.ops.block")
+TRITON_MODULES = (
+    "vit_kernels.ops.attention", "vit_kernels.ops.linear", "vit_kernels.ops.block", "vit_kernels.ops.tma_gemm",
+)  # fmt: skip
+# The Hopper facts of a compile_report row (static_check.hopper_features and tma_gemm's wave table), when it has them.
+HOPPER_FIELDS = ("tma_loads", "cp_async", "wgmma_n", "wgmma_serialized", "setmaxnreg")
+WAVE_FIELDS = ("tiles", "splits", "units", "programs", "ctas_per_sm", "waves")
 TRITON_TIMEOUT_S = 300  # cold cache: fp32 compiles twice (ieee and tf32)
 
 
@@ -273,11 +280,15 @@ def triton_row(r: dict, arch_name: str) -> dict:
     if isinstance(config, dict):
         config = " ".join(f"{k}={v}" for k, v in config.items())
     spills = r.get("n_spills")
-    return {
+    if r.get("entry"):
+        kernel = f"{kernel} [{r['entry']}]"
+    row = {
         "source": "triton", "kernel": f"{kernel} ({shape})" if shape else kernel, "arch": arch_name, "dtype": dtype,
         "config": config, "regs": r.get("n_regs"), "smem": r.get("shared"), "stack": None, "local": None,
         "spill_bytes": spills, "local_ld_st": None, "tensor_core": tc, "hot": True,
     }  # fmt: skip
+    row.update({k: r[k] for k in (*HOPPER_FIELDS, *WAVE_FIELDS) if k in r and r.get("entry")})
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,6 +297,11 @@ def triton_row(r: dict, arch_name: str) -> dict:
 def violations(rows: list[dict]) -> list[str]:
     bad = []
     for r in rows:
+        if "tma_loads" in r:  # a Hopper GEMM: TMA-fed, no cp.async ring, wgmma not serialised
+            missing = [what for what, ok in (("no TMA loads", r["tma_loads"] > 0), ("cp.async", r["cp_async"] == 0),
+                                             ("wgmma serialised", r["wgmma_serialized"] == 0)) if not ok]  # fmt: skip
+            if missing:
+                bad.append(f"{r['source']} {r['kernel']} [{r['arch']}, {r['dtype']}]: {', '.join(missing)}")
         if not r["hot"]:
             continue
         spilled = [f"{k}={r[k]}" for k in ("spill_bytes", "local", "stack", "local_ld_st") if r.get(k)]
@@ -305,6 +321,21 @@ def table(rows: list[dict]) -> str:
 
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def wave_table(rows: list[dict]) -> str:
+    """The Hopper GEMMs' design facts and waves, one line per product (rows from tma_gemm's compile_report)."""
+    cols = [("kernel", "kernel"), ("dtype", "dtype"), ("TMA loads", "tma_loads"), ("cp.async", "cp_async"),
+            ("wgmma N", "wgmma_n"), ("serialised", "wgmma_serialized"), ("setmaxnreg", "setmaxnreg"),
+            ("tiles", "tiles"), ("K slices", "splits"), ("units", "units"), ("programs", "programs"),
+            ("CTAs/SM", "ctas_per_sm"), ("waves", "waves")]  # fmt: skip
+
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else ("yes" if v is True else "no" if v is False else str(v))
+
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(k)) for _, k in cols) + " |" for r in rows if "waves" in r]
     return "\n".join(lines)
 
 
@@ -328,6 +359,9 @@ def main(argv=None) -> int:
     bad = violations(rows)
     print("## kernel_report: static resource usage per kernel (no GPU needed)\n")
     print(table(rows) if rows else "(no kernels could be inspected here, reasons below)")
+    if any("waves" in r for r in rows):
+        print("\n### Hopper GEMMs (tma_gemm.py): design and waves, ViT-B/16 224 px, batch 256, 132 SMs\n")
+        print(wave_table(rows))
     n_cuda = sum(r["source"] == "cuda" for r in rows)
     print(
         f"\n{n_cuda} CUDA kernel rows, {len(rows) - n_cuda} Triton kernel rows. smem B: for CUDA, static shared memory "

@@ -23,8 +23,10 @@ AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 # a spy on the Triton kernel launches
 # ----------------------------------------------------------------------------------------------------
 def _operand_dtypes(name, grid, args, kwargs):
-    """(kernel name, dtypes of its first two tensor arguments: the operands q and k, out and dout, A and B)."""
-    return name, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))[:2]
+    """(kernel name, dtypes of its first two tensor arguments: the operands q and k, out and dout, A and B; a TMA
+    descriptor stands for the tensor it describes)."""
+    tensors = [getattr(a, "base", a) for a in args]
+    return name, tuple(a.dtype for a in tensors if isinstance(a, torch.Tensor))[:2]
 
 
 @pytest.fixture
@@ -33,8 +35,9 @@ def triton_launches(monkeypatch):
     pytest.importorskip("triton")
     from vit_kernels.ops import attention as attention_ops
     from vit_kernels.ops import linear as linear_ops
+    from vit_kernels.ops import tma_gemm
 
-    return spy_triton_launches(monkeypatch, (attention_ops, linear_ops), _operand_dtypes)
+    return spy_triton_launches(monkeypatch, (attention_ops, linear_ops, tma_gemm), _operand_dtypes)
 
 
 def _block(x, w_qkv, b_qkv, w1, b1, w2, b2, backend):
@@ -69,9 +72,14 @@ def test_triton_launches_see_the_autocast_dtype(device, dtype, triton_launches):
     assert y.dtype == dtype
     y.float().sum().backward()
     launched = {name for name, _ in triton_launches}
+    from vit_kernels.ops import linear as linear_ops
+
+    # 16-bit GEMMs run tma_gemm.py's entry kernels on Hopper and under the interpreter, else linear.py's
+    on_tma = linear_ops._arch(torch.device(device)) in linear_ops.TMA_ARCHS
+    gemms = {"_qkv_kernel", "_gelu_kernel", "_dgelu_kernel", "_store_kernel"} if on_tma else {"_gemm_kernel"}
     # GEMMs, attention forward, and all three attention backward kernels
     assert launched >= {
-        "_gemm_kernel",
+        *gemms,
         "_attn_fwd_kernel",
         "_attn_bwd_preprocess_kernel",
         "_attn_bwd_dkdv_kernel",

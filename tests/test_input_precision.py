@@ -16,6 +16,7 @@ from conftest import spy_triton_launches
 import vit_kernels as vk
 from vit_kernels.ops import attention as triton_attention
 from vit_kernels.ops import linear as triton_linear
+from vit_kernels.ops import tma_gemm
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -25,7 +26,7 @@ def launches(monkeypatch):
     """The (kernel name, INPUT_PRECISION) of every Triton launch made while the test runs."""
     return spy_triton_launches(
         monkeypatch,
-        (triton_attention, triton_linear),
+        (triton_attention, triton_linear, tma_gemm),
         lambda name, grid, args, kwargs: (name, kwargs.get("INPUT_PRECISION")),
     )
 
@@ -47,12 +48,18 @@ def _run_ops(dtype, device):
     q, k, v = vk.fused_qkv(x, w_qkv, None, num_heads=H, backend="triton")
     o = vk.attention(q, k, v, backend="triton")
     y = vk.gelu_mlp(o.transpose(1, 2).reshape(B, N, C), w1, None, w2, None, backend="triton")
-    y.sum().backward()
+    y.backward(torch.randn_like(y))  # a real gradient: y.sum()'s stride-0 ones go to the pointer kernel (no TMA)
 
 
 # GEMM launches: qkv 1 forward + 2 backward; mlp 2 forward + 4 backward. Attention: forward, dK/dV, dQ (the
 # backward's delta preprocess has no dot and takes no precision).
-EXPECTED_DOT_LAUNCHES = {"_gemm_kernel": 9, "_attn_fwd_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
+ATTENTION_DOT_LAUNCHES = {"_attn_fwd_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
+# The same nine GEMMs on each path: linear.py's pointer kernel (exact fp32, sm_80), or the entry kernels of
+# tma_gemm.py (Hopper and the interpreter, 16-bit and tf32): 9 tokens are too few to split the weight gradients.
+GEMM_DOT_LAUNCHES = {
+    "pointer": {"_gemm_kernel": 9},
+    "tma": {"_qkv_kernel": 1, "_gelu_kernel": 1, "_dgelu_kernel": 1, "_store_kernel": 6},
+}
 
 
 @pytest.mark.parametrize(
@@ -74,4 +81,6 @@ def test_each_launch_gets_the_precision_asked_for(launches, matmul_precision, de
         if precision is not None:
             counts[name] = counts.get(name, 0) + 1
             assert precision == expected, f"{name} launched with {precision!r}, expected {expected!r}"
-    assert counts == EXPECTED_DOT_LAUNCHES, f"launches with a dot: {counts}"
+    arch = triton_linear._arch(torch.empty(0, device=device).device)
+    path = "tma" if expected == "tf32" and arch in triton_linear.TMA_ARCHS else "pointer"
+    assert counts == {**GEMM_DOT_LAUNCHES[path], **ATTENTION_DOT_LAUNCHES}, f"launches with a dot: {counts}"

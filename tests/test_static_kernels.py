@@ -71,6 +71,49 @@ def test_shipped_configs_compile_without_spills_on_tensor_cores(op, arch):
     assert not spilled, "\n".join(spilled)
 
 
+TMA_GEMM_REPORT = """
+import json, torch, triton
+from vit_kernels.ops.tma_gemm import compile_report
+rows = compile_report(90, dtypes=(torch.bfloat16, torch.float32))
+print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
+"""
+TMA_GEMM_PRODUCTS = {
+    "qkv_fwd", "proj_residual_fwd", "mlp_fc1", "mlp_fc2", "mlp_fc2_residual",
+    "qkv_bwd_dx", "mlp_bwd_dhidden", "mlp_bwd_dx", "qkv_bwd_dw", "mlp_bwd_dw2", "mlp_bwd_dw1",
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
+def test_hopper_gemms_are_tma_fed_wgmma_without_spills():
+    """Every product of a ViT block on the sm_90 path (tma_gemm.py), bf16 and tf32: operands loaded by TMA
+    (`cp.async.bulk.tensor`, behind mbarriers), no Ampere `cp.async` ring, wgmma of N >= 128 with no ptxas
+    serialisation warning, no spills, within shared memory, and work that fills the SMs (weight gradients split
+    along K to >= 90% of their last wave)."""
+    rows = compile_report_rows(TMA_GEMM_REPORT, 90)
+    assert {row["kernel"] for row in rows} == TMA_GEMM_PRODUCTS
+    assert {row["dtype"] for row in rows} == {"bf16", "fp32"}
+    bad = []
+    for row in rows:
+        what = f"{row['kernel']} {row['dtype']} ({row['entry']}, triton {row['triton']})"
+        checks = {
+            "TMA loads": row["tma_loads"] > 0,
+            "no cp.async": row["cp_async"] == 0,
+            "mbarrier": row["mbarrier"],
+            "wgmma N >= 128": bool(row["wgmma_n"]) and min(row["wgmma_n"]) >= 128,
+            "no wgmma serialisation": row["wgmma_serialized"] == 0,
+            "no spills": row["n_spills"] == 0,
+            "shared memory": row["shared"] <= SMEM_LIMIT[90],
+            "fits one CTA per SM": row["ctas_per_sm"] >= 1,
+        }
+        bad += [f"{what}: {name} failed ({row})" for name, ok in checks.items() if not ok]
+        if row["splits"] > 1:
+            units = row["units"]
+            fill = units / (-(-units // 132) * 132)
+            if fill < 0.9:
+                bad.append(f"{what}: {units} work units fill the last wave to {fill:.0%}")
+    assert not bad, "\n".join(bad)
+
+
 def test_dtype_precisions_compiles_fp32_once_per_precision():
     import torch
 

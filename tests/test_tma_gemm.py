@@ -248,6 +248,21 @@ def test_pointer_kernel_where_tma_cannot(device, launches, why, dtype, layout, a
     assert launches == {"tma": [], "pointer": 1}, why
 
 
+def test_stride_zero_gradient_runs_the_pointer_kernel(device, launches):
+    """dy of y.sum() is an expanded tensor (strides 0): TMA cannot describe it, so mlp_bwd runs linear.py's kernel,
+    and its gradients are right."""
+    M, C, Hd = 34, 48, 96
+    x = randn(M, C, dtype=F16, device=device)
+    w1, w2 = randn(Hd, C, dtype=F16, device=device, scale=C**-0.5), randn(C, Hd, dtype=F16, device=device)
+    _y, hidden = linear.mlp_fwd(x, w1, None, w2, None, "none", True)
+    dy = torch.ones(1, 1, dtype=F16, device=device).expand(M, C)
+    dx, *_ = linear.mlp_bwd(dy, x, w1, w2, hidden, False, False, "none", True)
+    assert launches["tma"] == ["_gelu_kernel", "_store_kernel"] and launches["pointer"] == 4
+    h = hidden.double().requires_grad_(True)
+    (dh,) = torch.autograd.grad(F.gelu(h), h, dy.double() @ w2.double())
+    _check("dx", dx, dh @ w1.double(), TOLERANCES[F16])
+
+
 def test_packed_dqkv_is_read_in_place(device):
     """dq, dk, dv that are slices of one (B, N, 3, H, D) buffer are read as one (B*N, 3C) matrix without a copy;
     separate tensors are gathered into one."""
