@@ -49,6 +49,15 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(linear, "_alloc", nan_alloc)
 
 
+@pytest.fixture(params=["tma", "pointer"])
+def path(request, monkeypatch):
+    """The GEMM path: "tma" (Hopper and the interpreter: LayerNorm as a row kernel, TMA GEMMs) or "pointer" (sm_80:
+    LayerNorm in the A-tile prologue of `_block_gemm_kernel`). Exact fp32 runs "pointer" either way."""
+    if request.param == "pointer":
+        monkeypatch.setattr(linear, "TMA_ARCHS", ())
+    return request.param
+
+
 _randn = functools.partial(randn, device=DEVICE)  # every input on the Triton tests' device
 
 
@@ -99,7 +108,7 @@ def _check_all(name, fn, inputs, grads_out, backend_fn):
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
-def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype):
+def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype, path):
     x = _x(B, N, C, dtype, rows)
     if N > 1:  # (B, N) that do not merge into one stride, as in a sliced residual stream
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
@@ -118,9 +127,14 @@ def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
-def test_proj_residual(B, N, C, H, eps, rows, dtype):
-    # o and the residual stream as channel slices of wider tensors (row stride C + 8, (B, N) not mergeable for o)
-    o = _randn(N, B, C + 8, dtype=dtype).transpose(0, 1)[..., :C]
+@pytest.mark.parametrize("o_rows", ["split", "merged"])
+def test_proj_residual(B, N, C, H, eps, rows, dtype, o_rows, path):
+    # o and the residual stream as channel slices of wider tensors (row stride C + 8); o's (B, N) not mergeable
+    # ("split": the pointer kernel reads it in place), or mergeable (a TMA operand on the Hopper path)
+    if o_rows == "split":
+        o = _randn(N, B, C + 8, dtype=dtype).transpose(0, 1)[..., :C]
+    else:
+        o = _randn(B, N, C + 8, dtype=dtype)[..., :C]
     wide = _x(B, N, C + 8, dtype, rows)
     residual = wide[..., :C]
     w, b = _randn(C, C, dtype=dtype, scale=C**-0.5), _randn(C, dtype=dtype)
@@ -134,7 +148,7 @@ def test_proj_residual(B, N, C, H, eps, rows, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("B, N, C, H, eps, rows", CASES)
-def test_ln_gelu_mlp(B, N, C, H, eps, rows, dtype):
+def test_ln_gelu_mlp(B, N, C, H, eps, rows, dtype, path):
     x = _x(B, N, C, dtype, rows)
     if N == 17:  # a channel slice of a wider stream: LN, the fc2 residual epilogue and LN backward read it strided
         wide = torch.zeros(B, N, C + 8, dtype=dtype, device=DEVICE)
