@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, REPO
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_kernels as vk
@@ -113,6 +113,52 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     q, k, v = _attn_inputs(device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         vk.attention(q, k, v, backend="triton")
+
+
+LATE_INTERPRETER = """
+import os, sys, torch
+import vit_kernels as vk
+late = sys.argv[1] == "late"
+if late:  # after the import: Triton (imported through torch._dynamo) has built its helpers for the GPU
+    os.environ["TRITON_INTERPRET"] = "1"
+q = torch.randn(1, 2, 5, 32)
+print("available:", vk.available_backends("cpu"))
+try:
+    out = vk.attention(q, q, q, backend="triton")
+    print("max error", (out - torch.nn.functional.scaled_dot_product_attention(q, q, q)).abs().max().item())
+except ValueError as e:
+    print("ValueError:", e)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("when", ["late", "early"])
+def test_triton_interpret_set_after_import_says_what_to_do(when):
+    """TRITON_INTERPRET=1 set after `import vit_kernels` passed the dispatcher and then failed inside Triton
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"): Triton builds its own @jit helpers (tl.zeros,
+    ...) when imported, and vit_kernels imports it. Now the dispatcher says so and what to do; set before the
+    import (the control), the interpreter runs. In a subprocess: this process has its interpreter set up."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if when == "early":
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-c", LATE_INTERPRETER, when], capture_output=True, text=True, timeout=300, env=env, cwd=REPO
+    )
+    assert res.returncode == 0, res.stderr[-3000:]  # before: InterpreterError from inside Triton (late)
+    # Early, it runs; late, it runs too where `import vit_kernels` does not import triton (another torch), else
+    # the dispatcher refuses, saying what to do.
+    if when == "early" or "max error" in res.stdout:
+        assert "'triton'" in res.stdout and "max error" in res.stdout, res.stdout
+        assert float(res.stdout.split("max error")[1]) < 1e-4, res.stdout
+        return
+    assert "'triton'" not in res.stdout.splitlines()[0], res.stdout  # not offered where it cannot run
+    message = res.stdout.split("ValueError:")[1] if "ValueError:" in res.stdout else res.stdout
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in message, res.stdout
+    assert "before importing vit_kernels" in message, res.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,29 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_INTERPRETER_READY: dict[str, bool] = {}
+_INTERPRET_TOO_LATE = (
+    "TRITON_INTERPRET=1 was set after triton was imported (`import vit_kernels` imports it, through torch._dynamo), "
+    "so Triton's own @jit helpers were built for the GPU and its interpreter cannot run them: set TRITON_INTERPRET=1 "
+    "before importing vit_kernels, torch._dynamo or triton (e.g. `TRITON_INTERPRET=1 python script.py`)"
+)
+
+
+# Triton turns each @jit function into an interpreted one only if TRITON_INTERPRET=1 when it is defined, its
+# standard library's (tl.zeros, tl.sum, ...) included, at `import triton`. Set later, every kernel failed inside
+# the interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel"). Fixed for the process once
+# known, as it cannot change without re-importing triton; a constant for dynamo, like _module_found.
+@torch._dynamo.assume_constant_result
+def _triton_interpreter_ready() -> bool:
+    ready = _INTERPRETER_READY.get("ready")
+    if ready is None:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        ready = _INTERPRETER_READY["ready"] = isinstance(tl.zeros, InterpretedFunction)
+    return ready
+
+
 def _cuda_extension():
     try:
         from vit_kernels import _C
@@ -106,7 +129,9 @@ def device_unavailable_reason(backend: str, device: torch.device) -> str | None:
         if not _module_found("triton"):
             return "triton is not installed"
         if device.type == "cpu":
-            return None if _triton_interpreting() else "CPU tensors run Triton kernels only with TRITON_INTERPRET=1"
+            if not _triton_interpreting():
+                return "CPU tensors run Triton kernels only with TRITON_INTERPRET=1"
+            return None if _triton_interpreter_ready() else _INTERPRET_TOO_LATE
         if device.type != "cuda":
             return f"triton kernels need a CUDA device, got {device.type}"
         return None if _capability(device)[0] >= 8 else "triton kernels need compute capability >= 8.0"
