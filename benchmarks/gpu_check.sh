@@ -12,7 +12,8 @@
 #   tests         pytest on every test file that runs kernels on the device (-n auto when pytest-xdist is importable)
 #   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
 #   profile       Nsight Compute per kernel launch, one fwd + bwd of each op and backend (benchmarks/profile_kernels.py)
-#   probe_dw      benchmarks/probe_weight_grad.py: the weight-gradient GEMMs split along K or not (sets the split-K)
+#   gemm_ab       benchmarks/probe_gemm.py --variants: every GEMM of a ViT-B/16 block on the Hopper TMA kernels, on
+#                 the pointer kernel they replaced and on cuBLAS, plus the ops end to end on both paths
 #   pytest_bench  the pytest-benchmark suite (benchmarks/test_bench_ops.py): a JSON to `compare` later runs with
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
@@ -64,15 +65,15 @@ while [ $# -gt 0 ]; do
 done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
-STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile probe_dw pytest_bench
+STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile gemm_ab pytest_bench
   memcheck racecheck tune compile_tables auto_table)
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
-# 43 s for 8 shapes, now 10; probe_dw: 11 s for one product on the H200 on 2026-11-27, 21 s for two). They sum
-# to ~870 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
+# 43 s for 8 shapes, now 10; gemm_ab: never run, a guess: ~40 timed rows and ~12 Triton compiles). They sum
+# to ~930 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
 declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
-  [vit_tables]=90 [block_tables]=15 [profile]=60 [probe_dw]=30 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
+  [vit_tables]=90 [block_tables]=15 [profile]=60 [gemm_ab]=90 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
   [tune]=60 [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 # A typo in --only would skip every stage and exit 0: a stage name must be one of STAGES, before anything runs.
@@ -370,8 +371,8 @@ else
   optional profile "ncu (Nsight Compute) not found (PATH, /usr/local/cuda/bin)"
 fi
 
-# 6b. the weight-gradient GEMM probe: one timing per candidate cause (NOTES.md, gelu_mlp)
-stage probe_dw 1 "$PY" benchmarks/probe_weight_grad.py
+# 6c. the Hopper GEMMs against the pointer kernel and cuBLAS, product by product and op by op (NOTES.md, 2026-12-03)
+stage gemm_ab 1 "$PY" benchmarks/probe_gemm.py --variants
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 # (without a GPU the stage reports "no CUDA device" whatever is installed, like every GPU stage)

@@ -277,6 +277,26 @@ def test_probe_weight_grad_checks_every_variant_on_cpu():
         assert float(r["rel err vs fp32"]) < 1e-5, r
 
 
+def test_probe_gemm_checks_every_product_and_way_on_cpu():
+    """The Hopper GEMM A/B (gpu_check stage gemm_ab): on CPU (interpreter, tiny shapes) every product computes what
+    it claims on every way (pointer kernel, TMA kernels, cuBLAS), and every op runs on both paths."""
+    out = run_script("probe_gemm.py", timeout=300)
+    products, op_rows = out.split("## ops end to end")
+    rows = table_rows(products)
+    names = ["qkv_fwd", "proj", "fc1_gelu", "fc2", "dhidden_dgelu", "mlp_dx", "qkv_dx", "mlp_dw1", "mlp_dw2", "qkv_dw"]
+    assert sorted({r["product"] for r in rows}) == sorted(names)
+    for name in names:
+        assert sorted(r["way"] for r in rows if r["product"] == name) == ["cublas", "pointer", "tma"], name
+    for r in rows:
+        assert r["ms (median)"] == "untimed" and float(r["rel err"]) < 4e-3, r
+    ops = table_rows(op_rows)
+    assert {(r["op"], r["mode"]) for r in ops} == {
+        (op, mode)
+        for op in ("fused_qkv", "gelu_mlp", "ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
+        for mode in ("fwd", "fwd+bwd")
+    }
+
+
 def test_kernel_report_lists_every_cuda_kernel():
     so, why = kernel_report.find_extension()
     if so is None:

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STAGES = ("build", "info", "smoke", "headline", "tests", "attn_tables", "mlp_tables", "vit_tables", "block_tables",
-          "profile", "probe_dw", "pytest_bench", "memcheck", "racecheck", "tune", "compile_tables",
+          "profile", "gemm_ab", "pytest_bench", "memcheck", "racecheck", "tune", "compile_tables",
           "auto_table")  # fmt: skip
 GPU_STAGES = set(STAGES) - {"info", "auto_table"}
 
