@@ -454,11 +454,8 @@ def proj_residual_bwd(
     dweight = linear._alloc(C, C_in, like=weight)
     dbias = linear._alloc(C, like=o) if has_bias else None
     dout2 = dout.reshape(M, C)  # a view for every layout autograd hands over in practice; a copy otherwise
-    o2 = linear._matrix(o)
-    if o2 is None:  # (B, N) dims that do not merge: the pointer kernel reads split rows, TMA needs one matrix
-        o2 = o.reshape(M, C_in)
     linear.gemm(dout2, weight, do.view(M, C_in), allow_tf32)
-    linear.weight_grad(dout2.t(), o2, dweight, allow_tf32)
+    linear.weight_grad(dout2.t(), o, dweight, allow_tf32)
     if dbias is not None:
         linear._bias_grad(dout2, dbias)
     return do, dweight, dbias

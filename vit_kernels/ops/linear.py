@@ -43,6 +43,8 @@ ieee fp32) and a shape class from the number of 128 x 128 output tiles versus th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -449,15 +451,16 @@ def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool, bi
 
 def weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool) -> None:
     """c (M, N) = a (M, K) @ b (K, N) for a weight gradient (K = tokens): on Hopper, split along K until the work
-    units fill the SMs (`tma_gemm.split_k_slices`); else `_weight_grad`."""
-    (M, K), N = a.shape, b.shape[1]
+    units fill the SMs (`tma_gemm.split_k_slices`); else `_weight_grad`. b may be a (B, T, N) activation whose
+    token dims do not merge (the pointer kernel reads its rows in place)."""
+    (M, K), N = a.shape, b.shape[-1]
     arch = _arch(c.device)
-    if _tma_path(arch, a.dtype, allow_tf32, a, b, c):
+    b2 = _matrix(b)
+    if _tma_path(arch, a.dtype, allow_tf32, a, b2, c):
         _check_gemm_size(M, N, K, (1,))
+        alloc = functools.partial(_alloc, like=c, dtype=torch.float32)
         with _on_device(c):
-            tma_gemm.weight_grad(
-                a, b, c, allow_tf32, arch, alloc=lambda *shape: _alloc(*shape, like=c, dtype=torch.float32)
-            )
+            tma_gemm.weight_grad(a, b2, c, allow_tf32, arch, alloc=alloc)
     else:
         _weight_grad(_Operand(a), _Operand(b), c, M, N, K, a.dtype, allow_tf32)
 

@@ -101,11 +101,11 @@ def _store_kernel(
     M, N, K,
     HAS_BIAS: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _mainloop(a_desc, b_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, A_T, B_T, INPUT_PRECISION)
         acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
@@ -134,12 +134,12 @@ def _residual_kernel(
     R_ROWS, stride_r_outer, stride_r_inner, stride_rn,
     HAS_BIAS: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     # out = acc + bias + residual in fp32, rounded once.
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _mainloop(a_desc, b_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, A_T, B_T, INPUT_PRECISION)
         acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
@@ -173,12 +173,12 @@ def _gelu_kernel(
     HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, TANH: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, QUARTERS: tl.constexpr,
+    FLATTEN: tl.constexpr, QUARTERS: tl.constexpr,
 ):  # fmt: skip
     # QUARTERS: the epilogue in (BLOCK_M, BLOCK_N // 4) sub-tiles (erf's temporaries beside a 128 x 256 accumulator).
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _mainloop(a_desc, b_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, A_T, B_T, INPUT_PRECISION)
         acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
@@ -212,12 +212,12 @@ def _dgelu_kernel(
     STORE_ACT: tl.constexpr, TANH: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, QUARTERS: tl.constexpr,
+    FLATTEN: tl.constexpr, QUARTERS: tl.constexpr,
 ):  # fmt: skip
     # One erf per element: GELU and GELU' share it (gelu_fwd_bwd), on the tile TMA loaded.
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _mainloop(a_desc, b_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, A_T, B_T, INPUT_PRECISION)
         acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
@@ -242,12 +242,12 @@ def _qkv_kernel(
     HAS_BIAS: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     # The head split is a scatter (rows of a tile cross batch boundaries of (B, H, N, D)): pointer stores.
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _mainloop(a_desc, b_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, A_T, B_T, INPUT_PRECISION)
         acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
@@ -267,14 +267,15 @@ def _partial_kernel(
     p_desc,  # (SPLITS, M, N) fp32, block (1, BLOCK_M, BLOCK_N // 2): slice s holds A[:, K_s] @ B[K_s, :]
     M, N, K,
     K_SPLIT,  # K elements of a slice, a multiple of BLOCK_K
-    SPLITS: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SPLITS,  # slices: cdiv(K, K_SPLIT)
+    A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     # Work unit u = slice * tiles + tile: programs that run together share a K slice of A and B through L2.
     HALF: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for unit in tl.range(tl.program_id(0), tiles * SPLITS, NUM_PROGRAMS, flatten=FLATTEN):
+    for unit in tl.range(tl.program_id(0), tiles * SPLITS, tl.num_programs(0), flatten=FLATTEN):
         split = unit // tiles
         off_m, off_n = _tile_offsets(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         k_lo = split * K_SPLIT
@@ -411,7 +412,7 @@ def _common(a, b, M, N, K, dtype, allow_tf32, arch, epilogue, work_units=None):
     precision = "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
     kwargs = dict(
         A_T=a_t, B_T=b_t, INPUT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=n_prog, FLATTEN=cfg.flatten,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return cfg, a_desc, b_desc, kwargs, (n_prog,)
@@ -474,17 +475,25 @@ def qkv_args(a, b, q, k, v, bias, n_tok: int, allow_tf32, arch):
     return _qkv_kernel, args, dict(kwargs, HAS_BIAS=bias is not None, QKV_C=C, QKV_D=D), grid
 
 
-def partial_args(a, b, partial, splits: int, allow_tf32, arch):
-    """partial (splits, M, N) fp32: slice s = a[:, K_s] @ b[K_s, :], K_s whole BLOCK_K steps."""
+def slice_length(K: int, splits: int, block_k: int) -> int:
+    """K elements of each of `splits` slices, rounded up to whole BLOCK_K steps (so the last may be shorter, and
+    cdiv(K, slice_length) may be fewer than `splits`)."""
+    return triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+
+
+def partial_args(a, b, partial, k_split: int, allow_tf32, arch):
+    """partial (splits, M, N) fp32: slice s = a[:, s * k_split : (s + 1) * k_split] @ b[that range, :], k_split a
+    multiple of BLOCK_K and splits = cdiv(K, k_split)."""
     (M, K), N = a.shape, b.shape[1]
     cfg = config(arch, a.dtype, "partial")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    k_split = triton.cdiv(triton.cdiv(K, splits), cfg.block_k) * cfg.block_k
+    splits = partial.shape[0]
+    assert k_split % cfg.block_k == 0 and triton.cdiv(K, k_split) == splits, (K, k_split, splits)
     _cfg, a_desc, b_desc, kwargs, grid = _common(
         a, b, M, N, K, a.dtype, allow_tf32, arch, "partial", work_units=tiles * splits
     )
-    args = (a_desc, b_desc, _out(partial, (1, *_half(cfg))), M, N, K, k_split)
-    return _partial_kernel, args, dict(kwargs, SPLITS=splits), grid
+    args = (a_desc, b_desc, _out(partial, (1, *_half(cfg))), M, N, K, k_split, splits)
+    return _partial_kernel, args, kwargs, grid
 
 
 def launch(kernel, args, kwargs, grid) -> None:
@@ -502,13 +511,13 @@ def weight_grad(a, b, c, allow_tf32, arch, alloc=None) -> None:
     if splits == 1:
         launch(*store_args(a, b, c, None, allow_tf32, arch))
         return
-    k_split = triton.cdiv(triton.cdiv(K, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(K, k_split)  # rounding K_s up to whole BLOCK_K steps can leave fewer slices
+    k_split = slice_length(K, splits, cfg.block_k)
+    splits = triton.cdiv(K, k_split)  # rounding slices up to whole BLOCK_K steps can leave fewer of them
     if alloc is None:
         partial = torch.empty(splits, M, N, dtype=torch.float32, device=c.device)
     else:
         partial = alloc(splits, M, N)
-    launch(*partial_args(a, b, partial, splits, allow_tf32, arch))
+    launch(*partial_args(a, b, partial, k_split, allow_tf32, arch))
     c.copy_(partial.sum(0))
 
 
@@ -539,15 +548,16 @@ def block_products(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
         (M_, K_), N_ = a.shape, b.shape[1]
         cfg = config(arch, dtype, "partial")
         tiles = triton.cdiv(M_, cfg.block_m) * triton.cdiv(N_, cfg.block_n)
-        splits = split_k_slices(arch, tiles, K_, cfg.block_k)
-        launches.append((name, partial_args(a, b, t(splits, M_, N_, dt=torch.float32), splits, allow_tf32, arch)))
+        k_split = slice_length(K_, split_k_slices(arch, tiles, K_, cfg.block_k), cfg.block_k)
+        partial = t(triton.cdiv(K_, k_split), M_, N_, dt=torch.float32)
+        launches.append((name, partial_args(a, b, partial, k_split, allow_tf32, arch)))
     rows = []
     for name, (kernel, args, kwargs, grid) in launches:
         cfg = config(arch, dtype, _EPILOGUE_OF[kernel])
         M_, N_ = args[_MN_INDEX[kernel]], args[_MN_INDEX[kernel] + 1]
         tiles = triton.cdiv(M_, cfg.block_m) * triton.cdiv(N_, cfg.block_n)
-        units = tiles * kwargs.get("SPLITS", 1)
-        rows.append((name, kernel, args, kwargs, {"tiles": tiles, "splits": kwargs.get("SPLITS", 1), "units": units,
+        splits = args[-1] if kernel is _partial_kernel else 1
+        rows.append((name, kernel, args, kwargs, {"tiles": tiles, "splits": splits, "units": tiles * splits,
                                                   "programs": grid[0]}))  # fmt: skip
     return rows
 
