@@ -67,18 +67,23 @@ def test_store(device, dtype, a_stored, has_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("residual_layout", ["rows", "split_rows"])
+@pytest.mark.parametrize("residual_layout", ["rows", "split_rows", "channels_first"])
 def test_residual(device, dtype, residual_layout):
-    """out = a @ b + bias + residual; the residual read in place with any row strides, e.g. (N, B, C) in memory."""
+    """out = a @ b + bias + residual; the residual read in place with any strides: (N, B, C) in memory, or with
+    unit stride along tokens instead of channels."""
     a, b, bias = _operands(dtype, "rows", device)
     if residual_layout == "rows":
         residual = randn(M, N, dtype=dtype, device=device)
         rows = (residual, 1, N, 0, 1)
         flat = residual
-    else:  # (B, T, C) = (8, 37, N) laid out (T, B, C): batch and token strides do not merge
+    elif residual_layout == "split_rows":  # (B, T, C) = (8, 37, N) laid out (T, B, C): batch and token dims split
         residual = randn(37, 8, N, dtype=dtype, device=device).transpose(0, 1)
         rows = (residual, *block._rows(residual))
         flat = residual.reshape(M, N)
+    else:
+        residual = randn(N, M, dtype=dtype, device=device).t()
+        rows = (residual, 1, 1, 0, M)
+        flat = residual
     c = nan(M, N, dtype=dtype, device=device)
     tma_gemm.launch(*tma_gemm.residual_args(a, b, c, bias, rows, True, 0))
     ref = a.double() @ b.double() + bias.double() + flat.double()
@@ -86,10 +91,17 @@ def test_residual(device, dtype, residual_layout):
     _check("c", c, ref, tol)
 
 
+@pytest.fixture(params=[False, True], ids=["halves", "quarters"])
+def quarters(request, monkeypatch):
+    """The GELU epilogues in halves or quarters of the tile (sm_90 ships quarters; the interpreter's config halves)."""
+    monkeypatch.setattr(tma_gemm, "_INTERPRETER_CONFIG", tma_gemm._INTERPRETER_CONFIG._replace(quarters=request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("store_pre", [True, False])
-def test_gelu(device, dtype, approximate, store_pre):
+def test_gelu(device, dtype, approximate, store_pre, quarters):
     """hidden = a @ b + bias (stored only when backward needs it) and act = GELU(hidden) from the rounded hidden."""
     a, b, bias = _operands(dtype, "rows", device)
     hidden = nan(M, N, dtype=dtype, device=device) if store_pre else None
@@ -105,7 +117,7 @@ def test_gelu(device, dtype, approximate, store_pre):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("store_act", [True, False])
-def test_dgelu(device, dtype, approximate, store_act):
+def test_dgelu(device, dtype, approximate, store_act, quarters):
     """dhidden = (dy @ W2) * GELU'(hidden), hidden read by TMA; act = GELU(hidden) where asked."""
     dy, b, _bias = _operands(dtype, "rows", device)
     hidden = randn(M, N, dtype=dtype, device=device)
