@@ -75,6 +75,8 @@ def products(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) ->
     dy, dqkv = r(M, C), r(M, 3 * C)
     out_c, out_h, out_h2 = (torch.empty(M, n, device=device, dtype=dtype) for n in (C, Hd, Hd))
     x3 = x.view(B, N, C)
+    # what mlp_bwd adds on the Hopper path: the dGELU epilogue's per-row-tile column sums (dfc1_bias)
+    db_part = torch.empty(tma_gemm.dbias_rows(linear._arch(x.device), dtype, M), Hd, device=device)
     arch = linear._arch(x.device)
 
     def plain(a, b, c, bias=None):
@@ -106,6 +108,8 @@ def products(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) ->
         "dhidden_dgelu": ("dgelu", 2.0 * M * C * Hd, {
             "tma": lambda: (tma_gemm.launch(*tma_gemm.dgelu_args(dy, w2, hid, out_h, out_h2, False, True, arch)),
                             out_h)[1],
+            "tma + dbias": lambda: (tma_gemm.launch(*tma_gemm.dgelu_args(dy, w2, hid, out_h, out_h2, False, True, arch,
+                                                                         dbias_part=db_part)), out_h)[1],
             "pointer": pointer_epilogue(dy, w2, out_h, Hd, C, out_h, epilogue=linear.EPI_DGELU, hidden=hid, c2=out_h2),
             "cublas": lambda: torch.ops.aten.gelu_backward(dy @ w2, hid)},
             torch.ops.aten.gelu_backward(dy.float() @ w2.float(), hid.float())),

@@ -118,16 +118,19 @@ def test_gelu(device, dtype, approximate, store_pre, quarters):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("store_act", [True, False])
 def test_dgelu(device, dtype, approximate, store_act, quarters):
-    """dhidden = (dy @ W2) * GELU'(hidden), hidden read by TMA; act = GELU(hidden) where asked."""
+    """dhidden = (dy @ W2) * GELU'(hidden), hidden read by TMA; act = GELU(hidden) where asked; the column sums of
+    dhidden per row tile (the bias gradient), every row of the partial buffer written (it starts NaN)."""
     dy, b, _bias = _operands(dtype, "rows", device)
     hidden = randn(M, N, dtype=dtype, device=device)
     dhidden = nan(M, N, dtype=dtype, device=device)
     act = nan(M, N, dtype=dtype, device=device) if store_act else None
-    tma_gemm.launch(*tma_gemm.dgelu_args(dy, b, hidden, dhidden, act, approximate == "tanh", True, 0))
+    part = nan(tma_gemm.dbias_rows(0, dtype, M), N, dtype=F32, device=device)  # the bias gradient's row-tile sums
+    tma_gemm.launch(*tma_gemm.dgelu_args(dy, b, hidden, dhidden, act, approximate == "tanh", True, 0, part))
     h = hidden.double().requires_grad_(True)
     dact = dy.double() @ b.double()
     (ref,) = torch.autograd.grad(F.gelu(h, approximate=approximate), h, dact)
     _check("dhidden", dhidden, ref, 2 * _product_tol(dtype, dy, b, torch.matmul))
+    _check("dbias", part.sum(0), ref.sum(0), 2 * _product_tol(dtype, dy, b, torch.matmul))
     if store_act:
         _check("act", act, F.gelu(hidden.double(), approximate=approximate), TOLERANCES[dtype])
 

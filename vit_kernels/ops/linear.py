@@ -19,9 +19,9 @@ Constexpr switches pick
              to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store acc * GELU'(hidden) and
              GELU(hidden).
 
-Bias gradients are column sums of dY, taken by a torch reduction beside the dW = dY^T @ X GEMM, not fused into
-it: the fused row sum (up to 2459f46) made that GEMM 2.3x slower (ViT-B/16 dW1 on an H200: 1.65 ms against
-0.72 ms without it, benchmarks/results/nvidia-h200-2026-11-27.md), where torch's sum of dY takes 0.06-0.09 ms.
+Bias gradients are column sums of dY, never in a GEMM's mainloop (the fused row sum made the dW GEMM 2.3x slower on
+an H200, benchmarks/NOTES.md): a torch reduction beside the GEMMs, except dfc1_bias on the Hopper path, which the
+dGELU epilogue sums per row tile (fp32 partials added in row-tile order: deterministic, no second pass).
 
 Precision: fp16 / bf16 operands on tensor cores with fp32 accumulation, each output rounded once to the input
 dtype; fp32 operands through tf32 tensor cores when `allow_tf32`, else exact fp32 ("ieee") dots. GELU and its
@@ -621,17 +621,23 @@ def mlp_bwd(
     db2 = _alloc(C_out, like=x) if has_fc2_bias else None
     arch = _arch(x.device)
     if _tma_path(arch, x.dtype, allow_tf32, dy, x, hidden, fc1_weight, fc2_weight):
-        launch = tma_gemm.dgelu_args(dy, fc2_weight, hidden, dhidden, act, tanh, allow_tf32, arch)
+        # dfc1_bias from the dGELU epilogue's per-tile column sums: no second pass over dhidden
+        db1_part = (
+            _alloc(tma_gemm.dbias_rows(arch, x.dtype, M), Hd, like=x, dtype=torch.float32) if db1 is not None else None
+        )
+        launch = tma_gemm.dgelu_args(dy, fc2_weight, hidden, dhidden, act, tanh, allow_tf32, arch, dbias_part=db1_part)
         _tma_launch(*launch, M, Hd, C_out, dhidden)
         weight_grad(dy.t(), act, dw2, allow_tf32)
         weight_grad(dhidden.t(), x, dw1, allow_tf32)
         gemm(dhidden, fc1_weight, dx, allow_tf32)
+        if db1 is not None:
+            db1.copy_(db1_part.sum(0))
     else:
         _pointer_mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, dhidden, act, dx, dw1, dw2, tanh, allow_tf32)
+        if db1 is not None:
+            _bias_grad(dhidden, db1)
     if db2 is not None:
         _bias_grad(dy, db2)
-    if db1 is not None:
-        _bias_grad(dhidden, db1)
     return dx, dw1, db1, dw2, db2
 
 

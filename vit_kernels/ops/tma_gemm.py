@@ -15,7 +15,8 @@ Entry kernels (each ~20 lines around `_mainloop`):
     _store_kernel      C = A @ B (+ bias)                       TMA store
     _residual_kernel   C = A @ B (+ bias) + R                   R read with pointer loads (any row strides)
     _gelu_kernel       H = A @ B + bias; ACT = GELU(H)           both stored (H only where backward needs it)
-    _dgelu_kernel      dH = (A @ B) * GELU'(H), ACT = GELU(H)   H read by TMA, one erf per element
+    _dgelu_kernel      dH = (A @ B) * GELU'(H), ACT = GELU(H)   H read by TMA, one erf per element; per-tile
+                                                                column sums of dH (the bias gradient)
     _qkv_kernel        q, k, v (B, H, N, D) = head split of A @ B + bias (pointer stores: a scatter)
     _partial_kernel    P[s] = A[:, K_s] @ B[K_s, :] in fp32     split-K for the weight gradients (few tiles, long K)
 
@@ -195,11 +196,16 @@ def _gelu_kernel(
 
 
 @triton.jit
-def _dgelu_store(acc, h_desc, dh_desc, act_desc, off_m, off_n, STORE_ACT: tl.constexpr, TANH: tl.constexpr):
+def _dgelu_store(acc, h_desc, dh_desc, act_desc, DbPart, off_m, off_n, N, STORE_ACT: tl.constexpr,
+                 TANH: tl.constexpr, DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
     act, grad = gelu_fwd_bwd(h_desc.load([off_m, off_n]).to(tl.float32), TANH)
-    dh_desc.store([off_m, off_n], (acc * grad).to(dh_desc.dtype))
+    dh = acc * grad
+    dh_desc.store([off_m, off_n], dh.to(dh_desc.dtype))
     if STORE_ACT:
         act_desc.store([off_m, off_n], act.to(act_desc.dtype))
+    if DBIAS:  # this tile's column sums (rows past M are zero: TMA zero-filled their A rows and H)
+        offs = off_n + tl.arange(0, WIDTH)
+        tl.store(DbPart + (off_m // BLOCK_M).to(tl.int64) * N + offs, tl.sum(dh, 0), mask=offs < N)
 
 
 @triton.jit
@@ -208,8 +214,9 @@ def _dgelu_kernel(
     h_desc,  # (M, N) pre-activation of the forward, read
     dh_desc,  # (M, N) dH = (A @ B) * GELU'(H)
     act_desc,  # (M, N) GELU(H), written when STORE_ACT (for the dW2 product)
+    DbPart,  # (cdiv(M, BLOCK_M), N) fp32: per row tile, the column sums of dH (the bias gradient), when DBIAS
     M, N, K,
-    STORE_ACT: tl.constexpr, TANH: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
+    STORE_ACT: tl.constexpr, TANH: tl.constexpr, DBIAS: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr, QUARTERS: tl.constexpr,
@@ -226,10 +233,13 @@ def _dgelu_kernel(
             off_h = off_n + half * HALF
             if QUARTERS:
                 q0, q1 = _halves(acc_h, BLOCK_M, HALF)
-                _dgelu_store(q0, h_desc, dh_desc, act_desc, off_m, off_h, STORE_ACT, TANH)
-                _dgelu_store(q1, h_desc, dh_desc, act_desc, off_m, off_h + HALF // 2, STORE_ACT, TANH)
+                _dgelu_store(q0, h_desc, dh_desc, act_desc, DbPart, off_m, off_h, N, STORE_ACT, TANH, DBIAS,
+                             BLOCK_M, HALF // 2)  # fmt: skip
+                _dgelu_store(q1, h_desc, dh_desc, act_desc, DbPart, off_m, off_h + HALF // 2, N, STORE_ACT, TANH,
+                             DBIAS, BLOCK_M, HALF // 2)  # fmt: skip
             else:
-                _dgelu_store(acc_h, h_desc, dh_desc, act_desc, off_m, off_h, STORE_ACT, TANH)
+                _dgelu_store(acc_h, h_desc, dh_desc, act_desc, DbPart, off_m, off_h, N, STORE_ACT, TANH, DBIAS,
+                             BLOCK_M, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -456,14 +466,22 @@ def gelu_args(a, b, hidden, act, bias, tanh: bool, allow_tf32, arch):
     return _gelu_kernel, args, kw, grid
 
 
-def dgelu_args(a, b, hidden, dhidden, act, tanh: bool, allow_tf32, arch):
-    """dhidden = (a @ b) * GELU'(hidden); act = GELU(hidden) where act is not None."""
+def dbias_rows(arch: int, dtype: torch.dtype, M: int) -> int:
+    """Rows of the dGELU kernel's partial bias-gradient buffer: one per BLOCK_M row tile of M."""
+    return triton.cdiv(M, config(arch, dtype, "dgelu").block_m)
+
+
+def dgelu_args(a, b, hidden, dhidden, act, tanh: bool, allow_tf32, arch, dbias_part=None):
+    """dhidden = (a @ b) * GELU'(hidden); act = GELU(hidden) where act is not None; dbias_part (`dbias_rows`, N)
+    fp32, where given, gets each row tile's column sums of dhidden (fp32, before rounding), for the caller to add
+    in row-tile order (deterministic): the bias gradient without a second pass over dhidden."""
     (M, K), N = a.shape, b.shape[1]
     cfg, a_desc, b_desc, kwargs, grid = _common(a, b, M, N, K, a.dtype, allow_tf32, arch, "dgelu")
     dh_desc = _out(dhidden, _sub(cfg))
     args = (a_desc, b_desc, _out(hidden, _sub(cfg)), dh_desc, _out(act, _sub(cfg)) if act is not None else dh_desc,
-            M, N, K)  # fmt: skip
-    return _dgelu_kernel, args, dict(kwargs, STORE_ACT=act is not None, TANH=tanh, QUARTERS=cfg.quarters), grid
+            dbias_part if dbias_part is not None else hidden, M, N, K)  # fmt: skip
+    kw = dict(kwargs, STORE_ACT=act is not None, TANH=tanh, DBIAS=dbias_part is not None, QUARTERS=cfg.quarters)
+    return _dgelu_kernel, args, kw, grid
 
 
 def qkv_args(a, b, q, k, v, bias, n_tok: int, allow_tf32, arch):
@@ -541,7 +559,20 @@ def block_products(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
         ("mlp_fc2", store_args(hid, w2.t(), t(M, C), t(C), allow_tf32, arch)),
         ("mlp_fc2_residual", residual_args(hid, w2.t(), t(M, C), t(C), (x, 1, C, 0, 1), allow_tf32, arch)),
         ("qkv_bwd_dx", store_args(dqkv, w_qkv, t(M, C), None, allow_tf32, arch)),
-        ("mlp_bwd_dhidden", dgelu_args(x, w2, hid, hid, hid, False, allow_tf32, arch)),
+        (
+            "mlp_bwd_dhidden",
+            dgelu_args(
+                x,
+                w2,
+                hid,
+                hid,
+                hid,
+                False,
+                allow_tf32,
+                arch,
+                dbias_part=t(dbias_rows(arch, dtype, M), Hd, dt=torch.float32),
+            ),
+        ),
         ("mlp_bwd_dx", store_args(hid, w1, t(M, C), None, allow_tf32, arch)),
     ]
     for name, a, b in (("qkv_bwd_dw", dqkv.t(), x), ("mlp_bwd_dw2", x.t(), hid), ("mlp_bwd_dw1", hid.t(), x)):
@@ -554,7 +585,7 @@ def block_products(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
     rows = []
     for name, (kernel, args, kwargs, grid) in launches:
         cfg = config(arch, dtype, _EPILOGUE_OF[kernel])
-        M_, N_ = args[_MN_INDEX[kernel]], args[_MN_INDEX[kernel] + 1]
+        M_, N_ = _mn(kernel, args)
         tiles = triton.cdiv(M_, cfg.block_m) * triton.cdiv(N_, cfg.block_n)
         splits = args[-1] if kernel is _partial_kernel else 1
         rows.append((name, kernel, args, kwargs, {"tiles": tiles, "splits": splits, "units": tiles * splits,
@@ -566,15 +597,12 @@ _EPILOGUE_OF = {
     _store_kernel: "store", _residual_kernel: "residual", _gelu_kernel: "gelu", _dgelu_kernel: "dgelu",
     _qkv_kernel: "qkv", _partial_kernel: "partial",
 }  # fmt: skip
-# Where M, N sit in each entry kernel's positional arguments.
-_MN_INDEX = {
-    _store_kernel: 4,
-    _residual_kernel: 5,
-    _gelu_kernel: 5,
-    _dgelu_kernel: 5,
-    _qkv_kernel: 6,
-    _partial_kernel: 3,
-}
+
+
+def _mn(kernel, args) -> tuple[int, int]:
+    """The M and N an entry kernel's positional arguments hold."""
+    return args[kernel.arg_names.index("M")], args[kernel.arg_names.index("N")]
+
 
 # ViT-B/16 at 224 px, batch 256 (the issue's benchmark shape: its weight gradients are the wave-limited products).
 REPORT_SHAPES = ((256, 197, 768, 12),)
@@ -615,6 +643,6 @@ def compile_report(arch: int = 90, shapes=REPORT_SHAPES, dtypes=(torch.float16, 
                 config_fields = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "FLATTEN")}
                 config_fields.update(num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"])
                 rows.append({"kernel": name, "entry": kernel.fn.__name__, "dtype": static_check.TL_DTYPES[dtype],
-                             "M": args[_MN_INDEX[kernel]], "N": args[_MN_INDEX[kernel] + 1], "config": config_fields,
+                             "M": _mn(kernel, args)[0], "N": _mn(kernel, args)[1], "config": config_fields,
                              **usage, **work, **waves(usage, kwargs["num_warps"], work["units"], arch)})  # fmt: skip
     return rows
