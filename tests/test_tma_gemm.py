@@ -25,6 +25,15 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(block, "_alloc", nan_alloc)
 
 
+@pytest.fixture
+def arch(device):
+    """The launch tables' arch: 0 (the interpreter's small tiles) on CPU, 90 (the shipped configs) on Hopper."""
+    arch = linear._arch(device)
+    if arch != 0 and arch not in tma_gemm.CONFIGS:
+        pytest.skip(f"the TMA GEMMs need Hopper (sm_90); this GPU takes the sm_{arch} tables")
+    return arch
+
+
 def nan(*shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -57,18 +66,18 @@ DTYPES = [F16, BF16, F32]  # fp32 runs tf32 dots: exact fp32 has no tensor-core 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("a_stored", ["rows", "transposed"])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_store(device, dtype, a_stored, has_bias):
+def test_store(device, arch, dtype, a_stored, has_bias):
     a, b, bias = _operands(dtype, a_stored, device)
     bias = bias if has_bias else None
     c = nan(M, N, dtype=dtype, device=device)
-    tma_gemm.launch(*tma_gemm.store_args(a, b, c, bias, True, 0))
+    tma_gemm.launch(*tma_gemm.store_args(a, b, c, bias, True, arch))
     ref = a.double() @ b.double() + (bias.double() if has_bias else 0.0)
     _check("c", c, ref, _product_tol(dtype, a, b, torch.matmul))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual_layout", ["rows", "split_rows", "channels_first"])
-def test_residual(device, dtype, residual_layout):
+def test_residual(device, arch, dtype, residual_layout):
     """out = a @ b + bias + residual; the residual read in place with any strides: (N, B, C) in memory, or with
     unit stride along tokens instead of channels."""
     a, b, bias = _operands(dtype, "rows", device)
@@ -85,7 +94,7 @@ def test_residual(device, dtype, residual_layout):
         rows = (residual, 1, 1, 0, M)
         flat = residual
     c = nan(M, N, dtype=dtype, device=device)
-    tma_gemm.launch(*tma_gemm.residual_args(a, b, c, bias, rows, True, 0))
+    tma_gemm.launch(*tma_gemm.residual_args(a, b, c, bias, rows, True, arch))
     ref = a.double() @ b.double() + bias.double() + flat.double()
     tol = _product_tol(dtype, a, b, lambda x, y: x @ y + bias.double() + flat.double())
     _check("c", c, ref, tol)
@@ -101,12 +110,12 @@ def quarters(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("store_pre", [True, False])
-def test_gelu(device, dtype, approximate, store_pre, quarters):
+def test_gelu(device, arch, dtype, approximate, store_pre, quarters):
     """hidden = a @ b + bias (stored only when backward needs it) and act = GELU(hidden) from the rounded hidden."""
     a, b, bias = _operands(dtype, "rows", device)
     hidden = nan(M, N, dtype=dtype, device=device) if store_pre else None
     act = nan(M, N, dtype=dtype, device=device)
-    tma_gemm.launch(*tma_gemm.gelu_args(a, b, hidden, act, bias, approximate == "tanh", True, 0))
+    tma_gemm.launch(*tma_gemm.gelu_args(a, b, hidden, act, bias, approximate == "tanh", True, arch))
     ref = a.double() @ b.double() + bias.double()
     if store_pre:
         _check("hidden", hidden, ref, _product_tol(dtype, a, b, lambda x, y: x @ y + bias.double()))
@@ -117,15 +126,15 @@ def test_gelu(device, dtype, approximate, store_pre, quarters):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("store_act", [True, False])
-def test_dgelu(device, dtype, approximate, store_act, quarters):
+def test_dgelu(device, arch, dtype, approximate, store_act, quarters):
     """dhidden = (dy @ W2) * GELU'(hidden), hidden read by TMA; act = GELU(hidden) where asked; the column sums of
     dhidden per row tile (the bias gradient), every row of the partial buffer written (it starts NaN)."""
     dy, b, _bias = _operands(dtype, "rows", device)
     hidden = randn(M, N, dtype=dtype, device=device)
     dhidden = nan(M, N, dtype=dtype, device=device)
     act = nan(M, N, dtype=dtype, device=device) if store_act else None
-    part = nan(tma_gemm.dbias_rows(0, dtype, M), N, dtype=F32, device=device)  # the bias gradient's row-tile sums
-    tma_gemm.launch(*tma_gemm.dgelu_args(dy, b, hidden, dhidden, act, approximate == "tanh", True, 0, part))
+    part = nan(tma_gemm.dbias_rows(arch, dtype, M), N, dtype=F32, device=device)  # the bias gradient's row-tile sums
+    tma_gemm.launch(*tma_gemm.dgelu_args(dy, b, hidden, dhidden, act, approximate == "tanh", True, arch, part))
     h = hidden.double().requires_grad_(True)
     dact = dy.double() @ b.double()
     (ref,) = torch.autograd.grad(F.gelu(h, approximate=approximate), h, dact)
@@ -137,14 +146,14 @@ def test_dgelu(device, dtype, approximate, store_act, quarters):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 148, 64, 4), (3, 1, 40, 5), (1, 197, 48, 3)])  # (B, T, C, H)
-def test_qkv_head_split(device, dtype, shape):
+def test_qkv_head_split(device, arch, dtype, shape):
     B, T, C, H = shape
     D = C // H
     x = randn(B * T, C, dtype=dtype, device=device)
     w = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
     bias = randn(3 * C, dtype=dtype, device=device)
     q, k, v = (nan(B, H, T, D, dtype=dtype, device=device) for _ in range(3))
-    tma_gemm.launch(*tma_gemm.qkv_args(x, w.t(), q, k, v, bias, T, True, 0))
+    tma_gemm.launch(*tma_gemm.qkv_args(x, w.t(), q, k, v, bias, T, True, arch))
     full = x.double() @ w.double().t() + bias.double()
     refs = full.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
     tol = _product_tol(dtype, x, w.t(), lambda a, b: a @ b + bias.double())
@@ -154,9 +163,9 @@ def test_qkv_head_split(device, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [197, 296])
-def test_weight_grad_split_k(device, dtype, tokens):
-    """dW = dY^T @ X with K = tokens: A stored transposed, K cut into slices (2 under the interpreter) whose fp32
-    partials (NaN-poisoned buffer) torch adds in order."""
+def test_weight_grad_split_k(device, arch, dtype, tokens):
+    """dW = dY^T @ X with K = tokens: A stored transposed, K cut into slices (2 under the interpreter; on a GPU this
+    short K is not cut) whose fp32 partials (NaN-poisoned buffer) torch adds in order."""
     dy = randn(tokens, 72, dtype=dtype, device=device)
     x = randn(tokens, 40, dtype=dtype, device=device)
     dw = nan(72, 40, dtype=dtype, device=device)
@@ -166,8 +175,9 @@ def test_weight_grad_split_k(device, dtype, tokens):
         allocs.append(shape)
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
-    tma_gemm.weight_grad(dy.t(), x, dw, True, 0, alloc=alloc)
-    assert allocs == [(2, 72, 40)], allocs
+    tma_gemm.weight_grad(dy.t(), x, dw, True, arch, alloc=alloc)
+    if arch == 0:
+        assert allocs == [(2, 72, 40)], allocs
     _check("dW", dw, dy.double().t() @ x.double(), _product_tol(dtype, dy.t(), x, torch.matmul))
 
 
@@ -215,7 +225,7 @@ def launches(monkeypatch):
     return seen
 
 
-def test_ops_take_the_tma_path(device, launches):
+def test_ops_take_the_tma_path(device, arch, launches):
     B, T, C, H, Hd = 2, 67, 48, 3, 96  # 134 tokens: the weight gradients split in 2 under the interpreter
     x = randn(B, T, C, dtype=BF16, device=device)
     w = randn(3 * C, C, dtype=BF16, device=device)
@@ -224,15 +234,16 @@ def test_ops_take_the_tma_path(device, launches):
     w1, w2 = randn(Hd, C, dtype=BF16, device=device), randn(C, Hd, dtype=BF16, device=device)
     y, hidden = linear.mlp_fwd(x.view(-1, C), w1, None, w2, None, "none", True)
     linear.mlp_bwd(y, x.view(-1, C), w1, w2, hidden, True, True, "none", True)
+    dw = "_partial_kernel" if linear._arch(device) == 0 else "_store_kernel"  # 134 tokens: split on the interpreter
     assert launches["tma"] == [
-        "_qkv_kernel", "_store_kernel", "_partial_kernel",  # qkv: fwd, dx, dW (split-K under the interpreter)
+        "_qkv_kernel", "_store_kernel", dw,  # qkv: fwd, dx, dW
         "_gelu_kernel", "_store_kernel",  # mlp fc1, fc2
-        "_dgelu_kernel", "_partial_kernel", "_partial_kernel", "_store_kernel",  # dhidden, dW2, dW1, dx
+        "_dgelu_kernel", dw, dw, "_store_kernel",  # dhidden, dW2, dW1, dx
     ]  # fmt: skip
     assert launches["pointer"] == 0
 
 
-def test_block_ops_take_the_tma_path(device, launches):
+def test_block_ops_take_the_tma_path(device, arch, launches):
     B, T, C, H = 2, 17, 48, 3
     x = randn(B, T, C, dtype=F16, device=device)
     ln_w, ln_b = randn(C, dtype=F16, device=device), randn(C, dtype=F16, device=device)
@@ -263,7 +274,7 @@ def test_pointer_kernel_where_tma_cannot(device, launches, why, dtype, layout, a
     assert launches == {"tma": [], "pointer": 1}, why
 
 
-def test_stride_zero_gradient_runs_the_pointer_kernel(device, launches):
+def test_stride_zero_gradient_runs_the_pointer_kernel(device, arch, launches):
     """dy of y.sum() is an expanded tensor (strides 0): TMA cannot describe it, so mlp_bwd runs linear.py's kernel,
     and its gradients are right."""
     M, C, Hd = 34, 48, 96
