@@ -20,8 +20,8 @@ Entry kernels (each ~20 lines around `_mainloop`):
     _qkv_kernel        q, k, v (B, H, N, D) = head split of A @ B + bias (pointer stores: a scatter)
     _partial_kernel    P[s] = A[:, K_s] @ B[K_s, :] in fp32     split-K for the weight gradients (few tiles, long K)
 
-Hopper warp specialisation (`tl.range(..., warp_specialize=True)`) is not used: on Triton 3.6 and 3.9 it compiles
-to the same kernel (no `setmaxnreg`, no producer warp) at 8 warps, and fails in the compiler at 4 warps
+Hopper warp specialisation (`tl.range(..., warp_specialize=True)`) is not used: on Triton 3.6, 3.8 and 3.9 it
+compiles to the same kernel (no `setmaxnreg`, no producer warp) at 8 warps, and fails in the compiler at 4 warps
 (benchmarks/NOTES.md, 2026-12-03). The pipelining that Triton gives a TMA loop on sm_90 (mbarrier ring of
 `num_stages` tiles, async wgmma) is what runs.
 
