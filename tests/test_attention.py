@@ -29,6 +29,7 @@ from conftest import (
     tf32_tolerance,
 )
 
+import vit_kernels as vk
 from vit_kernels import library, reference
 from vit_kernels.ops import attention as triton_attention
 
@@ -307,3 +308,50 @@ def test_nan_query_row_stays_in_its_row(poisoned, device):
     v[0, 0, 3, 0] = float("nan")
     out, _ = triton_attention.attention_fwd(q, k, v, 0.125, False)
     assert torch.isnan(out[0, 0, :, 0]).all() and torch.isfinite(out[0, 0, :, 1:]).all()
+
+
+@pytest.mark.parametrize("N, D, dtype", [(1, 32, F32), (17, 80, F16), (197, 64, BF16)])
+def test_packed_gradients_are_the_same_numbers_in_one_buffer(poisoned, device, N, D, dtype):
+    """attention_bwd(packed=True): dq, dk, dv bit for bit as unpacked, written as the q / k / v slices of one
+    (B, N, 3, H, D) buffer (NaN-poisoned first, so a slice the kernels miss fails), i.e. one (B*N, 3HD) dQKV."""
+    B, H = 2, 3
+    q, k, v = _qkv(B, H, N, D, dtype, "packed", device)
+    dout = randn(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
+    out, lse = triton_attention.attention_fwd(q, k, v, D**-0.5, False)
+    apart = triton_attention.attention_bwd(dout, q, k, v, out, lse, D**-0.5, False)
+    packed = triton_attention.attention_bwd(dout, q, k, v, out, lse, D**-0.5, False, packed=True)
+    base = packed[0].data_ptr()
+    step = H * D * packed[0].element_size()
+    assert [g.data_ptr() for g in packed] == [base, base + step, base + 2 * step]
+    assert all(g.stride() == (N * 3 * H * D, D, 3 * H * D, 1) for g in packed)
+    for name, a, p in zip(("dq", "dk", "dv"), apart, packed, strict=True):
+        assert torch.isfinite(p).all() and torch.equal(a, p), name
+
+
+def test_eager_backward_hands_fused_qkv_one_packed_dqkv(device, monkeypatch):
+    """fused_qkv -> attention -> backward on the eager path: attention's gradients arrive at the QKV projection's
+    backward as slices of one buffer, which it reads in place (no gather copy), and the gradients are right."""
+    from vit_kernels.ops import linear
+
+    seen = []
+    original = linear._packed_dqkv
+
+    def spy(dq, dk, dv):
+        packed = original(dq, dk, dv)
+        seen.append(packed.data_ptr() == dq.data_ptr())
+        return packed
+
+    monkeypatch.setattr(linear, "_packed_dqkv", spy)
+    B, N, C, H = 2, 17, 96, 3
+    x = randn(B, N, C, dtype=BF16, device=device).requires_grad_(True)
+    w = randn(3 * C, C, dtype=BF16, device=device, scale=C**-0.5).requires_grad_(True)
+    b = randn(3 * C, dtype=BF16, device=device).requires_grad_(True)
+    dout = randn(B, H, N, C // H, dtype=BF16, device=device)
+    q, k, v = vk.fused_qkv(x, w, b, H, backend="triton")
+    vk.attention(q, k, v, backend="triton").backward(dout)
+    assert seen == [True], seen
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    qr, kr, vr = reference.fused_qkv(*leaves, H)
+    reference.attention(qr, kr, vr, (C // H) ** -0.5).backward(dout.double())
+    for name, t, ref in zip(("dx", "dweight", "dbias"), (x, w, b), leaves, strict=True):
+        _check(name, t.grad, ref.grad, TOLERANCES[BF16])

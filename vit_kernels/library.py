@@ -253,6 +253,35 @@ def _(dout, q, k, v, out, lse, scale, allow_tf32, backend):
     )
 
 
+@torch.library.custom_op("vit_kernels::attention_bwd_packed", mutates_args=())
+def attention_bwd_packed(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+    backend: str,
+) -> torch.Tensor:
+    """attention_bwd's dq, dk, dv as one packed (B, N, 3, H, D) tensor, for backends whose kernel module can write
+    them so (`PACKED_GRADS`): the q / k / v slices of it are what the QKV projection's backward reads as one dQKV
+    matrix, with no gather copy. One output, since a custom op's outputs may not alias each other."""
+    check_attention_bwd_args(dout, q, k, v, out, lse, scale, backend)
+    dq, _dk, _dv = _kernels(backend, "attention").attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32, packed=True)
+    B, H, N, D = q.shape
+    if dq.stride() != (N * 3 * H * D, D, 3 * H * D, 1):  # the kernel module kept them apart (a giant head)
+        return torch.stack((dq, _dk, _dv), 0).permute(1, 3, 0, 2, 4).contiguous()
+    return dq.as_strided((B, N, 3, H, D), (N * 3 * H * D, 3 * H * D, H * D, D, 1))
+
+
+@attention_bwd_packed.register_fake
+def _(dout, q, k, v, out, lse, scale, allow_tf32, backend):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, 3, H, D)
+
+
 def _attention_setup(ctx, inputs, output):
     q, k, v, scale, allow_tf32, backend = inputs
     out, lse = output
@@ -268,6 +297,18 @@ def _attention_backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _attention_backward_eager(ctx, dout, _dlse):
+    """`_attention_backward` for the eager path: where the kernel module can, dq, dk, dv come back as slices of one
+    packed buffer (`attention_bwd_packed`), which fused_qkv's backward reads in place as dQKV (B*N, 3C). Not in
+    the custom-op graph that torch.compile traces, where the three stay separate tensors."""
+    if not getattr(_kernels(ctx.backend, "attention"), "PACKED_GRADS", False):
+        return _attention_backward(ctx, dout, _dlse)
+    q, k, v, out, lse = ctx.saved_tensors
+    dqkv = attention_bwd_packed(dout, q, k, v, out, lse, ctx.scale, ctx.allow_tf32, ctx.backend)
+    dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,7 +475,7 @@ class _AttentionEager(torch.autograd.Function):
         _attention_setup(ctx, (q, k, v, scale, allow_tf32, backend), output)
         return output
 
-    backward = staticmethod(_attention_backward)
+    backward = staticmethod(_attention_backward_eager)
 
 
 class _QkvEager(torch.autograd.Function):

@@ -172,12 +172,13 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut,  # (B, H, N, D) each, any strides
-    DK, DV,  # (B, H, N, D) contiguous
+    DK, DV,  # (B, H, N, D) with the strides stride_g*, unit stride along D
     Lse, Delta,  # (B, H, N) fp32, contiguous
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
     stride_dz, stride_dh, stride_dm, stride_dk,
+    stride_gz, stride_gh, stride_gm,  # of the gradients written: contiguous, or slices of one (B, N, 3, H, D)
     H, N, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
@@ -225,20 +226,21 @@ def _attn_bwd_dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
     dk = dk * scale
 
-    out_offs = (row_base + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out_offs = offs_n[:, None] * stride_gm + offs_d[None, :]
+    tl.store(_head(DK, pid_bh, H, stride_gz, stride_gh) + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_head(DV, pid_bh, H, stride_gz, stride_gh) + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DOut,  # (B, H, N, D) each, any strides
-    DQ,  # (B, H, N, D) contiguous
+    DQ,  # (B, H, N, D) with the strides stride_g*, unit stride along D
     Lse, Delta,  # (B, H, N) fp32, contiguous
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
     stride_dz, stride_dh, stride_dm, stride_dk,
+    stride_gz, stride_gh, stride_gm,  # of the gradient written (as the dK/dV kernel's)
     H, N, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
@@ -281,8 +283,8 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     dq = dq * scale
 
-    out_offs = (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    out_offs = offs_m[:, None] * stride_gm + offs_d[None, :]
+    tl.store(_head(DQ, pid_bh, H, stride_gz, stride_gh) + out_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,6 +461,10 @@ def attention_fwd(
     return out, lse
 
 
+# attention_bwd(..., packed=True) writes dq, dk, dv into one (B, N, 3, H, D) buffer (library.attention_bwd_packed).
+PACKED_GRADS = True
+
+
 def attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -469,12 +475,16 @@ def attention_bwd(
     scale: float,
     allow_tf32: bool,
     config: tuple[int, int, int, int] | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward.
 
     dout, q, k, v, out: (B, H, N, D), any strides; lse (B, H, N) fp32 from `attention_fwd`.
-    Returns dq, dk, dv: (B, H, N, D) contiguous. Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
-    `config` (streamed rows, held rows, num_warps, num_stages) replaces the table's choice.
+    Returns dq, dk, dv: (B, H, N, D) contiguous; with `packed`, the q / k / v slices of one (B, N, 3, H, D) buffer
+    instead, i.e. one dQKV (B*N, 3H*D) matrix that the QKV projection's backward GEMMs read in place (only outside
+    custom ops, whose outputs may not alias each other: `library`'s eager path asks for it). Scratch: delta (B, H,
+    N) fp32 = rowsum(dout * out). `config` (streamed rows, held rows, num_warps, num_stages) replaces the table's
+    choice.
     Arguments, lse included, are checked by the raw op before they get here (library.check_attention_bwd_args).
     """
     B, H, N, D = q.shape
@@ -484,9 +494,12 @@ def attention_bwd(
     precision = _input_precision(q.dtype, allow_tf32)
 
     delta = _alloc(B, H, N, like=q, dtype=torch.float32)
-    dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
+    if packed and (N - 1) * 3 * H * D + D < _INT32_LIMIT:  # within-head offsets stay int32 (`_tile_ptrs`)
+        dq, dk, dv = _alloc(B, N, 3, H, D, like=q).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
     block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision, _arch(q.device))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride()[:3])
     pre_grid, pre_heads_first = _grid(N, _PREPROCESS_BLOCK_M, B * H)
     grid, heads_first = _grid(N, block_n, B * H)  # the dK/dV and dQ kernels both hold block_n rows
     with _on_device(q):
