@@ -327,3 +327,38 @@ def test_mlp_autograd(device, dtype, approximate, has_bias):
     for name, t, ref, tol in zip(names, (x, w1, b1, w2, b2), grads_ref, tols[1:], strict=True):
         if t is not None:
             _check(f"d{name}", t.grad, ref, tol)
+
+
+@pytest.mark.parametrize("dtype, path", DTYPE_PATHS, indirect=["path"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "transposed"])
+def test_qkv_fwd_packed(device, dtype, path, x_layout):
+    """qkv_fwd(packed=True): q, k, v as the slices of one NaN-poisoned (B, N, 3, H, D) buffer, written by one plain
+    GEMM; an x whose (B, N) do not merge gets the head-split kernel's contiguous q, k, v instead. Right either way."""
+    B, N, C, H = 2, 17, 72, 3
+    x = _layout(randn(B, N, C, dtype=dtype, device=device), x_layout)
+    weight = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
+    bias = randn(3 * C, dtype=dtype, device=device)
+    q, k, v = linear.qkv_fwd(x, weight, bias, H, False, packed=True)
+    if x_layout == "contiguous":
+        step = C * q.element_size()
+        assert [t.data_ptr() - q.data_ptr() for t in (q, k, v)] == [0, step, 2 * step]
+        assert q.stride() == (N * 3 * C, C // H, 3 * C, 1)
+    else:
+        assert all(t.is_contiguous() for t in (q, k, v))
+    outs_ref, _ = _qkv_reference(x, weight, bias, H, _grads(B, N, H, C // H, dtype, "contiguous", device))
+    for name, out, ref in zip("qkv", (q, k, v), outs_ref, strict=True):
+        _check(name, out, ref, TOLERANCES[dtype])
+
+
+def test_eager_fused_qkv_returns_slices_of_one_buffer(device):
+    """vk.fused_qkv on triton, eager: q, k, v are views of one (B, N, 3, H, D) tensor (as the reference's unbind
+    returns them), and in-place edits are refused as PyTorch refuses them on unbind's outputs."""
+    import vit_kernels as vk
+
+    B, N, C, H = 2, 5, 96, 3
+    x = randn(B, N, C, dtype=BF16, device=device).requires_grad_(True)
+    w = randn(3 * C, C, dtype=BF16, device=device).requires_grad_(True)
+    q, k, v = vk.fused_qkv(x, w, None, H, backend="triton")
+    assert k.data_ptr() - q.data_ptr() == C * q.element_size() and q.stride()[2] == 3 * C
+    with pytest.raises(RuntimeError, match="view"):
+        q.mul_(2)

@@ -481,7 +481,14 @@ class _AttentionEager(torch.autograd.Function):
 class _QkvEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads, allow_tf32, backend):
-        output = _kernels(backend, "linear").qkv_fwd(x, weight, bias, num_heads, allow_tf32)
+        # Where the kernel module can (PACKED_QKV), q, k, v are the slices of one (B, N, 3, H, D) buffer, as the
+        # reference's unbind returns them: one plain GEMM writes it (no head-split scatter), attention reads the
+        # slices in place. Not in the custom-op graph, whose outputs may not alias each other.
+        kernels = _kernels(backend, "linear")
+        if getattr(kernels, "PACKED_QKV", False):
+            output = kernels.qkv_fwd(x, weight, bias, num_heads, allow_tf32, packed=True)
+        else:
+            output = kernels.qkv_fwd(x, weight, bias, num_heads, allow_tf32)
         _qkv_setup(ctx, (x, weight, bias, num_heads, allow_tf32, backend), output)
         return output
 

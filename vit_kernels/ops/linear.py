@@ -406,6 +406,9 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------------------------
 # the Hopper path: tma_gemm's persistent TMA kernels
 # ----------------------------------------------------------------------------------------------------
+# qkv_fwd(..., packed=True) returns q, k, v as slices of one (B, N, 3, H, D) buffer (library's eager path).
+PACKED_QKV = True
+
 # Archs whose GEMMs run on tma_gemm.py where the operands allow it (16-bit or tf32 dots, views TMA can describe);
 # everything else runs `_gemm_kernel`. 0 is the interpreter (CPU tensors): the CPU tests run the Hopper path, and
 # set this to () to run the pointer kernel that sm_80 runs.
@@ -486,18 +489,31 @@ def _packed_dqkv(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> torch.
 
 
 def qkv_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, allow_tf32: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    allow_tf32: bool,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v contiguous (B, H, N, C // H).
+    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v (B, H, N, C // H): contiguous, or with
+    `packed` the q / k / v slices of one (B, N, 3, H, D) buffer (what `reference.fused_qkv`'s unbind returns; only
+    outside custom ops, whose outputs may not alias: `library`'s eager path asks for it).
 
-    One GEMM, (B*N, C) @ (C, 3C), whose epilogue adds the bias and scatters column n to (which = n // C,
-    head = n % C // D, d = n % D) of q, k, v: no (B, N, 3C) intermediate. Nothing extra is saved for backward
-    beyond x and weight.
+    One GEMM, (B*N, C) @ (C, 3C). Packed, it is a plain GEMM (TMA-stored on Hopper) into the (B*N, 3C) buffer;
+    else its epilogue adds the bias and scatters column n to (which = n // C, head = n % C // D, d = n % D) of q,
+    k, v. No (B, N, 3C) intermediate either way, and nothing extra is saved for backward beyond x and weight.
     """
     B, N, C = x.shape
     D = C // num_heads
+    x2 = _matrix(x)
+    if packed and x2 is not None:
+        qkv = _alloc(B, N, 3, num_heads, D, like=x)
+        gemm(x2, weight.t(), qkv.view(B * N, 3 * C), allow_tf32, bias=bias)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
     q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
-    arch, x2 = _arch(x.device), _matrix(x)
+    arch = _arch(x.device)
     if _tma_path(arch, x.dtype, allow_tf32, x2, weight):
         launch = tma_gemm.qkv_args(x2, weight.t(), q, k, v, _vector(bias), N, allow_tf32, arch)
         _tma_launch(*launch, B * N, 3 * C, C, q)
