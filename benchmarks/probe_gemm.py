@@ -4,7 +4,8 @@
     python benchmarks/probe_gemm.py --variants        # also the config variants of the TMA kernels
 
 Every product of one ViT-B/16 block (B=256, 224 px, bf16: M = 50,432 tokens, C = 768, Hd = 3072), forward and
-backward, three ways, each checked against an fp32 torch product before it is timed:
+backward (qkv_fwd twice: the head-split scatter of the custom-op graph, and the packed store of the eager path),
+three ways, each checked against an fp32 torch product before it is timed:
   pointer   `_gemm_kernel` (sm_80's kernel; what sm_90 ran up to e99f76e): linear.TMA_ARCHS = ()
   tma       tma_gemm.py's persistent TMA kernels (what sm_90 runs now)
   cublas    torch's product of the same shapes (F.linear / matmul; its epilogues unfused)
@@ -94,6 +95,9 @@ def products(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) ->
     table = {
         "qkv_fwd": ("qkv", 2.0 * M * C * 3 * C, {
             "gemm": lambda: linear.qkv_fwd(x3, w_qkv, b_qkv, H, True)[0],
+            "cublas": lambda: q_of(F.linear(x, w_qkv, b_qkv))}, q_of(x.float() @ w_qkv.float().t() + b_qkv.float())),
+        "qkv_fwd_packed": ("store", 2.0 * M * C * 3 * C, {
+            "gemm": lambda: linear.qkv_fwd(x3, w_qkv, b_qkv, H, True, packed=True)[0],
             "cublas": lambda: q_of(F.linear(x, w_qkv, b_qkv))}, q_of(x.float() @ w_qkv.float().t() + b_qkv.float())),
         "proj": ("store", 2.0 * M * C * C, {**plain(o, w_proj.t(), out_c, b_proj),
                                             "cublas": lambda: F.linear(o, w_proj, b_proj)},

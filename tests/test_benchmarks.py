@@ -283,7 +283,8 @@ def test_probe_gemm_checks_every_product_and_way_on_cpu():
     out = run_script("probe_gemm.py", timeout=300)
     products, op_rows = out.split("## ops end to end")
     rows = table_rows(products)
-    names = ["qkv_fwd", "proj", "fc1_gelu", "fc2", "dhidden_dgelu", "mlp_dx", "qkv_dx", "mlp_dw1", "mlp_dw2", "qkv_dw"]
+    names = ["qkv_fwd", "qkv_fwd_packed", "proj", "fc1_gelu", "fc2", "dhidden_dgelu", "mlp_dx", "qkv_dx", "mlp_dw1",
+             "mlp_dw2", "qkv_dw"]  # fmt: skip
     assert sorted({r["product"] for r in rows}) == sorted(names)
     for name in names:
         extra = ["tma + dbias"] if name == "dhidden_dgelu" else []
