@@ -3,6 +3,9 @@
 VIT_KERNELS_BUILD_CUDA: unset = build when nvcc is found, else install pure Python and say why;
 "1" = a missing nvcc or a failed compile is an error; "0" = never build.
 CMAKE_ARGS are passed through; CMAKE_BUILD_PARALLEL_LEVEL sets the compile jobs (default: all cores).
+VIT_KERNELS_CUTLASS_DIR: a CUTLASS root (a folder holding include/cutlass/cutlass.h) for the sm_90a GEMMs; unset =
+the nvidia-cutlass wheel's headers (a build requirement in pyproject.toml); where neither exists they are not built.
+The compiler output is also written to vit_kernels/_C.build.log (tests/test_build.py reads ptxas's report there).
 """
 
 import os
@@ -59,12 +62,47 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        cutlass = find_cutlass()
+        print(f"vit-kernels: CUTLASS headers for the sm_90a GEMMs: {cutlass or 'not found, those GEMMs are skipped'}")
+        origin = "VIT_KERNELS_CUTLASS_DIR" if os.environ.get("VIT_KERNELS_CUTLASS_DIR") else "nvidia-cutlass wheel"
+        cmake_args += [f"-DVK_CUTLASS_DIR={cutlass or ''}", f"-DVK_CUTLASS_ORIGIN={origin}"]
         if shutil.which("ninja") or importlib_has("ninja"):
             cmake_args.append("-GNinja")
         cmake_args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(["cmake", str(ROOT), *cmake_args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+        # extdir is the package folder (vit_kernels/), where _C lands.
+        run_logged(["cmake", "--build", ".", "--parallel", jobs], build_temp, extdir / "_C.build.log")
+
+
+def run_logged(cmd: list[str], cwd: Path, log: Path) -> None:
+    """Run cmd, echoing its output as it comes and keeping a copy in `log` (ptxas's warnings and spill report)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True) as proc:  # fmt: skip
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+def find_cutlass() -> str | None:
+    """The CUTLASS root for CMake's VK_CUTLASS_DIR: VIT_KERNELS_CUTLASS_DIR, else the nvidia-cutlass wheel's copy."""
+    env = os.environ.get("VIT_KERNELS_CUTLASS_DIR")
+    if env:
+        if not (Path(env) / "include" / "cutlass" / "cutlass.h").is_file():
+            raise RuntimeError(f"VIT_KERNELS_CUTLASS_DIR={env} holds no include/cutlass/cutlass.h")
+        return str(Path(env).resolve())
+    import importlib.util
+
+    # The wheel ships the headers as data of its cutlass_library package: locate it without importing it.
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec and spec.origin:
+        root = Path(spec.origin).parent / "source"
+        if (root / "include" / "cutlass" / "cutlass.h").is_file():
+            return str(root)
+    return None
 
 
 def importlib_has(module: str) -> bool:

@@ -6,7 +6,9 @@ memory and tensor-core instructions, for sm_80 and sm_90a.
 
 CUDA C++: every kernel in the built extension vit_kernels/_C*.so, read with `cuobjdump
 --dump-resource-usage` (REG, STACK, SHARED, LOCAL per function per arch) and `cuobjdump -sass`
-(HMMA / HGMMA tensor-core instructions, LDL / STL local-memory accesses).
+(HMMA / HGMMA tensor-core instructions, UTMALDG / UTMASTG TMA loads and stores, LDL / STL local-memory accesses).
+The sm_90a CUTLASS GEMMs (csrc/gemm_sm90_impl.cuh) get readable names, their dynamic shared memory and stages from
+_C.sm90_gemm_kernels(), and a tiles-and-waves table per ViT-B/16 product; one without HGMMA or UTMALDG fails.
 Triton: `compile_report(arch)` of vit_kernels.ops.attention, .linear, .block and .tma_gemm (the Hopper GEMMs:
 sm_90 only), which compile every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET
 (interpreted kernels cannot be compiled). For the Hopper GEMMs the report adds what proves their design (TMA loads,
@@ -106,14 +108,16 @@ def parse_resource_usage(text: str) -> dict[tuple[str, str], dict]:
 
 
 def parse_sass(text: str) -> dict[tuple[str, str], dict]:
-    """{(arch, mangled name): {hmma, hgmma, local_ld_st}} instruction counts from -sass."""
+    """{(arch, mangled name): {hmma, hgmma, utmaldg, utmastg, local_ld_st}} instruction counts from -sass
+    (UTMALDG / UTMASTG: TMA loads and stores)."""
     out = {}
     for arch, lines in _arch_blocks(text):
         current = None
         for line in lines:
             m = re.match(r"\s*Function : (\S+)", line)
             if m:
-                current = out.setdefault((arch, m.group(1)), {"hmma": 0, "hgmma": 0, "local_ld_st": 0})
+                zero = {"hmma": 0, "hgmma": 0, "utmaldg": 0, "utmastg": 0, "local_ld_st": 0}
+                current = out.setdefault((arch, m.group(1)), zero)
             elif current is not None and "/*" in line:
                 op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
                 if not op:
@@ -123,6 +127,8 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
                     current["hmma"] += 1
                 elif mnemonic == "HGMMA":
                     current["hgmma"] += 1
+                elif mnemonic in ("UTMALDG", "UTMASTG"):
+                    current[mnemonic.lower()] += 1
                 elif mnemonic in ("LDL", "STL"):
                     current["local_ld_st"] += 1
     return out
@@ -137,6 +143,58 @@ def demangle(names: list[str]) -> dict[str, str]:
     if res.returncode or len(pretty) != len(names):
         return {n: n for n in names}
     return dict(zip(names, pretty, strict=True))
+
+
+# The CUTLASS kernels of csrc/gemm_sm90_impl.cuh are all cutlass::device_kernel<GemmUniversal<...>>; their fusion
+# operation and scheduler (in the mangled name) say which product each is. Most specific first.
+SM90_PRODUCTS = (
+    ("LinCombPerColBiasEltActAux", "linear_bias_gelu"), ("LinCombDeEltAct", "dgelu"),
+    ("LinCombPerColBias", "linear_bias"), ("StreamKScheduler", "matmul_tn_wgrad"), ("LinearCombination", "matmul_nn"),
+)  # fmt: skip
+
+
+def is_cutlass_gemm(mangled: str) -> bool:
+    return "GemmUniversal" in mangled and "cutlass" in mangled
+
+
+def cutlass_name(mangled: str) -> str:
+    """'sm90_gemm linear_bias_gelu<bf16> 128x256x64 cluster 2x1' for a CUTLASS GemmUniversal kernel."""
+    product = next((label for key, label in SM90_PRODUCTS if key in mangled), "?")
+    dtype = "bf16" if "bfloat16_t" in mangled else "fp16" if "half_t" in mangled else "?"
+    return f"sm90_gemm {product}<{dtype}> 128x256x64 cluster 2x1"
+
+
+def sm90_facts() -> dict[str, dict]:
+    """{cutlass_name: _C.sm90_gemm_kernels() entry}: stages, dynamic shared memory and threads of each sm_90a GEMM."""
+    try:
+        from vit_kernels import _C
+    except ImportError:
+        return {}
+    kernels = getattr(_C, "sm90_gemm_kernels", lambda: [])()
+    return {f"sm90_gemm {k['product']}<{k['dtype']}> {k['tile']} cluster {k['cluster']}": k for k in kernels}
+
+
+# Every GEMM of a ViT-B/16 block at 224 px, batch 256 (M = 256 * 197 tokens), as (what, sm90 product, M, N, K).
+VIT_B_M = 256 * 197
+VIT_B_PRODUCTS = (
+    ("qkv fwd", "linear_bias", VIT_B_M, 2304, 768), ("fc1 fwd", "linear_bias_gelu", VIT_B_M, 3072, 768),
+    ("fc2 fwd", "linear_bias", VIT_B_M, 768, 3072), ("dhidden", "dgelu", VIT_B_M, 3072, 768),
+    ("fc1 dx", "matmul_nn", VIT_B_M, 768, 3072), ("qkv dx", "matmul_nn", VIT_B_M, 768, 2304),
+    ("dfc1_weight", "matmul_tn_wgrad", 3072, 768, VIT_B_M), ("dfc2_weight", "matmul_tn_wgrad", 768, 3072, VIT_B_M),
+    ("dqkv_weight", "matmul_tn_wgrad", 2304, 768, VIT_B_M),
+)  # fmt: skip
+
+
+def sm90_wave_table(sms: int = 132, tile_m: int = 128, tile_n: int = 256) -> str:
+    """Output tiles and waves of the sm_90a GEMMs (one persistent CTA per SM, 2 x 1 clusters) per ViT-B/16 product.
+    The weight gradients' few tiles are why they run on stream-K: CUTLASS splits their K = tokens over the SMs."""
+    lines = ["| product | sm90 kernel | M | N | K | tiles | waves at 1 tile / SM |", "|---|---|---|---|---|---|---|"]
+    for what, kernel, m, n, k in VIT_B_PRODUCTS:
+        tiles = -(-m // tile_m) * -(-n // tile_n)
+        waves = tiles / sms
+        note = " (stream-K splits K)" if kernel == "matmul_tn_wgrad" else ""
+        lines.append(f"| {what} | {kernel} | {m} | {n} | {k} | {tiles} | {waves:.2f}{note} |")
+    return "\n".join(lines)
 
 
 def short_name(pretty: str) -> str:
@@ -188,20 +246,27 @@ def cuda_rows(skips: list[str]) -> list[dict]:
     if sass.returncode:
         skips.append(f"CUDA tensor-core counts: {tool} -sass failed: {sass.stderr.strip()[:200]}")
     pretty = demangle(sorted({name for _, name in resources}))
+    facts = sm90_facts()
     rows = []
     for (arch, name), r in sorted(resources.items(), key=lambda kv: (kv[0][0], pretty[kv[0][1]])):
         # cuobjdump names the sm_90a cubin's arch 'sm_90a' in the resource dump; keep what it says.
-        kernel = short_name(pretty[name])
+        kernel = cutlass_name(name) if is_cutlass_gemm(name) else short_name(pretty[name])
         ins = instr.get((arch, name), {})
         dtype = kernel_dtype(kernel)
         tc = [f"{k.upper()} x{v}" for k, v in ins.items() if k in ("hmma", "hgmma") and v]
+        tma = [f"{k.upper()} x{v}" for k, v in ins.items() if k in ("utmaldg", "utmastg") and v]
         rows.append({
             "source": "cuda", "kernel": kernel, "arch": arch, "dtype": dtype, "config": "",
             "regs": r.get("REG"), "smem": r.get("SHARED"), "stack": r.get("STACK", 0), "local": r.get("LOCAL", 0),
             "spill_bytes": None, "local_ld_st": ins.get("local_ld_st"),
             "tensor_core": ", ".join(tc) if tc else ("none" if ins else "?"),
+            "tma": ", ".join(tma) if tma else ("none" if ins else "?"),
             "hot": is_hot(kernel, dtype), "mangled": name,
         })  # fmt: skip
+        fact = facts.get(kernel)
+        if fact:  # CUTLASS kernels take their shared memory dynamically: the size comes from their types
+            rows[-1]["smem"] = fact["smem_bytes"]
+            rows[-1]["config"] = f"stages={fact['stages']} threads={fact['threads']} {fact['scheduler']}"
     return rows
 
 
@@ -302,6 +367,11 @@ def violations(rows: list[dict]) -> list[str]:
                                              ("wgmma serialised", r["wgmma_serialized"] == 0)) if not ok]  # fmt: skip
             if missing:
                 bad.append(f"{r['source']} {r['kernel']} [{r['arch']}, {r['dtype']}]: {', '.join(missing)}")
+        if r["source"] == "cuda" and is_cutlass_gemm(r.get("mangled", "")):  # the sm_90a GEMMs: wgmma fed by TMA
+            checks = (("no HGMMA", "tensor_core", "HGMMA"), ("no TMA loads", "tma", "UTMALDG"))
+            missing = [what for what, key, tag in checks if tag not in str(r.get(key))]
+            if missing:
+                bad.append(f"cuda {r['kernel']} [{r['arch']}]: {', '.join(missing)}")
         if not r["hot"]:
             continue
         spilled = [f"{k}={r[k]}" for k in ("spill_bytes", "local", "stack", "local_ld_st") if r.get(k)]
@@ -314,7 +384,7 @@ def table(rows: list[dict]) -> str:
     cols = [("src", "source"), ("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("config", "config"),
             ("regs", "regs"), ("smem B", "smem"), ("spill B", "spill_bytes"), ("local B", "local"),
             ("stack B", "stack"), ("LDL/STL", "local_ld_st"), ("tensor-core instr", "tensor_core"),
-            ("hot", "hot")]  # fmt: skip
+            ("TMA", "tma"), ("hot", "hot")]  # fmt: skip
 
     def cell(v):
         return "-" if v is None or v == "" else ("yes" if v is True else "" if v is False else str(v))
@@ -362,10 +432,14 @@ def main(argv=None) -> int:
     if any("waves" in r for r in rows):
         print("\n### Hopper GEMMs (tma_gemm.py): design and waves, ViT-B/16 224 px, batch 256, 132 SMs\n")
         print(wave_table(rows))
+    if any(r["source"] == "cuda" and is_cutlass_gemm(r.get("mangled", "")) for r in rows):
+        print("\n### sm_90a GEMMs (CUTLASS, csrc/gemm_sm90_impl.cuh): tiles and waves, ViT-B/16 224 px, batch 256\n")
+        print(sm90_wave_table())
     n_cuda = sum(r["source"] == "cuda" for r in rows)
     print(
         f"\n{n_cuda} CUDA kernel rows, {len(rows) - n_cuda} Triton kernel rows. smem B: for CUDA, static shared memory "
-        "only (dynamic shared memory is sized at launch, invisible to cuobjdump); for Triton, what the config needs."
+        "only (dynamic shared memory is sized at launch, invisible to cuobjdump), except the sm_90a CUTLASS GEMMs, "
+        "whose size _C.sm90_gemm_kernels() reads from their types; for Triton, what the config needs."
     )
     for s in skips:
         print(f"- skipped {s}")

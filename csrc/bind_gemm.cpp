@@ -2,8 +2,15 @@
 // and row strides in elements, dtype as DType code. Wrapped by vit_kernels/cuda/linear.py.
 // Precondition failures (std::invalid_argument) arrive in Python as ValueError, CUDA errors as RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
+#include <vector>
+
+#include "gemm_sm90.h"
 
 namespace vk {
 
@@ -24,9 +31,50 @@ void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t
                   uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                   index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
                   uintptr_t stream);
+// The same products on the Hopper GEMMs (gemm_sm90_impl.cuh via gemm.cu): fp16/bf16, compute capability 9.0.
+void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t qkv,
+                       uintptr_t q, uintptr_t k, uintptr_t v, index_t batch, index_t tokens, index_t channels,
+                       index_t heads, int dtype, uintptr_t stream);
+void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx, uintptr_t w, index_t ldw,
+                       uintptr_t dx, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                       index_t M, index_t channels, int dtype, uintptr_t stream);
+void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
+                       index_t ldw2, uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C,
+                       index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
+void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
+                       index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
+                       uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
+                       index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
+                       int dtype, uintptr_t stream);
+
+// One dict per sm_90a GEMM instantiation (empty without them): product, dtype, tile, cluster, scheduler, mainloop
+// stages, dynamic shared memory and threads per CTA.
+pybind11::list sm90_gemm_kernels() {
+  std::vector<sm90::KernelFacts> facts;
+#if defined(VK_HAVE_SM90_GEMM)
+  sm90::describe<__nv_bfloat16>(facts);
+  sm90::describe<__half>(facts);
+#endif
+  pybind11::list out;
+  for (const auto& f : facts) {
+    pybind11::dict d;
+    d["product"] = f.product;
+    d["dtype"] = f.dtype;
+    d["tile"] = f.tile;
+    d["cluster"] = f.cluster;
+    d["scheduler"] = f.scheduler;
+    d["stages"] = f.stages;
+    d["smem_bytes"] = f.smem_bytes;
+    d["threads"] = f.threads;
+    out.append(d);
+  }
+  return out;
+}
 
 void bind_gemm(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def("sm90_gemm_kernels", &sm90_gemm_kernels,
+        "the sm_90a GEMM instantiations: product, dtype, tile, cluster, scheduler, stages, smem_bytes, threads");
   m.def("qkv_fwd", &gemm_qkv_fwd,
         "q, k, v (B, H, N, D) contiguous = head split of x (B*N, C) @ weight (3C, C)^T + bias (3C,) or 0",
         py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("q"), py::arg("k"),
@@ -53,6 +101,26 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("dx"), py::arg("dfc1_weight"), py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"),
         py::arg("scratch"), py::arg("scratch_floats"), py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
         py::arg("stream"));
+  m.def("qkv_fwd_sm90", &gemm_qkv_fwd_sm90,
+        "as qkv_fwd on the sm_90a GEMMs: the product goes to qkv (B*N, 3C) scratch, then a split pass to q, k, v",
+        py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("qkv"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"),
+        py::arg("dtype"), py::arg("stream"));
+  m.def("qkv_bwd_sm90", &gemm_qkv_bwd_sm90,
+        "dx (M, C), dweight (3C, C), dbias (3C,) or 0 from dqkv (M, 3C) row stride ld_dqkv, on the sm_90a GEMMs",
+        py::arg("dqkv"), py::arg("ld_dqkv"), py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"),
+        py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("scratch_floats"),
+        py::arg("M"), py::arg("channels"), py::arg("dtype"), py::arg("stream"));
+  m.def("mlp_fwd_sm90", &gemm_mlp_fwd_sm90, "as mlp_fwd, on the sm_90a GEMMs", py::arg("x"), py::arg("ldx"),
+        py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("ldw2"),
+        py::arg("fc2_bias"), py::arg("hidden"), py::arg("act"), py::arg("y"), py::arg("M"), py::arg("C"),
+        py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"), py::arg("stream"));
+  m.def("mlp_bwd_sm90", &gemm_mlp_bwd_sm90, "as mlp_bwd, on the sm_90a GEMMs", py::arg("dy"), py::arg("ldy"),
+        py::arg("x"), py::arg("ldx"), py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc2_weight"), py::arg("ldw2"),
+        py::arg("hidden"), py::arg("ldh"), py::arg("dhidden"), py::arg("act"), py::arg("dx"), py::arg("dfc1_weight"),
+        py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"), py::arg("scratch"),
+        py::arg("scratch_floats"), py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"),
+        py::arg("tanh"), py::arg("dtype"), py::arg("stream"));
 }
 
 }  // namespace vk

@@ -20,6 +20,14 @@ py::dict build_info() {
   info["nvcc_version"] = VK_NVCC_VERSION;
   info["archs"] = VK_CUDA_ARCHS;
   info["cuda_flags"] = VK_CUDA_FLAGS;
+  // The Hopper GEMMs: "CUTLASS <version> (<headers>)" when built, else why not (the cuda backend then runs the
+  // mma.sync GEMMs on sm_90 too).
+  info["sm90_gemm"] = VK_SM90_GEMM;
+#if defined(VK_HAVE_SM90_GEMM)
+  info["sm90_gemm_built"] = true;
+#else
+  info["sm90_gemm_built"] = false;
+#endif
   return info;
 }
 

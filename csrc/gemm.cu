@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "gemm_sm90.h"
 
 namespace vk {
 namespace gemm {
@@ -638,6 +639,83 @@ inline int check_qkv_shape(index_t batch, index_t tokens, index_t channels, inde
   return static_cast<int>(d);
 }
 
+// ====================================================================================================
+// the Hopper path's element-wise passes (the GEMMs themselves are CUTLASS's, gemm_sm90_impl.cuh)
+// ====================================================================================================
+// act (M, Hd) = gelu(hidden): the operand dfc2_weight = dy^T @ act needs, recomputed in backward (CUTLASS's
+// d-activation epilogue writes dhidden alone). 8 elements (16 bytes) per thread.
+template <class T>
+__global__ void __launch_bounds__(256) gelu_rows_kernel(const T* hidden, index_t ldh, T* act, int M, int Hd,
+                                                        bool tanh_form) {
+  const index_t chunk = static_cast<index_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int chunks_per_row = Hd / 8;
+  if (chunk >= static_cast<index_t>(M) * chunks_per_row) return;
+  const int m = static_cast<int>(chunk / chunks_per_row);
+  const int c = static_cast<int>(chunk - static_cast<index_t>(m) * chunks_per_row) * 8;
+  const T* src = hidden + m * ldh + c;
+  T* dst = act + static_cast<index_t>(m) * Hd + c;
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    const float2 h = load2(src + i);
+    store2(dst + i, gelu(h.x, tanh_form), gelu(h.y, tanh_form));
+  }
+}
+
+// q, k, v (B, H, N, D) contiguous from the packed product qkv (B*N, 3C): column j = (which, head, d). 8 elements
+// (16 bytes; D % 8 == 0) per thread, read along a row of qkv and written inside one head's row.
+template <class T>
+__global__ void __launch_bounds__(256) qkv_split_kernel(const T* qkv, T* q, T* k, T* v, int tokens, int channels,
+                                                        int head_dim, int heads, int rows) {
+  const index_t chunk = static_cast<index_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int chunks_per_row = 3 * channels / 8;
+  if (chunk >= static_cast<index_t>(rows) * chunks_per_row) return;
+  const int m = static_cast<int>(chunk / chunks_per_row);
+  const int j = static_cast<int>(chunk - static_cast<index_t>(m) * chunks_per_row) * 8;
+  const int which = j / channels, c = j - which * channels;
+  const int h = c / head_dim, d = c - h * head_dim;
+  const int b = m / tokens, t = m - b * tokens;
+  T* base = which == 0 ? q : (which == 1 ? k : v);
+  const uint4 val = *reinterpret_cast<const uint4*>(qkv + static_cast<index_t>(m) * 3 * channels + j);
+  *reinterpret_cast<uint4*>(base + ((static_cast<index_t>(b) * heads + h) * tokens + t) * head_dim + d) = val;
+}
+
+inline unsigned chunk_blocks(index_t rows, index_t cols, const std::string& name) {
+  const index_t blocks = (rows * (cols / 8) + 255) / 256;
+  require(blocks <= kMaxGridX, name + ": too many elements for one grid");
+  return static_cast<unsigned>(blocks);
+}
+
+// The sm_90a GEMMs take fp16 / bf16 only: checked first, with the shapes.
+inline void check_half(int dtype, const std::string& name) {
+  require(dtype == static_cast<int>(DType::kFloat16) || dtype == static_cast<int>(DType::kBFloat16),
+          name + ": the sm_90a GEMMs take fp16 or bf16, got dtype code " + std::to_string(dtype));
+}
+
+// Checked after the operands, before the first launch: this build has the sm_90a GEMMs, and the current device is
+// compute capability 9.0 exactly (an sm_90a cubin loads nowhere else).
+inline void check_sm90_device(const std::string& name) {
+#if !defined(VK_HAVE_SM90_GEMM)
+  throw std::runtime_error(name + ": this build has no sm_90a GEMMs (" VK_SM90_GEMM ")");
+#else
+  int device = 0, major = 0, minor = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  require(major == 9 && minor == 0, name + ": the sm_90a GEMMs need compute capability 9.0, this device is " +
+                                        std::to_string(major) + "." + std::to_string(minor));
+#endif
+}
+
+// The 16-bit dtypes as a compile-time switch (the sm_90a GEMMs have no fp32 instantiation).
+template <class F>
+void dispatch_half(int code, F&& f) {
+  if (code == static_cast<int>(DType::kFloat16)) {
+    f(__half{});
+  } else {
+    f(__nv_bfloat16{});
+  }
+}
+
 }  // namespace gemm
 
 // ----------------------------------------------------------------------------------------------------
@@ -779,6 +857,155 @@ void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t
     float* sums = reinterpret_cast<float*>(scratch);
     if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, sums, scratch_floats, s, "mlp_bwd dfc2_bias colsum");
     if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, sums, scratch_floats, s, "mlp_bwd dfc1_bias colsum");
+  });
+}
+
+// ----------------------------------------------------------------------------------------------------
+// op launchers on the Hopper GEMMs (sm_90a, CUTLASS): the same products as above, every 2-D operand a row-major
+// matrix with unit column stride, 16-byte aligned rows and K % 8 == 0 (TMA). Bias sums and the element-wise
+// passes are this file's kernels. Built in every configuration; without CUTLASS they raise (check_sm90_device).
+// ----------------------------------------------------------------------------------------------------
+#if defined(VK_HAVE_SM90_GEMM)
+#define VK_SM90_CALL(call) call
+#else
+#define VK_SM90_CALL(call) (void)0
+#endif
+
+// qkv (B*N, 3C) = x @ w^T + bias (scratch), then split into q, k, v (B, H, N, D) contiguous.
+void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t qkv,
+                       uintptr_t q, uintptr_t k, uintptr_t v, index_t batch, index_t tokens, index_t channels,
+                       index_t heads, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  const int d = check_qkv_shape(batch, tokens, channels, heads);
+  const index_t M = batch * tokens;
+  check_half(dtype, "qkv_fwd_sm90");
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Strided<T, true>{in<T>(x), ldx, 1}.validate(M, channels, true, "qkv_fwd_sm90 x");
+    Strided<T, true>{in<T>(w), ldw, 1}.validate(3 * channels, channels, true, "qkv_fwd_sm90 weight");
+    Strided<T, true>{in<T>(qkv), 3 * channels, 1}.validate(M, 3 * channels, true, "qkv_fwd_sm90 qkv scratch");
+    for (uintptr_t p : {q, k, v}) require(p % 16 == 0, "qkv_fwd_sm90: q, k, v must be 16-byte aligned");
+    require(bias % 16 == 0, "qkv_fwd_sm90: the bias must be 16-byte aligned (read in 16-byte row broadcasts)");
+    check_sm90_device("qkv_fwd_sm90");
+    const cudaStream_t s = as_stream(stream);
+    VK_SM90_CALL((sm90::linear_bias<T>(in<T>(x), ldx, in<T>(w), ldw, in<T>(bias), out<T>(qkv), 3 * channels,
+                                       static_cast<int>(M), static_cast<int>(3 * channels),
+                                       static_cast<int>(channels), s)));
+    qkv_split_kernel<T><<<chunk_blocks(M, 3 * channels, "qkv_fwd_sm90 split"), 256, 0, s>>>(
+        in<T>(qkv), out<T>(q), out<T>(k), out<T>(v), static_cast<int>(tokens), static_cast<int>(channels), d,
+        static_cast<int>(heads), static_cast<int>(M));
+    check_launch("qkv_fwd_sm90 split");
+  });
+}
+
+// From dqkv (M, 3C) with row stride ld_dqkv (dq, dk, dv packed, or their copy):
+//   dx (M, C) = dqkv @ w (3C, C);  dw (3C, C) = dqkv^T @ x;  dbias = column sums of dqkv (if dbias != 0).
+void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx, uintptr_t w, index_t ldw,
+                       uintptr_t dx, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                       index_t M, index_t channels, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("C", channels);
+  check_half(dtype, "qkv_bwd_sm90");
+  const index_t C3 = 3 * channels;
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> g{in<T>(dqkv), ld_dqkv, 1};
+    g.validate(M, C3, true, "qkv_bwd_sm90 dqkv");
+    Strided<T, true>{in<T>(x), ldx, 1}.validate(M, channels, true, "qkv_bwd_sm90 x");
+    Strided<T, true>{in<T>(w), ldw, 1}.validate(C3, channels, true, "qkv_bwd_sm90 weight");
+    Strided<T, true>{in<T>(dx), channels, 1}.validate(M, channels, true, "qkv_bwd_sm90 dx");
+    Strided<T, true>{in<T>(dw), channels, 1}.validate(C3, channels, true, "qkv_bwd_sm90 dweight");
+    if (dbias != 0) check_colsum_scratch(scratch, scratch_floats, C3, "qkv_bwd_sm90 dbias");
+    check_sm90_device("qkv_bwd_sm90");
+    const cudaStream_t s = as_stream(stream);
+    // [[maybe_unused]]: a build without CUTLASS compiles the launchers with the GEMM calls left out.
+    [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(channels), c3 = static_cast<int>(C3);
+    VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dqkv), ld_dqkv, in<T>(w), ldw, out<T>(dx), channels, m, c, c3, s)));
+    VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dqkv), ld_dqkv, in<T>(x), ldx, out<T>(dw), channels, c3, c, m, s)));
+    if (dbias != 0) {
+      run_colsum(g, out<T>(dbias), M, C3, reinterpret_cast<float*>(scratch), scratch_floats, s,
+                 "qkv_bwd_sm90 dbias colsum");
+    }
+  });
+}
+
+// As gemm_mlp_fwd: fc1 with the bias + GELU + aux epilogue (hidden is the aux, act the output), fc2 with bias.
+void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
+                       index_t ldw2, uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C,
+                       index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("C", C);
+  check_channels("hidden", Hd);
+  check_channels("C_out", Cout);
+  check_half(dtype, "mlp_fwd_sm90");
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Strided<T, true>{in<T>(x), ldx, 1}.validate(M, C, true, "mlp_fwd_sm90 x");
+    Strided<T, true>{in<T>(w1), ldw1, 1}.validate(Hd, C, true, "mlp_fwd_sm90 fc1_weight");
+    Strided<T, true>{in<T>(w2), ldw2, 1}.validate(Cout, Hd, true, "mlp_fwd_sm90 fc2_weight");
+    Strided<T, true>{in<T>(hidden), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 hidden");
+    Strided<T, true>{in<T>(act), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 act");
+    Strided<T, true>{in<T>(y), Cout, 1}.validate(M, Cout, true, "mlp_fwd_sm90 y");
+    require(b1 % 16 == 0 && b2 % 16 == 0, "mlp_fwd_sm90: biases must be 16-byte aligned (16-byte row broadcasts)");
+    check_sm90_device("mlp_fwd_sm90");
+    const cudaStream_t s = as_stream(stream);
+    [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
+    VK_SM90_CALL((sm90::linear_bias_gelu<T>(in<T>(x), ldx, in<T>(w1), ldw1, in<T>(b1), out<T>(hidden), Hd,
+                                            out<T>(act), Hd, m, hd, c, tanh_form, s)));
+    VK_SM90_CALL((sm90::linear_bias<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), out<T>(y), Cout, m,
+                                       static_cast<int>(Cout), hd, s)));
+  });
+}
+
+// As gemm_mlp_bwd: dhidden by the d-GELU epilogue (hidden read there), act = gelu(hidden) by a row pass, the
+// weight gradients by the stream-K GEMM, dx by the NN GEMM, the bias sums by the two-pass column sum.
+void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
+                       index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
+                       uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
+                       index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
+                       int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("C", C);
+  check_channels("hidden", Hd);
+  check_channels("C_out", Cout);
+  check_half(dtype, "mlp_bwd_sm90");
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> dy_op{in<T>(dy), ldy, 1}, dh_op{in<T>(dhidden), Hd, 1};
+    dy_op.validate(M, Cout, true, "mlp_bwd_sm90 dy");
+    Strided<T, true>{in<T>(x), ldx, 1}.validate(M, C, true, "mlp_bwd_sm90 x");
+    Strided<T, true>{in<T>(w1), ldw1, 1}.validate(Hd, C, true, "mlp_bwd_sm90 fc1_weight");
+    Strided<T, true>{in<T>(w2), ldw2, 1}.validate(Cout, Hd, true, "mlp_bwd_sm90 fc2_weight");
+    Strided<T, true>{in<T>(hidden), ldh, 1}.validate(M, Hd, true, "mlp_bwd_sm90 hidden");
+    dh_op.validate(M, Hd, true, "mlp_bwd_sm90 dhidden");
+    Strided<T, true>{in<T>(act), Hd, 1}.validate(M, Hd, true, "mlp_bwd_sm90 act");
+    Strided<T, true>{in<T>(dx), C, 1}.validate(M, C, true, "mlp_bwd_sm90 dx");
+    Strided<T, true>{in<T>(dw1), C, 1}.validate(Hd, C, true, "mlp_bwd_sm90 dfc1_weight");
+    Strided<T, true>{in<T>(dw2), Hd, 1}.validate(Cout, Hd, true, "mlp_bwd_sm90 dfc2_weight");
+    if (db2 != 0) check_colsum_scratch(scratch, scratch_floats, Cout, "mlp_bwd_sm90 dfc2_bias");
+    if (db1 != 0) check_colsum_scratch(scratch, scratch_floats, Hd, "mlp_bwd_sm90 dfc1_bias");
+    check_sm90_device("mlp_bwd_sm90");
+    const cudaStream_t s = as_stream(stream);
+    [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
+    [[maybe_unused]] const int co = static_cast<int>(Cout);
+    VK_SM90_CALL((sm90::dgelu<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd, m, hd, co,
+                                 tanh_form, s)));
+    gelu_rows_kernel<T><<<chunk_blocks(M, Hd, "mlp_bwd_sm90 act"), 256, 0, s>>>(in<T>(hidden), ldh, out<T>(act), m,
+                                                                                  hd, tanh_form);
+    check_launch("mlp_bwd_sm90 act");
+    VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dy), ldy, in<T>(act), Hd, out<T>(dw2), Hd, co, hd, m, s)));
+    VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dhidden), Hd, in<T>(x), ldx, out<T>(dw1), C, hd, c, m, s)));
+    VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dhidden), Hd, in<T>(w1), ldw1, out<T>(dx), C, m, c, hd, s)));
+    float* sums = reinterpret_cast<float*>(scratch);
+    if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, sums, scratch_floats, s, "mlp_bwd_sm90 dfc2_bias colsum");
+    if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, sums, scratch_floats, s, "mlp_bwd_sm90 dfc1_bias colsum");
   });
 }
 

@@ -1,5 +1,6 @@
 """The CUDA extension: built for sm_80 and sm_90a where nvcc exists, importable without a GPU, clear errors."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -63,3 +64,86 @@ def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
     assert len(kernels) > 20, "expected every attention kernel instantiation in the PTX"
     fused = {name: n for body, name in kernels if (n := exp2_args_with_fma(body))}
     assert not fused, f"exp2 arguments an FMA computes or may compute: {fused}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Hopper GEMMs (csrc/gemm_sm90_*.cu, CUTLASS 3 collectives): built for sm_90a where CUTLASS's headers were found
+# ----------------------------------------------------------------------------------------------------
+SM90_FAMILIES = 5  # linear_bias, linear_bias_gelu, dgelu, matmul_nn, matmul_tn_wgrad (gemm_sm90.h)
+SM90_DTYPES = 2  # fp16, bf16
+
+
+def _sm90_extension():
+    _C = _extension()
+    info = _C.build_info()
+    if not info.get("sm90_gemm_built"):
+        pytest.skip(f"this _C has no sm_90a GEMMs: {info.get('sm90_gemm')}")
+    return _C
+
+
+def _kernel_report():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_info_says_whether_the_sm90_gemms_were_built():
+    info = _extension().build_info()
+    assert isinstance(info["sm90_gemm_built"], bool)
+    if info["sm90_gemm_built"]:
+        assert info["sm90_gemm"].startswith("CUTLASS 4.2.0 ("), info["sm90_gemm"]
+    else:
+        assert info["sm90_gemm"].startswith("not built: "), info["sm90_gemm"]
+
+
+def test_sm90_gemm_sass_has_wgmma_and_tma():
+    """Every CUTLASS GEMM in _C's sm_90a cubin issues HGMMA (wgmma) and UTMALDG (TMA loads), and touches no local
+    memory: the design holds in the shipped binary, not only in the source."""
+    _sm90_extension()
+    report = _kernel_report()
+    tool, why = report.find_cuobjdump()
+    if tool is None:
+        pytest.skip(why)
+    so, _ = report.find_extension()
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", str(so)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr[:400]
+    counts = {name: c for (arch, name), c in report.parse_sass(sass.stdout).items() if report.is_cutlass_gemm(name)}
+    assert len(counts) == SM90_FAMILIES * SM90_DTYPES, f"expected every sm_90a GEMM instantiation, got {len(counts)}"
+    lacking = {name[:120]: c for name, c in counts.items() if not (c["hgmma"] and c["utmaldg"]) or c["local_ld_st"]}
+    assert not lacking, f"sm_90a GEMMs without HGMMA or UTMALDG, or with local memory: {lacking}"
+
+
+def test_sm90_gemm_build_log_has_no_wgmma_serialisation_or_spills():
+    """ptxas's own report of the build (setup.py keeps it in vit_kernels/_C.build.log; the sm_90a units are compiled
+    with -Xptxas=-v): no C7509 / C7510 warning (wgmma serialised, e.g. by CUTLASS asserts without -DNDEBUG) and
+    0 bytes of spill stores and loads in every sm_90a GEMM."""
+    _C = _sm90_extension()
+    log = Path(_C.__file__).with_name("_C.build.log")
+    if not log.is_file():
+        pytest.skip(f"{log} is absent (_C was not built by this setup.py)")
+    text = log.read_text(errors="replace")
+    serialised = [line for line in text.splitlines() if "C7509" in line or "C7510" in line]
+    assert not serialised, f"ptxas serialised wgmma: {serialised[:3]}"
+    # ptxas -v: "Compiling entry function '<name>' for 'sm_90a'", then "... N bytes spill stores, N bytes spill loads".
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(?:.*\n){0,2}?.*?(\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", text)  # fmt: skip
+    gemms = [(name, int(st), int(ld)) for name, st, ld in entries if "GemmUniversal" in name]
+    assert len(gemms) >= SM90_FAMILIES * SM90_DTYPES, f"ptxas reported {len(gemms)} sm_90a GEMMs in {log}"
+    spilled = [(name[:120], st, ld) for name, st, ld in gemms if st or ld]
+    assert not spilled, f"sm_90a GEMMs that spill: {spilled}"
+
+
+def test_sm90_gemm_configs_fit_one_cta_per_sm():
+    """_C.sm90_gemm_kernels(), read from the CUTLASS types: every product in both dtypes, one producer warpgroup and
+    two consumer warpgroups (384 threads), at least 3 mainloop stages, and shared memory within the 227 KB an H100 /
+    H200 CTA may have."""
+    _C = _sm90_extension()
+    kernels = _C.sm90_gemm_kernels()
+    products = {"linear_bias", "linear_bias_gelu", "dgelu", "matmul_nn", "matmul_tn_wgrad"}
+    assert {(k["product"], k["dtype"]) for k in kernels} == {(p, d) for p in products for d in ("bf16", "fp16")}
+    for k in kernels:
+        assert k["threads"] == 384 and k["stages"] >= 3 and k["smem_bytes"] <= 227 * 1024, k
+        assert (k["tile"], k["cluster"]) == ("128x256x64", "2x1"), k
+    assert all(k["scheduler"].startswith("stream-K") == (k["product"] == "matmul_tn_wgrad") for k in kernels)

@@ -180,6 +180,137 @@ def test_mlp_fwd_saves_pre_activation(poisoned, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# GPU parity: the Hopper GEMMs (csrc/gemm_sm90_impl.cuh, CUTLASS 3: TMA + warp-specialised wgmma)
+# ----------------------------------------------------------------------------------------------------
+def _sm90_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs compute capability 9.0 for the sm_90a GEMMs, got {torch.cuda.get_device_capability()}"
+    try:
+        from vit_kernels import _C
+    except ImportError as exc:
+        return f"vit_kernels._C not built here ({exc})"
+    if not _C.build_info().get("sm90_gemm_built"):
+        return f"this _C has no sm_90a GEMMs: {_C.build_info().get('sm90_gemm')}"
+    return None
+
+
+needs_sm90 = pytest.mark.skipif(_sm90_skip_reason() is not None, reason=str(_sm90_skip_reason()))
+HALVES = [torch.float16, torch.bfloat16]
+
+
+def _check_against_torch(name, out, ref, torch_out, dtype):
+    """The fixed per-dtype tolerance, and FlashAttention's rule: at most 2x the error of PyTorch's own ops in the
+    same dtype on the same inputs (floored, where torch happens to be near exact)."""
+    _check(name, out, ref, dtype)
+    err, torch_err = rel_error(out, ref), rel_error(torch_out, ref)
+    assert err <= max(2 * torch_err, 1e-4), f"{name}: error {err:.3g} > 2x torch's {torch_err:.3g} ({dtype})"
+
+
+# (M, C, Hd, C_out): M = 296 leaves a ragged 128-row tile (and a ragged K in the weight gradients, K = M); C = 72
+# is narrower than one 256-column tile; (1, 8, 16, 8) is a single element row with K = 8.
+SM90_MLP_SHAPES = [(296, 768, 3072, 768), (296, 72, 288, 72), (1, 8, 16, 8)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", SM90_MLP_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_sm90_gelu_mlp_matches_reference(poisoned, dtype, shape, has_bias, approximate, layout):
+    """Every sm_90a epilogue through gelu_mlp: bias + GELU + aux (fc1), bias (fc2), d-GELU with the aux load
+    (dfc1 path), the NN GEMM (dx) and the stream-K weight gradients (A transposed), bias sums."""
+    M, C, Hd, C_out = shape
+    x = torch.randn(M, C).to(dtype)
+    w1, w2 = (torch.randn(Hd, C) * C**-0.5).to(dtype), (torch.randn(C_out, Hd) * Hd**-0.5).to(dtype)
+    b1, b2 = (torch.randn(Hd).to(dtype), torch.randn(C_out).to(dtype)) if has_bias else (None, None)
+    dy = torch.randn(M, C_out, device="cuda").to(dtype)
+    assert linear.gemm_path(dy.device, dtype).startswith("sm_90a"), linear.gemm_path(dy.device, dtype)
+
+    ref_inputs = [_leaf(t, torch.float64) for t in (x, w1, b1, w2, b2)]
+    ref_out = reference.gelu_mlp(*ref_inputs, approximate)
+    ref_out.backward(dy.double())
+    torch_inputs = [_leaf(t) for t in (x, w1, b1, w2, b2)]
+    torch_out = vk.gelu_mlp(*torch_inputs, approximate=approximate, backend="torch")
+    torch_out.backward(dy)
+
+    xc = _leaf(_x_layout(x.cuda(), layout))
+    params = [_leaf(t) for t in (w1, b1, w2, b2)]
+    out = vk.gelu_mlp(xc, *params, approximate=approximate, backend="cuda")
+    out.backward(dy)
+
+    _check_against_torch("y", out, ref_out, torch_out, dtype)
+    names = ["dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
+    for name, got, ref, tt in zip(names, [xc, *params], ref_inputs, torch_inputs):
+        if ref is not None:
+            _check_against_torch(name, got.grad, ref.grad, tt.grad, dtype)
+    _y, hidden = linear.mlp_fwd(xc.detach(), *(p.detach() if p is not None else None for p in params), approximate,
+                                False)  # fmt: skip
+    ref_hidden = x.cuda().double() @ w1.cuda().double().t() + (b1.cuda().double() if has_bias else 0)
+    _check("hidden (the aux store)", hidden, ref_hidden, dtype)
+
+
+# (B, N, C, H): B * N = 296 (a ragged tile), one token, and a narrow C.
+SM90_QKV_SHAPES = [(2, 148, 768, 12), (1, 1, 64, 2), (3, 50, 192, 3)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", SM90_QKV_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("grad_layout", ["separate", "packed"])
+def test_sm90_fused_qkv_matches_reference(poisoned, dtype, shape, has_bias, grad_layout):
+    """qkv_fwd (bias GEMM into (B*N, 3C) scratch, then the split pass) and qkv_bwd (dQKV read in place when packed,
+    else packed by one copy; the NN GEMM for dx, stream-K for dweight, the column sum for dbias)."""
+    B, N, C, H = shape
+    D = C // H
+    x = torch.randn(B, N, C).to(dtype)
+    w = (torch.randn(3 * C, C) * C**-0.5).to(dtype)
+    b = torch.randn(3 * C).to(dtype) if has_bias else None
+    if grad_layout == "packed":
+        packed = torch.randn(B, N, 3, H, D, device="cuda").to(dtype)
+        grads = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+        assert linear._packed_qkv(*grads) is not None, "the test must exercise the in-place path"
+    else:
+        grads = [torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(3)]
+
+    ref_inputs = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref_out = reference.fused_qkv(*ref_inputs, H)
+    torch.autograd.backward(ref_out, [g.double() for g in grads])
+    torch_inputs = [_leaf(t) for t in (x, w, b)]
+    torch.autograd.backward(vk.fused_qkv(*torch_inputs, H, backend="torch"), grads)
+
+    inputs = [_leaf(t) for t in (x, w, b)]
+    out = vk.fused_qkv(*inputs, H, backend="cuda")
+    torch.autograd.backward(out, grads)
+
+    for name, o, r in zip("qkv", out, ref_out):
+        assert o.is_contiguous(), f"{name} must be contiguous (B, H, N, D)"
+        _check(name, o, r, dtype)
+    for name, got, ref, tt in zip(["dx", "dweight", "dbias"], inputs, ref_inputs, torch_inputs):
+        if ref is not None:
+            _check_against_torch(name, got.grad, ref.grad, tt.grad, dtype)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALVES)
+def test_sm90_weight_gradients_are_deterministic(dtype):
+    """The stream-K weight gradients reduce their K slices in a fixed order (no atomics): two runs are bitwise
+    equal. 8192 tokens at ViT-B widths: dfc1_weight has 72 output tiles for 132 SMs, so K is split."""
+    M, C, Hd = 8192, 768, 3072
+    x = torch.randn(M, C, device="cuda", dtype=dtype)
+    w1 = torch.randn(Hd, C, device="cuda", dtype=dtype) * C**-0.5
+    w2 = torch.randn(C, Hd, device="cuda", dtype=dtype) * Hd**-0.5
+    dy = torch.randn(M, C, device="cuda", dtype=dtype)
+    _y, hidden = linear.mlp_fwd(x, w1, None, w2, None, "none", False)
+    runs = [linear.mlp_bwd(dy, x, w1, w2, hidden, True, True, "none", False) for _ in range(2)]
+    for name, a, b in zip(["dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"], *runs):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+# ----------------------------------------------------------------------------------------------------
 # CPU: error paths and launcher preconditions (no GPU needed)
 # ----------------------------------------------------------------------------------------------------
 def test_cuda_backend_on_cpu_tensors_is_a_clear_value_error():
@@ -234,7 +365,8 @@ def test_backward_wrappers_reject_inconsistent_gradients():
 
 def test_extension_binds_the_linear_launchers():
     _C = _extension()
-    for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd"):
+    for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd", "qkv_fwd_sm90", "qkv_bwd_sm90", "mlp_fwd_sm90",
+                 "mlp_bwd_sm90"):  # fmt: skip
         assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
 
 
@@ -319,6 +451,47 @@ def test_gemm_launchers_check_output_alignment_before_any_launch():
         _C.mlp_bwd(**{**_MLP_BWD_ARGS, "dx": 2})
     with pytest.raises(ValueError, match=r"qkv_bwd dweight output: needs a pointer aligned to two elements"):
         _C.qkv_bwd(**{**_QKV_BWD_ARGS, "dweight": 4, "dtype": FLOAT})  # fp32 pairs are 8 bytes
+
+
+_MLP_FWD_SM90_ARGS = {**_MLP_FWD_ARGS}
+_QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
+_QKV_BWD_SM90_ARGS = dict(dqkv=0, ld_dqkv=192, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0, dbias=0, scratch=0,
+                          scratch_floats=0, M=5, channels=64, dtype=HALF, stream=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "launcher, args, overrides, message",
+    [
+        ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(dtype=FLOAT), r"GEMMs take fp16 or bf16, got dtype code 0"),
+        ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(x=8), r"mlp_fwd_sm90 x: pointer must be 16-byte aligned"),
+        ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(ldw2=68), r"mlp_fwd_sm90 fc2_weight: needs unit stride along K"),
+        ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(fc1_bias=8), r"mlp_fwd_sm90: biases must be 16-byte aligned"),
+        ("mlp_bwd_sm90", _MLP_BWD_ARGS, dict(ldh=60), r"mlp_bwd_sm90 hidden: needs unit stride along K"),
+        ("mlp_bwd_sm90", _MLP_BWD_ARGS, dict(dfc2_bias=16, scratch=64, scratch_floats=16), r"dfc2_bias: .* got 16"),
+        ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(qkv=8), r"qkv_fwd_sm90 qkv scratch: pointer must be 16-byte aligned"),
+        ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(v=8), r"qkv_fwd_sm90: q, k, v must be 16-byte aligned"),
+        ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(heads=16), r"head dim D=C/num_heads=4 must be a multiple of 8"),
+        ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(ld_dqkv=196), r"qkv_bwd_sm90 dqkv: needs unit stride along K"),
+        ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(dweight=4), r"qkv_bwd_sm90 dweight: pointer must be 16-byte"),
+    ],
+)
+def test_sm90_launchers_check_preconditions(launcher, args, overrides, message):
+    """The Hopper launchers validate dtype, shapes and every operand's TMA layout before any CUDA call, also in a
+    build without them (they are bound either way)."""
+    _C = _extension()
+    with pytest.raises(ValueError, match=message):
+        getattr(_C, launcher)(**{**args, **overrides})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path of a machine without a GPU")
+def test_sm90_launchers_say_why_they_cannot_run_here():
+    """Valid arguments reach the device check: without a driver it is CUDA's error, in a build without CUTLASS it is
+    the build's reason."""
+    _C = _extension()
+    built = _C.build_info()["sm90_gemm_built"]
+    message = r"cudaGetDevice failed" if built else r"this build has no sm_90a GEMMs \(not built: "
+    with pytest.raises(RuntimeError, match=message):
+        _C.mlp_fwd_sm90(**_MLP_FWD_SM90_ARGS)
 
 
 def test_layout_helpers_copy_only_what_the_kernels_cannot_read():

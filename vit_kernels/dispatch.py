@@ -361,14 +361,26 @@ def _select(
             return Choice("torch", f"measured fastest for {key} is {chosen}, which cannot run here ({why}): torch")
         evidence = entry.get("evidence")
         return Choice(
-            chosen, f"measured correct and fastest for {key}: {chosen}" + (f" ({evidence})" if evidence else "")
+            chosen,
+            f"measured correct and fastest for {key}: {chosen}"
+            + (f" ({evidence})" if evidence else "")
+            + _gemm_detail(chosen, family, device, sizes[0]),
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     why = reason(backend)
     if why is not None:
         raise ValueError(f"backend={backend!r} cannot run these inputs: {why}")
-    return Choice(backend, _REQUESTED[backend])
+    return Choice(backend, _REQUESTED[backend] + _gemm_detail(backend, family, device, sizes[0]))
+
+
+def _gemm_detail(backend: str, family: str, device: torch.device, dtype: torch.dtype) -> str:
+    """For the cuda backend's GEMM ops: which GEMMs run (CUTLASS sm_90a or mma.sync) and why."""
+    if backend != "cuda" or family != "linear":
+        return ""
+    from vit_kernels.cuda.linear import gemm_path
+
+    return f"; {gemm_path(device, dtype)}"
 
 
 def empty_batch(choice: Choice) -> Choice:

@@ -10,11 +10,24 @@ needs unit column stride, a row stride that is a multiple of 8 elements and a 16
 (`_rows`); dq, dk, dv need shared strides with unit stride along D (`_heads`). An input that breaks them
 (a transposed or oddly offset view) is copied once to a contiguous tensor; the kernels would reject it.
 
+Two GEMM paths (`gemm_path` says which runs, and `vk.explain_backend` quotes it):
+- Hopper (compute capability 9.0, fp16/bf16, a build with CUTLASS's headers): csrc/gemm_sm90_impl.cuh, CUTLASS 3
+  collectives (TMA, warp-specialised wgmma, persistent cooperative 128 x 256 x 64 tiles, 2 x 1 clusters) with
+  the bias, bias + GELU (+ the pre-activation as aux) and d-GELU epilogues; weight gradients on the stream-K
+  scheduler with its deterministic reduction. Operands are plain row-major matrices read by TMA, so fused_qkv's
+  head split is not an epilogue here: the product goes to a (B*N, 3C) scratch and a 16-byte-per-thread pass
+  splits it (TMA stores need one strided 2-D box per tile; the (which, head, d) scatter is not one), and the
+  backward reads dq, dk, dv as one (B*N, 3C) matrix, in place when they are views of one packed tensor, else
+  packed by one copy each.
+- everywhere else (sm_80, fp32, or no CUTLASS at build time): csrc/gemm.cu's mma.sync / SIMT kernels above.
+
 Precision: fp16/bf16 on tensor cores with fp32 accumulation, outputs rounded once. fp32 runs a SIMT
 kernel in full fp32, so `allow_tf32` is accepted for the contract and ignored.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -65,8 +78,52 @@ def _heads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    # Biases are read element by element: only unit stride matters.
-    return None if t is None else t.contiguous()
+    # Biases are read element by element (mma.sync path) or by 16-byte row broadcasts (Hopper): unit stride and a
+    # 16-byte aligned start.
+    if t is None:
+        return None
+    return t if t.is_contiguous() and _aligned(t) else t.clone()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=1)
+def _sm90_build() -> tuple[bool, str]:
+    info = extension().build_info()
+    return bool(info.get("sm90_gemm_built")), str(info.get("sm90_gemm", "not built: an older _C"))
+
+
+def gemm_path(device: torch.device, dtype: torch.dtype) -> str:
+    """Which GEMMs the cuda backend runs for these tensors, and why (see the module doc)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "mma.sync GEMMs (csrc/gemm.cu): fp32 runs the SIMT kernel"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if (major, minor) != (9, 0):
+        return f"mma.sync GEMMs (csrc/gemm.cu): the sm_90a GEMMs need compute capability 9.0, not {major}.{minor}"
+    built, what = _sm90_build()
+    if not built:
+        return f"mma.sync GEMMs (csrc/gemm.cu): the sm_90a GEMMs are {what}"
+    return f"sm_90a GEMMs on {what}: TMA + warp-specialised wgmma (csrc/gemm_sm90_impl.cuh)"
+
+
+def _sm90(t: torch.Tensor) -> bool:
+    return gemm_path(t.device, t.dtype).startswith("sm_90a")
+
+
+def _packed_qkv(dq, dk, dv) -> tuple[torch.Tensor, int] | None:
+    """dq, dk, dv (B, H, N, D) as one (B*N, 3C) matrix with row stride ld, if they are views of one packed
+    (B, N, 3, H, D)-like tensor (rows 16-byte aligned); else None."""
+    B, H, N, D = dq.shape
+    C, elt, ld = H * D, dq.element_size(), dq.stride(2)
+    if any(t.stride() != (N * ld, D, ld, 1) for t in (dq, dk, dv)) or ld < 3 * C or ld % 8 or not _aligned(dq):
+        return None
+    if dk.data_ptr() != dq.data_ptr() + C * elt or dv.data_ptr() != dq.data_ptr() + 2 * C * elt:
+        return None
+    return dq.as_strided((B * N, 3 * C), (ld, 1)), ld
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,6 +144,14 @@ def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nu
     w = _rows(weight)
     b = _vector(bias)
     q, k, v = (_empty((B, num_heads, N, C // num_heads), x) for _ in range(3))
+    if _sm90(x):
+        qkv = _empty((B * N, 3 * C), x)  # the product, split into q, k, v by a second pass (module doc)
+        with torch.cuda.device(x.device):
+            extension().qkv_fwd_sm90(
+                ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(qkv), ptr(q), ptr(k), ptr(v),
+                B, N, C, num_heads, dtype_code(x), stream_of(x),
+            )  # fmt: skip
+        return q, k, v
     with torch.cuda.device(x.device):
         extension().qkv_fwd(
             ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(q), ptr(k), ptr(v),
@@ -111,13 +176,27 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
         "x", x, x=(x, (B, N, C)), weight=(weight, (3 * C, C)), dq=(dq, (B, H, N, D)), dk=(dk, (B, H, N, D)),
         dv=(dv, (B, H, N, D)),
     )  # fmt: skip
-    dq, dk, dv = _heads(dq, dk, dv)
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
     dx = _empty((B, N, C), x)
     dweight = _empty((3 * C, C), weight)
     dbias = _empty((3 * C,), x) if has_bias else None
     scratch, scratch_floats = _colsum_scratch(3 * C, x) if has_bias else (None, 0)
+    if _sm90(x):
+        packed = _packed_qkv(dq, dk, dv)
+        if packed is None:  # one copy into the (B, N, 3, H, D) layout the GEMMs read as (B*N, 3C)
+            dqkv = _empty((B, N, 3, H, D), x)
+            for i, g in enumerate((dq, dk, dv)):
+                dqkv[:, :, i].copy_(g.transpose(1, 2))
+            packed = dqkv.view(B * N, 3 * C), 3 * C
+        dqkv, ld = packed
+        with torch.cuda.device(x.device):
+            extension().qkv_bwd_sm90(
+                ptr(dqkv), ld, ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(dx), ptr(dweight), ptr(dbias),
+                ptr(scratch), scratch_floats, B * N, C, dtype_code(x), stream_of(x),
+            )  # fmt: skip
+        return dx, dweight, dbias
+    dq, dk, dv = _heads(dq, dk, dv)
     s_b, s_h, s_t, _ = dq.stride()
     with torch.cuda.device(x.device):
         extension().qkv_bwd(
@@ -151,8 +230,9 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
     hidden = _empty((M, Hd), x)
     act = _empty((M, Hd), x)
     y = _empty((M, C_out), x)
+    launch = extension().mlp_fwd_sm90 if _sm90(x) else extension().mlp_fwd
     with torch.cuda.device(x.device):
-        extension().mlp_fwd(
+        launch(
             ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(b1), ptr(w2), w2.stride(0), ptr(b2),
             ptr(hidden), ptr(act), ptr(y), M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
         )  # fmt: skip
@@ -188,8 +268,9 @@ def mlp_bwd(
     # One scratch for both bias sums: they run one after the other on the stream.
     cols = max(Hd if has_fc1_bias else 0, C_out if has_fc2_bias else 0)
     scratch, scratch_floats = _colsum_scratch(cols, x) if cols else (None, 0)
+    launch = extension().mlp_bwd_sm90 if _sm90(x) else extension().mlp_bwd
     with torch.cuda.device(x.device):
-        extension().mlp_bwd(
+        launch(
             ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(w2), w2.stride(0),
             ptr(h), h.stride(0), ptr(dhidden), ptr(act), ptr(dx), ptr(dw1), ptr(db1), ptr(dw2), ptr(db2),
             ptr(scratch), scratch_floats, M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),

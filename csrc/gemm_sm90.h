@@ -1,0 +1,61 @@
+// Hopper (sm_90a) GEMMs on CUTLASS 3 collectives: the entry points gemm.cu's sm90 op launchers call.
+// Declarations only, so gemm.cu (built for sm_80 and sm_90a) needs no CUTLASS header; the definitions are in
+// gemm_sm90_impl.cuh, instantiated per (family, dtype) in gemm_sm90_*.cu, built for sm_90a alone and only when
+// CMake found the CUTLASS headers (VK_HAVE_SM90_GEMM).
+//
+// Every matrix is row-major with unit column stride; `ld*` are row strides in elements. All of them need 16-byte
+// aligned pointers and row strides that are multiples of 8 elements (TMA), K % 8 == 0, N % 8 == 0; the op
+// launchers in gemm.cu check this before the first launch. fp32 accumulation, one rounding at the store.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace vk {
+namespace sm90 {
+
+using index_t = int64_t;
+
+// d (M, N) = a (M, K) @ w (N, K)^T + bias (N,) or none.
+template <class T>
+void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
+                 int K, cudaStream_t stream);
+
+// h (M, N) = a @ w^T + bias (N,) or none, rounded to T; act (M, N) = gelu(h in fp32) (erf, or tanh if tanh_form).
+template <class T>
+void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
+                      index_t ld_act, int M, int N, int K, bool tanh_form, cudaStream_t stream);
+
+// dh (M, N) = (dy (M, K) @ w (K, N)) * gelu'(h (M, N)): w row-major (K, N), i.e. fc2's weight (C_out, Hd).
+template <class T>
+void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
+           int N, int K, bool tanh_form, cudaStream_t stream);
+
+// d (M, N) = a (M, K) @ b (K, N), both row-major: the input gradient dX = dY @ W.
+template <class T>
+void matmul_nn(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+               cudaStream_t stream);
+
+// d (M, N) = a^T @ b with a (K, M) and b (K, N) row-major: the weight gradient dW = dY^T @ X over K = tokens.
+// Stream-K / split-K over K so that a few output tiles still fill every SM, with CUTLASS's deterministic
+// reduction (fp32 partials in a workspace, added in a fixed order; no atomics). The workspace is stream-ordered
+// (cudaMallocAsync on `stream`, freed after the launch).
+template <class T>
+void matmul_tn_wgrad(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+                     cudaStream_t stream);
+
+// What each instantiated kernel is, from its CUTLASS types (for benchmarks/kernel_report.py: cuobjdump sees only the
+// static shared memory, and these kernels take theirs dynamically).
+struct KernelFacts {
+  std::string product, dtype, tile, cluster, scheduler;
+  int stages, smem_bytes, threads;
+};
+
+template <class T>
+void describe(std::vector<KernelFacts>& out);
+
+}  // namespace sm90
+}  // namespace vk
