@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "gemm_sm90.h"
@@ -71,8 +72,23 @@ pybind11::list sm90_gemm_kernels() {
   return out;
 }
 
+// CUTLASS's can_implement for one sm_90a product, without a GPU: "" if accepted, else its reason.
+std::string sm90_can_implement(const std::string& product, int dtype, int M, int N, int K) {
+#if defined(VK_HAVE_SM90_GEMM)
+  return dtype == 1 ? sm90::can_implement<__half>(product, M, N, K)
+                    : sm90::can_implement<__nv_bfloat16>(product, M, N, K);
+#else
+  (void)product, (void)dtype, (void)M, (void)N, (void)K;
+  return "this build has no sm_90a GEMMs";
+#endif
+}
+
 void bind_gemm(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def("sm90_can_implement", &sm90_can_implement,
+        "CUTLASS's can_implement of an sm_90a product (see gemm_sm90.h) at M, N, K with packed operands, on the "
+        "host: '' if accepted, else why",
+        py::arg("product"), py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"));
   m.def("sm90_gemm_kernels", &sm90_gemm_kernels,
         "the sm_90a GEMM instantiations: product, dtype, tile, cluster, scheduler, stages, smem_bytes, threads");
   m.def("qkv_fwd", &gemm_qkv_fwd,

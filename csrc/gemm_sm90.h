@@ -57,5 +57,10 @@ struct KernelFacts {
 template <class T>
 void describe(std::vector<KernelFacts>& out);
 
+// CUTLASS's can_implement of one product ("linear_bias", "linear_bias_gelu", "dgelu", "matmul_nn",
+// "matmul_tn_wgrad") at (M, N, K) with packed operands: "" if accepted, else why. No CUDA call.
+template <class T>
+std::string can_implement(const std::string& product, int M, int N, int K);
+
 }  // namespace sm90
 }  // namespace vk

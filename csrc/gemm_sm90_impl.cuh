@@ -161,14 +161,20 @@ inline cutlass::KernelHardwareInfo hardware_info() {
   return info;
 }
 
-inline std::string status_text(cutlass::Status s) { return cutlassGetStatusString(s); }
+// CUTLASS's sm90 kernels answer kInvalid ("Invalid status") when a collective's can_implement is false: say what that
+// means.
+inline std::string status_text(cutlass::Status s) {
+  if (s == cutlass::Status::kInvalid) return "not implementable: an operand's alignment, stride or extent";
+  return cutlassGetStatusString(s);
+}
 
 // can_implement, workspace, initialize, run: each failure raises with the kernel's name and CUTLASS's reason.
 template <class Gemm>
 void run(const typename Gemm::Arguments& args, cudaStream_t stream, const char* name) {
   Gemm gemm;
   const cutlass::Status ok = gemm.can_implement(args);
-  require(ok == cutlass::Status::kSuccess, std::string(name) + ": CUTLASS refuses the problem (" + status_text(ok) + ")");
+  require(ok == cutlass::Status::kSuccess,
+          std::string(name) + ": CUTLASS refuses the problem (" + status_text(ok) + ")");
   const size_t bytes = Gemm::get_workspace_size(args);
   void* workspace = nullptr;
   if (bytes > 0) check_cuda(cudaMallocAsync(&workspace, bytes, stream), name);
@@ -203,9 +209,10 @@ using LinearBias = GemmOf<T, RowMajor, ColumnMajor,
                           fusion::LinCombPerColBias<typename CutlassType<T>::type, float, typename CutlassType<T>::type,
                                                     typename CutlassType<T>::type, float>>;
 
+// The CUTLASS arguments of linear_bias (hw: the SM count its grid is sized for); linear_bias launches them.
 template <class T>
-void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
-                 int K, cudaStream_t stream) {
+auto linear_bias_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
+                      int K, cutlass::KernelHardwareInfo hw) {
   using G = LinearBias<T>;
   typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                    {M, N, K, 1},
@@ -213,9 +220,16 @@ void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias
                                     strided<typename G::StrideB>(ldw)},
                                    {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
                                     strided<typename G::StrideD>(ldd)},
-                                   hardware_info()};
+                                   hw};
   args.epilogue.thread.bias_ptr = cptr(bias);
-  run<typename G::Gemm>(args, stream, "sm90 linear_bias");
+  return args;
+}
+
+template <class T>
+void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
+                 int K, cudaStream_t stream) {
+  const auto args = linear_bias_args<T>(a, lda, w, ldw, bias, d, ldd, M, N, K, hardware_info());
+  run<typename LinearBias<T>::Gemm>(args, stream, "sm90 linear_bias");
 }
 
 template <class T>
@@ -225,9 +239,10 @@ using LinearBiasGelu =
                                               typename CutlassType<T>::type, typename CutlassType<T>::type,
                                               typename CutlassType<T>::type, float>>;
 
+// The CUTLASS arguments of linear_bias_gelu (hw: the SM count its grid is sized for); linear_bias_gelu launches them.
 template <class T>
-void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
-                      index_t ld_act, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
+auto linear_bias_gelu_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
+                           index_t ld_act, int M, int N, int K, bool tanh_form, cutlass::KernelHardwareInfo hw) {
   using G = LinearBiasGelu<T>;
   typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                    {M, N, K, 1},
@@ -235,12 +250,20 @@ void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T*
                                     strided<typename G::StrideB>(ldw)},
                                    {{}, nullptr, strided<typename G::StrideD>(ld_act), mptr(act),
                                     strided<typename G::StrideD>(ld_act)},
-                                   hardware_info()};
+                                   hw};
   args.epilogue.thread.bias_ptr = cptr(bias);
   args.epilogue.thread.aux_ptr = mptr(h);
   args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
   args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
-  run<typename G::Gemm>(args, stream, "sm90 linear_bias_gelu");
+  return args;
+}
+
+template <class T>
+void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
+                      index_t ld_act, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
+  const auto args =
+      linear_bias_gelu_args<T>(a, lda, w, ldw, bias, h, ldh, act, ld_act, M, N, K, tanh_form, hardware_info());
+  run<typename LinearBiasGelu<T>::Gemm>(args, stream, "sm90 linear_bias_gelu");
 }
 
 template <class T>
@@ -248,9 +271,10 @@ using DGelu = GemmOf<T, RowMajor, RowMajor,
                      fusion::LinCombDeEltAct<RowMajor, GeluGrad, typename CutlassType<T>::type, float,
                                              typename CutlassType<T>::type, typename CutlassType<T>::type, float>>;
 
+// The CUTLASS arguments of dgelu (hw: the SM count its grid is sized for); dgelu launches them.
 template <class T>
-void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
-           int N, int K, bool tanh_form, cudaStream_t stream) {
+auto dgelu_args(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
+                int N, int K, bool tanh_form, cutlass::KernelHardwareInfo hw) {
   using G = DGelu<T>;
   typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                    {M, N, K, 1},
@@ -258,20 +282,28 @@ void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_
                                     strided<typename G::StrideB>(ldw)},
                                    {{}, nullptr, strided<typename G::StrideD>(lddh), mptr(dh),
                                     strided<typename G::StrideD>(lddh)},
-                                   hardware_info()};
+                                   hw};
   args.epilogue.thread.aux_ptr = cptr(h);
   args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
   args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
-  run<typename G::Gemm>(args, stream, "sm90 dgelu");
+  return args;
+}
+
+template <class T>
+void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
+           int N, int K, bool tanh_form, cudaStream_t stream) {
+  const auto args = dgelu_args<T>(dy, ldy, w, ldw, h, ldh, dh, lddh, M, N, K, tanh_form, hardware_info());
+  run<typename DGelu<T>::Gemm>(args, stream, "sm90 dgelu");
 }
 
 template <class T>
 using MatmulNN =
     GemmOf<T, RowMajor, RowMajor, fusion::LinearCombination<typename CutlassType<T>::type, float, void, float>>;
 
+// The CUTLASS arguments of matmul_nn (hw: the SM count its grid is sized for); matmul_nn launches them.
 template <class T>
-void matmul_nn(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
-               cudaStream_t stream) {
+auto matmul_nn_args(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+                    cutlass::KernelHardwareInfo hw) {
   using G = MatmulNN<T>;
   typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                    {M, N, K, 1},
@@ -279,8 +311,15 @@ void matmul_nn(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t l
                                     strided<typename G::StrideB>(ldb)},
                                    {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
                                     strided<typename G::StrideD>(ldd)},
-                                   hardware_info()};
-  run<typename G::Gemm>(args, stream, "sm90 matmul_nn");
+                                   hw};
+  return args;
+}
+
+template <class T>
+void matmul_nn(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+               cudaStream_t stream) {
+  const auto args = matmul_nn_args<T>(a, lda, b, ldb, d, ldd, M, N, K, hardware_info());
+  run<typename MatmulNN<T>::Gemm>(args, stream, "sm90 matmul_nn");
 }
 
 template <class T>
@@ -288,9 +327,10 @@ using MatmulWgrad =
     GemmOf<T, ColumnMajor, RowMajor, fusion::LinearCombination<typename CutlassType<T>::type, float, void, float>,
            cutlass::gemm::StreamKScheduler>;
 
+// The CUTLASS arguments of matmul_tn_wgrad (hw: the SM count its grid is sized for); matmul_tn_wgrad launches them.
 template <class T>
-void matmul_tn_wgrad(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
-                     cudaStream_t stream) {
+auto matmul_tn_wgrad_args(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+                          cutlass::KernelHardwareInfo hw) {
   using G = MatmulWgrad<T>;
   typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                    {M, N, K, 1},
@@ -298,10 +338,41 @@ void matmul_tn_wgrad(const T* a, index_t lda, const T* b, index_t ldb, T* d, ind
                                     strided<typename G::StrideB>(ldb)},
                                    {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
                                     strided<typename G::StrideD>(ldd)},
-                                   hardware_info()};
+                                   hw};
   // Deterministic: each tile's K-slices are reduced in a fixed order through the fp32 workspace.
   args.scheduler.reduction_mode = G::Kernel::TileScheduler::ReductionMode::Deterministic;
-  run<typename G::Gemm>(args, stream, "sm90 matmul_tn_wgrad");
+  return args;
+}
+
+template <class T>
+void matmul_tn_wgrad(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
+                     cudaStream_t stream) {
+  const auto args = matmul_tn_wgrad_args<T>(a, lda, b, ldb, d, ldd, M, N, K, hardware_info());
+  run<typename MatmulWgrad<T>::Gemm>(args, stream, "sm90 matmul_tn_wgrad");
+}
+
+// CUTLASS's own can_implement for `product` at (M, N, K) with packed row strides and aligned stand-in pointers,
+// on 132 SMs: "" if it accepts, else its reason. Host logic only (no CUDA call), so a CPU test can ask it.
+template <class T>
+std::string can_implement(const std::string& product, int M, int N, int K) {
+  const cutlass::KernelHardwareInfo hw{0, 132};
+  T* p = reinterpret_cast<T*>(uintptr_t{1} << 20);  // never dereferenced: can_implement reads shapes and strides
+  cutlass::Status st = cutlass::Status::kErrorInvalidProblem;
+  if (product == "linear_bias") {
+    st = LinearBias<T>::Gemm::can_implement(linear_bias_args<T>(p, K, p, K, p, p, N, M, N, K, hw));
+  } else if (product == "linear_bias_gelu") {
+    const auto args = linear_bias_gelu_args<T>(p, K, p, K, p, p, N, p, N, M, N, K, false, hw);
+    st = LinearBiasGelu<T>::Gemm::can_implement(args);
+  } else if (product == "dgelu") {
+    st = DGelu<T>::Gemm::can_implement(dgelu_args<T>(p, K, p, N, p, N, p, N, M, N, K, false, hw));
+  } else if (product == "matmul_nn") {
+    st = MatmulNN<T>::Gemm::can_implement(matmul_nn_args<T>(p, K, p, N, p, N, M, N, K, hw));
+  } else if (product == "matmul_tn_wgrad") {
+    st = MatmulWgrad<T>::Gemm::can_implement(matmul_tn_wgrad_args<T>(p, M, p, N, p, N, M, N, K, hw));
+  } else {
+    return "unknown product " + product;
+  }
+  return st == cutlass::Status::kSuccess ? std::string() : status_text(st);
 }
 
 template <class G>
@@ -337,4 +408,5 @@ void describe(std::vector<KernelFacts>& out) {
                                        cudaStream_t);                                                               \
   template void vk::sm90::matmul_tn_wgrad<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,      \
                                              cudaStream_t);                                                         \
-  template void vk::sm90::describe<T>(std::vector<vk::sm90::KernelFacts>&);
+  template void vk::sm90::describe<T>(std::vector<vk::sm90::KernelFacts>&);                                      \
+  template std::string vk::sm90::can_implement<T>(const std::string&, int, int, int);

@@ -147,3 +147,24 @@ def test_sm90_gemm_configs_fit_one_cta_per_sm():
         assert k["threads"] == 384 and k["stages"] >= 3 and k["smem_bytes"] <= 227 * 1024, k
         assert (k["tile"], k["cluster"]) == ("128x256x64", "2x1"), k
     assert all(k["scheduler"].startswith("stream-K") == (k["product"] == "matmul_tn_wgrad") for k in kernels)
+
+
+def _sm90_products(M: int, C: int, Hd: int) -> list[tuple[str, int, int, int]]:
+    """(product, M, N, K) of every sm_90a GEMM that gelu_mlp and fused_qkv run for M tokens (csrc/gemm.cu)."""
+    return [
+        ("linear_bias", M, 3 * C, C), ("linear_bias_gelu", M, Hd, C), ("linear_bias", M, C, Hd),
+        ("dgelu", M, Hd, C), ("matmul_nn", M, C, Hd), ("matmul_nn", M, C, 3 * C),
+        ("matmul_tn_wgrad", Hd, C, M), ("matmul_tn_wgrad", C, Hd, M), ("matmul_tn_wgrad", 3 * C, C, M),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [1, 2])  # fp16, bf16 (DType codes)
+@pytest.mark.parametrize("M, C, Hd", [(256 * 197, 768, 3072), (296, 72, 288), (1, 8, 16), (296, 768, 3072)])
+def test_sm90_gemms_accept_every_product_they_are_given(dtype, M, C, Hd):
+    """CUTLASS's own can_implement (host logic, no GPU) accepts every product at ViT-B/16 batch 256 and at the GPU
+    tests' shapes: the operand layouts and alignments the launchers pass are ones its TMA collectives take."""
+    _C = _sm90_extension()
+    refused = {p: why for p in _sm90_products(M, C, Hd) if (why := _C.sm90_can_implement(*p[:1], dtype, *p[1:]))}
+    assert not refused, refused
+    # The check reads the shapes: an M-major A of one row (not 16-byte aligned along M) is refused.
+    assert _C.sm90_can_implement("matmul_tn_wgrad", dtype, 1, 8, 16).startswith("not implementable: an operand's")
