@@ -70,9 +70,10 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
-# 43 s for 8 shapes, now 10; gemm_ab: never run, a guess: ~40 timed rows and ~12 Triton compiles). They sum
-# to ~930 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
-declare -A NOMINAL=([build]=35 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
+# 43 s for 8 shapes, now 10; gemm_ab: never run, a guess: ~40 timed rows and ~12 Triton compiles; build: 19-26 s
+# before the CUTLASS sm_90a units, each ~75 s of nvcc alone, so a guess). They sum to ~1,000 s, more than one
+# 10-minute call: a lease runs them in two calls with --only (README).
+declare -A NOMINAL=([build]=110 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
   [vit_tables]=90 [block_tables]=15 [profile]=60 [gemm_ab]=90 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
   [tune]=60 [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
@@ -311,6 +312,11 @@ if [ $arch_only = 1 ] && [ $has_gpu = 1 ]; then
   arch=$cap
   [ "${cap:0:1}" = 9 ] && [ ${#cap} = 2 ] && arch="${cap}a"  # wgmma needs sm_90a
   arch_args=("CMAKE_ARGS=${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$arch")
+fi
+# The cuda backend's sm_90a GEMMs need CUTLASS's headers, which an offline GPU machine cannot download: a folder
+# carried in beside the checkout (README, Build) is used unless VIT_KERNELS_CUTLASS_DIR names another.
+if [ -z "${VIT_KERNELS_CUTLASS_DIR:-}" ] && [ -f cutlass-4.2/include/cutlass/cutlass.h ]; then
+  export VIT_KERNELS_CUTLASS_DIR="$PWD/cutlass-4.2"
 fi
 if [ $no_build = 1 ]; then
   finish_stage build "skipped: $(wanted build && echo "--no-build" || echo "not in --only")"
