@@ -359,6 +359,7 @@ arch = sm_90a
         /*0010*/                   HMMA.16816.F32.BF16 R56, R4, R8, R56 ;
         /*0020*/              @!P0 STL [R1+0x4], R2 ;
         /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0040*/                   UTMALDG.2D [UR8], [UR4] ;
 		Function : _Z6colsumIfEvPT_
         /*0010*/                   FADD R1, R2, R3 ;
 """
@@ -369,8 +370,11 @@ def test_cuobjdump_parsers_and_spill_gate():
     assert usage[("sm_80", "_Z4gemmI13__nv_bfloat16EvPT_")]["REG"] == 128
     assert usage[("sm_80", "_Z6colsumIfEvPT_")]["SHARED"] == 2176
     sass = kernel_report.parse_sass(SASS_SNIPPET)
-    assert sass[("sm_90a", "_Z4gemmI13__nv_bfloat16EvPT_")] == {"hmma": 1, "hgmma": 1, "local_ld_st": 1}
-    assert sass[("sm_90a", "_Z6colsumIfEvPT_")] == {"hmma": 0, "hgmma": 0, "local_ld_st": 0}
+    tma = {"utmaldg": 0, "utmastg": 0}
+    assert sass[("sm_90a", "_Z4gemmI13__nv_bfloat16EvPT_")] == {
+        "hmma": 1, "hgmma": 1, "local_ld_st": 1, **tma, "utmaldg": 1
+    }  # fmt: skip
+    assert sass[("sm_90a", "_Z6colsumIfEvPT_")] == {"hmma": 0, "hgmma": 0, "local_ld_st": 0, **tma}
     hot = {
         "source": "cuda",
         "kernel": "gemm_tc_kernel<bf16>",
