@@ -24,10 +24,12 @@ by the `check_*_args` below on the raw ops), never empty; `allow_tf32` only matt
         i.e. `torch.empty(B, N, H, D).transpose(1, 2)`; lse (B, H, N) float32, natural-log
         log-sum-exp of the scaled logits of each row (what backward needs to recompute P).
     attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32) -> (dq, dk, dv)
-        dout any strides; dq, dk, dv contiguous (B, H, N, D).
+        dout any strides; dq, dk, dv contiguous (B, H, N, D). A module with PACKED_GRADS also takes packed=True
+        (`attention_bwd_packed`): dq, dk, dv are then the slices of one (B, N, 3, H, D) buffer.
     qkv_fwd(x, weight, bias, num_heads, allow_tf32) -> (q, k, v)
         x (B, N, C) any strides; weight (3C, C);
-        bias (3C,) or None; q, k, v contiguous (B, H, N, C // H).
+        bias (3C,) or None; q, k, v contiguous (B, H, N, C // H). A module with PACKED_QKV also takes packed=True
+        (the eager path): q, k, v are then the slices of one (B, N, 3, H, D) buffer.
     qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32) -> (dx, dweight, dbias or None)
         dq, dk, dv (B, H, N, D) any strides; dx contiguous (B, N, C); dweight (3C, C); dbias (3C,).
     mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32) -> (y, hidden)
