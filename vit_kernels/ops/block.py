@@ -105,7 +105,7 @@ def _block_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -355,10 +355,10 @@ def _gemm_args(
     return args, kwargs, (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
 
 
-def _tma_path(x: torch.Tensor, allow_tf32: bool, *weights: torch.Tensor) -> bool:
-    """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS): LayerNorm then runs as a row kernel writing
-    LN(x), and the residual is read in the GEMM's epilogue."""
-    return linear._tma_path(linear._arch(x.device), x.dtype, allow_tf32, *weights)
+def _tma_path(x: torch.Tensor, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
+    """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS) with these operand views: LayerNorm then runs
+    as a row kernel writing LN(x), and the residual is read in the GEMM's epilogue."""
+    return linear._tma_path(linear._arch(x.device), x.dtype, allow_tf32, *views)
 
 
 def _launch(a, weight, c, M, N, K, allow_tf32, **extra) -> None:
@@ -431,7 +431,7 @@ def proj_residual_fwd(
     C = weight.shape[0]
     out = _alloc(B, N, C, like=o)
     o2 = linear._matrix(o)
-    if _tma_path(o, allow_tf32, weight) and o2 is not None and tma_gemm.describable(o2):
+    if _tma_path(o, allow_tf32, weight, o2):
         arch = linear._arch(o.device)
         launch = tma_gemm.residual_args(o2, weight.t(), out.view(B * N, C), _vector(bias), (residual, *_rows(residual)),
                                         allow_tf32, arch)  # fmt: skip

@@ -41,9 +41,9 @@ def split_offset(r, ROWS, stride_outer, stride_inner):
 
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row-tiles sweep the N-tiles together, so the B tiles they share stay in L2.
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # (row tile, column tile) of output tile `pid` in grouped order: GROUP_M row-tiles sweep the N-tiles together,
+    # so the B tiles they share stay in L2. pid: the program id, or a persistent program's tile index.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n

@@ -112,7 +112,7 @@ def _gemm_kernel(
     # SPLIT_K: grid axis 1 cuts K into slices of K_SPLIT; each program writes its fp32 partial product into slice
     # program_id(1) of C (SPLIT_K, M, N), which the launcher adds up.
     # Only plain stores (EPILOGUE 0, no bias).
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT_K:
         k_lo = tl.program_id(1) * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, split_offset, store_head_split
+from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,14 +47,8 @@ from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, split_offset, s
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_offsets(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped order over a persistent program's tile index (linear.py's grouped_tile, minus program_id).
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_m
-    pid_n = (tile % in_group) // group_m
+    # First row and column of a persistent program's tile `tile`, in the grouped order the pointer kernels use.
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
