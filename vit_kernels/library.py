@@ -48,6 +48,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vit_kernels import dispatch
+from vit_kernels.ops import packed_qkv
 
 _KERNEL_MODULES = {
     ("triton", "attention"): "vit_kernels.ops.attention",
@@ -271,11 +272,11 @@ def attention_bwd_packed(
     them so (`PACKED_GRADS`): the q / k / v slices of it are what the QKV projection's backward reads as one dQKV
     matrix, with no gather copy. One output, since a custom op's outputs may not alias each other."""
     check_attention_bwd_args(dout, q, k, v, out, lse, scale, backend)
-    dq, _dk, _dv = _kernels(backend, "attention").attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32, packed=True)
-    B, H, N, D = q.shape
-    if dq.stride() != (N * 3 * H * D, D, 3 * H * D, 1):  # the kernel module kept them apart (a giant head)
-        return torch.stack((dq, _dk, _dv), 0).permute(1, 3, 0, 2, 4).contiguous()
-    return dq.as_strided((B, N, 3, H, D), (N * 3 * H * D, 3 * H * D, H * D, D, 1))
+    grads = _kernels(backend, "attention").attention_bwd(dout, q, k, v, out, lse, scale, allow_tf32, packed=True)
+    packed = packed_qkv(*grads)
+    if packed is None:  # the kernel module kept them apart (a head too large for int32 offsets)
+        return torch.stack(grads, 0).permute(1, 3, 0, 2, 4).contiguous()
+    return packed
 
 
 @attention_bwd_packed.register_fake

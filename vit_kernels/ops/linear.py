@@ -51,7 +51,7 @@ import triton.language as tl
 
 from vit_kernels.ops import arch as _arch
 from vit_kernels.ops import on_device as _on_device
-from vit_kernels.ops import static_check, tma_gemm
+from vit_kernels.ops import packed_qkv, static_check, tma_gemm
 from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
@@ -473,15 +473,9 @@ def _packed_dqkv(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> torch.
     else a gather copy into one (what TMA needs: the pointer kernel reads the three in place instead)."""
     B, H, N, D = dq.shape
     C = H * D
-    step = C * dq.element_size()
-    packed_strides = (N * 3 * C, D, 3 * C, 1)
-    if (
-        all(g.stride() == packed_strides for g in (dk, dv))
-        and dq.stride() == packed_strides
-        and dk.data_ptr() == dq.data_ptr() + step
-        and dv.data_ptr() == dq.data_ptr() + 2 * step
-    ):
-        return dq.as_strided((B * N, 3 * C), (3 * C, 1))
+    packed = packed_qkv(dq, dk, dv)
+    if packed is not None:
+        return packed.view(B * N, 3 * C)
     packed = _alloc(B, N, 3, H, D, like=dq)
     for i, g in enumerate((dq, dk, dv)):
         packed[:, :, i].copy_(g.transpose(1, 2))
