@@ -15,10 +15,11 @@ layout), it passed parity (rel err finite and within common.TOLERANCE) and its m
   fused_qkv  `views`  (vit_kernels.torch_backend.fused_qkv)
   gelu_mlp   `eager`  (vit_kernels.torch_backend.gelu_mlp)
   block      `eager`  (block_bench: the block on backend "torch", which is what `auto` runs without an entry); the
-             kernel is block_bench's `fused` provider (triton). A block cell (C bucket, B*N bucket) that fused wins
-             becomes three entries, one per dispatch.BLOCK_OPS, so the ViT block on `auto` fuses there
-             (vit_kernels.block.fuses_block needs all three). torch.compile is not something `auto` can pick, so
-             the `compile` rows are not a baseline.
+             kernels are block_bench's fused providers, `fused` (triton) and `fused_cuda` (cuda). A block cell
+             (C bucket, B*N bucket) that one of them wins becomes three entries for its backend, one per
+             dispatch.BLOCK_OPS, so the ViT block on `auto` fuses there (vit_kernels.block.fuses_block needs all
+             three). torch.compile is not something `auto` can pick, so the `compile` rows are not a baseline; the
+             `unfused` and `unfused_cuda` rows are not one backend of the block ops and are ignored.
 Where both kernel backends qualify, the one with the smaller total time wins. Every other cell stays out,
 so `auto` runs `torch` there. Stdout lists each cell's decision and why. CPU results and other benchmarks'
 rows are ignored (and said so).
@@ -57,8 +58,9 @@ ARCH_BY_NAME = (
 )
 # Row fields that describe one measured case (everything but the provider and its measurements).
 CASE_FIELDS = ("model", "B", "H", "N", "D", "M", "C", "hidden", "heads", "mode", "layout")
-# block_bench providers under the backend name they measure (its `unfused` is not one backend of the block ops).
-BLOCK_PROVIDERS = {"fused": "triton", "eager": "eager"}
+# block_bench providers under the backend name they measure (its `unfused` and `unfused_cuda` are not one backend of
+# the block ops: they run the unfused ops, which have their own entries).
+BLOCK_PROVIDERS = {"fused": "triton", "fused_cuda": "cuda", "eager": "eager"}
 
 
 def arch_of(env: dict, override: str | None) -> str:
@@ -85,7 +87,7 @@ def dtype_of(row: dict, env: dict) -> str:
 
 def cell_of(row: dict, arch: str, dtype: str) -> tuple[dispatch.TableKey, str] | None:
     """(table key, baseline provider family) of one benchmark row, or None for rows of other benchmarks (and
-    block_bench's `compile` and `unfused` rows)."""
+    block_bench's `compile`, `unfused` and `unfused_cuda` rows)."""
     bench, op = row.get("bench"), row.get("op")
     if bench == "attn_bench":
         return dispatch.TableKey(arch, "attention", dtype, int(row["D"]), dispatch.bucket(int(row["N"]))), "sdpa"

@@ -1,4 +1,4 @@
-"""One pre-LN ViT block, x + attn(LN(x)) then x + MLP(LN(x)), unfused and fused (issue 14).
+"""One pre-LN ViT block, x + attn(LN(x)) then x + MLP(LN(x)), unfused and fused (issue 14), on triton and cuda.
 
     python benchmarks/block_bench.py                          # ViT-B/16 at batch 256 on GPU, ViT-S/16 at 1 on CPU
     python benchmarks/block_bench.py --shapes "64,197,768,3072,12" --mode fwd
@@ -9,6 +9,11 @@ providers (same weights, vit.model.Block):
   unfused   the block's unfused path on backend "triton": vk.fused_qkv, vk.attention, vk.gelu_mlp, torch LN and adds
   fused     the block's fused path on backend "triton": vk.ln_fused_qkv, vk.attention, vk.proj_residual,
             vk.ln_gelu_mlp (LayerNorm in the GEMM prologues, residual adds in the epilogues)
+  unfused_cuda  as unfused, on backend "cuda" (the same three ops on csrc's kernels)
+  fused_cuda    the block's fused path on backend "cuda" (vit_kernels/cuda/block.py): the same four ops; LayerNorm on
+                the Triton row kernels (LN(x) written once, read by csrc's GEMM), residual adds in the GEMM epilogues
+The fused providers are skipped where vit_kernels.block.fuses_block says the block would not fuse.
+auto_table.py reads `fused` and `fused_cuda` (against `eager`) into `auto`'s block entries.
 
 FLOPs: 2MC(3C) + 4BN^2C + 2MC^2 + 4MC*hidden forward; backward 2x the GEMMs and 2.5x attention.
 `pred fwd GB` is the activation + weight traffic each variant must move in forward if every kernel reads its
@@ -19,9 +24,17 @@ inputs and writes its outputs once (M = B * N tokens, e = bytes per element), co
             not read from its generated code)
   unfused   as eager, but gelu_mlp's fc1 writes hidden and GELU(hidden), fc2 reads the latter: 22MC + 3MHd
   fused     stats MC, ln_qkv 4MC, attention 4MC, proj_residual 3MC, stats MC, fc1 MC + MHd, fc2 MHd + 2MC
-            = 16MC + 2MHd (timed under no_grad, fc1 writes GELU(hidden) only; with autograd it also writes hidden)
-  plus the weights (4C^2 + 2C*Hd) e for all. ViT-B/16, batch 256, bf16: eager 2.96 GB, fused 1.87 GB. The GPU
-  run shows how much of that saving turns into time. No fwd_bwd byte model is given (column left empty).
+            = 16MC + 2MHd (timed under no_grad, fc1 writes GELU(hidden) only; with autograd it also writes hidden).
+            That is the pointer path (LayerNorm in the GEMM prologue). On Hopper's TMA path a row kernel writes LN(x)
+            and the GEMM reads it (LN rows 2MC where stats is MC): 18MC + 2MHd; the column keeps 16MC + 2MHd
+  unfused_cuda  as unfused (the cuda gelu_mlp's fc1 also writes hidden and GELU(hidden)): 22MC + 3MHd
+  fused_cuda    LN rows 2MC (reads x, writes LN(x)), qkv 4MC, attention 4MC, proj_residual 3MC, LN rows 2MC,
+            fc1 MC + 2MHd (the CUDA epilogue writes hidden and GELU(hidden) even under no_grad), fc2 MHd + 2MC
+            = 18MC + 3MHd: triton's Hopper path plus the hidden write. On sm_90 the CUTLASS qkv GEMM (both cuda
+            providers) writes an (M, 3C) scratch that a second pass splits into q, k, v: +6MC there, not in the column
+  plus the weights (4C^2 + 2C*Hd) e for all. ViT-B/16, batch 256, bf16: eager 2.96 GB, fused 1.87 GB, fused_cuda
+  2.34 GB. The GPU run shows how much of that saving turns into time. No fwd_bwd byte model is given (column left
+  empty).
 Every provider is checked first against the float64 (CPU) / float32 (GPU) reference block written out on
 vit_kernels.reference: outputs, and for fwd_bwd the gradients of x and of every parameter.
 """
@@ -42,9 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from vit.model import Block, ViTConfig  # noqa: E402
+from vit_kernels import block as vk_block  # noqa: E402
 from vit_kernels import reference  # noqa: E402
 
-PROVIDERS = ("eager", "compile", "unfused", "fused")
+PROVIDERS = ("eager", "compile", "unfused", "fused", "unfused_cuda", "fused_cuda")
+# The backend each provider's vit.model.Block runs on; FUSED run the block's fused path (Block.forward), the others
+# its unfused composition (`unfused_forward`; for eager and compile that is what Block.forward runs on "torch").
+BACKEND = {"eager": "torch", "compile": "torch", "unfused": "triton", "fused": "triton", "unfused_cuda": "cuda",
+           "fused_cuda": "cuda"}  # fmt: skip
+FUSED = ("fused", "fused_cuda")
 MODES = ("fwd", "fwd_bwd")
 
 
@@ -75,14 +94,24 @@ def predicted_fwd_bytes(provider: str, s: Shape, elem: int) -> float:
         "compile": 21 * mc + 4 * mh,
         "unfused": 22 * mc + 3 * mh,
         "fused": 16 * mc + 2 * mh,
+        "unfused_cuda": 22 * mc + 3 * mh,
+        "fused_cuda": 18 * mc + 3 * mh,
     }
     return (act[provider] + 4 * s.C * s.C + 2 * s.C * s.hidden) * elem
 
 
 def skip_reason(provider: str, device: str, args) -> str | None:
-    if provider in ("unfused", "fused"):
-        return common.kernel_skip_reason("triton", device, args.include_interpreter)
-    return None
+    """Why `provider` cannot run on `device` at all, or None. The cuda backend's fused block also needs Triton on
+    the device (its LayerNorm row kernels), as vit_kernels.block's own check says."""
+    backend = BACKEND[provider]
+    if backend == "torch":
+        return None
+    why = common.kernel_skip_reason(backend, device, args.include_interpreter)
+    if why is None and provider == "fused_cuda":
+        triton_why = common.kernel_skip_reason("triton", device, args.include_interpreter)
+        if triton_why is not None:
+            why = f"its LayerNorm runs on the Triton row kernels, and {triton_why}"
+    return why
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,11 +130,10 @@ def unfused_forward(blk: Block, x: torch.Tensor) -> torch.Tensor:
 
 def provider_fn(provider: str, s: Shape, dtype, device: str):
     """(block, fn(x)) for a provider."""
-    if provider in ("eager", "compile"):
-        blk = make_block(s, "torch", dtype, device)
-        return blk, (blk if provider == "eager" else torch.compile(blk))
-    blk = make_block(s, "triton", dtype, device)
-    return blk, (blk if provider == "fused" else lambda x: unfused_forward(blk, x))
+    blk = make_block(s, BACKEND[provider], dtype, device)
+    if provider == "compile":
+        return blk, torch.compile(blk)
+    return blk, (blk if provider in ("eager", *FUSED) else lambda x: unfused_forward(blk, x))
 
 
 def reference_block(blk: Block, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -144,6 +172,8 @@ def run_cell(report, provider: str, s: Shape, mode: str, args, dtype) -> dict | 
         n_sets = common.n_input_sets((2 if grad else 1) * s.M * s.C * elem, args.device)
         xs = [torch.randn(s.B, s.N, s.C, device=args.device, dtype=dtype).requires_grad_(grad) for _ in range(n_sets)]
         douts = [torch.randn_like(x) for x in xs] if grad else None
+        if provider in FUSED and not vk_block.fuses_block(BACKEND[provider], xs[0]):
+            raise common.Skip(f"vit.model.Block on backend {BACKEND[provider]!r} would not take its fused path here")
         err = common.first_call(lambda: check(blk, f, xs[0], douts[0] if grad else None))
 
         def step(i):

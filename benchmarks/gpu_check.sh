@@ -364,7 +364,7 @@ stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$
   --providers eager,views,reference,triton,cuda
 stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" --compile no
 stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
-  --providers eager,unfused,fused
+  --providers eager,unfused,fused,unfused_cuda,fused_cuda
 
 # 6b. Nsight Compute on one fwd + bwd of each op and backend at ViT-B/16: per launch, time, DRAM / SM throughput,
 # occupancy, waves per SM (benchmarks/profile_kernels.py; the raw CSV lands in the tarball)

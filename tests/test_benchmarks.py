@@ -161,10 +161,12 @@ def test_env_records_what_auto_table_reads():
 
 def test_block_bench_cpu(tmp_path):
     """benchmarks/block_bench.py runs on CPU: eager rows checked against the reference, predicted bytes printed,
-    the Triton providers skipped with their reason (the interpreter is far too slow to time)."""
+    the Triton providers skipped with their reason (the interpreter is far too slow to time), the cuda backend's
+    unfused and fused block with the cuda backend's own reason."""
     out = run_script(
         "block_bench.py", "--device", "cpu", "--shapes", "1,17,64,128,2", "--rep-ms", "5", "--no-progress",
-        "--threads", "1", "--providers", "eager,unfused,fused", "--out-dir", str(tmp_path), timeout=300,
+        "--threads", "1", "--providers", "eager,unfused,fused,unfused_cuda,fused_cuda", "--out-dir", str(tmp_path),
+        timeout=300,
     )  # fmt: skip
     rows = table_rows(out)
     assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "fwd"), ("eager", "fwd_bwd")]
@@ -172,7 +174,97 @@ def test_block_bench_cpu(tmp_path):
     assert float(rows[0]["pred fwd GB"]) > 0
     for provider in ("unfused", "fused"):
         assert f"- skipped {provider} (all cells): on CPU tensors Triton runs only under its interpreter" in out
+    from vit_kernels import dispatch
+
+    cuda_reason = dispatch.device_unavailable_reason("cuda", torch.device("cpu"))
+    assert cuda_reason
+    for provider in ("unfused_cuda", "fused_cuda"):
+        assert f"- skipped {provider} (all cells): {cuda_reason}" in out, out
     assert list(tmp_path.glob("block_bench-*.json"))
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    """A benchmark script imported as a module. monkeypatch restores sys.path afterwards (the scripts put
+    benchmarks/ first, which would shadow tests/conftest.py for processes spawned later in this session)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
+
+
+def test_block_bench_lists_the_cuda_block_and_its_bytes(bench_module, monkeypatch):
+    """block_bench times the cuda backend's block (fused path and unfused ops) beside triton's; the fused one also
+    needs Triton on the device for its LayerNorm row kernels, and its predicted forward traffic is 18MC + 3MHd."""
+    import argparse
+
+    block_bench = bench_module("block_bench")
+    assert {"unfused_cuda", "fused_cuda"} <= set(block_bench.PROVIDERS)
+    assert set(block_bench.FUSED) == {"fused", "fused_cuda"}
+    assert {block_bench.BACKEND[p] for p in ("unfused_cuda", "fused_cuda")} == {"cuda"}
+    # A GPU where the cuda extension runs but Triton does not.
+    reasons = {"cuda": None, "triton": "triton is not installed"}
+    monkeypatch.setattr(block_bench.common, "kernel_skip_reason", lambda backend, device, interp: reasons[backend])
+    args = argparse.Namespace(include_interpreter=False)
+    assert block_bench.skip_reason("unfused_cuda", "cuda", args) is None
+    assert block_bench.skip_reason("fused_cuda", "cuda", args) == (
+        "its LayerNorm runs on the Triton row kernels, and triton is not installed"
+    )
+    assert block_bench.skip_reason("fused", "cuda", args) == "triton is not installed"
+    assert block_bench.skip_reason("eager", "cuda", args) is None
+    s = block_bench.Shape("ViT-B/16", 256, 197, 768, 3072, 12)
+    mc, mh, weights = s.M * s.C, s.M * s.hidden, 4 * s.C**2 + 2 * s.C * s.hidden
+    assert block_bench.predicted_fwd_bytes("fused_cuda", s, 2) == (18 * mc + 3 * mh + weights) * 2
+    assert block_bench.predicted_fwd_bytes("unfused_cuda", s, 2) == block_bench.predicted_fwd_bytes("unfused", s, 2)
+
+
+def _block_rows(B, mode, times, errors=None):
+    shape = {"bench": "block_bench", "model": "ViT-B/16", "B": B, "N": 197, "C": 768, "hidden": 3072, "heads": 12}
+    errors = errors or {}
+    return [{**shape, "mode": mode, "provider": p, "ms": ms, "rel_err": errors.get(p, 1e-3)} for p, ms in times.items()]
+
+
+def test_auto_table_picks_the_fastest_correct_fused_block_backend(bench_module, tmp_path, capsys):
+    """A block cell goes to the faster of block_bench's two fused blocks (`fused`: triton, `fused_cuda`: cuda) that
+    passed parity and beat eager in every case, as three entries (one per block op) that dispatch accepts."""
+    from vit_kernels import dispatch
+
+    auto_table = bench_module("auto_table")
+    rows = [
+        # B=256 (B*N = 50432): both beat eager in both modes; fused_cuda is the faster -> cuda
+        *_block_rows(256, "fwd", {"eager": 2.0, "unfused": 1.9, "fused": 1.6, "unfused_cuda": 1.8, "fused_cuda": 1.4}),
+        *_block_rows(256, "fwd_bwd", {"eager": 6.0, "fused": 5.0, "unfused_cuda": 5.5, "fused_cuda": 4.5}),
+        # B=64 (B*N = 12608): both beat eager, triton is the faster -> triton
+        *_block_rows(64, "fwd", {"eager": 0.5, "fused": 0.35, "fused_cuda": 0.4}),
+        *_block_rows(64, "fwd_bwd", {"eager": 1.5, "fused": 1.1, "fused_cuda": 1.2}),
+        # B=16 (B*N = 3152): fused_cuda is the fastest but fails parity forward+backward -> triton
+        *_block_rows(16, "fwd", {"eager": 0.2, "fused": 0.18, "fused_cuda": 0.1}),
+        *_block_rows(16, "fwd_bwd", {"eager": 0.6, "fused": 0.5, "fused_cuda": 0.3}, {"fused_cuda": 0.5}),
+        # B=1: fused_cuda is slower than eager, fused not measured: no entry
+        *_block_rows(1, "fwd", {"eager": 0.05, "fused_cuda": 0.06}),
+    ]
+    env = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "dtype": "bf16"}
+    results = tmp_path / "gpu.json"
+    results.write_text(json.dumps({"env": env, "rows": [{"dtype": "bf16", "commit": "abc", **r} for r in rows]}))
+    out = tmp_path / "table.json"
+    assert auto_table.main([str(results), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    table = dispatch.parse_table(data, str(out))
+    expected = {"B*N<=65536": "cuda", "B*N<=16384": "triton", "B*N<=4096": "triton"}
+    assert {str(key): entry["backend"] for key, entry in table.items()} == {
+        f"sm_90 {op} bf16 C<=1024 {tokens}": backend
+        for tokens, backend in expected.items()
+        for op in dispatch.BLOCK_OPS
+    }
+    evidence = table[dispatch.TableKey("sm_90", "proj_residual", "bf16", 1024, 65536)]["evidence"]
+    assert evidence.startswith("NVIDIA H100 80GB HBM3: 2 cases, 1.33-1.43x faster than torch")
+    report = capsys.readouterr().out
+    assert "sm_90 block bf16 C<=1024 B*N<=65536: cuda for ln_fused_qkv, proj_residual, ln_gelu_mlp" in report
+    assert "sm_90 block bf16 C<=1024 B*N<=16384: triton for ln_fused_qkv, proj_residual, ln_gelu_mlp" in report
+    assert "sm_90 block bf16 C<=1024 B*N<=4096: triton for" in report
+    assert "sm_90 block bf16 C<=1024 B*N<=256: torch (no entry): triton: not measured at" in report
+    assert "cuda: slower than torch at" in report
+    assert "gpu.json: 3 rows of other benchmarks or providers ignored" in report  # unfused and unfused_cuda
 
 
 STUB_VIT = '''
