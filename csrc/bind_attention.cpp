@@ -1,5 +1,5 @@
-// pybind11 bindings of the flash-attention launchers in attention.cu: device pointers and the stream as
-// integers, (B, H, N) strides in elements as 3-tuples (unit stride along D), dtype as DType code.
+// pybind11 bindings of the flash-attention launchers in attention_fwd.cu and attention_bwd.cu: device pointers and
+// the stream as integers, (B, H, N) strides in elements as 3-tuples (unit stride along D), dtype as DType code.
 // Wrapped by vit_kernels/cuda/attention.py. Precondition failures (std::invalid_argument) arrive in Python
 // as ValueError, CUDA errors (std::runtime_error from check_cuda / check_launch) as RuntimeError.
 #include <pybind11/pybind11.h>

@@ -38,7 +38,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 }  // namespace vk
 
 // ====================================================================================================
-// Device helpers shared by attention.cu and gemm.cu: dtype conversion and the sm_80 PTX wrappers
+// Device helpers shared by attention_*.cu and gemm.cu: dtype conversion and the sm_80 PTX wrappers
 // (cp.async, ldmatrix, mma.sync m16n8k16). Device code only, so bindings.cpp can include this header.
 // ====================================================================================================
 #if defined(__CUDACC__)

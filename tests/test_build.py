@@ -49,18 +49,22 @@ def test_build_info_lists_what_runs_here():
     assert info["torch"] == torch.__version__
 
 
-@pytest.mark.skipif(not NVCC_HERE, reason="needs nvcc: compiles csrc/attention.cu to PTX")
+@pytest.mark.skipif(not NVCC_HERE, reason="needs nvcc: compiles csrc/attention_{fwd,bwd}.cu to PTX")
 @pytest.mark.parametrize("arch", ["80", "90a"])
 def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
-    """No exp2 argument in csrc/attention.cu is, or may be contracted into, an FMA (static_check.exp2_args_with_fma):
-    the backward must round each logit as the forward does. The H100 measured fp32 dq at 4.4e-4 instead of ~1e-5
-    at logits ~ -144 while S * scale - lse could fuse."""
-    source = Path(__file__).resolve().parent.parent / "csrc" / "attention.cu"
-    ptx = tmp_path / "attention.ptx"
+    """No exp2 argument in csrc/attention_fwd.cu or attention_bwd.cu is, or may be contracted into, an FMA
+    (static_check.exp2_args_with_fma): the backward must round each logit as the forward does. The H100 measured fp32
+    dq at 4.4e-4 instead of ~1e-5 at logits ~ -144 while S * scale - lse could fuse."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
     gencode = f"-gencode=arch=compute_{arch},code=compute_{arch}"
-    cmd = [NVCC, "-O3", "--expt-relaxed-constexpr", gencode, "-ptx", str(source), "-o", str(ptx)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    kernels = re.findall(r"(\.entry (\w+)\(.*?\n\}\n)", ptx.read_text(), re.S)  # (body, name) per kernel
+    kernels = []  # (body, name) per kernel
+    for unit in ("attention_fwd", "attention_bwd"):
+        ptx = tmp_path / f"{unit}.ptx"
+        cmd = [NVCC, "-O3", "--expt-relaxed-constexpr", gencode, "-ptx", str(csrc / f"{unit}.cu"), "-o", str(ptx)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        found = re.findall(r"(\.entry (\w+)\(.*?\n\}\n)", ptx.read_text(), re.S)
+        assert found, f"no kernel in the PTX of csrc/{unit}.cu"
+        kernels += found
     assert len(kernels) > 20, "expected every attention kernel instantiation in the PTX"
     fused = {name: n for body, name in kernels if (n := exp2_args_with_fma(body))}
     assert not fused, f"exp2 arguments an FMA computes or may compute: {fused}"

@@ -1,4 +1,4 @@
-"""CUDA C++ flash attention (csrc/attention.cu via vit_kernels/cuda/attention.py): forward, lse and every gradient.
+"""CUDA C++ flash attention (csrc/attention_*.cu via vit_kernels/cuda/attention.py): forward, lse, every gradient.
 
 GPU tests go through the public op (`vk.attention(..., backend="cuda")` and `.backward()`) and compare with the
 float64 reference (`vit_kernels.reference.attention` on float64 copies of exactly the values the kernel sees)
