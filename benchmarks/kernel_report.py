@@ -149,7 +149,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 # operation and scheduler (in the mangled name) say which product each is. Most specific first.
 SM90_PRODUCTS = (
     ("LinCombPerColBiasEltActAux", "linear_bias_gelu"), ("LinCombDeEltAct", "dgelu"),
-    ("LinCombPerColBias", "linear_bias"), ("StreamKScheduler", "matmul_tn_wgrad"), ("LinearCombination", "matmul_nn"),
+    ("LinCombPerColBiasEltAct", "linear_bias_residual"), ("LinCombPerColBias", "linear_bias"),
+    ("StreamKScheduler", "matmul_tn_wgrad"), ("LinearCombination", "matmul_nn"),
 )  # fmt: skip
 
 
@@ -178,7 +179,8 @@ def sm90_facts() -> dict[str, dict]:
 VIT_B_M = 256 * 197
 VIT_B_PRODUCTS = (
     ("qkv fwd", "linear_bias", VIT_B_M, 2304, 768), ("fc1 fwd", "linear_bias_gelu", VIT_B_M, 3072, 768),
-    ("fc2 fwd", "linear_bias", VIT_B_M, 768, 3072), ("dhidden", "dgelu", VIT_B_M, 3072, 768),
+    ("fc2 fwd", "linear_bias", VIT_B_M, 768, 3072), ("fc2 + residual", "linear_bias_residual", VIT_B_M, 768, 3072),
+    ("proj + residual", "linear_bias_residual", VIT_B_M, 768, 768), ("dhidden", "dgelu", VIT_B_M, 3072, 768),
     ("fc1 dx", "matmul_nn", VIT_B_M, 768, 3072), ("qkv dx", "matmul_nn", VIT_B_M, 768, 2304),
     ("dfc1_weight", "matmul_tn_wgrad", 3072, 768, VIT_B_M), ("dfc2_weight", "matmul_tn_wgrad", 768, 3072, VIT_B_M),
     ("dqkv_weight", "matmul_tn_wgrad", 2304, 768, VIT_B_M),

@@ -25,13 +25,19 @@ void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t
                   uintptr_t scratch, index_t scratch_floats, index_t batch, index_t tokens, index_t channels,
                   index_t heads, int dtype, uintptr_t stream);
 void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2, index_t ldw2,
-                  uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C, index_t Hd,
-                  index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
+                  uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act, uintptr_t y,
+                  index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
 void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
                   index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
                   uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                   index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
                   uintptr_t stream);
+void gemm_linear_fwd(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
+                     index_t ld_res, uintptr_t out, index_t ldo, index_t M, index_t N, index_t K, int dtype,
+                     uintptr_t stream);
+void gemm_linear_bwd(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                     uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                     index_t M, index_t N, index_t K, int dtype, uintptr_t stream);
 // The same products on the Hopper GEMMs (gemm_sm90_impl.cuh via gemm.cu): fp16/bf16, compute capability 9.0.
 void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t qkv,
                        uintptr_t q, uintptr_t k, uintptr_t v, index_t batch, index_t tokens, index_t channels,
@@ -40,13 +46,20 @@ void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx
                        uintptr_t dx, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
                        index_t M, index_t channels, int dtype, uintptr_t stream);
 void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
-                       index_t ldw2, uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C,
-                       index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream);
+                       index_t ldw2, uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act,
+                       uintptr_t y, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
+                       uintptr_t stream);
 void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
                        index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
                        uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                        index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
                        int dtype, uintptr_t stream);
+void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
+                          index_t ld_res, uintptr_t out, index_t ldo, index_t M, index_t N, index_t K, int dtype,
+                          uintptr_t stream);
+void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                          uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                          index_t M, index_t N, index_t K, int dtype, uintptr_t stream);
 
 // One dict per sm_90a GEMM instantiation (empty without them): product, dtype, tile, cluster, scheduler, mainloop
 // stages, dynamic shared memory and threads per CTA.
@@ -104,11 +117,12 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("scratch"), py::arg("scratch_floats"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"), py::arg("dtype"),
         py::arg("stream"));
   m.def("mlp_fwd", &gemm_mlp_fwd,
-        "hidden = x @ fc1_weight^T + fc1_bias, act = gelu(hidden) (scratch), y = act @ fc2_weight^T + fc2_bias",
+        "hidden = x @ fc1_weight^T + fc1_bias, act = gelu(hidden) (scratch), y = act @ fc2_weight^T + fc2_bias "
+        "+ residual (0: none, row stride ld_res)",
         py::arg("x"), py::arg("ldx"), py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"),
-        py::arg("fc2_weight"), py::arg("ldw2"), py::arg("fc2_bias"), py::arg("hidden"), py::arg("act"), py::arg("y"),
-        py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("fc2_weight"), py::arg("ldw2"), py::arg("fc2_bias"), py::arg("residual"), py::arg("ld_res"),
+        py::arg("hidden"), py::arg("act"), py::arg("y"), py::arg("M"), py::arg("C"), py::arg("hidden_features"),
+        py::arg("C_out"), py::arg("tanh"), py::arg("dtype"), py::arg("stream"));
   m.def("mlp_bwd", &gemm_mlp_bwd,
         "dx, dfc1_weight, dfc1_bias (or 0), dfc2_weight, dfc2_bias (or 0) of the GELU-MLP; dhidden, act and "
         "scratch (scratch_floats fp32, for the bias sums) are scratch",
@@ -117,6 +131,23 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("dx"), py::arg("dfc1_weight"), py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"),
         py::arg("scratch"), py::arg("scratch_floats"), py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
         py::arg("stream"));
+  m.def("linear_fwd", &gemm_linear_fwd,
+        "out (M, N) = a (M, K) @ weight (N, K)^T + bias (or 0) + residual (or 0, row stride ld_res)", py::arg("a"),
+        py::arg("lda"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("residual"), py::arg("ld_res"),
+        py::arg("out"), py::arg("ldo"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
+  m.def("linear_bwd", &gemm_linear_bwd,
+        "da (M, K) = dout @ weight, dweight (N, K) = dout^T @ a, dbias (N,) or 0 = column sums of dout through "
+        "scratch (scratch_floats fp32)",
+        py::arg("dout"), py::arg("ld_dout"), py::arg("a"), py::arg("lda"), py::arg("weight"), py::arg("ldw"),
+        py::arg("da"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("scratch_floats"),
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
+  m.def("linear_fwd_sm90", &gemm_linear_fwd_sm90, "as linear_fwd, on the sm_90a GEMMs", py::arg("a"), py::arg("lda"),
+        py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("residual"), py::arg("ld_res"), py::arg("out"),
+        py::arg("ldo"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
+  m.def("linear_bwd_sm90", &gemm_linear_bwd_sm90, "as linear_bwd, on the sm_90a GEMMs", py::arg("dout"),
+        py::arg("ld_dout"), py::arg("a"), py::arg("lda"), py::arg("weight"), py::arg("ldw"), py::arg("da"),
+        py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
   m.def("qkv_fwd_sm90", &gemm_qkv_fwd_sm90,
         "as qkv_fwd on the sm_90a GEMMs: the product goes to qkv (B*N, 3C) scratch, then a split pass to q, k, v",
         py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("qkv"), py::arg("q"),
@@ -129,8 +160,9 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("M"), py::arg("channels"), py::arg("dtype"), py::arg("stream"));
   m.def("mlp_fwd_sm90", &gemm_mlp_fwd_sm90, "as mlp_fwd, on the sm_90a GEMMs", py::arg("x"), py::arg("ldx"),
         py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("ldw2"),
-        py::arg("fc2_bias"), py::arg("hidden"), py::arg("act"), py::arg("y"), py::arg("M"), py::arg("C"),
-        py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"), py::arg("stream"));
+        py::arg("fc2_bias"), py::arg("residual"), py::arg("ld_res"), py::arg("hidden"), py::arg("act"), py::arg("y"),
+        py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"), py::arg("tanh"), py::arg("dtype"),
+        py::arg("stream"));
   m.def("mlp_bwd_sm90", &gemm_mlp_bwd_sm90, "as mlp_bwd, on the sm_90a GEMMs", py::arg("dy"), py::arg("ldy"),
         py::arg("x"), py::arg("ldx"), py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc2_weight"), py::arg("ldw2"),
         py::arg("hidden"), py::arg("ldh"), py::arg("dhidden"), py::arg("act"), py::arg("dx"), py::arg("dfc1_weight"),

@@ -178,18 +178,28 @@ struct EpiStore {  // (a) out = acc
 };
 
 template <class T>
-struct EpiBias {  // (b) out = acc + bias (bias may be null)
+struct EpiBias {  // (b) out = acc + bias + res (bias and res may be null): proj and fc2 with the residual add
   T* out;
   index_t ld;
   const T* bias;
+  const T* res = nullptr;  // (M, ld_res): added in fp32 before the one rounding
+  index_t ld_res = 0;
   __device__ __forceinline__ void operator()(int m, int n, float v0, float v1) const {
     if (bias != nullptr) {
       v0 += to_float(bias[n]);
       v1 += to_float(bias[n + 1]);
     }
+    if (res != nullptr) {
+      const float2 r = load2(res + m * ld_res + n);
+      v0 += r.x;
+      v1 += r.y;
+    }
     store2(out + m * ld + n, v0, v1);
   }
-  void validate(const std::string& name) const { require_pairs(out, ld, name + " output"); }
+  void validate(const std::string& name) const {
+    require_pairs(out, ld, name + " output");
+    if (res != nullptr) require_pairs(res, ld_res, name + " residual");
+  }
 };
 
 template <class T>
@@ -778,11 +788,12 @@ void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t
   });
 }
 
-// hidden (M, Hd) = x (M, C) @ w1 (Hd, C)^T + b1;  act (M, Hd) = gelu(hidden);  y (M, Cout) = act @ w2 (Cout, Hd)^T + b2.
-// act is caller-provided scratch. b1 / b2 may be 0 (no bias).
+// hidden (M, Hd) = x (M, C) @ w1 (Hd, C)^T + b1;  act (M, Hd) = gelu(hidden);
+// y (M, Cout) = act @ w2 (Cout, Hd)^T + b2 + res (M, Cout) with row stride ld_res (the block's residual add).
+// act is caller-provided scratch. b1 / b2 / res may be 0 (none).
 void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2, index_t ldw2,
-                  uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C, index_t Hd,
-                  index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
+                  uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act, uintptr_t y,
+                  index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
   using namespace gemm;
   check_dtype(dtype);
   require(M > 0, "M must be positive");
@@ -799,7 +810,7 @@ void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_
     act_op.validate(M, Hd, vec, "mlp_fwd act");
     w2_op.validate(Cout, Hd, vec, "mlp_fwd fc2_weight");
     const EpiBiasGelu<T> fc1_epi{out<T>(hidden), out<T>(act), Hd, in<T>(b1), tanh_form};
-    const EpiBias<T> fc2_epi{out<T>(y), Cout, in<T>(b2)};
+    const EpiBias<T> fc2_epi{out<T>(y), Cout, in<T>(b2), in<T>(res), ld_res};
     fc1_epi.validate("mlp_fwd fc1");
     fc2_epi.validate("mlp_fwd fc2");
     run_gemm<T>(x_op, w1_op, fc1_epi, M, Hd, C, as_stream(stream), "mlp_fwd fc1 gemm_kernel");
@@ -857,6 +868,64 @@ void gemm_mlp_bwd(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t
     float* sums = reinterpret_cast<float*>(scratch);
     if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, sums, scratch_floats, s, "mlp_bwd dfc2_bias colsum");
     if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, sums, scratch_floats, s, "mlp_bwd dfc1_bias colsum");
+  });
+}
+
+// out (M, N) = a (M, K) @ w (N, K)^T + bias (N,) + res (M, N) with row stride ld_res; bias / res may be 0 (none).
+// The projection of the block ops (proj_residual) and fused_qkv's packed (B*N, 3C) forward.
+void gemm_linear_fwd(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
+                     index_t ld_res, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K, int dtype,
+                     uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("N", N);
+  check_channels("K", K);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> a_op{in<T>(a), lda, 1};
+    const Strided<T, true> w_op{in<T>(w), ldw, 1};
+    const bool vec = kTensorCores<T>;
+    a_op.validate(M, K, vec, "linear_fwd a");
+    w_op.validate(N, K, vec, "linear_fwd weight");
+    const EpiBias<T> epi{out<T>(out_ptr), ldo, in<T>(bias), in<T>(res), ld_res};
+    epi.validate("linear_fwd");
+    run_gemm<T>(a_op, w_op, epi, M, N, K, as_stream(stream), "linear_fwd gemm_kernel");
+  });
+}
+
+// The backward of out = a @ w^T + bias: da (M, K) = dout (M, N) @ w (N, K);  dw (N, K) = dout^T @ a;
+// dbias (N,) = column sums of dout (if dbias != 0) through `scratch` (scratch_floats fp32, >= N).
+void gemm_linear_bwd(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                     uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                     index_t M, index_t N, index_t K, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("N", N);
+  check_channels("K", K);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const cudaStream_t s = as_stream(stream);
+    const Strided<T, true> dout_op{in<T>(dout), ld_dout, 1};
+    const Strided<T, false> w_t{in<T>(w), 1, ldw};        // B[k, n] = w[n, k]
+    const Strided<T, false> dout_t{in<T>(dout), 1, ld_dout};  // A[n, m] = dout[m, n]
+    const Strided<T, false> a_t{in<T>(a), 1, lda};        // B[k, m] = a[m, k]
+    const bool vec = kTensorCores<T>;
+    dout_op.validate(M, N, vec, "linear_bwd dout");
+    w_t.validate(K, N, vec, "linear_bwd weight");
+    dout_t.validate(N, M, vec, "linear_bwd dout^T");
+    a_t.validate(K, M, vec, "linear_bwd a");
+    const EpiStore<T> da_epi{out<T>(da), K}, dw_epi{out<T>(dw), K};
+    da_epi.validate("linear_bwd da");
+    dw_epi.validate("linear_bwd dweight");
+    if (dbias != 0) check_colsum_scratch(scratch, scratch_floats, N, "linear_bwd dbias");
+    run_gemm<T>(dout_op, w_t, da_epi, M, K, N, s, "linear_bwd da gemm_kernel");
+    run_gemm<T>(dout_t, a_t, dw_epi, N, K, M, s, "linear_bwd dweight gemm_kernel");
+    if (dbias != 0) {
+      run_colsum(dout_op, out<T>(dbias), M, N, reinterpret_cast<float*>(scratch), scratch_floats, s,
+                 "linear_bwd dbias colsum");
+    }
   });
 }
 
@@ -934,8 +1003,9 @@ void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx
 
 // As gemm_mlp_fwd: fc1 with the bias + GELU + aux epilogue (hidden is the aux, act the output), fc2 with bias.
 void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
-                       index_t ldw2, uintptr_t b2, uintptr_t hidden, uintptr_t act, uintptr_t y, index_t M, index_t C,
-                       index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
+                       index_t ldw2, uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act,
+                       uintptr_t y, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
+                       uintptr_t stream) {
   using namespace gemm;
   check_dtype(dtype);
   require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
@@ -951,14 +1021,81 @@ void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uin
     Strided<T, true>{in<T>(hidden), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 hidden");
     Strided<T, true>{in<T>(act), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 act");
     Strided<T, true>{in<T>(y), Cout, 1}.validate(M, Cout, true, "mlp_fwd_sm90 y");
+    if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, Cout, true, "mlp_fwd_sm90 residual");
     require(b1 % 16 == 0 && b2 % 16 == 0, "mlp_fwd_sm90: biases must be 16-byte aligned (16-byte row broadcasts)");
     check_sm90_device("mlp_fwd_sm90");
     const cudaStream_t s = as_stream(stream);
     [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
     VK_SM90_CALL((sm90::linear_bias_gelu<T>(in<T>(x), ldx, in<T>(w1), ldw1, in<T>(b1), out<T>(hidden), Hd,
                                             out<T>(act), Hd, m, hd, c, tanh_form, s)));
-    VK_SM90_CALL((sm90::linear_bias<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), out<T>(y), Cout, m,
-                                       static_cast<int>(Cout), hd, s)));
+    if (res != 0) {
+      VK_SM90_CALL((sm90::linear_bias_residual<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), in<T>(res), ld_res,
+                                                  out<T>(y), Cout, m, static_cast<int>(Cout), hd, s)));
+    } else {
+      VK_SM90_CALL((sm90::linear_bias<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), out<T>(y), Cout, m,
+                                         static_cast<int>(Cout), hd, s)));
+    }
+  });
+}
+
+// As gemm_linear_fwd, on the sm_90a GEMMs: bias, or bias + residual as the epilogue's source.
+void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
+                          index_t ld_res, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K, int dtype,
+                          uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("N", N);
+  check_channels("K", K);
+  check_half(dtype, "linear_fwd_sm90");
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_fwd_sm90 a");
+    Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, "linear_fwd_sm90 weight");
+    Strided<T, true>{in<T>(out_ptr), ldo, 1}.validate(M, N, true, "linear_fwd_sm90 output");
+    if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, N, true, "linear_fwd_sm90 residual");
+    require(bias % 16 == 0, "linear_fwd_sm90: the bias must be 16-byte aligned (read in 16-byte row broadcasts)");
+    check_sm90_device("linear_fwd_sm90");
+    [[maybe_unused]] const cudaStream_t s = as_stream(stream);
+    [[maybe_unused]] const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+    if (res != 0) {
+      VK_SM90_CALL((sm90::linear_bias_residual<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), in<T>(res), ld_res,
+                                                  out<T>(out_ptr), ldo, m, n, k, s)));
+    } else {
+      VK_SM90_CALL((sm90::linear_bias<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), out<T>(out_ptr), ldo, m, n, k,
+                                         s)));
+    }
+  });
+}
+
+// As gemm_linear_bwd, on the sm_90a GEMMs: da by the NN GEMM, dw by the stream-K GEMM, dbias by the column sum.
+void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                          uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
+                          index_t M, index_t N, index_t K, int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  check_channels("N", N);
+  check_channels("K", K);
+  check_half(dtype, "linear_bwd_sm90");
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Strided<T, true> g{in<T>(dout), ld_dout, 1};
+    g.validate(M, N, true, "linear_bwd_sm90 dout");
+    Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_bwd_sm90 a");
+    Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, "linear_bwd_sm90 weight");
+    Strided<T, true>{in<T>(da), K, 1}.validate(M, K, true, "linear_bwd_sm90 da");
+    Strided<T, true>{in<T>(dw), K, 1}.validate(N, K, true, "linear_bwd_sm90 dweight");
+    if (dbias != 0) check_colsum_scratch(scratch, scratch_floats, N, "linear_bwd_sm90 dbias");
+    check_sm90_device("linear_bwd_sm90");
+    const cudaStream_t s = as_stream(stream);
+    [[maybe_unused]] const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+    VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dout), ld_dout, in<T>(w), ldw, out<T>(da), K, m, k, n, s)));
+    VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dout), ld_dout, in<T>(a), lda, out<T>(dw), K, n, k, m, s)));
+    if (dbias != 0) {
+      run_colsum(g, out<T>(dbias), M, N, reinterpret_cast<float*>(scratch), scratch_floats, s,
+                 "linear_bwd_sm90 dbias colsum");
+    }
   });
 }
 

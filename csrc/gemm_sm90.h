@@ -24,6 +24,12 @@ template <class T>
 void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
                  int K, cudaStream_t stream);
 
+// d (M, N) = a (M, K) @ w (N, K)^T + bias (N,) or none + res (M, N): the residual add of proj and fc2, read by the
+// epilogue's source load (beta = 1) with its own row stride, and rounded once with the sum.
+template <class T>
+void linear_bias_residual(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, const T* res,
+                          index_t ld_res, T* d, index_t ldd, int M, int N, int K, cudaStream_t stream);
+
 // h (M, N) = a @ w^T + bias (N,) or none, rounded to T; act (M, N) = gelu(h in fp32) (erf, or tanh if tanh_form).
 template <class T>
 void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
@@ -57,8 +63,8 @@ struct KernelFacts {
 template <class T>
 void describe(std::vector<KernelFacts>& out);
 
-// CUTLASS's can_implement of one product ("linear_bias", "linear_bias_gelu", "dgelu", "matmul_nn",
-// "matmul_tn_wgrad") at (M, N, K) with packed operands: "" if accepted, else why. No CUDA call.
+// CUTLASS's can_implement of one product ("linear_bias", "linear_bias_residual", "linear_bias_gelu", "dgelu",
+// "matmul_nn", "matmul_tn_wgrad") at (M, N, K) with packed operands: "" if accepted, else why. No CUDA call.
 template <class T>
 std::string can_implement(const std::string& product, int M, int N, int K);
 

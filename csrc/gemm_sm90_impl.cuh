@@ -111,15 +111,16 @@ struct Sm90Tile {
 };
 
 // A GEMM with row-major output D (M, N); LayoutA / LayoutB in CUTLASS's sense (A RowMajor = K-major, B
-// ColumnMajor = K-major); Fusion: a cutlass::epilogue::fusion operation; Scheduler: persistent or stream-K.
+// ColumnMajor = K-major); Fusion: a cutlass::epilogue::fusion operation; Scheduler: persistent or stream-K;
+// Source: the element type of the epilogue's source matrix C (row-major, TMA-loaded), void for none.
 template <class T, class LayoutA, class LayoutB, class Fusion, class Scheduler = cutlass::gemm::PersistentScheduler,
-          class Cfg = Sm90Tile>
+          class Source = void, class Cfg = Sm90Tile>
 struct GemmOf {
   using E = typename CutlassType<T>::type;
   using RowMajor = cutlass::layout::RowMajor;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::Tile, typename Cfg::Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, RowMajor, Cfg::kAlign, E, RowMajor,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Source, RowMajor, Cfg::kAlign, E, RowMajor,
       Cfg::kAlign, typename Cfg::Epilogue, Fusion>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, LayoutA, Cfg::kAlign, E, LayoutB, Cfg::kAlign, float,
@@ -132,6 +133,7 @@ struct GemmOf {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::StrideA;
   using StrideB = typename Kernel::StrideB;
+  using StrideC = typename Kernel::StrideC;
   using StrideD = typename Kernel::StrideD;
 };
 
@@ -230,6 +232,41 @@ void linear_bias(const T* a, index_t lda, const T* w, index_t ldw, const T* bias
                  int K, cudaStream_t stream) {
   const auto args = linear_bias_args<T>(a, lda, w, ldw, bias, d, ldd, M, N, K, hardware_info());
   run<typename LinearBias<T>::Gemm>(args, stream, "sm90 linear_bias");
+}
+
+// D = acc + bias + C: the per-column bias epilogue with the residual as the source C and beta = 1 (alpha stays 1).
+// Spelled as LinCombPerColBiasEltAct with the identity activation (the same computation) so that its kernel's name
+// differs from linear_bias's by the fusion operation, which benchmarks/kernel_report.py reads.
+template <class T>
+using LinearBiasResidual =
+    GemmOf<T, RowMajor, ColumnMajor,
+           fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Identity, typename CutlassType<T>::type, float,
+                                           typename CutlassType<T>::type, typename CutlassType<T>::type, float>,
+           cutlass::gemm::PersistentScheduler, typename CutlassType<T>::type>;
+
+// The CUTLASS arguments of linear_bias_residual (hw: the SM count its grid is sized for).
+template <class T>
+auto linear_bias_residual_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, const T* res,
+                               index_t ld_res, T* d, index_t ldd, int M, int N, int K, cutlass::KernelHardwareInfo hw) {
+  using G = LinearBiasResidual<T>;
+  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                   {M, N, K, 1},
+                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(w),
+                                    strided<typename G::StrideB>(ldw)},
+                                   {{}, cptr(res), strided<typename G::StrideC>(ld_res), mptr(d),
+                                    strided<typename G::StrideD>(ldd)},
+                                   hw};
+  args.epilogue.thread.beta = 1.0f;
+  args.epilogue.thread.bias_ptr = cptr(bias);
+  return args;
+}
+
+template <class T>
+void linear_bias_residual(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, const T* res,
+                          index_t ld_res, T* d, index_t ldd, int M, int N, int K, cudaStream_t stream) {
+  const auto args =
+      linear_bias_residual_args<T>(a, lda, w, ldw, bias, res, ld_res, d, ldd, M, N, K, hardware_info());
+  run<typename LinearBiasResidual<T>::Gemm>(args, stream, "sm90 linear_bias_residual");
 }
 
 template <class T>
@@ -360,6 +397,9 @@ std::string can_implement(const std::string& product, int M, int N, int K) {
   cutlass::Status st = cutlass::Status::kErrorInvalidProblem;
   if (product == "linear_bias") {
     st = LinearBias<T>::Gemm::can_implement(linear_bias_args<T>(p, K, p, K, p, p, N, M, N, K, hw));
+  } else if (product == "linear_bias_residual") {
+    const auto args = linear_bias_residual_args<T>(p, K, p, K, p, p, N, p, N, M, N, K, hw);
+    st = LinearBiasResidual<T>::Gemm::can_implement(args);
   } else if (product == "linear_bias_gelu") {
     const auto args = linear_bias_gelu_args<T>(p, K, p, K, p, p, N, p, N, M, N, K, false, hw);
     st = LinearBiasGelu<T>::Gemm::can_implement(args);
@@ -386,6 +426,7 @@ template <class T>
 void describe(std::vector<KernelFacts>& out) {
   const char* dtype = std::is_same_v<T, __half> ? "fp16" : "bf16";
   out.push_back(facts_of<LinearBias<T>>("linear_bias", dtype, "persistent"));
+  out.push_back(facts_of<LinearBiasResidual<T>>("linear_bias_residual", dtype, "persistent"));
   out.push_back(facts_of<LinearBiasGelu<T>>("linear_bias_gelu", dtype, "persistent"));
   out.push_back(facts_of<DGelu<T>>("dgelu", dtype, "persistent"));
   out.push_back(facts_of<MatmulNN<T>>("matmul_nn", dtype, "persistent"));
@@ -400,6 +441,8 @@ void describe(std::vector<KernelFacts>& out) {
 #define VK_SM90_INSTANTIATE(T)                                                                                      \
   template void vk::sm90::linear_bias<T>(const T*, index_t, const T*, index_t, const T*, T*, index_t, int, int, int, \
                                          cudaStream_t);                                                             \
+  template void vk::sm90::linear_bias_residual<T>(const T*, index_t, const T*, index_t, const T*, const T*,       \
+                                                  index_t, T*, index_t, int, int, int, cudaStream_t);              \
   template void vk::sm90::linear_bias_gelu<T>(const T*, index_t, const T*, index_t, const T*, T*, index_t, T*,     \
                                               index_t, int, int, int, bool, cudaStream_t);                          \
   template void vk::sm90::dgelu<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t, int, int,  \

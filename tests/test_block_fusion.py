@@ -1,7 +1,7 @@
 """Whole-block fusion (vit_kernels/block.py, vit_kernels/ops/block.py): LayerNorm in the QKV / fc1 GEMM prologue,
 the residual add in the proj / fc2 GEMM epilogue, forward and every gradient (dgamma and dbeta included).
 
-Each case runs the public op on backend="triton" (the autograd Function around the launchers) and compares it with
+Each case runs the public op on backend="triton" (both GEMM paths) and "cuda" (GPU only) and compares it with
 the float64 reference (vit_kernels.reference) by relative error: the per-dtype tolerance, or twice the error of the
 unfused eager composition in the same dtype if that is larger (FlashAttention's parity rule: in 16-bit, LN's
 output is rounded to the dtype before the GEMM in eager torch as in the kernel). Token counts that never fill a
@@ -25,10 +25,12 @@ from conftest import (
     ptxas_available,
     randn,
     rel_error,
+    skip_unless_runs,
 )
 
 import vit_kernels.block as vkb
 from vit_kernels import reference
+from vit_kernels.cuda import linear as cuda_linear
 from vit_kernels.ops import block, linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -44,18 +46,29 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Every buffer the launchers allocate (this file's and linear.py's, which backward reuses) starts as NaN."""
+    """Every buffer the launchers allocate (this file's and linear.py's, which backward reuses, and the cuda
+    backend's GEMM wrappers) starts as NaN."""
     monkeypatch.setattr(block, "_alloc", nan_alloc)
     monkeypatch.setattr(linear, "_alloc", nan_alloc)
+    monkeypatch.setattr(
+        cuda_linear, "_empty", lambda shape, like, dtype=None: nan_alloc(*shape, like=like, dtype=dtype)
+    )
 
 
-@pytest.fixture(params=["tma", "pointer"])
+@pytest.fixture(params=["tma", "pointer", "cuda"])
 def path(request, monkeypatch):
-    """The GEMM path: "tma" (Hopper and the interpreter: LayerNorm as a row kernel, TMA GEMMs) or "pointer" (sm_80:
-    LayerNorm in the A-tile prologue of `_block_gemm_kernel`). Exact fp32 runs "pointer" either way."""
+    """The GEMM path: triton's "tma" (Hopper and the interpreter: LayerNorm as a row kernel, TMA GEMMs) or "pointer"
+    (sm_80: LayerNorm in the A-tile prologue of `_block_gemm_kernel`; exact fp32 runs it either way), or the "cuda"
+    backend (csrc's GEMMs, CUTLASS sm_90a on Hopper fp16 / bf16, beside the same Triton LayerNorm row kernels)."""
     if request.param == "pointer":
         monkeypatch.setattr(linear, "TMA_ARCHS", ())
+    if request.param == "cuda":
+        skip_unless_runs("cuda")
     return request.param
+
+
+def _backend(path: str) -> str:
+    return "cuda" if path == "cuda" else "triton"
 
 
 _randn = functools.partial(randn, device=DEVICE)  # every input on the Triton tests' device
@@ -117,7 +130,7 @@ def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype, path):
     grads = [_randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
 
     def triton_fn(x, ln_w, ln_b, w, b):
-        return vkb.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H, backend="triton")
+        return vkb.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H, backend=_backend(path))
 
     def ref_fn(x, ln_w, ln_b, w, b):
         return tuple(reference.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H))
@@ -141,7 +154,7 @@ def test_proj_residual(B, N, C, H, eps, rows, dtype, o_rows, path):
     grads = [_randn(B, N, C, dtype=dtype)]
 
     def triton_fn(o, w, b, residual):
-        return vkb.proj_residual(o, w, b, residual, backend="triton")
+        return vkb.proj_residual(o, w, b, residual, backend=_backend(path))
 
     _check_all("proj_residual", reference.proj_residual, [o, w, b, residual], grads, triton_fn)
 
@@ -162,12 +175,117 @@ def test_ln_gelu_mlp(B, N, C, H, eps, rows, dtype, path):
     grads = [_randn(B, N, C, dtype=dtype)]
 
     def triton_fn(x, ln_w, ln_b, w1, b1, w2, b2):
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate=approximate, backend="triton")
+        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate=approximate, backend=_backend(path))
 
     def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
         return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate)
 
     _check_all("ln_gelu_mlp", ref_fn, [x, ln_w, ln_b, w1, b1, w2, b2], grads, triton_fn)
+
+
+def _vjp(fn, inputs, grads_out):
+    """fn(*inputs) and the gradients of its tensor inputs (None for None inputs) for the output gradients."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    with torch.enable_grad():
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, grads_out)
+    return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
+
+
+class _TorchGemms:
+    """The part of vit_kernels/cuda/linear.py that cuda/block.py calls, in torch (same contract, CPU)."""
+
+    @staticmethod
+    def qkv_fwd(x, weight, bias, num_heads, allow_tf32):
+        return tuple(t.contiguous() for t in reference.fused_qkv(x, weight, bias, num_heads))
+
+    @staticmethod
+    def qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32):
+        H = dq.shape[1]
+        _, (dx, dw, db) = _vjp(lambda *a: reference.fused_qkv(*a, H), [x, weight, dq.new_zeros(weight.shape[0])],
+                               [dq, dk, dv])  # fmt: skip
+        return dx, dw, db if has_bias else None
+
+    @staticmethod
+    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual=None):
+        hidden = F.linear(x, fc1_weight, fc1_bias)
+        y = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
+        return (y if residual is None else y + residual.reshape(y.shape)), hidden
+
+    @staticmethod
+    def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):
+        def fc2_of_hidden(h, w2):
+            return F.linear(F.gelu(h, approximate=approximate), w2)
+
+        _, (dh, dw2) = _vjp(fc2_of_hidden, [hidden, fc2_weight], [dy])
+        db1, db2 = (dh.sum(0) if has_fc1_bias else None), (dy.sum(0) if has_fc2_bias else None)
+        return dh @ fc1_weight, dh.t() @ x, db1, dw2, db2
+
+    @staticmethod
+    def linear_fwd(a, weight, bias, residual=None):
+        out = F.linear(a, weight, bias)
+        return out if residual is None else out + residual.reshape(out.shape)
+
+    @staticmethod
+    def linear_bwd(dout, a, weight, has_bias):
+        return dout @ weight, dout.t() @ a, dout.sum(0) if has_bias else None
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_cuda_block_module_composes_its_gemms_and_layernorm(monkeypatch, residual):
+    """vit_kernels/cuda/block.py's wiring on the CPU: its GEMMs (cuda/linear.py, which need a GPU) replaced by torch
+    versions of the same contract, its LayerNorm the real Triton row kernels (interpreter); each op's forward and
+    backward function against the float64 reference, every gradient. The kernels themselves: path "cuda" above."""
+    skip_unless_runs("triton")
+    from vit_kernels.cuda import block as cuda_block
+
+    monkeypatch.setattr(cuda_block, "linear", _TorchGemms)
+    B, N, C, H, Hd, eps = 2, 17, 64, 2, 128, 1e-6
+    x = _x(B, N, C, F32, "shifted").transpose(0, 1).contiguous().transpose(0, 1)  # (B, N) not mergeable
+    ln_w, ln_b = _ln_params(C, F32)
+    w, b = _randn(3 * C, C, dtype=F32, scale=C**-0.5), _randn(3 * C, dtype=F32)
+    w1, b1 = _randn(Hd, C, dtype=F32, scale=C**-0.5), _randn(Hd, dtype=F32)
+    w2, b2 = _randn(C, Hd, dtype=F32, scale=Hd**-0.5), _randn(C, dtype=F32)
+    residual_in = _randn(B, N, C, dtype=F32)
+
+    def close(what, got, ref):
+        assert got is not None and got.shape == ref.shape, what
+        assert rel_error(got, ref) <= 1e-5, f"{what}: relative error {rel_error(got, ref):.3g}"
+
+    # ln_qkv
+    q, k, v, mean, rstd = cuda_block.ln_qkv_fwd(x, ln_w, ln_b, eps, w, b, H, False)
+    grads = [_randn(*q.shape, dtype=F32) for _ in range(3)]
+    ref_out, ref_grads = _vjp(lambda *a: reference.ln_fused_qkv(a[0], a[1], a[2], eps, a[3], a[4], H),
+                              _double([x, ln_w, ln_b, w, b]), [g.double() for g in grads])  # fmt: skip
+    for name, got, ref in zip("qkv", (q, k, v), ref_out, strict=True):
+        close(f"ln_qkv {name}", got, ref)
+    got_grads = cuda_block.ln_qkv_bwd(*grads, x, mean, rstd, ln_w, ln_b, w, True, False)
+    for name, got, ref in zip(("dx", "dln_w", "dln_b", "dw", "db"), got_grads, ref_grads, strict=True):
+        close(f"ln_qkv {name}", got, ref)
+    # proj_residual
+    o = _randn(B, N, C, dtype=F32)
+    out = cuda_block.proj_residual_fwd(o, w[:C], b[:C], residual_in, False)
+    dout = _randn(B, N, C, dtype=F32)
+    ref_out, ref_grads = _vjp(reference.proj_residual, _double([o, w[:C], b[:C], residual_in]), [dout.double()])
+    close("proj_residual out", out, ref_out[0])
+    got_grads = cuda_block.proj_residual_bwd(dout, o, w[:C], True, False)
+    for name, got, ref in zip(("do", "dw", "db"), got_grads, ref_grads, strict=False):
+        close(f"proj_residual {name}", got, ref)
+    # ln_mlp
+    out, hidden, mean, rstd = cuda_block.ln_mlp_fwd(x, ln_w, ln_b, eps, w1, b1, w2, b2, "none", residual, False)
+    ref_out, ref_grads = _vjp(
+        lambda *a: reference.ln_gelu_mlp(a[0], a[1], a[2], eps, *a[3:], "none", residual),
+        _double([x, ln_w, ln_b, w1, b1, w2, b2]), [dout.double()],
+    )  # fmt: skip
+    close("ln_mlp out", out, ref_out[0])
+    got_grads = cuda_block.ln_mlp_bwd(dout, x, mean, rstd, ln_w, ln_b, w1, w2, hidden, True, True, "none", residual,
+                                      False)  # fmt: skip
+    for name, got, ref in zip(("dx", "dln_w", "dln_b", "dw1", "db1", "dw2", "db2"), got_grads, ref_grads, strict=True):
+        close(f"ln_mlp {name}", got, ref)
+    _out, no_hidden, _mean, _rstd = cuda_block.ln_mlp_fwd(x, ln_w, ln_b, eps, w1, b1, w2, b2, "none", residual, False,
+                                                          save_hidden=False)  # fmt: skip
+    assert no_hidden is None
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -323,7 +441,7 @@ def test_bad_arguments_are_named():
         vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w[:C], b, 2)
     with pytest.raises(ValueError, match="num_heads"):
         vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 3)
-    with pytest.raises(ValueError, match="cuda"):
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs"):  # CPU tensors
         vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
@@ -394,7 +512,7 @@ def test_autocast_casts_inputs_and_returns_grads_in_their_dtype():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the ViT block takes the fused ops on triton only (whole-model parity: tests/test_vit.py)
+# the ViT block takes the fused ops on the kernel backends (whole-model parity: tests/test_vit.py)
 # ----------------------------------------------------------------------------------------------------
 def _spy_ops(monkeypatch):
     import vit_kernels as vk
@@ -411,9 +529,11 @@ def _spy_ops(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("backend, fused", [("triton", True), ("torch", False), ("reference", False)])
-def test_vit_block_uses_fused_ops_on_triton_only(monkeypatch, backend, fused):
+@pytest.mark.parametrize("backend, fused", [("triton", True), ("cuda", True), ("torch", False), ("reference", False)])
+def test_vit_block_uses_fused_ops_on_the_kernel_backends(monkeypatch, backend, fused):
     import vit
+
+    skip_unless_runs(backend)
 
     seen = _spy_ops(monkeypatch)
     model = vit.VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=64, depth=1, num_heads=2,

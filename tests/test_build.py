@@ -73,7 +73,7 @@ def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
 # ----------------------------------------------------------------------------------------------------
 # the Hopper GEMMs (csrc/gemm_sm90_*.cu, CUTLASS 3 collectives): built for sm_90a where CUTLASS's headers were found
 # ----------------------------------------------------------------------------------------------------
-SM90_FAMILIES = 5  # linear_bias, linear_bias_gelu, dgelu, matmul_nn, matmul_tn_wgrad (gemm_sm90.h)
+SM90_FAMILIES = 6  # the products of gemm_sm90.h: linear_bias (+ _residual, _gelu), dgelu, matmul_nn, matmul_tn_wgrad
 SM90_DTYPES = 2  # fp16, bf16
 
 
@@ -145,7 +145,7 @@ def test_sm90_gemm_configs_fit_one_cta_per_sm():
     H200 CTA may have."""
     _C = _sm90_extension()
     kernels = _C.sm90_gemm_kernels()
-    products = {"linear_bias", "linear_bias_gelu", "dgelu", "matmul_nn", "matmul_tn_wgrad"}
+    products = {"linear_bias", "linear_bias_residual", "linear_bias_gelu", "dgelu", "matmul_nn", "matmul_tn_wgrad"}
     assert {(k["product"], k["dtype"]) for k in kernels} == {(p, d) for p in products for d in ("bf16", "fp16")}
     for k in kernels:
         assert k["threads"] == 384 and k["stages"] >= 3 and k["smem_bytes"] <= 227 * 1024, k
@@ -154,9 +154,12 @@ def test_sm90_gemm_configs_fit_one_cta_per_sm():
 
 
 def _sm90_products(M: int, C: int, Hd: int) -> list[tuple[str, int, int, int]]:
-    """(product, M, N, K) of every sm_90a GEMM that gelu_mlp and fused_qkv run for M tokens (csrc/gemm.cu)."""
+    """(product, M, N, K) of every sm_90a GEMM that gelu_mlp, fused_qkv and the block ops run for M tokens
+    (csrc/gemm.cu)."""
     return [
         ("linear_bias", M, 3 * C, C), ("linear_bias_gelu", M, Hd, C), ("linear_bias", M, C, Hd),
+        ("linear_bias_residual", M, C, Hd), ("linear_bias_residual", M, C, C), ("matmul_nn", M, C, C),
+        ("matmul_tn_wgrad", C, C, M),
         ("dgelu", M, Hd, C), ("matmul_nn", M, C, Hd), ("matmul_nn", M, C, 3 * C),
         ("matmul_tn_wgrad", Hd, C, M), ("matmul_tn_wgrad", C, Hd, M), ("matmul_tn_wgrad", 3 * C, C, M),
     ]  # fmt: skip

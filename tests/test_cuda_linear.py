@@ -13,6 +13,7 @@ from conftest import TOLERANCES, rel_error
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.cuda import check_like, linear
+from vit_kernels.ops import packed_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOAT, HALF = 0, 1  # DType codes of fp32 and fp16 (csrc/common.cuh)
@@ -94,8 +95,9 @@ def test_fused_qkv_matches_reference(poisoned, dtype, shape, has_bias, layout):
     out = vk.fused_qkv(xc, wc, bc, H, backend="cuda")
     torch.autograd.backward(out, grads)
 
+    # the eager path (library._QkvEager, PACKED_QKV): q, k, v are the slices of one (B, N, 3, H, D) buffer
+    assert packed_qkv(*out) is not None, "q, k, v must be the slices of one packed buffer"
     for name, o, r in zip("qkv", out, ref_out):
-        assert o.is_contiguous(), f"{name} must be contiguous (B, H, N, D)"
         _check(name, o, r, dtype)
     _check("dx", xc.grad, ref_inputs[0].grad, dtype)
     _check("dweight", wc.grad, ref_inputs[1].grad, dtype)
@@ -286,12 +288,51 @@ def test_sm90_fused_qkv_matches_reference(poisoned, dtype, shape, has_bias, grad
     out = vk.fused_qkv(*inputs, H, backend="cuda")
     torch.autograd.backward(out, grads)
 
+    assert packed_qkv(*out) is not None, "the eager path returns the slices of one packed buffer"
     for name, o, r in zip("qkv", out, ref_out):
-        assert o.is_contiguous(), f"{name} must be contiguous (B, H, N, D)"
         _check(name, o, r, dtype)
     for name, got, ref, tt in zip(["dx", "dweight", "dbias"], inputs, ref_inputs, torch_inputs):
         if ref is not None:
             _check_against_torch(name, got.grad, ref.grad, tt.grad, dtype)
+    # the custom op (what torch.compile traces) returns three contiguous tensors: the split pass
+    raw = torch.ops.vit_kernels.qkv_fwd(*(t.detach() if t is not None else None for t in inputs), H, False, "cuda")
+    for name, o, r in zip("qkv", raw, ref_out):
+        assert o.is_contiguous(), f"{name} of the custom op must be contiguous (B, H, N, D)"
+        _check(f"custom op {name}", o, r, dtype)
+
+
+# (M, K, N): a ragged 128-row tile and a narrow N; one row.
+LINEAR_SHAPES = [(296, 768, 768), (1, 64, 72), (197, 72, 192)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("gemms", ["auto", "mma.sync"])
+def test_linear_with_residual_matches_reference(poisoned, monkeypatch, dtype, shape, has_bias, gemms):
+    """linear_fwd (bias + residual epilogue: CUTLASS's source C with beta = 1 on sm_90a, EpiBias elsewhere) and
+    linear_bwd (da, dweight, dbias), the block ops' projection, with a residual read through a row stride of N + 8.
+    "mma.sync" forces csrc/gemm.cu's kernels where the sm_90a GEMMs would run."""
+    if gemms == "mma.sync":
+        monkeypatch.setattr(linear, "_sm90", lambda t: False)
+    M, K, N = shape
+    a = torch.randn(M, K, device="cuda").to(dtype)
+    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype) if has_bias else None
+    residual = torch.randn(M, N + 8, device="cuda").to(dtype)[:, :N]
+    dout = torch.randn(M, N, device="cuda").to(dtype)
+    out = linear.linear_fwd(a, w, b, residual)
+    a64, w64, r64 = a.double(), w.double(), residual.double()
+    ref = a64 @ w64.t() + r64 + (b.double() if has_bias else 0)
+    _check("out", out, ref, dtype)
+    da, dw, db = linear.linear_bwd(dout, a, w, has_bias)
+    _check("da", da, dout.double() @ w64, dtype)
+    _check("dweight", dw, dout.double().t() @ a64, dtype)
+    if has_bias:
+        _check("dbias", db, dout.double().sum(0), dtype)
+    else:
+        assert db is None
 
 
 @needs_sm90
@@ -365,8 +406,8 @@ def test_backward_wrappers_reject_inconsistent_gradients():
 
 def test_extension_binds_the_linear_launchers():
     _C = _extension()
-    for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd", "qkv_fwd_sm90", "qkv_bwd_sm90", "mlp_fwd_sm90",
-                 "mlp_bwd_sm90"):  # fmt: skip
+    for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd", "linear_fwd", "linear_bwd", "qkv_fwd_sm90",
+                 "qkv_bwd_sm90", "mlp_fwd_sm90", "mlp_bwd_sm90", "linear_fwd_sm90", "linear_bwd_sm90"):  # fmt: skip
         assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
 
 
@@ -377,8 +418,13 @@ _QKV_FWD_ARGS = dict(x=0, ldx=64, weight=0, ldw=64, bias=0, q=0, k=0, v=0, batch
 _QKV_BWD_ARGS = dict(dq=0, dk=0, dv=0, s_b=5 * 64, s_h=5 * 32, s_t=32, x=0, ldx=64, weight=0, ldw=64, dx=0,
                      dweight=0, dbias=0, scratch=0, scratch_floats=0, batch=1, tokens=5, channels=64, heads=2,
                      dtype=HALF, stream=0)  # fmt: skip
-_MLP_FWD_ARGS = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, hidden=0,
-                     act=0, y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF, stream=0)  # fmt: skip
+_MLP_FWD_ARGS = dict(x=0, ldx=32, fc1_weight=0, ldw1=32, fc1_bias=0, fc2_weight=0, ldw2=64, fc2_bias=0, residual=0,
+                     ld_res=0, hidden=0, act=0, y=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF,
+                     stream=0)  # fmt: skip
+_LINEAR_FWD_ARGS = dict(a=0, lda=32, weight=0, ldw=32, bias=0, residual=0, ld_res=0, out=0, ldo=64, M=5, N=64, K=32,
+                        dtype=HALF, stream=0)  # fmt: skip
+_LINEAR_BWD_ARGS = dict(dout=0, ld_dout=64, a=0, lda=32, weight=0, ldw=32, da=0, dweight=0, dbias=0, scratch=0,
+                        scratch_floats=0, M=5, N=64, K=32, dtype=HALF, stream=0)  # fmt: skip
 _MLP_BWD_ARGS = dict(dy=0, ldy=32, x=0, ldx=32, fc1_weight=0, ldw1=32, fc2_weight=0, ldw2=64, hidden=0, ldh=64,
                      dhidden=0, act=0, dx=0, dfc1_weight=0, dfc1_bias=0, dfc2_weight=0, dfc2_bias=0, scratch=0,
                      scratch_floats=0, M=5, C=32, hidden_features=64, C_out=32, tanh=False, dtype=HALF,
@@ -473,11 +519,40 @@ _QKV_BWD_SM90_ARGS = dict(dqkv=0, ld_dqkv=192, x=0, ldx=64, weight=0, ldw=64, dx
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(heads=16), r"head dim D=C/num_heads=4 must be a multiple of 8"),
         ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(ld_dqkv=196), r"qkv_bwd_sm90 dqkv: needs unit stride along K"),
         ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(dweight=4), r"qkv_bwd_sm90 dweight: pointer must be 16-byte"),
+        ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(residual=16, ld_res=36), r"mlp_fwd_sm90 residual: needs unit"),
+        ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(residual=8), r"linear_fwd_sm90 residual: pointer must be 16-byte"),
+        ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(ldo=60), r"linear_fwd_sm90 output: needs unit stride along K"),
+        ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(bias=8), r"linear_fwd_sm90: the bias must be 16-byte aligned"),
+        ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(K=12, lda=12, ldw=12), r"K=12 must be a positive multiple of 8"),
+        ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(dbias=16), r"linear_bwd_sm90 dbias: the fp32 scratch must hold"),
+        ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(ld_dout=68), r"linear_bwd_sm90 dout: needs unit stride along K"),
     ],
 )
 def test_sm90_launchers_check_preconditions(launcher, args, overrides, message):
     """The Hopper launchers validate dtype, shapes and every operand's TMA layout before any CUDA call, also in a
     build without them (they are bound either way)."""
+    _C = _extension()
+    with pytest.raises(ValueError, match=message):
+        getattr(_C, launcher)(**{**args, **overrides})
+
+
+@pytest.mark.parametrize(
+    "launcher, args, overrides, message",
+    [
+        ("linear_fwd", _LINEAR_FWD_ARGS, dict(residual=2, ld_res=64), r"linear_fwd residual: needs a pointer aligned"),
+        ("linear_fwd", _LINEAR_FWD_ARGS, dict(residual=16, ld_res=63), r"residual: .* and an even row stride"),
+        ("linear_fwd", _LINEAR_FWD_ARGS, dict(out=2), r"linear_fwd output: needs a pointer aligned to two elements"),
+        ("linear_fwd", _LINEAR_FWD_ARGS, dict(lda=36), r"linear_fwd a: needs unit stride along K and a row stride"),
+        ("linear_fwd", _LINEAR_FWD_ARGS, dict(N=60, ldo=60), r"N=60 must be a positive multiple of 8"),
+        ("linear_bwd", _LINEAR_BWD_ARGS, dict(dbias=16, scratch=64, scratch_floats=32), r"dbias: .* got 32 floats"),
+        ("linear_bwd", _LINEAR_BWD_ARGS, dict(lda=36), r"linear_bwd a: needs unit row stride and a K stride"),
+        ("linear_bwd", _LINEAR_BWD_ARGS, dict(da=2, dtype=FLOAT), r"linear_bwd da output: needs a pointer aligned"),
+        ("mlp_fwd", _MLP_FWD_ARGS, dict(residual=2, ld_res=32), r"mlp_fwd fc2 residual: needs a pointer aligned"),
+    ],
+)
+def test_linear_launchers_check_preconditions(launcher, args, overrides, message):
+    """The block ops' launchers (one linear layer with the bias and residual epilogue, and its backward) and the
+    MLP's fc2 residual check every operand before any CUDA call, as the other launchers do."""
     _C = _extension()
     with pytest.raises(ValueError, match=message):
         getattr(_C, launcher)(**{**args, **overrides})

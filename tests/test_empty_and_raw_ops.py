@@ -80,8 +80,7 @@ BLOCK_OPS = ("ln_qkv_fwd", "ln_qkv_bwd", "proj_residual_fwd", "proj_residual_bwd
 
 
 def _call(op: str, args: dict, backend: str):
-    fn = getattr(torch.ops.vit_kernels, op)
-    return fn(*args.values(), backend) if op in LIBRARY_OPS else fn(*args.values())
+    return getattr(torch.ops.vit_kernels, op)(*args.values(), backend)
 
 
 # (op, {argument: replacement}, exception, message): the replacement is a function of the valid arguments.
@@ -167,8 +166,6 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", RAW_CASES, ids=[_case_id(c) for c in RAW_CASES])
 def test_raw_op_names_the_bad_argument(case, backend):
     op, changes, exc, match = case
-    if op in BLOCK_OPS and backend != "triton":
-        pytest.skip("the whole-block ops have triton kernels only")
     skip_unless_runs(backend)
     args = _valid(op)
     args.update({name: change(args) for name, change in changes.items()})
@@ -180,8 +177,6 @@ def test_raw_op_names_the_bad_argument(case, backend):
 @pytest.mark.parametrize("op", LIBRARY_OPS + BLOCK_OPS)
 def test_raw_op_takes_valid_arguments(op, backend):
     """The checks refuse nothing the kernels take: each raw op runs on valid arguments (finite outputs)."""
-    if op in BLOCK_OPS and backend != "triton":
-        pytest.skip("the whole-block ops have triton kernels only")
     skip_unless_runs(backend)
     args = _valid(op)
     if op == "attention_bwd":  # a real lse, so that exp(s - lse) stays finite
@@ -194,9 +189,10 @@ def test_raw_op_takes_valid_arguments(op, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "tritonn"])
-def test_raw_op_refuses_a_backend_without_kernels(backend):
+@pytest.mark.parametrize("op", ["attention_fwd", "proj_residual_fwd"])
+def test_raw_op_refuses_a_backend_without_kernels(op, backend):
     with pytest.raises(ValueError, match=rf"backend must be 'triton' or 'cuda'.*got '{backend}'"):
-        torch.ops.vit_kernels.attention_fwd(*_valid("attention_fwd").values(), backend)
+        _call(op, _valid(op), backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mismatch needs a second device type (CUDA)")
@@ -290,8 +286,6 @@ def _no_kernels(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton", "cuda"])
 @pytest.mark.parametrize("op", EMPTY_OPS)
 def test_empty_batch_gives_empty_outputs_and_zero_weight_gradients(op, backend, monkeypatch):
-    if backend == "cuda" and op in ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp"):
-        pytest.skip("the whole-block ops have no cuda backend")
     skip_unless_runs(backend)
     _no_kernels(monkeypatch)
     fn, tensors, weights = _empty_case(op)

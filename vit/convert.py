@@ -396,7 +396,7 @@ def _timm_block_dropping(self) -> bool:
 
 def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # A mask or is_causal=True, a non-(B, N, C) input, active dropout / drop-path, or a backend on which
-    # fuses_block says no (torch, reference, cuda; auto without a measurement) run the original forward, which
+    # fuses_block says no (torch, reference; auto without a measurement) run the original forward, which
     # calls the (patched) attention and MLP.
     if (
         x.dim() != 3

@@ -4,7 +4,7 @@ A config dataclass with named presets, then the modules. The modules hold parame
 `vk.fused_qkv`, `vk.attention` and `vk.gelu_mlp` with the model's `backend`; they do no math of their
 own beyond the residual adds, LayerNorm, the patch convolution and the head, so switching
 `backend` switches every kernel and nothing else. Where `vit_kernels.block.fuses_block` says so (the
-`triton` backend, and `auto` where the measured table names triton for the block ops; outside autocast and
+`triton` and `cuda` backends, and `auto` where the measured table names one for the block ops; outside autocast and
 stochastic depth), a block runs the whole-block fused ops instead:
 `vk.ln_fused_qkv` -> `vk.attention` -> `vk.proj_residual` -> `vk.ln_gelu_mlp` (same weights, same math).
 

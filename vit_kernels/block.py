@@ -4,13 +4,13 @@
     proj_residual(o, proj_weight, proj_bias, residual)                           -> residual + o @ W^T + b
     ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b)          -> x + gelu_mlp(LN(x))
 
-Backends: "triton" (vit_kernels/ops/block.py, forward and backward as torch.library custom ops), "torch" (the unfused
-composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from vit_kernels.reference).
-"auto" follows dispatch's rule: "triton" only where the committed measured table (dispatch.TableKey, ops
-dispatch.BLOCK_OPS, keyed by the block's width C and rows B * N) names it, "torch" everywhere else (the table has no
-block entry: on an H200 the fused ViT-B/16 block ran slower than torch's, 2.77 against 1.80 ms forward,
-benchmarks/results/nvidia-h200-2026-11-27.md); `vk.explain_backend` says which and why. There is no "cuda"
-backend for these yet (a ValueError says so). Validation names the bad argument (ValueError / TypeError), as
+Backends: "triton" (vit_kernels/ops/block.py) and "cuda" (vit_kernels/cuda/block.py: csrc's GEMMs, LayerNorm on the
+Triton row kernels, so it needs Triton too), forward and backward as torch.library custom ops taking the backend;
+"torch" (the unfused composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from
+vit_kernels.reference). "auto" follows dispatch's rule: a kernel backend only where the committed measured table
+(dispatch.TableKey, ops dispatch.BLOCK_OPS, keyed by the block's width C and rows B * N) names it, "torch"
+everywhere else (the table has no block entry yet: the fused block ran slower than torch's on an H200; NOTES.md);
+`vk.explain_backend` says which and why. Validation names the bad argument (ValueError / TypeError), as
 dispatch.py does.
 Under `torch.autocast` the tensor inputs are cast to the autocast dtype first (`dispatch.autocast_inputs`), as
 the other ops do; LayerNorm then sees x in that dtype (eager autocast would run it in fp32).
@@ -29,31 +29,34 @@ import torch.nn.functional as F
 from vit_kernels import dispatch, library, reference, torch_backend
 from vit_kernels.library import _kernels, _none_to_empty
 
-BLOCK_BACKENDS = ("reference", "torch", "triton")
+BLOCK_BACKENDS = ("reference", "torch", "triton", "cuda")
+KERNEL_BACKENDS = ("triton", "cuda")
 
 
-def _ops():
-    # The one lazy kernel-module loader (library._kernels: ("triton", "block") -> vit_kernels.ops.block).
-    return _kernels("triton", "block")
+def _ops(backend: str):
+    # The one lazy kernel-module loader (library._kernels: (backend, "block") -> vit_kernels.ops.block or
+    # vit_kernels.cuda.block).
+    return _kernels(backend, "block")
 
 
 def fuses_block(backend: str, x: torch.Tensor) -> bool:
     """Whether a pre-LN block with this `backend` should run as ln_fused_qkv -> attention -> proj_residual ->
-    ln_gelu_mlp: on "triton", and on "auto" where the measured table names triton for all three ops at x's
-    (arch, dtype, C, B * N) (then each op's own "auto" picks triton too); never under autocast, where the unfused
-    block keeps its residual stream in fp32 and the fused epilogues would round it to the autocast dtype at every
-    add."""
+    ln_gelu_mlp: on "triton" and "cuda", and on "auto" where the measured table names a kernel backend for all
+    three ops at x's (arch, dtype, C, B * N) (then each op's own "auto" picks it too); never under autocast, where
+    the unfused block keeps its residual stream in fp32 and the fused epilogues would round it to the autocast
+    dtype at every add."""
     if torch.is_autocast_enabled(x.device.type):
         return False
     if backend != "auto":
-        return backend == "triton"
+        return backend in KERNEL_BACKENDS
     if x.device.type != "cuda" or x.dim() != 3 or x.dtype not in dispatch.DTYPES:
         return False
     sizes = (x.dtype, x.shape[-1], x.shape[0] * x.shape[1])
-    # dispatch's own rule, so this says yes where each op's auto would pick triton. Channel sizes are left to each
-    # op (x does not give the MLP width): where triton cannot take them, that op's auto runs torch.
+    # dispatch's own rule, so this says yes where each op's auto would pick a kernel backend. Channel sizes are left
+    # to each op (x does not give the MLP width): where the backend cannot take them, that op's auto runs torch.
     return all(
-        dispatch._select("auto", x.device, op, sizes, _no_objection).backend == "triton" for op in dispatch.BLOCK_OPS
+        dispatch._select("auto", x.device, op, sizes, _no_objection).backend in KERNEL_BACKENDS
+        for op in dispatch.BLOCK_OPS
     )
 
 
@@ -66,13 +69,20 @@ def _no_objection(backend: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 def _select(backend: str, device: torch.device, op: str, sizes: tuple, channels: dict[str, int]) -> dispatch.Choice:
     """Resolve `backend` for block op `op` by dispatch's rule, but for the backends these ops have; `sizes` =
-    (dtype, C, B * N), the measured table's key (TableKey), which holds only torch or triton for them
-    (dispatch.parse_table)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda' has no fused block kernels yet; use 'triton', 'torch' or 'reference'")
+    (dtype, C, B * N), the measured table's key (TableKey). The cuda backend's LayerNorm is Triton's, so Triton's
+    reason not to run here is cuda's too."""
     if backend != "auto" and backend not in BLOCK_BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BLOCK_BACKENDS}, got {backend!r}")
-    return dispatch._select(backend, device, op, sizes, dispatch._channel_objection(channels))
+    channel_objection = dispatch._channel_objection(channels)
+
+    def objection(b: str) -> str | None:
+        if b == "cuda":
+            why = dispatch.device_unavailable_reason("triton", device)
+            if why is not None:
+                return f"its LayerNorm runs on the Triton row kernels, and {why}"
+        return channel_objection(b)
+
+    return dispatch._select(backend, device, op, sizes, objection)
 
 
 def _check_ln(x, ln_weight, ln_bias, eps) -> None:
@@ -186,41 +196,41 @@ def _check_mlp_residual(x, fc2_weight, residual: bool) -> None:
         )
 
 
-def _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads) -> None:
-    library.check_qkv_fwd_args(x, weight, bias, num_heads, "triton")
+def _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend: str) -> None:
+    library.check_qkv_fwd_args(x, weight, bias, num_heads, backend)
     _check_ln_args(x, ln_weight, ln_bias)
     _check_eps(eps)
 
 
-def _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight) -> None:
-    library.check_qkv_bwd_args(dq, dk, dv, x, weight, "triton")
+def _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, backend: str) -> None:
+    library.check_qkv_bwd_args(dq, dk, dv, x, weight, backend)
     _check_ln_args(x, ln_weight, ln_bias, mean, rstd)
 
 
-def _check_proj_args(o, weight, bias=None) -> tuple[int, int, int]:
+def _check_proj_args(o, weight, bias, backend: str) -> tuple[int, int, int]:
     """o (B, N, C_in), weight (C, C_in), bias (C,) or None; returns (B, N, C)."""
-    library.check_first("o", o, "(B, N, C_in)", "triton", "block")
+    library.check_first("o", o, "(B, N, C_in)", backend, "block")
     library.check_dim("weight", weight, "(C, C_in)")
     B, N, C_in = o.shape
     C = weight.shape[0]
     library.check_arg("weight", weight, (C, C_in), "(C, C_in) with C_in = o.shape[-1]", o)
     library.check_arg("bias", bias, (C,), "(C,) with C = weight.shape[0]", o)
-    library.check_channels("triton", C_in=C_in, C=C)
+    library.check_channels(backend, C_in=C_in, C=C)
     return B, N, C
 
 
-def _check_proj_residual_fwd_args(o, weight, bias, residual) -> None:
-    library.check_arg("residual", residual, _check_proj_args(o, weight, bias), "(B, N, C)", o)
+def _check_proj_residual_fwd_args(o, weight, bias, residual, backend: str) -> None:
+    library.check_arg("residual", residual, _check_proj_args(o, weight, bias, backend), "(B, N, C)", o)
 
 
-def _check_proj_residual_bwd_args(dout, o, weight) -> None:
-    library.check_arg("dout", dout, _check_proj_args(o, weight), "(B, N, C)", o)
+def _check_proj_residual_bwd_args(dout, o, weight, backend: str) -> None:
+    library.check_arg("dout", dout, _check_proj_args(o, weight, None, backend), "(B, N, C)", o)
 
 
 def _check_ln_mlp_fwd_args(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
-                           residual) -> None:  # fmt: skip
-    library.check_first("x", x, "(B, N, C)", "triton", "block")
-    library.check_mlp_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "triton")
+                           residual, backend: str) -> None:  # fmt: skip
+    library.check_first("x", x, "(B, N, C)", backend, "block")
+    library.check_mlp_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend)
     _check_ln_args(x, ln_weight, ln_bias)
     _check_eps(eps)
     library.check_approximate(approximate)
@@ -228,9 +238,9 @@ def _check_ln_mlp_fwd_args(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2
 
 
 def _check_ln_mlp_bwd_args(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, approximate,
-                           residual) -> None:  # fmt: skip
-    library.check_first("x", x, "(B, N, C)", "triton", "block")
-    Hd, C_out = library.check_mlp_weights(x, fc1_weight, None, fc2_weight, None, "triton")
+                           residual, backend: str) -> None:  # fmt: skip
+    library.check_first("x", x, "(B, N, C)", backend, "block")
+    Hd, C_out = library.check_mlp_weights(x, fc1_weight, None, fc2_weight, None, backend)
     _check_ln_args(x, ln_weight, ln_bias, mean, rstd)
     library.check_arg("dout", dout, (*x.shape[:2], C_out), "(B, N, C_out)", x)
     library.check_arg("hidden", hidden, (_rows_of(x), Hd), "(B * N, Hd)", x)
@@ -248,13 +258,14 @@ def ln_qkv_fwd(
     bias: torch.Tensor | None,
     num_heads: int,
     allow_tf32: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads)
-    return _ops().ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
+    _check_ln_qkv_fwd_args(x, ln_weight, ln_bias, eps, weight, bias, num_heads, backend)
+    return _ops(backend).ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32)
 
 
 @ln_qkv_fwd.register_fake
-def _(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32):
+def _(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32, backend):
     B, N, C = x.shape
     shape = (B, num_heads, N, C // num_heads)
     stats = x.new_empty(B * N, dtype=torch.float32)
@@ -274,35 +285,36 @@ def ln_qkv_bwd(
     weight: torch.Tensor,
     has_bias: bool,
     allow_tf32: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight)
-    dx, dln_w, dln_b, dweight, dbias = _ops().ln_qkv_bwd(
+    _check_ln_qkv_bwd_args(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, backend)
+    dx, dln_w, dln_b, dweight, dbias = _ops(backend).ln_qkv_bwd(
         dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32
     )
     return dx, dln_w, dln_b, dweight, _none_to_empty(dbias, x)
 
 
 @ln_qkv_bwd.register_fake
-def _(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32):
+def _(dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, has_bias, allow_tf32, backend):
     dbias = x.new_empty(weight.shape[0]) if has_bias else x.new_empty(0)
     return x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape), \
         weight.new_empty(weight.shape), dbias  # fmt: skip
 
 
 def _ln_qkv_setup(ctx, inputs, output):
-    x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32 = inputs
+    x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32, backend = inputs
     *_qkv, mean, rstd = output
     ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
-    ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+    ctx.has_bias, ctx.allow_tf32, ctx.backend = bias is not None, allow_tf32, backend
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _ln_qkv_backward(ctx, dq, dk, dv, _dmean, _drstd):
     x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
     dx, dln_w, dln_b, dweight, dbias = ln_qkv_bwd(
-        dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, ctx.has_bias, ctx.allow_tf32
+        dq, dk, dv, x, mean, rstd, ln_weight, ln_bias, weight, ctx.has_bias, ctx.allow_tf32, ctx.backend
     )
-    return dx, dln_w, dln_b, None, dweight, (dbias if ctx.has_bias else None), None, None
+    return dx, dln_w, dln_b, None, dweight, (dbias if ctx.has_bias else None), None, None, None
 
 
 ln_qkv_fwd.register_autograd(_ln_qkv_backward, setup_context=_ln_qkv_setup)
@@ -310,42 +322,47 @@ ln_qkv_fwd.register_autograd(_ln_qkv_backward, setup_context=_ln_qkv_setup)
 
 @torch.library.custom_op("vit_kernels::proj_residual_fwd", mutates_args=())
 def proj_residual_fwd(
-    o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, allow_tf32: bool
+    o: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    allow_tf32: bool,
+    backend: str,
 ) -> torch.Tensor:
-    _check_proj_residual_fwd_args(o, weight, bias, residual)
-    return _ops().proj_residual_fwd(o, weight, bias, residual, allow_tf32)
+    _check_proj_residual_fwd_args(o, weight, bias, residual, backend)
+    return _ops(backend).proj_residual_fwd(o, weight, bias, residual, allow_tf32)
 
 
 @proj_residual_fwd.register_fake
-def _(o, weight, bias, residual, allow_tf32):
+def _(o, weight, bias, residual, allow_tf32, backend):
     return o.new_empty(*o.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("vit_kernels::proj_residual_bwd", mutates_args=())
 def proj_residual_bwd(
-    dout: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool
+    dout: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_proj_residual_bwd_args(dout, o, weight)
-    do, dweight, dbias = _ops().proj_residual_bwd(dout, o, weight, has_bias, allow_tf32)
+    _check_proj_residual_bwd_args(dout, o, weight, backend)
+    do, dweight, dbias = _ops(backend).proj_residual_bwd(dout, o, weight, has_bias, allow_tf32)
     return do, dweight, _none_to_empty(dbias, o)
 
 
 @proj_residual_bwd.register_fake
-def _(dout, o, weight, has_bias, allow_tf32):
+def _(dout, o, weight, has_bias, allow_tf32, backend):
     dbias = o.new_empty(weight.shape[0]) if has_bias else o.new_empty(0)
     return o.new_empty(o.shape), weight.new_empty(weight.shape), dbias
 
 
 def _proj_residual_setup(ctx, inputs, output):
-    o, weight, bias, residual, allow_tf32 = inputs
+    o, weight, bias, residual, allow_tf32, backend = inputs
     ctx.save_for_backward(o, weight)
-    ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+    ctx.has_bias, ctx.allow_tf32, ctx.backend = bias is not None, allow_tf32, backend
 
 
 def _proj_residual_backward(ctx, dout):
     o, weight = ctx.saved_tensors
-    do, dweight, dbias = proj_residual_bwd(dout, o, weight, ctx.has_bias, ctx.allow_tf32)
-    return do, dweight, (dbias if ctx.has_bias else None), dout, None  # the residual's gradient is dout itself
+    do, dweight, dbias = proj_residual_bwd(dout, o, weight, ctx.has_bias, ctx.allow_tf32, ctx.backend)
+    return do, dweight, (dbias if ctx.has_bias else None), dout, None, None  # the residual's gradient is dout
 
 
 proj_residual_fwd.register_autograd(_proj_residual_backward, setup_context=_proj_residual_setup)
@@ -365,12 +382,13 @@ def ln_mlp_fwd(
     residual: bool,
     allow_tf32: bool,
     needs_grad: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_ln_mlp_fwd_args(
-        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual
+        x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, backend
     )
     # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
-    out, hidden, mean, rstd = _ops().ln_mlp_fwd(
+    out, hidden, mean, rstd = _ops(backend).ln_mlp_fwd(
         x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
         needs_grad,
     )  # fmt: skip
@@ -379,7 +397,7 @@ def ln_mlp_fwd(
 
 @ln_mlp_fwd.register_fake
 def _(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, allow_tf32,
-      needs_grad):  # fmt: skip
+      needs_grad, backend):  # fmt: skip
     M = _rows_of(x)
     hidden = x.new_empty(M, fc1_weight.shape[0]) if needs_grad else x.new_empty(0)
     stats = x.new_empty(M, dtype=torch.float32)
@@ -402,11 +420,12 @@ def ln_mlp_bwd(
     approximate: str,
     residual: bool,
     allow_tf32: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_ln_mlp_bwd_args(
-        dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, approximate, residual
+        dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, approximate, residual, backend
     )
-    dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops().ln_mlp_bwd(
+    dx, dln_w, dln_b, dw1, db1, dw2, db2 = _ops(backend).ln_mlp_bwd(
         dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden,
         has_fc1_bias, has_fc2_bias, approximate, residual, allow_tf32,
     )  # fmt: skip
@@ -415,7 +434,7 @@ def ln_mlp_bwd(
 
 @ln_mlp_bwd.register_fake
 def _(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias,
-      approximate, residual, allow_tf32):  # fmt: skip
+      approximate, residual, allow_tf32, backend):  # fmt: skip
     db1 = x.new_empty(fc1_weight.shape[0]) if has_fc1_bias else x.new_empty(0)
     db2 = x.new_empty(fc2_weight.shape[0]) if has_fc2_bias else x.new_empty(0)
     return (
@@ -425,11 +444,13 @@ def _(dout, x, mean, rstd, ln_weight, ln_bias, fc1_weight, fc2_weight, hidden, h
 
 
 def _ln_mlp_setup(ctx, inputs, output):
-    x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32, needs_grad = inputs
+    x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b, approximate, residual, allow_tf32, needs_grad, backend = (
+        inputs
+    )
     _out, hidden, mean, rstd = output
     ctx.save_for_backward(x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd)
     ctx.has_b1, ctx.has_b2 = fc1_b is not None, fc2_b is not None
-    ctx.approximate, ctx.residual, ctx.allow_tf32 = approximate, residual, allow_tf32
+    ctx.approximate, ctx.residual, ctx.allow_tf32, ctx.backend = approximate, residual, allow_tf32, backend
     ctx.mark_non_differentiable(hidden, mean, rstd)
 
 
@@ -437,11 +458,11 @@ def _ln_mlp_backward(ctx, dout, _dhidden, _dmean, _drstd):
     x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd = ctx.saved_tensors
     dx, dln_w, dln_b, dw1, db1, dw2, db2 = ln_mlp_bwd(
         dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
-        ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32,
+        ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32, ctx.backend,
     )  # fmt: skip
     return (
         dx, dln_w, dln_b, None, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -479,8 +500,8 @@ def plan_ln_gelu_mlp(
 # ----------------------------------------------------------------------------------------------------
 def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *, backend="auto"):
     """fused_qkv(layer_norm(x)): x (B, N, C); ln_weight, ln_bias (C,); eps (timm 1e-6, HF 1e-12); qkv_weight
-    (3C, C), qkv_bias (3C,) or None -> q, k, v each (B, H, N, C // H). On triton the normalised x is never
-    written in forward (LayerNorm runs in the GEMM's A-tile prologue)."""
+    (3C, C), qkv_bias (3C,) or None -> q, k, v each (B, H, N, C // H). LayerNorm runs in the GEMM's A-tile prologue
+    (triton's pointer kernels) or as one row kernel writing LN(x) for TMA-fed GEMMs (triton on Hopper, cuda)."""
     (backend, _why), (x, ln_weight, ln_bias, qkv_weight, qkv_bias) = plan_ln_fused_qkv(
         x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, backend=backend
     )
@@ -490,14 +511,15 @@ def ln_fused_qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, num_heads, *,
         y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
         return torch_backend.fused_qkv(y, qkv_weight, qkv_bias, num_heads)
     q, k, v, _mean, _rstd = ln_qkv_fwd(
-        x, ln_weight, ln_bias, float(eps), qkv_weight, qkv_bias, num_heads, dispatch.allow_tf32()
+        x, ln_weight, ln_bias, float(eps), qkv_weight, qkv_bias, num_heads, dispatch.allow_tf32(), backend
     )
     return q, k, v
 
 
 def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
     """residual + o @ proj_weight^T + proj_bias: o (B, N, C_in) (e.g. attention's output as (B, N, H * D), a free
-    view), proj_weight (C, C_in), residual (B, N, C) -> (B, N, C). On triton the add is in the GEMM epilogue."""
+    view), proj_weight (C, C_in), residual (B, N, C) -> (B, N, C). On triton and cuda the add is in the GEMM
+    epilogue."""
     (backend, _why), (o, proj_weight, proj_bias, residual) = plan_proj_residual(
         o, proj_weight, proj_bias, residual, backend=backend
     )
@@ -505,7 +527,7 @@ def proj_residual(o, proj_weight, proj_bias, residual, *, backend="auto"):
         return reference.proj_residual(o, proj_weight, proj_bias, residual)
     if backend == "torch":
         return residual + F.linear(o, proj_weight, proj_bias)
-    return proj_residual_fwd(o, proj_weight, proj_bias, residual, dispatch.allow_tf32())
+    return proj_residual_fwd(o, proj_weight, proj_bias, residual, dispatch.allow_tf32(), backend)
 
 
 def ln_gelu_mlp(
@@ -532,6 +554,6 @@ def ln_gelu_mlp(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, _hidden, _mean, _rstd = ln_mlp_fwd(
         x, ln_weight, ln_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-        dispatch.allow_tf32(), needs_grad,
+        dispatch.allow_tf32(), needs_grad, backend,
     )  # fmt: skip
     return out

@@ -35,8 +35,8 @@ KERNEL_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # GEMM tiles load 16-byte vectors along the reduction dim, so channels come in multiples of 8.
 KERNEL_CHANNEL_MULTIPLE = 8
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The whole-block fused ops (vit_kernels/block.py): triton only, no cuda kernels; a pre-LN block on `auto` fuses
-# only where the table names triton for all three (block.fuses_block).
+# The whole-block fused ops (vit_kernels/block.py); a pre-LN block on `auto` fuses only where the table names a kernel
+# backend for all three (block.fuses_block).
 BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
 OPS = ("attention", "fused_qkv", "gelu_mlp", *BLOCK_OPS)
 MEASURED_TABLE = Path(__file__).with_name("measured_backends.json")
@@ -277,7 +277,6 @@ def parse_table(data, source: str = "measured table") -> dict[TableKey, dict]:
             (key.tokens == bucket(key.tokens), f"tokens {key.tokens} is not a power of two"),
             (key.op == "attention" or key.dim == bucket(key.dim), f"dim {key.dim} is not a power of two"),
             (backend in ("torch", "triton", "cuda"), f"backend {backend!r} is not torch, triton or cuda"),
-            (key.op not in BLOCK_OPS or backend != "cuda", f"{key.op} has no cuda kernels"),
             (key not in table, f"it repeats the key {key}"),
         )
         problems = [message for ok, message in checks if not ok]
@@ -375,11 +374,16 @@ def _select(
 
 
 def _gemm_detail(backend: str, family: str, device: torch.device, dtype: torch.dtype) -> str:
-    """For the cuda backend's GEMM ops: which GEMMs run (CUTLASS sm_90a or mma.sync) and why."""
-    if backend != "cuda" or family != "linear":
+    """For the cuda backend's GEMM ops: which GEMMs run (CUTLASS sm_90a or mma.sync) and why; for its block ops also
+    where LayerNorm runs."""
+    if backend != "cuda" or family == "attention":
         return ""
     from vit_kernels.cuda.linear import gemm_path
 
+    if family == "block":
+        from vit_kernels.cuda.block import LAYER_NORM
+
+        return f"; {LAYER_NORM}; {gemm_path(device, dtype)}"
     return f"; {gemm_path(device, dtype)}"
 
 

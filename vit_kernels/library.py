@@ -56,6 +56,7 @@ _KERNEL_MODULES = {
     ("triton", "block"): "vit_kernels.ops.block",
     ("cuda", "attention"): "vit_kernels.cuda.attention",
     ("cuda", "linear"): "vit_kernels.cuda.linear",
+    ("cuda", "block"): "vit_kernels.cuda.block",
 }
 
 

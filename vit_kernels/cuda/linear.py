@@ -13,13 +13,17 @@ needs unit column stride, a row stride that is a multiple of 8 elements and a 16
 Two GEMM paths (`gemm_path` says which runs, and `vk.explain_backend` quotes it):
 - Hopper (compute capability 9.0, fp16/bf16, a build with CUTLASS's headers): csrc/gemm_sm90_impl.cuh, CUTLASS 3
   collectives (TMA, warp-specialised wgmma, persistent cooperative 128 x 256 x 64 tiles, 2 x 1 clusters) with
-  the bias, bias + GELU (+ the pre-activation as aux) and d-GELU epilogues; weight gradients on the stream-K
-  scheduler with its deterministic reduction. Operands are plain row-major matrices read by TMA, so fused_qkv's
-  head split is not an epilogue here: the product goes to a (B*N, 3C) scratch and a 16-byte-per-thread pass
-  splits it (TMA stores need one strided 2-D box per tile; the (which, head, d) scatter is not one), and the
-  backward reads dq, dk, dv as one (B*N, 3C) matrix, in place when they are views of one packed tensor, else
-  packed by one copy each.
+  the bias, bias + residual, bias + GELU (+ the pre-activation as aux) and d-GELU epilogues; weight gradients on
+  the stream-K scheduler with its deterministic reduction. Operands are plain row-major matrices read by TMA, so
+  fused_qkv's head split is not an epilogue here. The eager path (`packed=True`, PACKED_QKV) needs none: one GEMM
+  writes the (B, N, 3, H, D) buffer whose q / k / v slices it returns. The custom op, whose outputs may not
+  alias, gets the product in a (B*N, 3C) scratch that a 16-byte-per-thread pass splits (TMA stores need one
+  strided 2-D box per tile; the (which, head, d) scatter is not one). The backward reads dq, dk, dv as one
+  (B*N, 3C) matrix, in place when they are views of one packed tensor, else packed by one copy each.
 - everywhere else (sm_80, fp32, or no CUTLASS at build time): csrc/gemm.cu's mma.sync / SIMT kernels above.
+
+`linear_fwd` / `linear_bwd` (one GEMM with a bias and residual epilogue, and its backward) and mlp_fwd's residual
+serve the block ops (vit_kernels/cuda/block.py).
 
 Precision: fp16/bf16 on tensor cores with fp32 accumulation, outputs rounded once. fp32 runs a SIMT
 kernel in full fp32, so `allow_tf32` is accepted for the contract and ignored.
@@ -127,23 +131,104 @@ def _packed_qkv(dq, dk, dv) -> tuple[torch.Tensor, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# one linear layer with a bias and residual epilogue, and its backward (the block ops' projection)
+# ----------------------------------------------------------------------------------------------------
+def _residual(residual: torch.Tensor | None, M: int, N: int) -> tuple[torch.Tensor | None, int]:
+    """The residual as an (M, N) matrix the epilogue reads (see `_rows`) and its row stride; (None, 0) for none."""
+    if residual is None:
+        return None, 0
+    r = _rows(residual.reshape(M, N))
+    return r, r.stride(0)
+
+
+def linear_fwd(
+    a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """a (M, K) any strides, weight (N, K), bias (N,) or None, residual (M, N)-shaped or None
+    -> out (M, N) contiguous = a @ weight^T + bias + residual, the add in the epilogue (fp32, rounded once)."""
+    check_cuda_tensors(a=a, weight=weight, bias=bias, residual=residual)
+    M, K = a.shape
+    N = weight.shape[0]
+    check_like("a", a, weight=(weight, (N, K)), bias=(bias, (N,)))
+    out = _empty((M, N), a)
+    _linear_into(a, weight, bias, residual, out)
+    return out
+
+
+def _linear_into(a, weight, bias, residual, out: torch.Tensor) -> None:
+    """out (M, N) with unit column stride = a @ weight^T + bias + residual (linear_fwd's launch)."""
+    M, K = a.shape
+    N = weight.shape[0]
+    a2, w, b = _rows(a), _rows(weight), _vector(bias)
+    res, ld_res = _residual(residual, M, N)
+    launch = extension().linear_fwd_sm90 if _sm90(a) else extension().linear_fwd
+    with torch.cuda.device(a.device):
+        launch(
+            ptr(a2), a2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(res), ld_res, ptr(out), out.stride(0),
+            M, N, K, dtype_code(a), stream_of(a),
+        )  # fmt: skip
+
+
+def linear_bwd(dout: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+    """dout (M, N), a (M, K) any strides; weight (N, K) -> da (M, K), dweight (N, K), dbias (N,) or None.
+
+    da = dout @ weight, dweight = dout^T @ a (both GEMMs read the operands in place), dbias = column sums of dout
+    (the two-pass reduction through fp32 scratch)."""
+    check_cuda_tensors(dout=dout, a=a, weight=weight)
+    M, K = a.shape
+    N = weight.shape[0]
+    check_like("a", a, weight=(weight, (N, K)), dout=(dout, (M, N)))
+    g, a2, w = _rows(dout), _rows(a), _rows(weight)
+    da = _empty((M, K), a)
+    dweight = _empty((N, K), weight)
+    dbias = _empty((N,), a) if has_bias else None
+    scratch, scratch_floats = _colsum_scratch(N, a) if has_bias else (None, 0)
+    launch = extension().linear_bwd_sm90 if _sm90(a) else extension().linear_bwd
+    with torch.cuda.device(a.device):
+        launch(
+            ptr(g), g.stride(0), ptr(a2), a2.stride(0), ptr(w), w.stride(0), ptr(da), ptr(dweight), ptr(dbias),
+            ptr(scratch), scratch_floats, M, N, K, dtype_code(a), stream_of(a),
+        )  # fmt: skip
+    return da, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------------
 # fused QKV projection
 # ----------------------------------------------------------------------------------------------------
-def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, allow_tf32: bool):
-    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v contiguous (B, H, N, C // H).
+# qkv_fwd takes packed=True (library's eager path): q, k, v come back as the slices of one (B, N, 3, H, D) buffer.
+PACKED_QKV = True
 
-    One GEMM whose epilogue adds the bias and scatters column n of the (B*N, 3C) product to
-    (which = n // C, head = n % C // D, d = n % D): no (B, N, 3C) intermediate.
+
+def qkv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    allow_tf32: bool,
+    packed: bool = False,
+):
+    """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v contiguous (B, H, N, C // H), or with
+    `packed` the q / k / v slices of one (B, N, 3, H, D) buffer (what `unbind` of the reference's reshape gives).
+
+    mma.sync: one GEMM whose epilogue adds the bias and scatters column n of the (B*N, 3C) product to
+    (which = n // C, head = n % C // D, d = n % D): no (B, N, 3C) intermediate. Hopper: see the module doc.
+    Packed: one plain GEMM (bias epilogue) into the buffer, on either path.
     """
     check_cuda_tensors(x=x, weight=weight, bias=bias)
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D (B, N, C), got shape {tuple(x.shape)}")
     B, N, C = x.shape
     check_like("x", x, weight=(weight, (3 * C, C)), bias=(bias, (3 * C,)))
+    D = C // num_heads
+    if packed:
+        qkv = _empty((B, N, 3, num_heads, D), x)
+        _linear_into(x.reshape(B * N, C), weight, bias, None, qkv.view(B * N, 3 * C))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
     b = _vector(bias)
-    q, k, v = (_empty((B, num_heads, N, C // num_heads), x) for _ in range(3))
+    q, k, v = (_empty((B, num_heads, N, D), x) for _ in range(3))
     if _sm90(x):
         qkv = _empty((B * N, 3 * C), x)  # the product, split into q, k, v by a second pass (module doc)
         with torch.cuda.device(x.device):
@@ -210,13 +295,16 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
 # ----------------------------------------------------------------------------------------------------
 # fused GELU-MLP
 # ----------------------------------------------------------------------------------------------------
-def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, allow_tf32: bool):
+def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, allow_tf32: bool, residual=None):
     """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd).
 
     fc1 GEMM with a bias + GELU epilogue storing hidden (the pre-activation, saved for backward since
-    GELU' needs it) and act = gelu(hidden) (scratch, freed on return); fc2 GEMM with a bias epilogue.
+    GELU' needs it) and act = gelu(hidden) (scratch, freed on return); fc2 GEMM with a bias epilogue, which also
+    adds `residual` ((M, C_out)-shaped, any strides; the block op ln_gelu_mlp's x) when given.
     """
-    check_cuda_tensors(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    check_cuda_tensors(
+        x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, residual=residual
+    )
     if x.dim() != 2 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         raise ValueError("x, fc1_weight and fc2_weight must be 2-D")
     M, C = x.shape
@@ -230,10 +318,11 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
     hidden = _empty((M, Hd), x)
     act = _empty((M, Hd), x)
     y = _empty((M, C_out), x)
+    res, ld_res = _residual(residual, M, C_out)
     launch = extension().mlp_fwd_sm90 if _sm90(x) else extension().mlp_fwd
     with torch.cuda.device(x.device):
         launch(
-            ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(b1), ptr(w2), w2.stride(0), ptr(b2),
+            ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(b1), ptr(w2), w2.stride(0), ptr(b2), ptr(res), ld_res,
             ptr(hidden), ptr(act), ptr(y), M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
         )  # fmt: skip
     return y, hidden
