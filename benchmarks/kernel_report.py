@@ -9,7 +9,7 @@ CUDA C++: every kernel in the built extension vit_kernels/_C*.so, read with `cuo
 (HMMA / HGMMA tensor-core instructions, UTMALDG / UTMASTG TMA loads and stores, LDL / STL local-memory accesses).
 The sm_90a CUTLASS GEMMs (csrc/gemm_sm90_impl.cuh) get readable names, their dynamic shared memory and stages from
 _C.sm90_gemm_kernels(), and a tiles-and-waves table per ViT-B/16 product; one without HGMMA or UTMALDG fails.
-Triton: `compile_report(arch)` of vit_kernels.ops.attention, .linear, .block and .tma_gemm (the Hopper GEMMs:
+Triton: `compile_report(arch)` of vit_kernels.triton.attention, .linear, .block and .tma_gemm (the Hopper GEMMs:
 sm_90 only), which compile every shipped config for sm_80 / sm_90; run in a subprocess without TRITON_INTERPRET
 (interpreted kernels cannot be compiled). For the Hopper GEMMs the report adds what proves their design (TMA loads,
 no cp.async ring, wgmma N, ptxas wgmma-serialisation warnings, setmaxnreg) and a wave table per product: output
@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 TRITON_MODULES = (
-    "vit_kernels.ops.attention", "vit_kernels.ops.linear", "vit_kernels.ops.block", "vit_kernels.ops.tma_gemm",
+    "vit_kernels.triton.attention", "vit_kernels.triton.linear", "vit_kernels.triton.block",
+    "vit_kernels.triton.tma_gemm",
 )  # fmt: skip
 # The Hopper facts of a compile_report row (static_check.hopper_features and tma_gemm's wave table), when it has them.
 HOPPER_FIELDS = ("tma_loads", "cp_async", "wgmma_n", "wgmma_serialized", "setmaxnreg")

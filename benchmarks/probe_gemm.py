@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vit_kernels as vk  # noqa: E402
-from vit_kernels.ops import linear, tma_gemm  # noqa: E402
+from vit_kernels.triton import linear, tma_gemm  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():  # CPU: the interpreter runs the kernels (set 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from vit_kernels.ops import linear  # noqa: E402
+from vit_kernels.triton import linear  # noqa: E402
 
 SPLITS = (2, 4, 8)
 

@@ -5,7 +5,7 @@
     python benchmarks/tune_attention.py --shapes "128,12,197,64;64,16,257,80" --dtype fp16
     python benchmarks/tune_attention.py --static-only --dtype fp32 --fp32-precision ieee   # or tf32
 
-The kernels ship a fixed table (`_fwd_config` / `_bwd_config` in vit_kernels/ops/attention.py) so that no
+The kernels ship a fixed table (`_fwd_config` / `_bwd_config` in vit_kernels/triton/attention.py) so that no
 call pays for autotuning. This script is how that table is chosen: it compiles each candidate for the
 target GPU (dropping those that spill or do not fit in shared memory), then, on a GPU, runs each survivor
 on the shape, checks its output against the float64 reference before timing it, and times it (median of
@@ -37,7 +37,7 @@ import attn_bench  # noqa: E402
 import common  # noqa: E402
 
 from vit_kernels import dispatch, reference  # noqa: E402
-from vit_kernels.ops import attention as triton_attention  # noqa: E402
+from vit_kernels.triton import attention as triton_attention  # noqa: E402
 
 # Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages). The small 8-warp tiles are
 # for exact fp32 ("ieee"), whose FMA dots hold whole operand rows per thread.

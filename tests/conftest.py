@@ -282,7 +282,7 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 def ptxas_available() -> bool:
     """Whether Triton's NVIDIA backend (its bundled ptxas) is here to compile for sm_80 / sm_90."""
     try:
-        from vit_kernels.ops import static_check
+        from vit_kernels.triton import static_check
 
         return os.path.exists(static_check.ptxas_path(80))
     except Exception:

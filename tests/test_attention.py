@@ -1,4 +1,4 @@
-"""Triton flash attention (vit_kernels/ops/attention.py): forward, lse and every gradient against float64.
+"""Triton flash attention (vit_kernels/triton/attention.py): forward, lse and every gradient against float64.
 
 Each case calls the launchers directly and, for a subset, goes through the autograd custom op
 (`vit_kernels.library.attention_fwd(..., "triton")` and `.backward()`). Inputs are drawn in the test dtype and
@@ -31,7 +31,7 @@ from conftest import (
 
 import vit_kernels as vk
 from vit_kernels import library, reference
-from vit_kernels.ops import attention as triton_attention
+from vit_kernels.triton import attention as triton_attention
 
 
 @pytest.fixture
@@ -331,7 +331,7 @@ def test_packed_gradients_are_the_same_numbers_in_one_buffer(poisoned, device, N
 def test_eager_backward_hands_fused_qkv_one_packed_dqkv(device, monkeypatch):
     """fused_qkv -> attention -> backward on the eager path: attention's gradients arrive at the QKV projection's
     backward as slices of one buffer, which it reads in place (no gather copy), and the gradients are right."""
-    from vit_kernels.ops import linear
+    from vit_kernels.triton import linear
 
     seen = []
     original = linear._packed_dqkv

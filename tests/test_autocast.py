@@ -33,9 +33,9 @@ def _operand_dtypes(name, grid, args, kwargs):
 def triton_launches(monkeypatch):
     """The list of (kernel name, operand dtypes) of every Triton kernel launched while the test runs."""
     pytest.importorskip("triton")
-    from vit_kernels.ops import attention as attention_ops
-    from vit_kernels.ops import linear as linear_ops
-    from vit_kernels.ops import tma_gemm
+    from vit_kernels.triton import attention as attention_ops
+    from vit_kernels.triton import linear as linear_ops
+    from vit_kernels.triton import tma_gemm
 
     return spy_triton_launches(monkeypatch, (attention_ops, linear_ops, tma_gemm), _operand_dtypes)
 
@@ -72,7 +72,7 @@ def test_triton_launches_see_the_autocast_dtype(device, dtype, triton_launches):
     assert y.dtype == dtype
     y.float().sum().backward()
     launched = {name for name, _ in triton_launches}
-    from vit_kernels.ops import linear as linear_ops
+    from vit_kernels.triton import linear as linear_ops
 
     # 16-bit GEMMs run tma_gemm.py's entry kernels on Hopper and under the interpreter, else linear.py's
     on_tma = linear_ops._arch(torch.device(device)) in linear_ops.TMA_ARCHS

@@ -1,4 +1,4 @@
-"""Whole-block fusion (vit_kernels/block.py, vit_kernels/ops/block.py): LayerNorm in the QKV / fc1 GEMM prologue,
+"""Whole-block fusion (vit_kernels/block.py, vit_kernels/triton/block.py): LayerNorm in the QKV / fc1 GEMM prologue,
 the residual add in the proj / fc2 GEMM epilogue, forward and every gradient (dgamma and dbeta included).
 
 Each case runs the public op on backend="triton" (both GEMM paths) and "cuda" (GPU only) and compares it with
@@ -31,7 +31,7 @@ from conftest import (
 import vit_kernels.block as vkb
 from vit_kernels import reference
 from vit_kernels.cuda import linear as cuda_linear
-from vit_kernels.ops import block, linear
+from vit_kernels.triton import block, linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 _, TIMM_MISSING = import_timm()
@@ -464,7 +464,7 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------------------------------
 REPORT = """
 import json, sys, torch
-from vit_kernels.ops.block import compile_report
+from vit_kernels.triton.block import compile_report
 arch = int(sys.argv[1])
 rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
 # the 64-row "small" tiles of batch 1 (the row kernels do not depend on the batch: compiled once above)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vit_kernels as vk
-from vit_kernels.ops.static_check import exp2_args_with_fma
+from vit_kernels.triton.static_check import exp2_args_with_fma
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 NVCC_HERE = NVCC is not None

@@ -13,7 +13,7 @@ from conftest import TOLERANCES, rel_error
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.cuda import check_like, linear
-from vit_kernels.ops import packed_qkv
+from vit_kernels.triton import packed_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOAT, HALF = 0, 1  # DType codes of fp32 and fp16 (csrc/common.cuh)

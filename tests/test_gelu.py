@@ -1,4 +1,4 @@
-"""The GELU the Triton GEMM epilogues apply (vit_kernels/ops/linear.py), element by element, against float64 torch.
+"""The GELU the Triton GEMM epilogues apply (vit_kernels/triton/linear.py), element by element, against float64 torch.
 
 The MLP parity tests see GELU only through two GEMMs, where an error of a few 1e-6 in the activation (a constant
 wrong in its 5th digit) disappears under the fp32 tolerance. Here the GEMMs are made exact so that the epilogues
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import nan_alloc
 
-from vit_kernels.ops import linear
+from vit_kernels.triton import linear
 
 # |error| <= ULPS * eps32 * max(|h|, 1): the fp32 evaluation of 0.5 h (1 + erf(h / sqrt 2)) (or the tanh form)
 # rounds a few times at the scale of h. Measured under the interpreter (max |error| / (eps32 max(|h|, 1))): value

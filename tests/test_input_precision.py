@@ -2,7 +2,7 @@
 
 The interpreter used to ignore `input_precision` (conftest.py now makes it truncate fp32 operands for "tf32"), and a
 GPU only shows the difference as ~1e-3 of error, so this checks the launches themselves: every module-level
-`@triton.jit` kernel of vit_kernels.ops is wrapped with a recorder, and the public ops run forward and backward.
+`@triton.jit` kernel of vit_kernels.triton is wrapped with a recorder, and the public ops run forward and backward.
   fp32, torch.get_float32_matmul_precision() == "highest" (PyTorch's default) -> "ieee" (exact fp32 dots)
   fp32, "high" or "medium"                                                 -> "tf32"
   fp16 / bf16, any setting                                                  -> "tf32": the launchers' one value for
@@ -14,9 +14,9 @@ import torch
 from conftest import spy_triton_launches
 
 import vit_kernels as vk
-from vit_kernels.ops import attention as triton_attention
-from vit_kernels.ops import linear as triton_linear
-from vit_kernels.ops import tma_gemm
+from vit_kernels.triton import attention as triton_attention
+from vit_kernels.triton import linear as triton_linear
+from vit_kernels.triton import tma_gemm
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

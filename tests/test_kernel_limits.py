@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import DEVICE, TOLERANCES, attention_reference, rel_error, spy_triton_launches
 
-from vit_kernels.ops import attention, block, linear
+from vit_kernels.triton import attention, block, linear
 
 F16 = torch.float16
 ROW_STRIDE = 2**26  # elements: rows 32.. of an operand start at or past 2^31 elements
@@ -215,7 +215,7 @@ def test_every_launch_runs_under_the_tensors_device(spied):
 
 
 def test_every_block_launch_runs_under_the_tensors_device(spied):
-    """The whole-block launchers (ops/block.py) too: their own kernels and linear.py's backward GEMMs."""
+    """The whole-block launchers (triton/block.py) too: their own kernels and linear.py's backward GEMMs."""
     C, H = 32, 2
     x, ln_w, ln_b = torch.zeros(2, 5, C), torch.ones(C), torch.zeros(C)
     w_qkv, w_proj, w1, w2 = torch.zeros(3 * C, C), torch.zeros(C, C), torch.zeros(2 * C, C), torch.zeros(C, 2 * C)

@@ -1,4 +1,4 @@
-"""Triton GEMMs (vit_kernels/ops/linear.py): fused QKV and GELU-MLP, forward and every gradient.
+"""Triton GEMMs (vit_kernels/triton/linear.py): fused QKV and GELU-MLP, forward and every gradient.
 
 Each case compares against the float64 reference (vit_kernels.reference) by relative error with per-dtype
 tolerances, on token counts that never fill a tile (N = 1, 17, 197), odd channel counts (C = 24, 40, 72),
@@ -12,7 +12,7 @@ import torch
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_model, tf32_tolerance
 
 from vit_kernels import library, reference
-from vit_kernels.ops import linear
+from vit_kernels.triton import linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -14,13 +14,13 @@ from conftest import SMEM_LIMIT, compile_report_rows, ptxas_available
 REPORTS = {
     "attention": """
 import json, sys, torch, triton
-from vit_kernels.ops.attention import compile_report
+from vit_kernels.triton.attention import compile_report
 rows = compile_report(int(sys.argv[1]), dtypes=(torch.float16, torch.float32))  # every cell of the table
 print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
 """,
     "linear": """
 import json, sys, torch, triton
-from vit_kernels.ops.linear import compile_report
+from vit_kernels.triton.linear import compile_report
 arch = int(sys.argv[1])
 rows = compile_report(arch, dtypes=(torch.float16, torch.float32))
 rows += compile_report(arch, shapes=((1, 197, 768, 12),), dtypes=(torch.float16,))  # the 64-row "small" tiles
@@ -73,7 +73,7 @@ def test_shipped_configs_compile_without_spills_on_tensor_cores(op, arch):
 
 TMA_GEMM_REPORT = """
 import json, torch, triton
-from vit_kernels.ops.tma_gemm import compile_report
+from vit_kernels.triton.tma_gemm import compile_report
 rows = compile_report(90, dtypes=(torch.bfloat16, torch.float32))
 print(json.dumps([dict(row, triton=triton.__version__) for row in rows]))
 """
@@ -117,7 +117,7 @@ def test_hopper_gemms_are_tma_fed_wgmma_without_spills():
 def test_dtype_precisions_compiles_fp32_once_per_precision():
     import torch
 
-    from vit_kernels.ops.static_check import dtype_precisions
+    from vit_kernels.triton.static_check import dtype_precisions
 
     pairs = list(dtype_precisions((torch.float16, torch.float32)))
     assert pairs == [(torch.float16, True), (torch.float32, False), (torch.float32, True)]

@@ -1,4 +1,4 @@
-"""The Hopper GEMMs (vit_kernels/ops/tma_gemm.py): every entry kernel against float64, and the ops' routing to them.
+"""The Hopper GEMMs (vit_kernels/triton/tma_gemm.py): every entry kernel against float64, and the ops' routing to them.
 
 Under the interpreter (no GPU) linear.TMA_ARCHS includes the CPU, so these kernels run with small tiles and 4
 persistent programs (each program walks several tiles). Shapes are ragged on purpose: M = 296 and 197 rows never
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_round, tf32_tolerance
 
-from vit_kernels.ops import block, linear, tma_gemm
+from vit_kernels.triton import block, linear, tma_gemm
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 M, K, N = 296, 80, 200  # N * 2 bytes and N * 4 bytes are multiples of 16: every operand is TMA-describable

@@ -4,7 +4,7 @@
     proj_residual(o, proj_weight, proj_bias, residual)                           -> residual + o @ W^T + b
     ln_gelu_mlp(x, ln_weight, ln_bias, eps, fc1_w, fc1_b, fc2_w, fc2_b)          -> x + gelu_mlp(LN(x))
 
-Backends: "triton" (vit_kernels/ops/block.py) and "cuda" (vit_kernels/cuda/block.py: csrc's GEMMs, LayerNorm on the
+Backends: "triton" (vit_kernels/triton/block.py) and "cuda" (vit_kernels/cuda/block.py: csrc's GEMMs, LayerNorm on the
 Triton row kernels, so it needs Triton too), forward and backward as torch.library custom ops taking the backend;
 "torch" (the unfused composition F.layer_norm -> the torch backend's op -> add) and "reference" (the same from
 vit_kernels.reference). "auto" follows dispatch's rule: a kernel backend only where the committed measured table
@@ -34,7 +34,7 @@ KERNEL_BACKENDS = ("triton", "cuda")
 
 
 def _ops(backend: str):
-    # The one lazy kernel-module loader (library._kernels: (backend, "block") -> vit_kernels.ops.block or
+    # The one lazy kernel-module loader (library._kernels: (backend, "block") -> vit_kernels.triton.block or
     # vit_kernels.cuda.block).
     return _kernels(backend, "block")
 
@@ -163,7 +163,7 @@ def check_ln_gelu_mlp(
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library custom ops with autograd (glue, as in library.py: the launchers in ops/block.py do the work)
+# torch.library custom ops with autograd (glue, as in library.py: the launchers in triton/block.py do the work)
 # ----------------------------------------------------------------------------------------------------
 # Custom ops rather than autograd Functions so that torch.compile sees one opaque node per call (it cannot trace
 # a Triton launch); fake implementations give it the output shapes. Custom ops cannot return None, so absent

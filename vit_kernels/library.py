@@ -14,7 +14,7 @@ backend, the sizes the kernels support), raising ValueError / TypeError naming t
 forward (`run_*`) does not: the public ops have validated in `dispatch.py` already, and that path exists to
 save host time. The backward always goes through the checked backward op.
 
-Kernel-module contract (implemented by `vit_kernels.ops.attention` / `vit_kernels.ops.linear` for
+Kernel-module contract (implemented by `vit_kernels.triton.attention` / `vit_kernels.triton.linear` for
 Triton and `vit_kernels.cuda.attention` / `vit_kernels.cuda.linear` for CUDA C++). All tensors share
 one dtype unless stated; inputs are validated before they get here (by `dispatch.py` on the public path,
 by the `check_*_args` below on the raw ops), never empty; `allow_tf32` only matters for fp32 inputs.
@@ -48,12 +48,12 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vit_kernels import dispatch
-from vit_kernels.ops import packed_qkv
+from vit_kernels.triton import packed_qkv
 
 _KERNEL_MODULES = {
-    ("triton", "attention"): "vit_kernels.ops.attention",
-    ("triton", "linear"): "vit_kernels.ops.linear",
-    ("triton", "block"): "vit_kernels.ops.block",
+    ("triton", "attention"): "vit_kernels.triton.attention",
+    ("triton", "linear"): "vit_kernels.triton.linear",
+    ("triton", "block"): "vit_kernels.triton.block",
     ("cuda", "attention"): "vit_kernels.cuda.attention",
     ("cuda", "linear"): "vit_kernels.cuda.linear",
     ("cuda", "block"): "vit_kernels.cuda.block",

@@ -1,4 +1,4 @@
-"""CUDA backend of the whole-block ops: the kernel-module contract of `vit_kernels.ops.block`, on csrc's GEMMs.
+"""CUDA backend of the whole-block ops: the kernel-module contract of `vit_kernels.triton.block`, on csrc's GEMMs.
 
     ln_qkv:         q, k, v = split_heads(LN(x) @ W^T + b)                 x (B, N, C), W (3C, C)
     proj_residual:  out = residual + o @ W^T + b                           o, residual (B, N, C), W (C, C)
@@ -6,7 +6,7 @@
 
 Every GEMM is cuda/linear.py's (CUTLASS sm_90a on Hopper fp16 / bf16, mma.sync or SIMT elsewhere; `gemm_path`),
 with the residual added in the epilogue of proj and fc2 (fp32, rounded once, as the Triton kernels do).
-LayerNorm stays on the Triton row kernels of vit_kernels/ops/block.py (`ln_rows`: statistics and LN(x) in one
+LayerNorm stays on the Triton row kernels of vit_kernels/triton/block.py (`ln_rows`: statistics and LN(x) in one
 pass; `ln_apply` recomputes LN(x) in backward from the saved statistics; `ln_backward` takes dy through the
 normalisation, adds the residual's gradient and sums dgamma / dbeta deterministically): the GEMMs read LN(x) as a
 plain matrix, as the Triton backend's Hopper path does, and one LayerNorm implementation serves both backends.
@@ -16,10 +16,10 @@ plain matrix, as the Triton backend's Hopper path does, and one LayerNorm implem
 from __future__ import annotations
 
 from vit_kernels.cuda import linear
-from vit_kernels.ops.block import ln_apply, ln_backward, ln_rows
+from vit_kernels.triton.block import ln_apply, ln_backward, ln_rows
 
 # What explain_backend adds for these ops (vit_kernels.dispatch._gemm_detail).
-LAYER_NORM = "LayerNorm on the Triton row kernels (vit_kernels/ops/block.py)"
+LAYER_NORM = "LayerNorm on the Triton row kernels (vit_kernels/triton/block.py)"
 
 
 def ln_qkv_fwd(x, ln_weight, ln_bias, eps, weight, bias, num_heads, allow_tf32):

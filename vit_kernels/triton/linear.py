@@ -49,10 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.ops import arch as _arch
-from vit_kernels.ops import on_device as _on_device
-from vit_kernels.ops import packed_qkv, static_check, tma_gemm
-from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
+from vit_kernels.triton import arch as _arch
+from vit_kernels.triton import on_device as _on_device
+from vit_kernels.triton import packed_qkv, static_check, tma_gemm
+from vit_kernels.triton.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
 A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2

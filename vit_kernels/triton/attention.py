@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.ops import arch as _arch
-from vit_kernels.ops import on_device as _on_device
-from vit_kernels.ops import static_check
+from vit_kernels.triton import arch as _arch
+from vit_kernels.triton import on_device as _on_device
+from vit_kernels.triton import static_check
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Python global is not a constexpr
 
@@ -362,7 +362,7 @@ def _operands(dtype: torch.dtype, precision: str) -> str:
 
 def _fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; precision as `_input_precision` gives it, arch as
-    `vit_kernels.ops.arch` (90: the sm_90 entries first)."""
+    `vit_kernels.triton.arch` (90: the sm_90 entries first)."""
     key = (_operands(dtype, precision), block_d)
     small, medium, large = _FWD_CONFIGS_SM90[key] if arch == 90 and key in _FWD_CONFIGS_SM90 else _FWD_CONFIGS[key]
     return small if N <= 64 else (medium if N <= 256 else large)

@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.ops import linear, static_check, tma_gemm
-from vit_kernels.ops.gemm_helpers import gelu_fwd, grouped_tile, split_offset, store_head_split
-from vit_kernels.ops.linear import EPI_GELU, EPI_QKV, EPI_STORE
+from vit_kernels.triton import linear, static_check, tma_gemm
+from vit_kernels.triton.gemm_helpers import gelu_fwd, grouped_tile, split_offset, store_head_split
+from vit_kernels.triton.linear import EPI_GELU, EPI_QKV, EPI_STORE
 
 
 # ----------------------------------------------------------------------------------------------------

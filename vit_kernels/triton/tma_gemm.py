@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from vit_kernels.ops.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
+from vit_kernels.triton.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -618,7 +618,7 @@ def compile_report(arch: int = 90, shapes=REPORT_SHAPES, dtypes=(torch.float16, 
     per product: kernel, entry (the @triton.jit entry kernel), dtype, config, the `static_check.usage` fields
     (registers, spills, shared memory, TMA loads, cp.async, mbarrier, setmaxnreg, wgmma N, serialisation warnings)
     and the wave table (tiles, splits, work units, programs, CTAs per SM, waves)."""
-    from vit_kernels.ops import static_check
+    from vit_kernels.triton import static_check
 
     if arch not in CONFIGS:  # sm_80 has no TMA: its GEMMs are linear.py's, reported there
         return []
