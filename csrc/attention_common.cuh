@@ -55,8 +55,8 @@ constexpr float kNegInf = -__builtin_huge_valf();
 // x * y rounded to fp32, never contracted into an FMA with what follows (nvcc and ptxas contract a plain multiply
 // feeding an add). Every base-2 logit (S * scale * log2 e) and base-2 lse goes through it, so that the backward
 // rounds each logit as the forward did and its P agrees, key by key, with the forward's P behind out and
-// delta = rowsum(dO * O). dq = sum_j dS_j k_j cancels, so it amplifies any disagreement: fp32 dq was 4e-4 instead
-// of 1e-5 at logits ~ -144 on an H100 while the backward fused S * scale - lse.
+// delta = rowsum(dO * O). dq = sum_j dS_j k_j cancels, so it amplifies any disagreement past fp32 tolerance at very
+// negative logits when the backward fuses S * scale - lse (benchmarks/NOTES.md, attention).
 __device__ __forceinline__ float mul_rounded(float x, float y) { return __fmul_rn(x, y); }
 
 // ====================================================================================================

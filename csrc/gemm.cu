@@ -516,9 +516,8 @@ __global__ void __launch_bounds__(SimtConfig::kThreads) gemm_simt_kernel(OpA a, 
 }
 
 // Column sums (bias gradients), pass 1: block (32, 8) sums rows [split * rows_per_split, ...) of 32 columns
-// (split = blockIdx.y) into scratch[split * cols + col], fp32. Splitting the rows is what fills the GPU: the
-// one-pass kernel before it ran cols / 32 blocks (72 for ViT-B's dQKV, 24 for dy), each over all 50,432 rows,
-// and took 1.46 ms for ViT-B's 232 MB dQKV on the H200 (3% of DRAM bandwidth).
+// (split = blockIdx.y) into scratch[split * cols + col], fp32. Splitting the rows is what fills the GPU: one pass
+// has only cols / 32 blocks (72 for ViT-B's dQKV, 24 for dy), each over every row (benchmarks/NOTES.md, fused_qkv).
 template <class T, class Op>
 __global__ void __launch_bounds__(256) colsum_partial_kernel(Op src, float* scratch, int rows, int cols,
                                                              int rows_per_split) {

@@ -48,7 +48,7 @@ class TrainConfig:
     backend: str = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     # CPU intra-op threads for the run (restored after). A model this small gains nothing from more, and on
-    # a shared machine extra OpenMP threads spin-wait: measured 30 ms/step with 1 thread, 50-1400 with 2.
+    # a shared machine extra OpenMP threads spin-wait and make each step slower (benchmarks/NOTES.md).
     threads: int | None = 1
     out: str | None = "runs/digits"  # None: write nothing
     overwrite: bool = False  # allow a non-empty `out` (its metrics.json, loss_curve.png, model.pt are replaced)

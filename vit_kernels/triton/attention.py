@@ -23,7 +23,7 @@ fp32 uses tf32 only when `allow_tf32`, else exact fp32 ("ieee") dots.
 Static check (`compile_report`, Triton 3.6, 3.8 and 3.9, ptxas -v; no GPU needed): every shipped config compiles
 with 0 spills; on sm_90 every 16-bit and tf32 dot becomes Hopper `wgmma.mma_async`, on sm_80 `mma.sync`; exact fp32
 ("ieee") dots are FMA loops. sm_90 fp16, N = 197, D = 64: forward 127 registers / 56 KB shared, dK/dV 142 / 32 KB,
-dQ 92 / 32 KB. Not yet measured on a GPU.
+dQ 92 / 32 KB. GPU times are in benchmarks/NOTES.md (attention).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Pyt
 def _tile_and_head(HEADS_FIRST: tl.constexpr):
     # (row tile, (batch, head)) of this program. Tiles go on grid axis 0, which launches first, so the programs
     # of one head run together and the K / V (or Q / dO) they all stream come from DRAM once, then from L2. With
-    # B * H first, the tiles of a head were B * H programs apart and each re-read them from DRAM: the H200
-    # profile (benchmarks/results/nvidia-h200-2026-11-26.md) read 778 MB in the forward for 310 MB of tensors.
+    # B * H first, the tiles of a head are B * H programs apart and each re-reads them from DRAM (benchmarks/NOTES.md).
     # Axes 1 and 2 stop at 65,535, which B * H passes at ViT-B batch 5,462: then HEADS_FIRST puts B * H on axis 0
     # (up to 2^31 - 1). A flat axis 0 of tiles * B * H would serve both, but its runtime division made the fp32
     # dK/dV kernels spill (sm_80, sm_90).
@@ -274,8 +273,8 @@ def _attn_bwd_dq_kernel(
         # Key columns past N (k = 0, so s = 0) must not leak P = exp(-lse) into dQ, nor overflow to inf on the
         # way: masked before exp2. Masked before the subtraction, as in the forward: fused into one FMA, S * scale
         # - lse skips the rounding of the product that the forward keeps, so P disagrees key by key with the
-        # forward's P behind out (so delta), and dq = sum_j dS_j k_j, which cancels, amplifies that: fp32 dq was
-        # 4e-4 instead of 1e-5 at logits ~ -144 on an H100 (static_check.exp2_args_with_fma).
+        # forward's P behind out (so delta), and dq = sum_j dS_j k_j, which cancels, amplifies that into an fp32
+        # dq error far past tolerance at very negative logits (static_check.exp2_args_with_fma checks the PTX).
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -293,10 +292,9 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (operands, BLOCK_D, N bucket) so that a call costs no
 # autotuning; benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below
 # rest on the static step (registers / spills / shared memory from compiling for sm_80 and sm_90 with Triton
-# 3.6, 3.8 and 3.9); on sm_90 an H200 then timed the 16-bit ones against the alternatives at ViT-B/16 and
-# ViT-H/14, and `_FWD_CONFIGS_SM90` / `_BWD_CONFIGS_SM90` hold where it found faster ones; sm_80 and fp32 are
-# untimed. Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor cores) and "ieee" (exact fp32: FMA loops, the
-# default under PyTorch's matmul precision "highest").
+# 3.6, 3.8 and 3.9); `_FWD_CONFIGS_SM90` / `_BWD_CONFIGS_SM90` replace the sm_90 16-bit entries that a timed
+# tune beat (benchmarks/NOTES.md, attention). Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor cores)
+# and "ieee" (exact fp32: FMA loops, the default under PyTorch's matmul precision "highest").
 # ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12), so the grid
 # (cdiv(N, BLOCK_M) * B * H) already fills 132 SMs; tiles are picked for occupancy and for 0 spills on every
 # Triton, since ptxas's choices move between versions (e.g. tf32 dK/dV at BLOCK_D 128, 32 x 64 / 8 warps /
@@ -340,15 +338,12 @@ _BWD_CONFIGS = {  # (operands, BLOCK_D): (streamed, held, num_warps, num_stages)
     ("tf32", 128): (16, 64, 8, 2),
     **{("ieee", block_d): (16, 64, 8, 2) for block_d in (32, 64, 128)},
 }
-# sm_90 entries that replace the ones above, each from an H200 measurement (benchmarks/tune_attention.py, bf16,
-# benchmarks/results/nvidia-h200-2026-11-27.md): the fastest candidate where it beat the table by more than
-# noise. sm_80 keeps the table: nothing has been measured there, and 4 warps at BLOCK_D = 128 spill 12 bytes in
-# dK/dV on sm_80 (D = 80), 0 on sm_90 (254 registers).
-#  - 16-bit fwd, BLOCK_D 64, N <= 256: 128 x 32 on 4 warps (two m64 wgmma per warpgroup), 0.179 ms against 0.196
-#    for 64 x 64 at ViT-B/16 (256 x 12 heads x 197 x 64).
-#  - 16-bit fwd, BLOCK_D 128, N > 256: 64 x 64 on 4 warps, 0.513 ms against 0.634 for 128 x 64 on 8 at ViT-H/14
-#    (196 x 16 x 257 x 80).
-#  - 16-bit bwd, BLOCK_D 128: 4 warps, 1.55 ms against 3.31 on 8 at ViT-H/14.
+# sm_90 entries that replace the ones above: where benchmarks/tune_attention.py (bf16) timed a candidate faster
+# than the table by more than noise (the times: benchmarks/NOTES.md, attention). sm_80 keeps the table: 4 warps at
+# BLOCK_D = 128 spill 12 bytes in dK/dV on sm_80 (D = 80), 0 on sm_90 (254 registers).
+#  - 16-bit fwd, BLOCK_D 64, N <= 256: 128 x 32 on 4 warps (two m64 wgmma per warpgroup), from ViT-B/16.
+#  - 16-bit fwd, BLOCK_D 128, N > 256: 64 x 64 on 4 warps, from ViT-H/14.
+#  - 16-bit bwd, BLOCK_D 128: 4 warps, from ViT-H/14.
 _FWD_CONFIGS_SM90 = {
     ("16bit", 64): ((64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)),
     ("16bit", 128): ((64, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3)),

@@ -19,8 +19,8 @@ Constexpr switches pick
              to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store acc * GELU'(hidden) and
              GELU(hidden).
 
-Bias gradients are column sums of dY, never in a GEMM's mainloop (the fused row sum made the dW GEMM 2.3x slower on
-an H200, benchmarks/NOTES.md): a torch reduction beside the GEMMs, except dfc1_bias on the Hopper path, which the
+Bias gradients are column sums of dY, never in a GEMM's mainloop (a fused row sum slows every program of the dW GEMM,
+benchmarks/NOTES.md, gelu_mlp): a torch reduction beside the GEMMs, except dfc1_bias on the Hopper path, which the
 dGELU epilogue sums per row tile (fp32 partials added in row-tile order: deterministic, no second pass).
 
 Precision: fp16 / bf16 operands on tensor cores with fp32 accumulation, each output rounded once to the input
@@ -199,8 +199,7 @@ def _gemm_kernel(
 #    matmul precision "highest") are FMA loops that hold operand rows in registers, so they get 64 x 64 tiles on 8
 #    warps: 4 warps spilled 16 bytes in mlp_bwd_dx on Triton 3.9 sm_90 (96 registers); 8 warps need <= 80.
 #  - Every config compiles with 0 spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (tests/test_static_kernels.py).
-#    The sm_90 16-bit configs ran on an H200 (benchmarks/results/nvidia-h200-2026-11-27.md) but no sweep of GEMM tiles
-#    has been timed; sm_80 is untimed.
+#    The tiles come from this static step, not from a timed sweep (GPU runs: benchmarks/NOTES.md).
 #  - The interpreter (CPU tensors) runs every program in numpy: one mid-size tile keeps the tests quick.
 _SM_COUNT = {90: 132, 80: 108}
 _CONFIGS = {
@@ -373,7 +372,8 @@ def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, **epilogu
 
 
 # K slices of the weight-gradient GEMMs (dW = dY^T @ X, K = tokens), which have few output tiles (features x
-# features) over a long K. 1: no split, until a GPU measurement picks one (benchmarks/probe_weight_grad.py).
+# features) over a long K. 1: no split, until benchmarks/probe_weight_grad.py times a split 1.3x faster
+# (benchmarks/NOTES.md, gelu_mlp).
 _WEIGHT_GRAD_SPLIT_K = 1
 
 

@@ -84,8 +84,8 @@ def exp2_args_with_fma(ptx: str) -> int:
     `sub` / `add` of a plain `mul` (ptxas contracts those into one FFMA; `mul.rn` it leaves alone), looking back
     through selp and mov. Attention's backward must round S * scale as its forward did: `S * scale - lse` fused
     into one FMA skips the rounding of the product that the forward keeps, so P disagrees key by key with the
-    forward's in the last bits, and dq = sum_j dS_j k_j amplifies that (fp32 dq 4e-4 instead of 1e-5 at logits
-    ~ -144 on an H100, both backends)."""
+    forward's in the last bits, and dq = sum_j dS_j k_j amplifies that past fp32 tolerance at very negative logits
+    (both backends; benchmarks/NOTES.md, attention)."""
     lines = ptx.splitlines()
     defs = {
         m.group(2): (m.group(1), [a.strip() for a in m.group(3).split(",")]) for m in map(_PTX_DEF.match, lines) if m

@@ -22,7 +22,7 @@ Entry kernels (each ~20 lines around `_mainloop`):
 
 Hopper warp specialisation (`tl.range(..., warp_specialize=True)`) is not used: on Triton 3.6, 3.8 and 3.9 it
 compiles to the same kernel (no `setmaxnreg`, no producer warp) at 8 warps, and fails in the compiler at 4 warps
-(benchmarks/NOTES.md, 2026-12-03). The pipelining that Triton gives a TMA loop on sm_90 (mbarrier ring of
+(benchmarks/NOTES.md, Hopper GEMMs). The pipelining that Triton gives a TMA loop on sm_90 (mbarrier ring of
 `num_stages` tiles, async wgmma) is what runs.
 
 Launch configs: named fields (`GemmConfig`), one table per arch, below the kernels. Precision: fp16 / bf16 on
@@ -305,8 +305,8 @@ class GemmConfig(NamedTuple):
     quarters: bool = False  # GELU epilogues: (BLOCK_M, BLOCK_N / 4) sub-tiles instead of halves
 
 
-# (precision, epilogue) -> config, per arch. Untimed: every sm_90 entry is a prediction (benchmarks/NOTES.md,
-# 2026-12-03) that the next GPU run measures against the pointer kernel and cuBLAS (benchmarks/probe_gemm.py).
+# (precision, epilogue) -> config, per arch. The sm_90 entries come from the compile report, not from timing; their
+# predicted times, and benchmarks/probe_gemm.py's against the pointer kernel and cuBLAS, are in benchmarks/NOTES.md.
 #  - 16-bit: 128 x 256 x 64 on 8 warps (two m64n256 wgmma warpgroups), 3 stages of 48 KB. Plain stores flatten the
 #    tile loop (the next tile's TMA loads run under this tile's epilogue); the epilogues with erf or a gather do
 #    not, since flattening keeps the next accumulator live beside the epilogue's temporaries (spills).
