@@ -17,9 +17,10 @@ layout), it passed parity (rel err finite and within common.TOLERANCE) and its m
   block      `eager`  (block_bench: the block on backend "torch", which is what `auto` runs without an entry); the
              kernels are block_bench's fused providers, `fused` (triton) and `fused_cuda` (cuda). A block cell
              (C bucket, B*N bucket) that one of them wins becomes three entries for its backend, one per
-             dispatch.BLOCK_OPS, so the ViT block on `auto` fuses there (vit_kernels.block.fuses_block needs all
-             three). torch.compile is not something `auto` can pick, so the `compile` rows are not a baseline; the
-             `unfused` and `unfused_cuda` rows are not one backend of the block ops and are ignored.
+             dispatch.BLOCK_OPS, so the ViT block on `auto` fuses there
+             (vit_kernels.ops.pre_ln_block.fuses_block needs all three). torch.compile is not something `auto` can
+             pick, so the `compile` rows are not a baseline; the `unfused` and `unfused_cuda` rows are not one
+             backend of the block ops and are ignored.
 Where both kernel backends qualify, the one with the smaller total time wins. Every other cell stays out,
 so `auto` runs `torch` there. Stdout lists each cell's decision and why. CPU results and other benchmarks'
 rows are ignored (and said so).

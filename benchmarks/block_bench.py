@@ -12,7 +12,7 @@ providers (same weights, vit.model.Block):
   unfused_cuda  as unfused, on backend "cuda" (the same three ops on csrc's kernels)
   fused_cuda    the block's fused path on backend "cuda" (vit_kernels/cuda/block.py): the same four ops; LayerNorm on
                 the Triton row kernels (LN(x) written once, read by csrc's GEMM), residual adds in the GEMM epilogues
-The fused providers are skipped where vit_kernels.block.fuses_block says the block would not fuse.
+The fused providers are skipped where vit_kernels.ops.pre_ln_block.fuses_block says the block would not fuse.
 auto_table.py reads `fused` and `fused_cuda` (against `eager`) into `auto`'s block entries.
 
 FLOPs: 2MC(3C) + 4BN^2C + 2MC^2 + 4MC*hidden forward; backward 2x the GEMMs and 2.5x attention.
@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from vit.model import Block, ViTConfig  # noqa: E402
-from vit_kernels import block as vk_block  # noqa: E402
 from vit_kernels import reference  # noqa: E402
+from vit_kernels.ops import pre_ln_block  # noqa: E402
 
 PROVIDERS = ("eager", "compile", "unfused", "fused", "unfused_cuda", "fused_cuda")
 # The backend each provider's vit.model.Block runs on; FUSED run the block's fused path (Block.forward), the others
@@ -102,7 +102,7 @@ def predicted_fwd_bytes(provider: str, s: Shape, elem: int) -> float:
 
 def skip_reason(provider: str, device: str, args) -> str | None:
     """Why `provider` cannot run on `device` at all, or None. The cuda backend's fused block also needs Triton on
-    the device (its LayerNorm row kernels), as vit_kernels.block's own check says."""
+    the device (its LayerNorm row kernels), as vit_kernels.ops.pre_ln_block's own check says."""
     backend = BACKEND[provider]
     if backend == "torch":
         return None
@@ -172,7 +172,7 @@ def run_cell(report, provider: str, s: Shape, mode: str, args, dtype) -> dict | 
         n_sets = common.n_input_sets((2 if grad else 1) * s.M * s.C * elem, args.device)
         xs = [torch.randn(s.B, s.N, s.C, device=args.device, dtype=dtype).requires_grad_(grad) for _ in range(n_sets)]
         douts = [torch.randn_like(x) for x in xs] if grad else None
-        if provider in FUSED and not vk_block.fuses_block(BACKEND[provider], xs[0]):
+        if provider in FUSED and not pre_ln_block.fuses_block(BACKEND[provider], xs[0]):
             raise common.Skip(f"vit.model.Block on backend {BACKEND[provider]!r} would not take its fused path here")
         err = common.first_call(lambda: check(blk, f, xs[0], douts[0] if grad else None))
 

@@ -1,7 +1,8 @@
 """Triton flash attention (vit_kernels/triton/attention.py): forward, lse and every gradient against float64.
 
 Each case calls the launchers directly and, for a subset, goes through the autograd custom op
-(`vit_kernels.library.attention_fwd(..., "triton")` and `.backward()`). Inputs are drawn in the test dtype and
+(`vit_kernels.ops.attention.ATTENTION.forward_op(..., "triton")` and `.backward()`). Inputs are drawn in the test
+dtype and
 the reference (`vit_kernels.reference.attention`, grads by autograd) runs on float64 copies of exactly those
 values. Every buffer the launchers allocate starts as NaN, so an element a kernel never writes (a tail row,
 a masked head-dim column) fails the test. Every tensor lives on the `device` fixture's device: compiled kernels
@@ -30,7 +31,8 @@ from conftest import (
 )
 
 import vit_kernels as vk
-from vit_kernels import library, reference
+from vit_kernels import reference
+from vit_kernels.ops.attention import ATTENTION
 from vit_kernels.triton import attention as triton_attention
 
 
@@ -198,7 +200,7 @@ def test_autograd_custom_op_matches_attention_reference(poisoned, device, N, D, 
         leaves = (q, k, v)
     dout = randn(B, H, N, D, dtype=dtype, device=device)
 
-    out, lse = library.attention_fwd(q, k, v, scale, False, "triton")
+    out, lse = ATTENTION.forward_op(q, k, v, scale, False, "triton")
     out.backward(dout)
 
     ref_out, ref_lse, ref_grads = attention_reference(q, k, v, dout, scale)

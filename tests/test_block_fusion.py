@@ -1,5 +1,6 @@
-"""Whole-block fusion (vit_kernels/block.py, vit_kernels/triton/block.py): LayerNorm in the QKV / fc1 GEMM prologue,
-the residual add in the proj / fc2 GEMM epilogue, forward and every gradient (dgamma and dbeta included).
+"""Whole-block fusion (vit_kernels/ops/ln_fused_qkv.py, proj_residual.py, ln_gelu_mlp.py; the kernels in
+vit_kernels/triton/block.py and vit_kernels/cuda/block.py): LayerNorm in the QKV / fc1 GEMM prologue, the residual add
+in the proj / fc2 GEMM epilogue, forward and every gradient (dgamma and dbeta included).
 
 Each case runs the public op on backend="triton" (both GEMM paths) and "cuda" (GPU only) and compares it with
 the float64 reference (vit_kernels.reference) by relative error: the per-dtype tolerance, or twice the error of the
@@ -28,7 +29,7 @@ from conftest import (
     skip_unless_runs,
 )
 
-import vit_kernels.block as vkb
+import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.cuda import linear as cuda_linear
 from vit_kernels.triton import block, linear
@@ -130,7 +131,7 @@ def test_ln_fused_qkv(B, N, C, H, eps, rows, dtype, path):
     grads = [_randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
 
     def triton_fn(x, ln_w, ln_b, w, b):
-        return vkb.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H, backend=_backend(path))
+        return vk.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H, backend=_backend(path))
 
     def ref_fn(x, ln_w, ln_b, w, b):
         return tuple(reference.ln_fused_qkv(x, ln_w, ln_b, eps, w, b, H))
@@ -154,7 +155,7 @@ def test_proj_residual(B, N, C, H, eps, rows, dtype, o_rows, path):
     grads = [_randn(B, N, C, dtype=dtype)]
 
     def triton_fn(o, w, b, residual):
-        return vkb.proj_residual(o, w, b, residual, backend=_backend(path))
+        return vk.proj_residual(o, w, b, residual, backend=_backend(path))
 
     _check_all("proj_residual", reference.proj_residual, [o, w, b, residual], grads, triton_fn)
 
@@ -175,7 +176,7 @@ def test_ln_gelu_mlp(B, N, C, H, eps, rows, dtype, path):
     grads = [_randn(B, N, C, dtype=dtype)]
 
     def triton_fn(x, ln_w, ln_b, w1, b1, w2, b2):
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate=approximate, backend=_backend(path))
+        return vk.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate=approximate, backend=_backend(path))
 
     def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
         return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, approximate)
@@ -297,7 +298,7 @@ def test_ln_gelu_mlp_without_residual_or_biases(dtype):
     grads = [_randn(B, N, 32, dtype=dtype)]
 
     def triton_fn(x, ln_w, ln_b, w1, w2):
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, None, w2, None, residual=False, backend="triton")
+        return vk.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, None, w2, None, residual=False, backend="triton")
 
     def ref_fn(x, ln_w, ln_b, w1, w2):
         return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, None, w2, None, "none", False)
@@ -327,7 +328,7 @@ def test_ln_fused_qkv_large_eps_and_constant_row(backend, dtype):
     grads = [_randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
 
     def backend_fn(x, ln_w, ln_b, w, b):
-        return vkb.ln_fused_qkv(x, ln_w, ln_b, LARGE_EPS, w, b, H, backend=backend)
+        return vk.ln_fused_qkv(x, ln_w, ln_b, LARGE_EPS, w, b, H, backend=backend)
 
     def ref_fn(x, ln_w, ln_b, w, b):
         return tuple(reference.ln_fused_qkv(x, ln_w, ln_b, LARGE_EPS, w, b, H))
@@ -346,7 +347,7 @@ def test_ln_gelu_mlp_large_eps_and_constant_row(backend, dtype):
     grads = [_randn(B, N, C, dtype=dtype)]
 
     def backend_fn(x, ln_w, ln_b, w1, b1, w2, b2):
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, LARGE_EPS, w1, b1, w2, b2, backend=backend)
+        return vk.ln_gelu_mlp(x, ln_w, ln_b, LARGE_EPS, w1, b1, w2, b2, backend=backend)
 
     def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
         return reference.ln_gelu_mlp(x, ln_w, ln_b, LARGE_EPS, w1, b1, w2, b2)
@@ -371,7 +372,7 @@ def test_proj_residual_sequence_first_residual(backend, dtype):
     grads = [_sequence_first(B, N, C, dtype)]
 
     def backend_fn(o, w, b, residual):
-        return vkb.proj_residual(o, w, b, residual, backend=backend)
+        return vk.proj_residual(o, w, b, residual, backend=backend)
 
     _check_all(f"proj_residual[{backend}]", reference.proj_residual, [o, w, b, residual], grads, backend_fn)
 
@@ -387,7 +388,7 @@ def test_ln_gelu_mlp_sequence_first_residual(backend, dtype):
     grads = [_sequence_first(B, N, C, dtype)]
 
     def backend_fn(x, ln_w, ln_b, w1, b1, w2, b2):
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, backend=backend)
+        return vk.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2, backend=backend)
 
     def ref_fn(x, ln_w, ln_b, w1, b1, w2, b2):
         return reference.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, b2)
@@ -414,15 +415,15 @@ def test_backends_agree_and_auto_is_torch():
     x = _x(B, N, C, F32, "plain")
     ln_w, ln_b = _ln_params(C, F32)
     w, b = _randn(3 * C, C, dtype=F32, scale=C**-0.5), _randn(3 * C, dtype=F32)
-    auto = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H)
-    torch_out = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="torch")
-    ref = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="reference")
+    auto = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H)
+    torch_out = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="torch")
+    ref = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="reference")
     for a, t, r in zip(auto, torch_out, ref, strict=True):
         assert torch.equal(a, t)
         assert rel_error(t, r) < 1e-5
     ln = F.layer_norm(x, (C,), ln_w, ln_b, 1e-6)
     w1, w2 = _randn(128, C, dtype=F32), _randn(C, 128, dtype=F32)
-    out = vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="torch")
+    out = vk.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="torch")
     assert torch.allclose(out, x + F.linear(F.gelu(F.linear(ln, w1)), w2), atol=1e-5)
 
 
@@ -432,31 +433,31 @@ def test_bad_arguments_are_named():
     ln_w, ln_b = _ln_params(C, F32)
     w, b = _randn(3 * C, C, dtype=F32), _randn(3 * C, dtype=F32)
     with pytest.raises(ValueError, match="ln_weight"):
-        vkb.ln_fused_qkv(x, _randn(C + 1, dtype=F32), ln_b, 1e-6, w, b, 2)
+        vk.ln_fused_qkv(x, _randn(C + 1, dtype=F32), ln_b, 1e-6, w, b, 2)
     with pytest.raises(ValueError, match="eps"):
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 0.0, w, b, 2)
+        vk.ln_fused_qkv(x, ln_w, ln_b, 0.0, w, b, 2)
     with pytest.raises(TypeError, match="qkv_weight"):
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w.half(), b, 2)
+        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w.half(), b, 2)
     with pytest.raises(ValueError, match="qkv_weight"):
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w[:C], b, 2)
+        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w[:C], b, 2)
     with pytest.raises(ValueError, match="num_heads"):
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 3)
+        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 3)
     with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs"):  # CPU tensors
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="cuda")
+        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
-        vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
+        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
     with pytest.raises(ValueError, match="multiples of 8"):
-        vkb.proj_residual(_randn(1, 3, 20, dtype=F32), _randn(20, 20, dtype=F32), None, _randn(1, 3, 20, dtype=F32),
+        vk.proj_residual(_randn(1, 3, 20, dtype=F32), _randn(20, 20, dtype=F32), None, _randn(1, 3, 20, dtype=F32),
                           backend="triton")  # fmt: skip
     with pytest.raises(ValueError, match="residual"):
-        vkb.proj_residual(x, _randn(C, C, dtype=F32), None, _randn(1, 4, C, dtype=F32))
+        vk.proj_residual(x, _randn(C, C, dtype=F32), None, _randn(1, 4, C, dtype=F32))
     with pytest.raises(ValueError, match="residual"):
-        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(32, 128, dtype=F32), None)
+        vk.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(32, 128, dtype=F32), None)
     with pytest.raises(ValueError, match="approximate"):
         w1, w2 = _randn(128, C, dtype=F32), _randn(C, 128, dtype=F32)
-        vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, approximate="x")
+        vk.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, approximate="x")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        vkb.ln_gelu_mlp(None, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(C, 128, dtype=F32), None)
+        vk.ln_gelu_mlp(None, ln_w, ln_b, 1e-6, _randn(128, C, dtype=F32), None, _randn(C, 128, dtype=F32), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -503,7 +504,7 @@ def test_autocast_casts_inputs_and_returns_grads_in_their_dtype():
     ln_w, ln_b = (t.requires_grad_() for t in _ln_params(C, F32))
     w = _randn(3 * C, C, dtype=F32, scale=C**-0.5).requires_grad_()
     with torch.autocast(DEVICE.type, dtype=BF16):
-        q, k, v = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
+        q, k, v = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
     assert q.dtype == BF16
     ref = reference.ln_fused_qkv(*_double([x, ln_w, ln_b]), 1e-6, w.double(), None, H)
     assert rel_error(q, ref[0]) < 2e-2
@@ -571,7 +572,7 @@ def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, gr
     ln_w, ln_b = _ln_params(C, F32)
     w1, b1, w2 = _randn(Hd, C, dtype=F32, scale=C**-0.5), _randn(Hd, dtype=F32), _randn(C, Hd, dtype=F32)
     with torch.set_grad_enabled(grad):
-        out = vkb.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, None, backend="triton")
+        out = vk.ln_gelu_mlp(x, ln_w, ln_b, eps, w1, b1, w2, None, backend="triton")
     assert shapes.count((B * N, Hd)) == (2 if grad else 1)
     assert out.requires_grad == grad
     ref = reference.ln_gelu_mlp(*_double([x.detach(), ln_w, ln_b]), eps, w1.double(), b1.double(), w2.double(), None)
@@ -594,10 +595,10 @@ def test_torch_compile_sees_one_node_per_op_no_graph_break(monkeypatch):
     params = [t.requires_grad_(True) for t in (x, ln_w, ln_b, w, pw, pb, w1, w2)]
 
     def fused_block(x, ln_w, ln_b, w, pw, pb, w1, w2):
-        q, k, v = vkb.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
+        q, k, v = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, None, H, backend="triton")
         o = q.transpose(1, 2).reshape(x.shape) + v.transpose(1, 2).reshape(x.shape) * k.mean()
-        x = vkb.proj_residual(o, pw, pb, x, backend="triton")
-        return vkb.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="triton")
+        x = vk.proj_residual(o, pw, pb, x, backend="triton")
+        return vk.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend="triton")
 
     explanation = torch._dynamo.explain(fused_block)(*params)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -99,7 +99,7 @@ def test_fullgraph_under_autocast(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_tracing_sees_one_custom_op_per_call(backend):
-    """Eager calls skip the custom-op dispatcher (library._eager); anything that traces must still see the ops:
+    """Eager calls skip the custom-op dispatcher (kernel_op._eager); anything that traces must still see the ops:
     make_fx (a dispatch mode) records vit_kernels::attention_fwd, not the kernel's internals."""
     skip_unless_runs(backend)
     from torch.fx.experimental.proxy_tensor import make_fx

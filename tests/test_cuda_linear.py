@@ -95,7 +95,8 @@ def test_fused_qkv_matches_reference(poisoned, dtype, shape, has_bias, layout):
     out = vk.fused_qkv(xc, wc, bc, H, backend="cuda")
     torch.autograd.backward(out, grads)
 
-    # the eager path (library._QkvEager, PACKED_QKV): q, k, v are the slices of one (B, N, 3, H, D) buffer
+    # the eager path (ops/fused_qkv.py's eager forward, PACKED_QKV): q, k, v are the slices of one (B, N, 3, H, D)
+    # buffer
     assert packed_qkv(*out) is not None, "q, k, v must be the slices of one packed buffer"
     for name, o, r in zip("qkv", out, ref_out):
         _check(name, o, r, dtype)

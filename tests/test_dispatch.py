@@ -17,6 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_kernels as vk
 from vit_kernels import dispatch
+from vit_kernels.ops import attention as attention_op
+from vit_kernels.ops import fused_qkv as fused_qkv_op
+from vit_kernels.ops import gelu_mlp as gelu_mlp_op
 
 KERNEL_BACKENDS = ("triton", "cuda")
 
@@ -64,9 +67,9 @@ def test_available_backends_on_cpu():
 def test_auto_on_cpu_is_torch_never_reference():
     q, k, v = _attn_inputs(device="cpu")
     reason = "auto on cpu is torch: kernel backends are picked only from GPU measurements"
-    assert dispatch.check_attention(q, k, v, None, "auto")[0] == ("torch", reason)
-    assert dispatch.check_fused_qkv(*_qkv_inputs(device="cpu"), 2, "auto") == ("torch", reason)
-    assert dispatch.check_gelu_mlp(*_mlp_inputs(device="cpu"), "none", "auto") == ("torch", reason)
+    assert attention_op.check(q, k, v, None, "auto")[0] == ("torch", reason)
+    assert fused_qkv_op.check(*_qkv_inputs(device="cpu"), 2, "auto") == ("torch", reason)
+    assert gelu_mlp_op.check(*_mlp_inputs(device="cpu"), "none", "auto") == ("torch", reason)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -86,7 +89,7 @@ def test_auto_on_cuda_is_torch_where_nothing_was_measured(monkeypatch):
 def test_explicit_backend_is_honoured_or_raises():
     q, k, v = _attn_inputs()
     for backend in vk.available_backends(DEVICE):
-        assert dispatch.check_attention(q, k, v, None, backend)[0] == (backend, f"backend={backend!r} was requested")
+        assert attention_op.check(q, k, v, None, backend)[0] == (backend, f"backend={backend!r} was requested")
     cpu = _attn_inputs(device="cpu")
     with pytest.raises(ValueError, match="backend='cuda'.*CUDA"):
         vk.attention(*cpu, backend="cuda")
@@ -97,7 +100,7 @@ def test_explicit_backend_is_honoured_or_raises():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_unsupported_head_dim_names_backend_and_dim(backend):
     q, k, v = _attn_inputs(D=40)
-    assert dispatch.check_attention(q, k, v, None, "auto")[0].backend == "torch"  # auto routes around it
+    assert attention_op.check(q, k, v, None, "auto")[0].backend == "torch"  # auto routes around it
     _skip_unless_runs(backend)
     with pytest.raises(ValueError, match=rf"backend='{backend}'.*head dim D=40 is not supported"):
         vk.attention(q, k, v, backend=backend)
@@ -105,7 +108,7 @@ def test_unsupported_head_dim_names_backend_and_dim(backend):
 
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = _attn_inputs(D=64)
-    assert dispatch.check_attention(q, k, v, None, "torch")[1] == pytest.approx(64**-0.5)
+    assert attention_op.check(q, k, v, None, "torch")[1] == pytest.approx(64**-0.5)
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
@@ -274,9 +277,9 @@ def test_torch_compile_has_no_graph_breaks(backend, monkeypatch):
 
 
 def test_partial_build_is_reported_not_crashed(monkeypatch):
-    from vit_kernels import library
+    from vit_kernels import kernel_op
 
-    monkeypatch.setitem(library._KERNEL_MODULES, ("torch", "attention"), "vit_kernels.no_such_module")
+    monkeypatch.setitem(kernel_op.KERNEL_MODULES, ("torch", "attention"), "vit_kernels.no_such_module")
     reason = dispatch._missing_kernels("torch", "attention")
     assert reason == "this build of vit_kernels has no torch attention kernels (vit_kernels.no_such_module is missing)"
     assert dispatch._missing_kernels("torch", "linear") is None
@@ -331,7 +334,7 @@ def test_auto_takes_the_measured_backend_only_where_it_was_measured(fake_cuda, m
     q = _cuda(2, 3, 197, 64)
     backend, reason = vk.explain_backend("attention", q, q, q)
     assert (backend, reason) == ("triton", "measured correct and fastest for sm_90 attention bf16 D=64 N<=256: triton")
-    assert dispatch.check_attention(q, q, q, None, "auto")[0].backend == "triton"
+    assert attention_op.check(q, q, q, None, "auto")[0].backend == "triton"
     assert vk.explain_backend("attention", *[_cuda(2, 3, 129, 64)] * 3).backend == "triton"  # same bucket
     # every other key misses: another N bucket, head dim, dtype, op, arch
     assert vk.explain_backend("attention", *[_cuda(2, 3, 257, 64)] * 3).backend == "torch"
@@ -555,8 +558,8 @@ def test_find_spec_is_looked_up_once_per_module(monkeypatch):
     for _ in range(50):
         dispatch.available_backends("cpu")
         for backend in ("auto", "torch", *vk.available_backends("cpu")):
-            dispatch.check_attention(q, k, v, None, backend)
-            dispatch.check_fused_qkv(x, w, b, 2, backend)
+            attention_op.check(q, k, v, None, backend)
+            fused_qkv_op.check(x, w, b, 2, backend)
     assert len(calls) == len(set(calls)), calls
 
 
@@ -663,7 +666,7 @@ def test_auto_table_takes_the_arch_from_the_capability_the_benchmarks_record(aut
 
 
 # ----------------------------------------------------------------------------------------------------
-# the whole-block fused ops (vit_kernels/block.py) and the ViT block on auto: the same table
+# the whole-block fused ops (vit_kernels/ops/pre_ln_block.py) and the ViT block on auto: the same table
 # ----------------------------------------------------------------------------------------------------
 def _block_args(B=8, N=197, C=192, hidden=768, heads=3, dtype=torch.bfloat16):
     """Fake CUDA arguments of the three block ops (call inside fake_cuda)."""
@@ -685,7 +688,7 @@ def _block_table(*ops, dim=256, tokens=2048, dtype="bf16", arch="sm_90"):
 
 
 def test_auto_block_ops_follow_the_measured_table(fake_cuda, monkeypatch):
-    from vit_kernels import block as vkb
+    from vit_kernels.ops import pre_ln_block as vkb
 
     x, args = _block_args()  # C = 192 -> C<=256, B * N = 1576 -> B*N<=2048
     for op, op_args in args.items():

@@ -1,10 +1,11 @@
 """The raw custom ops refuse bad arguments; empty batches (B = 0) give empty outputs and gradients.
 
-Raw ops: `torch.ops.vit_kernels.*` (library.py, block.py) are public, so a direct caller can hand them what autograd
-never would (a wrong-shaped lse or hidden, a gradient of another dtype). Each checks every tensor argument before a
-kernel sees it and raises ValueError / TypeError naming the argument and what was expected; the checks are real
-`if ... raise`, not `assert` (which `python -O` removes). The eager path of the public ops (`library.run_*`, which
-skips the dispatcher) is validated by dispatch.py and must not run them a second time.
+Raw ops: `torch.ops.vit_kernels.*` (each op's module in vit_kernels/ops/) are public, so a direct caller can hand
+them what autograd never would (a wrong-shaped lse or hidden, a gradient of another dtype). Each checks every
+tensor argument before a kernel sees it and raises ValueError / TypeError naming the argument and what was
+expected; the checks are real `if ... raise`, not `assert` (which `python -O` removes). The eager path of the
+public ops (`KernelOp.__call__`, which skips the dispatcher) is validated by the op modules' own checks and must
+not run them a second time.
 
 Empty batches: every op, on every backend, returns correctly-shaped empty outputs for B = 0 (for gelu_mlp, x with
 no rows), and backward gives input gradients of the inputs' shapes and weight / bias gradients of zeros, as
@@ -20,7 +21,8 @@ from conftest import DEVICE, skip_unless_runs
 
 import vit
 import vit_kernels as vk
-from vit_kernels import block, library
+from vit_kernels import kernel_op
+from vit_kernels.ops import attention, fused_qkv, gelu_mlp, ln_fused_qkv, ln_gelu_mlp, proj_residual
 
 F32 = torch.float32
 # Small shapes every kernel backend takes: head dim 32, channels multiples of 8; C_out != C catches swapped sizes.
@@ -207,19 +209,29 @@ def test_raw_op_names_an_argument_on_another_device(op, name):
 
 
 def test_eager_forward_skips_the_raw_op_checks(monkeypatch):
-    """The public ops validate in dispatch.py and call the kernels through `library.run_*` without the dispatcher;
-    the raw ops' checks would only cost host time there. (Backward always goes through the checked raw ops.)"""
+    """The public ops validate once (each op module's `check`) and call the kernels through `KernelOp.__call__`
+    without the dispatcher; the raw ops' checks would only cost host time there. (Backward always goes through the
+    checked raw ops.)"""
     skip_unless_runs("triton")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a raw-op check ran on the eager forward path")
 
-    for name in ("check_attention_fwd_args", "check_qkv_fwd_args", "check_mlp_fwd_args"):
-        monkeypatch.setattr(library, name, refuse)
+    for module in (attention, fused_qkv, gelu_mlp):
+        monkeypatch.setattr(module, "check_forward_args", refuse)
+    for name in ("check_first", "check_arg"):  # what the block ops' raw forwards check with
+        for module in (kernel_op, proj_residual, ln_gelu_mlp):
+            monkeypatch.setattr(module, name, refuse, raising=False)
+    monkeypatch.setattr(ln_fused_qkv.fused_qkv, "check_forward_args", refuse)
     x, w, b = _t(B, N, C), _t(3 * C, C), _t(3 * C)
     q, k, v = vk.fused_qkv(x, w, b, H, backend="triton")
     out = vk.attention(q, k, v, backend="triton")
     vk.gelu_mlp(out.transpose(1, 2).reshape(B, N, C), _t(HD, C), _t(HD), _t(C_OUT, HD), None, backend="triton")
+    ln_w, ln_b = _t(C), _t(C)
+    q, k, v = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, H, backend="triton")
+    o = vk.attention(q, k, v, backend="triton").transpose(1, 2).reshape(B, N, C)
+    y = vk.proj_residual(o, _t(C, C), _t(C), x, backend="triton")
+    vk.ln_gelu_mlp(y, ln_w, ln_b, 1e-6, _t(HD, C), _t(HD), _t(C, HD), None, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,8 +291,7 @@ def _no_kernels(monkeypatch):
     def refuse(*args):
         raise AssertionError(f"an empty batch reached the kernels {args}")
 
-    monkeypatch.setattr(library, "_kernels", refuse)
-    monkeypatch.setattr(block, "_kernels", refuse)
+    monkeypatch.setattr(kernel_op, "kernels", refuse)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton", "cuda"])

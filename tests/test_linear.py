@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_model, tf32_tolerance
 
-from vit_kernels import library, reference
+from vit_kernels import reference
+from vit_kernels.ops.fused_qkv import QKV
+from vit_kernels.ops.gelu_mlp import MLP
 from vit_kernels.triton import linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -286,7 +288,7 @@ def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# through autograd: the custom ops of vit_kernels.library with backend "triton"
+# through autograd: the custom ops (vit_kernels/ops/*.py) with backend "triton"
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("has_bias", [True, False])
@@ -296,7 +298,7 @@ def test_qkv_autograd(device, dtype, has_bias):
     weight = randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5).requires_grad_(True)
     bias = randn(3 * C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     grads = _grads(B, N, H, C // H, dtype, "packed", device)
-    q, k, v = library.qkv_fwd(x, weight, bias, H, False, "triton")
+    q, k, v = QKV.forward_op(x, weight, bias, H, False, "triton")
     torch.autograd.backward((q, k, v), grads)
     outs_ref, grads_ref = _qkv_reference(x, weight, bias, H, grads)
     tol = TOLERANCES[dtype]
@@ -318,7 +320,7 @@ def test_mlp_autograd(device, dtype, approximate, has_bias):
     b1 = randn(Hd, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     b2 = randn(C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     dy = randn(M, C, dtype=dtype, device=device)
-    y, _hidden = library.mlp_fwd(x, w1, b1, w2, b2, approximate, False, "triton")
+    y, _hidden = MLP.forward_op(x, w1, b1, w2, b2, approximate, False, "triton")
     y.backward(dy)
     y_ref, grads_ref = _mlp_reference(x, w1, b1, w2, b2, approximate, dy)
     tols = _mlp_tolerances(False, x, w1, b1, w2, b2, approximate, dy, y_ref, grads_ref)

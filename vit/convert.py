@@ -8,7 +8,7 @@
   reason, in the returned PatchSummary. No weight is copied or moved, the state dict is unchanged, and
   autograd reaches the same parameters. `patch_timm` also patches timm's pre-LN `Block` (LayerNorms, patched
   attention and MLP, no LayerScale) and `patch_hf` HF's `ViTLayer`, to run whole-block fused where
-  `vit_kernels.block.fuses_block` says so.
+  `vit_kernels.ops.pre_ln_block.fuses_block` says so.
 
 Hugging Face key names -> ours (`{i}` is the layer index; the prefix `vit.` of
 `ViTForImageClassification` is optional, `ViTModel` has none):
@@ -49,8 +49,8 @@ import torch.nn as nn
 
 import vit_kernels as vk
 from vit.model import VisionTransformer, _pair, fused_block_forward, resize_pos_embed
-from vit_kernels import block as vk_block
 from vit_kernels import dispatch
+from vit_kernels.ops import pre_ln_block
 
 # (regex on the key without "vit." and without the ".weight"/".bias" suffix) -> our name; "{i}" from group 1.
 _HF_GLOBAL = {
@@ -217,7 +217,7 @@ class PatchSummary:
     `attention`, `mlp`: qualified module names now running the fused ops. `skipped`: (name, reason) of each
     attention- or MLP-like module that keeps its own forward. `blocks`: pre-LN blocks patched to run whole-block
     fused (vk.ln_fused_qkv -> vk.attention -> vk.proj_residual -> vk.ln_gelu_mlp) where
-    `vit_kernels.block.fuses_block` says so, and their patched attention and MLP otherwise; `unfused_blocks`:
+    `vit_kernels.ops.pre_ln_block.fuses_block` says so, and their patched attention and MLP otherwise; `unfused_blocks`:
     (name, reason) of blocks of a known class, or of a subclass of one, that keep their own forward (their
     attention and MLP may still be patched; these are not skips: `strict` ignores them). `str(summary)` is a
     readable report.
@@ -232,7 +232,7 @@ class PatchSummary:
     def __str__(self) -> str:
         lines = [
             f"patched {len(self.attention)} attention and {len(self.mlp)} MLP modules onto the fused ops "
-            f"and {len(self.blocks)} blocks (fused whole where vit_kernels.block.fuses_block says); "
+            f"and {len(self.blocks)} blocks (fused whole where vit_kernels.ops.pre_ln_block.fuses_block says); "
             f"{len(self.skipped)} left on their own forward"
         ]
         lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -296,7 +296,7 @@ def _check_backend(backend: str, head_dim: int | None = None, **channels: int) -
         if support.head_dims is not None and head_dim not in support.head_dims:
             raise _Skip(f"head dim {head_dim} is not supported by backend={backend!r} (supported: {support.head_dims})")
         channels["head dim"] = head_dim
-    objection = dispatch._channel_objection(channels)(backend)
+    objection = dispatch.channel_objection(channels)(backend)
     if objection:
         raise _Skip(f"backend={backend!r} {objection}")
 
@@ -402,7 +402,7 @@ def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x.dim() != 3
         or _has_call_args(args, kwargs)
         or _timm_block_dropping(self)
-        or not vk_block.fuses_block(self._vk_backend, x)
+        or not pre_ln_block.fuses_block(self._vk_backend, x)
     ):
         return type(self).forward(self, x, *args, **kwargs)
     attn, mlp = self.attn, self.mlp
@@ -538,7 +538,7 @@ def _hf_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **
         or hidden_states.dim() != 3
         or _hf_wants_more(attn.config, kwargs)
         or (self.dropout.training and self.dropout.p)
-        or not vk_block.fuses_block(backend, hidden_states)
+        or not pre_ln_block.fuses_block(backend, hidden_states)
     ):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     weight, bias = _hf_qkv_parameters(attn)
@@ -723,8 +723,9 @@ def patch_timm(model: nn.Module, backend: str = "auto", *, strict: bool = False)
     state dict and autograd are unchanged). A call with an attention mask, is_causal=True or a non-(B, N, C)
     input runs the module's original forward, so outputs never change. A `vision_transformer.Block` whose norms
     are LayerNorms with weight and bias, whose attention and MLP are patched, with no LayerScale, and drop-path
-    Identity or DropPath, is patched too (`summary.blocks`): where `vit_kernels.block.fuses_block(backend, x)`
-    says so (triton; auto where the measured table names triton) it runs vk.ln_fused_qkv -> vk.attention ->
+    Identity or DropPath, is patched too (`summary.blocks`): where
+    `vit_kernels.ops.pre_ln_block.fuses_block(backend, x)` says so (triton, cuda; auto where the measured table names
+    one) it runs vk.ln_fused_qkv -> vk.attention ->
     vk.proj_residual -> vk.ln_gelu_mlp, and otherwise (other backends, a mask, active drop-path or dropout in
     training) its own forward on the patched attention and MLP. Blocks that cannot are listed, with the
     reason, in `summary.unfused_blocks` (not a skip: strict ignores them). Every other attention- or MLP-like
@@ -748,7 +749,7 @@ def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -
     relative position bias keeps its attention. A call with an attention mask or output_attentions runs the
     original forward (the patched one forms no attention weights), so outputs never change. ViT's own
     `ViTLayer` (not the other families') whose attention and MLP are patched is patched too (`summary.blocks`):
-    whole-block fused where `vit_kernels.block.fuses_block` says so, its own forward otherwise (a mask, other
+    whole-block fused where `vit_kernels.ops.pre_ln_block.fuses_block` says so, its own forward otherwise (a mask, other
     arguments, hidden dropout active in training, other backends). Other modules are listed in
     `summary.skipped` with the reason; a subclass of any of these classes keeps its forward and is listed too
     (in `skipped`; a `ViTLayer` subclass in `unfused_blocks`). transformers < 5 (ViTSelfAttention with query/key/value)

@@ -3,7 +3,7 @@
 A config dataclass with named presets, then the modules. The modules hold parameters and call
 `vk.fused_qkv`, `vk.attention` and `vk.gelu_mlp` with the model's `backend`; they do no math of their
 own beyond the residual adds, LayerNorm, the patch convolution and the head, so switching
-`backend` switches every kernel and nothing else. Where `vit_kernels.block.fuses_block` says so (the
+`backend` switches every kernel and nothing else. Where `vit_kernels.ops.pre_ln_block.fuses_block` says so (the
 `triton` and `cuda` backends, and `auto` where the measured table names one for the block ops; outside autocast and
 stochastic depth), a block runs the whole-block fused ops instead:
 `vk.ln_fused_qkv` -> `vk.attention` -> `vk.proj_residual` -> `vk.ln_gelu_mlp` (same weights, same math).
@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vit_kernels as vk
-from vit_kernels import block as vk_block
+from vit_kernels.ops import pre_ln_block
 
 # ----------------------------------------------------------------------------------------------------
 # config and presets
@@ -255,7 +255,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
         # Stochastic depth scales a branch before its residual add, which the fused epilogues cannot do.
         dropping = self.training and isinstance(self.drop_path1, DropPath)
-        if not dropping and vk_block.fuses_block(self.attn.backend, x):
+        if not dropping and pre_ln_block.fuses_block(self.attn.backend, x):
             return self._fused_forward(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

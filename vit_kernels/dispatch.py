@@ -1,4 +1,4 @@
-"""The one place that validates inputs and picks a backend.
+"""The one place that picks a backend (`select`), and the input checks every op module (vit_kernels/ops/) shares.
 
 Each backend declares what it supports (devices, dtypes, head dims, channel alignment, compute
 capability, whether it is built/importable here); a backend named explicitly either accepts the inputs
@@ -8,7 +8,7 @@ other, then runs no kernel: the torch composition returns its empty outputs (`em
 `auto` runs a kernel backend only where a GPU measurement showed it correct and faster than `torch`:
 the committed table `measured_backends.json` (written by `benchmarks/auto_table.py` from GPU benchmark
 results) maps (arch, op, dtype, head dim or channel bucket, token bucket) to a backend; everything it
-does not cover, and every CPU input, runs on `torch`. `explain` says which backend a call gets and why.
+does not cover, and every CPU input, runs on `torch`. `vk.explain_backend` says which backend a call gets and why.
 
 Under `torch.autocast` the public ops first cast their floating inputs to the autocast dtype
 (`autocast_inputs`), as `F.linear` and SDPA do, so validation, the table and the kernels all see the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import warnings
@@ -35,8 +34,8 @@ KERNEL_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 # GEMM tiles load 16-byte vectors along the reduction dim, so channels come in multiples of 8.
 KERNEL_CHANNEL_MULTIPLE = 8
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The whole-block fused ops (vit_kernels/block.py); a pre-LN block on `auto` fuses only where the table names a kernel
-# backend for all three (block.fuses_block).
+# The whole-block fused ops (vit_kernels/ops/pre_ln_block.py); a pre-LN block on `auto` fuses only where the table
+# names a kernel backend for all three (pre_ln_block.fuses_block).
 BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
 OPS = ("attention", "fused_qkv", "gelu_mlp", *BLOCK_OPS)
 MEASURED_TABLE = Path(__file__).with_name("measured_backends.json")
@@ -88,7 +87,7 @@ def _triton_interpreter_ready() -> bool:
     return ready
 
 
-def _cuda_extension():
+def cuda_extension():
     try:
         from vit_kernels import _C
     except ImportError as exc:  # built without nvcc, or a broken build
@@ -136,7 +135,7 @@ def device_unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"triton kernels need a CUDA device, got {device.type}"
         return None if _capability(device)[0] >= 8 else "triton kernels need compute capability >= 8.0"
     if backend == "cuda":
-        _C, reason = _cuda_extension()
+        _C, reason = cuda_extension()
         if reason:
             return reason
         if device.type != "cuda":
@@ -155,7 +154,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # input checks shared by the ops
 # ----------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t, ndim: int | None = None, batch_dims: int = 0) -> None:
+def check_tensor(name: str, t, ndim: int | None = None, batch_dims: int = 0) -> None:
     """`batch_dims`: how many leading dims of t may be 0 (an empty batch, answered by `empty_batch`); -1: all but
     the last (x (..., C)). Any other empty dim (channels, heads, tokens, a weight's) is an error."""
     if not isinstance(t, torch.Tensor):
@@ -171,7 +170,7 @@ def _check_tensor(name: str, t, ndim: int | None = None, batch_dims: int = 0) ->
         raise ValueError(f"{name} must be non-empty{only}, got shape {tuple(t.shape)}")
 
 
-def _check_same(named: dict[str, torch.Tensor | None]) -> None:
+def check_same(named: dict[str, torch.Tensor | None]) -> None:
     present = {n: t for n, t in named.items() if t is not None}
     (first_name, first), *rest = present.items()
     for name, t in rest:
@@ -181,16 +180,16 @@ def _check_same(named: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must match")
 
 
-def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def _missing_kernels(backend: str, family: str) -> str | None:
     """Why this package has no `family` kernels for `backend` (a partial build), or None."""
-    from vit_kernels.library import _KERNEL_MODULES
+    from vit_kernels.kernel_op import KERNEL_MODULES
 
-    module = _KERNEL_MODULES.get((backend, family))
+    module = KERNEL_MODULES.get((backend, family))
     if module is None or _module_found(module):
         return None
     return f"this build of vit_kernels has no {backend} {family} kernels ({module} is missing)"
@@ -316,6 +315,13 @@ def _load_committed_table(path: Path) -> tuple[dict[TableKey, dict], str]:
 # Read once at import: a lookup per op call must cost a dict access, and a file read could not be traced
 # by torch.compile. Tests swap in their own table with monkeypatch.
 _TABLE, _TABLE_PROBLEM = _load_committed_table(MEASURED_TABLE)
+
+
+def measured_table_size() -> int:
+    """How many (arch, op, dtype, size) cells of `auto`'s measured table name a backend (0: auto is torch on CUDA)."""
+    return len(_TABLE)
+
+
 _REQUESTED = {b: f"backend={b!r} was requested" for b in BACKENDS}
 
 
@@ -329,7 +335,7 @@ def _table_key(device: torch.device, op: str, dtype: torch.dtype, dim: int, toke
     return TableKey(f"sm_{major}{minor}", op, name, dim, bucket(tokens))
 
 
-def _select(
+def select(
     backend: str,
     device: torch.device,
     op: str,
@@ -398,7 +404,7 @@ def empty_batch(choice: Choice) -> Choice:
     return Choice("torch", reason)
 
 
-def _channel_objection(dims: dict[str, int]):
+def channel_objection(dims: dict[str, int]):
     """objection(b) for channel counts `dims` (name -> size): which are not multiples of b's alignment."""
 
     def objection(b: str) -> str | None:
@@ -410,7 +416,7 @@ def _channel_objection(dims: dict[str, int]):
 
 
 # ----------------------------------------------------------------------------------------------------
-# autocast, then per-op validation: returns the resolved backend
+# autocast and the precision setting, read by every op before its kernels
 # ----------------------------------------------------------------------------------------------------
 def autocast_inputs(*tensors):
     """`tensors` as an op under `torch.autocast` runs them, the way F.linear and SDPA do: with autocast on for
@@ -425,72 +431,6 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in DTYPES else t for t in tensors)
-
-
-def check_attention(q, k, v, scale, backend: str) -> tuple[Choice, float]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=4, batch_dims=1)
-    _check_same({"q": q, "k": k, "v": v})
-    _check_shape("k", k, q.shape, "q.shape (B, H, N, D)")
-    _check_shape("v", v, q.shape, "q.shape (B, H, N, D)")
-    head_dim = q.shape[-1]
-    if scale is None:
-        scale = head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-
-    def objection(b: str) -> str | None:
-        dims = SUPPORT[b].head_dims
-        if dims is None or head_dim in dims:
-            return None
-        return f"head dim D={head_dim} is not supported (supported: {dims})"
-
-    choice = _select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), objection)
-    return (empty_batch(choice) if q.shape[0] == 0 else choice), float(scale)
-
-
-def check_fused_qkv(x, weight, bias, num_heads, backend: str) -> Choice:
-    _check_tensor("x", x, ndim=3, batch_dims=1)
-    _check_tensor("weight", weight, ndim=2)
-    if bias is not None:
-        _check_tensor("bias", bias, ndim=1)
-    _check_same({"x": x, "weight": weight, "bias": bias})
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise TypeError(f"num_heads must be a positive int, got {num_heads!r}")
-    C = x.shape[-1]
-    if C % num_heads:
-        raise ValueError(f"x's channel count C={C} must be divisible by num_heads={num_heads}")
-    _check_shape("weight", weight, (3 * C, C), "(3C, C)")
-    if bias is not None:
-        _check_shape("bias", bias, (3 * C,), "(3C,)")
-    # The head-split epilogue stores 16-byte vectors per head, so the head dim is aligned like a channel count.
-    objection = _channel_objection({"C": C, "head dim C // num_heads": C // num_heads})
-    choice = _select(backend, x.device, "fused_qkv", (x.dtype, C, x.shape[0] * x.shape[1]), objection)
-    return empty_batch(choice) if x.shape[0] == 0 else choice
-
-
-def check_gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend: str) -> Choice:
-    _check_tensor("x", x, batch_dims=-1)
-    _check_tensor("fc1_weight", fc1_weight, ndim=2)
-    _check_tensor("fc2_weight", fc2_weight, ndim=2)
-    for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias)):
-        if t is not None:
-            _check_tensor(name, t, ndim=1)
-    _check_same(
-        {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
-    )
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    C, hidden, C_out = x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]
-    _check_shape("fc1_weight", fc1_weight, (hidden, C), "(hidden, C) with C = x.shape[-1]")
-    _check_shape("fc2_weight", fc2_weight, (C_out, hidden), "(C_out, hidden) with hidden = fc1_weight.shape[0]")
-    if fc1_bias is not None:
-        _check_shape("fc1_bias", fc1_bias, (hidden,), "(hidden,)")
-    if fc2_bias is not None:
-        _check_shape("fc2_bias", fc2_bias, (C_out,), "(C_out,)")
-    objection = _channel_objection({"C": C, "hidden": hidden, "C_out": C_out})
-    choice = _select(backend, x.device, "gelu_mlp", (x.dtype, C, x.numel() // C), objection)
-    return empty_batch(choice) if x.numel() == 0 else choice
 
 
 # A constant to torch.compile (the precision setting is read at trace time, like a Python global), so it

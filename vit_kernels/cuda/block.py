@@ -10,7 +10,7 @@ LayerNorm stays on the Triton row kernels of vit_kernels/triton/block.py (`ln_ro
 pass; `ln_apply` recomputes LN(x) in backward from the saved statistics; `ln_backward` takes dy through the
 normalisation, adds the residual's gradient and sums dgamma / dbeta deterministically): the GEMMs read LN(x) as a
 plain matrix, as the Triton backend's Hopper path does, and one LayerNorm implementation serves both backends.
-`vk.explain_backend` says so; the backend therefore needs Triton on the GPU too (`vit_kernels.block` checks).
+`vk.explain_backend` says so; the backend therefore needs Triton on the GPU too (`ops/pre_ln_block.select` checks).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from vit_kernels.cuda import linear
 from vit_kernels.triton.block import ln_apply, ln_backward, ln_rows
 
-# What explain_backend adds for these ops (vit_kernels.dispatch._gemm_detail).
+# What explain_backend adds for these ops (dispatch.select says where LayerNorm runs).
 LAYER_NORM = "LayerNorm on the Triton row kernels (vit_kernels/triton/block.py)"
 
 

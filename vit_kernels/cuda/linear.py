@@ -195,7 +195,7 @@ def linear_bwd(dout: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, has_bi
 # ----------------------------------------------------------------------------------------------------
 # fused QKV projection
 # ----------------------------------------------------------------------------------------------------
-# qkv_fwd takes packed=True (library's eager path): q, k, v come back as the slices of one (B, N, 3, H, D) buffer.
+# qkv_fwd takes packed=True (ops/fused_qkv.py's eager path): q, k, v are then the slices of one (B, N, 3, H, D) buffer.
 PACKED_QKV = True
 
 

@@ -430,7 +430,7 @@ def attention_fwd(
     backward (by the autograd op): q, k, v, out and lse. lse (4 bytes per row) lets backward recompute
     P = exp(q k^T * scale - lse) tile by tile instead of storing the N x N matrix; out gives delta = rowsum(dO * O).
     `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the table's choice (benchmarks/tune_attention.py).
-    Arguments are checked before they get here (library.check_attention_fwd_args on the raw op, dispatch.py on
+    Arguments are checked before they get here (ops/attention.py: check_forward_args on the raw op, check on
     the public op's eager path), not again on every launch.
     """
     B, H, N, D = q.shape

@@ -19,7 +19,7 @@ GEMM's accumulator, where mean >> std rows would lose every bit of the signal.
 Residual in the epilogue: out = acc + bias + residual in fp32, rounded once (eager rounds the projection and then
 the sum; the fused form is the more accurate one), so the projection output is never written and read back.
 
-Saved for backward (by `vit_kernels.block`): x (the block's residual stream, alive anyway), mean and rstd
+Saved for backward (by the block ops, vit_kernels/ops/): x (the block's residual stream, alive anyway), mean and rstd
 ((M,) fp32 each: 8 bytes per token instead of recomputing two reductions). Backward recomputes y = LN(x) once
 into an (M, C) scratch buffer (`_ln_rows_kernel`, WRITE_Y) and hands it to linear.py's own backward launchers
 (`qkv_bwd`, `mlp_bwd`), which produce dy = dL/dy and the weight and bias gradients; `_ln_bwd_kernel` then takes

@@ -406,7 +406,7 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------------------------
 # the Hopper path: tma_gemm's persistent TMA kernels
 # ----------------------------------------------------------------------------------------------------
-# qkv_fwd(..., packed=True) returns q, k, v as slices of one (B, N, 3, H, D) buffer (library's eager path).
+# qkv_fwd(..., packed=True) returns q, k, v as slices of one (B, N, 3, H, D) buffer (ops/fused_qkv.py's eager path).
 PACKED_QKV = True
 
 # Archs whose GEMMs run on tma_gemm.py where the operands allow it (16-bit or tf32 dots, views TMA can describe);
@@ -492,7 +492,7 @@ def qkv_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, N, C) any strides, weight (3C, C), bias (3C,) or None -> q, k, v (B, H, N, C // H): contiguous, or with
     `packed` the q / k / v slices of one (B, N, 3, H, D) buffer (what `reference.fused_qkv`'s unbind returns; only
-    outside custom ops, whose outputs may not alias: `library`'s eager path asks for it).
+    outside custom ops, whose outputs may not alias: ops/fused_qkv.py's eager path asks for it).
 
     One GEMM, (B*N, C) @ (C, 3C). Packed, it is a plain GEMM (TMA-stored on Hopper) into the (B*N, 3C) buffer;
     else its epilogue adds the bias and scatters column n to (which = n // C, head = n % C // D, d = n % D) of q,
