@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import vit_kernels as vk  # noqa: E402
+from vit_kernels import triton as vit_triton  # noqa: E402
 from vit_kernels.triton import linear, tma_gemm  # noqa: E402
 
 
@@ -77,15 +78,15 @@ def products(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) ->
     out_c, out_h, out_h2 = (torch.empty(M, n, device=device, dtype=dtype) for n in (C, Hd, Hd))
     x3 = x.view(B, N, C)
     # what mlp_bwd adds on the Hopper path: the dGELU epilogue's per-row-tile column sums (dfc1_bias)
-    db_part = torch.empty(tma_gemm.dbias_rows(linear._arch(x.device), dtype, M), Hd, device=device)
-    arch = linear._arch(x.device)
+    db_part = torch.empty(tma_gemm.dbias_rows(vit_triton.arch(x.device), dtype, M), Hd, device=device)
+    arch = vit_triton.arch(x.device)
 
     def plain(a, b, c, bias=None):
         return {"gemm": lambda: (linear.gemm(a, b, c, True, bias=bias), c)[1]}
 
     def pointer_epilogue(a, b, c, n, k_, result, **epi):
         return lambda: (
-            linear._launch(linear._Operand(a), linear._Operand(b), c, a.shape[0], n, k_, dtype, True, **epi),
+            linear.launch(linear.Operand(a), linear.Operand(b), c, a.shape[0], n, k_, dtype, True, **epi),
             result,
         )[1]
 
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     N, C, H = (197, 768, 12) if gpu else (45, 64, 2)
     dtype = torch.bfloat16 if gpu else torch.float16  # the CPU interpreter has no native bf16
     torch.manual_seed(0)
-    arch = linear._arch(torch.device(device))
+    arch = vit_triton.arch(torch.device(device))
     name = torch.cuda.get_device_name() if gpu else "cpu (untimed: the interpreter)"
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     failed = False

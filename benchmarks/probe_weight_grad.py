@@ -1,4 +1,4 @@
-"""The Triton weight-gradient GEMMs, split along K or not: the measurement that sets `linear._WEIGHT_GRAD_SPLIT_K`.
+"""The Triton weight-gradient GEMMs, split along K or not: the measurement that sets `linear.WEIGHT_GRAD_SPLIT_K`.
 
     python benchmarks/probe_weight_grad.py            # needs a CUDA device for timings; CPU runs it tiny, untimed
 
@@ -8,10 +8,10 @@ sum has since moved to a torch reduction. What is left to decide is split-K, for
   mlp_dw1   dW1 = dhidden^T @ x (Hd x C), as `mlp_bwd` launches it
   qkv_dw    dW = dQKV^T @ x (3C x C), dQKV read in place from packed dq, dk, dv (A_DQKV_T), as `qkv_bwd` does
 Variants of each, every one checked against torch before it is timed:
-  gemm           the GEMM as the ops launch it with split-K off (`_launch`, split_k=1)
+  gemm           the GEMM as the ops launch it with split-K off (`linear.launch`, split_k=1)
   split_k{S}     the kernel's split-K: grid axis 1 over S slices of K into fp32 partials, summed by torch
   tiles_64       (mlp_dw1) no split, 64 x 128 tiles: 288 programs instead of 144
-  bias_sum       the bias gradient beside it (`linear._bias_grad` / `_qkv_bias_grad`: torch's fp32 column sums)
+  bias_sum       the bias gradient beside it (`linear.bias_grad` / `qkv_bias_grad`: torch's fp32 column sums)
   dx_same_flops  (mlp_dw1) dX = dhidden @ W1, the GEMM of the same FLOPs with many tiles, for the rate a tile reaches
   cublas         torch's product (qkv_dw: from a materialised dQKV)
 """
@@ -31,6 +31,7 @@ if not torch.cuda.is_available():  # CPU: the interpreter runs the kernels (set 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from vit_kernels import triton as vit_triton  # noqa: E402
 from vit_kernels.triton import linear  # noqa: E402
 
 SPLITS = (2, 4, 8)
@@ -38,11 +39,8 @@ SPLITS = (2, 4, 8)
 
 def _tiles_64(a, b, c, M, N, K, dtype) -> None:
     """One `_gemm_kernel` launch of C = A @ B with the config `linear` picks, but 64-row tiles."""
-    args, kwargs, grid = linear._kernel_args(a, b, c, M, N, K, dtype, False, linear._arch(c.device))
-    kwargs["BLOCK_M"] = 64
-    grid = (-(-M // 64) * -(-N // kwargs["BLOCK_N"]),)
-    with linear._on_device(c):
-        linear._gemm_kernel[grid](*args, **kwargs)
+    tiles = linear.config(M, N, dtype, False, vit_triton.arch(c.device))._replace(block_m=64)
+    linear.launch(a, b, c, M, N, K, dtype, False, launch_config=tiles)
 
 
 def mlp_variants(M: int, C: int, Hd: int, device: str, dtype: torch.dtype) -> dict:
@@ -54,12 +52,12 @@ def mlp_variants(M: int, C: int, Hd: int, device: str, dtype: torch.dtype) -> di
     db = torch.empty(Hd, device=device, dtype=dtype)
     dx = torch.empty(M, C, device=device, dtype=dtype)
     ref_dw = (dhidden.t().float() @ x.float()).to(dtype)
-    dh_t, x_op = linear._Operand(dhidden, transpose=True), linear._Operand(x)
+    dh_t, x_op = linear.Operand(dhidden, transpose=True), linear.Operand(x)
     flops = 2.0 * M * C * Hd
 
     def gemm(split_k: int = 1):
         def run():
-            linear._launch(dh_t, x_op, dw, Hd, C, M, dtype, False, split_k=split_k)
+            linear.launch(dh_t, x_op, dw, Hd, C, M, dtype, False, split_k=split_k)
             return dw
 
         return run
@@ -69,13 +67,13 @@ def mlp_variants(M: int, C: int, Hd: int, device: str, dtype: torch.dtype) -> di
         return dw
 
     def dx_same_flops():
-        linear._launch(linear._Operand(dhidden), linear._Operand(w1), dx, M, C, Hd, dtype, False)
+        linear.launch(linear.Operand(dhidden), linear.Operand(w1), dx, M, C, Hd, dtype, False)
         return dx
 
     out = {"gemm": (gemm(), ref_dw, flops)}
     out.update({f"split_k{S}": (gemm(S), ref_dw, flops) for S in SPLITS})
     out["tiles_64"] = (tiles_64, ref_dw, flops)
-    out["bias_sum"] = (lambda: linear._bias_grad(dhidden, db), dhidden.float().sum(0), None)
+    out["bias_sum"] = (lambda: linear.bias_grad(dhidden, db), dhidden.float().sum(0), None)
     out["dx_same_flops"] = (dx_same_flops, (dhidden.float() @ w1.float()).to(dtype), flops)
     out["cublas"] = (lambda: dhidden.t() @ x, ref_dw, flops)
     return out
@@ -90,20 +88,20 @@ def qkv_variants(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype
     db = torch.empty(3 * C, device=device, dtype=dtype)
     dqkv = torch.cat([g.transpose(1, 2).reshape(B * N, C) for g in (dq, dk, dv)], 1)
     ref_dw = (dqkv.t().float() @ x.float()).to(dtype)
-    x_op = linear._Operand(x)
+    x_op = linear.Operand(x)
     heads = dict(a_mode=linear.A_DQKV_T, dqkv=(dq, dk, dv), n_tok=N, qkv_c=C, qkv_d=D)
     flops = 2.0 * B * N * C * 3 * C
 
     def gemm(split_k: int = 1):
         def run():
-            linear._launch(None, x_op, dw, 3 * C, C, B * N, dtype, False, split_k=split_k, **heads)
+            linear.launch(None, x_op, dw, 3 * C, C, B * N, dtype, False, split_k=split_k, **heads)
             return dw
 
         return run
 
     out = {"gemm": (gemm(), ref_dw, flops)}
     out.update({f"split_k{S}": (gemm(S), ref_dw, flops) for S in SPLITS})
-    out["bias_sum"] = (lambda: linear._qkv_bias_grad((dq, dk, dv), db), dqkv.float().sum(0), None)
+    out["bias_sum"] = (lambda: linear.qkv_bias_grad((dq, dk, dv), db), dqkv.float().sum(0), None)
     out["cublas"] = (lambda: dqkv.t() @ x, ref_dw, flops)
     return out
 

@@ -5,7 +5,7 @@
     python benchmarks/tune_attention.py --shapes "128,12,197,64;64,16,257,80" --dtype fp16
     python benchmarks/tune_attention.py --static-only --dtype fp32 --fp32-precision ieee   # or tf32
 
-The kernels ship a fixed table (`_fwd_config` / `_bwd_config` in vit_kernels/triton/attention.py) so that no
+The kernels ship a fixed table (`fwd_config` / `bwd_config` in vit_kernels/triton/attention.py) so that no
 call pays for autotuning. This script is how that table is chosen: it compiles each candidate for the
 target GPU (dropping those that spill or do not fit in shared memory), then, on a GPU, runs each survivor
 on the shape, checks its output against the float64 reference before timing it, and times it (median of
@@ -37,6 +37,7 @@ import attn_bench  # noqa: E402
 import common  # noqa: E402
 
 from vit_kernels import dispatch, reference  # noqa: E402
+from vit_kernels import triton as vit_triton  # noqa: E402
 from vit_kernels.triton import attention as triton_attention  # noqa: E402
 
 # Forward (BLOCK_M query rows held, BLOCK_N keys streamed, num_warps, num_stages). The small 8-warp tiles are
@@ -72,10 +73,10 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 def shipped(N: int, D: int, dtype: torch.dtype, allow_tf32: bool, arch: int) -> tuple[tuple, tuple]:
     """The table's (fwd, bwd) configs for sm_<arch> (0: the interpreter's)."""
     block_d = 1 << (D - 1).bit_length()
-    precision = triton_attention._input_precision(dtype, allow_tf32)
+    precision = vit_triton.input_precision(dtype, allow_tf32)
     return (
-        triton_attention._fwd_config(N, block_d, dtype, precision, arch),
-        triton_attention._bwd_config(N, block_d, dtype, precision, arch),
+        triton_attention.fwd_config(N, block_d, dtype, precision, arch),
+        triton_attention.bwd_config(N, block_d, dtype, precision, arch),
     )
 
 
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     report = common.Report("tune_attention", env, None, args)
     report.print_header()
     # the table the launchers read on this device (0: the interpreter's; no GPU: the static step's target)
-    args.table_arch = triton_attention._arch(torch.device(args.device)) or (0 if args.interpret else args.arch or 90)
+    args.table_arch = vit_triton.arch(torch.device(args.device)) or (0 if args.interpret else args.arch or 90)
     # candidate configs over every shape and pass: the length of each progress bar below
     n = sum(
         len(candidates(ps, sh.N, sh.D, dtype, args.allow_tf32, args.table_arch))

@@ -97,8 +97,9 @@ def randn(*shape, dtype, device, scale=1.0, shift=None) -> torch.Tensor:
 
 
 def nan_alloc(*shape, like, dtype=None) -> torch.Tensor:
-    """A launcher's `_alloc(*shape, like, dtype=None)` that fills the buffer with NaN instead of leaving it empty:
-    monkeypatched in, it makes an element a kernel forgets to write (a tail row, a masked column) fail the test."""
+    """`vit_kernels.triton.alloc(*shape, like, dtype=None)` that fills the buffer with NaN instead of leaving it
+    empty: monkeypatched in (there, the one allocator of every Triton launcher), it makes an element a kernel forgets
+    to write (a tail row, a masked column) fail the test."""
     return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
 

@@ -32,6 +32,7 @@ from conftest import (
 
 import vit_kernels as vk
 from vit_kernels import reference
+from vit_kernels import triton as vit_triton
 from vit_kernels.ops.attention import ATTENTION
 from vit_kernels.triton import attention as triton_attention
 
@@ -39,7 +40,7 @@ from vit_kernels.triton import attention as triton_attention
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate (out, lse, delta, dq, dk, dv) starts as NaN."""
-    monkeypatch.setattr(triton_attention, "_alloc", nan_alloc)
+    monkeypatch.setattr(vit_triton, "alloc", nan_alloc)
 
 
 def _qkv(B: int, H: int, N: int, D: int, dtype: torch.dtype, layout: str, device):

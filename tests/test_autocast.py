@@ -72,10 +72,11 @@ def test_triton_launches_see_the_autocast_dtype(device, dtype, triton_launches):
     assert y.dtype == dtype
     y.float().sum().backward()
     launched = {name for name, _ in triton_launches}
+    from vit_kernels import triton as vit_triton
     from vit_kernels.triton import linear as linear_ops
 
     # 16-bit GEMMs run tma_gemm.py's entry kernels on Hopper and under the interpreter, else linear.py's
-    on_tma = linear_ops._arch(torch.device(device)) in linear_ops.TMA_ARCHS
+    on_tma = vit_triton.arch(torch.device(device)) in linear_ops.TMA_ARCHS
     gemms = {"_gelu_kernel", "_dgelu_kernel", "_store_kernel"} if on_tma else {"_gemm_kernel"}
     # GEMMs, attention forward, and all three attention backward kernels
     assert launched >= {

@@ -30,8 +30,9 @@ from conftest import (
 )
 
 import vit_kernels as vk
+from vit_kernels import cuda as vit_cuda
 from vit_kernels import reference
-from vit_kernels.cuda import linear as cuda_linear
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import block, linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -49,11 +50,8 @@ CASES = [
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate (this file's and linear.py's, which backward reuses, and the cuda
     backend's GEMM wrappers) starts as NaN."""
-    monkeypatch.setattr(block, "_alloc", nan_alloc)
-    monkeypatch.setattr(linear, "_alloc", nan_alloc)
-    monkeypatch.setattr(
-        cuda_linear, "_empty", lambda shape, like, dtype=None: nan_alloc(*shape, like=like, dtype=dtype)
-    )
+    monkeypatch.setattr(vit_triton, "alloc", nan_alloc)
+    monkeypatch.setattr(vit_cuda, "empty", lambda shape, like, dtype=None: nan_alloc(*shape, like=like, dtype=dtype))
 
 
 @pytest.fixture(params=["tma", "pointer", "cuda"])
@@ -567,7 +565,7 @@ def test_ln_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, gr
         shapes.append(shape)
         return nan_alloc(*shape, like=like, dtype=dtype)
 
-    monkeypatch.setattr(block, "_alloc", recording_alloc)
+    monkeypatch.setattr(vit_triton, "alloc", recording_alloc)
     x = _x(B, N, C, F32, "plain").requires_grad_(grad)
     ln_w, ln_b = _ln_params(C, F32)
     w1, b1, w2 = _randn(Hd, C, dtype=F32, scale=C**-0.5), _randn(Hd, dtype=F32), _randn(C, Hd, dtype=F32)

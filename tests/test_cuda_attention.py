@@ -14,6 +14,7 @@ import torch
 from conftest import TOLERANCES, attention_reference, flash_order_grads, rel_error
 
 import vit_kernels as vk
+from vit_kernels import cuda as vit_cuda
 from vit_kernels import reference
 from vit_kernels.cuda import attention as cuda_attention
 
@@ -40,7 +41,7 @@ def _nan_empty(shape, like, dtype=None):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the wrapper allocates (out, lse, delta, dq, dk, dv) starts as NaN."""
-    monkeypatch.setattr(cuda_attention, "_empty", _nan_empty)
+    monkeypatch.setattr(vit_cuda, "empty", _nan_empty)
 
 
 def _qkv_leaves(B, H, N, D, dtype, layout):

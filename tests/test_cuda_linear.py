@@ -11,6 +11,7 @@ import torch
 from conftest import TOLERANCES, rel_error
 
 import vit_kernels as vk
+from vit_kernels import cuda as vit_cuda
 from vit_kernels import reference
 from vit_kernels.cuda import check_like, linear
 from vit_kernels.triton import packed_qkv
@@ -37,7 +38,7 @@ def poisoned(monkeypatch):
     def nan_empty(shape, like, dtype=None):
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
-    monkeypatch.setattr(linear, "_empty", nan_empty)
+    monkeypatch.setattr(vit_cuda, "empty", nan_empty)
 
 
 def _leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:

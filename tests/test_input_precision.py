@@ -14,6 +14,7 @@ import torch
 from conftest import spy_triton_launches
 
 import vit_kernels as vk
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import attention as triton_attention
 from vit_kernels.triton import linear as triton_linear
 from vit_kernels.triton import tma_gemm
@@ -82,6 +83,6 @@ def test_each_launch_gets_the_precision_asked_for(launches, matmul_precision, de
         if precision is not None:
             counts[name] = counts.get(name, 0) + 1
             assert precision == expected, f"{name} launched with {precision!r}, expected {expected!r}"
-    arch = triton_linear._arch(torch.empty(0, device=device).device)
+    arch = vit_triton.arch(torch.empty(0, device=device).device)
     path = "tma" if expected == "tf32" and arch in triton_linear.TMA_ARCHS else "pointer"
     assert counts == {**GEMM_DOT_LAUNCHES[path], **ATTENTION_DOT_LAUNCHES}, f"launches with a dot: {counts}"

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import DEVICE, TOLERANCES, attention_reference, rel_error, spy_triton_launches
 
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import attention, block, linear
 
 F16 = torch.float16
@@ -45,8 +46,8 @@ def test_gemm_k_times_stride_past_2_31_elements():
     storage, (dhidden,) = _far_rows(tokens, hidden, 1)
     x = torch.randn(tokens, channels, device=DEVICE).to(F16)
     dw = torch.full((hidden, channels), float("nan"), dtype=F16, device=DEVICE)
-    dh_t = linear._Operand(dhidden, transpose=True)
-    linear._launch(dh_t, linear._Operand(x), dw, hidden, channels, tokens, F16, False)
+    dh_t = linear.Operand(dhidden, transpose=True)
+    linear.launch(dh_t, linear.Operand(x), dw, hidden, channels, tokens, F16, False)
     ref = dhidden.double().T @ x.double()
     assert rel_error(dw, ref) <= TOLERANCES[F16], f"dW: relative error {rel_error(dw, ref):.3g}"
     del storage
@@ -75,7 +76,7 @@ def test_attention_rows_past_2_31_elements():
 # grid limits
 # ----------------------------------------------------------------------------------------------------
 class _Guard:
-    """Stands in for `_on_device`: records the device it was entered for."""
+    """Stands in for `vit_kernels.triton.on_device`: records the device it was entered for."""
 
     active = None
 
@@ -100,8 +101,7 @@ def _grid_and_guard(name, grid, args, kwargs):
 @pytest.fixture
 def spied(monkeypatch):
     """(kernel name, grid, device guard active) of each launch, recorded and not run: grids no CPU could run."""
-    monkeypatch.setattr(attention, "_on_device", _Guard)
-    monkeypatch.setattr(linear, "_on_device", _Guard)
+    monkeypatch.setattr(vit_triton, "on_device", _Guard)
     names = (*ATTENTION_KERNELS, "_gemm_kernel", *BLOCK_KERNELS)
     return spy_triton_launches(monkeypatch, (attention, linear, block), _grid_and_guard, names=names, launch=False)
 
@@ -115,7 +115,7 @@ def _attention_launches(B, H, N, D, device="cpu"):
 @pytest.fixture
 def spied_order(monkeypatch):
     """(kernel name, grid, HEADS_FIRST) of each attention launch, recorded and not run."""
-    monkeypatch.setattr(attention, "_on_device", _Guard)
+    monkeypatch.setattr(vit_triton, "on_device", _Guard)
 
     def record(name, grid, args, kwargs):
         return name, tuple(grid), kwargs["HEADS_FIRST"]
@@ -204,7 +204,7 @@ def test_attention_just_past_65535_heads_runs():
 # device
 # ----------------------------------------------------------------------------------------------------
 def test_every_launch_runs_under_the_tensors_device(spied):
-    """Triton launches on the current device (item 7): each kernel launch must happen inside `_on_device`."""
+    """Triton launches on the current device (item 7): each kernel launch must happen inside `on_device`."""
     _attention_launches(2, 3, 5, 32)
     x = torch.zeros(2, 5, 32)
     linear.qkv_fwd(x, torch.zeros(96, 32), torch.zeros(96), 2, False)
@@ -231,7 +231,7 @@ def test_every_block_launch_runs_under_the_tensors_device(spied):
 
 
 def test_block_gemm_past_32_bit_indices_is_a_value_error():
-    # meta tensors: 2^31 rows without memory; the launcher must refuse before any launch, as linear._launch does.
+    # meta tensors: 2^31 rows without memory; the launcher must refuse before any launch, as linear.launch does.
     o = torch.empty(1, 2**31, 8, device="meta")
     with pytest.raises(ValueError, match="too large for 32-bit tile indices"):
         block.proj_residual_fwd(o, torch.empty(8, 8, device="meta"), None, o, False)
@@ -239,17 +239,15 @@ def test_block_gemm_past_32_bit_indices_is_a_value_error():
 
 def test_on_device_guard():
     cpu = torch.zeros(1)
-    for module in (attention, linear):
-        with module._on_device(cpu):  # the interpreter's CPU tensors: nothing to switch
-            pass
+    with vit_triton.on_device(cpu):  # the interpreter's CPU tensors: nothing to switch
+        pass
 
     class FakeCudaTensor:
         is_cuda = True
         device = torch.device("cuda", 1)
 
-    for module in (attention, linear):
-        guard = module._on_device(FakeCudaTensor())
-        assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    guard = vit_triton.on_device(FakeCudaTensor())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
 @pytest.mark.skipif(

@@ -12,6 +12,7 @@ import torch
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_model, tf32_tolerance
 
 from vit_kernels import reference
+from vit_kernels import triton as vit_triton
 from vit_kernels.ops.fused_qkv import QKV
 from vit_kernels.ops.gelu_mlp import MLP
 from vit_kernels.triton import linear
@@ -22,7 +23,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: a skipped tile, row or column cannot pass."""
-    monkeypatch.setattr(linear, "_alloc", nan_alloc)
+    monkeypatch.setattr(vit_triton, "alloc", nan_alloc)
 
 
 # The GEMM path of the parity tests below: "tma" (tma_gemm.py, what Hopper runs: the interpreter's default) or
@@ -165,13 +166,13 @@ def test_qkv_bwd_reads_gradients_in_place(monkeypatch, device):
     merge is read through the split row index instead of a copy."""
     B, N, C, H = 2, 17, 24, 2
     seen = []
-    original = linear._kernel_args
+    original = linear.kernel_args
 
     def spy(a, b, c, *args, **kwargs):
         seen.append((a, b, kwargs.get("dqkv")))
         return original(a, b, c, *args, **kwargs)
 
-    monkeypatch.setattr(linear, "_kernel_args", spy)
+    monkeypatch.setattr(linear, "kernel_args", spy)
     x = _layout(randn(B, N, C, dtype=F32, device=device), "transposed")
     grads = _grads(B, N, H, C // H, F32, "packed", device)
     linear.qkv_bwd(*grads, x, randn(3 * C, C, dtype=F32, device=device), True, False)
@@ -256,7 +257,7 @@ def test_gelu_saturates_without_nan(device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# split-K (the weight-gradient products; `linear._WEIGHT_GRAD_SPLIT_K` turns it on in the ops)
+# split-K (the weight-gradient products; `linear.WEIGHT_GRAD_SPLIT_K` turns it on in the ops)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("split_k", [2, 3, 5])
@@ -266,9 +267,9 @@ def test_split_k_weight_gradient(device, dtype, split_k):
     M, C, Hd = 197, 24, 40
     dhidden = _layout(randn(M, Hd, dtype=dtype, device=device), "sliced")
     x = randn(M, C, dtype=dtype, device=device)
-    dw = linear._alloc(Hd, C, like=x)
-    linear._launch(
-        linear._Operand(dhidden, transpose=True), linear._Operand(x), dw, Hd, C, M, dtype, False, split_k=split_k
+    dw = vit_triton.alloc(Hd, C, like=x)
+    linear.launch(
+        linear.Operand(dhidden, transpose=True), linear.Operand(x), dw, Hd, C, M, dtype, False, split_k=split_k
     )
     _check("dW1", dw, dhidden.double().t() @ x.double(), TOLERANCES[dtype])
 
@@ -278,9 +279,9 @@ def test_split_k_qkv_weight_gradient_reads_dqkv_in_place(device):
     B, N, C, H = 2, 45, 24, 2
     grads = _grads(B, N, H, C // H, F32, "packed", device)
     x = randn(B * N, C, dtype=F32, device=device)
-    dw = linear._alloc(3 * C, C, like=x)
-    linear._launch(
-        None, linear._Operand(x), dw, 3 * C, C, B * N, F32, False, split_k=3,
+    dw = vit_triton.alloc(3 * C, C, like=x)
+    linear.launch(
+        None, linear.Operand(x), dw, 3 * C, C, B * N, F32, False, split_k=3,
         a_mode=linear.A_DQKV_T, dqkv=grads, n_tok=N, qkv_c=C, qkv_d=C // H,
     )  # fmt: skip
     dqkv = torch.cat([g.transpose(1, 2).reshape(B * N, C) for g in grads], 1).double()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_round, tf32_tolerance
 
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import block, linear, tma_gemm
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -21,14 +22,13 @@ M, K, N = 296, 80, 200  # N * 2 bytes and N * 4 bytes are multiples of 16: every
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    monkeypatch.setattr(linear, "_alloc", nan_alloc)
-    monkeypatch.setattr(block, "_alloc", nan_alloc)
+    monkeypatch.setattr(vit_triton, "alloc", nan_alloc)
 
 
 @pytest.fixture
 def arch(device):
     """The launch tables' arch: 0 (the interpreter's small tiles) on CPU, 90 (the shipped configs) on Hopper."""
-    arch = linear._arch(device)
+    arch = vit_triton.arch(device)
     if arch != 0 and arch not in tma_gemm.CONFIGS:
         pytest.skip(f"the TMA GEMMs need Hopper (sm_90); this GPU takes the sm_{arch} tables")
     return arch
@@ -168,21 +168,23 @@ def test_qkv_head_split(device, arch, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [197, 296])
-def test_weight_grad_split_k(device, arch, dtype, tokens):
+def test_weight_grad_split_k(device, arch, dtype, tokens, monkeypatch):
     """dW = dY^T @ X with K = tokens: A stored transposed, K cut into slices (2 under the interpreter; on a GPU this
-    short K is not cut) whose fp32 partials (NaN-poisoned buffer) torch adds in order."""
+    short K is not cut) whose fp32 partials (NaN-poisoned buffer, from vit_kernels.triton.alloc) torch adds in
+    order."""
     dy = randn(tokens, 72, dtype=dtype, device=device)
     x = randn(tokens, 40, dtype=dtype, device=device)
     dw = nan(72, 40, dtype=dtype, device=device)
     allocs = []
 
-    def alloc(*shape):
-        allocs.append(shape)
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    def alloc(*shape, like, dtype=None):
+        allocs.append((shape, dtype))
+        return nan_alloc(*shape, like=like, dtype=dtype)
 
-    tma_gemm.weight_grad(dy.t(), x, dw, True, arch, alloc=alloc)
+    monkeypatch.setattr(vit_triton, "alloc", alloc)
+    tma_gemm.weight_grad(dy.t(), x, dw, True, arch)
     if arch == 0:
-        assert allocs == [(2, 72, 40)], allocs
+        assert allocs == [((2, 72, 40), torch.float32)], allocs
     _check("dW", dw, dy.double().t() @ x.double(), _product_tol(dtype, dy.t(), x, torch.matmul))
 
 
@@ -219,14 +221,14 @@ def launches(monkeypatch):
         seen["tma"].append(kernel.fn.__name__)
         return tma_launch(kernel, *args)
 
-    pointer_args = linear._kernel_args
+    pointer_args = linear.kernel_args
 
     def spy_pointer(*args, **kwargs):
         seen["pointer"] += 1
         return pointer_args(*args, **kwargs)
 
     monkeypatch.setattr(tma_gemm, "launch", spy_tma)
-    monkeypatch.setattr(linear, "_kernel_args", spy_pointer)
+    monkeypatch.setattr(linear, "kernel_args", spy_pointer)
     return seen
 
 
@@ -239,7 +241,7 @@ def test_ops_take_the_tma_path(device, arch, launches):
     w1, w2 = randn(Hd, C, dtype=BF16, device=device), randn(C, Hd, dtype=BF16, device=device)
     y, hidden = linear.mlp_fwd(x.view(-1, C), w1, None, w2, None, "none", True)
     linear.mlp_bwd(y, x.view(-1, C), w1, w2, hidden, True, True, "none", True)
-    dw = "_partial_kernel" if linear._arch(device) == 0 else "_store_kernel"  # 134 tokens: split on the interpreter
+    dw = "_partial_kernel" if vit_triton.arch(device) == 0 else "_store_kernel"  # 134 tokens: split on the interpreter
     assert launches["tma"] == [
         "_qkv_kernel", "_store_kernel", dw,  # qkv: fwd, dx, dW
         "_gelu_kernel", "_store_kernel",  # mlp fc1, fc2

@@ -1,7 +1,9 @@
 """Thin wrappers from tensors to `vit_kernels._C` calls: pointers, sizes, strides and the current stream.
 
 `_C` takes raw pointers so that it needs no torch headers; these helpers are the only place that turns
-tensors into that interface. Per-op wrappers live in `cuda/attention.py` and `cuda/linear.py`.
+tensors into that interface. Per-op wrappers live in `cuda/attention.py` and `cuda/linear.py`; they call `empty`
+as an attribute of this package (`vit_cuda.empty(...)` after `from vit_kernels import cuda as vit_cuda`), so that a
+test's replacement of it here reaches them all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ def extension():
             f"({exc}); reinstall with nvcc available (VIT_KERNELS_BUILD_CUDA=1 pip install -e .)"
         ) from exc
     return _C
+
+
+def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised buffer of `shape` on `like`'s device, of `like`'s dtype unless `dtype` is given. Every output
+    and scratch buffer of the cuda wrappers comes from here, so tests can poison them (NaN-fill) and catch any
+    element a kernel forgets to write."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def stream_of(t: torch.Tensor) -> int:

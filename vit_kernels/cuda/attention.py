@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from vit_kernels import cuda as vit_cuda
 from vit_kernels.cuda import DTYPE_CODES, check_cuda_tensors, dtype_code, extension, ptr, stream_of
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
-
-
-def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    # Every output and scratch buffer comes from here, so tests can poison them (NaN-fill) and catch
-    # any element a kernel forgets to write.
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -86,8 +81,8 @@ def attention_fwd(
     """
     B, H, N, D = _check_inputs({"q": q, "k": k, "v": v})
     q, k, v = _operand(q), _operand(k), _operand(v)
-    out = _empty((B, N, H, D), q).transpose(1, 2)
-    lse = _empty((B, H, N), q, torch.float32)
+    out = vit_cuda.empty((B, N, H, D), q).transpose(1, 2)
+    lse = vit_cuda.empty((B, H, N), q, torch.float32)
     with torch.cuda.device(q.device):
         extension().attention_fwd(
             ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v), ptr(out), _strides(out), ptr(lse),
@@ -118,8 +113,8 @@ def attention_bwd(
         raise ValueError(f"lse must be float32 of shape (B, H, N) = {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
     dout, q, k, v, out = (_operand(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
-    delta = _empty((B, H, N), q, torch.float32)
-    dq, dk, dv = (_empty((B, H, N, D), q) for _ in range(3))
+    delta = vit_cuda.empty((B, H, N), q, torch.float32)
+    dq, dk, dv = (vit_cuda.empty((B, H, N, D), q) for _ in range(3))
     with torch.cuda.device(q.device):
         extension().attention_bwd(
             ptr(dout), _strides(dout), ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v),

@@ -35,14 +35,8 @@ import functools
 
 import torch
 
+from vit_kernels import cuda as vit_cuda
 from vit_kernels.cuda import check_cuda_tensors, check_like, dtype_code, extension, ptr, stream_of
-
-
-def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    # Every output and scratch buffer comes from here, so tests can poison them (NaN-fill) and catch
-    # any element a kernel forgets to write.
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
 
 # csrc/gemm.cu's kColsumMaxSplits: a bias gradient (column sum) adds up to this many row splits' fp32 partial
 # sums, so its scratch holds this many rows of column sums.
@@ -51,7 +45,7 @@ _COLSUM_MAX_SPLITS = 64
 
 def _colsum_scratch(cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     """fp32 scratch for column sums of up to `cols` columns, and its length in floats."""
-    scratch = _empty((_COLSUM_MAX_SPLITS * cols,), like, torch.float32)
+    scratch = vit_cuda.empty((_COLSUM_MAX_SPLITS * cols,), like, torch.float32)
     return scratch, scratch.numel()
 
 
@@ -81,9 +75,10 @@ def _heads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in (dq, dk, dv))
 
 
-def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    # Biases are read element by element (mma.sync path) or by 16-byte row broadcasts (Hopper): unit stride and a
-    # 16-byte aligned start.
+def _aligned_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias as the kernels read it: element by element (mma.sync path) or by 16-byte row broadcasts (Hopper), so
+    with unit stride and, unlike Triton's `vit_kernels.triton.contiguous_vector`, a 16-byte aligned start: t itself
+    where it has both, else a copy; None stays None."""
     if t is None:
         return None
     return t if t.is_contiguous() and _aligned(t) else t.clone()
@@ -150,7 +145,7 @@ def linear_fwd(
     M, K = a.shape
     N = weight.shape[0]
     check_like("a", a, weight=(weight, (N, K)), bias=(bias, (N,)))
-    out = _empty((M, N), a)
+    out = vit_cuda.empty((M, N), a)
     _linear_into(a, weight, bias, residual, out)
     return out
 
@@ -159,7 +154,7 @@ def _linear_into(a, weight, bias, residual, out: torch.Tensor) -> None:
     """out (M, N) with unit column stride = a @ weight^T + bias + residual (linear_fwd's launch)."""
     M, K = a.shape
     N = weight.shape[0]
-    a2, w, b = _rows(a), _rows(weight), _vector(bias)
+    a2, w, b = _rows(a), _rows(weight), _aligned_vector(bias)
     res, ld_res = _residual(residual, M, N)
     launch = extension().linear_fwd_sm90 if _sm90(a) else extension().linear_fwd
     with torch.cuda.device(a.device):
@@ -179,9 +174,9 @@ def linear_bwd(dout: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, has_bi
     N = weight.shape[0]
     check_like("a", a, weight=(weight, (N, K)), dout=(dout, (M, N)))
     g, a2, w = _rows(dout), _rows(a), _rows(weight)
-    da = _empty((M, K), a)
-    dweight = _empty((N, K), weight)
-    dbias = _empty((N,), a) if has_bias else None
+    da = vit_cuda.empty((M, K), a)
+    dweight = vit_cuda.empty((N, K), weight)
+    dbias = vit_cuda.empty((N,), a) if has_bias else None
     scratch, scratch_floats = _colsum_scratch(N, a) if has_bias else (None, 0)
     launch = extension().linear_bwd_sm90 if _sm90(a) else extension().linear_bwd
     with torch.cuda.device(a.device):
@@ -221,16 +216,16 @@ def qkv_fwd(
     check_like("x", x, weight=(weight, (3 * C, C)), bias=(bias, (3 * C,)))
     D = C // num_heads
     if packed:
-        qkv = _empty((B, N, 3, num_heads, D), x)
+        qkv = vit_cuda.empty((B, N, 3, num_heads, D), x)
         _linear_into(x.reshape(B * N, C), weight, bias, None, qkv.view(B * N, 3 * C))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
-    b = _vector(bias)
-    q, k, v = (_empty((B, num_heads, N, D), x) for _ in range(3))
+    b = _aligned_vector(bias)
+    q, k, v = (vit_cuda.empty((B, num_heads, N, D), x) for _ in range(3))
     if _sm90(x):
-        qkv = _empty((B * N, 3 * C), x)  # the product, split into q, k, v by a second pass (module doc)
+        qkv = vit_cuda.empty((B * N, 3 * C), x)  # the product, split into q, k, v by a second pass (module doc)
         with torch.cuda.device(x.device):
             extension().qkv_fwd_sm90(
                 ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(qkv), ptr(q), ptr(k), ptr(v),
@@ -263,14 +258,14 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
     )  # fmt: skip
     x2 = _rows(x.reshape(B * N, C))
     w = _rows(weight)
-    dx = _empty((B, N, C), x)
-    dweight = _empty((3 * C, C), weight)
-    dbias = _empty((3 * C,), x) if has_bias else None
+    dx = vit_cuda.empty((B, N, C), x)
+    dweight = vit_cuda.empty((3 * C, C), weight)
+    dbias = vit_cuda.empty((3 * C,), x) if has_bias else None
     scratch, scratch_floats = _colsum_scratch(3 * C, x) if has_bias else (None, 0)
     if _sm90(x):
         packed = _packed_qkv(dq, dk, dv)
         if packed is None:  # one copy into the (B, N, 3, H, D) layout the GEMMs read as (B*N, 3C)
-            dqkv = _empty((B, N, 3, H, D), x)
+            dqkv = vit_cuda.empty((B, N, 3, H, D), x)
             for i, g in enumerate((dq, dk, dv)):
                 dqkv[:, :, i].copy_(g.transpose(1, 2))
             packed = dqkv.view(B * N, 3 * C), 3 * C
@@ -314,10 +309,10 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
         fc2_bias=(fc2_bias, (C_out,)),
     )  # fmt: skip
     x2, w1, w2 = _rows(x), _rows(fc1_weight), _rows(fc2_weight)
-    b1, b2 = _vector(fc1_bias), _vector(fc2_bias)
-    hidden = _empty((M, Hd), x)
-    act = _empty((M, Hd), x)
-    y = _empty((M, C_out), x)
+    b1, b2 = _aligned_vector(fc1_bias), _aligned_vector(fc2_bias)
+    hidden = vit_cuda.empty((M, Hd), x)
+    act = vit_cuda.empty((M, Hd), x)
+    y = vit_cuda.empty((M, C_out), x)
     res, ld_res = _residual(residual, M, C_out)
     launch = extension().mlp_fwd_sm90 if _sm90(x) else extension().mlp_fwd
     with torch.cuda.device(x.device):
@@ -347,13 +342,13 @@ def mlp_bwd(
         hidden=(hidden, (M, Hd)),
     )  # fmt: skip
     dy2, x2, w1, w2, h = _rows(dy), _rows(x), _rows(fc1_weight), _rows(fc2_weight), _rows(hidden)
-    dhidden = _empty((M, Hd), x)
-    act = _empty((M, Hd), x)
-    dx = _empty((M, C), x)
-    dw1 = _empty((Hd, C), fc1_weight)
-    dw2 = _empty((C_out, Hd), fc2_weight)
-    db1 = _empty((Hd,), x) if has_fc1_bias else None
-    db2 = _empty((C_out,), x) if has_fc2_bias else None
+    dhidden = vit_cuda.empty((M, Hd), x)
+    act = vit_cuda.empty((M, Hd), x)
+    dx = vit_cuda.empty((M, C), x)
+    dw1 = vit_cuda.empty((Hd, C), fc1_weight)
+    dw2 = vit_cuda.empty((C_out, Hd), fc2_weight)
+    db1 = vit_cuda.empty((Hd,), x) if has_fc1_bias else None
+    db2 = vit_cuda.empty((C_out,), x) if has_fc2_bias else None
     # One scratch for both bias sums: they run one after the other on the stream.
     cols = max(Hd if has_fc1_bias else 0, C_out if has_fc2_bias else 0)
     scratch, scratch_floats = _colsum_scratch(cols, x) if cols else (None, 0)

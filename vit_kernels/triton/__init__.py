@@ -1,4 +1,8 @@
-"""Triton kernel modules (attention.py, linear.py, block.py) and what their launchers share."""
+"""Triton kernel modules (attention.py, linear.py, block.py, tma_gemm.py) and what their launchers share.
+
+The launchers call these as attributes of this package (`vit_triton.alloc(...)` after
+`from vit_kernels import triton as vit_triton`), never through a from-import: tests replace `alloc` here (and
+`on_device`) with monkeypatch, and a name bound at import time would not see the replacement."""
 
 from __future__ import annotations
 
@@ -19,6 +23,28 @@ def arch(device: torch.device) -> int:
         return 0
     major, _minor = torch.cuda.get_device_capability(device)
     return 90 if major == 9 else 80
+
+
+def alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised buffer on `like`'s device, of `like`'s dtype unless `dtype` is given. Every output and
+    scratch buffer of the Triton launchers comes from here (tma_gemm.py's split-K partials included), so that the
+    tests can replace it with a NaN-filling allocator (conftest.nan_alloc): an element a kernel never writes then
+    fails them."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """The INPUT_PRECISION constexpr of a kernel's dots: "tf32" for fp16 / bf16 operands (exact products
+    accumulated in fp32 regardless; the flag only picks fp32's path) and for fp32 with `allow_tf32`, else "ieee"
+    (exact fp32 FMA dots, PyTorch's default matmul precision "highest")."""
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+def contiguous_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias as the kernels read it, with unit stride: t itself when contiguous, else a
+    contiguous copy (a strided vector is rare enough to copy); None stays None. No alignment is asked for (the
+    cuda wrappers' `_aligned_vector` also wants a 16-byte aligned start)."""
+    return None if t is None else t.contiguous()
 
 
 def packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -28,12 +28,13 @@ dQ 92 / 32 KB. GPU times are in benchmarks/NOTES.md (attention).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.triton import arch as _arch
-from vit_kernels.triton import on_device as _on_device
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import static_check
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) as literals: a Python global is not a constexpr
@@ -289,12 +290,31 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configs
 # ----------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed per (operands, BLOCK_D, N bucket) so that a call costs no
-# autotuning; benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below
-# rest on the static step (registers / spills / shared memory from compiling for sm_80 and sm_90 with Triton
-# 3.6, 3.8 and 3.9); `_FWD_CONFIGS_SM90` / `_BWD_CONFIGS_SM90` replace the sm_90 16-bit entries that a timed
-# tune beat (benchmarks/NOTES.md, attention). Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor cores)
-# and "ieee" (exact fp32: FMA loops, the default under PyTorch's matmul precision "highest").
+class FwdConfig(NamedTuple):
+    """The forward's launch config: BLOCK_M query rows held, BLOCK_N keys streamed."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class BwdConfig(NamedTuple):
+    """The backward's launch config, one for both of its kernels: dK/dV runs BLOCK_M = `streamed` queries past
+    BLOCK_N = `held` keys, dQ BLOCK_M = `held` queries past BLOCK_N = `streamed` keys."""
+
+    streamed: int
+    held: int
+    num_warps: int
+    num_stages: int
+
+
+# FwdConfig / BwdConfig, fixed per (operands, BLOCK_D, N bucket) so that a call costs no autotuning;
+# benchmarks/tune_attention.py compiles and (on a GPU) times the alternatives. The choices below rest on the static
+# step (registers / spills / shared memory from compiling for sm_80 and sm_90 with Triton 3.6, 3.8 and 3.9);
+# `_FWD_CONFIGS_SM90` / `_BWD_CONFIGS_SM90` replace the sm_90 16-bit entries that a timed tune beat
+# (benchmarks/NOTES.md, attention). Operands: "16bit" (fp16 / bf16), "tf32" (fp32 on tensor cores) and "ieee" (exact
+# fp32: FMA loops, the default under PyTorch's matmul precision "highest").
 # ViT sequences are short (50, 197, 257, 577, 1025 tokens) and B * H is large (e.g. 64 x 12), so the grid
 # (cdiv(N, BLOCK_M) * B * H) already fills 132 SMs; tiles are picked for occupancy and for 0 spills on every
 # Triton, since ptxas's choices move between versions (e.g. tf32 dK/dV at BLOCK_D 128, 32 x 64 / 8 warps /
@@ -319,24 +339,24 @@ def _attn_bwd_dq_kernel(
 #  - ieee: 16 streamed x 64 held on 8 warps (32 x 32 on 4 warps spilled 1-32 KB; 16 x 32 on 8 warps 16 bytes at
 #    BLOCK_D = 128 on 3.8 sm_90; 16 x 64 needs <= 182 registers).
 _FWD_CONFIGS = {  # (operands, BLOCK_D): (N <= 64, N <= 256, N > 256)
-    ("16bit", 32): ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)),
-    ("16bit", 64): ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)),
-    ("16bit", 128): ((64, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)),
-    ("tf32", 32): ((64, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)),
-    ("tf32", 64): ((64, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)),
-    ("tf32", 128): ((64, 32, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
-    ("ieee", 32): ((32, 32, 8, 2),) * 3,
-    ("ieee", 64): ((32, 32, 8, 2),) * 3,
-    ("ieee", 128): ((32, 16, 8, 2),) * 3,
+    ("16bit", 32): (FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 4, 3)),
+    ("16bit", 64): (FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3)),
+    ("16bit", 128): (FwdConfig(64, 32, 4, 3), FwdConfig(64, 32, 4, 3), FwdConfig(128, 64, 8, 3)),
+    ("tf32", 32): (FwdConfig(64, 64, 4, 2), FwdConfig(64, 64, 4, 2), FwdConfig(128, 32, 8, 2)),
+    ("tf32", 64): (FwdConfig(64, 64, 4, 2), FwdConfig(64, 64, 4, 2), FwdConfig(128, 32, 8, 2)),
+    ("tf32", 128): (FwdConfig(64, 32, 4, 2), FwdConfig(64, 32, 4, 2), FwdConfig(128, 32, 8, 2)),
+    ("ieee", 32): (FwdConfig(32, 32, 8, 2),) * 3,
+    ("ieee", 64): (FwdConfig(32, 32, 8, 2),) * 3,
+    ("ieee", 128): (FwdConfig(32, 16, 8, 2),) * 3,
 }
 _BWD_CONFIGS = {  # (operands, BLOCK_D): (streamed, held, num_warps, num_stages)
-    ("16bit", 32): (32, 64, 4, 2),
-    ("16bit", 64): (32, 64, 4, 2),
-    ("16bit", 128): (32, 64, 8, 2),
-    ("tf32", 32): (32, 64, 4, 2),
-    ("tf32", 64): (16, 64, 8, 2),
-    ("tf32", 128): (16, 64, 8, 2),
-    **{("ieee", block_d): (16, 64, 8, 2) for block_d in (32, 64, 128)},
+    ("16bit", 32): BwdConfig(32, 64, 4, 2),
+    ("16bit", 64): BwdConfig(32, 64, 4, 2),
+    ("16bit", 128): BwdConfig(32, 64, 8, 2),
+    ("tf32", 32): BwdConfig(32, 64, 4, 2),
+    ("tf32", 64): BwdConfig(16, 64, 8, 2),
+    ("tf32", 128): BwdConfig(16, 64, 8, 2),
+    **{("ieee", block_d): BwdConfig(16, 64, 8, 2) for block_d in (32, 64, 128)},
 }
 # sm_90 entries that replace the ones above: where benchmarks/tune_attention.py (bf16) timed a candidate faster
 # than the table by more than noise (the times: benchmarks/NOTES.md, attention). sm_80 keeps the table: 4 warps at
@@ -345,42 +365,31 @@ _BWD_CONFIGS = {  # (operands, BLOCK_D): (streamed, held, num_warps, num_stages)
 #  - 16-bit fwd, BLOCK_D 128, N > 256: 64 x 64 on 4 warps, from ViT-H/14.
 #  - 16-bit bwd, BLOCK_D 128: 4 warps, from ViT-H/14.
 _FWD_CONFIGS_SM90 = {
-    ("16bit", 64): ((64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)),
-    ("16bit", 128): ((64, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3)),
+    ("16bit", 64): (FwdConfig(64, 32, 4, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 3)),
+    ("16bit", 128): (FwdConfig(64, 32, 4, 3), FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3)),
 }
-_BWD_CONFIGS_SM90 = {("16bit", 128): (32, 64, 4, 2)}
+_BWD_CONFIGS_SM90 = {("16bit", 128): BwdConfig(32, 64, 4, 2)}
 
 
 def _operands(dtype: torch.dtype, precision: str) -> str:
     return "16bit" if dtype != torch.float32 else precision
 
 
-def _fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; precision as `_input_precision` gives it, arch as
+def fwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> FwdConfig:
+    """The forward's config; precision as `vit_kernels.triton.input_precision` gives it, arch as
     `vit_kernels.triton.arch` (90: the sm_90 entries first)."""
     key = (_operands(dtype, precision), block_d)
     small, medium, large = _FWD_CONFIGS_SM90[key] if arch == 90 and key in _FWD_CONFIGS_SM90 else _FWD_CONFIGS[key]
     return small if N <= 64 else (medium if N <= 256 else large)
 
 
-def _bwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> tuple[int, int, int, int]:
-    """(streamed, held, num_warps, num_stages): dK/dV runs BLOCK_M = streamed queries past BLOCK_N = held keys,
-    dQ BLOCK_M = held queries past BLOCK_N = streamed keys, so one entry serves both kernels. Any N."""
+def bwd_config(N: int, block_d: int, dtype: torch.dtype, precision: str, arch: int) -> BwdConfig:
+    """The backward's config (one entry serves both of its kernels, see `BwdConfig`). Any N."""
     key = (_operands(dtype, precision), block_d)
     return _BWD_CONFIGS_SM90[key] if arch == 90 and key in _BWD_CONFIGS_SM90 else _BWD_CONFIGS[key]
 
 
 _PREPROCESS_BLOCK_M = 64  # a pure row reduction: memory bound, any reasonable tile is fine
-
-
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    # fp16 / bf16 dots are exact products accumulated in fp32 regardless; the flag only picks fp32's path.
-    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
-
-
-# Tests replace this with a NaN-filling allocator, so that an element a kernel never writes fails them.
-def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 _INT32_LIMIT = 2**31  # CUDA grid axis 0 holds up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
@@ -420,7 +429,7 @@ def attention_fwd(
     v: torch.Tensor,
     scale: float,
     allow_tf32: bool,
-    config: tuple[int, int, int, int] | None = None,
+    config: FwdConfig | tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention forward.
 
@@ -429,7 +438,7 @@ def attention_fwd(
     is free, and lse (B, H, N) fp32, the natural-log log-sum-exp of each row of q @ k^T * scale. Saved for
     backward (by the autograd op): q, k, v, out and lse. lse (4 bytes per row) lets backward recompute
     P = exp(q k^T * scale - lse) tile by tile instead of storing the N x N matrix; out gives delta = rowsum(dO * O).
-    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the table's choice (benchmarks/tune_attention.py).
+    `config`, a FwdConfig or a tuple of its fields, replaces the table's choice (benchmarks/tune_attention.py).
     Arguments are checked before they get here (ops/attention.py: check_forward_args on the raw op, check on
     the public op's eager path), not again on every launch.
     """
@@ -438,20 +447,19 @@ def attention_fwd(
         raise ValueError(f"attention: N * H * D = {N * H * D} elements per image must stay below 2^31")
     q, k, v = _in_head_int32(q), _in_head_int32(k), _in_head_int32(v)
     block_d = triton.next_power_of_2(D)
-    block_m, block_n, num_warps, num_stages = config or _fwd_config(
-        N, block_d, q.dtype, _input_precision(q.dtype, allow_tf32), _arch(q.device)
-    )
-    out = _alloc(B, N, H, D, like=q).transpose(1, 2)
-    lse = _alloc(B, H, N, like=q, dtype=torch.float32)
-    grid, heads_first = _grid(N, block_m, B * H)
-    with _on_device(q):
+    precision = vit_triton.input_precision(q.dtype, allow_tf32)
+    cfg = FwdConfig(*config) if config else fwd_config(N, block_d, q.dtype, precision, vit_triton.arch(q.device))
+    out = vit_triton.alloc(B, N, H, D, like=q).transpose(1, 2)
+    lse = vit_triton.alloc(B, H, N, like=q, dtype=torch.float32)
+    grid, heads_first = _grid(N, cfg.block_m, B * H)
+    with vit_triton.on_device(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), HEADS_FIRST=heads_first,
-            num_warps=num_warps, num_stages=num_stages,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            INPUT_PRECISION=precision, HEADS_FIRST=heads_first,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return out, lse
 
@@ -469,7 +477,7 @@ def attention_bwd(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool,
-    config: tuple[int, int, int, int] | None = None,
+    config: BwdConfig | tuple[int, int, int, int] | None = None,
     packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward.
@@ -478,7 +486,7 @@ def attention_bwd(
     Returns dq, dk, dv: (B, H, N, D) contiguous; with `packed`, the q / k / v slices of one (B, N, 3, H, D) buffer
     instead, i.e. one dQKV (B*N, 3H*D) matrix that the QKV projection's backward GEMMs read in place (only outside
     custom ops, whose outputs may not alias each other: `library`'s eager path asks for it). Scratch: delta (B, H,
-    N) fp32 = rowsum(dout * out). `config` (streamed rows, held rows, num_warps, num_stages) replaces the table's
+    N) fp32 = rowsum(dout * out). `config`, a BwdConfig or a tuple of its fields, replaces the table's
     choice.
     Arguments, lse included, are checked by the raw op before they get here (library.check_attention_bwd_args).
     """
@@ -486,32 +494,32 @@ def attention_bwd(
     dout, q, k, v, out = (_in_head_int32(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     block_d = triton.next_power_of_2(D)
-    precision = _input_precision(q.dtype, allow_tf32)
+    precision = vit_triton.input_precision(q.dtype, allow_tf32)
 
-    delta = _alloc(B, H, N, like=q, dtype=torch.float32)
+    delta = vit_triton.alloc(B, H, N, like=q, dtype=torch.float32)
     if packed and (N - 1) * 3 * H * D + D < _INT32_LIMIT:  # within-head offsets stay int32 (`_tile_ptrs`)
-        dq, dk, dv = _alloc(B, N, 3, H, D, like=q).permute(2, 0, 3, 1, 4).unbind(0)
+        dq, dk, dv = vit_triton.alloc(B, N, 3, H, D, like=q).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
-    block_m, block_n, num_warps, num_stages = config or _bwd_config(N, block_d, q.dtype, precision, _arch(q.device))
+        dq, dk, dv = (vit_triton.alloc(B, H, N, D, like=q) for _ in range(3))
+    cfg = BwdConfig(*config) if config else bwd_config(N, block_d, q.dtype, precision, vit_triton.arch(q.device))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride()[:3])
     pre_grid, pre_heads_first = _grid(N, _PREPROCESS_BLOCK_M, B * H)
-    grid, heads_first = _grid(N, block_n, B * H)  # the dK/dV and dQ kernels both hold block_n rows
-    with _on_device(q):
+    grid, heads_first = _grid(N, cfg.held, B * H)  # the dK/dV and dQ kernels both hold `held` rows
+    with vit_triton.on_device(q):
         _attn_bwd_preprocess_kernel[pre_grid](
             out, dout, delta, *out.stride(), *dout.stride(), H, N,
             HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=block_d, HEADS_FIRST=pre_heads_first,
         )  # fmt: skip
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, dout, dk, dv, lse, delta, *strides, H, N, scale, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, INPUT_PRECISION=precision,
-            HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
+            HEAD_DIM=D, BLOCK_M=cfg.streamed, BLOCK_N=cfg.held, BLOCK_D=block_d, INPUT_PRECISION=precision,
+            HEADS_FIRST=heads_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         # dQ holds the query side, so the (streamed, held) sizes swap.
         _attn_bwd_dq_kernel[grid](
             q, k, v, dout, dq, lse, delta, *strides, H, N, scale, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
-            HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
+            HEAD_DIM=D, BLOCK_M=cfg.held, BLOCK_N=cfg.streamed, BLOCK_D=block_d, INPUT_PRECISION=precision,
+            HEADS_FIRST=heads_first, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return dq, dk, dv
 
@@ -559,31 +567,33 @@ def _compile(kernel, arch: int, dtype: torch.dtype, D: int, constexprs: dict, nu
 def compile_config(
     arch: int, dtype: torch.dtype, D: int, fwd: tuple | None = None, bwd: tuple | None = None, allow_tf32: bool = True
 ) -> list[dict]:
-    """Compile the kernels of one launch config for sm_<arch> (80 or 90): `fwd` as `_fwd_config` returns it,
-    `bwd` as `_bwd_config` does (its dK/dV and dQ kernels, and the preprocess). Without a GPU, not under
-    TRITON_INTERPRET. fp32 compiles its tf32 dots when `allow_tf32`, else its exact ("ieee") ones, as the launchers
-    do. One dict per kernel: name, config, dtype, precision ("tf32" / "ieee" for fp32, None for 16-bit), n_regs,
-    n_spills (bytes of spill stores + loads), shared (bytes), and whether the PTX holds Hopper `wgmma.mma_async`
-    or Ampere-style `mma.sync`."""
-    precision = _input_precision(dtype, allow_tf32)
-    jobs = []
+    """Compile the kernels of one launch config for sm_<arch> (80 or 90): `fwd` a FwdConfig (or a tuple of its
+    fields) as `fwd_config` returns it, `bwd` a BwdConfig as `bwd_config` does (its dK/dV and dQ kernels, and the
+    preprocess). Without a GPU, not under TRITON_INTERPRET. fp32 compiles its tf32 dots when `allow_tf32`, else its
+    exact ("ieee") ones, as the launchers do. One dict per kernel: name, config, dtype, precision ("tf32" / "ieee"
+    for fp32, None for 16-bit), n_regs, n_spills (bytes of spill stores + loads), shared (bytes), and whether the PTX
+    holds Hopper `wgmma.mma_async` or Ampere-style `mma.sync`."""
+    precision = vit_triton.input_precision(dtype, allow_tf32)
+    jobs = []  # (name, kernel, BLOCK_M / BLOCK_N constexprs, num_warps, num_stages), as the launchers launch them
     if fwd is not None:
-        bm, bn, warps, stages = fwd
-        jobs.append(("attn_fwd", _attn_fwd_kernel, (bm, bn, warps, stages), dict(BLOCK_M=bm, BLOCK_N=bn)))
+        f = FwdConfig(*fwd)
+        jobs.append(("attn_fwd", _attn_fwd_kernel, dict(BLOCK_M=f.block_m, BLOCK_N=f.block_n), f.num_warps,
+                     f.num_stages))  # fmt: skip
     if bwd is not None:
-        bm, bn, warps, stages = bwd
+        b = BwdConfig(*bwd)
         jobs += [
-            ("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, (_PREPROCESS_BLOCK_M, 0, 4, 1),
-             dict(BLOCK_M=_PREPROCESS_BLOCK_M)),
-            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, (bm, bn, warps, stages), dict(BLOCK_M=bm, BLOCK_N=bn)),
-            ("attn_bwd_dq", _attn_bwd_dq_kernel, (bn, bm, warps, stages), dict(BLOCK_M=bn, BLOCK_N=bm)),
+            ("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, dict(BLOCK_M=_PREPROCESS_BLOCK_M), 4, 1),
+            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, dict(BLOCK_M=b.streamed, BLOCK_N=b.held), b.num_warps,
+             b.num_stages),
+            ("attn_bwd_dq", _attn_bwd_dq_kernel, dict(BLOCK_M=b.held, BLOCK_N=b.streamed), b.num_warps, b.num_stages),
         ]  # fmt: skip
     rows = []
-    for name, kernel, (m, n, w, st), constexprs in jobs:
+    for name, kernel, constexprs, num_warps, num_stages in jobs:
+        config = {"BLOCK_M": constexprs["BLOCK_M"], "BLOCK_N": constexprs.get("BLOCK_N", 0), "num_warps": num_warps,
+                  "num_stages": num_stages}  # fmt: skip
         if name != "attn_bwd_preprocess":
             constexprs["INPUT_PRECISION"] = precision
-        info = _compile(kernel, arch, dtype, D, constexprs, w, st)
-        config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+        info = _compile(kernel, arch, dtype, D, constexprs, num_warps, num_stages)
         rows.append({
             "kernel": name, "D": D, "dtype": static_check.TL_DTYPES[dtype],
             "precision": precision if dtype == torch.float32 else None, "config": config, **info,
@@ -603,9 +613,9 @@ def compile_report(
     for N, D in shapes:
         block_d = triton.next_power_of_2(D)
         for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
-            precision = _input_precision(dtype, allow_tf32)
-            for pass_, config in (("fwd", _fwd_config(N, block_d, dtype, precision, arch)),
-                                  ("bwd", _bwd_config(N, block_d, dtype, precision, arch))):  # fmt: skip
+            precision = vit_triton.input_precision(dtype, allow_tf32)
+            for pass_, config in (("fwd", fwd_config(N, block_d, dtype, precision, arch)),
+                                  ("bwd", bwd_config(N, block_d, dtype, precision, arch))):  # fmt: skip
                 key = (pass_, config, D, dtype, allow_tf32)  # shapes that share a config compile it once
                 if key not in done:
                     done[key] = compile_config(arch, dtype, D, allow_tf32=allow_tf32, **{pass_: config})

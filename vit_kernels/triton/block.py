@@ -30,7 +30,7 @@ one (M, C) write + read in backward; a B-operand LN prologue in the dW GEMM woul
 proj_residual keeps nothing but o and W: the residual's gradient is dout itself. Without autograd (no_grad,
 inference) ln_mlp's fc1 does not write the pre-activation at all (STORE_PRE), only GELU of it for fc2.
 
-Launch configs: linear.py's table (`linear._config`) for the same epilogue. The LN prologue holds the A tile in
+Launch configs: linear.py's table (`linear.config`) for the same epilogue. The LN prologue holds the A tile in
 registers for the normalisation; `compile_report` checks that this still compiles without spills.
 """
 
@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import linear, static_check, tma_gemm
 from vit_kernels.triton.gemm_helpers import gelu_fwd, grouped_tile, split_offset, store_head_split
 from vit_kernels.triton.linear import EPI_GELU, EPI_QKV, EPI_STORE
@@ -206,11 +207,6 @@ def _ln_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-# Tests replace this with a NaN-filling allocator (as linear._alloc), so an element never written fails them.
-def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
 def _row_block(C: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the row kernels: a whole row in registers, ~4K fp32 elements a program
     (ViT-H's C = 1280 -> 2 rows of 2048; ViT-B 768 -> 4 of 1024)."""
@@ -223,17 +219,17 @@ def _rows(t: torch.Tensor) -> tuple:
     """(ROWS, stride_outer, stride_inner, stride_col) of a (B, N, C) or (M, C) tensor read as (M, C)."""
     if t.dim() == 2:
         return (1, t.stride(0), 0, t.stride(1))
-    return linear._Operand(t).args[1:]
+    return linear.Operand(t).args[1:]
 
 
 def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, N, C) or (M, C), any strides -> mean, rstd, (M,) fp32 each."""
     C = x.shape[-1]
     M = x.numel() // C
-    mean = _alloc(M, like=x, dtype=torch.float32)
-    rstd = _alloc(M, like=x, dtype=torch.float32)
+    mean = vit_triton.alloc(M, like=x, dtype=torch.float32)
+    rstd = vit_triton.alloc(M, like=x, dtype=torch.float32)
     block_r, block_c, num_warps = _row_block(C)
-    with linear._on_device(x):
+    with vit_triton.on_device(x):
         _ln_rows_kernel[(triton.cdiv(M, block_r),)](
             x, x, mean, rstd, x, x, M, C, *_rows(x), float(eps),
             STATS=True, WRITE_Y=False, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
@@ -249,11 +245,11 @@ def ln_rows(
     TMA instead of normalising A tiles in registers."""
     C = x.shape[-1]
     M = x.numel() // C
-    y = _alloc(M, C, like=x)
-    mean = _alloc(M, like=x, dtype=torch.float32)
-    rstd = _alloc(M, like=x, dtype=torch.float32)
+    y = vit_triton.alloc(M, C, like=x)
+    mean = vit_triton.alloc(M, like=x, dtype=torch.float32)
+    rstd = vit_triton.alloc(M, like=x, dtype=torch.float32)
     block_r, block_c, num_warps = _row_block(C)
-    with linear._on_device(x):
+    with vit_triton.on_device(x):
         _ln_rows_kernel[(triton.cdiv(M, block_r),)](
             x, y, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), M, C, *_rows(x), float(eps),
             STATS=True, WRITE_Y=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
@@ -267,9 +263,9 @@ def ln_apply(
     """y = LN(x) (M, C) contiguous in x's dtype, from saved statistics: the same formula as the GEMM prologue."""
     C = x.shape[-1]
     M = x.numel() // C
-    y = _alloc(M, C, like=x)
+    y = vit_triton.alloc(M, C, like=x)
     block_r, block_c, num_warps = _row_block(C)
-    with linear._on_device(x):
+    with vit_triton.on_device(x):
         _ln_rows_kernel[(triton.cdiv(M, block_r),)](
             x, y, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), M, C, *_rows(x), 0.0,
             STATS=False, WRITE_Y=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
@@ -291,14 +287,14 @@ def ln_backward(
     where the residual is x itself."""
     C = x.shape[-1]
     M = x.numel() // C
-    dx = _alloc(*x.shape, like=x)
+    dx = vit_triton.alloc(*x.shape, like=x)
     block_r, block_c, num_warps = _row_block(C)
     # Enough programs to fill the GPU a few times over; each then reduces its share of dgamma / dbeta.
     programs = min(triton.cdiv(M, block_r), 8 * 132 if x.is_cuda else 8)
-    dw_part = _alloc(programs, C, like=x, dtype=torch.float32)
-    db_part = _alloc(programs, C, like=x, dtype=torch.float32)
+    dw_part = vit_triton.alloc(programs, C, like=x, dtype=torch.float32)
+    db_part = vit_triton.alloc(programs, C, like=x, dtype=torch.float32)
     dres = dresidual if dresidual is not None else x
-    with linear._on_device(x):
+    with vit_triton.on_device(x):
         _ln_bwd_kernel[(programs,)](
             x, dy, dres, dx, mean, rstd, ln_weight.contiguous(), dw_part, db_part, M, C,
             *_rows(x), dy.stride(0), dy.stride(1), *_rows(dres),
@@ -332,12 +328,12 @@ def _gemm_args(
     """(positional args, constexpr and launch kwargs, grid) of one `_block_gemm_kernel` launch:
     C (M, N) = epilogue(prologue(a) (M, K) @ weight (N, K)^T). ln = (mean, rstd, ln_weight, ln_bias)."""
     dtype = a.dtype
-    block_m, block_n, block_k, group_m, num_warps, num_stages = linear._config(M, N, dtype, allow_tf32, arch, epilogue)
-    if ln is not None and arch and linear._input_precision(dtype, allow_tf32) == "ieee":
+    cfg = linear.config(M, N, dtype, allow_tf32, arch, epilogue)
+    if ln is not None and arch and vit_triton.input_precision(dtype, allow_tf32) == "ieee":
         # Exact fp32 with the LN prologue: linear.py's 64 x 64 ieee tile on 8 warps spilled 16 bytes on sm_80
         # (Triton 3.8, 3.9; capped at 80 registers); 32 x 64 on 4 warps holds 96 with 0 spills on sm_80 and sm_90,
         # Triton 3.6 / 3.8 / 3.9 (static step only: not timed on a GPU).
-        block_m, num_warps = 32, 4
+        cfg = cfg._replace(block_m=32, num_warps=4)
     mean, rstd, ln_w, ln_b = ln if ln is not None else (c, c, c, c)
     res_rows = _rows(residual) if residual is not None else (1, 0, 0, 0)
     c_strides = c.stride() if c.dim() == 2 else (0, 0)
@@ -349,27 +345,24 @@ def _gemm_args(
     kwargs = dict(
         LN=ln is not None, EPILOGUE=epilogue, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         STORE_PRE=store_pre, TANH=tanh,
-        QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        INPUT_PRECISION=linear._input_precision(dtype, allow_tf32), num_warps=num_warps, num_stages=num_stages,
+        QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return args, kwargs, (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    return args, kwargs, (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
 
 
 def _tma_path(x: torch.Tensor, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
     """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS) with these operand views: LayerNorm then runs
     as a row kernel writing LN(x), and the residual is read in the GEMM's epilogue."""
-    return linear._tma_path(linear._arch(x.device), x.dtype, allow_tf32, *views)
+    return linear.tma_path(vit_triton.arch(x.device), x.dtype, allow_tf32, *views)
 
 
 def _launch(a, weight, c, M, N, K, allow_tf32, **extra) -> None:
-    args, kwargs, grid = _gemm_args(a, weight, c, M, N, K, allow_tf32, linear._arch(c.device), **extra)
-    linear._check_gemm_size(M, N, K, grid)
-    with linear._on_device(c):
+    args, kwargs, grid = _gemm_args(a, weight, c, M, N, K, allow_tf32, vit_triton.arch(c.device), **extra)
+    linear.check_gemm_size(M, N, K, grid)
+    with vit_triton.on_device(c):
         _block_gemm_kernel[grid](*args, **kwargs)
-
-
-def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
 
 
 def ln_qkv_fwd(
@@ -391,10 +384,11 @@ def ln_qkv_fwd(
         q, k, v = linear.qkv_fwd(y.view(B, N, C), weight, bias, num_heads, allow_tf32)
         return q, k, v, mean, rstd
     mean, rstd = ln_stats(x, eps)
-    q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
+    q, k, v = (vit_triton.alloc(B, num_heads, N, D, like=x) for _ in range(3))
     _launch(
-        x, weight, q, B * N, 3 * C, C, allow_tf32, epilogue=EPI_QKV, c2=k, c3=v, bias=_vector(bias),
-        ln=(mean, rstd, ln_weight.contiguous(), ln_bias.contiguous()), n_tok=N, qkv_c=C, qkv_d=D,
+        x, weight, q, B * N, 3 * C, C, allow_tf32, epilogue=EPI_QKV, c2=k, c3=v,
+        bias=vit_triton.contiguous_vector(bias), ln=(mean, rstd, ln_weight.contiguous(), ln_bias.contiguous()),
+        n_tok=N, qkv_c=C, qkv_d=D,
     )  # fmt: skip
     return q, k, v, mean, rstd
 
@@ -429,15 +423,18 @@ def proj_residual_fwd(
     contiguous (B, N, C). One GEMM; the residual is read in its epilogue."""
     B, N, C_in = o.shape
     C = weight.shape[0]
-    out = _alloc(B, N, C, like=o)
-    o2 = linear._matrix(o)
+    out = vit_triton.alloc(B, N, C, like=o)
+    o2 = linear.matrix_view(o)
     if _tma_path(o, allow_tf32, weight, o2):
-        arch = linear._arch(o.device)
-        launch = tma_gemm.residual_args(o2, weight.t(), out.view(B * N, C), _vector(bias), (residual, *_rows(residual)),
-                                        allow_tf32, arch)  # fmt: skip
-        linear._tma_launch(*launch, B * N, C, C_in, out)
+        arch = vit_triton.arch(o.device)
+        launch = tma_gemm.residual_args(o2, weight.t(), out.view(B * N, C), vit_triton.contiguous_vector(bias),
+                                        (residual, *_rows(residual)), allow_tf32, arch)  # fmt: skip
+        linear.tma_launch(*launch, B * N, C, C_in, out)
         return out
-    _launch(o, weight, out.view(B * N, C), B * N, C, C_in, allow_tf32, bias=_vector(bias), residual=residual)
+    _launch(
+        o, weight, out.view(B * N, C), B * N, C, C_in, allow_tf32, bias=vit_triton.contiguous_vector(bias),
+        residual=residual,
+    )  # fmt: skip
     return out
 
 
@@ -450,14 +447,14 @@ def proj_residual_bwd(
     B, N, C_in = o.shape
     C = weight.shape[0]
     M = B * N
-    do = linear._alloc(B, N, C_in, like=o)
-    dweight = linear._alloc(C, C_in, like=weight)
-    dbias = linear._alloc(C, like=o) if has_bias else None
+    do = vit_triton.alloc(B, N, C_in, like=o)
+    dweight = vit_triton.alloc(C, C_in, like=weight)
+    dbias = vit_triton.alloc(C, like=o) if has_bias else None
     dout2 = dout.reshape(M, C)  # a view for every layout autograd hands over in practice; a copy otherwise
     linear.gemm(dout2, weight, do.view(M, C_in), allow_tf32)
     linear.weight_grad(dout2.t(), o, dweight, allow_tf32)
     if dbias is not None:
-        linear._bias_grad(dout2, dbias)
+        linear.bias_grad(dout2, dbias)
     return do, dweight, dbias
 
 
@@ -484,30 +481,32 @@ def ln_mlp_fwd(
     residual epilogue."""
     B, N, C = x.shape
     M, Hd, C_out = B * N, fc1_weight.shape[0], fc2_weight.shape[0]
-    hidden = _alloc(M, Hd, like=x) if save_hidden else None
-    act = _alloc(M, Hd, like=x)
-    out = _alloc(B, N, C_out, like=x)
+    hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
+    act = vit_triton.alloc(M, Hd, like=x)
+    out = vit_triton.alloc(B, N, C_out, like=x)
     if _tma_path(x, allow_tf32, fc1_weight, fc2_weight):
-        arch = linear._arch(x.device)
+        arch = vit_triton.arch(x.device)
         y, mean, rstd = ln_rows(x, eps, ln_weight, ln_bias)
-        fc1 = tma_gemm.gelu_args(y, fc1_weight.t(), hidden, act, _vector(fc1_bias), approximate == "tanh",
-                                 allow_tf32, arch)  # fmt: skip
-        linear._tma_launch(*fc1, M, Hd, C, act)
+        fc1 = tma_gemm.gelu_args(y, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),
+                                 approximate == "tanh", allow_tf32, arch)  # fmt: skip
+        linear.tma_launch(*fc1, M, Hd, C, act)
         if residual:
-            fc2 = tma_gemm.residual_args(act, fc2_weight.t(), out.view(M, C_out), _vector(fc2_bias), (x, *_rows(x)),
-                                         allow_tf32, arch)  # fmt: skip
-            linear._tma_launch(*fc2, M, C_out, Hd, out)
+            fc2 = tma_gemm.residual_args(
+                act, fc2_weight.t(), out.view(M, C_out), vit_triton.contiguous_vector(fc2_bias), (x, *_rows(x)),
+                allow_tf32, arch,
+            )  # fmt: skip
+            linear.tma_launch(*fc2, M, C_out, Hd, out)
         else:
             linear.gemm(act, fc2_weight.t(), out.view(M, C_out), allow_tf32, bias=fc2_bias)
         return out, hidden, mean, rstd
     mean, rstd = ln_stats(x, eps)
     _launch(
         x, fc1_weight, hidden if save_hidden else act, M, Hd, C, allow_tf32, epilogue=EPI_GELU,
-        bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh", store_pre=save_hidden,
+        bias=vit_triton.contiguous_vector(fc1_bias), c2=act, tanh=approximate == "tanh", store_pre=save_hidden,
         ln=(mean, rstd, ln_weight.contiguous(), ln_bias.contiguous()),
     )  # fmt: skip
     _launch(
-        act, fc2_weight, out.view(M, C_out), M, C_out, Hd, allow_tf32, bias=_vector(fc2_bias),
+        act, fc2_weight, out.view(M, C_out), M, C_out, Hd, allow_tf32, bias=vit_triton.contiguous_vector(fc2_bias),
         residual=x if residual else None,
     )  # fmt: skip
     return out, hidden, mean, rstd
@@ -602,7 +601,7 @@ def compile_report(
     rows, cache = [], {}
     for B, N, C, H in shapes:
         for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
-            precision = linear._input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
+            precision = vit_triton.input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
             for name, kernel, args, kwargs in _block_kernels(B, N, C, H, 4, dtype, arch, allow_tf32):
                 if kernels is not None and name not in kernels:
                     continue

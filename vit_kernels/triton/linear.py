@@ -38,21 +38,19 @@ fc1's epilogue. Backward likewise writes GELU(hidden) once (dGELU epilogue) for 
 
 Launch configs: a deterministic table (no autotuning, so a call never pays for a benchmark sweep) keyed on the
 GPU generation (capability major: sm_90 or sm_80 and newer non-Hopper), the operand precision (16-bit, tf32,
-ieee fp32) and a shape class from the number of 128 x 128 output tiles versus the SM count. See `_config`.
+ieee fp32) and a shape class from the number of 128 x 128 output tiles versus the SM count. See `config`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from vit_kernels.triton import arch as _arch
-from vit_kernels.triton import on_device as _on_device
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton import packed_qkv, static_check, tma_gemm
 from vit_kernels.triton.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
+from vit_kernels.triton.tma_gemm import GemmConfig
 
 EPI_STORE, EPI_GELU, EPI_QKV, EPI_DGELU = 0, 1, 2, 3
 A_MEMORY, A_DQKV, A_DQKV_T = 0, 1, 2
@@ -182,8 +180,9 @@ def _gemm_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configs
 # ----------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per (arch, precision, shape class). Deterministic:
-# no autotuning, so the first call of a shape costs one compile and nothing else.
+# A GemmConfig (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; tma_gemm.py's type, whose `flatten` and
+# `quarters` the pointer kernel does not have) per (arch, precision, shape class).
+# Deterministic: no autotuning, so the first call of a shape costs one compile and nothing else.
 #  - Shape class from the 128 x 128 tile count versus the SM count (132 on H100, 108 on A100): "small" (under one
 #    wave, e.g. ViT at batch 1 or the dW products of small batches, whose M x N is only features x features) takes
 #    64-row tiles for twice the programs; "large" (N >= 2048 and >= 4 waves) takes 128 x 256 on Hopper, where one
@@ -203,21 +202,21 @@ def _gemm_kernel(
 #  - The interpreter (CPU tensors) runs every program in numpy: one mid-size tile keeps the tests quick.
 _SM_COUNT = {90: 132, 80: 108}
 _CONFIGS = {
-    (90, "16bit", "large"): (128, 256, 64, 8, 8, 3),
-    (90, "16bit", "medium"): (128, 128, 64, 8, 8, 4),
-    (90, "16bit", "small"): (64, 128, 64, 8, 4, 4),
-    (90, "tf32", "large"): (128, 128, 32, 8, 8, 3),
-    (90, "tf32", "medium"): (128, 128, 32, 8, 8, 3),
-    (90, "tf32", "small"): (64, 128, 32, 8, 4, 3),
-    (80, "16bit", "large"): (128, 128, 32, 8, 8, 4),
-    (80, "16bit", "medium"): (128, 128, 32, 8, 8, 4),
-    (80, "16bit", "small"): (64, 128, 32, 8, 4, 4),
-    (80, "tf32", "large"): (128, 128, 32, 8, 8, 3),
-    (80, "tf32", "medium"): (128, 128, 32, 8, 8, 3),
-    (80, "tf32", "small"): (64, 128, 32, 8, 4, 3),
+    (90, "16bit", "large"): GemmConfig(128, 256, 64, 8, 8, 3),
+    (90, "16bit", "medium"): GemmConfig(128, 128, 64, 8, 8, 4),
+    (90, "16bit", "small"): GemmConfig(64, 128, 64, 8, 4, 4),
+    (90, "tf32", "large"): GemmConfig(128, 128, 32, 8, 8, 3),
+    (90, "tf32", "medium"): GemmConfig(128, 128, 32, 8, 8, 3),
+    (90, "tf32", "small"): GemmConfig(64, 128, 32, 8, 4, 3),
+    (80, "16bit", "large"): GemmConfig(128, 128, 32, 8, 8, 4),
+    (80, "16bit", "medium"): GemmConfig(128, 128, 32, 8, 8, 4),
+    (80, "16bit", "small"): GemmConfig(64, 128, 32, 8, 4, 4),
+    (80, "tf32", "large"): GemmConfig(128, 128, 32, 8, 8, 3),
+    (80, "tf32", "medium"): GemmConfig(128, 128, 32, 8, 8, 3),
+    (80, "tf32", "small"): GemmConfig(64, 128, 32, 8, 4, 3),
 }
-_IEEE_CONFIG = (64, 64, 32, 8, 8, 2)
-_INTERPRETER_CONFIG = (32, 64, 32, 4, 4, 1)
+_IEEE_CONFIG = GemmConfig(64, 64, 32, 8, 8, 2)
+_INTERPRETER_CONFIG = GemmConfig(32, 64, 32, 4, 4, 1)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -226,10 +225,8 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def _config(
-    M: int, N: int, dtype: torch.dtype, allow_tf32: bool, arch: int, epilogue: int = EPI_STORE
-) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for an (M, N) output (see the table)."""
+def config(M: int, N: int, dtype: torch.dtype, allow_tf32: bool, arch: int, epilogue: int = EPI_STORE) -> GemmConfig:
+    """The GemmConfig of an (M, N) output (see the table)."""
     if arch == 0:
         return _INTERPRETER_CONFIG
     precision = _precision(dtype, allow_tf32)
@@ -242,26 +239,16 @@ def _config(
         shape_class = "large"
     else:
         shape_class = "medium"
-    block_m, block_n, block_k, group_m, num_warps, num_stages = _CONFIGS[(arch, precision, shape_class)]
+    cfg = _CONFIGS[(arch, precision, shape_class)]
     if epilogue == EPI_DGELU:
-        block_n = min(block_n, 64)
-    return block_m, block_n, block_k, group_m, num_warps, num_stages
-
-
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    # fp16 / bf16 dots are exact products accumulated in fp32 regardless; the flag only picks fp32's path.
-    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
-
-
-# Tests replace this with a NaN-filling allocator, so that an element a kernel never writes fails them.
-def _alloc(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+        cfg = cfg._replace(block_n=min(cfg.block_n, 64))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-class _Operand:
+class Operand:
     """A 2-D GEMM operand (R, S) as (pointer, ROWS, stride_outer, stride_inner, stride_col): row r lives at
     (r // ROWS) * stride_outer + (r % ROWS) * stride_inner. Built from a 2-D tensor, or from a 3-D (B, N, C)
     tensor read as (B * N, C), or transposed, all without copies."""
@@ -281,9 +268,9 @@ class _Operand:
             self.args = (t, 1, s_r, 0, s_c)
 
 
-def _kernel_args(
-    a: _Operand | None,
-    b: _Operand,
+def kernel_args(
+    a: Operand | None,
+    b: Operand,
     c: torch.Tensor,
     M: int,
     N: int,
@@ -304,13 +291,15 @@ def _kernel_args(
     qkv_c: int = 1,
     qkv_d: int = 1,
     split_k: int = 1,
+    launch_config: GemmConfig | None = None,
 ) -> tuple[tuple, dict, tuple[int, ...]]:
     """(positional args, constexpr and launch kwargs, grid) of one `_gemm_kernel` launch computing
     C (M, N) = epilogue(A (M, K) @ B (K, N)). Pointers a product does not read are passed as `c`.
     split_k > 1: K in that many slices (fewer where K is short), each program's fp32 partial into slice
-    program_id(1) of c (slices, M, N), contiguous; the grid's second axis says how many."""
-    block_m, block_n, block_k, group_m, num_warps, num_stages = _config(M, N, dtype, allow_tf32, arch, epilogue)
-    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    program_id(1) of c (slices, M, N), contiguous; the grid's second axis says how many.
+    launch_config replaces the table's `config` (benchmarks/probe_weight_grad.py's other tiles)."""
+    cfg = launch_config or config(M, N, dtype, allow_tf32, arch, epilogue)
+    k_split = triton.cdiv(triton.cdiv(K, split_k), cfg.block_k) * cfg.block_k
     slices = triton.cdiv(K, k_split)
     a_args = a.args if a is not None else (c, 1, 0, 0, 0)
     dq, dk, dv = dqkv if dqkv is not None else (c, c, c)
@@ -326,11 +315,11 @@ def _kernel_args(
     )  # fmt: skip
     kwargs = dict(
         A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, TANH=tanh,
-        QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        INPUT_PRECISION=_input_precision(dtype, allow_tf32), SPLIT_K=split_k > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32), SPLIT_K=split_k > 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     grid = (tiles, slices) if split_k > 1 else (tiles,)
     return args, kwargs, grid
 
@@ -338,34 +327,34 @@ def _kernel_args(
 _MAX_INT32 = 2**31 - 1  # also CUDA's limit on grid axis 0, the only axis the GEMM uses
 
 
-def _check_gemm_size(M: int, N: int, K: int, grid: tuple[int]) -> None:
+def check_gemm_size(M: int, N: int, K: int, grid: tuple[int]) -> None:
     """ValueError where a GEMM launch (this file's or block.py's) would pass its kernel's 32-bit limits."""
     # Tile row / column / k indices are int32 in the kernel (addresses are not): past this they would wrap.
     if max(M, N, K) > _MAX_INT32 - 1024 or grid[0] > _MAX_INT32:
         raise ValueError(f"GEMM ({M} x {K}) @ ({K} x {N}) is too large for 32-bit tile indices; split the batch")
 
 
-def _launch(a, b, c, M, N, K, dtype, allow_tf32, split_k: int = 1, **epilogue) -> None:
+def launch(a, b, c, M, N, K, dtype, allow_tf32, split_k: int = 1, **epilogue) -> None:
     if split_k > 1:
         _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k, **epilogue)
         return
-    args, kwargs, grid = _kernel_args(a, b, c, M, N, K, dtype, allow_tf32, _arch(c.device), **epilogue)
-    _check_gemm_size(M, N, K, grid)
-    with _on_device(c):
+    args, kwargs, grid = kernel_args(a, b, c, M, N, K, dtype, allow_tf32, vit_triton.arch(c.device), **epilogue)
+    check_gemm_size(M, N, K, grid)
+    with vit_triton.on_device(c):
         _gemm_kernel[grid](*args, **kwargs)
 
 
 def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, **epilogue) -> None:
     """C (M, N) = A @ B with K cut into `split_k` slices, for products whose M x N tiles are too few to fill the
     GPU while K is long (the weight gradients: K = tokens). fp32 partials (slices, M, N), added up in slice order
-    by torch (deterministic) and rounded once. Plain stores only. The ops use it where `_WEIGHT_GRAD_SPLIT_K` says
+    by torch (deterministic) and rounded once. Plain stores only. The ops use it where `WEIGHT_GRAD_SPLIT_K` says
     (benchmarks/probe_weight_grad.py measures it)."""
     assert not epilogue.get("bias") and epilogue.get("epilogue", EPI_STORE) == EPI_STORE, "split-K stores only"
-    partial = _alloc(split_k, M, N, like=c, dtype=torch.float32)
-    arch = _arch(c.device)
-    args, kwargs, grid = _kernel_args(a, b, partial[0], M, N, K, dtype, allow_tf32, arch, split_k=split_k, **epilogue)
-    _check_gemm_size(M, N, K, grid)
-    with _on_device(c):
+    partial = vit_triton.alloc(split_k, M, N, like=c, dtype=torch.float32)
+    arch = vit_triton.arch(c.device)
+    args, kwargs, grid = kernel_args(a, b, partial[0], M, N, K, dtype, allow_tf32, arch, split_k=split_k, **epilogue)
+    check_gemm_size(M, N, K, grid)
+    with vit_triton.on_device(c):
         _gemm_kernel[grid](*args, **kwargs)
         slices = grid[1]
         c.copy_(partial[:slices].sum(0))
@@ -374,33 +363,28 @@ def _launch_split_k(a, b, c, M, N, K, dtype, allow_tf32, split_k: int, **epilogu
 # K slices of the weight-gradient GEMMs (dW = dY^T @ X, K = tokens), which have few output tiles (features x
 # features) over a long K. 1: no split, until benchmarks/probe_weight_grad.py times a split 1.3x faster
 # (benchmarks/NOTES.md, gelu_mlp).
-_WEIGHT_GRAD_SPLIT_K = 1
+WEIGHT_GRAD_SPLIT_K = 1
 
 
-def _weight_grad(a: _Operand, b: _Operand, c: torch.Tensor, M: int, N: int, K: int, dtype, allow_tf32, **kw) -> None:
+def _weight_grad(a: Operand, b: Operand, c: torch.Tensor, M: int, N: int, K: int, dtype, allow_tf32, **kw) -> None:
     """c (M, N) = a @ b for a weight gradient (K = tokens)."""
-    _launch(a, b, c, M, N, K, dtype, allow_tf32, split_k=_WEIGHT_GRAD_SPLIT_K, **kw)
+    launch(a, b, c, M, N, K, dtype, allow_tf32, split_k=WEIGHT_GRAD_SPLIT_K, **kw)
 
 
-def _bias_grad(dy: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def bias_grad(dy: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (N,) = column sums of dy (M, N), any strides, accumulated in fp32 and rounded once. A torch reduction
     (deterministic): see the module docstring for why it is not fused into the weight-gradient GEMM."""
     out.copy_(dy.sum(0, dtype=torch.float32))
     return out
 
 
-def _qkv_bias_grad(dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def qkv_bias_grad(dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """out (3C,) = column sums of the virtual dQKV (B*N, 3C): each of dq, dk, dv (B, H, N, D), any strides, summed
-    over batch and tokens into bias columns i*C + h*D + d; fp32 accumulation, rounded once (as `_bias_grad`)."""
+    over batch and tokens into bias columns i*C + h*D + d; fp32 accumulation, rounded once (as `bias_grad`)."""
     C = out.numel() // 3
     for i, g in enumerate(dqkv):
         out[i * C : (i + 1) * C].copy_(g.sum((0, 2), dtype=torch.float32).view(C))
     return out
-
-
-def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    # Biases are read with unit stride; a strided (3C,) bias is rare enough to copy.
-    return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,16 +399,16 @@ PACKED_QKV = True
 TMA_ARCHS = (90, 0)
 
 
-def _tma_path(arch: int, dtype: torch.dtype, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
+def tma_path(arch: int, dtype: torch.dtype, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
     return (
         arch in TMA_ARCHS
-        and _input_precision(dtype, allow_tf32) == "tf32"
+        and vit_triton.input_precision(dtype, allow_tf32) == "tf32"
         and all(v is not None for v in views)
         and tma_gemm.describable(*views)
     )
 
 
-def _matrix(t: torch.Tensor) -> torch.Tensor | None:
+def matrix_view(t: torch.Tensor) -> torch.Tensor | None:
     """t (B, N, C) or (M, C) as an (M, C) view, or None where its batch and token dims do not merge into one
     stride (that layout runs the pointer kernel, which reads split rows in place)."""
     if t.dim() == 2:
@@ -435,9 +419,9 @@ def _matrix(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _tma_launch(kernel, args, kwargs, grid, M: int, N: int, K: int, out: torch.Tensor) -> None:
-    _check_gemm_size(M, N, K, grid)
-    with _on_device(out):
+def tma_launch(kernel, args, kwargs, grid, M: int, N: int, K: int, out: torch.Tensor) -> None:
+    check_gemm_size(M, N, K, grid)
+    with vit_triton.on_device(out):
         tma_gemm.launch(kernel, args, kwargs, grid)
 
 
@@ -445,11 +429,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool, bi
     """c (M, N) = a (M, K) @ b (K, N) (+ bias (N,)): 2-D views, any strides, c contiguous. TMA on Hopper where the
     views allow it, else `_gemm_kernel` (block.py's products go through here too)."""
     (M, K), N = a.shape, b.shape[1]
-    arch = _arch(c.device)
-    if _tma_path(arch, a.dtype, allow_tf32, a, b, c):
-        _tma_launch(*tma_gemm.store_args(a, b, c, _vector(bias), allow_tf32, arch), M, N, K, c)
+    arch = vit_triton.arch(c.device)
+    if tma_path(arch, a.dtype, allow_tf32, a, b, c):
+        tma_launch(*tma_gemm.store_args(a, b, c, vit_triton.contiguous_vector(bias), allow_tf32, arch), M, N, K, c)
     else:
-        _launch(_Operand(a), _Operand(b), c, M, N, K, a.dtype, allow_tf32, bias=_vector(bias))
+        launch(Operand(a), Operand(b), c, M, N, K, a.dtype, allow_tf32, bias=vit_triton.contiguous_vector(bias))
 
 
 def weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool) -> None:
@@ -457,15 +441,14 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: b
     units fill the SMs (`tma_gemm.split_k_slices`); else `_weight_grad`. b may be a (B, T, N) activation whose
     token dims do not merge (the pointer kernel reads its rows in place)."""
     (M, K), N = a.shape, b.shape[-1]
-    arch = _arch(c.device)
-    b2 = _matrix(b)
-    if _tma_path(arch, a.dtype, allow_tf32, a, b2, c):
-        _check_gemm_size(M, N, K, (1,))
-        alloc = functools.partial(_alloc, like=c, dtype=torch.float32)
-        with _on_device(c):
-            tma_gemm.weight_grad(a, b2, c, allow_tf32, arch, alloc=alloc)
+    arch = vit_triton.arch(c.device)
+    b2 = matrix_view(b)
+    if tma_path(arch, a.dtype, allow_tf32, a, b2, c):
+        check_gemm_size(M, N, K, (1,))
+        with vit_triton.on_device(c):
+            tma_gemm.weight_grad(a, b2, c, allow_tf32, arch)
     else:
-        _weight_grad(_Operand(a), _Operand(b), c, M, N, K, a.dtype, allow_tf32)
+        _weight_grad(Operand(a), Operand(b), c, M, N, K, a.dtype, allow_tf32)
 
 
 def _packed_dqkv(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
@@ -476,7 +459,7 @@ def _packed_dqkv(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> torch.
     packed = packed_qkv(dq, dk, dv)
     if packed is not None:
         return packed.view(B * N, 3 * C)
-    packed = _alloc(B, N, 3, H, D, like=dq)
+    packed = vit_triton.alloc(B, N, 3, H, D, like=dq)
     for i, g in enumerate((dq, dk, dv)):
         packed[:, :, i].copy_(g.transpose(1, 2))
     return packed.view(B * N, 3 * C)
@@ -500,21 +483,21 @@ def qkv_fwd(
     """
     B, N, C = x.shape
     D = C // num_heads
-    x2 = _matrix(x)
+    x2 = matrix_view(x)
     if packed and x2 is not None:
-        qkv = _alloc(B, N, 3, num_heads, D, like=x)
+        qkv = vit_triton.alloc(B, N, 3, num_heads, D, like=x)
         gemm(x2, weight.t(), qkv.view(B * N, 3 * C), allow_tf32, bias=bias)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
-    q, k, v = (_alloc(B, num_heads, N, D, like=x) for _ in range(3))
-    arch = _arch(x.device)
-    if _tma_path(arch, x.dtype, allow_tf32, x2, weight):
-        launch = tma_gemm.qkv_args(x2, weight.t(), q, k, v, _vector(bias), N, allow_tf32, arch)
-        _tma_launch(*launch, B * N, 3 * C, C, q)
+    q, k, v = (vit_triton.alloc(B, num_heads, N, D, like=x) for _ in range(3))
+    arch = vit_triton.arch(x.device)
+    if tma_path(arch, x.dtype, allow_tf32, x2, weight):
+        tma_args = tma_gemm.qkv_args(x2, weight.t(), q, k, v, vit_triton.contiguous_vector(bias), N, allow_tf32, arch)
+        tma_launch(*tma_args, B * N, 3 * C, C, q)
         return q, k, v
-    _launch(
-        _Operand(x), _Operand(weight, transpose=True), q, B * N, 3 * C, C, x.dtype, allow_tf32,
-        epilogue=EPI_QKV, c2=k, c3=v, bias=_vector(bias), n_tok=N, qkv_c=C, qkv_d=D,
+    launch(
+        Operand(x), Operand(weight, transpose=True), q, B * N, 3 * C, C, x.dtype, allow_tf32,
+        epilogue=EPI_QKV, c2=k, c3=v, bias=vit_triton.contiguous_vector(bias), n_tok=N, qkv_c=C, qkv_d=D,
     )  # fmt: skip
     return q, k, v
 
@@ -538,28 +521,28 @@ def qkv_bwd(
     C = H * D
     M = B * N
     dqkv = (dq, dk, dv)
-    dx = _alloc(B, N, C, like=x)
-    dweight = _alloc(3 * C, C, like=weight)
-    dbias = _alloc(3 * C, like=x) if has_bias else None
-    arch, x2 = _arch(x.device), _matrix(x)
-    if _tma_path(arch, x.dtype, allow_tf32, x2, weight):
+    dx = vit_triton.alloc(B, N, C, like=x)
+    dweight = vit_triton.alloc(3 * C, C, like=weight)
+    dbias = vit_triton.alloc(3 * C, like=x) if has_bias else None
+    arch, x2 = vit_triton.arch(x.device), matrix_view(x)
+    if tma_path(arch, x.dtype, allow_tf32, x2, weight):
         # Hopper: dQKV as one (M, 3C) matrix (TMA cannot gather), then two plain GEMMs and a column sum.
         packed = _packed_dqkv(dq, dk, dv)
         gemm(packed, weight, dx.view(M, C), allow_tf32)
         weight_grad(packed.t(), x2, dweight, allow_tf32)
         if dbias is not None:
-            _bias_grad(packed, dbias)
+            bias_grad(packed, dbias)
         return dx, dweight, dbias
-    _launch(
-        None, _Operand(weight), dx.view(M, C), M, C, 3 * C, x.dtype, allow_tf32,
+    launch(
+        None, Operand(weight), dx.view(M, C), M, C, 3 * C, x.dtype, allow_tf32,
         a_mode=A_DQKV, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D,
     )  # fmt: skip
-    x_op = _Operand(x)  # (B*N, C): rows are the K index of this product
+    x_op = Operand(x)  # (B*N, C): rows are the K index of this product
     _weight_grad(
         None, x_op, dweight, 3 * C, C, M, x.dtype, allow_tf32, a_mode=A_DQKV_T, dqkv=dqkv, n_tok=N, qkv_c=C, qkv_d=D
     )
     if dbias is not None:
-        _qkv_bias_grad(dqkv, dbias)
+        qkv_bias_grad(dqkv, dbias)
     return dx, dweight, dbias
 
 
@@ -580,23 +563,23 @@ def mlp_fwd(
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
-    hidden = _alloc(M, Hd, like=x)
-    act = _alloc(M, Hd, like=x)
-    y = _alloc(M, C_out, like=x)
-    arch = _arch(x.device)
-    if _tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
-        launch = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, _vector(fc1_bias), approximate == "tanh",
-                                    allow_tf32, arch)  # fmt: skip
-        _tma_launch(*launch, M, Hd, C, hidden)
+    hidden = vit_triton.alloc(M, Hd, like=x)
+    act = vit_triton.alloc(M, Hd, like=x)
+    y = vit_triton.alloc(M, C_out, like=x)
+    arch = vit_triton.arch(x.device)
+    if tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
+        tma_args = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),
+                                      approximate == "tanh", allow_tf32, arch)  # fmt: skip
+        tma_launch(*tma_args, M, Hd, C, hidden)
         gemm(act, fc2_weight.t(), y, allow_tf32, bias=fc2_bias)
         return y, hidden
-    _launch(
-        _Operand(x), _Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
-        epilogue=EPI_GELU, bias=_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
+    launch(
+        Operand(x), Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
+        epilogue=EPI_GELU, bias=vit_triton.contiguous_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
     )  # fmt: skip
-    _launch(
-        _Operand(act), _Operand(fc2_weight, transpose=True), y, M, C_out, Hd, x.dtype, allow_tf32,
-        bias=_vector(fc2_bias),
+    launch(
+        Operand(act), Operand(fc2_weight, transpose=True), y, M, C_out, Hd, x.dtype, allow_tf32,
+        bias=vit_triton.contiguous_vector(fc2_bias),
     )  # fmt: skip
     return y, hidden
 
@@ -617,26 +600,30 @@ def mlp_bwd(
 
     Four GEMMs: dhidden = (dy @ fc2_weight) * GELU'(hidden) (dGELU epilogue, which also writes act = GELU(hidden));
     dfc2_weight = dy^T @ act; dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; the biases' gradients are
-    the column sums of dy and dhidden (`_bias_grad`). Scratch: dhidden and act, (M, Hd) each, in x's dtype.
+    the column sums of dy and dhidden (`bias_grad`). Scratch: dhidden and act, (M, Hd) each, in x's dtype.
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
     tanh = approximate == "tanh"
-    dhidden = _alloc(M, Hd, like=x)
-    act = _alloc(M, Hd, like=x)
-    dx = _alloc(M, C, like=x)
-    dw1 = _alloc(Hd, C, like=fc1_weight)
-    dw2 = _alloc(C_out, Hd, like=fc2_weight)
-    db1 = _alloc(Hd, like=x) if has_fc1_bias else None
-    db2 = _alloc(C_out, like=x) if has_fc2_bias else None
-    arch = _arch(x.device)
-    if _tma_path(arch, x.dtype, allow_tf32, dy, x, hidden, fc1_weight, fc2_weight):
+    dhidden = vit_triton.alloc(M, Hd, like=x)
+    act = vit_triton.alloc(M, Hd, like=x)
+    dx = vit_triton.alloc(M, C, like=x)
+    dw1 = vit_triton.alloc(Hd, C, like=fc1_weight)
+    dw2 = vit_triton.alloc(C_out, Hd, like=fc2_weight)
+    db1 = vit_triton.alloc(Hd, like=x) if has_fc1_bias else None
+    db2 = vit_triton.alloc(C_out, like=x) if has_fc2_bias else None
+    arch = vit_triton.arch(x.device)
+    if tma_path(arch, x.dtype, allow_tf32, dy, x, hidden, fc1_weight, fc2_weight):
         # dfc1_bias from the dGELU epilogue's per-tile column sums: no second pass over dhidden
         db1_part = (
-            _alloc(tma_gemm.dbias_rows(arch, x.dtype, M), Hd, like=x, dtype=torch.float32) if db1 is not None else None
+            vit_triton.alloc(tma_gemm.dbias_rows(arch, x.dtype, M), Hd, like=x, dtype=torch.float32)
+            if db1 is not None
+            else None
         )
-        launch = tma_gemm.dgelu_args(dy, fc2_weight, hidden, dhidden, act, tanh, allow_tf32, arch, dbias_part=db1_part)
-        _tma_launch(*launch, M, Hd, C_out, dhidden)
+        tma_args = tma_gemm.dgelu_args(
+            dy, fc2_weight, hidden, dhidden, act, tanh, allow_tf32, arch, dbias_part=db1_part
+        )
+        tma_launch(*tma_args, M, Hd, C_out, dhidden)
         weight_grad(dy.t(), act, dw2, allow_tf32)
         weight_grad(dhidden.t(), x, dw1, allow_tf32)
         gemm(dhidden, fc1_weight, dx, allow_tf32)
@@ -645,29 +632,29 @@ def mlp_bwd(
     else:
         _pointer_mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, dhidden, act, dx, dw1, dw2, tanh, allow_tf32)
         if db1 is not None:
-            _bias_grad(dhidden, db1)
+            bias_grad(dhidden, db1)
     if db2 is not None:
-        _bias_grad(dy, db2)
+        bias_grad(dy, db2)
     return dx, dw1, db1, dw2, db2
 
 
 def _pointer_mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, dhidden, act, dx, dw1, dw2, tanh, allow_tf32) -> None:
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
-    _launch(
-        _Operand(dy), _Operand(fc2_weight), dhidden, M, Hd, C_out, x.dtype, allow_tf32,
+    launch(
+        Operand(dy), Operand(fc2_weight), dhidden, M, Hd, C_out, x.dtype, allow_tf32,
         epilogue=EPI_DGELU, hidden=hidden, c2=act, tanh=tanh,
     )  # fmt: skip
-    _weight_grad(_Operand(dy, transpose=True), _Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32)
-    _weight_grad(_Operand(dhidden, transpose=True), _Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32)
-    _launch(_Operand(dhidden), _Operand(fc1_weight), dx, M, C, Hd, x.dtype, allow_tf32)
+    _weight_grad(Operand(dy, transpose=True), Operand(act), dw2, C_out, Hd, M, x.dtype, allow_tf32)
+    _weight_grad(Operand(dhidden, transpose=True), Operand(x), dw1, Hd, C, M, x.dtype, allow_tf32)
+    launch(Operand(dhidden), Operand(fc1_weight), dx, M, C, Hd, x.dtype, allow_tf32)
 
 
 # ----------------------------------------------------------------------------------------------------
 # static check: compile the shipped configs for a GPU target without a GPU
 # ----------------------------------------------------------------------------------------------------
 def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dtype) -> list[tuple[str, tuple, dict]]:
-    """The nine products of one ViT block (forward and backward) as `_kernel_args` calls on meta tensors laid out
+    """The nine products of one ViT block (forward and backward) as `kernel_args` calls on meta tensors laid out
     as the launchers lay them out (contiguous inputs, the (B, N, 3, H, D) packed view for dq / dk / dv)."""
     D, M, Hd = C // H, B * N, mlp_ratio * C
 
@@ -680,18 +667,18 @@ def _block_gemms(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.dt
     x2, w1, b1, w2, b2, hid = t(M, C), t(Hd, C), t(Hd), t(C, Hd), t(C), t(M, Hd)
     heads = dict(n_tok=N, qkv_c=C, qkv_d=D)
     return [
-        ("qkv_fwd", (_Operand(x), _Operand(w, transpose=True), qkv, M, 3 * C, C),
+        ("qkv_fwd", (Operand(x), Operand(w, transpose=True), qkv, M, 3 * C, C),
          dict(epilogue=EPI_QKV, bias=bias, c2=qkv, c3=qkv, **heads)),
-        ("qkv_bwd_dx", (None, _Operand(w), t(M, C), M, C, 3 * C), dict(a_mode=A_DQKV, dqkv=dqkv, **heads)),
-        ("qkv_bwd_dw", (None, _Operand(x), t(3 * C, C), 3 * C, C, M),
+        ("qkv_bwd_dx", (None, Operand(w), t(M, C), M, C, 3 * C), dict(a_mode=A_DQKV, dqkv=dqkv, **heads)),
+        ("qkv_bwd_dw", (None, Operand(x), t(3 * C, C), 3 * C, C, M),
          dict(a_mode=A_DQKV_T, dqkv=dqkv, **heads)),
-        ("mlp_fc1", (_Operand(x2), _Operand(w1, transpose=True), hid, M, Hd, C),
+        ("mlp_fc1", (Operand(x2), Operand(w1, transpose=True), hid, M, Hd, C),
          dict(epilogue=EPI_GELU, bias=b1, c2=hid)),
-        ("mlp_fc2", (_Operand(hid), _Operand(w2, transpose=True), t(M, C), M, C, Hd), dict(bias=b2)),
-        ("mlp_bwd_dhidden", (_Operand(x2), _Operand(w2), hid, M, Hd, C), dict(epilogue=EPI_DGELU, hidden=hid, c2=hid)),
-        ("mlp_bwd_dw2", (_Operand(x2, transpose=True), _Operand(hid), t(C, Hd), C, Hd, M), {}),
-        ("mlp_bwd_dw1", (_Operand(hid, transpose=True), _Operand(x2), t(Hd, C), Hd, C, M), {}),
-        ("mlp_bwd_dx", (_Operand(hid), _Operand(w1), t(M, C), M, C, Hd), {}),
+        ("mlp_fc2", (Operand(hid), Operand(w2, transpose=True), t(M, C), M, C, Hd), dict(bias=b2)),
+        ("mlp_bwd_dhidden", (Operand(x2), Operand(w2), hid, M, Hd, C), dict(epilogue=EPI_DGELU, hidden=hid, c2=hid)),
+        ("mlp_bwd_dw2", (Operand(x2, transpose=True), Operand(hid), t(C, Hd), C, Hd, M), {}),
+        ("mlp_bwd_dw1", (Operand(hid, transpose=True), Operand(x2), t(Hd, C), Hd, C, M), {}),
+        ("mlp_bwd_dx", (Operand(hid), Operand(w1), t(M, C), M, C, Hd), {}),
     ]  # fmt: skip
 
 
@@ -726,7 +713,7 @@ def compile_report(
     rows, cache = [], {}
     for B, N, C, H in shapes:
         for dtype, allow_tf32 in static_check.dtype_precisions(dtypes, fp32_precisions):
-            precision = _input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
+            precision = vit_triton.input_precision(dtype, allow_tf32) if dtype == torch.float32 else None
             for name, (a, b, c, M, N_, K), extra in _block_gemms(B, N, C, H, 4, dtype):
                 if kernels is not None and name not in kernels:
                     continue
@@ -737,11 +724,12 @@ def compile_report(
                     c = torch.empty(c.shape, dtype=torch.float32, device="meta")
                     extra = dict(extra, split_k=split_k)
                     name = f"{name}_split_k"
-                args, kwargs, _grid = _kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
+                args, kwargs, _grid = kernel_args(a, b, c, M, N_, K, dtype, allow_tf32, arch, **extra)
                 key = (tuple(v if not isinstance(v, torch.Tensor) else v.dtype for v in args), tuple(kwargs.items()))
                 if key not in cache:
                     cache[key] = static_check.compile_launch(_gemm_kernel, args, kwargs, arch)
-                config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+                launch_config = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps",
+                                                        "num_stages")}  # fmt: skip
                 rows.append({"kernel": name, "M": M, "N": N_, "K": K, "dtype": static_check.TL_DTYPES[dtype],
-                             "precision": precision, "config": config, **cache[key]})  # fmt: skip
+                             "precision": precision, "config": launch_config, **cache[key]})  # fmt: skip
     return rows

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from vit_kernels import triton as vit_triton
 from vit_kernels.triton.gemm_helpers import gelu_fwd, gelu_fwd_bwd, grouped_tile, split_offset, store_head_split
 
 
@@ -295,13 +296,16 @@ def _partial_kernel(
 # launch configs
 # ----------------------------------------------------------------------------------------------------
 class GemmConfig(NamedTuple):
+    """A GEMM launch config: this file's kernels read every field; linear.py's and block.py's pointer kernels
+    (`_gemm_kernel`, `_block_gemm_kernel`) the first six, and leave `flatten` and `quarters` at False."""
+
     block_m: int
     block_n: int
     block_k: int
     group_m: int
     num_warps: int
     num_stages: int
-    flatten: bool  # fuse the tile loop with the K loop: the next tile's loads overlap this tile's epilogue
+    flatten: bool = False  # fuse the tile loop with the K loop: the next tile's loads overlap this tile's epilogue
     quarters: bool = False  # GELU epilogues: (BLOCK_M, BLOCK_N / 4) sub-tiles instead of halves
 
 
@@ -413,10 +417,9 @@ def _common(a, b, M, N, K, dtype, allow_tf32, arch, epilogue, work_units=None):
     b_t = not b_t  # stored (N, K) is the mainloop's B_T
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     n_prog = programs(arch, tiles if work_units is None else work_units)
-    precision = "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
     kwargs = dict(
-        A_T=a_t, B_T=b_t, INPUT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
+        A_T=a_t, B_T=b_t, INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return cfg, a_desc, b_desc, kwargs, (n_prog,)
@@ -512,10 +515,10 @@ def launch(kernel, args, kwargs, grid) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def weight_grad(a, b, c, allow_tf32, arch, alloc=None) -> None:
+def weight_grad(a, b, c, allow_tf32, arch) -> None:
     """c (M, N) = a (M, K) @ b (K, N) for a weight gradient (K = tokens, M x N = features x features): split along
-    K (`split_k_slices`) into fp32 partials that torch adds in slice order (deterministic), rounded once.
-    alloc(*shape) makes the fp32 partial buffer (the tests' NaN-filling allocator); torch.empty when None."""
+    K (`split_k_slices`) into fp32 partials that torch adds in slice order (deterministic), rounded once. The
+    partials' buffer comes from `vit_kernels.triton.alloc` (which the tests NaN-fill)."""
     (M, K), N = a.shape, b.shape[1]
     cfg = config(arch, a.dtype, "partial")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -525,10 +528,7 @@ def weight_grad(a, b, c, allow_tf32, arch, alloc=None) -> None:
         return
     k_split = slice_length(K, splits, cfg.block_k)
     splits = triton.cdiv(K, k_split)  # rounding slices up to whole BLOCK_K steps can leave fewer of them
-    if alloc is None:
-        partial = torch.empty(splits, M, N, dtype=torch.float32, device=c.device)
-    else:
-        partial = alloc(splits, M, N)
+    partial = vit_triton.alloc(splits, M, N, like=c, dtype=torch.float32)
     launch(*partial_args(a, b, partial, k_split, allow_tf32, arch))
     c.copy_(partial.sum(0))
 
