@@ -42,9 +42,6 @@ void gemm_linear_bwd(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, 
 void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t qkv,
                        uintptr_t q, uintptr_t k, uintptr_t v, index_t batch, index_t tokens, index_t channels,
                        index_t heads, int dtype, uintptr_t stream);
-void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx, uintptr_t w, index_t ldw,
-                       uintptr_t dx, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
-                       index_t M, index_t channels, int dtype, uintptr_t stream);
 void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
                        index_t ldw2, uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act,
                        uintptr_t y, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
@@ -153,11 +150,6 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("qkv"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"),
         py::arg("dtype"), py::arg("stream"));
-  m.def("qkv_bwd_sm90", &gemm_qkv_bwd_sm90,
-        "dx (M, C), dweight (3C, C), dbias (3C,) or 0 from dqkv (M, 3C) row stride ld_dqkv, on the sm_90a GEMMs",
-        py::arg("dqkv"), py::arg("ld_dqkv"), py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"),
-        py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("scratch_floats"),
-        py::arg("M"), py::arg("channels"), py::arg("dtype"), py::arg("stream"));
   m.def("mlp_fwd_sm90", &gemm_mlp_fwd_sm90, "as mlp_fwd, on the sm_90a GEMMs", py::arg("x"), py::arg("ldx"),
         py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("ldw2"),
         py::arg("fc2_bias"), py::arg("residual"), py::arg("ld_res"), py::arg("hidden"), py::arg("act"), py::arg("y"),

@@ -25,10 +25,12 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "common.cuh"
 #include "gemm_sm90.h"
@@ -700,6 +702,16 @@ inline void check_half(int dtype, const std::string& name) {
           name + ": the sm_90a GEMMs take fp16 or bf16, got dtype code " + std::to_string(dtype));
 }
 
+// What every sm_90a op launcher checks first, before its operands: a known dtype, 0 < M < 2^31, each channel size
+// a positive multiple of 8, and a 16-bit dtype (the sm_90a GEMMs have no fp32 instantiation).
+inline void check_sm90_sizes(int dtype, index_t M, std::initializer_list<std::pair<const char*, index_t>> channels,
+                             const std::string& name) {
+  check_dtype(dtype);
+  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
+  for (const auto& [channel, size] : channels) check_channels(channel, size);
+  check_half(dtype, name);
+}
+
 // Checked after the operands, before the first launch: this build has the sm_90a GEMMs, and the current device is
 // compute capability 9.0 exactly (an sm_90a cubin loads nowhere else).
 inline void check_sm90_device(const std::string& name) {
@@ -939,6 +951,19 @@ void gemm_linear_bwd(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, 
 #define VK_SM90_CALL(call) (void)0
 #endif
 
+namespace gemm {
+// d = a @ w^T + bias [+ res]: the one place that picks linear_bias or linear_bias_residual (res == nullptr: none).
+template <class T>
+void sm90_linear(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, const T* res, index_t ld_res, T* d,
+                 index_t ldd, int M, int N, int K, cudaStream_t s) {
+  if (res != nullptr) {
+    VK_SM90_CALL((sm90::linear_bias_residual<T>(a, lda, w, ldw, bias, res, ld_res, d, ldd, M, N, K, s)));
+  } else {
+    VK_SM90_CALL((sm90::linear_bias<T>(a, lda, w, ldw, bias, d, ldd, M, N, K, s)));
+  }
+}
+}  // namespace gemm
+
 // qkv (B*N, 3C) = x @ w^T + bias (scratch), then split into q, k, v (B, H, N, D) contiguous.
 void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t qkv,
                        uintptr_t q, uintptr_t k, uintptr_t v, index_t batch, index_t tokens, index_t channels,
@@ -967,51 +992,13 @@ void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintp
   });
 }
 
-// From dqkv (M, 3C) with row stride ld_dqkv (dq, dk, dv packed, or their copy):
-//   dx (M, C) = dqkv @ w (3C, C);  dw (3C, C) = dqkv^T @ x;  dbias = column sums of dqkv (if dbias != 0).
-void gemm_qkv_bwd_sm90(uintptr_t dqkv, index_t ld_dqkv, uintptr_t x, index_t ldx, uintptr_t w, index_t ldw,
-                       uintptr_t dx, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
-                       index_t M, index_t channels, int dtype, uintptr_t stream) {
-  using namespace gemm;
-  check_dtype(dtype);
-  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
-  check_channels("C", channels);
-  check_half(dtype, "qkv_bwd_sm90");
-  const index_t C3 = 3 * channels;
-  dispatch_half(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const Strided<T, true> g{in<T>(dqkv), ld_dqkv, 1};
-    g.validate(M, C3, true, "qkv_bwd_sm90 dqkv");
-    Strided<T, true>{in<T>(x), ldx, 1}.validate(M, channels, true, "qkv_bwd_sm90 x");
-    Strided<T, true>{in<T>(w), ldw, 1}.validate(C3, channels, true, "qkv_bwd_sm90 weight");
-    Strided<T, true>{in<T>(dx), channels, 1}.validate(M, channels, true, "qkv_bwd_sm90 dx");
-    Strided<T, true>{in<T>(dw), channels, 1}.validate(C3, channels, true, "qkv_bwd_sm90 dweight");
-    if (dbias != 0) check_colsum_scratch(scratch, scratch_floats, C3, "qkv_bwd_sm90 dbias");
-    check_sm90_device("qkv_bwd_sm90");
-    const cudaStream_t s = as_stream(stream);
-    // [[maybe_unused]]: a build without CUTLASS compiles the launchers with the GEMM calls left out.
-    [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(channels), c3 = static_cast<int>(C3);
-    VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dqkv), ld_dqkv, in<T>(w), ldw, out<T>(dx), channels, m, c, c3, s)));
-    VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dqkv), ld_dqkv, in<T>(x), ldx, out<T>(dw), channels, c3, c, m, s)));
-    if (dbias != 0) {
-      run_colsum(g, out<T>(dbias), M, C3, reinterpret_cast<float*>(scratch), scratch_floats, s,
-                 "qkv_bwd_sm90 dbias colsum");
-    }
-  });
-}
-
 // As gemm_mlp_fwd: fc1 with the bias + GELU + aux epilogue (hidden is the aux, act the output), fc2 with bias.
 void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
                        index_t ldw2, uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act,
                        uintptr_t y, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
                        uintptr_t stream) {
   using namespace gemm;
-  check_dtype(dtype);
-  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
-  check_channels("C", C);
-  check_channels("hidden", Hd);
-  check_channels("C_out", Cout);
-  check_half(dtype, "mlp_fwd_sm90");
+  check_sm90_sizes(dtype, M, {{"C", C}, {"hidden", Hd}, {"C_out", Cout}}, "mlp_fwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     Strided<T, true>{in<T>(x), ldx, 1}.validate(M, C, true, "mlp_fwd_sm90 x");
@@ -1027,13 +1014,8 @@ void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uin
     [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
     VK_SM90_CALL((sm90::linear_bias_gelu<T>(in<T>(x), ldx, in<T>(w1), ldw1, in<T>(b1), out<T>(hidden), Hd,
                                             out<T>(act), Hd, m, hd, c, tanh_form, s)));
-    if (res != 0) {
-      VK_SM90_CALL((sm90::linear_bias_residual<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), in<T>(res), ld_res,
-                                                  out<T>(y), Cout, m, static_cast<int>(Cout), hd, s)));
-    } else {
-      VK_SM90_CALL((sm90::linear_bias<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), out<T>(y), Cout, m,
-                                         static_cast<int>(Cout), hd, s)));
-    }
+    sm90_linear<T>(in<T>(act), Hd, in<T>(w2), ldw2, in<T>(b2), in<T>(res), ld_res, out<T>(y), Cout, m,
+                   static_cast<int>(Cout), hd, s);
   });
 }
 
@@ -1042,11 +1024,7 @@ void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, ui
                           index_t ld_res, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K, int dtype,
                           uintptr_t stream) {
   using namespace gemm;
-  check_dtype(dtype);
-  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
-  check_channels("N", N);
-  check_channels("K", K);
-  check_half(dtype, "linear_fwd_sm90");
+  check_sm90_sizes(dtype, M, {{"N", N}, {"K", K}}, "linear_fwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_fwd_sm90 a");
@@ -1055,28 +1033,18 @@ void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, ui
     if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, N, true, "linear_fwd_sm90 residual");
     require(bias % 16 == 0, "linear_fwd_sm90: the bias must be 16-byte aligned (read in 16-byte row broadcasts)");
     check_sm90_device("linear_fwd_sm90");
-    [[maybe_unused]] const cudaStream_t s = as_stream(stream);
-    [[maybe_unused]] const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
-    if (res != 0) {
-      VK_SM90_CALL((sm90::linear_bias_residual<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), in<T>(res), ld_res,
-                                                  out<T>(out_ptr), ldo, m, n, k, s)));
-    } else {
-      VK_SM90_CALL((sm90::linear_bias<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), out<T>(out_ptr), ldo, m, n, k,
-                                         s)));
-    }
+    sm90_linear<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), in<T>(res), ld_res, out<T>(out_ptr), ldo,
+                   static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), as_stream(stream));
   });
 }
 
 // As gemm_linear_bwd, on the sm_90a GEMMs: da by the NN GEMM, dw by the stream-K GEMM, dbias by the column sum.
+// Also the QKV backward on Hopper: dout = dQKV (M, 3C) (dq, dk, dv packed, or their copy), a = x, w (3C, C).
 void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
                           uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
                           index_t M, index_t N, index_t K, int dtype, uintptr_t stream) {
   using namespace gemm;
-  check_dtype(dtype);
-  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
-  check_channels("N", N);
-  check_channels("K", K);
-  check_half(dtype, "linear_bwd_sm90");
+  check_sm90_sizes(dtype, M, {{"N", N}, {"K", K}}, "linear_bwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     const Strided<T, true> g{in<T>(dout), ld_dout, 1};
@@ -1106,12 +1074,7 @@ void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uint
                        index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
                        int dtype, uintptr_t stream) {
   using namespace gemm;
-  check_dtype(dtype);
-  require(M > 0 && M < (index_t{1} << 31), "M must be positive and below 2^31");
-  check_channels("C", C);
-  check_channels("hidden", Hd);
-  check_channels("C_out", Cout);
-  check_half(dtype, "mlp_bwd_sm90");
+  check_sm90_sizes(dtype, M, {{"C", C}, {"hidden", Hd}, {"C_out", Cout}}, "mlp_bwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     const Strided<T, true> dy_op{in<T>(dy), ldy, 1}, dh_op{in<T>(dhidden), Hd, 1};

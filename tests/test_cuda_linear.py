@@ -409,7 +409,7 @@ def test_backward_wrappers_reject_inconsistent_gradients():
 def test_extension_binds_the_linear_launchers():
     _C = _extension()
     for name in ("qkv_fwd", "qkv_bwd", "mlp_fwd", "mlp_bwd", "linear_fwd", "linear_bwd", "qkv_fwd_sm90",
-                 "qkv_bwd_sm90", "mlp_fwd_sm90", "mlp_bwd_sm90", "linear_fwd_sm90", "linear_bwd_sm90"):  # fmt: skip
+                 "mlp_fwd_sm90", "mlp_bwd_sm90", "linear_fwd_sm90", "linear_bwd_sm90"):  # fmt: skip
         assert callable(getattr(_C, name, None)), f"_C.{name} is not bound"
 
 
@@ -503,8 +503,6 @@ def test_gemm_launchers_check_output_alignment_before_any_launch():
 
 _MLP_FWD_SM90_ARGS = {**_MLP_FWD_ARGS}
 _QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
-_QKV_BWD_SM90_ARGS = dict(dqkv=0, ld_dqkv=192, x=0, ldx=64, weight=0, ldw=64, dx=0, dweight=0, dbias=0, scratch=0,
-                          scratch_floats=0, M=5, channels=64, dtype=HALF, stream=0)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -519,8 +517,8 @@ _QKV_BWD_SM90_ARGS = dict(dqkv=0, ld_dqkv=192, x=0, ldx=64, weight=0, ldw=64, dx
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(qkv=8), r"qkv_fwd_sm90 qkv scratch: pointer must be 16-byte aligned"),
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(v=8), r"qkv_fwd_sm90: q, k, v must be 16-byte aligned"),
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(heads=16), r"head dim D=C/num_heads=4 must be a multiple of 8"),
-        ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(ld_dqkv=196), r"qkv_bwd_sm90 dqkv: needs unit stride along K"),
-        ("qkv_bwd_sm90", _QKV_BWD_SM90_ARGS, dict(dweight=4), r"qkv_bwd_sm90 dweight: pointer must be 16-byte"),
+        ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(dweight=4), r"linear_bwd_sm90 dweight: pointer must be 16-byte"),
+        ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(M=0), r"M must be positive and below 2\^31"),
         ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(residual=16, ld_res=36), r"mlp_fwd_sm90 residual: needs unit"),
         ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(residual=8), r"linear_fwd_sm90 residual: pointer must be 16-byte"),
         ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(ldo=60), r"linear_fwd_sm90 output: needs unit stride along K"),

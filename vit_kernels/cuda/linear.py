@@ -270,10 +270,10 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
                 dqkv[:, :, i].copy_(g.transpose(1, 2))
             packed = dqkv.view(B * N, 3 * C), 3 * C
         dqkv, ld = packed
-        with torch.cuda.device(x.device):
-            extension().qkv_bwd_sm90(
+        with torch.cuda.device(x.device):  # the projection's backward with dout = dQKV (B*N, 3C): linear_bwd's
+            extension().linear_bwd_sm90(
                 ptr(dqkv), ld, ptr(x2), x2.stride(0), ptr(w), w.stride(0), ptr(dx), ptr(dweight), ptr(dbias),
-                ptr(scratch), scratch_floats, B * N, C, dtype_code(x), stream_of(x),
+                ptr(scratch), scratch_floats, B * N, 3 * C, C, dtype_code(x), stream_of(x),
             )  # fmt: skip
         return dx, dweight, dbias
     dq, dk, dv = _heads(dq, dk, dv)
