@@ -199,6 +199,19 @@ auto mptr(T* p) {
   return reinterpret_cast<typename CutlassType<T>::type*>(p);
 }
 
+// The Arguments every product starts from: the problem (M, N, K), A and B with their row strides, the epilogue's
+// source C (nullptr: none; its stride is then unused) and output D, and the SM count the persistent grid is sized
+// for. Each product then sets its own epilogue fields (bias, aux, beta, activation, scheduler).
+template <class G, class T>
+typename G::Gemm::Arguments gemm_args(const T* a, index_t lda, const T* b, index_t ldb, const T* c, index_t ldc, T* d,
+                                      index_t ldd, int M, int N, int K, cutlass::KernelHardwareInfo hw) {
+  return {cutlass::gemm::GemmUniversalMode::kGemm,
+          {M, N, K, 1},
+          {cptr(a), strided<typename G::StrideA>(lda), cptr(b), strided<typename G::StrideB>(ldb)},
+          {{}, cptr(c), strided<typename G::StrideC>(ldc), mptr(d), strided<typename G::StrideD>(ldd)},
+          hw};
+}
+
 // ====================================================================================================
 // the products
 // ====================================================================================================
@@ -216,13 +229,7 @@ template <class T>
 auto linear_bias_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
                       int K, cutlass::KernelHardwareInfo hw) {
   using G = LinearBias<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(w),
-                                    strided<typename G::StrideB>(ldw)},
-                                   {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
-                                    strided<typename G::StrideD>(ldd)},
-                                   hw};
+  auto args = gemm_args<G, T>(a, lda, w, ldw, nullptr, ldd, d, ldd, M, N, K, hw);
   args.epilogue.thread.bias_ptr = cptr(bias);
   return args;
 }
@@ -249,13 +256,7 @@ template <class T>
 auto linear_bias_residual_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, const T* res,
                                index_t ld_res, T* d, index_t ldd, int M, int N, int K, cutlass::KernelHardwareInfo hw) {
   using G = LinearBiasResidual<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(w),
-                                    strided<typename G::StrideB>(ldw)},
-                                   {{}, cptr(res), strided<typename G::StrideC>(ld_res), mptr(d),
-                                    strided<typename G::StrideD>(ldd)},
-                                   hw};
+  auto args = gemm_args<G, T>(a, lda, w, ldw, res, ld_res, d, ldd, M, N, K, hw);
   args.epilogue.thread.beta = 1.0f;
   args.epilogue.thread.bias_ptr = cptr(bias);
   return args;
@@ -281,13 +282,7 @@ template <class T>
 auto linear_bias_gelu_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
                            index_t ld_act, int M, int N, int K, bool tanh_form, cutlass::KernelHardwareInfo hw) {
   using G = LinearBiasGelu<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(w),
-                                    strided<typename G::StrideB>(ldw)},
-                                   {{}, nullptr, strided<typename G::StrideD>(ld_act), mptr(act),
-                                    strided<typename G::StrideD>(ld_act)},
-                                   hw};
+  auto args = gemm_args<G, T>(a, lda, w, ldw, nullptr, ld_act, act, ld_act, M, N, K, hw);
   args.epilogue.thread.bias_ptr = cptr(bias);
   args.epilogue.thread.aux_ptr = mptr(h);
   args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
@@ -313,13 +308,7 @@ template <class T>
 auto dgelu_args(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
                 int N, int K, bool tanh_form, cutlass::KernelHardwareInfo hw) {
   using G = DGelu<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(dy), strided<typename G::StrideA>(ldy), cptr(w),
-                                    strided<typename G::StrideB>(ldw)},
-                                   {{}, nullptr, strided<typename G::StrideD>(lddh), mptr(dh),
-                                    strided<typename G::StrideD>(lddh)},
-                                   hw};
+  auto args = gemm_args<G, T>(dy, ldy, w, ldw, nullptr, lddh, dh, lddh, M, N, K, hw);
   args.epilogue.thread.aux_ptr = cptr(h);
   args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
   args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
@@ -342,14 +331,7 @@ template <class T>
 auto matmul_nn_args(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
                     cutlass::KernelHardwareInfo hw) {
   using G = MatmulNN<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(b),
-                                    strided<typename G::StrideB>(ldb)},
-                                   {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
-                                    strided<typename G::StrideD>(ldd)},
-                                   hw};
-  return args;
+  return gemm_args<G, T>(a, lda, b, ldb, nullptr, ldd, d, ldd, M, N, K, hw);
 }
 
 template <class T>
@@ -369,13 +351,7 @@ template <class T>
 auto matmul_tn_wgrad_args(const T* a, index_t lda, const T* b, index_t ldb, T* d, index_t ldd, int M, int N, int K,
                           cutlass::KernelHardwareInfo hw) {
   using G = MatmulWgrad<T>;
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                   {M, N, K, 1},
-                                   {cptr(a), strided<typename G::StrideA>(lda), cptr(b),
-                                    strided<typename G::StrideB>(ldb)},
-                                   {{}, nullptr, strided<typename G::StrideD>(ldd), mptr(d),
-                                    strided<typename G::StrideD>(ldd)},
-                                   hw};
+  auto args = gemm_args<G, T>(a, lda, b, ldb, nullptr, ldd, d, ldd, M, N, K, hw);
   // Deterministic: each tile's K-slices are reduced in a fixed order through the fp32 workspace.
   args.scheduler.reduction_mode = G::Kernel::TileScheduler::ReductionMode::Deterministic;
   return args;
