@@ -6,11 +6,13 @@
 # Stages, in order of value; each gets its own slice of --budget (seconds, default 480) and is killed
 # (its whole process group) when the slice is spent, marked "timed out", and the next stage runs:
 #   build         pip install -e . with every core; --arch-only builds the running GPU's arch only (90a on Hopper)
+#                 (skipped when an earlier call built _C from the same sources: build/gpu_check-build.key)
 #   info          vit_kernels.build_info(), nvidia-smi
 #   smoke         benchmarks/smoke_parity.py: op x backend x dtype at two ViT shapes vs float64, fwd + every grad
 #   headline      benchmarks/headline.py: ViT-B/16 attention, fused_qkv, gelu_mlp, whole model; one ratio table
 #   tests         pytest on every test file that runs kernels on the device (-n auto when pytest-xdist is importable)
-#   attn_tables, mlp_tables, vit_tables, block_tables    the full benchmark tables (torch.compile left for later)
+#   attn_tables, mlp_tables, vit_tables, block_tables    the benchmark tables; torch.compile only where it is the
+#                 baseline a user would pick: timm's ViT-B/16 (vit_tables) and one block (block_tables)
 #   profile       Nsight Compute per kernel launch, one fwd + bwd of each op and backend (benchmarks/profile_kernels.py)
 #   gemm_ab       benchmarks/probe_gemm.py --variants: every GEMM of a ViT-B/16 block on the Hopper TMA kernels, on
 #                 the pointer kernel they replaced and on cuBLAS, plus the ops end to end on both paths
@@ -67,14 +69,16 @@ done
 
 STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile gemm_ab pytest_bench
   memcheck racecheck tune compile_tables auto_table)
-# Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26, README "GPU check"): the
+# Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26/27, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
-# the H100, killed at 54 s on the H200; vit_tables: killed at 72 s just after writing its tables; attn_tables:
-# 43 s for 8 shapes, now 10; gemm_ab: never run, a guess: ~40 timed rows and ~12 Triton compiles; build: 19-26 s
-# before the CUTLASS sm_90a units, each ~75 s of nvcc alone, so a guess). They sum to ~1,000 s, more than one
-# 10-minute call: a lease runs them in two calls with --only (README).
-declare -A NOMINAL=([build]=110 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
-  [vit_tables]=90 [block_tables]=25 [profile]=60 [gemm_ab]=90 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
+# the H100, killed at 54 s on the H200; attn_tables: 43 s for 8 shapes, now 10). Guesses, never run as they are now:
+# build (19-26 s before the CUTLASS units; the slowest of those takes ~50 s of nvcc alone on this 2-core machine,
+# and the 16-core GPU machine compiles them side by side), gemm_ab (~40 Triton rows, ~12 compiles, and the cuda
+# backend's products), vit_tables (ViT-B/16 only, five eager providers and timm under torch.compile, ~a minute of
+# compilation per mode) and block_tables (five providers and torch.compile of one block, fwd and fwd + bwd).
+# They sum to ~1,100 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
+declare -A NOMINAL=([build]=70 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
+  [vit_tables]=150 [block_tables]=60 [profile]=60 [gemm_ab]=120 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
   [tune]=60 [compile_tables]=60 [auto_table]=10)
 declare -A status=() secs=() slice_of=()
 # A typo in --only would skip every stage and exit 0: a stage name must be one of STAGES, before anything runs.
@@ -318,11 +322,27 @@ fi
 if [ -z "${VIT_KERNELS_CUTLASS_DIR:-}" ] && [ -f cutlass-4.2/include/cutlass/cutlass.h ]; then
   export VIT_KERNELS_CUTLASS_DIR="$PWD/cutlass-4.2"
 fi
+# The second call of a lease finds the machine warm, with _C built by the first call (pip's editable build compiles
+# in a fresh temporary folder each time, ~60 s here): when the sources, the settings and the interpreter are the ones
+# recorded after that build, and the module is the one it wrote, the build is skipped.
+build_key_file=${GPU_CHECK_BUILD_KEY:-build/gpu_check-build.key}
+build_key() {  # what _C was built from and what it is; "no _C" when there is none
+  local so
+  so=$(ls vit_kernels/_C.*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] || { echo "no _C"; return; }
+  { printf '%s\n' "${arch_args[@]}" "${VIT_KERNELS_CUTLASS_DIR:-}" "$("$PY" -V 2>&1)"
+    cat setup.py CMakeLists.txt csrc/* "$so"; } | sha256sum | cut -d' ' -f1
+}
 if [ $no_build = 1 ]; then
   finish_stage build "skipped: $(wanted build && echo "--no-build" || echo "not in --only")"
+elif wanted build && [ -s "$build_key_file" ] && [ "$(cat "$build_key_file")" = "$(build_key)" ]; then
+  finish_stage build "skipped: _C is built from these sources already (an earlier call; $build_key_file)"
 else
   stage build 1 env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}" \
     "$PY" -m pip install -e . --no-build-isolation --no-deps
+  if [ "${status[build]}" = ran:0 ] && [ "$(build_key)" != "no _C" ]; then
+    mkdir -p "$(dirname "$build_key_file")" && build_key >"$build_key_file"
+  fi
 fi
 
 # 2. what was built and what can run
@@ -355,16 +375,19 @@ stage tests 1 env VIT_KERNELS_FAILURES_LOG="$work/test_failures.log" \
   "$PY" -m pytest -v -rfE -p no:cacheprovider "${xdist[@]}" --durations=10 \
   --junitxml="$work/results/pytest-gpu.xml" "${gpu_tests[@]}"
 
-# 6. the full tables (torch.compile rows come later: minutes of compilation)
+# 6. the tables (the attention and MLP torch.compile rows come later, in compile_tables: minutes of compilation)
 # Each stage writes into its own folder: the benchmarks name their files by device, dtype and date only.
 bench_args=(--no-progress "${peaks_arg[@]}")
 stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --out-dir "$work/results/attn_tables" --packed \
   --providers eager,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,triton,cuda
 stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$work/results/mlp_tables" \
   --providers eager,views,reference,triton,cuda
-stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" --compile no
+# ViT-B/16 alone, training and inference: each backend of `vit`, and timm eager and under torch.compile (what a user
+# would pick instead; the one compiled model, ~a minute per mode)
+stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" \
+  --models vit_base_patch16_224 --compile yes --providers vit:torch,vit:triton,vit:cuda,vit:auto,timm,timm+compile
 stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
-  --providers eager,unfused,fused,unfused_cuda,fused_cuda
+  --providers eager,compile,unfused,fused,unfused_cuda,fused_cuda
 
 # 6b. Nsight Compute on one fwd + bwd of each op and backend at ViT-B/16: per launch, time, DRAM / SM throughput,
 # occupancy, waves per SM (benchmarks/profile_kernels.py; the raw CSV lands in the tarball)

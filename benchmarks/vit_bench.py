@@ -5,7 +5,8 @@ torch.compile, and timm's ViT (when timm is installed) as the outside baseline.
     python benchmarks/vit_bench.py --models vit_base_patch16_224 --batch 128 --compile no
 
 Providers: `vit:<backend>` is `vit.<model>(backend=<backend>)` from this repository's `vit` package
-(imported lazily; skipped with the reason when it is missing), `timm` is `timm.create_model(<model>)`;
+(imported lazily; skipped with the reason when it is missing; `vit:auto` is what a user gets: the measured table's
+choice per op), `timm` is `timm.create_model(<model>)`;
 each also as `...+compile` (torch.compile of the model). The model runs in the benchmark dtype (no
 autocast): inference under torch.inference_mode; a training step is forward, cross-entropy, backward
 and AdamW. MFU: the model's matmul FLOPs (common.vit_flops_per_image; training 3x) per second over the
@@ -47,7 +48,7 @@ GPU_BATCH = {
     "vit_large_patch16_224": 64,
 }
 COMPILE_AUTO_MODEL = "vit_base_patch16_224"
-BACKENDS = ("reference", "torch", "triton", "cuda")
+BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
 MODES = ("infer", "train")
 
 

@@ -165,6 +165,30 @@ def test_an_asked_for_stage_that_could_not_run_makes_the_exit_status_non_zero(tm
     assert stage_lines(report)["info"].startswith("not run: budget spent"), report
 
 
+def test_a_second_call_skips_the_build_only_for_the_same_sources_and_settings(tmp_path):
+    """A lease's second call finds _C built by the first: the build stage is skipped when the recorded key (sources,
+    settings, interpreter and the module itself) still matches, and runs when anything in it changed. With no _C in
+    the checkout (CI's Triton-only environments) there is nothing to record, and every call builds."""
+    key = tmp_path / "build.key"
+    has_c = any((ROOT / "vit_kernels").glob("_C.*.so"))
+
+    def build_status(run, cutlass_dir):
+        env = {"GPU_CHECK_BUILD_KEY": str(key), "VIT_KERNELS_CUTLASS_DIR": cutlass_dir}
+        res, _, _, report = run_check_env(tmp_path / run, env, "--budget", "30", "--only", "build",
+                                          "--fake-stage", "build=0")  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        return stage_lines(report)["build"]
+
+    assert build_status("first", "/opt/a").startswith("ran, exit 0")
+    assert key.is_file() == has_c
+    second = build_status("second", "/opt/a")
+    if has_c:
+        assert second.startswith("skipped: _C is built from these sources already"), second
+        assert build_status("other settings", "/opt/b").startswith("ran, exit 0")  # the CUTLASS folder changed
+    else:
+        assert second.startswith("ran, exit 0"), second
+
+
 def test_a_rerun_never_replaces_an_earlier_report(tmp_path):
     first = run_raw(tmp_path, "--results-dir", str(tmp_path / "results"), "--budget", "30", "--only", "auto_table")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -259,3 +283,21 @@ def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker: its report reaches the main process too
     conftest.pytest_runtest_logreport(report)
     assert log.read_text() == "=== tests/x.py::test_y (call)\nE   boom\n"
+
+
+def test_the_readme_lease_plan_fits_a_lease():
+    """README's two gpu_check calls name real stages, and fit the device's limits: each call's budget plus ~30 s
+    of slack under the 600 s a command may run, and both plus the machine's start (~30 s) under the 900 s a lease
+    has in all."""
+    readme = (ROOT / "README.md").read_text()
+    plan = readme.split("a lease runs two calls", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    calls = [c for c in plan.replace("\\\n", " ").splitlines() if "gpu_check.sh" in c]
+    assert len(calls) == 2, calls
+    budgets = []
+    for call in calls:
+        budget = int(re.search(r"--budget (\d+)", call).group(1))
+        only = re.search(r"--only (\S+)", call).group(1).split(",")
+        assert set(only) <= set(STAGES), only
+        assert budget + 30 <= 600, call
+        budgets.append(budget)
+    assert sum(budgets) + 2 * 30 <= 900, budgets
