@@ -620,13 +620,13 @@ class Report:
                 runnable.append(provider)
         return runnable
 
-    def set_speedups(self, group_keys: Sequence[str], baseline: str) -> None:
-        """row["speedup"] = the baseline provider's time / this row's, among rows equal on `group_keys`
+    def set_speedups(self, group_keys: Sequence[str], baseline: str, key: str = "speedup") -> None:
+        """row[key] = the baseline provider's time / this row's, among rows equal on `group_keys`
         (None where the baseline did not run)."""
         base = {tuple(r[k] for k in group_keys): r["ms"] for r in self.rows if r["provider"] == baseline}
         for r in self.rows:
             b = base.get(tuple(r[k] for k in group_keys))
-            r["speedup"] = b / r["ms"] if b else None
+            r[key] = b / r["ms"] if b else None
 
     def skip_text(self) -> str:
         """One line per (provider, reason), listing where it applied."""
