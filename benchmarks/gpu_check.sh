@@ -439,6 +439,18 @@ for backend in backends:
         torch.autograd.grad(y, (x, w1, w2), torch.randn_like(y))
         torch.cuda.synchronize()
         print(f"done: fused_qkv, gelu_mlp {backend} {dtype}", flush=True)  # a killed run says how far it got
+        # the block ops: LayerNorm before the GEMMs, the residual in proj's and fc2's epilogues
+        ln_w, ln_b = (torch.randn(768, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        qkv = vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 12, backend=backend)
+        torch.autograd.grad(qkv, (x, ln_w, ln_b, w, b), [torch.randn_like(t) for t in qkv])
+        o = torch.randn_like(x, requires_grad=True)
+        wp = torch.randn(768, 768, device="cuda", dtype=dtype, requires_grad=True)
+        y = vk.proj_residual(o, wp, b[:768].detach(), x, backend=backend)
+        torch.autograd.grad(y, (o, wp, x), torch.randn_like(y))
+        y = vk.ln_gelu_mlp(x, ln_w, ln_b, 1e-6, w1, None, w2, None, backend=backend)
+        torch.autograd.grad(y, (x, ln_w, ln_b, w1, w2), torch.randn_like(y))
+        torch.cuda.synchronize()
+        print(f"done: ln_fused_qkv, proj_residual, ln_gelu_mlp {backend} {dtype}", flush=True)
 torch.cuda.synchronize()
 print("ok")
 EOF
