@@ -369,11 +369,16 @@ def test_probe_weight_grad_checks_every_variant_on_cpu():
         assert float(r["rel err vs fp32"]) < 1e-5, r
 
 
-def test_probe_gemm_checks_every_product_and_way_on_cpu():
+def test_probe_gemm_checks_every_product_and_way_on_cpu(tmp_path):
     """The Hopper GEMM A/B (gpu_check stage gemm_ab): on CPU (interpreter, tiny shapes) every product computes what
-    it claims on every way (pointer kernel, TMA kernels, cuBLAS), and every op runs on both paths."""
-    out = run_script("probe_gemm.py", timeout=300)
-    products, op_rows = out.split("## ops end to end")
+    it claims on every way (pointer kernel, TMA kernels, cuBLAS), every op runs on both paths, the matmul peak
+    comes from --peaks, and the cuda section says in one line why it cannot run here."""
+    peaks = tmp_path / "peaks.json"
+    peaks.write_text(json.dumps({"copy_gbps": 10.0, "matmul_tflops": {"fp16": 123.0}}))
+    out = run_script("probe_gemm.py", "--peaks", str(peaks), timeout=300)
+    assert f"matmul peak (fp16): 123 TFLOP/s (from {peaks})" in out, out
+    products, rest = out.split("## ops end to end: triton on each GEMM path against eager torch")
+    op_rows, cuda = rest.split("\n## cuda: ")
     rows = table_rows(products)
     names = ["qkv_fwd", "qkv_fwd_packed", "proj", "fc1_gelu", "fc2", "dhidden_dgelu", "mlp_dx", "qkv_dx", "mlp_dw1",
              "mlp_dw2", "qkv_dw"]  # fmt: skip
@@ -382,13 +387,180 @@ def test_probe_gemm_checks_every_product_and_way_on_cpu():
         extra = ["tma + dbias"] if name == "dhidden_dgelu" else []
         assert sorted(r["way"] for r in rows if r["product"] == name) == ["cublas", "pointer", "tma", *extra], name
     for r in rows:
-        assert r["ms (median)"] == "untimed" and float(r["rel err"]) < 4e-3, r
+        assert r["ms (median)"] == "untimed" and r["% peak"] == "n/a" and float(r["rel err"]) < 4e-3, r
     ops = table_rows(op_rows)
     assert {(r["op"], r["mode"]) for r in ops} == {
         (op, mode)
         for op in ("fused_qkv", "gelu_mlp", "ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
         for mode in ("fwd", "fwd+bwd")
     }
+    assert re.fullmatch(r"skipped: \S.*\n", cuda), cuda
+
+
+def test_probe_gemm_kernel_attribution(bench_module):
+    """Per-kernel times of a launcher (probe_gemm's cuda section): the profiler's kernels over several calls are
+    split per call, each position's median taken, and labelled by the launches gemm.cu makes; anything that does
+    not repeat or does not fit is said, never silently mislabelled."""
+    pg = bench_module("probe_gemm")
+    gemm, part, fin = "void vk::gemm::gemm_tc_kernel<Cfg>(A, B)", "void colsum_partial_kernel<T>(s)", "colsum_finish"
+    events = [(gemm, 10.0), (part, 1.0), (fin, 0.5), (gemm, 30.0), (part, 3.0), (fin, 0.5), (gemm, 20.0), (part, 2.0),
+              (fin, 0.7)]  # fmt: skip
+    assert pg.attribute(events, 3) == [(gemm, 20.0), (part, 2.0), (fin, 0.5)]
+    assert pg.attribute(events[:3], 1) == events[:3]
+    with pytest.raises(ValueError, match="8 kernels recorded over 3 calls"):
+        pg.attribute(events[:-1], 3)
+    with pytest.raises(ValueError, match="0 kernels recorded"):
+        pg.attribute([], 3)
+    swapped = events[:3] + [(part, 3.0), (gemm, 30.0), (fin, 0.5)]
+    with pytest.raises(ValueError, match=r"call 1 launched colsum_partial_kernel where call 0 launched vk::gemm::"):
+        pg.attribute(swapped, 2)
+
+    launches = [pg.Launch("dX", "gemm_tc", 2e9, "qkv_dx", (0,)), pg.Launch("sum", "colsum_partial"),
+                pg.Launch("sum, finish", "colsum_finish", outputs=(2,))]  # fmt: skip
+    names = [gemm, part, fin]
+    assert pg.label_kernels(names, launches) == (launches, None)
+    fill = "void cutlass::fill_kernel<int>(int*)"  # a launch between the expected ones keeps its name
+    labels, why = pg.label_kernels([gemm, fill, part, fin], launches)
+    assert why is None
+    assert [k.label for k in labels] == ["dX", "(unexpected) cutlass::fill_kernel", "sum", "sum, finish"]
+    labels, why = pg.label_kernels([gemm, fin], launches)  # one missing: no labels at all
+    assert [k.label for k in labels] == ["vk::gemm::gemm_tc_kernel", "colsum_finish"]
+    assert not any(k.flops or k.cublas or k.outputs for k in labels)
+    assert why == "expected 3 kernels but found 2: none named *colsum_partial* for sum"
+    a = torch.randn(8, 8)  # the profiler's side, on CPU ops: the same ops per call, in order
+    ops = pg.attribute(pg.kernel_times(lambda: torch.relu(a @ a), 3, "cpu"), 3)
+    assert [n for n, _ in ops if n in ("aten::mm", "aten::relu")] == ["aten::mm", "aten::relu"], ops
+    assert all(us >= 0 for _, us in ops), ops
+    stream_k = "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<P, cutlass::gemm::StreamKScheduler>>()"
+    assert pg.short_kernel_name(stream_k) == "cutlass::device_kernel (stream-K)"
+
+
+def _cuda_launcher_stand_ins(linear, log: list) -> dict:
+    """Torch versions of vit_kernels/cuda/linear.py's launchers, each called through the real one's signature (so a
+    call that would be a TypeError on the GPU is one here), logging the kernels csrc/gemm.cu launches on the path
+    `linear._sm90` picks (gemm_<op> or gemm_<op>_sm90)."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    def gemm(sm90):
+        return "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<>>()" if sm90 else "gemm_tc_kernel<>"
+
+    colsum = ["vk::gemm::colsum_partial_kernel<>", "vk::gemm::colsum_finish_kernel<>"]
+
+    def linear_fwd(a, weight, bias, residual):
+        log.append(gemm(linear._sm90(a)))
+        return F.linear(a, weight, bias) + (0 if residual is None else residual)
+
+    def linear_bwd(dout, a, weight, has_bias):
+        log.extend([gemm(linear._sm90(a)), gemm(linear._sm90(a)), *(colsum if has_bias else [])])
+        return dout @ weight, dout.t() @ a, dout.sum(0) if has_bias else None
+
+    def qkv_fwd(x, weight, bias, num_heads, allow_tf32, packed):
+        sm90 = linear._sm90(x)
+        log.extend([gemm(sm90), *(["vk::gemm::qkv_split_kernel<>"] if sm90 and not packed else [])])
+        B, N, C = x.shape
+        return F.linear(x, weight, bias).view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def qkv_bwd(dq, dk, dv, x, weight, has_bias, allow_tf32):
+        log.extend([gemm(linear._sm90(x)), gemm(linear._sm90(x)), *(colsum if has_bias else [])])
+        B, H, N, D = dq.shape
+        dqkv = torch.stack([dq, dk, dv], 2).transpose(1, 3).reshape(B * N, 3 * H * D)  # (B, N, 3, H, D) rows
+        return (dqkv @ weight).view(B, N, H * D), dqkv.t() @ x.reshape(B * N, H * D), dqkv.sum(0)
+
+    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual):
+        log.extend([gemm(linear._sm90(x))] * 2)
+        hidden = F.linear(x, fc1_weight, fc1_bias)
+        return F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias), hidden
+
+    def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):
+        sm90 = linear._sm90(x)
+        log.extend([gemm(sm90), *(["vk::gemm::gelu_rows_kernel<>"] if sm90 else []), *[gemm(sm90)] * 3])
+        log.extend(colsum * (has_fc1_bias + has_fc2_bias))
+        dh = torch.ops.aten.gelu_backward(dy @ fc2_weight, hidden, approximate=approximate)
+        act = F.gelu(hidden, approximate=approximate)
+        return dh @ fc1_weight, dh.t() @ x, dh.sum(0), dy.t() @ act, dy.sum(0)
+
+    def bound(real, fn):
+        sig = inspect.signature(real)
+
+        def call(*args, **kwargs):
+            arguments = sig.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            return fn(**arguments.arguments)
+
+        return call
+
+    fns = [linear_fwd, linear_bwd, qkv_fwd, qkv_bwd, mlp_fwd, mlp_bwd]
+    return {fn.__name__: bound(getattr(linear, fn.__name__), fn) for fn in fns}
+
+
+def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch, capsys):
+    """probe_gemm's cuda table, which only a Hopper GPU runs for real, end to end on CPU: the launchers replaced by
+    torch stand-ins bound to their real signatures, the profiler by their kernel log. Every launcher on both paths
+    is checked, timed and split per kernel, each GEMM with its FLOPs, % of the peak and cuBLAS's time; a launcher
+    that raises is a FAILED row (and a failed run), one whose kernels do not repeat says so."""
+    pg = bench_module("probe_gemm")
+    log = []
+    monkeypatch.setattr(pg.cuda_linear, "_sm90", lambda t: True)  # what a Hopper build answers
+    for name, fn in _cuda_launcher_stand_ins(pg.cuda_linear, log).items():
+        monkeypatch.setattr(pg.cuda_linear, name, fn)
+
+    def profile(fn, calls):  # every kernel 100 us
+        log.clear()
+        for _ in range(calls):
+            fn()
+        return [(name, 100.0) for name in log]
+
+    def timed(fn):
+        fn()
+        return 0.2
+
+    calls, extra = pg.cuda_calls(2, 5, 16, 2, "cpu", torch.float32)
+    keys = ["qkv_fwd", "qkv_fwd_packed", "proj", "fc1_gelu", "fc2", "dhidden_dgelu", "mlp_dx", "qkv_dx", "mlp_dw1",
+            "mlp_dw2", "qkv_dw"]  # fmt: skip
+    cublas = {key: (1e9, 0.2, 1e-6) for key in keys}  # from the triton table
+    peak = 1e-4  # TFLOP/s: tiny shapes, tiny peak
+    assert not pg.cuda_products_table(calls, extra, cublas, timed, profile, peak, 1e-4)
+    rows = table_rows(capsys.readouterr().out)
+    for name in ("qkv_fwd", "qkv_fwd packed", "linear_fwd", "mlp_fwd", "mlp_bwd", "linear_bwd", "qkv_bwd"):
+        for path in ("mma.sync", "sm_90a"):
+            mine = [r for r in rows if r["launcher"] == name and r["path"] == path]
+            expected = calls[name].launches[path]
+            assert [r["product"] for r in mine] == [f"whole call ({len(expected)} kernels)"] + [
+                k.label for k in expected
+            ]
+            assert mine[0]["ms (median)"] == "0.200" and float(mine[0]["rel err"]) < 1e-5, mine[0]
+            for r, k in zip(mine[1:], expected):
+                assert r["ms (median)"] == "0.100", r
+                if k.flops:
+                    assert (r["TFLOP/s"], r["x cuBLAS"]) == (f"{k.flops / 1e8:.0f}", "2.00"), r
+                    assert r["% peak"] == f"{100 * k.flops / 1e8 / peak:.0f}" != "0", r
+                else:
+                    assert (r["TFLOP/s"], r["% peak"], r["x cuBLAS"]) == ("n/a", "n/a", ""), r
+                assert (r["rel err"] != "") == bool(k.outputs), r
+                assert not k.outputs or float(r["rel err"]) < 1e-5, r
+        assert {r["product"] for r in rows if r["launcher"] == name and r["path"] == "cublas"} == {
+            k.cublas for k in calls[name].launches["sm_90a"] if k.flops
+        }
+    proj = [r for r in rows if r["launcher"] == "linear_bwd" and r["path"] == "cublas"]
+    assert all(r["ms (median)"] == "0.200" and float(r["rel err"]) < 1e-5 for r in proj), proj
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("linear_bwd_sm90: CUTLASS refuses the problem")
+
+    def shaky(fn, calls):  # a different kernel each call
+        return [(f"kernel {i}", 1.0) for i in range(calls)]
+
+    monkeypatch.setattr(pg.cuda_linear, "linear_bwd", broken)
+    subset = {k: calls[k] for k in ("linear_bwd", "mlp_fwd")}
+    assert pg.cuda_products_table(subset, {}, cublas, timed, shaky, peak, 1e-4)
+    rows = table_rows(capsys.readouterr().out)
+    assert [r["product"] for r in rows if r["launcher"] == "linear_bwd" and r["path"] != "cublas"] == [
+        "FAILED: RuntimeError: linear_bwd_sm90: CUTLASS refuses the problem"
+    ] * 2
+    why = "attribution failed: call 1 launched kernel 1 where call 0 launched kernel 0 (kernel 0 of 1)"
+    assert [r["product"] for r in rows if r["launcher"] == "mlp_fwd" and r["path"] == "sm_90a"] == ["whole call", why]
 
 
 def test_kernel_report_lists_every_cuda_kernel():
