@@ -401,7 +401,7 @@ else
 fi
 
 # 6c. the Hopper GEMMs against the pointer kernel and cuBLAS, product by product and op by op (NOTES.md, 2026-12-03)
-stage gemm_ab 1 "$PY" benchmarks/probe_gemm.py --variants
+stage gemm_ab 1 "$PY" benchmarks/probe_gemm.py --variants "${peaks_arg[@]}"
 
 # 7. the pytest-benchmark suite: the JSON a later run is compared with (pytest-benchmark compare)
 # (without a GPU the stage reports "no CUDA device" whatever is installed, like every GPU stage)
