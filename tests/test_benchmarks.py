@@ -563,6 +563,77 @@ def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch
     assert [r["product"] for r in rows if r["launcher"] == "mlp_fwd" and r["path"] == "sm_90a"] == ["whole call", why]
 
 
+def test_goals_reads_every_ratio_of_a_gpu_check_run(bench_module, monkeypatch, capsys, tmp_path):
+    """benchmarks/goals.py on a made-up gpu_check run: probe_gemm's triton table and its real cuda table (the CPU
+    stand-ins above, so every label the cuda section prints must map to a K), and the mlp, block and vit JSON.
+    Each ratio lands beside its goal; CPU results are ignored; a missing provider says "not measured"."""
+    pg, goals = bench_module("probe_gemm"), bench_module("goals")
+    log = []
+    monkeypatch.setattr(pg.cuda_linear, "_sm90", lambda t: True)
+    for name, fn in _cuda_launcher_stand_ins(pg.cuda_linear, log).items():
+        monkeypatch.setattr(pg.cuda_linear, name, fn)
+
+    def profile(fn, calls):
+        log.clear()
+        for _ in range(calls):
+            fn()
+        return [(name, 100.0) for name in log]
+
+    calls, extra = pg.cuda_calls(2, 5, 16, 2, "cpu", torch.float32)
+    cublas = {key: (1e9, 0.2, 1e-6) for key in goals.TRITON_K}  # every kernel 0.1 ms: 2.00x cuBLAS
+    assert not pg.cuda_products_table(calls, extra, cublas, lambda fn: 0.2, profile, 1e-4, 1e-4)
+    cuda_table = capsys.readouterr().out
+    triton_rows = "".join(
+        f"| {p} | {way} | 0.1 | 1 | 1 | {x} | 1e-3 |\n"
+        for p in goals.TRITON_K
+        for way, x in (("pointer", "0.50"), ("tma", "0.97"), ("cublas", "1.00"))
+    )
+    (tmp_path / "gemm_ab.log").write_text(
+        "## probe_gemm: ViT block GEMMs\n\n| product | way | ms (median) | TFLOP/s | % peak | x cuBLAS | rel err |\n"
+        f"|---|---|---|---|---|---|---|\n{triton_rows}\n## ops end to end: triton\n\n| op | mode |\n|---|---|\n"
+        f"| gelu_mlp | fwd |\n\n## cuda: mma.sync vs sm_90a (CUTLASS) vs cuBLAS\n\n{cuda_table}"
+    )
+
+    def bench_json(bench, device, rows):
+        folder = tmp_path / "results" / bench
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{bench}-{device}.json").write_text(json.dumps({"env": {"device": device}, "rows": rows}))
+
+    def mlp(op, mode, ms):
+        return [{"op": op, "C": 768, "mode": mode, "provider": p, "ms": t} for p, t in ms.items()]
+
+    bench_json("mlp_bench", "cuda", mlp("mlp", "fwd_bwd", {"eager": 2.4, "triton": 2.0, "cuda": 2.2})
+               + mlp("qkv", "fwd_bwd", {"eager": 1.0, "triton": 0.8}))  # fmt: skip
+    bench_json("mlp_bench", "cpu", mlp("mlp", "fwd_bwd", {"eager": 100.0, "triton": 1.0}))  # ignored: CPU
+    bench_json("block_bench", "cuda", [{"C": 768, "mode": "fwd", "provider": p, "ms": t}
+                                       for p, t in (("eager", 1.8), ("fused", 1.5), ("fused_cuda", 1.4))])  # fmt: skip
+    vit = [("timm", 100.0), ("timm+compile", 80.0), ("vit:auto", 80.0), ("vit:triton", 90.0), ("vit:cuda", 85.0)]
+    bench_json("vit_bench", "cuda", [{"model": "vit_base_patch16_224", "mode": m, "provider": p, "ms": t}
+                                     for m in ("train", "infer") for p, t in vit])  # fmt: skip
+
+    table = goals.goal_table(tmp_path)
+    by = {(goal, what): (measured, target, verdict) for goal, what, measured, target, verdict in table}
+    for product, k in goals.TRITON_K.items():
+        target, verdict = ("1.00x", "missed by 3%") if k == "768" else ("0.95x", "met")
+        assert by[(f"GEMM vs cuBLAS, K = {k}", f"triton {product}")] == ("0.97x", target, verdict), product
+    cuda = [(goal, what) for goal, what in by if what.startswith("cuda ")]
+    n_gemms = sum(1 for c in calls.values() for launch in c.launches["sm_90a"] if launch.flops)
+    assert len(cuda) == n_gemms and not [g for g, _ in cuda if g.endswith("= ?")], cuda
+    assert all(by[key][0] == "2.00x" and by[key][2] == "met" for key in cuda)
+    assert by[("gelu_mlp fwd+bwd vs eager", "triton")] == ("1.20x", "1.15x", "met")
+    assert by[("gelu_mlp fwd+bwd vs eager", "cuda")] == ("1.09x", "1.15x", "missed by 5%")
+    assert by[("fused_qkv fwd+bwd vs eager", "triton")] == ("1.25x", "1.10x", "met")
+    assert by[("fused_qkv fwd+bwd vs eager", "cuda")] == ("n/a", "1.10x", "not measured")
+    assert by[("block fwd vs eager", "fused")] == ("1.20x", "1.25x", "missed by 4%")
+    assert by[("block fwd+bwd vs eager", "fused_cuda")][2] == "not measured"
+    for mode in ("train", "infer"):
+        assert by[(f"ViT-B/16 {mode} vs timm", "vit:auto")] == ("1.25x", "1.15x", "met")
+        assert by[(f"ViT-B/16 {mode} vs timm (per backend)", "vit:triton")] == ("1.11x", "1.15x", "missed by 3%")
+        assert by[(f"ViT-B/16 {mode} vs timm + torch.compile", "vit:auto")][0] == "1.00x"
+    lines = run_script("goals.py", str(tmp_path)).splitlines()  # the script end to end: one Markdown table
+    assert lines[0] == "| goal | what | measured | target | verdict |" and len(lines) == len(table) + 2
+
+
 def test_kernel_report_lists_every_cuda_kernel():
     so, why = kernel_report.find_extension()
     if so is None:

@@ -1,0 +1,176 @@
+"""The Hopper GEMM issues' goals, read off one gpu_check run: each measured ratio beside its goal, met or missed.
+
+    python benchmarks/goals.py gpu_check-nvidia-h200-2026-12-04.tar.gz    # or the folder it was unpacked into
+
+Reads what the GPU stages wrote: gemm_ab's log (probe_gemm.py's tables: each GEMM product on the new kernels
+against cuBLAS, per backend) and the JSON of mlp_tables, block_tables and vit_tables. Prints one Markdown table
+for the closing note; a goal whose rows are missing (a stage that did not run, a provider that was skipped) says so
+instead of a ratio. Ratios are time(baseline) / time(ours): above 1 is faster.
+
+The goals (ViT-B/16 224, B = 256, bf16):
+  each GEMM            >= 0.95x cuBLAS, >= 1.0x where K = 768 (the new kernels: triton's TMA, cuda's sm_90a)
+  gelu_mlp fwd+bwd     >= 1.15x eager        fused_qkv fwd+bwd  >= 1.1x eager
+  block fwd            >= 1.25x eager        block fwd+bwd      >= 1.15x eager
+  ViT-B/16 with auto   >= 1.15x timm, training and inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+GEMM_GOAL, GEMM_GOAL_K768 = 0.95, 1.0
+# K of each product of probe_gemm's triton table (C = 768, hidden = 3072, 3C = 2304; a weight gradient's K is the
+# token count, "M").
+TRITON_K = {
+    "qkv_fwd": "768", "qkv_fwd_packed": "768", "proj": "768", "fc1_gelu": "768", "fc2": "3072",
+    "dhidden_dgelu": "768", "mlp_dx": "3072", "qkv_dx": "2304", "mlp_dw1": "M", "mlp_dw2": "M", "qkv_dw": "M",
+}  # fmt: skip
+# K of the cuda table's kernels: (launcher, the product label's first word) -> K.
+CUDA_K = {
+    ("qkv_fwd", "QKV"): "768", ("qkv_fwd packed", "QKV"): "768", ("linear_fwd", "proj"): "768",
+    ("mlp_fwd", "fc1"): "768", ("mlp_fwd", "fc2"): "3072", ("mlp_bwd", "dhidden"): "768", ("mlp_bwd", "dX"): "3072",
+    ("mlp_bwd", "dW2"): "M", ("mlp_bwd", "dW1"): "M", ("linear_bwd", "dX"): "768", ("linear_bwd", "dW"): "M",
+    ("qkv_bwd", "dX"): "2304", ("qkv_bwd", "dW"): "M",
+}  # fmt: skip
+OP_GOALS = (  # (bench, op or None, provider baseline, mode, goal, what)
+    ("mlp_bench", "mlp", "eager", "fwd_bwd", 1.15, "gelu_mlp fwd+bwd"),
+    ("mlp_bench", "qkv", "eager", "fwd_bwd", 1.10, "fused_qkv fwd+bwd"),
+    ("block_bench", None, "eager", "fwd", 1.25, "block fwd"),
+    ("block_bench", None, "eager", "fwd_bwd", 1.15, "block fwd+bwd"),
+)
+OURS = {"mlp_bench": ("triton", "cuda"), "block_bench": ("fused", "fused_cuda")}
+VIT_GOAL = 1.15
+
+
+def markdown_tables(text: str) -> dict[str, list[dict]]:
+    """Each Markdown table of `text` as rows keyed by header, under the `## ` heading it follows."""
+    tables: dict[str, list[dict]] = {}
+    heading, lines = "", []
+
+    def flush():
+        if len(lines) >= 2:
+            header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+            for line in lines[2:]:  # a short row (a FAILED one) keeps the cells it has
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                tables.setdefault(heading, []).append(dict(zip(header, cells, strict=False)))
+        lines.clear()
+
+    for line in text.splitlines():
+        if line.startswith("## "):
+            flush()
+            heading = line[3:].strip()
+        elif line.startswith("|"):
+            lines.append(line)
+        else:
+            flush()
+    flush()
+    return tables
+
+
+def number(cell: str | None) -> float | None:
+    try:
+        return float(cell) if cell not in (None, "", "n/a") else None
+    except ValueError:
+        return None
+
+
+def verdict(ratio: float | None, goal: float) -> str:
+    if ratio is None:
+        return "not measured"
+    return "met" if ratio >= goal else f"missed by {100 * (goal - ratio) / goal:.0f}%"
+
+
+def gemm_rows(log: str) -> list[tuple[str, str, str, float | None, float]]:
+    """(backend, product, K, x cuBLAS, goal) for every product on the new kernels in probe_gemm's log."""
+    out = []
+    for heading, rows in markdown_tables(log).items():
+        if heading.startswith("probe_gemm"):
+            for r in rows:
+                if r.get("way") == "tma":
+                    k = TRITON_K.get(r["product"], "?")
+                    out.append(("triton", r["product"], k, number(r.get("x cuBLAS")), goal_for(k)))
+        elif heading.startswith("cuda: mma.sync"):
+            for r in rows:
+                ratio = number(r.get("x cuBLAS"))
+                if r.get("path") != "sm_90a" or ratio is None:
+                    continue
+                k = CUDA_K.get((r["launcher"], r["product"].split()[0]), "?")
+                out.append(("cuda", f"{r['launcher']}: {r['product']}", k, ratio, goal_for(k)))
+    return out
+
+
+def goal_for(k: str) -> float:
+    return GEMM_GOAL_K768 if k == "768" else GEMM_GOAL
+
+
+def bench_rows(folder: Path, bench: str) -> list[dict]:
+    """The rows of every `<bench>-*.json` under folder (the GPU's only: CPU results are not the goals')."""
+    rows = []
+    for path in sorted(folder.rglob(f"{bench}-*.json")):
+        data = json.loads(path.read_text())
+        if data.get("env", {}).get("device", "cuda") == "cuda":
+            rows += data.get("rows", [])
+    return rows
+
+
+def ratio_of(rows: list[dict], baseline: str, ours: str, **match) -> float | None:
+    """time(baseline) / time(ours) over the rows equal on `match`; None if either is missing."""
+    ms = {r["provider"]: r["ms"] for r in rows if all(r.get(k) == v for k, v in match.items())}
+    return ms[baseline] / ms[ours] if ms.get(baseline) and ms.get(ours) else None
+
+
+def goal_table(folder: Path) -> list[tuple[str, str, str, str, str]]:
+    """(goal, what, measured, target, verdict) rows."""
+    table = []
+    log = folder / "gemm_ab.log"
+    gemms = gemm_rows(log.read_text()) if log.is_file() else []
+    if not gemms:
+        table.append(("each GEMM vs cuBLAS", "gemm_ab", "no rows (did the stage run?)", "0.95x / 1.0x", "not measured"))
+    for backend, product, k, ratio, goal in gemms:
+        shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+        table.append((f"GEMM vs cuBLAS, K = {k}", f"{backend} {product}", shown, f"{goal:.2f}x", verdict(ratio, goal)))
+    for bench, op, baseline, mode, goal, what in OP_GOALS:
+        rows = [r for r in bench_rows(folder, bench) if (op is None or r.get("op") == op) and r.get("C") == 768]
+        for ours in OURS[bench]:
+            ratio = ratio_of(rows, baseline, ours, mode=mode)
+            shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+            table.append((f"{what} vs {baseline}", ours, shown, f"{goal:.2f}x", verdict(ratio, goal)))
+    vit = [r for r in bench_rows(folder, "vit_bench") if r.get("model") == "vit_base_patch16_224"]
+    for mode in ("train", "infer"):
+        for ours in ("vit:auto", "vit:triton", "vit:cuda"):
+            ratio = ratio_of(vit, "timm", ours, mode=mode)
+            shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+            goal_name = f"ViT-B/16 {mode} vs timm" + ("" if ours == "vit:auto" else " (per backend)")
+            table.append((goal_name, ours, shown, f"{VIT_GOAL:.2f}x", verdict(ratio, VIT_GOAL)))
+        compiled = ratio_of(vit, "timm+compile", "vit:auto", mode=mode)
+        shown = f"{compiled:.2f}x" if compiled is not None else "n/a"
+        table.append((f"ViT-B/16 {mode} vs timm + torch.compile", "vit:auto", shown, "(no goal)", ""))
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="gpu_check's .tar.gz, or the folder holding its <stage>.log and results/")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.run
+        if args.run.is_file():
+            with tarfile.open(args.run) as tar:
+                tar.extractall(tmp, filter="data")
+            folder = Path(tmp)
+        rows = goal_table(folder)
+    print("| goal | what | measured | target | verdict |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
