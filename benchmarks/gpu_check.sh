@@ -20,7 +20,9 @@
 #   memcheck, racecheck    compute-sanitizer on a small script, every kernel backend, fwd and bwd
 #   tune          benchmarks/tune_attention.py at ViT-B/16 and ViT-H/14 224
 #   compile_tables torch.compile rows of attn_bench and mlp_bench at ViT-B/16
-#   auto_table    benchmarks/auto_table.py over the attn, mlp and block tables' JSON
+#   auto_table    benchmarks/auto_table.py over the attn, mlp and block tables' JSON (without attn_tables: this GPU's
+#                 newest committed attention table)
+#   vit_auto      vit_bench's ViT-B/16 on `auto` with the table auto_table proposed (VIT_KERNELS_MEASURED_TABLE)
 # A slice is the budget still left times the stage's share of the nominal seconds of the stages still to
 # come (NOMINAL below), so time a stage does not use (or a skipped stage) goes to the rest.
 #
@@ -68,7 +70,7 @@ done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget must be whole seconds, got $budget" >&2; exit 2; }
 
 STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_tables profile gemm_ab pytest_bench
-  memcheck racecheck tune compile_tables auto_table)
+  memcheck racecheck tune compile_tables auto_table vit_auto)
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26/27, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; attn_tables: 43 s for 8 shapes, now 10). Guesses, never run as they are now:
@@ -79,7 +81,7 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_
 # They sum to ~1,100 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
 declare -A NOMINAL=([build]=70 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
   [vit_tables]=150 [block_tables]=60 [profile]=60 [gemm_ab]=120 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
-  [tune]=60 [compile_tables]=60 [auto_table]=10)
+  [tune]=60 [compile_tables]=60 [auto_table]=10 [vit_auto]=25)
 declare -A status=() secs=() slice_of=()
 # A typo in --only would skip every stage and exit 0: a stage name must be one of STAGES, before anything runs.
 usage_error() {  # MESSAGE
@@ -382,10 +384,10 @@ stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --out-dir 
   --providers eager,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,triton,cuda
 stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$work/results/mlp_tables" \
   --providers eager,views,reference,triton,cuda
-# ViT-B/16 alone, training and inference: each backend of `vit`, and timm eager and under torch.compile (what a user
-# would pick instead; the one compiled model, ~a minute per mode)
+# ViT-B/16 alone, training and inference: each kernel backend of `vit`, and timm eager and under torch.compile (what
+# a user would pick instead; the one compiled model, ~a minute per mode); vit:auto comes after auto_table (vit_auto)
 stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" \
-  --models vit_base_patch16_224 --compile yes --providers vit:torch,vit:triton,vit:cuda,vit:auto,timm,timm+compile
+  --models vit_base_patch16_224 --compile yes --providers vit:torch,vit:triton,vit:cuda,timm,timm+compile
 stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
   --providers eager,compile,unfused,fused,unfused_cuda,fused_cuda
 
@@ -481,6 +483,12 @@ stage compile_tables 1 bash -c '"$0" benchmarks/attn_bench.py "${@:2}" --out-dir
 # fused_qkv baseline)
 mapfile -t bench_json < <(ls "$work"/results/{attn_tables,mlp_tables,block_tables}/{attn,mlp,block}_bench-*.json \
   2>/dev/null)
+# A run without attn_tables (README's lease plan) takes the attention cells from this GPU's newest committed table,
+# so that the proposal keeps them
+if [ ${#bench_json[@]} -gt 0 ] && ! ls "$work"/results/attn_tables/attn_bench-*.json >/dev/null 2>&1; then
+  committed_attn=$(ls benchmarks/results/attn_bench-"$slug"-bf16-2*.json 2>/dev/null | sort | tail -n 1)
+  [ -n "$committed_attn" ] && bench_json+=("$committed_attn")
+fi
 if [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
   if [ $has_gpu = 0 ] && wanted auto_table; then
     finish_stage auto_table "$no_gpu_status"  # its inputs are the GPU stages' tables
@@ -489,6 +497,16 @@ if [ ${#bench_json[@]} -eq 0 ] && [ -z "${fake[auto_table]:-}" ]; then
   fi
 else
   stage auto_table 0 "$PY" benchmarks/auto_table.py "${bench_json[@]}" --out "$work/results/auto_table.json"
+fi
+
+# 12. ViT-B/16 on `auto` with the table auto_table just proposed (VIT_KERNELS_MEASURED_TABLE): what a user gets
+# once it is committed, in the same run as the vit_tables rows it is compared with
+proposed="$work/results/auto_table.json"
+if [ -s "$proposed" ] || [ $has_gpu = 0 ] || [ -n "${fake[vit_auto]:-}" ]; then
+  stage vit_auto 1 env VIT_KERNELS_MEASURED_TABLE="$proposed" "$PY" benchmarks/vit_bench.py "${bench_args[@]}" \
+    --out-dir "$work/results/vit_auto" --models vit_base_patch16_224 --compile no --providers vit:auto
+else
+  optional vit_auto "auto_table proposed no table to run it with"
 fi
 
 # ---------------------------------------------------------------------------------------------------

@@ -315,6 +315,35 @@ def test_committed_table_loads():
     assert all(entry["backend"] in ("torch", "triton", "cuda") for entry in table.values())
 
 
+@pytest.mark.parametrize("table", ["proposed", "missing", "broken"])
+def test_a_table_named_by_the_environment_replaces_the_committed_one(tmp_path, table):
+    """VIT_KERNELS_MEASURED_TABLE (gpu_check times vit:auto with auto_table's proposal) is read instead of the
+    committed table; a name that is no file, or no valid table, warns at import and leaves auto on torch."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "proposed.json"
+    entry = {"arch": "sm_90", "op": "gelu_mlp", "dtype": "bf16", "dim": 1024, "tokens": 65536, "backend": "triton"}
+    if table == "proposed":
+        path.write_text(json.dumps({"entries": [entry, {**entry, "op": "fused_qkv"}]}))
+    elif table == "broken":
+        path.write_text('{"entries": [')
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import vit_kernels as vk\n"
+        "print(vk.build_info()['measured_table_entries'])"
+    )
+    env = {**__import__("os").environ, "VIT_KERNELS_MEASURED_TABLE": str(path)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == ("2" if table == "proposed" else "0"), res.stdout
+    if table == "proposed":
+        assert "RuntimeWarning" not in res.stderr, res.stderr
+    else:
+        why = "names no file" if table == "missing" else "not valid JSON"
+        assert why in res.stderr and "runs torch everywhere" in res.stderr, res.stderr
+
+
 def test_auto_without_a_measurement_is_torch_and_says_so(fake_cuda):
     q = _cuda(2, 3, 197, 64)
     assert vk.explain_backend("attention", q, q, q) == (

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STAGES = ("build", "info", "smoke", "headline", "tests", "attn_tables", "mlp_tables", "vit_tables", "block_tables",
           "profile", "gemm_ab", "pytest_bench", "memcheck", "racecheck", "tune", "compile_tables",
-          "auto_table")  # fmt: skip
+          "auto_table", "vit_auto")  # fmt: skip
 GPU_STAGES = set(STAGES) - {"info", "auto_table"}
 
 pytestmark = pytest.mark.skipif(

@@ -39,6 +39,9 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 BLOCK_OPS = ("ln_fused_qkv", "proj_residual", "ln_gelu_mlp")
 OPS = ("attention", "fused_qkv", "gelu_mlp", *BLOCK_OPS)
 MEASURED_TABLE = Path(__file__).with_name("measured_backends.json")
+# A table `auto` reads instead of the committed one, when this variable names a file: gpu_check times `vit:auto`
+# with the table auto_table has just proposed, before anyone commits it.
+TABLE_OVERRIDE = "VIT_KERNELS_MEASURED_TABLE"
 
 
 @dataclass(frozen=True)
@@ -301,11 +304,14 @@ def load_table(path: Path) -> dict[TableKey, dict]:
     return parse_table(data, str(path))
 
 
-def _load_committed_table(path: Path) -> tuple[dict[TableKey, dict], str]:
+def _load_committed_table(path: Path, override: str = "") -> tuple[dict[TableKey, dict], str]:
     """(load_table(path), ""), except that a broken committed table warns instead of raising: it must not break
     `import vit_kernels` for users who never reach it (every CPU user). It gives ({}, the problem): `auto` is
-    then `torch` everywhere, and says why."""
+    then `torch` everywhere, and says why. `override`: the TABLE_OVERRIDE value that named `path`, whose file
+    must exist."""
     try:
+        if override and not Path(path).is_file():
+            raise ValueError(f"{TABLE_OVERRIDE}={override} names no file")
         return load_table(path), ""
     except (OSError, ValueError) as exc:
         warnings.warn(f"{exc}; backend='auto' runs torch everywhere until it is fixed", RuntimeWarning, stacklevel=2)
@@ -314,7 +320,8 @@ def _load_committed_table(path: Path) -> tuple[dict[TableKey, dict], str]:
 
 # Read once at import: a lookup per op call must cost a dict access, and a file read could not be traced
 # by torch.compile. Tests swap in their own table with monkeypatch.
-_TABLE, _TABLE_PROBLEM = _load_committed_table(MEASURED_TABLE)
+_OVERRIDE = os.environ.get(TABLE_OVERRIDE, "")
+_TABLE, _TABLE_PROBLEM = _load_committed_table(Path(_OVERRIDE) if _OVERRIDE else MEASURED_TABLE, _OVERRIDE)
 
 
 def measured_table_size() -> int:
