@@ -364,7 +364,10 @@ peaks_arg=()
 # Every test file that runs kernels on the device (named, not grepped: the Triton tests take the device from the
 # conftest fixture and never say "cuda"); CPU-only checks (static compiles, this script's own test) stay out.
 gpu_tests=()
-for f in test_attention test_linear test_tma_gemm test_cuda_attention test_cuda_linear test_block_fusion test_gelu \
+# The GEMM tests first (the kernels no GPU has run yet: Hopper TMA, CUTLASS, the cuda block ops), then the attention
+# kernels a GPU has passed before: xdist hands tests out roughly in this order, so a stage cut at its slice has run
+# the new ones.
+for f in test_tma_gemm test_cuda_linear test_block_fusion test_linear test_gelu test_attention test_cuda_attention \
   test_input_precision test_kernel_limits test_autocast test_dispatch test_empty_and_raw_ops test_vit test_compile \
   test_patch_zoo test_vit_timm test_vit_hf; do
   gpu_tests+=("tests/$f.py")
