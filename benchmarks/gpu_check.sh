@@ -39,6 +39,8 @@
 #
 # Options: --budget S, --out DIR, --arch-only, --no-build, --results-dir DIR (default benchmarks/out),
 # --only a,b (run only these stages). PYTHON=/path/to/python picks the interpreter.
+# --record-build ARCH (no GPU needed): only build _C for ARCH (90a) with PYTHON and record its key, so that a GPU
+# machine with that Python, handed the module and build/gpu_check-build.key, skips its build (README, GPU check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -52,6 +54,7 @@ out=${OUT:-}
 results_dir=benchmarks/out  # untracked: benchmarks/results/ only when asked
 arch_only=0
 no_build=0
+record_build=""
 only=""
 declare -A fake=()  # --fake-stage NAME=SECONDS (for the tests): that stage sleeps instead of running
 while [ $# -gt 0 ]; do
@@ -61,6 +64,7 @@ while [ $# -gt 0 ]; do
     --results-dir) results_dir=$2; shift 2 ;;
     --arch-only) arch_only=1; shift ;;
     --no-build) no_build=1; shift ;;
+    --record-build) record_build=$2; shift 2 ;;
     --only) only=",$2,"; shift 2 ;;
     --fake-stage) fake[${2%%=*}]=${2#*=}; shift 2 ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -314,7 +318,9 @@ optional() {  # NAME REASON: a stage asked for that cannot run here for a reason
 # ---------------------------------------------------------------------------------------------------
 # 1. build (the build requirements must already be installed: no network)
 arch_args=()
-if [ $arch_only = 1 ] && [ $has_gpu = 1 ]; then
+if [ -n "$record_build" ]; then
+  arch_args=("CMAKE_ARGS=${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$record_build")
+elif [ $arch_only = 1 ] && [ $has_gpu = 1 ]; then
   arch=$cap
   [ "${cap:0:1}" = 9 ] && [ ${#cap} = 2 ] && arch="${cap}a"  # wgmma needs sm_90a
   arch_args=("CMAKE_ARGS=${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$arch")
@@ -324,27 +330,43 @@ fi
 if [ -z "${VIT_KERNELS_CUTLASS_DIR:-}" ] && [ -f cutlass-4.2/include/cutlass/cutlass.h ]; then
   export VIT_KERNELS_CUTLASS_DIR="$PWD/cutlass-4.2"
 fi
-# The second call of a lease finds the machine warm, with _C built by the first call (pip's editable build compiles
-# in a fresh temporary folder each time, ~60 s here): when the sources, the settings and the interpreter are the ones
-# recorded after that build, and the module is the one it wrote, the build is skipped.
+# A call skips the build when the checkout already holds a _C built from these sources with these settings for
+# this interpreter (build/gpu_check-build.key, written after each build) and it imports: the second call of a
+# lease on a warm machine (pip's editable build compiles in a fresh temporary folder each time, ~60 s there), or a
+# first call that carries in a _C built here with --record-build (README, GPU check).
 build_key_file=${GPU_CHECK_BUILD_KEY:-build/gpu_check-build.key}
-build_key() {  # what _C was built from and what it is; "no _C" when there is none
-  local so
-  so=$(ls vit_kernels/_C.*.so 2>/dev/null | head -n 1)
-  [ -n "$so" ] || { echo "no _C"; return; }
-  { printf '%s\n' "${arch_args[@]}" "${VIT_KERNELS_CUTLASS_DIR:-}" "$("$PY" -V 2>&1)"
-    cat setup.py CMakeLists.txt csrc/* "$so"; } | sha256sum | cut -d' ' -f1
+ext_suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
+built_so="vit_kernels/_C${ext_suffix:-.so}"
+build_key() {  # what _C was built from and what it is; "no _C" when this interpreter has none
+  [ -f "$built_so" ] || { echo "no _C"; return; }
+  { printf '%s\n' "${arch_args[@]}" "$ext_suffix"
+    # the CUTLASS version, not its folder: a prebuilt _C comes from another machine's path
+    [ -n "${VIT_KERNELS_CUTLASS_DIR:-}" ] && grep -E "#define CUTLASS_(MAJOR|MINOR|PATCH) " \
+      "$VIT_KERNELS_CUTLASS_DIR/include/cutlass/version.h" 2>/dev/null
+    cat setup.py CMakeLists.txt csrc/* "$built_so"; } | sha256sum | cut -d' ' -f1
 }
+record_build_key() {
+  [ "$(build_key)" != "no _C" ] && mkdir -p "$(dirname "$build_key_file")" && build_key >"$build_key_file"
+}
+build_cmd=(env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}"
+  "$PY" -m pip install -e . --no-build-isolation --no-deps)
+if [ -n "$record_build" ]; then  # build here for the GPU machine (no GPU needed) and record the key; nothing else
+  [ -n "${fake[build]:-}" ] && build_cmd=(sleep "${fake[build]}")  # the tests' stand-in for the build
+  if ! "${build_cmd[@]}" || ! record_build_key; then
+    echo "gpu_check.sh: the build failed or wrote no $built_so" >&2
+    exit 1
+  fi
+  echo "gpu_check: built $built_so for $record_build and recorded $build_key_file: carry both (README, GPU check)"
+  exit 0
+fi
 if [ $no_build = 1 ]; then
   finish_stage build "skipped: $(wanted build && echo "--no-build" || echo "not in --only")"
-elif wanted build && [ -s "$build_key_file" ] && [ "$(cat "$build_key_file")" = "$(build_key)" ]; then
-  finish_stage build "skipped: _C is built from these sources already (an earlier call; $build_key_file)"
+elif wanted build && [ -s "$build_key_file" ] && [ "$(cat "$build_key_file")" = "$(build_key)" ] &&
+  "$PY" -c "import vit_kernels._C" 2>/dev/null; then
+  finish_stage build "skipped: $built_so is built from these sources already ($build_key_file)"
 else
-  stage build 1 env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}" \
-    "$PY" -m pip install -e . --no-build-isolation --no-deps
-  if [ "${status[build]}" = ran:0 ] && [ "$(build_key)" != "no _C" ]; then
-    mkdir -p "$(dirname "$build_key_file")" && build_key >"$build_key_file"
-  fi
+  stage build 1 "${build_cmd[@]}"
+  [ "${status[build]}" = ran:0 ] && record_build_key
 fi
 
 # 2. what was built and what can run

@@ -166,27 +166,60 @@ def test_an_asked_for_stage_that_could_not_run_makes_the_exit_status_non_zero(tm
 
 
 def test_a_second_call_skips_the_build_only_for_the_same_sources_and_settings(tmp_path):
-    """A lease's second call finds _C built by the first: the build stage is skipped when the recorded key (sources,
-    settings, interpreter and the module itself) still matches, and runs when anything in it changed. With no _C in
-    the checkout (CI's Triton-only environments) there is nothing to record, and every call builds."""
-    key = tmp_path / "build.key"
-    has_c = any((ROOT / "vit_kernels").glob("_C.*.so"))
+    """A lease's second call finds _C built by the first (or carried in, built with --record-build): the build
+    stage is skipped when the recorded key (sources, settings, the interpreter's extension suffix, the CUTLASS
+    version and the module itself) still matches and the module imports, and runs when anything in it changed.
+    With no _C for this interpreter (CI's Triton-only environments) there is nothing to record: every call builds."""
+    import sysconfig
 
-    def build_status(run, cutlass_dir):
-        env = {"GPU_CHECK_BUILD_KEY": str(key), "VIT_KERNELS_CUTLASS_DIR": cutlass_dir}
+    key = tmp_path / "build.key"
+    has_c = (ROOT / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+    cutlass = {}
+    for version in ("4.2.0", "4.3.0"):  # two CUTLASS folders, told apart by their version.h only
+        folder = tmp_path / f"cutlass-{version}"
+        (folder / "include" / "cutlass").mkdir(parents=True)
+        major, minor, patch = version.split(".")
+        (folder / "include" / "cutlass" / "version.h").write_text(
+            f"#define CUTLASS_MAJOR {major}\n#define CUTLASS_MINOR {minor}\n#define CUTLASS_PATCH {patch}\n"
+        )
+        cutlass[version] = str(folder)
+
+    def build_status(run, version):
+        env = {"GPU_CHECK_BUILD_KEY": str(key), "VIT_KERNELS_CUTLASS_DIR": cutlass[version]}
         res, _, _, report = run_check_env(tmp_path / run, env, "--budget", "30", "--only", "build",
                                           "--fake-stage", "build=0")  # fmt: skip
         assert res.returncode == 0, res.stdout + res.stderr
         return stage_lines(report)["build"]
 
-    assert build_status("first", "/opt/a").startswith("ran, exit 0")
+    assert build_status("first", "4.2.0").startswith("ran, exit 0")
     assert key.is_file() == has_c
-    second = build_status("second", "/opt/a")
+    second = build_status("second", "4.2.0")
     if has_c:
-        assert second.startswith("skipped: _C is built from these sources already"), second
-        assert build_status("other settings", "/opt/b").startswith("ran, exit 0")  # the CUTLASS folder changed
+        assert second.startswith("skipped: vit_kernels/_C") and "built from these sources already" in second, second
+        assert build_status("other CUTLASS", "4.3.0").startswith("ran, exit 0")
+        key.write_text("a key from other sources\n")
+        assert build_status("other sources", "4.3.0").startswith("ran, exit 0")
     else:
         assert second.startswith("ran, exit 0"), second
+
+
+def test_record_build_keys_the_module_to_its_arch(tmp_path):
+    """--record-build ARCH builds _C here for a GPU machine and records its key with ARCH in it (nothing else runs):
+    a call that builds for another arch (here: none, no --arch-only on a CPU) does not take it for its own."""
+    import sysconfig
+
+    key = tmp_path / "build.key"
+    has_c = (ROOT / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+    env = {"GPU_CHECK_BUILD_KEY": str(key)}
+    res = run_raw(tmp_path / "record", "--record-build", "90a", "--fake-stage", "build=0", env_extra=env)
+    if not has_c:
+        assert res.returncode == 1 and "the build failed or wrote no" in res.stderr, res.stdout + res.stderr
+        return
+    assert res.returncode == 0 and "recorded" in res.stdout and "===" not in res.stdout, res.stdout + res.stderr
+    assert key.is_file() and not (tmp_path / "record" / "out").exists()  # no stage ran, no report
+    res, _, _, report = run_check_env(tmp_path / "call", env, "--budget", "30", "--only", "build",
+                                      "--fake-stage", "build=0")  # fmt: skip
+    assert stage_lines(report)["build"].startswith("ran, exit 0"), report
 
 
 def test_a_rerun_never_replaces_an_earlier_report(tmp_path):
