@@ -6,6 +6,8 @@ gradient views, with every output buffer NaN-poisoned first so an unwritten elem
 CPU tests check the error paths and the launchers' preconditions, which run before any CUDA call.
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import TOLERANCES, rel_error
@@ -567,6 +569,50 @@ def test_sm90_launchers_say_why_they_cannot_run_here():
     message = r"cudaGetDevice failed" if built else r"this build has no sm_90a GEMMs \(not built: "
     with pytest.raises(RuntimeError, match=message):
         _C.mlp_fwd_sm90(**_MLP_FWD_SM90_ARGS)
+
+
+def _wrapper_calls(dtype):
+    """name -> a call of each wrapper of vit_kernels/cuda/linear.py on small CPU tensors, in the layouts that take
+    their other branches too (packed q / k / v, gradients read in place, a residual)."""
+    B, N, C, H, Hd = 2, 5, 64, 2, 128
+    x, w, b = torch.randn(B, N, C, dtype=dtype), torch.randn(3 * C, C, dtype=dtype), torch.randn(3 * C, dtype=dtype)
+    grads = [torch.randn(B, H, N, C // H, dtype=dtype) for _ in range(3)]
+    packed = torch.randn(B, N, 3, H, C // H, dtype=dtype)
+    packed_grads = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+    x2, h = x.view(B * N, C), torch.randn(B * N, Hd, dtype=dtype)
+    w1, b1, w2 = torch.randn(Hd, C, dtype=dtype), torch.randn(Hd, dtype=dtype), torch.randn(C, Hd, dtype=dtype)
+    w_proj, b_proj = torch.randn(C, C, dtype=dtype), torch.randn(C, dtype=dtype)
+    return {
+        "qkv_fwd": lambda: linear.qkv_fwd(x, w, b, H, False),
+        "qkv_fwd packed": lambda: linear.qkv_fwd(x, w, b, H, False, packed=True),
+        "qkv_bwd": lambda: linear.qkv_bwd(*grads, x, w, True, False),
+        "qkv_bwd packed grads": lambda: linear.qkv_bwd(*packed_grads, x, w, True, False),
+        "mlp_fwd": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "none", False),
+        "mlp_fwd residual": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "tanh", False, residual=x),
+        "mlp_bwd": lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, True, "none", False),
+        "linear_fwd": lambda: linear.linear_fwd(x2, w_proj, b_proj, x),
+        "linear_bwd": lambda: linear.linear_bwd(x2, x2, w_proj, True),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the parity tests above run every wrapper for real")
+@pytest.mark.parametrize("gemms", ["sm_90a", "mma.sync"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_wrappers_pass_the_launchers_checks_and_stop_at_cuda(monkeypatch, gemms, dtype):
+    """The wrappers' calls into `_C` run nowhere else without a GPU. On CPU tensors, with the device plumbing (device
+    check, stream, device guard) stubbed, each must reach the real launcher with arguments it accepts: their number
+    and types (else TypeError) and every layout precondition (else ValueError), so that the first failure is the
+    launch itself, which needs the driver this machine lacks. "sm_90a" routes fp16 / bf16 as an H100 / H200 does."""
+    _extension()
+    monkeypatch.setattr(linear, "check_cuda_tensors", lambda **tensors: None)
+    monkeypatch.setattr(linear, "stream_of", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(linear, "_sm90", lambda t: gemms == "sm_90a" and t.dtype != torch.float32)
+    for name, call in _wrapper_calls(dtype).items():
+        # no driver: CUDA's error at the first CUDA call; a build without CUTLASS stops its sm_90a launchers first
+        with pytest.raises(RuntimeError, match=r"CUDA error|this build has no sm_90a GEMMs"):
+            call()
+            pytest.fail(f"{name}: returned without reaching CUDA")
 
 
 def test_layout_helpers_copy_only_what_the_kernels_cannot_read():
