@@ -78,12 +78,12 @@ STAGES=(build info smoke headline tests attn_tables mlp_tables vit_tables block_
 # Nominal seconds of each stage on a cold H100 / H200, from the runs there (2026-11-26/27, README "GPU check"): the
 # measured time plus a margin, or, for a stage killed at its slice, a guess above that slice (racecheck: 44 s on
 # the H100, killed at 54 s on the H200; attn_tables: 43 s for 8 shapes, now 10). Guesses, never run as they are now:
-# build (19-26 s before the CUTLASS units; the slowest of those takes ~50 s of nvcc alone on this 2-core machine,
-# and the 16-core GPU machine compiles them side by side), gemm_ab (~40 Triton rows, ~12 compiles, and the cuda
+# build (19-26 s before the two CUTLASS units, each ~75 s of nvcc alone on this 2-core machine, side by side on the
+# GPU machine; ~0 s with a _C carried in, --record-build), gemm_ab (~40 Triton rows, ~12 compiles, and the cuda
 # backend's products), vit_tables (ViT-B/16 only, five eager providers and timm under torch.compile, ~a minute of
 # compilation per mode) and block_tables (five providers and torch.compile of one block, fwd and fwd + bwd).
 # They sum to ~1,100 s, more than one 10-minute call: a lease runs them in two calls with --only (README).
-declare -A NOMINAL=([build]=70 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
+declare -A NOMINAL=([build]=95 [info]=12 [smoke]=35 [headline]=40 [tests]=200 [attn_tables]=75 [mlp_tables]=15
   [vit_tables]=150 [block_tables]=60 [profile]=60 [gemm_ab]=120 [pytest_bench]=20 [memcheck]=20 [racecheck]=90
   [tune]=60 [compile_tables]=60 [auto_table]=10 [vit_auto]=25)
 declare -A status=() secs=() slice_of=()
@@ -332,7 +332,7 @@ if [ -z "${VIT_KERNELS_CUTLASS_DIR:-}" ] && [ -f cutlass-4.2/include/cutlass/cut
 fi
 # A call skips the build when the checkout already holds a _C built from these sources with these settings for
 # this interpreter (build/gpu_check-build.key, written after each build) and it imports: the second call of a
-# lease on a warm machine (pip's editable build compiles in a fresh temporary folder each time, ~60 s there), or a
+# lease on a warm machine (pip's editable build compiles in a fresh temporary folder each time, ~90 s there), or a
 # first call that carries in a _C built here with --record-build (README, GPU check).
 build_key_file=${GPU_CHECK_BUILD_KEY:-build/gpu_check-build.key}
 ext_suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)

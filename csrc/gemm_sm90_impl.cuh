@@ -412,28 +412,20 @@ void describe(std::vector<KernelFacts>& out) {
 }  // namespace sm90
 }  // namespace vk
 
-// Explicit instantiations, one macro per product: csrc/gemm_sm90_<product>.cu instantiates one product in both
-// 16-bit dtypes, and gemm_sm90_facts.cu the host-only describe and can_implement, so that ninja compiles the six
-// kernel families side by side (the 16-core GPU machine builds them in the time of one).
-#define VK_SM90_FOR_16BIT(INSTANTIATE) INSTANTIATE(__half) INSTANTIATE(__nv_bfloat16)
-#define VK_SM90_LINEAR_BIAS(T)                                                                                      \
+// Explicit instantiation of every product for one dtype (gemm_sm90_<dtype>.cu: one unit per dtype, so that ninja
+// compiles them side by side).
+#define VK_SM90_INSTANTIATE(T)                                                                                      \
   template void vk::sm90::linear_bias<T>(const T*, index_t, const T*, index_t, const T*, T*, index_t, int, int, int, \
-                                         cudaStream_t);
-#define VK_SM90_LINEAR_BIAS_RESIDUAL(T)                                                                             \
+                                         cudaStream_t);                                                             \
   template void vk::sm90::linear_bias_residual<T>(const T*, index_t, const T*, index_t, const T*, const T*,       \
-                                                  index_t, T*, index_t, int, int, int, cudaStream_t);
-#define VK_SM90_LINEAR_BIAS_GELU(T)                                                                                 \
+                                                  index_t, T*, index_t, int, int, int, cudaStream_t);              \
   template void vk::sm90::linear_bias_gelu<T>(const T*, index_t, const T*, index_t, const T*, T*, index_t, T*,     \
-                                              index_t, int, int, int, bool, cudaStream_t);
-#define VK_SM90_DGELU(T)                                                                                            \
+                                              index_t, int, int, int, bool, cudaStream_t);                          \
   template void vk::sm90::dgelu<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t, int, int,  \
-                                   int, bool, cudaStream_t);
-#define VK_SM90_MATMUL_NN(T)                                                                                        \
+                                   int, bool, cudaStream_t);                                                        \
   template void vk::sm90::matmul_nn<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,            \
-                                       cudaStream_t);
-#define VK_SM90_MATMUL_TN_WGRAD(T)                                                                                  \
+                                       cudaStream_t);                                                               \
   template void vk::sm90::matmul_tn_wgrad<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,      \
-                                             cudaStream_t);
-#define VK_SM90_FACTS(T)                                                                                            \
+                                             cudaStream_t);                                                         \
   template void vk::sm90::describe<T>(std::vector<vk::sm90::KernelFacts>&);                                      \
   template std::string vk::sm90::can_implement<T>(const std::string&, int, int, int);
