@@ -105,6 +105,10 @@ def gemm_rows(log: str) -> list[tuple[str, str, str, float | None, float]]:
     return out
 
 
+def shown(ratio: float | None) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "n/a"
+
+
 def goal_for(k: str) -> float:
     return GEMM_GOAL_K768 if k == "768" else GEMM_GOAL
 
@@ -133,24 +137,22 @@ def goal_table(folder: Path) -> list[tuple[str, str, str, str, str]]:
     if not gemms:
         table.append(("each GEMM vs cuBLAS", "gemm_ab", "no rows (did the stage run?)", "0.95x / 1.0x", "not measured"))
     for backend, product, k, ratio, goal in gemms:
-        shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
-        table.append((f"GEMM vs cuBLAS, K = {k}", f"{backend} {product}", shown, f"{goal:.2f}x", verdict(ratio, goal)))
+        table.append(
+            (f"GEMM vs cuBLAS, K = {k}", f"{backend} {product}", shown(ratio), f"{goal:.2f}x", verdict(ratio, goal))
+        )
     for bench, op, baseline, mode, goal, what in OP_GOALS:
         rows = [r for r in bench_rows(folder, bench) if (op is None or r.get("op") == op) and r.get("C") == 768]
         for ours in OURS[bench]:
             ratio = ratio_of(rows, baseline, ours, mode=mode)
-            shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
-            table.append((f"{what} vs {baseline}", ours, shown, f"{goal:.2f}x", verdict(ratio, goal)))
+            table.append((f"{what} vs {baseline}", ours, shown(ratio), f"{goal:.2f}x", verdict(ratio, goal)))
     vit = [r for r in bench_rows(folder, "vit_bench") if r.get("model") == "vit_base_patch16_224"]
     for mode in ("train", "infer"):
         for ours in ("vit:auto", "vit:triton", "vit:cuda"):
             ratio = ratio_of(vit, "timm", ours, mode=mode)
-            shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
             goal_name = f"ViT-B/16 {mode} vs timm" + ("" if ours == "vit:auto" else " (per backend)")
-            table.append((goal_name, ours, shown, f"{VIT_GOAL:.2f}x", verdict(ratio, VIT_GOAL)))
+            table.append((goal_name, ours, shown(ratio), f"{VIT_GOAL:.2f}x", verdict(ratio, VIT_GOAL)))
         compiled = ratio_of(vit, "timm+compile", "vit:auto", mode=mode)
-        shown = f"{compiled:.2f}x" if compiled is not None else "n/a"
-        table.append((f"ViT-B/16 {mode} vs timm + torch.compile", "vit:auto", shown, "(no goal)", ""))
+        table.append((f"ViT-B/16 {mode} vs timm + torch.compile", "vit:auto", shown(compiled), "(no goal)", ""))
     return table
 
 

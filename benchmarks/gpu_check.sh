@@ -345,8 +345,10 @@ build_key() {  # what _C was built from and what it is; "no _C" when this interp
       "$VIT_KERNELS_CUTLASS_DIR/include/cutlass/version.h" 2>/dev/null
     cat setup.py CMakeLists.txt csrc/* "$built_so"; } | sha256sum | cut -d' ' -f1
 }
-record_build_key() {
-  [ "$(build_key)" != "no _C" ] && mkdir -p "$(dirname "$build_key_file")" && build_key >"$build_key_file"
+record_build_key() {  # hashes the sources and the module once
+  local key
+  key=$(build_key)
+  [ "$key" != "no _C" ] && mkdir -p "$(dirname "$build_key_file")" && echo "$key" >"$build_key_file"
 }
 build_cmd=(env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}"
   "$PY" -m pip install -e . --no-build-isolation --no-deps)

@@ -165,15 +165,20 @@ def test_an_asked_for_stage_that_could_not_run_makes_the_exit_status_non_zero(tm
     assert stage_lines(report)["info"].startswith("not run: budget spent"), report
 
 
+def _has_c_for_this_python() -> bool:
+    """Whether the checkout holds a _C for this interpreter (CI's Triton-only environments have none)."""
+    import sysconfig
+
+    return (ROOT / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+
+
 def test_a_second_call_skips_the_build_only_for_the_same_sources_and_settings(tmp_path):
     """A lease's second call finds _C built by the first (or carried in, built with --record-build): the build
     stage is skipped when the recorded key (sources, settings, the interpreter's extension suffix, the CUTLASS
     version and the module itself) still matches and the module imports, and runs when anything in it changed.
     With no _C for this interpreter (CI's Triton-only environments) there is nothing to record: every call builds."""
-    import sysconfig
-
     key = tmp_path / "build.key"
-    has_c = (ROOT / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+    has_c = _has_c_for_this_python()
     cutlass = {}
     for version in ("4.2.0", "4.3.0"):  # two CUTLASS folders, told apart by their version.h only
         folder = tmp_path / f"cutlass-{version}"
@@ -206,10 +211,8 @@ def test_a_second_call_skips_the_build_only_for_the_same_sources_and_settings(tm
 def test_record_build_keys_the_module_to_its_arch(tmp_path):
     """--record-build ARCH builds _C here for a GPU machine and records its key with ARCH in it (nothing else runs):
     a call that builds for another arch (here: none, no --arch-only on a CPU) does not take it for its own."""
-    import sysconfig
-
     key = tmp_path / "build.key"
-    has_c = (ROOT / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").is_file()
+    has_c = _has_c_for_this_python()
     env = {"GPU_CHECK_BUILD_KEY": str(key)}
     res = run_raw(tmp_path / "record", "--record-build", "90a", "--fake-stage", "build=0", env_extra=env)
     if not has_c:
