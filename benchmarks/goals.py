@@ -34,7 +34,8 @@ TRITON_K = {
 # K of the cuda table's kernels: (launcher, the product label's first word) -> K.
 CUDA_K = {
     ("qkv_fwd", "QKV"): "768", ("qkv_fwd packed", "QKV"): "768", ("linear_fwd", "proj"): "768",
-    ("mlp_fwd", "fc1"): "768", ("mlp_fwd", "fc2"): "3072", ("mlp_bwd", "dhidden"): "768", ("mlp_bwd", "dX"): "3072",
+    ("mlp_fwd", "fc1"): "768", ("mlp_fwd", "fc2"): "3072", ("mlp_fwd without hidden", "fc1"): "768",
+    ("mlp_fwd without hidden", "fc2"): "3072", ("mlp_bwd", "dhidden"): "768", ("mlp_bwd", "dX"): "3072",
     ("mlp_bwd", "dW2"): "M", ("mlp_bwd", "dW1"): "M", ("linear_bwd", "dX"): "768", ("linear_bwd", "dW"): "M",
     ("qkv_bwd", "dX"): "2304", ("qkv_bwd", "dW"): "M",
 }  # fmt: skip

@@ -147,12 +147,31 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 # The CUTLASS kernels of csrc/gemm_sm90_impl.cuh are all cutlass::device_kernel<GemmUniversal<...>>; their fusion
-# operation and scheduler (in the mangled name) say which product each is. Most specific first.
+# operation and scheduler (in the mangled name) say which product each is: the first entry whose pieces all appear.
 SM90_PRODUCTS = (
-    ("LinCombPerColBiasEltActAux", "linear_bias_gelu"), ("LinCombDeEltAct", "dgelu"),
-    ("LinCombPerColBiasEltAct", "linear_bias_residual"), ("LinCombPerColBias", "linear_bias"),
-    ("StreamKScheduler", "matmul_tn_wgrad"), ("LinearCombination", "matmul_nn"),
+    (("LinCombPerColBiasEltActAux",), "linear_bias_gelu"), (("LinCombDeEltAct",), "dgelu"),
+    (("LinCombPerColBiasEltAct", "4sm904GeluE"), "linear_bias_gelu_act"),
+    (("LinCombPerColBiasEltAct",), "linear_bias_residual"), (("LinCombPerColBias",), "linear_bias"),
+    (("StreamKScheduler",), "matmul_tn_wgrad"), (("LinearCombination",), "matmul_nn"),
 )  # fmt: skip
+# In the mangled name the mainloop's dispatch policy is MainloopSm90TmaGmmaWarpSpecialized<stages, cluster shape,
+# kernel schedule> and the tile shape follows it; each shape mode is a new cute::C<n> or a back-reference (S..._) to
+# one already seen, which in these shapes is always the value just before it.
+_SM90_SHAPES = re.compile(
+    r"MainloopSm90TmaGmmaWarpSpecialized\w*?ILi\d+EN?S[0-9A-Z]*_IJ(?P<cluster>\w*?)N?S[0-9A-Z]*_\d+"
+    r"(?P<schedule>KernelTmaWarpSpecialized(?:Pingpong|Cooperative))EEEN?S[0-9A-Z]*_IJ(?P<tile>\w*?)"
+    r"(?:NS_10bfloat16_t|NS_6half_t)"
+)
+# A mode: cute::C<n> spelt out in full (N4cute1CILi<n>EE), or with its template abbreviated (NS.._ILi<n>EE), or
+# a back-reference (S.._ not followed by a template argument list or a name).
+_SHAPE_MODE = re.compile(r"1CILi(\d+)EE|N?S[0-9A-Z]*_ILi(\d+)EE|S[0-9A-Z]*_(?![I\d])")
+
+
+def _shape_modes(mangled_part: str) -> list[int]:
+    values: list[int] = []
+    for full, short in _SHAPE_MODE.findall(mangled_part):
+        values.append(int(full or short) if (full or short) else values[-1])
+    return values
 
 
 def is_cutlass_gemm(mangled: str) -> bool:
@@ -160,10 +179,17 @@ def is_cutlass_gemm(mangled: str) -> bool:
 
 
 def cutlass_name(mangled: str) -> str:
-    """'sm90_gemm linear_bias_gelu<bf16> 128x256x64 cluster 2x1' for a CUTLASS GemmUniversal kernel."""
-    product = next((label for key, label in SM90_PRODUCTS if key in mangled), "?")
+    """'sm90_gemm linear_bias_gelu<bf16> 128x256x64 cluster 2x1' for a CUTLASS GemmUniversal kernel (a ping-pong
+    kernel ends in ' pingpong'); the same string `sm90_facts` keys _C's description of that kernel by."""
+    product = next((label for keys, label in SM90_PRODUCTS if all(k in mangled for k in keys)), "?")
     dtype = "bf16" if "bfloat16_t" in mangled else "fp16" if "half_t" in mangled else "?"
-    return f"sm90_gemm {product}<{dtype}> 128x256x64 cluster 2x1"
+    shapes = _SM90_SHAPES.search(mangled)
+    if shapes is None:
+        return f"sm90_gemm {product}<{dtype}> ?"
+    tile = "x".join(map(str, _shape_modes(shapes["tile"])))
+    cluster = "x".join(map(str, _shape_modes(shapes["cluster"])[:2]))
+    pingpong = " pingpong" if shapes["schedule"].endswith("Pingpong") else ""
+    return f"sm90_gemm {product}<{dtype}> {tile} cluster {cluster}{pingpong}"
 
 
 def sm90_facts() -> dict[str, dict]:
@@ -173,7 +199,11 @@ def sm90_facts() -> dict[str, dict]:
     except ImportError:
         return {}
     kernels = getattr(_C, "sm90_gemm_kernels", lambda: [])()
-    return {f"sm90_gemm {k['product']}<{k['dtype']}> {k['tile']} cluster {k['cluster']}": k for k in kernels}
+    return {
+        f"sm90_gemm {k['product']}<{k['dtype']}> {k['tile']} cluster {k['cluster']}"
+        + (" pingpong" if k.get("schedule") == "pingpong" else ""): k
+        for k in kernels
+    }
 
 
 # Every GEMM of a ViT-B/16 block at 224 px, batch 256 (M = 256 * 197 tokens), as (what, sm90 product, M, N, K).

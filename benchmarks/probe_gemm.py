@@ -14,7 +14,8 @@ packed store of the eager path) three ways, each checked against an fp32 torch p
   cublas    torch's product of the same shapes (F.linear / matmul; its epilogues unfused)
 then the ops end to end (gelu_mlp, fused_qkv and the three block ops, fwd and fwd+bwd) on both paths against
 eager torch. `--variants` times the TMA kernels at other configs (flatten on / off, 128 x 128 tiles, 4 stages)
-for the products where the choice is open.
+for the products where the choice is open, and the cuda backend's linear_bias on its configuration variants
+(`cuda_variants_table`).
 
 cuda (vit_kernels/cuda/linear.py, `_C`): each launcher (qkv_fwd, packed or not, linear_fwd, mlp_fwd, mlp_bwd,
 linear_bwd, qkv_bwd) on csrc/gemm.cu's mma.sync GEMMs (`linear._sm90` replaced by `lambda t: False`) and on the
@@ -248,6 +249,9 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
         "linear_fwd": (lambda: (cuda_linear.linear_fwd(o, w_proj, b_proj),), (of @ wpf.t() + bpf,)),
         "mlp_fwd": (lambda: cuda_linear.mlp_fwd(x, w1, b1, w2, b2, "none", False),
                     (F.gelu(h_ref) @ w2f.t() + b2f, h_ref)),
+        # without autograd: fc1 stores act alone (on sm_90a the product without the aux store)
+        "mlp_fwd without hidden": (lambda: cuda_linear.mlp_fwd(x, w1, b1, w2, b2, "none", False, save_hidden=False)[:1],
+                                   (F.gelu(h_ref) @ w2f.t() + b2f,)),
         "mlp_bwd": (lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False),
                     (dh_ref @ w1f, dh_ref.t() @ xf, dh_ref.sum(0), dyf.t() @ F.gelu(hidf), dyf.sum(0))),
         "linear_bwd": (lambda: cuda_linear.linear_bwd(dy, o, w_proj, True), (dyf @ wpf, dyf.t() @ of, dyf.sum(0))),
@@ -274,6 +278,8 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             "linear_fwd": [Launch("proj + bias", g, f_proj, "proj", (0,))],
             "mlp_fwd": [Launch("fc1 + bias + GELU (and hidden)", g, f_mlp, "fc1_gelu", (1,)),
                         Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
+            "mlp_fwd without hidden": [Launch("fc1 + bias + GELU (act only)", g, f_mlp, "fc1_gelu"),
+                                       Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
             "mlp_bwd": [Launch("dhidden = dy @ W2 * GELU'(hidden)" + (" (and act)" if old else ""), g, f_mlp,
                                "dhidden_dgelu"),
                         *([] if old else [Launch("act = gelu(hidden): row pass", "gelu_rows")]),
@@ -452,6 +458,49 @@ def cuda_products_table(calls: dict, extra_cublas: dict, cublas: dict, timed, pr
     return failed
 
 
+# linear_bias at a ViT block's forward shapes, as (product, N / C, K / C, the triton table's cuBLAS key).
+VARIANT_PRODUCTS = (("qkv", 3, 1, "qkv_fwd_packed"), ("proj", 1, 1, "proj"), ("fc2", 1, 4, "fc2"))
+SHIPPED = "shipped: cooperative 128x256x64 cluster 2x1"
+
+
+def cuda_variants_table(M: int, C: int, device: str, dtype: torch.dtype, timed, peak, tol, cublas: dict) -> bool:
+    """The sm_90a linear_bias at each forward shape of VARIANT_PRODUCTS on its shipped configuration and on each
+    variant `_C` was built with (gemm_sm90_variants.cu), checked against fp32 torch, timed, beside cuBLAS's time
+    from the triton table (`cublas`: key -> (FLOPs, ms, rel err)). True if a row failed."""
+    failed = False
+    print("| product | kernel | ms (median) | TFLOP/s | % peak | x shipped | x cuBLAS | rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for product, n_of_c, k_of_c, key in VARIANT_PRODUCTS:
+        N, K = n_of_c * C, k_of_c * C
+        a = torch.randn(M, K, device=device).to(dtype)
+        w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+        b = torch.randn(N, device=device).to(dtype)
+        ref = a.float() @ w.float().t() + b.float()
+        runs = [(SHIPPED, lambda a=a, w=w, b=b: cuda_linear.linear_fwd(a, w, b))]
+        runs += [(v, lambda v=v, a=a, w=w, b=b: cuda_linear.linear_fwd_variant(a, w, b, v))
+                 for v in cuda_linear.sm90_variants()]  # fmt: skip
+        shipped_ms = float("nan")
+        cub_ms = cublas.get(key, (0, float("nan"), 0))[1]
+        for label, fn in runs:
+            try:
+                err = common.rel_error(fn(), ref)
+                ms = timed(fn) if err <= tol else float("nan")
+            except Exception as exc:  # a variant that fails is a row, not the end of the probe
+                print(f"| {product} | {label} | FAILED: {common.short_reason(exc)} | | | | | |", flush=True)
+                failed = True
+                continue
+            failed |= err > tol
+            if label == SHIPPED:
+                shipped_ms = ms
+            rate, pct = rate_cells(2.0 * M * N * K, ms, peak)
+            x_shipped = f"{shipped_ms / ms:.2f}" if ms == ms and shipped_ms == shipped_ms else "n/a"
+            x_cublas = f"{cub_ms / ms:.2f}" if ms == ms and cub_ms == cub_ms else "n/a"
+            shown = "WRONG" if err > tol else (f"{ms:.3f}" if ms == ms else "untimed")
+            print(f"| {product} | {label} | {shown} | {rate} | {pct} | {x_shipped} | {x_cublas} | {err:.1e} |",
+                  flush=True)  # fmt: skip
+    return failed
+
+
 def ops_table(op_fns: dict, backend: str, paths: tuple[str, str], path_ctx, timed, torch_ms: dict) -> bool:
     """fwd and fwd+bwd of each op in torch and on `backend` on its (old, new) GEMM `paths`, entered with
     `path_ctx(path)`. torch's times are measured once and kept in torch_ms, (op, mode) -> ms. True if a row failed."""
@@ -572,6 +621,11 @@ def main(argv=None) -> int:
     table, extra_cublas = cuda_calls(B, N, C, H, device, dtype)
     failed |= cuda_products_table(table, extra_cublas, cublas, timed, kernel_times, peak, tol)
     del table, extra_cublas
+    if args.variants and dtype == torch.bfloat16:
+        print("\n## cuda: linear_bias configuration variants (sm_90a, bf16; csrc/gemm_sm90_variants.cu)\n")
+        print("x shipped: the shipped configuration's time / this one's; x cuBLAS: cuBLAS's time (the table above)")
+        print("/ this one's. Each checked against fp32 torch first.\n")
+        failed |= cuda_variants_table(B * N, C, device, dtype, timed, peak, tol, cublas)
 
     print("\n## ops end to end: cuda on each GEMM path against eager torch\n")
     failed |= ops_table(op_fns, "cuda", CUDA_PATHS, cuda_gemm_path, timed, torch_ms)

@@ -57,14 +57,19 @@ void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, ui
 void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
                           uintptr_t da, uintptr_t dw, uintptr_t dbias, uintptr_t scratch, index_t scratch_floats,
                           index_t M, index_t N, index_t K, int dtype, uintptr_t stream);
+void gemm_linear_fwd_sm90_variant(const std::string& variant, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                                  uintptr_t bias, uintptr_t out, index_t ldo, index_t M, index_t N, index_t K,
+                                  int dtype, uintptr_t stream);
 
-// One dict per sm_90a GEMM instantiation (empty without them): product, dtype, tile, cluster, scheduler, mainloop
-// stages, dynamic shared memory and threads per CTA.
+// One dict per sm_90a GEMM instantiation (empty without them): product, dtype, tile, cluster, schedule (cooperative
+// or pingpong), scheduler, mainloop stages, dynamic shared memory, threads per CTA, and variant ("" for the kernels
+// the ops run, else the name linear_fwd_sm90_variant takes).
 pybind11::list sm90_gemm_kernels() {
   std::vector<sm90::KernelFacts> facts;
 #if defined(VK_HAVE_SM90_GEMM)
   sm90::describe<__nv_bfloat16>(facts);
   sm90::describe<__half>(facts);
+  sm90::describe_variants(facts);
 #endif
   pybind11::list out;
   for (const auto& f : facts) {
@@ -73,10 +78,12 @@ pybind11::list sm90_gemm_kernels() {
     d["dtype"] = f.dtype;
     d["tile"] = f.tile;
     d["cluster"] = f.cluster;
+    d["schedule"] = f.schedule;
     d["scheduler"] = f.scheduler;
     d["stages"] = f.stages;
     d["smem_bytes"] = f.smem_bytes;
     d["threads"] = f.threads;
+    d["variant"] = f.variant;
     out.append(d);
   }
   return out;
@@ -114,8 +121,8 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("scratch"), py::arg("scratch_floats"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"), py::arg("dtype"),
         py::arg("stream"));
   m.def("mlp_fwd", &gemm_mlp_fwd,
-        "hidden = x @ fc1_weight^T + fc1_bias, act = gelu(hidden) (scratch), y = act @ fc2_weight^T + fc2_bias "
-        "+ residual (0: none, row stride ld_res)",
+        "hidden = x @ fc1_weight^T + fc1_bias (0: not stored), act = gelu(hidden) (scratch), "
+        "y = act @ fc2_weight^T + fc2_bias + residual (0: none, row stride ld_res)",
         py::arg("x"), py::arg("ldx"), py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"),
         py::arg("fc2_weight"), py::arg("ldw2"), py::arg("fc2_bias"), py::arg("residual"), py::arg("ld_res"),
         py::arg("hidden"), py::arg("act"), py::arg("y"), py::arg("M"), py::arg("C"), py::arg("hidden_features"),
@@ -150,6 +157,11 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("x"), py::arg("ldx"), py::arg("weight"), py::arg("ldw"), py::arg("bias"), py::arg("qkv"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("batch"), py::arg("tokens"), py::arg("channels"), py::arg("heads"),
         py::arg("dtype"), py::arg("stream"));
+  m.def("linear_fwd_sm90_variant", &gemm_linear_fwd_sm90_variant,
+        "as linear_fwd_sm90 without the residual, on a configuration variant of the sm_90a linear_bias GEMM (bf16; "
+        "the names are sm90_gemm_kernels()' variant fields): for benchmarks/probe_gemm.py",
+        py::arg("variant"), py::arg("a"), py::arg("lda"), py::arg("weight"), py::arg("ldw"), py::arg("bias"),
+        py::arg("out"), py::arg("ldo"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
   m.def("mlp_fwd_sm90", &gemm_mlp_fwd_sm90, "as mlp_fwd, on the sm_90a GEMMs", py::arg("x"), py::arg("ldx"),
         py::arg("fc1_weight"), py::arg("ldw1"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("ldw2"),
         py::arg("fc2_bias"), py::arg("residual"), py::arg("ld_res"), py::arg("hidden"), py::arg("act"), py::arg("y"),

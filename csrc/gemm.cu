@@ -205,7 +205,7 @@ struct EpiBias {  // (b) out = acc + bias + res (bias and res may be null): proj
 };
 
 template <class T>
-struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward), act = gelu(pre), both (M, ld)
+struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward; null without autograd), act = gelu(pre), (M, ld)
   T* pre;
   T* act;
   index_t ld;
@@ -220,11 +220,11 @@ struct EpiBiasGelu {  // (c) pre = acc + bias (saved for backward), act = gelu(p
     // Triton kernel and the eager reference do.
     v0 = to_float(from_float<T>(v0));
     v1 = to_float(from_float<T>(v1));
-    store2(pre + m * ld + n, v0, v1);
+    if (pre != nullptr) store2(pre + m * ld + n, v0, v1);
     store2(act + m * ld + n, gelu(v0, tanh_form), gelu(v1, tanh_form));
   }
   void validate(const std::string& name) const {
-    require_pairs(pre, ld, name + " pre-activation");
+    if (pre != nullptr) require_pairs(pre, ld, name + " pre-activation");
     require_pairs(act, ld, name + " activation");
   }
 };
@@ -801,7 +801,7 @@ void gemm_qkv_bwd(uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t s_b, index_t
 
 // hidden (M, Hd) = x (M, C) @ w1 (Hd, C)^T + b1;  act (M, Hd) = gelu(hidden);
 // y (M, Cout) = act @ w2 (Cout, Hd)^T + b2 + res (M, Cout) with row stride ld_res (the block's residual add).
-// act is caller-provided scratch. b1 / b2 / res may be 0 (none).
+// act is caller-provided scratch. b1 / b2 / res may be 0 (none); hidden may be 0: not stored (no autograd).
 void gemm_mlp_fwd(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2, index_t ldw2,
                   uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act, uintptr_t y,
                   index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype, uintptr_t stream) {
@@ -992,7 +992,8 @@ void gemm_qkv_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w, index_t ldw, uintp
   });
 }
 
-// As gemm_mlp_fwd: fc1 with the bias + GELU + aux epilogue (hidden is the aux, act the output), fc2 with bias.
+// As gemm_mlp_fwd: fc1 with the bias + GELU + aux epilogue (hidden is the aux, act the output; hidden 0: the
+// product without the aux store), fc2 with bias.
 void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t b1, uintptr_t w2,
                        index_t ldw2, uintptr_t b2, uintptr_t res, index_t ld_res, uintptr_t hidden, uintptr_t act,
                        uintptr_t y, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form, int dtype,
@@ -1004,7 +1005,7 @@ void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uin
     Strided<T, true>{in<T>(x), ldx, 1}.validate(M, C, true, "mlp_fwd_sm90 x");
     Strided<T, true>{in<T>(w1), ldw1, 1}.validate(Hd, C, true, "mlp_fwd_sm90 fc1_weight");
     Strided<T, true>{in<T>(w2), ldw2, 1}.validate(Cout, Hd, true, "mlp_fwd_sm90 fc2_weight");
-    Strided<T, true>{in<T>(hidden), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 hidden");
+    if (hidden != 0) Strided<T, true>{in<T>(hidden), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 hidden");
     Strided<T, true>{in<T>(act), Hd, 1}.validate(M, Hd, true, "mlp_fwd_sm90 act");
     Strided<T, true>{in<T>(y), Cout, 1}.validate(M, Cout, true, "mlp_fwd_sm90 y");
     if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, Cout, true, "mlp_fwd_sm90 residual");
@@ -1036,6 +1037,26 @@ void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, ui
     sm90_linear<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), in<T>(res), ld_res, out<T>(out_ptr), ldo,
                    static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), as_stream(stream));
   });
+}
+
+// As gemm_linear_fwd_sm90 without the residual, on a configuration variant of linear_bias (bf16 only; see
+// gemm_sm90_variants.cu): what benchmarks/probe_gemm.py times beside the shipped configuration.
+void gemm_linear_fwd_sm90_variant(const std::string& variant, uintptr_t a, index_t lda, uintptr_t w, index_t ldw,
+                                  uintptr_t bias, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K,
+                                  int dtype, uintptr_t stream) {
+  using namespace gemm;
+  check_sm90_sizes(dtype, M, {{"N", N}, {"K", K}}, "linear_fwd_sm90_variant");
+  require(dtype == static_cast<int>(DType::kBFloat16),
+          "linear_fwd_sm90_variant: the variants are built for bf16 only, got dtype code " + std::to_string(dtype));
+  using T = __nv_bfloat16;
+  Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_fwd_sm90_variant a");
+  Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, "linear_fwd_sm90_variant weight");
+  Strided<T, true>{in<T>(out_ptr), ldo, 1}.validate(M, N, true, "linear_fwd_sm90_variant output");
+  require(bias % 16 == 0, "linear_fwd_sm90_variant: the bias must be 16-byte aligned");
+  check_sm90_device("linear_fwd_sm90_variant");
+  VK_SM90_CALL((sm90::linear_bias_variant(variant, in<T>(a), lda, in<T>(w), ldw, in<T>(bias), out<T>(out_ptr), ldo,
+                                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                          as_stream(stream))));
 }
 
 // As gemm_linear_bwd, on the sm_90a GEMMs: da by the NN GEMM, dw by the stream-K GEMM, dbias by the column sum.

@@ -8,6 +8,7 @@
 // launchers in gemm.cu check this before the first launch. fp32 accumulation, one rounding at the store.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,6 +32,7 @@ void linear_bias_residual(const T* a, index_t lda, const T* w, index_t ldw, cons
                           index_t ld_res, T* d, index_t ldd, int M, int N, int K, cudaStream_t stream);
 
 // h (M, N) = a @ w^T + bias (N,) or none, rounded to T; act (M, N) = gelu(h in fp32) (erf, or tanh if tanh_form).
+// h == nullptr: act alone (no autograd, so nothing reads h), by a kernel without the aux store.
 template <class T>
 void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
                       index_t ld_act, int M, int N, int K, bool tanh_form, cudaStream_t stream);
@@ -54,17 +56,29 @@ void matmul_tn_wgrad(const T* a, index_t lda, const T* b, index_t ldb, T* d, ind
                      cudaStream_t stream);
 
 // What each instantiated kernel is, from its CUTLASS types (for benchmarks/kernel_report.py: cuobjdump sees only the
-// static shared memory, and these kernels take theirs dynamically).
+// static shared memory, and these kernels take theirs dynamically). variant: "" for the kernels the ops run, else
+// the name linear_bias_variant takes.
 struct KernelFacts {
-  std::string product, dtype, tile, cluster, scheduler;
+  std::string product, dtype, tile, cluster, schedule, scheduler;
   int stages, smem_bytes, threads;
+  std::string variant;
 };
 
 template <class T>
 void describe(std::vector<KernelFacts>& out);
 
-// CUTLASS's can_implement of one product ("linear_bias", "linear_bias_residual", "linear_bias_gelu", "dgelu",
-// "matmul_nn", "matmul_tn_wgrad") at (M, N, K) with packed operands: "" if accepted, else why. No CUDA call.
+// Configuration variants of linear_bias in bf16 (gemm_sm90_variants.cu), built only to be timed beside the shipped
+// configuration (benchmarks/probe_gemm.py): the same product and arguments as linear_bias<__nv_bfloat16>, run with
+// the configuration `variant` names (one of kLinearBiasVariants; anything else raises std::invalid_argument).
+extern const char* const kLinearBiasVariants[2];
+void linear_bias_variant(const std::string& variant, const __nv_bfloat16* a, index_t lda, const __nv_bfloat16* w,
+                         index_t ldw, const __nv_bfloat16* bias, __nv_bfloat16* d, index_t ldd, int M, int N, int K,
+                         cudaStream_t stream);
+void describe_variants(std::vector<KernelFacts>& out);
+
+// CUTLASS's can_implement of one product ("linear_bias", "linear_bias_residual", "linear_bias_gelu",
+// "linear_bias_gelu_act", "dgelu", "matmul_nn", "matmul_tn_wgrad") at (M, N, K) with packed operands: "" if
+// accepted, else why. No CUDA call.
 template <class T>
 std::string can_implement(const std::string& product, int M, int N, int K);
 

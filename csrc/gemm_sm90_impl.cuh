@@ -108,6 +108,10 @@ struct Sm90Tile {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
   static constexpr int kAlign = 8;  // 16 bytes of 16-bit elements: TMA's global alignment
+  // What _C.sm90_gemm_kernels() reports (and benchmarks/kernel_report.py reads back from the kernels' names).
+  static constexpr const char* kTile = "128x256x64";
+  static constexpr const char* kCluster = "2x1";
+  static constexpr const char* kSchedule = "cooperative";
 };
 
 // A GEMM with row-major output D (M, N); LayoutA / LayoutB in CUTLASS's sense (A RowMajor = K-major, B
@@ -131,6 +135,7 @@ struct GemmOf {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Config = Cfg;
   using StrideA = typename Kernel::StrideA;
   using StrideB = typename Kernel::StrideB;
   using StrideC = typename Kernel::StrideC;
@@ -225,10 +230,10 @@ using LinearBias = GemmOf<T, RowMajor, ColumnMajor,
                                                     typename CutlassType<T>::type, float>>;
 
 // The CUTLASS arguments of linear_bias (hw: the SM count its grid is sized for); linear_bias launches them.
-template <class T>
+// G: LinearBias<T>, or one of its configuration variants (gemm_sm90_variants.cu).
+template <class T, class G = LinearBias<T>>
 auto linear_bias_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* d, index_t ldd, int M, int N,
                       int K, cutlass::KernelHardwareInfo hw) {
-  using G = LinearBias<T>;
   auto args = gemm_args<G, T>(a, lda, w, ldw, nullptr, ldd, d, ldd, M, N, K, hw);
   args.epilogue.thread.bias_ptr = cptr(bias);
   return args;
@@ -290,9 +295,34 @@ auto linear_bias_gelu_args(const T* a, index_t lda, const T* w, index_t ldw, con
   return args;
 }
 
+// Without autograd nothing reads h: the same product storing act alone (the per-column bias + activation epilogue,
+// no aux store), so the epilogue writes one (M, N) matrix instead of two.
+template <class T>
+using LinearBiasGeluAct =
+    GemmOf<T, RowMajor, ColumnMajor,
+           fusion::LinCombPerColBiasEltAct<Gelu, typename CutlassType<T>::type, float, typename CutlassType<T>::type,
+                                           typename CutlassType<T>::type, float>>;
+
+// The CUTLASS arguments of linear_bias_gelu without h (hw: the SM count its grid is sized for).
+template <class T>
+auto linear_bias_gelu_act_args(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* act,
+                               index_t ld_act, int M, int N, int K, bool tanh_form, cutlass::KernelHardwareInfo hw) {
+  using G = LinearBiasGeluAct<T>;
+  auto args = gemm_args<G, T>(a, lda, w, ldw, nullptr, ld_act, act, ld_act, M, N, K, hw);
+  args.epilogue.thread.bias_ptr = cptr(bias);
+  args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
+  return args;
+}
+
 template <class T>
 void linear_bias_gelu(const T* a, index_t lda, const T* w, index_t ldw, const T* bias, T* h, index_t ldh, T* act,
                       index_t ld_act, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
+  if (h == nullptr) {
+    const auto args =
+        linear_bias_gelu_act_args<T>(a, lda, w, ldw, bias, act, ld_act, M, N, K, tanh_form, hardware_info());
+    run<typename LinearBiasGeluAct<T>::Gemm>(args, stream, "sm90 linear_bias_gelu_act");
+    return;
+  }
   const auto args =
       linear_bias_gelu_args<T>(a, lda, w, ldw, bias, h, ldh, act, ld_act, M, N, K, tanh_form, hardware_info());
   run<typename LinearBiasGelu<T>::Gemm>(args, stream, "sm90 linear_bias_gelu");
@@ -379,6 +409,9 @@ std::string can_implement(const std::string& product, int M, int N, int K) {
   } else if (product == "linear_bias_gelu") {
     const auto args = linear_bias_gelu_args<T>(p, K, p, K, p, p, N, p, N, M, N, K, false, hw);
     st = LinearBiasGelu<T>::Gemm::can_implement(args);
+  } else if (product == "linear_bias_gelu_act") {
+    const auto args = linear_bias_gelu_act_args<T>(p, K, p, K, p, p, N, M, N, K, false, hw);
+    st = LinearBiasGeluAct<T>::Gemm::can_implement(args);
   } else if (product == "dgelu") {
     st = DGelu<T>::Gemm::can_implement(dgelu_args<T>(p, K, p, N, p, N, p, N, M, N, K, false, hw));
   } else if (product == "matmul_nn") {
@@ -394,8 +427,10 @@ std::string can_implement(const std::string& product, int M, int N, int K) {
 template <class G>
 KernelFacts facts_of(const char* product, const char* dtype, const char* scheduler) {
   using K = typename G::Kernel;
-  return {product, dtype, "128x256x64", "2x1", scheduler, K::CollectiveMainloop::DispatchPolicy::Stages,
-          static_cast<int>(K::SharedStorageSize), static_cast<int>(K::MaxThreadsPerBlock)};
+  using Cfg = typename G::Config;
+  return {product, dtype, Cfg::kTile, Cfg::kCluster, Cfg::kSchedule, scheduler,
+          K::CollectiveMainloop::DispatchPolicy::Stages, static_cast<int>(K::SharedStorageSize),
+          static_cast<int>(K::MaxThreadsPerBlock), ""};
 }
 
 template <class T>
@@ -404,6 +439,7 @@ void describe(std::vector<KernelFacts>& out) {
   out.push_back(facts_of<LinearBias<T>>("linear_bias", dtype, "persistent"));
   out.push_back(facts_of<LinearBiasResidual<T>>("linear_bias_residual", dtype, "persistent"));
   out.push_back(facts_of<LinearBiasGelu<T>>("linear_bias_gelu", dtype, "persistent"));
+  out.push_back(facts_of<LinearBiasGeluAct<T>>("linear_bias_gelu_act", dtype, "persistent"));
   out.push_back(facts_of<DGelu<T>>("dgelu", dtype, "persistent"));
   out.push_back(facts_of<MatmulNN<T>>("matmul_nn", dtype, "persistent"));
   out.push_back(facts_of<MatmulWgrad<T>>("matmul_tn_wgrad", dtype, "stream-K, deterministic"));

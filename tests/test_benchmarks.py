@@ -468,10 +468,11 @@ def _cuda_launcher_stand_ins(linear, log: list) -> dict:
         dqkv = torch.stack([dq, dk, dv], 2).transpose(1, 3).reshape(B * N, 3 * H * D)  # (B, N, 3, H, D) rows
         return (dqkv @ weight).view(B, N, H * D), dqkv.t() @ x.reshape(B * N, H * D), dqkv.sum(0)
 
-    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual):
+    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual, save_hidden):
         log.extend([gemm(linear._sm90(x))] * 2)
         hidden = F.linear(x, fc1_weight, fc1_bias)
-        return F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias), hidden
+        y = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
+        return y, hidden if save_hidden else None
 
     def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):
         sm90 = linear._sm90(x)
@@ -523,7 +524,9 @@ def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch
     peak = 1e-4  # TFLOP/s: tiny shapes, tiny peak
     assert not pg.cuda_products_table(calls, extra, cublas, timed, profile, peak, 1e-4)
     rows = table_rows(capsys.readouterr().out)
-    for name in ("qkv_fwd", "qkv_fwd packed", "linear_fwd", "mlp_fwd", "mlp_bwd", "linear_bwd", "qkv_bwd"):
+    assert set(calls) == {"qkv_fwd", "qkv_fwd packed", "linear_fwd", "mlp_fwd", "mlp_fwd without hidden", "mlp_bwd",
+                          "linear_bwd", "qkv_bwd"}  # fmt: skip
+    for name in calls:
         for path in ("mma.sync", "sm_90a"):
             mine = [r for r in rows if r["launcher"] == name and r["path"] == path]
             expected = calls[name].launches[path]
@@ -561,6 +564,65 @@ def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch
     ] * 2
     why = "attribution failed: call 1 launched kernel 1 where call 0 launched kernel 0 (kernel 0 of 1)"
     assert [r["product"] for r in rows if r["launcher"] == "mlp_fwd" and r["path"] == "sm_90a"] == ["whole call", why]
+
+
+def test_probe_gemm_cuda_variants_table_runs_on_cpu_stand_ins(bench_module, monkeypatch, capsys):
+    """probe_gemm's table of the sm_90a linear_bias configuration variants, on CPU with torch stand-ins for the two
+    launchers (bound to their real signatures): every forward shape on the shipped kernel and each variant _C lists,
+    with TFLOP/s, x shipped and x cuBLAS; a wrong result is WRONG and a raising variant FAILED, each failing the run."""
+    import inspect
+
+    pg = bench_module("probe_gemm")
+    lin = pg.cuda_linear
+
+    def bound(real, fn):
+        sig = inspect.signature(real)
+        return lambda *args, **kwargs: fn(**sig.bind(*args, **kwargs).arguments)
+
+    variants = ["cooperative_cluster1x1", "pingpong_128x128"]
+    ran = []  # which launcher ran last: the shipped kernel is timed at 0.2 ms, each variant at 0.1 ms
+
+    def shipped(a, weight, bias):
+        ran.append(0.2)
+        return torch.nn.functional.linear(a, weight, bias)
+
+    def variant(a, weight, bias, variant):
+        ran.append(0.1)
+        return torch.nn.functional.linear(a, weight, bias)
+
+    real_variant = lin.linear_fwd_variant
+    monkeypatch.setattr(lin, "sm90_variants", lambda: variants)
+    monkeypatch.setattr(lin, "linear_fwd", bound(lin.linear_fwd, shipped))
+    monkeypatch.setattr(lin, "linear_fwd_variant", bound(real_variant, variant))
+
+    def timed(fn):
+        fn()
+        return ran[-1]
+
+    cublas = {"qkv_fwd_packed": (0, 0.3, 0), "proj": (0, 0.3, 0), "fc2": (0, 0.3, 0)}
+    assert not pg.cuda_variants_table(10, 16, "cpu", torch.float32, timed, 1e-4, 1e-4, cublas)
+    rows = table_rows(capsys.readouterr().out)
+    assert [(r["product"], r["kernel"]) for r in rows] == [
+        (p, k) for p in ("qkv", "proj", "fc2") for k in (pg.SHIPPED, *variants)
+    ]
+    for r in rows:
+        shipped = r["kernel"] == pg.SHIPPED
+        assert r["ms (median)"] == ("0.200" if shipped else "0.100"), r
+        assert (r["x shipped"], r["x cuBLAS"]) == (("1.00", "1.50") if shipped else ("2.00", "3.00")), r
+        assert float(r["rel err"]) < 1e-5 and r["TFLOP/s"] != "n/a", r
+
+    def wrong(a, weight, bias, variant):
+        if variant == "pingpong_128x128":
+            raise RuntimeError("sm90 linear_bias pingpong_128x128: CUTLASS refuses the problem")
+        return torch.nn.functional.linear(a, weight, bias) + 1
+
+    monkeypatch.setattr(lin, "linear_fwd_variant", bound(real_variant, wrong))
+    assert pg.cuda_variants_table(10, 16, "cpu", torch.float32, timed, 1e-4, 1e-4, cublas)
+    rows = table_rows(capsys.readouterr().out)
+    assert {r["ms (median)"] for r in rows if r["kernel"] == "cooperative_cluster1x1"} == {"WRONG"}
+    assert {r["ms (median)"] for r in rows if r["kernel"] == "pingpong_128x128"} == {
+        "FAILED: RuntimeError: sm90 linear_bias pingpong_128x128: CUTLASS refuses the problem"
+    }
 
 
 def test_goals_reads_every_ratio_of_a_gpu_check_run(bench_module, monkeypatch, capsys, tmp_path):

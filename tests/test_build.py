@@ -73,8 +73,12 @@ def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
 # ----------------------------------------------------------------------------------------------------
 # the Hopper GEMMs (csrc/gemm_sm90_*.cu, CUTLASS 3 collectives): built for sm_90a where CUTLASS's headers were found
 # ----------------------------------------------------------------------------------------------------
-SM90_FAMILIES = 6  # the products of gemm_sm90.h: linear_bias (+ _residual, _gelu), dgelu, matmul_nn, matmul_tn_wgrad
+# the products of gemm_sm90.h
+SM90_PRODUCTS = {"linear_bias", "linear_bias_residual", "linear_bias_gelu", "linear_bias_gelu_act", "dgelu",
+                 "matmul_nn", "matmul_tn_wgrad"}  # fmt: skip
 SM90_DTYPES = 2  # fp16, bf16
+SM90_VARIANTS = {"cooperative_cluster1x1", "pingpong_128x128"}  # linear_bias in bf16 (gemm_sm90_variants.cu)
+SM90_KERNELS = len(SM90_PRODUCTS) * SM90_DTYPES + len(SM90_VARIANTS)
 
 
 def _sm90_extension():
@@ -114,7 +118,7 @@ def test_sm90_gemm_sass_has_wgmma_and_tma():
     sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", str(so)], capture_output=True, text=True, timeout=300)
     assert sass.returncode == 0, sass.stderr[:400]
     counts = {name: c for (arch, name), c in report.parse_sass(sass.stdout).items() if report.is_cutlass_gemm(name)}
-    assert len(counts) == SM90_FAMILIES * SM90_DTYPES, f"expected every sm_90a GEMM instantiation, got {len(counts)}"
+    assert len(counts) == SM90_KERNELS, f"expected every sm_90a GEMM instantiation, got {len(counts)}"
     lacking = {name[:120]: c for name, c in counts.items() if not (c["hgmma"] and c["utmaldg"]) or c["local_ld_st"]}
     assert not lacking, f"sm_90a GEMMs without HGMMA or UTMALDG, or with local memory: {lacking}"
 
@@ -134,7 +138,7 @@ def test_sm90_gemm_build_log_has_no_wgmma_serialisation_or_spills():
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(?:.*\n){0,2}?.*?(\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads", text)  # fmt: skip
     gemms = [(name, int(st), int(ld)) for name, st, ld in entries if "GemmUniversal" in name]
-    assert len(gemms) >= SM90_FAMILIES * SM90_DTYPES, f"ptxas reported {len(gemms)} sm_90a GEMMs in {log}"
+    assert len(gemms) >= SM90_KERNELS, f"ptxas reported {len(gemms)} sm_90a GEMMs in {log}"
     spilled = [(name[:120], st, ld) for name, st, ld in gemms if st or ld]
     assert not spilled, f"sm_90a GEMMs that spill: {spilled}"
 
@@ -142,22 +146,49 @@ def test_sm90_gemm_build_log_has_no_wgmma_serialisation_or_spills():
 def test_sm90_gemm_configs_fit_one_cta_per_sm():
     """_C.sm90_gemm_kernels(), read from the CUTLASS types: every product in both dtypes, one producer warpgroup and
     two consumer warpgroups (384 threads), at least 3 mainloop stages, and shared memory within the 227 KB an H100 /
-    H200 CTA may have."""
+    H200 CTA may have; the ops' kernels all cooperative 128 x 256 x 64 in 2 x 1 clusters, beside linear_bias's
+    probe-only variants in bf16."""
     _C = _sm90_extension()
     kernels = _C.sm90_gemm_kernels()
-    products = {"linear_bias", "linear_bias_residual", "linear_bias_gelu", "dgelu", "matmul_nn", "matmul_tn_wgrad"}
-    assert {(k["product"], k["dtype"]) for k in kernels} == {(p, d) for p in products for d in ("bf16", "fp16")}
+    shipped = [k for k in kernels if not k["variant"]]
+    assert len(kernels) == SM90_KERNELS
+    assert {(k["product"], k["dtype"]) for k in shipped} == {(p, d) for p in SM90_PRODUCTS for d in ("bf16", "fp16")}
     for k in kernels:
         assert k["threads"] == 384 and k["stages"] >= 3 and k["smem_bytes"] <= 227 * 1024, k
-        assert (k["tile"], k["cluster"]) == ("128x256x64", "2x1"), k
+    for k in shipped:
+        assert (k["tile"], k["cluster"], k["schedule"]) == ("128x256x64", "2x1", "cooperative"), k
     assert all(k["scheduler"].startswith("stream-K") == (k["product"] == "matmul_tn_wgrad") for k in kernels)
+    variants = {k["variant"]: (k["product"], k["dtype"], k["tile"], k["cluster"], k["schedule"])
+                for k in kernels if k["variant"]}  # fmt: skip
+    assert variants == {
+        "cooperative_cluster1x1": ("linear_bias", "bf16", "128x256x64", "1x1", "cooperative"),
+        "pingpong_128x128": ("linear_bias", "bf16", "128x128x64", "2x1", "pingpong"),
+    }
+
+
+def test_kernel_report_names_each_sm90_gemm_as_its_description_does():
+    """benchmarks/kernel_report.py reads product, tile, cluster and schedule back from each CUTLASS kernel's mangled
+    name; every name it gives must be one _C.sm90_gemm_kernels() describes, and no two kernels may share one."""
+    _sm90_extension()
+    report = _kernel_report()
+    tool, why = report.find_cuobjdump()
+    if tool is None:
+        pytest.skip(why)
+    so, _ = report.find_extension()
+    usage = subprocess.run([tool, "--dump-resource-usage", str(so)], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0, usage.stderr[:400]
+    names = sorted({name for _, name in report.parse_resource_usage(usage.stdout) if report.is_cutlass_gemm(name)})
+    described = report.sm90_facts()
+    named = [report.cutlass_name(name) for name in names]
+    assert sorted(named) == sorted(described), (named, sorted(described))
 
 
 def _sm90_products(M: int, C: int, Hd: int) -> list[tuple[str, int, int, int]]:
     """(product, M, N, K) of every sm_90a GEMM that gelu_mlp, fused_qkv and the block ops run for M tokens
     (csrc/gemm.cu)."""
     return [
-        ("linear_bias", M, 3 * C, C), ("linear_bias_gelu", M, Hd, C), ("linear_bias", M, C, Hd),
+        ("linear_bias", M, 3 * C, C), ("linear_bias_gelu", M, Hd, C), ("linear_bias_gelu_act", M, Hd, C),
+        ("linear_bias", M, C, Hd),
         ("linear_bias_residual", M, C, Hd), ("linear_bias_residual", M, C, C), ("matmul_nn", M, C, C),
         ("matmul_tn_wgrad", C, C, M),
         ("dgelu", M, Hd, C), ("matmul_nn", M, C, Hd), ("matmul_nn", M, C, 3 * C),

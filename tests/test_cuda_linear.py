@@ -258,6 +258,46 @@ def test_sm90_gelu_mlp_matches_reference(poisoned, dtype, shape, has_bias, appro
     _check("hidden (the aux store)", hidden, ref_hidden, dtype)
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SM90_MLP_SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_mlp_fwd_without_autograd_writes_no_pre_activation(poisoned, dtype, shape, approximate):
+    """save_hidden=False (no autograd): y as with it, hidden None and never allocated. On an H100 / H200 in 16 bits
+    fc1 is the sm_90a product without the aux store (linear_bias_gelu_act), elsewhere the mma.sync / SIMT epilogue
+    with a null pre-activation; both write act, whose NaN poison y would carry."""
+    M, C, Hd, C_out = shape
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    w1, b1 = (torch.randn(Hd, C, device="cuda") * C**-0.5).to(dtype), torch.randn(Hd, device="cuda").to(dtype)
+    w2, b2 = (torch.randn(C_out, Hd, device="cuda") * Hd**-0.5).to(dtype), torch.randn(C_out, device="cuda").to(dtype)
+    y, hidden = linear.mlp_fwd(x, w1, b1, w2, b2, approximate, False, save_hidden=False)
+    assert hidden is None
+    ref = reference.gelu_mlp(*(t.double() for t in (x, w1, b1, w2, b2)), approximate)
+    _check("y without hidden", y, ref, dtype)
+    y_saved, _hidden = linear.mlp_fwd(x, w1, b1, w2, b2, approximate, False)
+    assert torch.equal(y, y_saved), "the forward without the pre-activation must give the same y"
+
+
+@needs_sm90
+@pytest.mark.parametrize("variant", ["cooperative_cluster1x1", "pingpong_128x128"])
+@pytest.mark.parametrize("MNK", [(296, 2304, 768), (296, 72, 3072), (1, 8, 8)])
+def test_sm90_linear_bias_variants_match_reference(poisoned, variant, MNK):
+    """The configuration variants probe_gemm.py times beside the shipped linear_bias (bf16 only) compute the same
+    product: ragged M, N narrower than a tile, a single row."""
+    assert variant in linear.sm90_variants()
+    M, N, K = MNK
+    a = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(torch.bfloat16)
+    b = torch.randn(N, device="cuda").to(torch.bfloat16)
+    out = linear.linear_fwd_variant(a, w, b, variant)
+    ref = a.double() @ w.double().t() + b.double()
+    _check_against_torch(variant, out, ref, torch.nn.functional.linear(a, w, b), torch.bfloat16)
+    with pytest.raises(ValueError, match="built for bf16 only"):
+        linear.linear_fwd_variant(a.half(), w.half(), b.half(), variant)
+    with pytest.raises(ValueError, match="unknown linear_bias variant 'nope'"):
+        linear.linear_fwd_variant(a, w, b, "nope")
+
+
 # (B, N, C, H): B * N = 296 (a ragged tile), one token, and a narrow C.
 SM90_QKV_SHAPES = [(2, 148, 768, 12), (1, 1, 64, 2), (3, 50, 192, 3)]
 
@@ -504,6 +544,8 @@ def test_gemm_launchers_check_output_alignment_before_any_launch():
 
 
 _MLP_FWD_SM90_ARGS = {**_MLP_FWD_ARGS}
+_VARIANT_ARGS = dict(variant="pingpong_128x128", a=0, lda=32, weight=0, ldw=32, bias=0, out=0, ldo=64, M=5, N=64, K=32,
+                     dtype=2, stream=0)  # fmt: skip
 _QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
 
 
@@ -528,6 +570,9 @@ _QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
         ("linear_fwd_sm90", _LINEAR_FWD_ARGS, dict(K=12, lda=12, ldw=12), r"K=12 must be a positive multiple of 8"),
         ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(dbias=16), r"linear_bwd_sm90 dbias: the fp32 scratch must hold"),
         ("linear_bwd_sm90", _LINEAR_BWD_ARGS, dict(ld_dout=68), r"linear_bwd_sm90 dout: needs unit stride along K"),
+        ("linear_fwd_sm90_variant", _VARIANT_ARGS, dict(dtype=HALF), r"the variants are built for bf16 only"),
+        ("linear_fwd_sm90_variant", _VARIANT_ARGS, dict(ldo=60), r"linear_fwd_sm90_variant output: needs unit"),
+        ("linear_fwd_sm90_variant", _VARIANT_ARGS, dict(bias=8), r"linear_fwd_sm90_variant: the bias must be 16-"),
     ],
 )
 def test_sm90_launchers_check_preconditions(launcher, args, overrides, message):
@@ -589,9 +634,15 @@ def _wrapper_calls(dtype):
         "qkv_bwd packed grads": lambda: linear.qkv_bwd(*packed_grads, x, w, True, False),
         "mlp_fwd": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "none", False),
         "mlp_fwd residual": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "tanh", False, residual=x),
+        "mlp_fwd without hidden": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "none", False, save_hidden=False),
         "mlp_bwd": lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, True, "none", False),
         "linear_fwd": lambda: linear.linear_fwd(x2, w_proj, b_proj, x),
         "linear_bwd": lambda: linear.linear_bwd(x2, x2, w_proj, True),
+        **(
+            {"linear_fwd_variant": lambda: linear.linear_fwd_variant(x2, w_proj, b_proj, "pingpong_128x128")}
+            if dtype == torch.bfloat16
+            else {}
+        ),
     }
 
 

@@ -58,13 +58,14 @@ def ln_mlp_fwd(
     save_hidden=True,
 ):  # fmt: skip
     """x (B, N, C) any strides -> out (B, N, C_out) contiguous = [x +] fc2(GELU(fc1(LN(x)))), hidden (B*N, Hd) (None
-    when not save_hidden: the CUDA fc1 epilogue writes it regardless, and it is dropped), mean, rstd (B*N,) fp32."""
+    when not save_hidden, and then never written), mean, rstd (B*N,) fp32."""
     B, N, C = x.shape
     y, mean, rstd = ln_rows(x, eps, ln_weight, ln_bias)
     out, hidden = linear.mlp_fwd(
-        y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual=x if residual else None
-    )
-    return out.view(B, N, fc2_weight.shape[0]), (hidden if save_hidden else None), mean, rstd
+        y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual=x if residual else None,
+        save_hidden=save_hidden,
+    )  # fmt: skip
+    return out.view(B, N, fc2_weight.shape[0]), hidden, mean, rstd
 
 
 def ln_mlp_bwd(

@@ -13,13 +13,14 @@ needs unit column stride, a row stride that is a multiple of 8 elements and a 16
 Two GEMM paths (`gemm_path` says which runs, and `vk.explain_backend` quotes it):
 - Hopper (compute capability 9.0, fp16/bf16, a build with CUTLASS's headers): csrc/gemm_sm90_impl.cuh, CUTLASS 3
   collectives (TMA, warp-specialised wgmma, persistent cooperative 128 x 256 x 64 tiles, 2 x 1 clusters) with
-  the bias, bias + residual, bias + GELU (+ the pre-activation as aux) and d-GELU epilogues; weight gradients on
-  the stream-K scheduler with its deterministic reduction. Operands are plain row-major matrices read by TMA, so
-  fused_qkv's head split is not an epilogue here. The eager path (`packed=True`, PACKED_QKV) needs none: one GEMM
-  writes the (B, N, 3, H, D) buffer whose q / k / v slices it returns. The custom op, whose outputs may not
-  alias, gets the product in a (B*N, 3C) scratch that a 16-byte-per-thread pass splits (TMA stores need one
-  strided 2-D box per tile; the (which, head, d) scatter is not one). The backward reads dq, dk, dv as one
-  (B*N, 3C) matrix, in place when they are views of one packed tensor, else packed by one copy each.
+  the bias, bias + residual, bias + GELU (+ the pre-activation as aux, unless no autograd needs it) and d-GELU
+  epilogues; weight gradients on the stream-K scheduler with its deterministic reduction. Operands are plain
+  row-major matrices read by TMA, so fused_qkv's head split is not an epilogue here. The eager path (`packed=True`,
+  PACKED_QKV) needs none: one GEMM writes the (B, N, 3, H, D) buffer whose q / k / v slices it returns. The
+  custom op, whose outputs may not alias, gets the product in a (B*N, 3C) scratch that a 16-byte-per-thread pass
+  splits (TMA stores need one strided 2-D box per tile; the (which, head, d) scatter is not one). The backward
+  reads dq, dk, dv as one (B*N, 3C) matrix, in place when they are views of one packed tensor, else packed by one
+  copy each.
 - everywhere else (sm_80, fp32, or no CUTLASS at build time): csrc/gemm.cu's mma.sync / SIMT kernels above.
 
 `linear_fwd` / `linear_bwd` (one GEMM with a bias and residual epilogue, and its backward) and mlp_fwd's residual
@@ -164,6 +165,29 @@ def _linear_into(a, weight, bias, residual, out: torch.Tensor) -> None:
         )  # fmt: skip
 
 
+def linear_fwd_variant(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant: str) -> torch.Tensor:
+    """linear_fwd without the residual on a configuration variant of the sm_90a linear_bias GEMM (bf16, compute
+    capability 9.0; the names are `sm90_variants()`): what benchmarks/probe_gemm.py times beside the shipped one."""
+    check_cuda_tensors(a=a, weight=weight, bias=bias)
+    M, K = a.shape
+    N = weight.shape[0]
+    check_like("a", a, weight=(weight, (N, K)), bias=(bias, (N,)))
+    a2, w, b = _rows(a), _rows(weight), _aligned_vector(bias)
+    out = vit_cuda.empty((M, N), a)
+    with torch.cuda.device(a.device):
+        extension().linear_fwd_sm90_variant(
+            variant, ptr(a2), a2.stride(0), ptr(w), w.stride(0), ptr(b), ptr(out), out.stride(0), M, N, K,
+            dtype_code(a), stream_of(a),
+        )  # fmt: skip
+    return out
+
+
+def sm90_variants() -> list[str]:
+    """The configuration variants of linear_bias this _C was built with (none without the sm_90a GEMMs)."""
+    kernels = getattr(extension(), "sm90_gemm_kernels", lambda: [])()
+    return [k["variant"] for k in kernels if k.get("variant")]
+
+
 def linear_bwd(dout: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, has_bias: bool):
     """dout (M, N), a (M, K) any strides; weight (N, K) -> da (M, K), dweight (N, K), dbias (N,) or None.
 
@@ -290,12 +314,16 @@ def qkv_bwd(dq, dk, dv, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, a
 # ----------------------------------------------------------------------------------------------------
 # fused GELU-MLP
 # ----------------------------------------------------------------------------------------------------
-def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, allow_tf32: bool, residual=None):
-    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd).
+def mlp_fwd(
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, allow_tf32: bool, residual=None, save_hidden=True
+):
+    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd) or None.
 
     fc1 GEMM with a bias + GELU epilogue storing hidden (the pre-activation, saved for backward since
     GELU' needs it) and act = gelu(hidden) (scratch, freed on return); fc2 GEMM with a bias epilogue, which also
-    adds `residual` ((M, C_out)-shaped, any strides; the block op ln_gelu_mlp's x) when given.
+    adds `residual` ((M, C_out)-shaped, any strides; the block op ln_gelu_mlp's x) when given. Without
+    `save_hidden` (no autograd) hidden is never written (on Hopper, an fc1 kernel without the aux store) and None
+    is returned for it.
     """
     check_cuda_tensors(
         x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, residual=residual
@@ -310,7 +338,7 @@ def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str, all
     )  # fmt: skip
     x2, w1, w2 = _rows(x), _rows(fc1_weight), _rows(fc2_weight)
     b1, b2 = _aligned_vector(fc1_bias), _aligned_vector(fc2_bias)
-    hidden = vit_cuda.empty((M, Hd), x)
+    hidden = vit_cuda.empty((M, Hd), x) if save_hidden else None
     act = vit_cuda.empty((M, Hd), x)
     y = vit_cuda.empty((M, C_out), x)
     res, ld_res = _residual(residual, M, C_out)
