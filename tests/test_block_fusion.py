@@ -207,10 +207,11 @@ class _TorchGemms:
         return dx, dw, db if has_bias else None
 
     @staticmethod
-    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual=None):
+    def mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, residual=None,
+                save_hidden=True):  # fmt: skip
         hidden = F.linear(x, fc1_weight, fc1_bias)
         y = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
-        return (y if residual is None else y + residual.reshape(y.shape)), hidden
+        return (y if residual is None else y + residual.reshape(y.shape)), (hidden if save_hidden else None)
 
     @staticmethod
     def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):

@@ -62,6 +62,34 @@ def test_inductor_fullgraph_block(backend):
     _assert_close(_outputs_and_grads(compiled, params), eager, 1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inductor_fullgraph_gelu_mlp_under_no_grad(backend, monkeypatch):
+    """Inference: the op is traced with needs_grad False, its fake gives an empty hidden, and the compiled call asks
+    the kernels for no pre-activation (save_hidden=False), with the eager result."""
+    skip_unless_runs(backend)
+    from vit_kernels import kernel_op
+
+    kernels = kernel_op.kernels(backend, "linear")
+    saves, original = [], kernels.mlp_fwd
+
+    def spy(*args, save_hidden=True, **kwargs):
+        saves.append(save_hidden)
+        return original(*args, save_hidden=save_hidden, **kwargs)
+
+    monkeypatch.setattr(kernels, "mlp_fwd", spy)
+    x, _w, _b, w1, b1, w2, b2 = _params(DEVICE)
+
+    def mlp(x):
+        return vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend)
+
+    with torch.no_grad():
+        eager = mlp(x)
+        compiled = torch.compile(mlp, fullgraph=True)(x)
+    assert saves == [False, False]
+    assert not compiled.requires_grad
+    _assert_close([compiled], [eager], 1e-5)
+
+
 # A ViT with head dim 32 and N = 5 tokens. Inductor's first C++ build of its graph takes about a minute on a
 # 2-core CPU (seconds once cached), hence slow: deselected under the interpreter unless --slow.
 TINY_KERNEL = dict(img_size=16, patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=1, num_heads=2)

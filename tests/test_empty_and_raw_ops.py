@@ -51,7 +51,7 @@ def _valid(op: str) -> dict:
                     has_bias=True, allow_tf32=False)  # fmt: skip
     if op == "mlp_fwd":
         return dict(x=_t(N, C), fc1_weight=_t(HD, C), fc1_bias=_t(HD), fc2_weight=_t(C_OUT, HD), fc2_bias=_t(C_OUT),
-                    approximate="none", allow_tf32=False)  # fmt: skip
+                    approximate="none", allow_tf32=False, needs_grad=True)  # fmt: skip
     if op == "mlp_bwd":
         return dict(dy=_t(N, C_OUT), x=_t(N, C), fc1_weight=_t(HD, C), fc2_weight=_t(C_OUT, HD), hidden=_t(N, HD),
                     has_fc1_bias=True, has_fc2_bias=True, approximate="none", allow_tf32=False)  # fmt: skip
@@ -188,6 +188,19 @@ def test_raw_op_takes_valid_arguments(op, backend):
     outputs = _call(op, args, backend)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     assert all(torch.isfinite(t).all() for t in outputs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["mlp_fwd", "ln_mlp_fwd"])
+def test_raw_op_without_needs_grad_returns_no_hidden(op, backend):
+    """needs_grad=False (what the public ops pass without autograd): the same output, and an empty tensor where the
+    pre-activation hidden (M, Hd) would be, since nothing will ask for it."""
+    skip_unless_runs(backend)
+    args = _valid(op)
+    with_hidden = _call(op, args, backend)
+    without = _call(op, {**args, "needs_grad": False}, backend)
+    assert with_hidden[1].shape == (N, HD) and without[1].shape == (0,)
+    assert torch.allclose(without[0], with_hidden[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "tritonn"])

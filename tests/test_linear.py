@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TOLERANCES, nan_alloc, randn, rel_error, tf32_model, tf32_tolerance
 
+import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels import triton as vit_triton
 from vit_kernels.ops.fused_qkv import QKV
@@ -321,7 +322,7 @@ def test_mlp_autograd(device, dtype, approximate, has_bias):
     b1 = randn(Hd, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     b2 = randn(C, dtype=dtype, device=device).requires_grad_(True) if has_bias else None
     dy = randn(M, C, dtype=dtype, device=device)
-    y, _hidden = MLP.forward_op(x, w1, b1, w2, b2, approximate, False, "triton")
+    y, _hidden = MLP.forward_op(x, w1, b1, w2, b2, approximate, False, True, "triton")
     y.backward(dy)
     y_ref, grads_ref = _mlp_reference(x, w1, b1, w2, b2, approximate, dy)
     tols = _mlp_tolerances(False, x, w1, b1, w2, b2, approximate, dy, y_ref, grads_ref)
@@ -330,6 +331,74 @@ def test_mlp_autograd(device, dtype, approximate, has_bias):
     for name, t, ref, tol in zip(names, (x, w1, b1, w2, b2), grads_ref, tols[1:], strict=True):
         if t is not None:
             _check(f"d{name}", t.grad, ref, tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# vk.gelu_mlp writes the pre-activation only for autograd
+# ----------------------------------------------------------------------------------------------------
+def _spy_mlp_fwd(monkeypatch) -> list:
+    """linear.mlp_fwd (the kernel module's launcher the op looks up at call time) wrapped: the returned list gets
+    (save_hidden, hidden returned) of each call."""
+    calls, original = [], linear.mlp_fwd
+
+    def spy(*args, save_hidden=True, **kwargs):
+        y, hidden = original(*args, save_hidden=save_hidden, **kwargs)
+        calls.append((save_hidden, hidden))
+        return y, hidden
+
+    monkeypatch.setattr(linear, "mlp_fwd", spy)
+    return calls
+
+
+# How the call meets autograd: the first two ask for no gradient (fc1 need not store hidden), the last two do.
+AUTOGRAD_MODES = ["no_grad", "inputs_without_grad", "x_requires_grad", "fc2_bias_requires_grad"]
+
+
+@pytest.mark.parametrize("dtype, path", DTYPE_PATHS, indirect=["path"])
+@pytest.mark.parametrize("mode", AUTOGRAD_MODES)
+def test_gelu_mlp_writes_the_pre_activation_only_for_autograd(monkeypatch, device, highest_precision, dtype, path,
+                                                              mode):  # fmt: skip
+    """vk.gelu_mlp on triton, x (1, 197, C): without autograd (no_grad, or no input requiring grad) mlp_fwd gets
+    save_hidden=False and returns no hidden; the TMA path then allocates GELU(hidden) only (one (M, Hd) buffer
+    instead of two: STORE_PRE off), the pointer kernel still stores hidden into a scratch buffer. With an input
+    requiring grad, hidden is saved and backward's gradients match. y matches the float64 reference either way.
+    Exact fp32 (highest precision) runs the pointer kernel on either path."""
+    B, N, C, Hd, C_out = 1, 197, 40, 160, 40
+    M, grad = B * N, mode.endswith("requires_grad")
+    shapes = []
+
+    def recording_alloc(*shape, like, dtype=None):
+        shapes.append(shape)
+        return nan_alloc(*shape, like=like, dtype=dtype)
+
+    monkeypatch.setattr(vit_triton, "alloc", recording_alloc)
+    calls = _spy_mlp_fwd(monkeypatch)
+    x = randn(B, N, C, dtype=dtype, device=device)
+    w1 = randn(Hd, C, dtype=dtype, device=device, scale=C**-0.5)
+    b1 = randn(Hd, dtype=dtype, device=device)
+    w2 = randn(C_out, Hd, dtype=dtype, device=device, scale=Hd**-0.5)
+    b2 = randn(C_out, dtype=dtype, device=device)
+    dy = randn(B, N, C_out, dtype=dtype, device=device)
+    # under no_grad a weight requires grad (as a model's do), which must not matter
+    leaf = {"no_grad": w1, "x_requires_grad": x, "fc2_bias_requires_grad": b2}.get(mode)
+    if leaf is not None:
+        leaf.requires_grad_(True)
+    with torch.set_grad_enabled(mode != "no_grad"):
+        y = vk.gelu_mlp(x, w1, b1, w2, b2, backend="triton")
+
+    assert [(save, None if h is None else tuple(h.shape)) for save, h in calls] == [(grad, (M, Hd) if grad else None)]
+    pointer = path == "pointer" or dtype == F32
+    assert shapes.count((M, Hd)) == (1 if not grad and not pointer else 2)
+    assert y.requires_grad == grad
+    flat = [t.reshape(M, -1) for t in (x, dy)]
+    y_ref, grads_ref = _mlp_reference(flat[0], w1, b1, w2, b2, "none", flat[1])
+    tols = _mlp_tolerances(False, flat[0], w1, b1, w2, b2, "none", flat[1], y_ref, grads_ref)
+    _check("y", y.reshape(M, C_out), y_ref, tols[0])
+    if grad:
+        y.backward(dy)
+        i = 0 if leaf is x else 4  # dx or dfc2_bias in grads_ref, tols[i + 1]
+        _check(f"gradient of {mode[: -len('_requires_grad')]}", leaf.grad.reshape(grads_ref[i].shape), grads_ref[i],
+               tols[i + 1])  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype, path", DTYPE_PATHS, indirect=["path"])

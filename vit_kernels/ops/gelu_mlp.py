@@ -5,9 +5,12 @@ vit_kernels/triton/linear.py and vit_kernels/cuda/linear.py.
 Kernel-module contract (family "linear", shared with ops/fused_qkv.py). All tensors share one dtype; inputs are
 validated before they get here, never empty; `allow_tf32` only matters for fp32 inputs.
 
-    mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32) -> (y, hidden)
+    mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, save_hidden=True)
+        -> (y, hidden or None)
         x (M, C) any strides; y contiguous (M, C_out); hidden contiguous (M, C_hidden) is the
-        pre-activation x @ fc1_weight^T + fc1_bias, saved for backward (GELU' needs it).
+        pre-activation x @ fc1_weight^T + fc1_bias, saved for backward (GELU' needs it). None when not
+        save_hidden (no gradient will be asked for), and then never written (except by triton's pointer kernel,
+        the sm_80 path, whose GELU epilogue has no switch for it: a scratch buffer there).
     mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32)
         -> (dx, dfc1_weight, dfc1_bias or None, dfc2_weight, dfc2_bias or None), all contiguous.
 """
@@ -42,7 +45,11 @@ def gelu_mlp(
     if backend == "torch":
         return torch_backend.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
     rows = x.reshape(-1, x.shape[-1])
-    y, _hidden = MLP(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dispatch.allow_tf32(), backend)
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _hidden = MLP(
+        rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dispatch.allow_tf32(), needs_grad, backend
+    )
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
 
 
@@ -129,20 +136,25 @@ def _forward(
     fc2_bias: torch.Tensor | None,
     approximate: str,
     allow_tf32: bool,
+    needs_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_forward_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, backend)
-    return _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend)
+    return _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, needs_grad, backend)
 
 
-def _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend):
-    kernels = kernel_op.kernels(backend, "linear")
-    return kernels.mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32)
+def _launch_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, needs_grad, backend):
+    # needs_grad False (no_grad / inference, or no input requiring grad): fc1 skips writing the pre-activation.
+    y, hidden = kernel_op.kernels(backend, "linear").mlp_fwd(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, save_hidden=needs_grad
+    )
+    return y, kernel_op.none_to_empty(hidden, x)
 
 
-def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend):
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, needs_grad, backend):
     M = x.shape[0]
-    return x.new_empty(M, fc2_weight.shape[0]), x.new_empty(M, fc1_weight.shape[0])
+    hidden = x.new_empty(M, fc1_weight.shape[0]) if needs_grad else x.new_empty(0)
+    return x.new_empty(M, fc2_weight.shape[0]), hidden
 
 
 def _backward(
@@ -173,7 +185,7 @@ def _backward_fake(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_
 
 
 def _setup(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend = inputs
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, _needs_grad, backend = inputs
     _y, hidden = output
     ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden)
     ctx.has_fc1_bias, ctx.has_fc2_bias = fc1_bias is not None, fc2_bias is not None
@@ -188,12 +200,12 @@ def _gradients(ctx, dy, _dhidden):
         ctx.has_fc1_bias, ctx.has_fc2_bias, ctx.approximate, ctx.allow_tf32, ctx.backend,
     )  # fmt: skip
     return (
-        dx, dw1, db1 if ctx.has_fc1_bias else None, dw2, db2 if ctx.has_fc2_bias else None, None, None, None,
+        dx, dw1, db1 if ctx.has_fc1_bias else None, dw2, db2 if ctx.has_fc2_bias else None, None, None, None, None,
     )  # fmt: skip
 
 
-# MLP(x (M, C), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, backend) -> (y, hidden),
-# differentiable in x and every weight and bias.
+# MLP(x (M, C), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, allow_tf32, needs_grad, backend)
+# -> (y, hidden or empty), differentiable in x and every weight and bias.
 MLP = kernel_op.KernelOp(
     "mlp", forward=_forward, forward_fake=_forward_fake, backward=_backward, backward_fake=_backward_fake,
     setup=_setup, gradients=_gradients, eager_forward=_launch_forward,

@@ -28,9 +28,10 @@ dtype; fp32 operands through tf32 tensor cores when `allow_tf32`, else exact fp3
 derivative are evaluated in fp32: exact (erf) or the tanh form.
 
 Saved for backward (by `vit_kernels.library`): qkv: x and W only (dQKV arrives as dq, dk, dv; nothing else is
-needed). mlp: x, W1, W2 and hidden = x @ W1^T + b1 (M, Hd) in x's dtype: GELU' needs the pre-activation, and
-the activation GELU(hidden) is recomputed from it in backward by the dGELU epilogue rather than kept alive
-between forward and backward (that would be a second (M, Hd) tensor per block).
+needed). mlp: x, W1, W2 and hidden = x @ W1^T + b1 (M, Hd) in x's dtype, returned only when a gradient will be
+asked for (mlp_fwd's save_hidden): GELU' needs the pre-activation, and the activation GELU(hidden) is recomputed
+from it in backward by the dGELU epilogue rather than kept alive between forward and backward (that would be a
+second (M, Hd) tensor per block).
 Forward stores the activation too, into a scratch (M, Hd) buffer freed when fc2 returns, instead of applying
 GELU while fc2 loads its A tiles: fc2 reloads every A tile once per N-tile (C_out / BLOCK_N = 3 to 6 times for
 ViT), and erf on the CUDA cores at that rate would compete with the tensor cores; the store is one write in
@@ -554,25 +555,30 @@ def mlp_fwd(
     fc2_bias: torch.Tensor | None,
     approximate: str,
     allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd).
+    save_hidden: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (M, C) any strides; fc1 (Hd, C), (Hd,); fc2 (C_out, Hd), (C_out,) -> y (M, C_out), hidden (M, Hd) or None.
 
     fc1: hidden = x @ fc1_weight^T + fc1_bias with a GELU epilogue that also writes act = GELU(hidden) into a
     scratch buffer; fc2: y = act @ fc2_weight^T + fc2_bias. hidden (the pre-activation, x's dtype) is returned
     to be saved for backward; act is freed on return (see the module docstring for why it is stored at all).
+    Without `save_hidden` (no gradient will be asked for) hidden is None: the Hopper (TMA) path then never writes
+    it (STORE_PRE off, one (M, Hd) store less); `_gemm_kernel`'s GELU epilogue has no such switch and still
+    stores it, into a scratch buffer freed on return.
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
-    hidden = vit_triton.alloc(M, Hd, like=x)
     act = vit_triton.alloc(M, Hd, like=x)
     y = vit_triton.alloc(M, C_out, like=x)
     arch = vit_triton.arch(x.device)
     if tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
+        hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
         tma_args = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),
                                       approximate == "tanh", allow_tf32, arch)  # fmt: skip
-        tma_launch(*tma_args, M, Hd, C, hidden)
+        tma_launch(*tma_args, M, Hd, C, act)
         gemm(act, fc2_weight.t(), y, allow_tf32, bias=fc2_bias)
         return y, hidden
+    hidden = vit_triton.alloc(M, Hd, like=x)
     launch(
         Operand(x), Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
         epilogue=EPI_GELU, bias=vit_triton.contiguous_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
@@ -581,7 +587,7 @@ def mlp_fwd(
         Operand(act), Operand(fc2_weight, transpose=True), y, M, C_out, Hd, x.dtype, allow_tf32,
         bias=vit_triton.contiguous_vector(fc2_bias),
     )  # fmt: skip
-    return y, hidden
+    return y, hidden if save_hidden else None
 
 
 def mlp_bwd(
