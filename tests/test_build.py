@@ -106,18 +106,25 @@ def test_build_info_says_whether_the_sm90_gemms_were_built():
         assert info["sm90_gemm"].startswith("not built: "), info["sm90_gemm"]
 
 
-def test_sm90_gemm_sass_has_wgmma_and_tma():
-    """Every CUTLASS GEMM in _C's sm_90a cubin issues HGMMA (wgmma) and UTMALDG (TMA loads), and touches no local
-    memory: the design holds in the shipped binary, not only in the source."""
+def _cuobjdump(*args: str):
+    """(benchmarks/kernel_report.py as a module, cuobjdump's output with `args` on the _C of a build with the sm_90a
+    GEMMs); skips where there is no such build or no cuobjdump."""
     _sm90_extension()
     report = _kernel_report()
     tool, why = report.find_cuobjdump()
     if tool is None:
         pytest.skip(why)
     so, _ = report.find_extension()
-    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", str(so)], capture_output=True, text=True, timeout=300)
-    assert sass.returncode == 0, sass.stderr[:400]
-    counts = {name: c for (arch, name), c in report.parse_sass(sass.stdout).items() if report.is_cutlass_gemm(name)}
+    res = subprocess.run([tool, *args, str(so)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[:400]
+    return report, res.stdout
+
+
+def test_sm90_gemm_sass_has_wgmma_and_tma():
+    """Every CUTLASS GEMM in _C's sm_90a cubin issues HGMMA (wgmma) and UTMALDG (TMA loads), and touches no local
+    memory: the design holds in the shipped binary, not only in the source."""
+    report, sass = _cuobjdump("-sass", "-arch", "sm_90a")
+    counts = {name: c for (arch, name), c in report.parse_sass(sass).items() if report.is_cutlass_gemm(name)}
     assert len(counts) == SM90_KERNELS, f"expected every sm_90a GEMM instantiation, got {len(counts)}"
     lacking = {name[:120]: c for name, c in counts.items() if not (c["hgmma"] and c["utmaldg"]) or c["local_ld_st"]}
     assert not lacking, f"sm_90a GEMMs without HGMMA or UTMALDG, or with local memory: {lacking}"
@@ -169,15 +176,8 @@ def test_sm90_gemm_configs_fit_one_cta_per_sm():
 def test_kernel_report_names_each_sm90_gemm_as_its_description_does():
     """benchmarks/kernel_report.py reads product, tile, cluster and schedule back from each CUTLASS kernel's mangled
     name; every name it gives must be one _C.sm90_gemm_kernels() describes, and no two kernels may share one."""
-    _sm90_extension()
-    report = _kernel_report()
-    tool, why = report.find_cuobjdump()
-    if tool is None:
-        pytest.skip(why)
-    so, _ = report.find_extension()
-    usage = subprocess.run([tool, "--dump-resource-usage", str(so)], capture_output=True, text=True, timeout=120)
-    assert usage.returncode == 0, usage.stderr[:400]
-    names = sorted({name for _, name in report.parse_resource_usage(usage.stdout) if report.is_cutlass_gemm(name)})
+    report, usage = _cuobjdump("--dump-resource-usage")
+    names = sorted({name for _, name in report.parse_resource_usage(usage) if report.is_cutlass_gemm(name)})
     described = report.sm90_facts()
     named = [report.cutlass_name(name) for name in names]
     assert sorted(named) == sorted(described), (named, sorted(described))

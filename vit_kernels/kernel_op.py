@@ -46,6 +46,12 @@ def kernels(backend: str, family: str):
     return importlib.import_module(KERNEL_MODULES[(backend, family)])
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of `tensors` (None: an absent bias): a forward that knows it
+    will not (no_grad, inference) skips what only backward reads."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Custom ops cannot return None: an empty tensor stands in for an absent output (no bias gradient)."""
     return like.new_empty(0) if t is None else t

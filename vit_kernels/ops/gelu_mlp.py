@@ -45,8 +45,7 @@ def gelu_mlp(
     if backend == "torch":
         return torch_backend.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
     rows = x.reshape(-1, x.shape[-1])
-    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = kernel_op.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     y, _hidden = MLP(
         rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, dispatch.allow_tf32(), needs_grad, backend
     )

@@ -33,8 +33,7 @@ def ln_gelu_mlp(
         y = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
         out = torch_backend.gelu_mlp(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
         return x + out if residual else out
-    tensors = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = kernel_op.needs_grad(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     out, _hidden, _mean, _rstd = LN_MLP(
         x, ln_weight, ln_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
         dispatch.allow_tf32(), needs_grad, backend,
