@@ -174,13 +174,18 @@ def _shape_modes(mangled_part: str) -> list[int]:
     return values
 
 
+def sm90_kernel_name(product: str, dtype: str, tile: str, cluster: str, schedule: str) -> str:
+    """'sm90_gemm linear_bias_gelu<bf16> 128x256x64 cluster 2x1' (a ping-pong kernel ends in ' pingpong')."""
+    return f"sm90_gemm {product}<{dtype}> {tile} cluster {cluster}" + (" pingpong" if schedule == "pingpong" else "")
+
+
 def is_cutlass_gemm(mangled: str) -> bool:
     return "GemmUniversal" in mangled and "cutlass" in mangled
 
 
 def cutlass_name(mangled: str) -> str:
-    """'sm90_gemm linear_bias_gelu<bf16> 128x256x64 cluster 2x1' for a CUTLASS GemmUniversal kernel (a ping-pong
-    kernel ends in ' pingpong'); the same string `sm90_facts` keys _C's description of that kernel by."""
+    """`sm90_kernel_name` of a CUTLASS GemmUniversal kernel, read from its mangled name: the string `sm90_facts`
+    keys _C's description of that kernel by."""
     product = next((label for keys, label in SM90_PRODUCTS if all(k in mangled for k in keys)), "?")
     dtype = "bf16" if "bfloat16_t" in mangled else "fp16" if "half_t" in mangled else "?"
     shapes = _SM90_SHAPES.search(mangled)
@@ -188,8 +193,8 @@ def cutlass_name(mangled: str) -> str:
         return f"sm90_gemm {product}<{dtype}> ?"
     tile = "x".join(map(str, _shape_modes(shapes["tile"])))
     cluster = "x".join(map(str, _shape_modes(shapes["cluster"])[:2]))
-    pingpong = " pingpong" if shapes["schedule"].endswith("Pingpong") else ""
-    return f"sm90_gemm {product}<{dtype}> {tile} cluster {cluster}{pingpong}"
+    schedule = "pingpong" if shapes["schedule"].endswith("Pingpong") else "cooperative"
+    return sm90_kernel_name(product, dtype, tile, cluster, schedule)
 
 
 def sm90_facts() -> dict[str, dict]:
@@ -200,9 +205,7 @@ def sm90_facts() -> dict[str, dict]:
         return {}
     kernels = getattr(_C, "sm90_gemm_kernels", lambda: [])()
     return {
-        f"sm90_gemm {k['product']}<{k['dtype']}> {k['tile']} cluster {k['cluster']}"
-        + (" pingpong" if k.get("schedule") == "pingpong" else ""): k
-        for k in kernels
+        sm90_kernel_name(k["product"], k["dtype"], k["tile"], k["cluster"], k.get("schedule", "")): k for k in kernels
     }
 
 

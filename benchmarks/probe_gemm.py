@@ -385,6 +385,15 @@ def cuda_skip_reason(device: str, dtype: torch.dtype) -> str | None:
     return None if reason is None else " ".join(reason.split())
 
 
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms == ms else "untimed"
+
+
+def ratio_cell(base: float | None, ms: float) -> str:
+    """base / ms ("x cuBLAS", "x shipped"), "n/a" where either was not timed."""
+    return f"{base / ms:.2f}" if base and base == base and ms == ms else "n/a"
+
+
 def rate_cells(flops: float, ms: float, peak: float | None) -> tuple[str, str]:
     """TFLOP/s and % of the matmul peak, "n/a" where untimed, no peak, or not a GEMM."""
     if not flops or ms != ms:
@@ -401,9 +410,6 @@ def cuda_products_table(calls: dict, extra_cublas: dict, cublas: dict, timed, pr
 
     def row(name, path, product, ms="", rate=("", ""), ratio="", err=""):
         print(f"| {name} | {path} | {product} | {ms} | {rate[0]} | {rate[1]} | {ratio} | {err} |", flush=True)
-
-    def fmt_ms(ms):
-        return f"{ms:.3f}" if ms == ms else "untimed"
 
     print("| launcher | path | product | ms (median) | TFLOP/s | % peak | x cuBLAS | rel err |")
     print("|---|---|---|---|---|---|---|---|")
@@ -493,9 +499,8 @@ def cuda_variants_table(M: int, C: int, device: str, dtype: torch.dtype, timed, 
             if label == SHIPPED:
                 shipped_ms = ms
             rate, pct = rate_cells(2.0 * M * N * K, ms, peak)
-            x_shipped = f"{shipped_ms / ms:.2f}" if ms == ms and shipped_ms == shipped_ms else "n/a"
-            x_cublas = f"{cub_ms / ms:.2f}" if ms == ms and cub_ms == cub_ms else "n/a"
-            shown = "WRONG" if err > tol else (f"{ms:.3f}" if ms == ms else "untimed")
+            x_shipped, x_cublas = ratio_cell(shipped_ms, ms), ratio_cell(cub_ms, ms)
+            shown = "WRONG" if err > tol else fmt_ms(ms)
             print(f"| {product} | {label} | {shown} | {rate} | {pct} | {x_shipped} | {x_cublas} | {err:.1e} |",
                   flush=True)  # fmt: skip
     return failed
@@ -532,7 +537,7 @@ def ops_table(op_fns: dict, backend: str, paths: tuple[str, str], path_ctx, time
                 print(f"| {op} | {mode} | FAILED: {common.short_reason(exc)} | | | | |", flush=True)
                 failed = True
                 continue
-            cells = [f"{ms[k]:.3f}" if ms[k] == ms[k] else "untimed" for k in ("torch", old, new)]
+            cells = [fmt_ms(ms[k]) for k in ("torch", old, new)]
             timed_keys = {k for k in ms if ms[k] == ms[k]}  # nan: untimed (CPU)
             ratios = [
                 f"{ms[a] / ms[b]:.2f}" if {a, b} <= timed_keys else "n/a" for a, b in (("torch", new), (old, new))
@@ -598,8 +603,8 @@ def main(argv=None) -> int:
                 results[way] = timed(fn) if ok else float("nan")
             ms, cub = results[way], results.get("cublas")
             rate, pct = rate_cells(flops, ms, peak)
-            ratio = f"{cub / ms:.2f}" if cub and ms == ms and cub == cub else "n/a"
-            shown = "WRONG" if not ok else (f"{ms:.3f}" if gpu else "untimed")
+            ratio = ratio_cell(cub, ms)
+            shown = "WRONG" if not ok else fmt_ms(ms)
             print(f"| {product} | {way} | {shown} | {rate} | {pct} | {ratio} | {err:.1e} |", flush=True)
             if way == "cublas":
                 cublas[product] = (flops, ms, err)
