@@ -1020,6 +1020,22 @@ void gemm_mlp_fwd_sm90(uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uin
   });
 }
 
+namespace gemm {
+// The operands of one sm_90a linear layer (linear_fwd_sm90 and its configuration variants): a (M, K), w (N, K),
+// out (M, N), the residual (M, N) when res != 0, the bias's 16-byte alignment; then the device.
+template <class T>
+void check_sm90_linear(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
+                       index_t ld_res, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K,
+                       const std::string& name) {
+  Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, name + " a");
+  Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, name + " weight");
+  Strided<T, true>{in<T>(out_ptr), ldo, 1}.validate(M, N, true, name + " output");
+  if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, N, true, name + " residual");
+  require(bias % 16 == 0, name + ": the bias must be 16-byte aligned (read in 16-byte row broadcasts)");
+  check_sm90_device(name);
+}
+}  // namespace gemm
+
 // As gemm_linear_fwd, on the sm_90a GEMMs: bias, or bias + residual as the epilogue's source.
 void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
                           index_t ld_res, uintptr_t out_ptr, index_t ldo, index_t M, index_t N, index_t K, int dtype,
@@ -1028,12 +1044,7 @@ void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, ui
   check_sm90_sizes(dtype, M, {{"N", N}, {"K", K}}, "linear_fwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
-    Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_fwd_sm90 a");
-    Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, "linear_fwd_sm90 weight");
-    Strided<T, true>{in<T>(out_ptr), ldo, 1}.validate(M, N, true, "linear_fwd_sm90 output");
-    if (res != 0) Strided<T, true>{in<T>(res), ld_res, 1}.validate(M, N, true, "linear_fwd_sm90 residual");
-    require(bias % 16 == 0, "linear_fwd_sm90: the bias must be 16-byte aligned (read in 16-byte row broadcasts)");
-    check_sm90_device("linear_fwd_sm90");
+    check_sm90_linear<T>(a, lda, w, ldw, bias, res, ld_res, out_ptr, ldo, M, N, K, "linear_fwd_sm90");
     sm90_linear<T>(in<T>(a), lda, in<T>(w), ldw, in<T>(bias), in<T>(res), ld_res, out<T>(out_ptr), ldo,
                    static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), as_stream(stream));
   });
@@ -1049,11 +1060,7 @@ void gemm_linear_fwd_sm90_variant(const std::string& variant, uintptr_t a, index
   require(dtype == static_cast<int>(DType::kBFloat16),
           "linear_fwd_sm90_variant: the variants are built for bf16 only, got dtype code " + std::to_string(dtype));
   using T = __nv_bfloat16;
-  Strided<T, true>{in<T>(a), lda, 1}.validate(M, K, true, "linear_fwd_sm90_variant a");
-  Strided<T, true>{in<T>(w), ldw, 1}.validate(N, K, true, "linear_fwd_sm90_variant weight");
-  Strided<T, true>{in<T>(out_ptr), ldo, 1}.validate(M, N, true, "linear_fwd_sm90_variant output");
-  require(bias % 16 == 0, "linear_fwd_sm90_variant: the bias must be 16-byte aligned");
-  check_sm90_device("linear_fwd_sm90_variant");
+  check_sm90_linear<T>(a, lda, w, ldw, bias, 0, 0, out_ptr, ldo, M, N, K, "linear_fwd_sm90_variant");
   VK_SM90_CALL((sm90::linear_bias_variant(variant, in<T>(a), lda, in<T>(w), ldw, in<T>(bias), out<T>(out_ptr), ldo,
                                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                                           as_stream(stream))));
