@@ -181,6 +181,13 @@ def line(row: dict) -> str:
     )
 
 
+def print_row(row: dict) -> None:
+    # One write call per line: --jobs' processes share our stdout, and print() writes the text and its newline in two
+    # calls, so another process's line could land between them (CI saw "... 0.2 sattention triton ...").
+    sys.stdout.write(line(row) + "\n")
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
             if reason:
                 rows.append({"op": "*", "backend": backend, "dtype": "*", "shape": "*"})
                 rows[-1].update(status="SKIP", reason=reason)
-                print(line(rows[-1]), flush=True)
+                print_row(rows[-1])
                 continue
             for op in ops:
                 for dtype_name in dtypes:
@@ -233,7 +240,7 @@ def main(argv=None) -> int:
                             row.update(status="ERROR", reason=reason)
                             traceback.print_exc(file=sys.stderr)
                         rows.append(row)
-                        print(line(row), flush=True)
+                        print_row(row)
     return summarize(rows, args.json, quiet=args.child)
 
 
@@ -255,7 +262,7 @@ def run_parallel(args, ops, backends, dtypes, device) -> int:
         if reason:
             rows.append({"op": "*", "backend": backend, "dtype": "*", "shape": "*", "status": "SKIP"})
             rows[-1]["reason"] = reason
-            print(line(rows[-1]), flush=True)
+            print_row(rows[-1])
         else:
             runnable.append(backend)
     if not runnable:
@@ -281,7 +288,7 @@ def run_parallel(args, ops, backends, dtypes, device) -> int:
                     op, dtype_name = what.split()
                     rows.append({"op": op, "backend": ",".join(runnable), "dtype": dtype_name, "shape": "*"})
                     rows[-1].update(status="ERROR", reason=f"its process exited {child.returncode} before writing rows")
-                    print(line(rows[-1]), flush=True)
+                    print_row(rows[-1])
             time.sleep(0.2)
     return summarize(rows, args.json)
 

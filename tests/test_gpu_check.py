@@ -303,6 +303,19 @@ def test_smoke_parity_fails_a_wrong_kernel(monkeypatch, capsys, wrong):
     assert out.count(" FAIL ") == 2 and "2 FAIL" in out, out
 
 
+def test_smoke_parity_writes_each_case_line_in_one_call(monkeypatch):
+    """--jobs' children share one stdout: a line written in two calls (text, then newline, as print() does) can have
+    another child's line land between them. CI once merged two case lines that way."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import smoke_parity
+
+    writes = []
+    monkeypatch.setattr(sys, "stdout", type("Recorder", (), {"write": writes.append, "flush": lambda self: None})())
+    row = {"op": "attention", "backend": "triton", "dtype": "bf16", "shape": "N=9 D=80", "status": "SKIP"}
+    smoke_parity.print_row({**row, "reason": "why"})
+    assert writes == [smoke_parity.line({**row, "reason": "why"}) + "\n"]
+
+
 def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
     """The tests stage sets VIT_KERNELS_FAILURES_LOG: tests/conftest.py appends each failure's traceback there at
     once (pytest prints them only at the end, lost when the stage's slice runs out), from the main process only."""
