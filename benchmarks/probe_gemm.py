@@ -538,10 +538,7 @@ def ops_table(op_fns: dict, backend: str, paths: tuple[str, str], path_ctx, time
                 failed = True
                 continue
             cells = [fmt_ms(ms[k]) for k in ("torch", old, new)]
-            timed_keys = {k for k in ms if ms[k] == ms[k]}  # nan: untimed (CPU)
-            ratios = [
-                f"{ms[a] / ms[b]:.2f}" if {a, b} <= timed_keys else "n/a" for a, b in (("torch", new), (old, new))
-            ]
+            ratios = [ratio_cell(ms[a], ms[b]) for a, b in (("torch", new), (old, new))]
             print(f"| {op} | {mode} | {' | '.join(cells)} | {' | '.join(ratios)} |", flush=True)
     return failed
 

@@ -5,6 +5,7 @@ a temporary directory. The FLOP formulas and the cuobjdump parsers are checked o
 """
 
 import csv
+import inspect
 import json
 import os
 import re
@@ -435,12 +436,23 @@ def test_probe_gemm_kernel_attribution(bench_module):
     assert pg.short_kernel_name(stream_k) == "cutlass::device_kernel (stream-K)"
 
 
-def _cuda_launcher_stand_ins(linear, log: list) -> dict:
-    """Torch versions of vit_kernels/cuda/linear.py's launchers, each called through the real one's signature (so a
-    call that would be a TypeError on the GPU is one here), logging the kernels csrc/gemm.cu launches on the path
-    `linear._sm90` picks (gemm_<op> or gemm_<op>_sm90)."""
-    import inspect
+def _bound_to(real, fn):
+    """fn called through `real`'s signature, its defaults applied: a call that would be a TypeError on the GPU is
+    one here."""
+    sig = inspect.signature(real)
 
+    def call(*args, **kwargs):
+        arguments = sig.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        return fn(**arguments.arguments)
+
+    return call
+
+
+def _cuda_launcher_stand_ins(linear, log: list) -> dict:
+    """Torch versions of vit_kernels/cuda/linear.py's launchers, each called through the real one's signature
+    (`_bound_to`), logging the kernels csrc/gemm.cu launches on the path `linear._sm90` picks (gemm_<op> or
+    gemm_<op>_sm90)."""
     import torch.nn.functional as F
 
     def gemm(sm90):
@@ -482,18 +494,25 @@ def _cuda_launcher_stand_ins(linear, log: list) -> dict:
         act = F.gelu(hidden, approximate=approximate)
         return dh @ fc1_weight, dh.t() @ x, dh.sum(0), dy.t() @ act, dy.sum(0)
 
-    def bound(real, fn):
-        sig = inspect.signature(real)
-
-        def call(*args, **kwargs):
-            arguments = sig.bind(*args, **kwargs)
-            arguments.apply_defaults()
-            return fn(**arguments.arguments)
-
-        return call
-
     fns = [linear_fwd, linear_bwd, qkv_fwd, qkv_bwd, mlp_fwd, mlp_bwd]
-    return {fn.__name__: bound(getattr(linear, fn.__name__), fn) for fn in fns}
+    return {fn.__name__: _bound_to(getattr(linear, fn.__name__), fn) for fn in fns}
+
+
+def _stand_in_cuda_launchers(pg, monkeypatch):
+    """probe_gemm (`pg`) on the Hopper path with `_cuda_launcher_stand_ins` for the launchers; returns a stand-in
+    for its profiler, profile(fn, calls): the kernels the calls logged, each 100 us."""
+    log = []
+    monkeypatch.setattr(pg.cuda_linear, "_sm90", lambda t: True)  # what a Hopper build answers
+    for name, fn in _cuda_launcher_stand_ins(pg.cuda_linear, log).items():
+        monkeypatch.setattr(pg.cuda_linear, name, fn)
+
+    def profile(fn, calls):
+        log.clear()
+        for _ in range(calls):
+            fn()
+        return [(name, 100.0) for name in log]
+
+    return profile
 
 
 def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch, capsys):
@@ -502,16 +521,7 @@ def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch
     is checked, timed and split per kernel, each GEMM with its FLOPs, % of the peak and cuBLAS's time; a launcher
     that raises is a FAILED row (and a failed run), one whose kernels do not repeat says so."""
     pg = bench_module("probe_gemm")
-    log = []
-    monkeypatch.setattr(pg.cuda_linear, "_sm90", lambda t: True)  # what a Hopper build answers
-    for name, fn in _cuda_launcher_stand_ins(pg.cuda_linear, log).items():
-        monkeypatch.setattr(pg.cuda_linear, name, fn)
-
-    def profile(fn, calls):  # every kernel 100 us
-        log.clear()
-        for _ in range(calls):
-            fn()
-        return [(name, 100.0) for name in log]
+    profile = _stand_in_cuda_launchers(pg, monkeypatch)  # every kernel 100 us
 
     def timed(fn):
         fn()
@@ -570,19 +580,14 @@ def test_probe_gemm_cuda_variants_table_runs_on_cpu_stand_ins(bench_module, monk
     """probe_gemm's table of the sm_90a linear_bias configuration variants, on CPU with torch stand-ins for the two
     launchers (bound to their real signatures): every forward shape on the shipped kernel and each variant _C lists,
     with TFLOP/s, x shipped and x cuBLAS; a wrong result is WRONG and a raising variant FAILED, each failing the run."""
-    import inspect
-
     pg = bench_module("probe_gemm")
     lin = pg.cuda_linear
-
-    def bound(real, fn):
-        sig = inspect.signature(real)
-        return lambda *args, **kwargs: fn(**sig.bind(*args, **kwargs).arguments)
 
     variants = ["cooperative_cluster1x1", "pingpong_128x128"]
     ran = []  # which launcher ran last: the shipped kernel is timed at 0.2 ms, each variant at 0.1 ms
 
-    def shipped(a, weight, bias):
+    def shipped(a, weight, bias, residual):
+        assert residual is None  # the table times linear_bias, not linear_bias_residual
         ran.append(0.2)
         return torch.nn.functional.linear(a, weight, bias)
 
@@ -592,8 +597,8 @@ def test_probe_gemm_cuda_variants_table_runs_on_cpu_stand_ins(bench_module, monk
 
     real_variant = lin.linear_fwd_variant
     monkeypatch.setattr(lin, "sm90_variants", lambda: variants)
-    monkeypatch.setattr(lin, "linear_fwd", bound(lin.linear_fwd, shipped))
-    monkeypatch.setattr(lin, "linear_fwd_variant", bound(real_variant, variant))
+    monkeypatch.setattr(lin, "linear_fwd", _bound_to(lin.linear_fwd, shipped))
+    monkeypatch.setattr(lin, "linear_fwd_variant", _bound_to(real_variant, variant))
 
     def timed(fn):
         fn()
@@ -616,7 +621,7 @@ def test_probe_gemm_cuda_variants_table_runs_on_cpu_stand_ins(bench_module, monk
             raise RuntimeError("sm90 linear_bias pingpong_128x128: CUTLASS refuses the problem")
         return torch.nn.functional.linear(a, weight, bias) + 1
 
-    monkeypatch.setattr(lin, "linear_fwd_variant", bound(real_variant, wrong))
+    monkeypatch.setattr(lin, "linear_fwd_variant", _bound_to(real_variant, wrong))
     assert pg.cuda_variants_table(10, 16, "cpu", torch.float32, timed, 1e-4, 1e-4, cublas)
     rows = table_rows(capsys.readouterr().out)
     assert {r["ms (median)"] for r in rows if r["kernel"] == "cooperative_cluster1x1"} == {"WRONG"}
@@ -630,16 +635,7 @@ def test_goals_reads_every_ratio_of_a_gpu_check_run(bench_module, monkeypatch, c
     stand-ins above, so every label the cuda section prints must map to a K), and the mlp, block and vit JSON.
     Each ratio lands beside its goal; CPU results are ignored; a missing provider says "not measured"."""
     pg, goals = bench_module("probe_gemm"), bench_module("goals")
-    log = []
-    monkeypatch.setattr(pg.cuda_linear, "_sm90", lambda t: True)
-    for name, fn in _cuda_launcher_stand_ins(pg.cuda_linear, log).items():
-        monkeypatch.setattr(pg.cuda_linear, name, fn)
-
-    def profile(fn, calls):
-        log.clear()
-        for _ in range(calls):
-            fn()
-        return [(name, 100.0) for name in log]
+    profile = _stand_in_cuda_launchers(pg, monkeypatch)
 
     calls, extra = pg.cuda_calls(2, 5, 16, 2, "cpu", torch.float32)
     cublas = {key: (1e9, 0.2, 1e-6) for key in goals.TRITON_K}  # every kernel 0.1 ms: 2.00x cuBLAS
