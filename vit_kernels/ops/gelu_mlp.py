@@ -9,8 +9,7 @@ validated before they get here, never empty; `allow_tf32` only matters for fp32 
         -> (y, hidden or None)
         x (M, C) any strides; y contiguous (M, C_out); hidden contiguous (M, C_hidden) is the
         pre-activation x @ fc1_weight^T + fc1_bias, saved for backward (GELU' needs it). None when not
-        save_hidden (no gradient will be asked for), and then never written (except by triton's pointer kernel,
-        the sm_80 path, whose GELU epilogue has no switch for it: a scratch buffer there).
+        save_hidden (no gradient will be asked for), and then never written.
     mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32)
         -> (dx, dfc1_weight, dfc1_bias or None, dfc2_weight, dfc2_bias or None), all contiguous.
 """

@@ -15,9 +15,9 @@ Constexpr switches pick
   A_MODE     0: A from memory; 1: A = dQKV (M, 3C); 2: A = dQKV^T (3C, M), both virtual: element (token, j) is read
              from dq / dk / dv (B, H, N, D) with their own strides (j -> which = j // C, head = j % C // D, d = j % D),
              so qkv_bwd never gathers the three gradients into one tensor.
-  EPILOGUE   0: store (+ bias); 1: + bias, store the pre-activation and GELU of it; 2: + bias, scatter column n
-             to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store acc * GELU'(hidden) and
-             GELU(hidden).
+  EPILOGUE   0: store (+ bias); 1: + bias, store GELU of it and, when STORE_PRE, the pre-activation itself;
+             2: + bias, scatter column n to three (B, H, N, D) buffers q / k / v (the head split); 3: dGELU: store
+             acc * GELU'(hidden) and GELU(hidden).
 
 Bias gradients are column sums of dY, never in a GEMM's mainloop (a fused row sum slows every program of the dW GEMM,
 benchmarks/NOTES.md, gelu_mlp): a torch reduction beside the GEMMs, except dfc1_bias on the Hopper path, which the
@@ -88,7 +88,7 @@ def _dqkv_ptrs(
 def _gemm_kernel(
     A,  # (M, K), rows split as (M // A_ROWS, A_ROWS); unused for A_MODE 1 / 2
     B,  # (K, N), rows split as (K // B_ROWS, B_ROWS)
-    C,  # (M, N); EPILOGUE 2: q (B, H, N_TOK, D) contiguous
+    C,  # (M, N); EPILOGUE 1: the pre-activation, written when STORE_PRE; EPILOGUE 2: q (B, H, N_TOK, D) contiguous
     C2,  # (M, N) with C's strides: GELU(pre-activation) for EPILOGUE 1 / 3; EPILOGUE 2: k like q
     C3,  # EPILOGUE 2: v like q
     Bias,  # (N,) contiguous, read when HAS_BIAS
@@ -104,7 +104,7 @@ def _gemm_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     K_SPLIT,  # SPLIT_K: the K elements of one slice (a multiple of BLOCK_K)
     A_MODE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
+    STORE_PRE: tl.constexpr, TANH: tl.constexpr, QKV_C: tl.constexpr, QKV_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -168,7 +168,8 @@ def _gemm_kernel(
             # The pre-activation is rounded to the storage dtype first, so that the activation stored here and
             # the one backward recomputes from `hidden` are the same numbers.
             pre = acc.to(out_ty)
-            tl.store(C + c_offs, pre, mask=c_mask)
+            if STORE_PRE:  # only backward needs it: inference skips this (M, N) write
+                tl.store(C + c_offs, pre, mask=c_mask)
             tl.store(C2 + c_offs, gelu_fwd(pre.to(tl.float32), TANH).to(out_ty), mask=c_mask)
         else:
             h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + (offs_n.to(tl.int64) * stride_hn)[None, :]
@@ -285,6 +286,7 @@ def kernel_args(
     c2: torch.Tensor | None = None,
     c3: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    store_pre: bool = True,
     tanh: bool = False,
     a_mode: int = A_MEMORY,
     dqkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -315,7 +317,7 @@ def kernel_args(
         k_split if split_k > 1 else K,  # K when unused: the same integer specialisation as K, no extra compile
     )  # fmt: skip
     kwargs = dict(
-        A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, TANH=tanh,
+        A_MODE=a_mode, EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_PRE=store_pre, TANH=tanh,
         QKV_C=qkv_c, QKV_D=qkv_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32), SPLIT_K=split_k > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -562,9 +564,8 @@ def mlp_fwd(
     fc1: hidden = x @ fc1_weight^T + fc1_bias with a GELU epilogue that also writes act = GELU(hidden) into a
     scratch buffer; fc2: y = act @ fc2_weight^T + fc2_bias. hidden (the pre-activation, x's dtype) is returned
     to be saved for backward; act is freed on return (see the module docstring for why it is stored at all).
-    Without `save_hidden` (no gradient will be asked for) hidden is None: the Hopper (TMA) path then never writes
-    it (STORE_PRE off, one (M, Hd) store less); `_gemm_kernel`'s GELU epilogue has no such switch and still
-    stores it, into a scratch buffer freed on return.
+    Without `save_hidden` (no gradient will be asked for) hidden is None and never written: both fc1 kernels
+    (the Hopper TMA one and `_gemm_kernel`) run their GELU epilogue with STORE_PRE off, one (M, Hd) store less.
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
@@ -578,16 +579,17 @@ def mlp_fwd(
         tma_launch(*tma_args, M, Hd, C, act)
         gemm(act, fc2_weight.t(), y, allow_tf32, bias=fc2_bias)
         return y, hidden
-    hidden = vit_triton.alloc(M, Hd, like=x)
+    hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
     launch(
-        Operand(x), Operand(fc1_weight, transpose=True), hidden, M, Hd, C, x.dtype, allow_tf32,
-        epilogue=EPI_GELU, bias=vit_triton.contiguous_vector(fc1_bias), c2=act, tanh=approximate == "tanh",
+        Operand(x), Operand(fc1_weight, transpose=True), hidden if save_hidden else act, M, Hd, C, x.dtype,
+        allow_tf32, epilogue=EPI_GELU, bias=vit_triton.contiguous_vector(fc1_bias), c2=act,
+        store_pre=save_hidden, tanh=approximate == "tanh",
     )  # fmt: skip
     launch(
         Operand(act), Operand(fc2_weight, transpose=True), y, M, C_out, Hd, x.dtype, allow_tf32,
         bias=vit_triton.contiguous_vector(fc2_bias),
     )  # fmt: skip
-    return y, hidden if save_hidden else None
+    return y, hidden
 
 
 def mlp_bwd(
