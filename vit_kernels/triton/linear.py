@@ -569,17 +569,16 @@ def mlp_fwd(
     """
     M, C = x.shape
     Hd, C_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
     act = vit_triton.alloc(M, Hd, like=x)
     y = vit_triton.alloc(M, C_out, like=x)
     arch = vit_triton.arch(x.device)
     if tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
-        hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
         tma_args = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),
                                       approximate == "tanh", allow_tf32, arch)  # fmt: skip
         tma_launch(*tma_args, M, Hd, C, act)
         gemm(act, fc2_weight.t(), y, allow_tf32, bias=fc2_bias)
         return y, hidden
-    hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
     launch(
         Operand(x), Operand(fc1_weight, transpose=True), hidden if save_hidden else act, M, Hd, C, x.dtype,
         allow_tf32, epilogue=EPI_GELU, bias=vit_triton.contiguous_vector(fc1_bias), c2=act,
