@@ -202,6 +202,21 @@ def cuda_gemm_path(path: str):
         cuda_linear._sm90 = old
 
 
+def dfc1_bias_by_column_sum(fn: Callable[[], tuple]) -> Callable[[], tuple]:
+    """fn with the sm_90a mlp_bwd's dfc1_bias from the two-pass column sum of dhidden instead of the d-GELU
+    epilogue's partial sums (cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE off for the call)."""
+
+    def call():
+        old = cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE
+        cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE = False
+        try:
+            return fn()
+        finally:
+            cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE = old
+
+    return call
+
+
 class Launch(NamedTuple):
     """One kernel a cuda launcher call launches, in csrc/gemm.cu's order."""
 
@@ -243,6 +258,7 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
     qkv_ref = tuple((xf @ wqf.t() + bqf).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0))
     h_ref = xf @ w1f.t() + b1f
     dh_ref = torch.ops.aten.gelu_backward(dyf @ w2f, hidf)
+    mlp_bwd_ref = (dh_ref @ w1f, dh_ref.t() @ xf, dh_ref.sum(0), dyf.t() @ F.gelu(hidf), dyf.sum(0))
     calls = {
         "qkv_fwd": (lambda: cuda_linear.qkv_fwd(x3, w_qkv, b_qkv, H, False), qkv_ref),
         "qkv_fwd packed": (lambda: cuda_linear.qkv_fwd(x3, w_qkv, b_qkv, H, False, packed=True), qkv_ref),
@@ -252,8 +268,12 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
         # without autograd: fc1 stores act alone (on sm_90a the product without the aux store)
         "mlp_fwd without hidden": (lambda: cuda_linear.mlp_fwd(x, w1, b1, w2, b2, "none", False, save_hidden=False)[:1],
                                    (F.gelu(h_ref) @ w2f.t() + b2f,)),
-        "mlp_bwd": (lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False),
-                    (dh_ref @ w1f, dh_ref.t() @ xf, dh_ref.sum(0), dyf.t() @ F.gelu(hidf), dyf.sum(0))),
+        "mlp_bwd": (lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False), mlp_bwd_ref),
+        # sm_90a only: dfc1_bias by the two-pass column sum of dhidden, the A / B of the epilogue's partial sums
+        "mlp_bwd (dfc1_bias by column sum)": (
+            dfc1_bias_by_column_sum(lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False)),
+            mlp_bwd_ref,
+        ),
         "linear_bwd": (lambda: cuda_linear.linear_bwd(dy, o, w_proj, True), (dyf @ wpf, dyf.t() @ of, dyf.sum(0))),
         "qkv_bwd": (lambda: cuda_linear.qkv_bwd(dq, dk, dv, x3, w_qkv, True, False),
                     ((dqkvf @ wqf).view(B, N, C), dqkvf.t() @ xf, dqkvf.sum(0))),
@@ -269,6 +289,21 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             return [Launch(f"{what} colsum: partial sums", "colsum_partial"),
                     Launch(f"{what} colsum: finish", "colsum_finish", outputs=(out,))]  # fmt: skip
 
+        mlp_bwd_tail = [  # after dhidden (and on sm_90a dfc1_bias's sum of the epilogue's partial sums)
+            *([] if old else [Launch("act = gelu(hidden): row pass", "gelu_rows")]),
+            Launch(f"dW2 = dy^T @ act{wg}", g, f_mlp, "mlp_dw2", (3,)),
+            Launch(f"dW1 = dhidden^T @ x{wg}", g, f_mlp, "mlp_dw1", (1,)),
+            Launch(f"dX = dhidden @ W1{nn}", g, f_mlp, "mlp_dx", (0,)),
+            *colsum("dfc2_bias", 4),
+        ]
+        dgelu = "dhidden = dy @ W2 * GELU'(hidden)"
+        mlp_bwd = [Launch(f"{dgelu} (and act)", g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]
+        if not old:
+            mlp_bwd = [
+                Launch(f"{dgelu} + dfc1_bias partial sums", g, f_mlp, "dhidden_dgelu"),
+                Launch("dfc1_bias: sum of the partial sums", "colsum_finish", outputs=(2,)),
+                *mlp_bwd_tail,
+            ]
         qkv_fwd = [Launch("QKV + bias + head split", g, f_qkv, "qkv_fwd", (0, 1, 2))] if old else [
             Launch("QKV + bias (linear_bias) into the qkv scratch", g, f_qkv, "qkv_fwd"),
             Launch("q / k / v split pass", "qkv_split", outputs=(0, 1, 2))]  # fmt: skip
@@ -280,13 +315,9 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
                         Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
             "mlp_fwd without hidden": [Launch("fc1 + bias + GELU (act only)", g, f_mlp, "fc1_gelu"),
                                        Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
-            "mlp_bwd": [Launch("dhidden = dy @ W2 * GELU'(hidden)" + (" (and act)" if old else ""), g, f_mlp,
-                               "dhidden_dgelu"),
-                        *([] if old else [Launch("act = gelu(hidden): row pass", "gelu_rows")]),
-                        Launch(f"dW2 = dy^T @ act{wg}", g, f_mlp, "mlp_dw2", (3,)),
-                        Launch(f"dW1 = dhidden^T @ x{wg}", g, f_mlp, "mlp_dw1", (1,)),
-                        Launch(f"dX = dhidden @ W1{nn}", g, f_mlp, "mlp_dx", (0,)),
-                        *colsum("dfc2_bias", 4), *colsum("dfc1_bias", 2)],
+            "mlp_bwd": mlp_bwd,
+            **({} if old else {"mlp_bwd (dfc1_bias by column sum)": [
+                Launch(dgelu, g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]}),
             "linear_bwd": [Launch(f"dX = dout @ W{nn}", g, f_proj, "proj_dx", (0,)),
                            Launch(f"dW = dout^T @ a{wg}", g, f_proj, "proj_dw", (1,)), *colsum("dbias", 2)],
             "qkv_bwd": [Launch(f"dX = dQKV @ W{nn}", g, f_qkv, "qkv_dx", (0,)),
@@ -294,7 +325,10 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
         }  # fmt: skip
 
     per_path = {path: launches(path) for path in CUDA_PATHS}
-    table = {name: CudaCall(fn, ref, {p: per_path[p][name] for p in CUDA_PATHS}) for name, (fn, ref) in calls.items()}
+    table = {
+        name: CudaCall(fn, ref, {p: per_path[p][name] for p in CUDA_PATHS if name in per_path[p]})
+        for name, (fn, ref) in calls.items()
+    }
     extra_cublas = {
         "proj_dx": (f_proj, lambda: dy @ w_proj, dyf @ wpf),
         "proj_dw": (f_proj, lambda: dy.t() @ o, dyf.t() @ of),
@@ -423,6 +457,8 @@ def cuda_products_table(calls: dict, extra_cublas: dict, cublas: dict, timed, pr
             failed = True
     for name, call in calls.items():
         for path in CUDA_PATHS:
+            if path not in call.launches:  # a call for one path only
+                continue
             launches = call.launches[path]
             try:
                 with cuda_gemm_path(path):
@@ -455,7 +491,9 @@ def cuda_products_table(calls: dict, extra_cublas: dict, cublas: dict, timed, pr
                 ratio = f"{cub / k_ms:.2f}" if cub == cub and k_ms > 0 else ""
                 err = f"{max(errs[i] for i in launch.outputs):.1e}" if launch.outputs else ""
                 row(name, path, launch.label, fmt_ms(k_ms), rate_cells(launch.flops, k_ms, peak), ratio, err)
-        keys = dict.fromkeys(launch.cublas for p in CUDA_PATHS for launch in call.launches[p] if launch.cublas)
+        keys = dict.fromkeys(
+            launch.cublas for launches in call.launches.values() for launch in launches if launch.cublas
+        )
         for key in keys:
             if key in cublas:
                 flops, ms, err = cublas[key]

@@ -541,13 +541,15 @@ __global__ void __launch_bounds__(256) colsum_partial_kernel(Op src, float* scra
   }
 }
 
-// Pass 2: out[col] = the split sums of column col, added in split order (deterministic).
+// Pass 2: out[col] = the split sums of column col (split s at scratch[s * ld + col]), added in split order
+// (deterministic). Also sums the sm_90a d-GELU epilogue's per-tile partial sums (ld: N rounded up to its tile).
 template <class T>
-__global__ void __launch_bounds__(256) colsum_finish_kernel(const float* scratch, T* out, int splits, int cols) {
+__global__ void __launch_bounds__(256) colsum_finish_kernel(const float* scratch, T* out, int splits, int cols,
+                                                            int ld) {
   const int col = blockIdx.x * 256 + threadIdx.x;
   if (col >= cols) return;
   float total = 0.0f;
-  for (int s = 0; s < splits; ++s) total += scratch[static_cast<index_t>(s) * cols + col];
+  for (int s = 0; s < splits; ++s) total += scratch[static_cast<index_t>(s) * ld + col];
   out[col] = from_float<T>(total);
 }
 
@@ -616,7 +618,7 @@ void run_colsum(const Op& src, T* out, index_t rows, index_t cols, float* scratc
                                                              static_cast<int>(cols), static_cast<int>(rows_per_split));
   check_launch(name);
   colsum_finish_kernel<T><<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream>>>(
-      scratch, out, static_cast<int>(splits), static_cast<int>(cols));
+      scratch, out, static_cast<int>(splits), static_cast<int>(cols), static_cast<int>(cols));
   check_launch(name);
 }
 
@@ -1095,12 +1097,15 @@ void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t 
 }
 
 // As gemm_mlp_bwd: dhidden by the d-GELU epilogue (hidden read there), act = gelu(hidden) by a row pass, the
-// weight gradients by the stream-K GEMM, dx by the NN GEMM, the bias sums by the two-pass column sum.
+// weight gradients by the stream-K GEMM, dx by the NN GEMM, dfc2_bias by the two-pass column sum. dfc1_bias: with
+// dfc1_bias_in_epilogue, from the d-GELU epilogue's per-tile partial sums (sm90::dgelu_colsums, into the scratch,
+// which then holds sm90::DGeluColSumsFloats(M, Hd) floats at least) and one finishing pass; else by the two-pass
+// column sum of dhidden.
 void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
                        index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
                        uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                        index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
-                       int dtype, uintptr_t stream) {
+                       bool dfc1_bias_in_epilogue, int dtype, uintptr_t stream) {
   using namespace gemm;
   check_sm90_sizes(dtype, M, {{"C", C}, {"hidden", Hd}, {"C_out", Cout}}, "mlp_bwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
@@ -1117,22 +1122,44 @@ void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uint
     Strided<T, true>{in<T>(dw1), C, 1}.validate(Hd, C, true, "mlp_bwd_sm90 dfc1_weight");
     Strided<T, true>{in<T>(dw2), Hd, 1}.validate(Cout, Hd, true, "mlp_bwd_sm90 dfc2_weight");
     if (db2 != 0) check_colsum_scratch(scratch, scratch_floats, Cout, "mlp_bwd_sm90 dfc2_bias");
-    if (db1 != 0) check_colsum_scratch(scratch, scratch_floats, Hd, "mlp_bwd_sm90 dfc1_bias");
+    const bool partials = db1 != 0 && dfc1_bias_in_epilogue;
+    if (partials) {
+      const index_t need = sm90::DGeluColSumsFloats(M, Hd);
+      require(scratch != 0 && scratch_floats >= need && scratch % 16 == 0,
+              "mlp_bwd_sm90 dfc1_bias: the d-GELU epilogue's partial sums need a 16-byte aligned fp32 scratch of "
+              "ceil(M / " + std::to_string(sm90::kTileM) + ") x (hidden rounded up to " +
+              std::to_string(sm90::kTileN) + ") = " + std::to_string(need) + " floats, got " +
+              std::to_string(scratch_floats));
+    } else if (db1 != 0) {
+      check_colsum_scratch(scratch, scratch_floats, Hd, "mlp_bwd_sm90 dfc1_bias");
+    }
     check_sm90_device("mlp_bwd_sm90");
     const cudaStream_t s = as_stream(stream);
     [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
     [[maybe_unused]] const int co = static_cast<int>(Cout);
-    VK_SM90_CALL((sm90::dgelu<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd, m, hd, co,
-                                 tanh_form, s)));
+    float* sums = reinterpret_cast<float*>(scratch);
+    if (partials) {
+      VK_SM90_CALL((sm90::dgelu_colsums<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd,
+                                           sums, m, hd, co, tanh_form, s)));
+      // Summed now: the scratch is dfc2_bias's next.
+      const index_t tiles_m = (M + sm90::kTileM - 1) / sm90::kTileM;
+      colsum_finish_kernel<T><<<static_cast<unsigned>((Hd + 255) / 256), 256, 0, s>>>(
+          sums, out<T>(db1), static_cast<int>(tiles_m), hd, static_cast<int>(sm90::DGeluColSumsLd(Hd)));
+      check_launch("mlp_bwd_sm90 dfc1_bias: sum of the d-GELU epilogue's partial sums");
+    } else {
+      VK_SM90_CALL((sm90::dgelu<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd, m, hd,
+                                   co, tanh_form, s)));
+    }
     gelu_rows_kernel<T><<<chunk_blocks(M, Hd, "mlp_bwd_sm90 act"), 256, 0, s>>>(in<T>(hidden), ldh, out<T>(act), m,
                                                                                   hd, tanh_form);
     check_launch("mlp_bwd_sm90 act");
     VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dy), ldy, in<T>(act), Hd, out<T>(dw2), Hd, co, hd, m, s)));
     VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dhidden), Hd, in<T>(x), ldx, out<T>(dw1), C, hd, c, m, s)));
     VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dhidden), Hd, in<T>(w1), ldw1, out<T>(dx), C, m, c, hd, s)));
-    float* sums = reinterpret_cast<float*>(scratch);
     if (db2 != 0) run_colsum(dy_op, out<T>(db2), M, Cout, sums, scratch_floats, s, "mlp_bwd_sm90 dfc2_bias colsum");
-    if (db1 != 0) run_colsum(dh_op, out<T>(db1), M, Hd, sums, scratch_floats, s, "mlp_bwd_sm90 dfc1_bias colsum");
+    if (db1 != 0 && !partials) {
+      run_colsum(dh_op, out<T>(db1), M, Hd, sums, scratch_floats, s, "mlp_bwd_sm90 dfc1_bias colsum");
+    }
   });
 }
 

@@ -352,6 +352,102 @@ void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_
   run<typename DGelu<T>::Gemm>(args, stream, "sm90 dgelu");
 }
 
+// dgelu with dfc1_bias's partial sums: the d-GELU node's fp32 output (before its rounding to T) also goes through
+// CUTLASS's row-vector reduction without its final reduction (Sm90RowReduction, FinalReduction = false), which
+// writes each 128-row tile's column sums to partials[m_tile * ld + n], ld = N rounded up to the tile's 256 columns:
+// no atomics and no tile counters, so the sum gemm.cu then takes over m_tile in order is deterministic.
+template <class T>
+struct DeEltActColSums
+    : fusion::LinCombDeEltAct<RowMajor, GeluGrad, typename CutlassType<T>::type, float, typename CutlassType<T>::type,
+                              typename CutlassType<T>::type, float> {};
+
+// Its callbacks: CUTLASS's own d-activation tree (Sm90LinCombDeEltAct, in fp32) under a row-vector reduction, under
+// the conversion to T. EpilogueTile, Stages, SmemLayoutAtom and CopyOpS2R are what CUTLASS's epilogue builder
+// derives for any fusion with an aux load.
+template <class T, class CtaTile, class EpilogueTile, int Stages, class SmemLayoutAtom, class CopyOpS2R>
+using DeEltActColSumsTree = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::epilogue::thread::Identity, typename CutlassType<T>::type, float,
+                        cutlass::FloatRoundStyle::round_to_nearest>,
+    fusion::Sm90EVT<
+        fusion::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, CtaTile, float, float,
+                                 cutlass::FloatRoundStyle::round_to_nearest, cute::Stride<cute::_0, cute::_1, cute::_0>,
+                                 4, /*EnableNullptr=*/true, /*FinalReduction=*/false>,
+        fusion::Sm90LinCombDeEltAct<CtaTile, EpilogueTile, Stages, cutlass::gemm::TagToStrideC_t<RowMajor>,
+                                    SmemLayoutAtom, CopyOpS2R, GeluGrad, float, float, typename CutlassType<T>::type,
+                                    typename CutlassType<T>::type, float>>>;
+
+}  // namespace sm90
+}  // namespace vk
+
+// CUTLASS's epilogue builder asks FusionCallbacks<policy, operation, ...> for an operation's callbacks: this
+// specialisation answers for DeEltActColSums, with arguments named as in LinCombDeEltAct's (alpha 1, beta 0).
+namespace cutlass::epilogue::fusion {
+template <int StagesC, int StagesD, int FragmentSize, bool ReuseSmemC, bool DelayTmaStore, class T,
+          class CtaTileShapeMNK, class EpilogueTile, class SmemLayoutAtom, class CopyOpS2R>
+struct FusionCallbacks<epilogue::Sm90TmaWarpSpecialized<StagesC, StagesD, FragmentSize, ReuseSmemC, DelayTmaStore>,
+                       vk::sm90::DeEltActColSums<T>, CtaTileShapeMNK, EpilogueTile, SmemLayoutAtom, CopyOpS2R>
+    : vk::sm90::DeEltActColSumsTree<T, CtaTileShapeMNK, EpilogueTile, StagesC, SmemLayoutAtom, CopyOpS2R> {
+  using Impl = vk::sm90::DeEltActColSumsTree<T, CtaTileShapeMNK, EpilogueTile, StagesC, SmemLayoutAtom, CopyOpS2R>;
+  using Operation = vk::sm90::DeEltActColSums<T>;
+  using E = typename vk::sm90::CutlassType<T>::type;
+  using StrideAux = gemm::TagToStrideC_t<layout::RowMajor>;
+
+  struct Arguments {
+    vk::sm90::GeluArgs activation{};
+    E const* aux_ptr = nullptr;  // h
+    StrideAux dAux = {};
+    float* partials_ptr = nullptr;  // (ceil(M / 128), N rounded up to 256) fp32
+
+    operator typename Impl::Arguments() const {
+      using StrideScalar = Stride<_0, _0, int64_t>;
+      return {
+          {// the row reduction of
+           {// activation'(beta * C + alpha * acc, aux)
+            {{{0.0f}, {nullptr}, {StrideScalar{}}},            // beta
+             {},                                               // C
+             {{{1.0f}, {nullptr}, {StrideScalar{}}}, {}, {}},  // alpha * acc
+             {}},
+            {aux_ptr, E(0), dAux},  // aux
+            activation},
+           {partials_ptr, 0.0f, {}}},
+          {}};  // the conversion to E
+    }
+  };
+
+  using Impl::Impl;
+};
+}  // namespace cutlass::epilogue::fusion
+
+namespace vk {
+namespace sm90 {
+
+template <class T>
+using DGeluColSums = GemmOf<T, RowMajor, RowMajor, DeEltActColSums<T>>;
+static_assert(cute::size<0>(typename Sm90Tile::Tile{}) == kTileM && cute::size<1>(typename Sm90Tile::Tile{}) == kTileN,
+              "gemm_sm90.h's kTileM / kTileN (the dgelu partial sums' layout) must be Sm90Tile's");
+
+// The CUTLASS arguments of dgelu with the partial sums (hw: the SM count its grid is sized for).
+template <class T>
+auto dgelu_colsums_args(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh,
+                        index_t lddh, float* partials, int M, int N, int K, bool tanh_form,
+                        cutlass::KernelHardwareInfo hw) {
+  using G = DGeluColSums<T>;
+  auto args = gemm_args<G, T>(dy, ldy, w, ldw, nullptr, lddh, dh, lddh, M, N, K, hw);
+  args.epilogue.thread.aux_ptr = cptr(h);
+  args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
+  args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
+  args.epilogue.thread.partials_ptr = partials;
+  return args;
+}
+
+template <class T>
+void dgelu_colsums(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh,
+                   float* partials, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
+  const auto args =
+      dgelu_colsums_args<T>(dy, ldy, w, ldw, h, ldh, dh, lddh, partials, M, N, K, tanh_form, hardware_info());
+  run<typename DGeluColSums<T>::Gemm>(args, stream, "sm90 dgelu_colsums");
+}
+
 template <class T>
 using MatmulNN =
     GemmOf<T, RowMajor, RowMajor, fusion::LinearCombination<typename CutlassType<T>::type, float, void, float>>;
@@ -414,6 +510,9 @@ std::string can_implement(const std::string& product, int M, int N, int K) {
     st = LinearBiasGeluAct<T>::Gemm::can_implement(args);
   } else if (product == "dgelu") {
     st = DGelu<T>::Gemm::can_implement(dgelu_args<T>(p, K, p, N, p, N, p, N, M, N, K, false, hw));
+  } else if (product == "dgelu_colsums") {
+    const auto args = dgelu_colsums_args<T>(p, K, p, N, p, N, p, N, reinterpret_cast<float*>(p), M, N, K, false, hw);
+    st = DGeluColSums<T>::Gemm::can_implement(args);
   } else if (product == "matmul_nn") {
     st = MatmulNN<T>::Gemm::can_implement(matmul_nn_args<T>(p, K, p, N, p, N, M, N, K, hw));
   } else if (product == "matmul_tn_wgrad") {
@@ -441,6 +540,7 @@ void describe(std::vector<KernelFacts>& out) {
   out.push_back(facts_of<LinearBiasGelu<T>>("linear_bias_gelu", dtype, "persistent"));
   out.push_back(facts_of<LinearBiasGeluAct<T>>("linear_bias_gelu_act", dtype, "persistent"));
   out.push_back(facts_of<DGelu<T>>("dgelu", dtype, "persistent"));
+  out.push_back(facts_of<DGeluColSums<T>>("dgelu_colsums", dtype, "persistent"));
   out.push_back(facts_of<MatmulNN<T>>("matmul_nn", dtype, "persistent"));
   out.push_back(facts_of<MatmulWgrad<T>>("matmul_tn_wgrad", dtype, "stream-K, deterministic"));
 }
@@ -459,6 +559,8 @@ void describe(std::vector<KernelFacts>& out) {
                                               index_t, int, int, int, bool, cudaStream_t);                          \
   template void vk::sm90::dgelu<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t, int, int,  \
                                    int, bool, cudaStream_t);                                                        \
+  template void vk::sm90::dgelu_colsums<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t,    \
+                                           float*, int, int, int, bool, cudaStream_t);                              \
   template void vk::sm90::matmul_nn<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,            \
                                        cudaStream_t);                                                               \
   template void vk::sm90::matmul_tn_wgrad<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,      \

@@ -7,6 +7,7 @@ CPU tests check the error paths and the launchers' preconditions, which run befo
 """
 
 import contextlib
+import unittest.mock
 
 import pytest
 import torch
@@ -279,6 +280,30 @@ def test_mlp_fwd_without_autograd_writes_no_pre_activation(poisoned, dtype, shap
 
 
 @needs_sm90
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", SM90_MLP_SHAPES)
+@pytest.mark.parametrize("in_epilogue", [True, False])
+def test_sm90_dfc1_bias_both_ways_matches_reference(poisoned, monkeypatch, dtype, shape, in_epilogue):
+    """mlp_bwd on sm_90a with dfc1_bias from the d-GELU epilogue's per-tile partial sums (the default: a ragged last
+    row tile, N = 288 and 16 not multiples of the 256-column tile, M = 1) and from the two-pass column sum it
+    replaced (linear.SM90_DFC1_BIAS_IN_EPILOGUE): every output against float64, the scratch NaN-poisoned too."""
+    monkeypatch.setattr(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", in_epilogue)
+    M, C, Hd, C_out = shape
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    w1 = (torch.randn(Hd, C, device="cuda") * C**-0.5).to(dtype)
+    w2 = (torch.randn(C_out, Hd, device="cuda") * Hd**-0.5).to(dtype)
+    hidden = (x.float() @ w1.float().t() + torch.randn(Hd, device="cuda")).to(dtype)
+    dy = torch.randn(M, C_out, device="cuda").to(dtype)
+    dx, dw1, db1, dw2, db2 = linear.mlp_bwd(dy, x, w1, w2, hidden, True, True, "none", False)
+    xd, w1d, w2d, hd, dyd = (t.double() for t in (x, w1, w2, hidden, dy))
+    dh = torch.ops.aten.gelu_backward(dyd @ w2d, hd)
+    refs = {"dx": dh @ w1d, "dfc1_weight": dh.t() @ xd, "dfc1_bias": dh.sum(0),
+            "dfc2_weight": dyd.t() @ torch.nn.functional.gelu(hd), "dfc2_bias": dyd.sum(0)}  # fmt: skip
+    for (name, ref), got in zip(refs.items(), (dx, dw1, db1, dw2, db2), strict=True):
+        _check(f"{name} (dfc1_bias in the epilogue: {in_epilogue})", got, ref, dtype)
+
+
+@needs_sm90
 @pytest.mark.parametrize("variant", ["cooperative_cluster1x1", "pingpong_128x128"])
 @pytest.mark.parametrize("MNK", [(296, 2304, 768), (296, 72, 3072), (1, 8, 8)])
 def test_sm90_linear_bias_variants_match_reference(poisoned, variant, MNK):
@@ -544,6 +569,11 @@ def test_gemm_launchers_check_output_alignment_before_any_launch():
 
 
 _MLP_FWD_SM90_ARGS = {**_MLP_FWD_ARGS}
+_MLP_BWD_SM90_ARGS = {**_MLP_BWD_ARGS, "dfc1_bias_in_epilogue": True}
+_MLP_BWD_COLSUM_ARGS = {**_MLP_BWD_ARGS, "dfc1_bias_in_epilogue": False}  # dfc1_bias by the two-pass column sum
+_PARTIALS_255 = (
+    r"dfc1_bias: the d-GELU epilogue's partial sums need .* \(hidden rounded up to 256\) = 256 floats, got 255"
+)
 _VARIANT_ARGS = dict(variant="pingpong_128x128", a=0, lda=32, weight=0, ldw=32, bias=0, out=0, ldo=64, M=5, N=64, K=32,
                      dtype=2, stream=0)  # fmt: skip
 _QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
@@ -556,8 +586,12 @@ _QKV_FWD_SM90_ARGS = {**_QKV_FWD_ARGS, "qkv": 0}
         ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(x=8), r"mlp_fwd_sm90 x: pointer must be 16-byte aligned"),
         ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(ldw2=68), r"mlp_fwd_sm90 fc2_weight: needs unit stride along K"),
         ("mlp_fwd_sm90", _MLP_FWD_SM90_ARGS, dict(fc1_bias=8), r"mlp_fwd_sm90: biases must be 16-byte aligned"),
-        ("mlp_bwd_sm90", _MLP_BWD_ARGS, dict(ldh=60), r"mlp_bwd_sm90 hidden: needs unit stride along K"),
-        ("mlp_bwd_sm90", _MLP_BWD_ARGS, dict(dfc2_bias=16, scratch=64, scratch_floats=16), r"dfc2_bias: .* got 16"),
+        ("mlp_bwd_sm90", _MLP_BWD_SM90_ARGS, dict(ldh=60), r"mlp_bwd_sm90 hidden: needs unit stride along K"),
+        ("mlp_bwd_sm90", _MLP_BWD_SM90_ARGS, dict(dfc2_bias=16, scratch=64, scratch_floats=16), r"dfc2_bias: .* 16"),
+        # the d-GELU epilogue's partial sums of dfc1_bias: ceil(5 / 128) rows of 64 columns rounded up to 256
+        ("mlp_bwd_sm90", _MLP_BWD_SM90_ARGS, dict(dfc1_bias=16, scratch=64, scratch_floats=255), _PARTIALS_255),
+        ("mlp_bwd_sm90", _MLP_BWD_SM90_ARGS, dict(dfc1_bias=16, scratch=72, scratch_floats=256), r"16-byte aligned"),
+        ("mlp_bwd_sm90", _MLP_BWD_COLSUM_ARGS, dict(dfc1_bias=16, scratch=64, scratch_floats=32), r"dfc1_bias: .* 32"),
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(qkv=8), r"qkv_fwd_sm90 qkv scratch: pointer must be 16-byte aligned"),
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(v=8), r"qkv_fwd_sm90: q, k, v must be 16-byte aligned"),
         ("qkv_fwd_sm90", _QKV_FWD_SM90_ARGS, dict(heads=16), r"head dim D=C/num_heads=4 must be a multiple of 8"),
@@ -606,6 +640,14 @@ def test_linear_launchers_check_preconditions(launcher, args, overrides, message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path of a machine without a GPU")
+def test_sm90_dgelu_partial_sums_take_one_row_per_row_tile():
+    """The scratch the wrapper sizes for the d-GELU epilogue's dfc1_bias partial sums: ceil(M / 128) rows of the
+    columns rounded up to the 256-column tile (gemm_sm90.h), also in a build without the sm_90a GEMMs."""
+    _C = _extension()
+    sizes = {(M, N): _C.sm90_dgelu_colsums_floats(M, N) for M, N in ((1, 16), (296, 288), (256 * 197, 3072))}
+    assert sizes == {(1, 16): 256, (296, 288): 3 * 512, (256 * 197, 3072): 394 * 3072}
+
+
 def test_sm90_launchers_say_why_they_cannot_run_here():
     """Valid arguments reach the device check: without a driver it is CUDA's error, in a build without CUTLASS it is
     the build's reason."""
@@ -614,6 +656,11 @@ def test_sm90_launchers_say_why_they_cannot_run_here():
     message = r"cudaGetDevice failed" if built else r"this build has no sm_90a GEMMs \(not built: "
     with pytest.raises(RuntimeError, match=message):
         _C.mlp_fwd_sm90(**_MLP_FWD_SM90_ARGS)
+
+
+def _dfc1_bias_by_column_sum(call):
+    with unittest.mock.patch.object(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", False):
+        return call()
 
 
 def _wrapper_calls(dtype):
@@ -636,6 +683,9 @@ def _wrapper_calls(dtype):
         "mlp_fwd residual": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "tanh", False, residual=x),
         "mlp_fwd without hidden": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "none", False, save_hidden=False),
         "mlp_bwd": lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, True, "none", False),
+        "mlp_bwd dfc1_bias by column sum": lambda: _dfc1_bias_by_column_sum(
+            lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, False, "tanh", False)
+        ),
         "linear_fwd": lambda: linear.linear_fwd(x2, w_proj, b_proj, x),
         "linear_bwd": lambda: linear.linear_bwd(x2, x2, w_proj, True),
         **(

@@ -44,9 +44,15 @@ from vit_kernels.cuda import check_cuda_tensors, check_like, dtype_code, extensi
 _COLSUM_MAX_SPLITS = 64
 
 
-def _colsum_scratch(cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """fp32 scratch for column sums of up to `cols` columns, and its length in floats."""
-    scratch = vit_cuda.empty((_COLSUM_MAX_SPLITS * cols,), like, torch.float32)
+# dfc1_bias on the sm_90a path: True, per-tile partial sums in the d-GELU epilogue (sm90::dgelu_colsums) and one
+# finishing pass; False, the two-pass column sum of dhidden (what benchmarks/probe_gemm.py times beside it; the
+# rule that picks one is in benchmarks/NOTES.md).
+SM90_DFC1_BIAS_IN_EPILOGUE = True
+
+
+def _colsum_scratch(cols: int, like: torch.Tensor, at_least: int = 0) -> tuple[torch.Tensor, int]:
+    """fp32 scratch for column sums of up to `cols` columns (and at least `at_least` floats), and its length."""
+    scratch = vit_cuda.empty((max(_COLSUM_MAX_SPLITS * cols, at_least),), like, torch.float32)
     return scratch, scratch.numel()
 
 
@@ -358,7 +364,8 @@ def mlp_bwd(
 
     dhidden = (dy @ fc2_weight) * GELU'(hidden) in one GEMM epilogue, which also writes act = gelu(hidden)
     (the recomputed activation dfc2_weight = dy^T @ act needs; it is not saved from forward);
-    dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; biases by column sums of dy and dhidden.
+    dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; biases by column sums of dy and dhidden (on the sm_90a
+    path, see SM90_DFC1_BIAS_IN_EPILOGUE, dhidden's from the d-GELU epilogue's partial sums).
     """
     check_cuda_tensors(dy=dy, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, hidden=hidden)
     if x.dim() != 2 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
@@ -378,13 +385,19 @@ def mlp_bwd(
     db1 = vit_cuda.empty((Hd,), x) if has_fc1_bias else None
     db2 = vit_cuda.empty((C_out,), x) if has_fc2_bias else None
     # One scratch for both bias sums: they run one after the other on the stream.
-    cols = max(Hd if has_fc1_bias else 0, C_out if has_fc2_bias else 0)
-    scratch, scratch_floats = _colsum_scratch(cols, x) if cols else (None, 0)
-    launch = extension().mlp_bwd_sm90 if _sm90(x) else extension().mlp_bwd
+    sm90 = _sm90(x)
+    partials = sm90 and has_fc1_bias and SM90_DFC1_BIAS_IN_EPILOGUE
+    cols = max(Hd if has_fc1_bias and not partials else 0, C_out if has_fc2_bias else 0)
+    at_least = extension().sm90_dgelu_colsums_floats(M, Hd) if partials else 0
+    scratch, scratch_floats = _colsum_scratch(cols, x, at_least) if cols or at_least else (None, 0)
+    args = (
+        ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(w2), w2.stride(0),
+        ptr(h), h.stride(0), ptr(dhidden), ptr(act), ptr(dx), ptr(dw1), ptr(db1), ptr(dw2), ptr(db2),
+        ptr(scratch), scratch_floats, M, C, Hd, C_out, approximate == "tanh",
+    )  # fmt: skip
     with torch.cuda.device(x.device):
-        launch(
-            ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w1), w1.stride(0), ptr(w2), w2.stride(0),
-            ptr(h), h.stride(0), ptr(dhidden), ptr(act), ptr(dx), ptr(dw1), ptr(db1), ptr(dw2), ptr(db2),
-            ptr(scratch), scratch_floats, M, C, Hd, C_out, approximate == "tanh", dtype_code(x), stream_of(x),
-        )  # fmt: skip
+        if sm90:
+            extension().mlp_bwd_sm90(*args, SM90_DFC1_BIAS_IN_EPILOGUE, dtype_code(x), stream_of(x))
+        else:
+            extension().mlp_bwd(*args, dtype_code(x), stream_of(x))
     return dx, dw1, db1, dw2, db2
