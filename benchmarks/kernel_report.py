@@ -149,7 +149,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 # The CUTLASS kernels of csrc/gemm_sm90_impl.cuh are all cutlass::device_kernel<GemmUniversal<...>>; their fusion
 # operation and scheduler (in the mangled name) say which product each is: the first entry whose pieces all appear.
 SM90_PRODUCTS = (
-    (("LinCombPerColBiasEltActAux",), "linear_bias_gelu"), (("DeEltActColSums",), "dgelu_colsums"),
+    (("LinCombPerColBiasEltActAux",), "linear_bias_gelu"), (("DGeluActColSums",), "dgelu_act"),
     (("LinCombDeEltAct",), "dgelu"),
     (("LinCombPerColBiasEltAct", "4sm904GeluE"), "linear_bias_gelu_act"),
     (("LinCombPerColBiasEltAct",), "linear_bias_residual"), (("LinCombPerColBias",), "linear_bias"),
@@ -216,7 +216,7 @@ VIT_B_PRODUCTS = (
     ("qkv fwd", "linear_bias", VIT_B_M, 2304, 768), ("fc1 fwd", "linear_bias_gelu", VIT_B_M, 3072, 768),
     ("fc2 fwd", "linear_bias", VIT_B_M, 768, 3072), ("fc2 + residual", "linear_bias_residual", VIT_B_M, 768, 3072),
     ("proj + residual", "linear_bias_residual", VIT_B_M, 768, 768),
-    ("dhidden + dfc1_bias partial sums", "dgelu_colsums", VIT_B_M, 3072, 768),
+    ("dhidden + act + dfc1_bias partial sums", "dgelu_act", VIT_B_M, 3072, 768),
     ("fc1 dx", "matmul_nn", VIT_B_M, 768, 3072), ("qkv dx", "matmul_nn", VIT_B_M, 768, 2304),
     ("dfc1_weight", "matmul_tn_wgrad", 3072, 768, VIT_B_M), ("dfc2_weight", "matmul_tn_wgrad", 768, 3072, VIT_B_M),
     ("dqkv_weight", "matmul_tn_wgrad", 2304, 768, VIT_B_M),

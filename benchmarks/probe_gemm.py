@@ -202,17 +202,21 @@ def cuda_gemm_path(path: str):
         cuda_linear._sm90 = old
 
 
-def dfc1_bias_by_column_sum(fn: Callable[[], tuple]) -> Callable[[], tuple]:
-    """fn with the sm_90a mlp_bwd's dfc1_bias from the two-pass column sum of dhidden instead of the d-GELU
-    epilogue's partial sums (cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE off for the call)."""
+def by_separate_passes(fn: Callable[[], tuple]) -> Callable[[], tuple]:
+    """fn with the sm_90a mlp_bwd's act = gelu(hidden) by a row pass and dfc1_bias by the two-pass column sum of
+    dhidden, instead of both from the d-GELU epilogue (cuda_linear.SM90_ACT_IN_EPILOGUE and
+    SM90_DFC1_BIAS_IN_EPILOGUE off for the call)."""
+    flags = ("SM90_ACT_IN_EPILOGUE", "SM90_DFC1_BIAS_IN_EPILOGUE")
 
     def call():
-        old = cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE
-        cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE = False
+        old = [getattr(cuda_linear, flag) for flag in flags]
+        for flag in flags:
+            setattr(cuda_linear, flag, False)
         try:
             return fn()
         finally:
-            cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE = old
+            for flag, value in zip(flags, old, strict=True):
+                setattr(cuda_linear, flag, value)
 
     return call
 
@@ -269,9 +273,9 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
         "mlp_fwd without hidden": (lambda: cuda_linear.mlp_fwd(x, w1, b1, w2, b2, "none", False, save_hidden=False)[:1],
                                    (F.gelu(h_ref) @ w2f.t() + b2f,)),
         "mlp_bwd": (lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False), mlp_bwd_ref),
-        # sm_90a only: dfc1_bias by the two-pass column sum of dhidden, the A / B of the epilogue's partial sums
-        "mlp_bwd (dfc1_bias by column sum)": (
-            dfc1_bias_by_column_sum(lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False)),
+        # sm_90a only: the A / B of what the d-GELU epilogue writes beside dhidden (act, dfc1_bias's partial sums)
+        "mlp_bwd (act and dfc1_bias by separate passes)": (
+            by_separate_passes(lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False)),
             mlp_bwd_ref,
         ),
         "linear_bwd": (lambda: cuda_linear.linear_bwd(dy, o, w_proj, True), (dyf @ wpf, dyf.t() @ of, dyf.sum(0))),
@@ -289,8 +293,7 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             return [Launch(f"{what} colsum: partial sums", "colsum_partial"),
                     Launch(f"{what} colsum: finish", "colsum_finish", outputs=(out,))]  # fmt: skip
 
-        mlp_bwd_tail = [  # after dhidden (and on sm_90a dfc1_bias's sum of the epilogue's partial sums)
-            *([] if old else [Launch("act = gelu(hidden): row pass", "gelu_rows")]),
+        mlp_bwd_tail = [  # after dhidden and act (and on sm_90a dfc1_bias's sum of the epilogue's partial sums)
             Launch(f"dW2 = dy^T @ act{wg}", g, f_mlp, "mlp_dw2", (3,)),
             Launch(f"dW1 = dhidden^T @ x{wg}", g, f_mlp, "mlp_dw1", (1,)),
             Launch(f"dX = dhidden @ W1{nn}", g, f_mlp, "mlp_dx", (0,)),
@@ -300,7 +303,7 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
         mlp_bwd = [Launch(f"{dgelu} (and act)", g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]
         if not old:
             mlp_bwd = [
-                Launch(f"{dgelu} + dfc1_bias partial sums", g, f_mlp, "dhidden_dgelu"),
+                Launch(f"{dgelu} + act + dfc1_bias partial sums", g, f_mlp, "dhidden_dgelu"),
                 Launch("dfc1_bias: sum of the partial sums", "colsum_finish", outputs=(2,)),
                 *mlp_bwd_tail,
             ]
@@ -316,8 +319,9 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             "mlp_fwd without hidden": [Launch("fc1 + bias + GELU (act only)", g, f_mlp, "fc1_gelu"),
                                        Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
             "mlp_bwd": mlp_bwd,
-            **({} if old else {"mlp_bwd (dfc1_bias by column sum)": [
-                Launch(dgelu, g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]}),
+            **({} if old else {"mlp_bwd (act and dfc1_bias by separate passes)": [
+                Launch(dgelu, g, f_mlp, "dhidden_dgelu"), Launch("act = gelu(hidden): row pass", "gelu_rows"),
+                *mlp_bwd_tail, *colsum("dfc1_bias", 2)]}),
             "linear_bwd": [Launch(f"dX = dout @ W{nn}", g, f_proj, "proj_dx", (0,)),
                            Launch(f"dW = dout^T @ a{wg}", g, f_proj, "proj_dw", (1,)), *colsum("dbias", 2)],
             "qkv_bwd": [Launch(f"dX = dQKV @ W{nn}", g, f_qkv, "qkv_dx", (0,)),

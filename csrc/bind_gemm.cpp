@@ -50,7 +50,7 @@ void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uint
                        index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
                        uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                        index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
-                       bool dfc1_bias_in_epilogue, int dtype, uintptr_t stream);
+                       bool act_in_epilogue, bool dfc1_bias_in_epilogue, int dtype, uintptr_t stream);
 void gemm_linear_fwd_sm90(uintptr_t a, index_t lda, uintptr_t w, index_t ldw, uintptr_t bias, uintptr_t res,
                           index_t ld_res, uintptr_t out, index_t ldo, index_t M, index_t N, index_t K, int dtype,
                           uintptr_t stream);
@@ -172,7 +172,8 @@ void bind_gemm(pybind11::module_& m) {
         py::arg("hidden"), py::arg("ldh"), py::arg("dhidden"), py::arg("act"), py::arg("dx"), py::arg("dfc1_weight"),
         py::arg("dfc1_bias"), py::arg("dfc2_weight"), py::arg("dfc2_bias"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("M"), py::arg("C"), py::arg("hidden_features"), py::arg("C_out"),
-        py::arg("tanh"), py::arg("dfc1_bias_in_epilogue"), py::arg("dtype"), py::arg("stream"));
+        py::arg("tanh"), py::arg("act_in_epilogue"), py::arg("dfc1_bias_in_epilogue"), py::arg("dtype"),
+        py::arg("stream"));
   m.def(
       "sm90_dgelu_colsums_floats", [](index_t M, index_t N) { return sm90::DGeluColSumsFloats(M, N); },
       "the fp32 scratch (floats) the sm_90a d-GELU epilogue's per-tile column sums of an (M, N) dhidden take",

@@ -1096,16 +1096,16 @@ void gemm_linear_bwd_sm90(uintptr_t dout, index_t ld_dout, uintptr_t a, index_t 
   });
 }
 
-// As gemm_mlp_bwd: dhidden by the d-GELU epilogue (hidden read there), act = gelu(hidden) by a row pass, the
-// weight gradients by the stream-K GEMM, dx by the NN GEMM, dfc2_bias by the two-pass column sum. dfc1_bias: with
-// dfc1_bias_in_epilogue, from the d-GELU epilogue's per-tile partial sums (sm90::dgelu_colsums, into the scratch,
-// which then holds sm90::DGeluColSumsFloats(M, Hd) floats at least) and one finishing pass; else by the two-pass
-// column sum of dhidden.
+// As gemm_mlp_bwd: dhidden by the d-GELU epilogue (hidden read there), the weight gradients by the stream-K GEMM,
+// dx by the NN GEMM, dfc2_bias by the two-pass column sum. act = gelu(hidden): with act_in_epilogue, stored by the
+// d-GELU epilogue (sm90::dgelu_act), else by a row pass over hidden. dfc1_bias: with dfc1_bias_in_epilogue, from the
+// d-GELU epilogue's per-tile partial sums (into the scratch, which then holds sm90::DGeluColSumsFloats(M, Hd) floats
+// at least) and one finishing pass, else by the two-pass column sum of dhidden.
 void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uintptr_t w1, index_t ldw1, uintptr_t w2,
                        index_t ldw2, uintptr_t hidden, index_t ldh, uintptr_t dhidden, uintptr_t act, uintptr_t dx,
                        uintptr_t dw1, uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t scratch,
                        index_t scratch_floats, index_t M, index_t C, index_t Hd, index_t Cout, bool tanh_form,
-                       bool dfc1_bias_in_epilogue, int dtype, uintptr_t stream) {
+                       bool act_in_epilogue, bool dfc1_bias_in_epilogue, int dtype, uintptr_t stream) {
   using namespace gemm;
   check_sm90_sizes(dtype, M, {{"C", C}, {"hidden", Hd}, {"C_out", Cout}}, "mlp_bwd_sm90");
   dispatch_half(dtype, [&](auto tag) {
@@ -1138,21 +1138,25 @@ void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uint
     [[maybe_unused]] const int m = static_cast<int>(M), c = static_cast<int>(C), hd = static_cast<int>(Hd);
     [[maybe_unused]] const int co = static_cast<int>(Cout);
     float* sums = reinterpret_cast<float*>(scratch);
-    if (partials) {
-      VK_SM90_CALL((sm90::dgelu_colsums<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd,
-                                           sums, m, hd, co, tanh_form, s)));
-      // Summed now: the scratch is dfc2_bias's next.
-      const index_t tiles_m = (M + sm90::kTileM - 1) / sm90::kTileM;
-      colsum_finish_kernel<T><<<static_cast<unsigned>((Hd + 255) / 256), 256, 0, s>>>(
-          sums, out<T>(db1), static_cast<int>(tiles_m), hd, static_cast<int>(sm90::DGeluColSumsLd(Hd)));
-      check_launch("mlp_bwd_sm90 dfc1_bias: sum of the d-GELU epilogue's partial sums");
+    if (act_in_epilogue || partials) {
+      VK_SM90_CALL((sm90::dgelu_act<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd,
+                                       act_in_epilogue ? out<T>(act) : nullptr, Hd, partials ? sums : nullptr, m, hd,
+                                       co, tanh_form, s)));
     } else {
       VK_SM90_CALL((sm90::dgelu<T>(in<T>(dy), ldy, in<T>(w2), ldw2, in<T>(hidden), ldh, out<T>(dhidden), Hd, m, hd,
                                    co, tanh_form, s)));
     }
-    gelu_rows_kernel<T><<<chunk_blocks(M, Hd, "mlp_bwd_sm90 act"), 256, 0, s>>>(in<T>(hidden), ldh, out<T>(act), m,
-                                                                                  hd, tanh_form);
-    check_launch("mlp_bwd_sm90 act");
+    if (partials) {  // summed now: the scratch is dfc2_bias's next
+      const index_t tiles_m = (M + sm90::kTileM - 1) / sm90::kTileM;
+      colsum_finish_kernel<T><<<static_cast<unsigned>((Hd + 255) / 256), 256, 0, s>>>(
+          sums, out<T>(db1), static_cast<int>(tiles_m), hd, static_cast<int>(sm90::DGeluColSumsLd(Hd)));
+      check_launch("mlp_bwd_sm90 dfc1_bias: sum of the d-GELU epilogue's partial sums");
+    }
+    if (!act_in_epilogue) {
+      gelu_rows_kernel<T><<<chunk_blocks(M, Hd, "mlp_bwd_sm90 act"), 256, 0, s>>>(in<T>(hidden), ldh, out<T>(act),
+                                                                                    m, hd, tanh_form);
+      check_launch("mlp_bwd_sm90 act");
+    }
     VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dy), ldy, in<T>(act), Hd, out<T>(dw2), Hd, co, hd, m, s)));
     VK_SM90_CALL((sm90::matmul_tn_wgrad<T>(in<T>(dhidden), Hd, in<T>(x), ldx, out<T>(dw1), C, hd, c, m, s)));
     VK_SM90_CALL((sm90::matmul_nn<T>(in<T>(dhidden), Hd, in<T>(w1), ldw1, out<T>(dx), C, m, c, hd, s)));

@@ -42,14 +42,16 @@ template <class T>
 void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, int M,
            int N, int K, bool tanh_form, cudaStream_t stream);
 
-// dgelu, and the column sums of dh (its fp32 values, before the rounding to T) per 128-row tile of output:
-// partials (fp32, DGeluColSumsFloats(M, N) of them) row m_tile, column n, at m_tile * DGeluColSumsLd(N) + n. The
-// caller adds the ceil(M / kTileM) rows in order (deterministic): dfc1_bias without a second read of dh.
+// dgelu, and from the same epilogue, each where its pointer is not null: act (M, N) = gelu(h), rounded to T (the
+// operand of dfc2_weight = dy^T @ act); and the column sums of dh (its fp32 values, before the rounding to T) per
+// 128-row tile, into partials (fp32, DGeluColSumsFloats(M, N) of them): row m_tile, column n at
+// m_tile * DGeluColSumsLd(N) + n. The caller adds the ceil(M / kTileM) rows in order (deterministic): dfc1_bias
+// without a second read of dh.
 template <class T>
-void dgelu_colsums(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh,
-                   float* partials, int M, int N, int K, bool tanh_form, cudaStream_t stream);
+void dgelu_act(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh, T* act,
+               index_t ld_act, float* partials, int M, int N, int K, bool tanh_form, cudaStream_t stream);
 // The CTA tile of every product (gemm_sm90_impl.cuh's Sm90Tile, which static_asserts these): the layout of
-// dgelu_colsums' partial sums.
+// dgelu_act's partial sums.
 inline constexpr index_t kTileM = 128, kTileN = 256;
 inline constexpr index_t DGeluColSumsLd(index_t N) { return (N + kTileN - 1) / kTileN * kTileN; }
 inline constexpr index_t DGeluColSumsFloats(index_t M, index_t N) {
@@ -91,7 +93,7 @@ void linear_bias_variant(const std::string& variant, const __nv_bfloat16* a, ind
 void describe_variants(std::vector<KernelFacts>& out);
 
 // CUTLASS's can_implement of one product ("linear_bias", "linear_bias_residual", "linear_bias_gelu",
-// "linear_bias_gelu_act", "dgelu", "dgelu_colsums", "matmul_nn", "matmul_tn_wgrad") at (M, N, K) with packed
+// "linear_bias_gelu_act", "dgelu", "dgelu_act", "matmul_nn", "matmul_tn_wgrad") at (M, N, K) with packed
 // operands: "" if accepted, else why. No CUDA call.
 template <class T>
 std::string can_implement(const std::string& product, int M, int N, int K);

@@ -352,65 +352,76 @@ void dgelu(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_
   run<typename DGelu<T>::Gemm>(args, stream, "sm90 dgelu");
 }
 
-// dgelu with dfc1_bias's partial sums: the d-GELU node's fp32 output (before its rounding to T) also goes through
-// CUTLASS's row-vector reduction without its final reduction (Sm90RowReduction, FinalReduction = false), which
-// writes each 128-row tile's column sums to partials[m_tile * ld + n], ld = N rounded up to the tile's 256 columns:
-// no atomics and no tile counters, so the sum gemm.cu then takes over m_tile in order is deterministic.
+// dgelu that also writes act = gelu(h) and dfc1_bias's partial sums, each when its pointer is not null: the
+// epilogue reads h once (one aux load) and computes from it dh = acc * gelu'(h) (stored as D) and gelu(h) (a TMA
+// aux store, the operand dfc2_weight = dy^T @ act needs, so no row pass re-reads h); dh's fp32 values also go
+// through CUTLASS's row-vector reduction without its final reduction (Sm90RowReduction, FinalReduction = false),
+// which writes each 128-row tile's column sums to partials[m_tile * ld + n], ld = N rounded up to the tile's 256
+// columns: no atomics and no tile counters, so the sum gemm.cu then takes over m_tile in order is deterministic.
+// h feeds two nodes, so the callbacks are a DAG (Sm90TopologicalVisitor), not a tree.
 template <class T>
-struct DeEltActColSums
+struct DGeluActColSums
     : fusion::LinCombDeEltAct<RowMajor, GeluGrad, typename CutlassType<T>::type, float, typename CutlassType<T>::type,
                               typename CutlassType<T>::type, float> {};
 
-// Its callbacks: CUTLASS's own d-activation tree (Sm90LinCombDeEltAct, in fp32) under a row-vector reduction, under
-// the conversion to T. EpilogueTile, Stages, SmemLayoutAtom and CopyOpS2R are what CUTLASS's epilogue builder
-// derives for any fusion with an aux load.
-template <class T, class CtaTile, class EpilogueTile, int Stages, class SmemLayoutAtom, class CopyOpS2R>
-using DeEltActColSumsTree = fusion::Sm90EVT<
-    fusion::Sm90Compute<cutlass::epilogue::thread::Identity, typename CutlassType<T>::type, float,
-                        cutlass::FloatRoundStyle::round_to_nearest>,
-    fusion::Sm90EVT<
-        fusion::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, CtaTile, float, float,
-                                 cutlass::FloatRoundStyle::round_to_nearest, cute::Stride<cute::_0, cute::_1, cute::_0>,
-                                 4, /*EnableNullptr=*/true, /*FinalReduction=*/false>,
-        fusion::Sm90LinCombDeEltAct<CtaTile, EpilogueTile, Stages, cutlass::gemm::TagToStrideC_t<RowMajor>,
-                                    SmemLayoutAtom, CopyOpS2R, GeluGrad, float, float, typename CutlassType<T>::type,
-                                    typename CutlassType<T>::type, float>>>;
+// Its callbacks, node by node (EdgeTuple: each node's inputs). CUTLASS's epilogue builder passes the aux load's
+// shared-memory layout and copy op (AtomS2R, CopyS2R) as for any fusion with one aux input; the aux store's are
+// derived here the same way the builder derives them for an aux output.
+template <class T, class CtaTile, class EpiTile, int StagesC, int StagesD, class AtomS2R, class CopyS2R>
+struct DGeluActColSumsDag {
+  using E = typename CutlassType<T>::type;
+  using StrideAux = cutlass::gemm::TagToStrideC_t<RowMajor>;
+  static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
+  using AtomR2S = decltype(cutlass::epilogue::collective::detail::sm90_get_epilogue_smem_swizzle_layout_atom<
+                           StrideAux, E, EpiTile>());
+  using CopyR2S = decltype(cutlass::epilogue::collective::detail::sm90_get_smem_store_op_for_accumulator<
+                           StrideAux, E, EpiTile>());
+  using type = fusion::Sm90TopologicalVisitor<
+      float,
+      cute::tuple<cute::seq<>,      // 0 acc = dy @ w
+                  cute::seq<>,      // 1 h
+                  cute::seq<0, 1>,  // 2 dh = acc * gelu'(h)
+                  cute::seq<1>,     // 3 gelu(h)
+                  cute::seq<3>,     // 4 act: stored (passes gelu(h) on)
+                  cute::seq<2>,     // 5 column sums of dh (passes dh on)
+                  cute::seq<5>>,    // 6 D = dh rounded to T
+      fusion::Sm90AccFetch, fusion::Sm90AuxLoad<StagesC, EpiTile, E, StrideAux, AtomS2R, CopyS2R>,
+      fusion::Sm90Compute<GeluGrad, float, float, RN>, fusion::Sm90Compute<Gelu, float, float, RN>,
+      fusion::Sm90AuxStore<StagesD, EpiTile, E, RN, StrideAux, AtomR2S, CopyR2S>,
+      fusion::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, CtaTile, float, float, RN,
+                               cute::Stride<cute::_0, cute::_1, cute::_0>, 4, /*EnableNullptr=*/true,
+                               /*FinalReduction=*/false>,
+      fusion::Sm90Compute<cutlass::epilogue::thread::Identity, E, float, RN>>;
+};
 
 }  // namespace sm90
 }  // namespace vk
 
 // CUTLASS's epilogue builder asks FusionCallbacks<policy, operation, ...> for an operation's callbacks: this
-// specialisation answers for DeEltActColSums, with arguments named as in LinCombDeEltAct's (alpha 1, beta 0).
+// specialisation answers for DGeluActColSums.
 namespace cutlass::epilogue::fusion {
 template <int StagesC, int StagesD, int FragmentSize, bool ReuseSmemC, bool DelayTmaStore, class T,
           class CtaTileShapeMNK, class EpilogueTile, class SmemLayoutAtom, class CopyOpS2R>
 struct FusionCallbacks<epilogue::Sm90TmaWarpSpecialized<StagesC, StagesD, FragmentSize, ReuseSmemC, DelayTmaStore>,
-                       vk::sm90::DeEltActColSums<T>, CtaTileShapeMNK, EpilogueTile, SmemLayoutAtom, CopyOpS2R>
-    : vk::sm90::DeEltActColSumsTree<T, CtaTileShapeMNK, EpilogueTile, StagesC, SmemLayoutAtom, CopyOpS2R> {
-  using Impl = vk::sm90::DeEltActColSumsTree<T, CtaTileShapeMNK, EpilogueTile, StagesC, SmemLayoutAtom, CopyOpS2R>;
-  using Operation = vk::sm90::DeEltActColSums<T>;
+                       vk::sm90::DGeluActColSums<T>, CtaTileShapeMNK, EpilogueTile, SmemLayoutAtom, CopyOpS2R>
+    : vk::sm90::DGeluActColSumsDag<T, CtaTileShapeMNK, EpilogueTile, StagesC, StagesD, SmemLayoutAtom,
+                                   CopyOpS2R>::type {
+  using Impl = typename vk::sm90::DGeluActColSumsDag<T, CtaTileShapeMNK, EpilogueTile, StagesC, StagesD,
+                                                     SmemLayoutAtom, CopyOpS2R>::type;
+  using Operation = vk::sm90::DGeluActColSums<T>;
   using E = typename vk::sm90::CutlassType<T>::type;
   using StrideAux = gemm::TagToStrideC_t<layout::RowMajor>;
 
   struct Arguments {
     vk::sm90::GeluArgs activation{};
-    E const* aux_ptr = nullptr;  // h
+    E const* aux_ptr = nullptr;  // h (M, N)
     StrideAux dAux = {};
-    float* partials_ptr = nullptr;  // (ceil(M / 128), N rounded up to 256) fp32
+    E* act_ptr = nullptr;  // act (M, N), or null: not stored
+    StrideAux dAct = {};
+    float* partials_ptr = nullptr;  // (ceil(M / 128), N rounded up to 256) fp32, or null: no column sums
 
     operator typename Impl::Arguments() const {
-      using StrideScalar = Stride<_0, _0, int64_t>;
-      return {
-          {// the row reduction of
-           {// activation'(beta * C + alpha * acc, aux)
-            {{{0.0f}, {nullptr}, {StrideScalar{}}},            // beta
-             {},                                               // C
-             {{{1.0f}, {nullptr}, {StrideScalar{}}}, {}, {}},  // alpha * acc
-             {}},
-            {aux_ptr, E(0), dAux},  // aux
-            activation},
-           {partials_ptr, 0.0f, {}}},
-          {}};  // the conversion to E
+      return {{}, {aux_ptr, E(0), dAux}, activation, activation, {act_ptr, dAct}, {partials_ptr, 0.0f, {}}, {}};
     }
   };
 
@@ -422,30 +433,33 @@ namespace vk {
 namespace sm90 {
 
 template <class T>
-using DGeluColSums = GemmOf<T, RowMajor, RowMajor, DeEltActColSums<T>>;
+using DGeluAct = GemmOf<T, RowMajor, RowMajor, DGeluActColSums<T>>;
 static_assert(cute::size<0>(typename Sm90Tile::Tile{}) == kTileM && cute::size<1>(typename Sm90Tile::Tile{}) == kTileN,
               "gemm_sm90.h's kTileM / kTileN (the dgelu partial sums' layout) must be Sm90Tile's");
 
-// The CUTLASS arguments of dgelu with the partial sums (hw: the SM count its grid is sized for).
+// The CUTLASS arguments of dgelu_act (hw: the SM count its grid is sized for).
 template <class T>
-auto dgelu_colsums_args(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh,
-                        index_t lddh, float* partials, int M, int N, int K, bool tanh_form,
-                        cutlass::KernelHardwareInfo hw) {
-  using G = DGeluColSums<T>;
+auto dgelu_act_args(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh,
+                    T* act, index_t ld_act, float* partials, int M, int N, int K, bool tanh_form,
+                    cutlass::KernelHardwareInfo hw) {
+  using G = DGeluAct<T>;
   auto args = gemm_args<G, T>(dy, ldy, w, ldw, nullptr, lddh, dh, lddh, M, N, K, hw);
-  args.epilogue.thread.aux_ptr = cptr(h);
-  args.epilogue.thread.dAux = strided<decltype(args.epilogue.thread.dAux)>(ldh);
-  args.epilogue.thread.activation.tanh_form = tanh_form ? 1 : 0;
-  args.epilogue.thread.partials_ptr = partials;
+  auto& epi = args.epilogue.thread;
+  epi.activation.tanh_form = tanh_form ? 1 : 0;
+  epi.aux_ptr = cptr(h);
+  epi.dAux = strided<decltype(epi.dAux)>(ldh);
+  epi.act_ptr = act == nullptr ? nullptr : mptr(act);
+  epi.dAct = strided<decltype(epi.dAct)>(ld_act);
+  epi.partials_ptr = partials;
   return args;
 }
 
 template <class T>
-void dgelu_colsums(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh,
-                   float* partials, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
-  const auto args =
-      dgelu_colsums_args<T>(dy, ldy, w, ldw, h, ldh, dh, lddh, partials, M, N, K, tanh_form, hardware_info());
-  run<typename DGeluColSums<T>::Gemm>(args, stream, "sm90 dgelu_colsums");
+void dgelu_act(const T* dy, index_t ldy, const T* w, index_t ldw, const T* h, index_t ldh, T* dh, index_t lddh,
+               T* act, index_t ld_act, float* partials, int M, int N, int K, bool tanh_form, cudaStream_t stream) {
+  const auto args = dgelu_act_args<T>(dy, ldy, w, ldw, h, ldh, dh, lddh, act, ld_act, partials, M, N, K, tanh_form,
+                                      hardware_info());
+  run<typename DGeluAct<T>::Gemm>(args, stream, "sm90 dgelu_act");
 }
 
 template <class T>
@@ -510,9 +524,9 @@ std::string can_implement(const std::string& product, int M, int N, int K) {
     st = LinearBiasGeluAct<T>::Gemm::can_implement(args);
   } else if (product == "dgelu") {
     st = DGelu<T>::Gemm::can_implement(dgelu_args<T>(p, K, p, N, p, N, p, N, M, N, K, false, hw));
-  } else if (product == "dgelu_colsums") {
-    const auto args = dgelu_colsums_args<T>(p, K, p, N, p, N, p, N, reinterpret_cast<float*>(p), M, N, K, false, hw);
-    st = DGeluColSums<T>::Gemm::can_implement(args);
+  } else if (product == "dgelu_act") {
+    const auto args = dgelu_act_args<T>(p, K, p, N, p, N, p, N, p, N, reinterpret_cast<float*>(p), M, N, K, false, hw);
+    st = DGeluAct<T>::Gemm::can_implement(args);
   } else if (product == "matmul_nn") {
     st = MatmulNN<T>::Gemm::can_implement(matmul_nn_args<T>(p, K, p, N, p, N, M, N, K, hw));
   } else if (product == "matmul_tn_wgrad") {
@@ -540,7 +554,7 @@ void describe(std::vector<KernelFacts>& out) {
   out.push_back(facts_of<LinearBiasGelu<T>>("linear_bias_gelu", dtype, "persistent"));
   out.push_back(facts_of<LinearBiasGeluAct<T>>("linear_bias_gelu_act", dtype, "persistent"));
   out.push_back(facts_of<DGelu<T>>("dgelu", dtype, "persistent"));
-  out.push_back(facts_of<DGeluColSums<T>>("dgelu_colsums", dtype, "persistent"));
+  out.push_back(facts_of<DGeluAct<T>>("dgelu_act", dtype, "persistent"));
   out.push_back(facts_of<MatmulNN<T>>("matmul_nn", dtype, "persistent"));
   out.push_back(facts_of<MatmulWgrad<T>>("matmul_tn_wgrad", dtype, "stream-K, deterministic"));
 }
@@ -559,8 +573,8 @@ void describe(std::vector<KernelFacts>& out) {
                                               index_t, int, int, int, bool, cudaStream_t);                          \
   template void vk::sm90::dgelu<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t, int, int,  \
                                    int, bool, cudaStream_t);                                                        \
-  template void vk::sm90::dgelu_colsums<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t,    \
-                                           float*, int, int, int, bool, cudaStream_t);                              \
+  template void vk::sm90::dgelu_act<T>(const T*, index_t, const T*, index_t, const T*, index_t, T*, index_t, T*,    \
+                                       index_t, float*, int, int, int, bool, cudaStream_t);                         \
   template void vk::sm90::matmul_nn<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,            \
                                        cudaStream_t);                                                               \
   template void vk::sm90::matmul_tn_wgrad<T>(const T*, index_t, const T*, index_t, T*, index_t, int, int, int,      \

@@ -489,8 +489,9 @@ def _cuda_launcher_stand_ins(linear, log: list) -> dict:
     def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):
         sm90 = linear._sm90(x)
         partials = sm90 and has_fc1_bias and linear.SM90_DFC1_BIAS_IN_EPILOGUE  # dfc1_bias: the epilogue's sums
+        row_pass = sm90 and not linear.SM90_ACT_IN_EPILOGUE  # act: else the d-GELU epilogue writes it
         log.extend([gemm(sm90), *(colsum[1:] if partials else [])])
-        log.extend([*(["vk::gemm::gelu_rows_kernel<>"] if sm90 else []), *[gemm(sm90)] * 3])
+        log.extend([*(["vk::gemm::gelu_rows_kernel<>"] if row_pass else []), *[gemm(sm90)] * 3])
         log.extend(colsum * (has_fc1_bias + has_fc2_bias - partials))
         dh = torch.ops.aten.gelu_backward(dy @ fc2_weight, hidden, approximate=approximate)
         act = F.gelu(hidden, approximate=approximate)
@@ -537,8 +538,8 @@ def test_probe_gemm_cuda_section_runs_on_cpu_stand_ins(bench_module, monkeypatch
     assert not pg.cuda_products_table(calls, extra, cublas, timed, profile, peak, 1e-4)
     rows = table_rows(capsys.readouterr().out)
     assert set(calls) == {"qkv_fwd", "qkv_fwd packed", "linear_fwd", "mlp_fwd", "mlp_fwd without hidden", "mlp_bwd",
-                          "mlp_bwd (dfc1_bias by column sum)", "linear_bwd", "qkv_bwd"}  # fmt: skip
-    assert set(calls["mlp_bwd (dfc1_bias by column sum)"].launches) == {"sm_90a"}  # the A / B of one path
+                          "mlp_bwd (act and dfc1_bias by separate passes)", "linear_bwd", "qkv_bwd"}  # fmt: skip
+    assert set(calls["mlp_bwd (act and dfc1_bias by separate passes)"].launches) == {"sm_90a"}  # the A / B of one path
     for name in calls:
         for path in calls[name].launches:
             mine = [r for r in rows if r["launcher"] == name and r["path"] == path]

@@ -75,7 +75,7 @@ def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
 # ----------------------------------------------------------------------------------------------------
 # the products of gemm_sm90.h
 SM90_PRODUCTS = {"linear_bias", "linear_bias_residual", "linear_bias_gelu", "linear_bias_gelu_act", "dgelu",
-                 "dgelu_colsums", "matmul_nn", "matmul_tn_wgrad"}  # fmt: skip
+                 "dgelu_act", "matmul_nn", "matmul_tn_wgrad"}  # fmt: skip
 SM90_DTYPES = 2  # fp16, bf16
 SM90_VARIANTS = {"cooperative_cluster1x1", "pingpong_128x128"}  # linear_bias in bf16 (gemm_sm90_variants.cu)
 SM90_KERNELS = len(SM90_PRODUCTS) * SM90_DTYPES + len(SM90_VARIANTS)
@@ -191,7 +191,7 @@ def _sm90_products(M: int, C: int, Hd: int) -> list[tuple[str, int, int, int]]:
         ("linear_bias", M, C, Hd),
         ("linear_bias_residual", M, C, Hd), ("linear_bias_residual", M, C, C), ("matmul_nn", M, C, C),
         ("matmul_tn_wgrad", C, C, M),
-        ("dgelu", M, Hd, C), ("dgelu_colsums", M, Hd, C), ("matmul_nn", M, C, Hd), ("matmul_nn", M, C, 3 * C),
+        ("dgelu", M, Hd, C), ("dgelu_act", M, Hd, C), ("matmul_nn", M, C, Hd), ("matmul_nn", M, C, 3 * C),
         ("matmul_tn_wgrad", Hd, C, M), ("matmul_tn_wgrad", C, Hd, M), ("matmul_tn_wgrad", 3 * C, C, M),
     ]  # fmt: skip
 

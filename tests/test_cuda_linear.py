@@ -282,12 +282,19 @@ def test_mlp_fwd_without_autograd_writes_no_pre_activation(poisoned, dtype, shap
 @needs_sm90
 @pytest.mark.parametrize("dtype", HALVES)
 @pytest.mark.parametrize("shape", SM90_MLP_SHAPES)
-@pytest.mark.parametrize("in_epilogue", [True, False])
-def test_sm90_dfc1_bias_both_ways_matches_reference(poisoned, monkeypatch, dtype, shape, in_epilogue):
-    """mlp_bwd on sm_90a with dfc1_bias from the d-GELU epilogue's per-tile partial sums (the default: a ragged last
-    row tile, N = 288 and 16 not multiples of the 256-column tile, M = 1) and from the two-pass column sum it
-    replaced (linear.SM90_DFC1_BIAS_IN_EPILOGUE): every output against float64, the scratch NaN-poisoned too."""
-    monkeypatch.setattr(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", in_epilogue)
+@pytest.mark.parametrize("act_in_epilogue, dfc1_bias_in_epilogue", [(True, True), (True, False), (False, True),
+                                                                    (False, False)])  # fmt: skip
+def test_sm90_dgelu_epilogue_outputs_match_reference(
+    poisoned, monkeypatch, dtype, shape, act_in_epilogue, dfc1_bias_in_epilogue
+):
+    """mlp_bwd on sm_90a with act = gelu(hidden) and dfc1_bias's per-tile partial sums from the d-GELU epilogue (the
+    default, sm90::dgelu_act) or from the separate passes they replaced (a row pass, the two-pass column sum), each
+    way: a ragged last row tile, N = 288 and 16 not multiples of the 256-column tile, M = 1; every output against
+    float64, act too (hidden near GELU's bend), the scratch NaN-poisoned like the outputs."""
+    monkeypatch.setattr(linear, "SM90_ACT_IN_EPILOGUE", act_in_epilogue)
+    monkeypatch.setattr(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", dfc1_bias_in_epilogue)
+    acts = []
+    monkeypatch.setattr(vit_cuda, "empty", _recording(vit_cuda.empty, acts))
     M, C, Hd, C_out = shape
     x = torch.randn(M, C, device="cuda").to(dtype)
     w1 = (torch.randn(Hd, C, device="cuda") * C**-0.5).to(dtype)
@@ -296,11 +303,22 @@ def test_sm90_dfc1_bias_both_ways_matches_reference(poisoned, monkeypatch, dtype
     dy = torch.randn(M, C_out, device="cuda").to(dtype)
     dx, dw1, db1, dw2, db2 = linear.mlp_bwd(dy, x, w1, w2, hidden, True, True, "none", False)
     xd, w1d, w2d, hd, dyd = (t.double() for t in (x, w1, w2, hidden, dy))
-    dh = torch.ops.aten.gelu_backward(dyd @ w2d, hd)
-    refs = {"dx": dh @ w1d, "dfc1_weight": dh.t() @ xd, "dfc1_bias": dh.sum(0),
-            "dfc2_weight": dyd.t() @ torch.nn.functional.gelu(hd), "dfc2_bias": dyd.sum(0)}  # fmt: skip
+    dh, act = torch.ops.aten.gelu_backward(dyd @ w2d, hd), torch.nn.functional.gelu(hd)
+    refs = {"dx": dh @ w1d, "dfc1_weight": dh.t() @ xd, "dfc1_bias": dh.sum(0), "dfc2_weight": dyd.t() @ act,
+            "dfc2_bias": dyd.sum(0)}  # fmt: skip
+    where = f"act in the epilogue: {act_in_epilogue}, dfc1_bias: {dfc1_bias_in_epilogue}"
     for (name, ref), got in zip(refs.items(), (dx, dw1, db1, dw2, db2), strict=True):
-        _check(f"{name} (dfc1_bias in the epilogue: {in_epilogue})", got, ref, dtype)
+        _check(f"{name} ({where})", got, ref, dtype)
+    # the act buffer itself: the second (M, Hd) allocation of mlp_bwd (dhidden, act)
+    _check(f"act ({where})", [t for t in acts if t.shape == (M, Hd)][1], act, dtype)
+
+
+def _recording(empty, out: list):
+    def record(shape, like, dtype=None):
+        out.append(empty(shape, like, dtype))
+        return out[-1]
+
+    return record
 
 
 @needs_sm90
@@ -569,8 +587,8 @@ def test_gemm_launchers_check_output_alignment_before_any_launch():
 
 
 _MLP_FWD_SM90_ARGS = {**_MLP_FWD_ARGS}
-_MLP_BWD_SM90_ARGS = {**_MLP_BWD_ARGS, "dfc1_bias_in_epilogue": True}
-_MLP_BWD_COLSUM_ARGS = {**_MLP_BWD_ARGS, "dfc1_bias_in_epilogue": False}  # dfc1_bias by the two-pass column sum
+_MLP_BWD_SM90_ARGS = {**_MLP_BWD_ARGS, "act_in_epilogue": True, "dfc1_bias_in_epilogue": True}
+_MLP_BWD_COLSUM_ARGS = {**_MLP_BWD_SM90_ARGS, "dfc1_bias_in_epilogue": False}  # dfc1_bias by the two-pass column sum
 _PARTIALS_255 = (
     r"dfc1_bias: the d-GELU epilogue's partial sums need .* \(hidden rounded up to 256\) = 256 floats, got 255"
 )
@@ -658,8 +676,9 @@ def test_sm90_launchers_say_why_they_cannot_run_here():
         _C.mlp_fwd_sm90(**_MLP_FWD_SM90_ARGS)
 
 
-def _dfc1_bias_by_column_sum(call):
-    with unittest.mock.patch.object(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", False):
+def _by_separate_passes(call):
+    """call() with the sm_90a mlp_bwd's act and dfc1_bias by their own passes, not from the d-GELU epilogue."""
+    with unittest.mock.patch.multiple(linear, SM90_ACT_IN_EPILOGUE=False, SM90_DFC1_BIAS_IN_EPILOGUE=False):
         return call()
 
 
@@ -683,7 +702,7 @@ def _wrapper_calls(dtype):
         "mlp_fwd residual": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "tanh", False, residual=x),
         "mlp_fwd without hidden": lambda: linear.mlp_fwd(x2, w1, b1, w2, b_proj, "none", False, save_hidden=False),
         "mlp_bwd": lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, True, "none", False),
-        "mlp_bwd dfc1_bias by column sum": lambda: _dfc1_bias_by_column_sum(
+        "mlp_bwd by separate passes": lambda: _by_separate_passes(
             lambda: linear.mlp_bwd(x2, x2, w1, w2, h, True, False, "tanh", False)
         ),
         "linear_fwd": lambda: linear.linear_fwd(x2, w_proj, b_proj, x),

@@ -44,9 +44,11 @@ from vit_kernels.cuda import check_cuda_tensors, check_like, dtype_code, extensi
 _COLSUM_MAX_SPLITS = 64
 
 
-# dfc1_bias on the sm_90a path: True, per-tile partial sums in the d-GELU epilogue (sm90::dgelu_colsums) and one
-# finishing pass; False, the two-pass column sum of dhidden (what benchmarks/probe_gemm.py times beside it; the
-# rule that picks one is in benchmarks/NOTES.md).
+# What the sm_90a d-GELU epilogue writes beside dhidden (sm90::dgelu_act). SM90_ACT_IN_EPILOGUE: act = gelu(hidden)
+# (else a row pass re-reads hidden); SM90_DFC1_BIAS_IN_EPILOGUE: dfc1_bias's per-tile partial sums, added by one
+# finishing pass (else the two-pass column sum re-reads dhidden). benchmarks/probe_gemm.py times both off beside
+# both on; the rule that picks is in benchmarks/NOTES.md.
+SM90_ACT_IN_EPILOGUE = True
 SM90_DFC1_BIAS_IN_EPILOGUE = True
 
 
@@ -365,7 +367,7 @@ def mlp_bwd(
     dhidden = (dy @ fc2_weight) * GELU'(hidden) in one GEMM epilogue, which also writes act = gelu(hidden)
     (the recomputed activation dfc2_weight = dy^T @ act needs; it is not saved from forward);
     dfc1_weight = dhidden^T @ x; dx = dhidden @ fc1_weight; biases by column sums of dy and dhidden (on the sm_90a
-    path, see SM90_DFC1_BIAS_IN_EPILOGUE, dhidden's from the d-GELU epilogue's partial sums).
+    path dhidden's from the d-GELU epilogue's partial sums: see SM90_DFC1_BIAS_IN_EPILOGUE).
     """
     check_cuda_tensors(dy=dy, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, hidden=hidden)
     if x.dim() != 2 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
@@ -397,7 +399,8 @@ def mlp_bwd(
     )  # fmt: skip
     with torch.cuda.device(x.device):
         if sm90:
-            extension().mlp_bwd_sm90(*args, SM90_DFC1_BIAS_IN_EPILOGUE, dtype_code(x), stream_of(x))
+            in_epilogue = (SM90_ACT_IN_EPILOGUE, SM90_DFC1_BIAS_IN_EPILOGUE)
+            extension().mlp_bwd_sm90(*args, *in_epilogue, dtype_code(x), stream_of(x))
         else:
             extension().mlp_bwd(*args, dtype_code(x), stream_of(x))
     return dx, dw1, db1, dw2, db2
