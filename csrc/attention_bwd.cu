@@ -137,9 +137,8 @@ __global__ void __launch_bounds__(DkdvTile<D>::kThreads, 1) attn_dkdv_kernel(con
   }
   cp_async_wait<0>();
 
-  const index_t base = contiguous_row(b, h, p.H, N, 0) * D;
-  store_rows<T, D>(p.dk + base, D, n0 + warp * 16, N, dk, p.scale, p.scale, lane);
-  store_rows<T, D>(p.dv + base, D, n0 + warp * 16, N, dv, 1.0f, 1.0f, lane);
+  store_rows<T, D>(out_head(p.dk, p.sg, b, h), p.sg.n, n0 + warp * 16, N, dk, p.scale, p.scale, lane);
+  store_rows<T, D>(out_head(p.dv, p.sg, b, h), p.sg.n, n0 + warp * 16, N, dv, 1.0f, 1.0f, lane);
 }
 
 // Grid (ceil(N / 64), H, B). Warp w owns query rows m0 + 16w .. + 15 (rows g, g + 8 per thread, as in
@@ -220,7 +219,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads) attn_dq_kernel(const BwdP
   }
   cp_async_wait<0>();
 
-  store_rows<T, D>(p.dq + contiguous_row(b, h, p.H, N, 0) * D, D, m0 + warp * 16, N, dq, p.scale, p.scale, lane);
+  store_rows<T, D>(out_head(p.dq, p.sg, b, h), p.sg.n, m0 + warp * 16, N, dq, p.scale, p.scale, lane);
 }
 
 // ====================================================================================================
@@ -253,9 +252,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dkdv_simt_kernel(const B
       }
     }
   }
-  const index_t row = contiguous_row(b, h, p.H, p.N, j) * p.D;
-  store_row(p.dk + row, p.D, lane, dk, p.scale);
-  store_row(p.dv + row, p.D, lane, dv, 1.0f);
+  store_row(out_head(p.dk, p.sg, b, h) + j * p.sg.n, p.D, lane, dk, p.scale);
+  store_row(out_head(p.dv, p.sg, b, h) + j * p.sg.n, p.D, lane, dv, 1.0f);
 }
 
 // Grid (ceil(N / 4), H, B): query row i, keys one at a time. dQ_i = scale sum_j dS_ij K_j.
@@ -281,23 +279,24 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dq_simt_kernel(const Bwd
       if (d < p.D) dq[c] = fmaf(ds, to_float(kj[d]), dq[c]);
     }
   }
-  store_row(p.dq + ri * p.D, p.D, lane, dq, p.scale);
+  store_row(out_head(p.dq, p.sg, b, h) + i * p.sg.n, p.D, lane, dq, p.scale);
 }
 
 }  // namespace attn
 
 // ----------------------------------------------------------------------------------------------------
 // op launcher (bound in bind_attention.cpp). Pointers are device addresses as integers; strides are
-// (B, H, N) element strides with unit stride along D; lse, delta, dq, dk, dv are contiguous.
+// (B, H, N) element strides with unit stride along D; lse, delta are contiguous.
 // ----------------------------------------------------------------------------------------------------
 using attn::index_t;
 using attn::Strides3;
 
-// dq, dk, dv (B, H, N, D) contiguous from dout, q, k, v, out (strided) and lse; delta (B, H, N) fp32 is scratch.
+// dq, dk, dv (B, H, N, D), each with the (B, H, N) strides grad_strides (contiguous, or the q / k / v slices of one
+// packed (B, N, 3, H, D) buffer), from dout, q, k, v, out (strided) and lse; delta (B, H, N) fp32 is scratch.
 void attention_bwd(uintptr_t dout, Strides3 dout_strides, uintptr_t q, Strides3 q_strides, uintptr_t k,
                    Strides3 k_strides, uintptr_t v, Strides3 v_strides, uintptr_t out, Strides3 out_strides,
-                   uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t B, index_t H,
-                   index_t N, index_t D, double scale, int dtype, uintptr_t stream) {
+                   uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, Strides3 grad_strides,
+                   index_t B, index_t H, index_t N, index_t D, double scale, int dtype, uintptr_t stream) {
   using namespace attn;
   check_shape(dtype, B, H, N, D);
   const bool vec = dtype != static_cast<int>(DType::kFloat32);
@@ -307,8 +306,11 @@ void attention_bwd(uintptr_t dout, Strides3 dout_strides, uintptr_t q, Strides3 
   check_operand("v", v, v_strides, vec);
   check_operand("out", out, out_strides, vec);
   require(lse % 4 == 0 && delta % 4 == 0, "lse and delta: pointers must be 4-byte aligned");
-  // Outputs are written in 4-byte pairs (16-bit) or elements (fp32); contiguous rows of D elements.
+  // Outputs are written in 4-byte pairs (16-bit) or elements (fp32): 4-byte aligned rows of D elements.
   require(dq % 4 == 0 && dk % 4 == 0 && dv % 4 == 0, "dq, dk, dv: pointers must be 4-byte aligned");
+  require(!vec || (grad_strides[0] % 2 == 0 && grad_strides[1] % 2 == 0 && grad_strides[2] % 2 == 0),
+          "dq, dk, dv: 16-bit gradients are stored in pairs, so their (B, H, N) strides must be even");
+  require(N == 1 || grad_strides[2] >= D, "dq, dk, dv: rows of D elements must not overlap (N stride >= D)");
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -317,7 +319,8 @@ void attention_bwd(uintptr_t dout, Strides3 dout_strides, uintptr_t q, Strides3 
                          reinterpret_cast<const float*>(lse), reinterpret_cast<float*>(delta),
                          reinterpret_cast<T*>(dq), reinterpret_cast<T*>(dk), reinterpret_cast<T*>(dv),
                          to_strides(q_strides), to_strides(k_strides), to_strides(v_strides),
-                         to_strides(out_strides), to_strides(dout_strides), static_cast<int>(H),
+                         to_strides(out_strides), to_strides(dout_strides), to_strides(grad_strides),
+                         static_cast<int>(H),
                          static_cast<int>(N), static_cast<int>(D), static_cast<float>(scale),
                          static_cast<float>(scale * 1.4426950408889634)};
     const index_t rows = B * H * N;

@@ -126,14 +126,21 @@ struct BwdParams {
   const T *q, *k, *v, *out, *dout;
   const float* lse;  // (B, H, N) contiguous, from the forward
   float* delta;      // (B, H, N) contiguous, written by attn_delta_kernel
-  T *dq, *dk, *dv;   // (B, H, N, D) contiguous
+  T *dq, *dk, *dv;   // (B, H, N, D), unit stride along D, strides sg (one layout for the three)
   Strides sq, sk, sv, so, sdo;
+  Strides sg;  // contiguous (B, H, N, D), or the q / k / v slices of one packed (B, N, 3, H, D) buffer
   int H, N, D;
   float scale, scale_log2;
 };
 
 template <class T>
 __device__ __forceinline__ const T* head(const T* base, const Strides& s, int b, int h) {
+  return base + b * s.b + h * s.h;
+}
+
+// head() of an output (dq, dk, dv).
+template <class T>
+__device__ __forceinline__ T* out_head(T* base, const Strides& s, int b, int h) {
   return base + b * s.b + h * s.h;
 }
 

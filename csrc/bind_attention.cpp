@@ -18,8 +18,8 @@ void attention_fwd(uintptr_t q, Strides3 q_strides, uintptr_t k, Strides3 k_stri
                    double scale, int dtype, uintptr_t stream);
 void attention_bwd(uintptr_t dout, Strides3 dout_strides, uintptr_t q, Strides3 q_strides, uintptr_t k,
                    Strides3 k_strides, uintptr_t v, Strides3 v_strides, uintptr_t out, Strides3 out_strides,
-                   uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, index_t B, index_t H,
-                   index_t N, index_t D, double scale, int dtype, uintptr_t stream);
+                   uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, Strides3 grad_strides,
+                   index_t B, index_t H, index_t N, index_t D, double scale, int dtype, uintptr_t stream);
 
 void bind_attention(pybind11::module_& m) {
   namespace py = pybind11;
@@ -30,11 +30,13 @@ void bind_attention(pybind11::module_& m) {
         py::arg("out"), py::arg("out_strides"), py::arg("lse"), py::arg("B"), py::arg("H"), py::arg("N"),
         py::arg("D"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
   m.def("attention_bwd", &attention_bwd,
-        "flash attention backward: dq, dk, dv (B, H, N, D) contiguous; delta (B, H, N) fp32 is scratch",
+        "flash attention backward: dq, dk, dv (B, H, N, D) at grad_strides (one layout for the three); delta (B, H, "
+        "N) fp32 is scratch",
         py::arg("dout"), py::arg("dout_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("out"), py::arg("out_strides"),
-        py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("B"), py::arg("H"),
-        py::arg("N"), py::arg("D"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+        py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("grad_strides"),
+        py::arg("B"), py::arg("H"), py::arg("N"), py::arg("D"), py::arg("scale"), py::arg("dtype"),
+        py::arg("stream"));
 }
 
 }  // namespace vk

@@ -162,6 +162,56 @@ def test_launcher_outputs_lse_and_layouts(poisoned, dtype, N, D):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype, N, D", [(F32, 1, 32), (F16, 17, 80), (BF16, 197, 64), (F16, 257, 128)])
+def test_packed_gradients_are_the_same_numbers_in_one_buffer(poisoned, dtype, N, D):
+    """attention_bwd(packed=True): dq, dk, dv bit for bit as unpacked, written as the q / k / v slices of one
+    (B, N, 3, H, D) buffer (NaN-poisoned first, so a slice the kernels miss fails), i.e. one (B*N, 3HD) dQKV; on
+    the tensor-core kernels (16-bit) and the SIMT ones (fp32)."""
+    B, H = 2, 3
+    q, k, v = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(3))
+    dout = torch.randn(B, N, H, D, device="cuda").to(dtype).transpose(1, 2)
+    out, lse = cuda_attention.attention_fwd(q, k, v, D**-0.5, False)
+    apart = cuda_attention.attention_bwd(dout, q, k, v, out, lse, D**-0.5, False)
+    packed = cuda_attention.attention_bwd(dout, q, k, v, out, lse, D**-0.5, False, packed=True)
+    base, step = packed[0].data_ptr(), H * D * packed[0].element_size()
+    assert [g.data_ptr() for g in packed] == [base, base + step, base + 2 * step]
+    assert all(g.stride() == (N * 3 * H * D, D, 3 * H * D, 1) for g in packed)
+    for name, a, p in zip(("dq", "dk", "dv"), apart, packed, strict=True):
+        assert torch.isfinite(p).all() and torch.equal(a, p), name
+
+
+@needs_gpu
+def test_eager_backward_hands_the_cuda_qkv_backward_one_packed_dqkv(monkeypatch):
+    """fused_qkv -> attention -> backward on the cuda backend's eager path: attention's gradients arrive at the QKV
+    projection's backward as slices of one buffer, which the sm_90a path reads in place as dQKV (no gather copy),
+    and the gradients are right."""
+    from vit_kernels.cuda import linear
+
+    seen = []
+    original = linear._packed_qkv
+
+    def spy(dq, dk, dv):
+        packed = original(dq, dk, dv)
+        seen.append(packed is not None)
+        return packed
+
+    monkeypatch.setattr(linear, "_packed_qkv", spy)
+    B, N, C, H = 2, 197, 128, 2
+    x = torch.randn(B, N, C, device="cuda", dtype=BF16, requires_grad=True)
+    w = (torch.randn(3 * C, C, device="cuda") * C**-0.5).to(BF16).requires_grad_(True)
+    b = torch.randn(3 * C, device="cuda", dtype=BF16, requires_grad=True)
+    q, k, v = vk.fused_qkv(x, w, b, H, backend="cuda")
+    vk.attention(q, k, v, backend="cuda").sum().backward()
+    # the sm_90a GEMMs read dQKV as one matrix (else a gather copy); mma.sync reads any three views with one layout
+    assert seen == ([True] if linear.gemm_path(x.device, BF16).startswith("sm_90a") else []), seen
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    qr, kr, vr = reference.fused_qkv(*leaves, H)
+    reference.attention(qr, kr, vr, (C // H) ** -0.5).sum().backward()
+    for name, got, ref in zip(("dx", "dweight", "dbias"), (x.grad, w.grad, b.grad), leaves, strict=True):
+        assert rel_error(got, ref.grad) <= TOLERANCES[BF16], name
+
+
+@needs_gpu
 def test_packed_views_are_read_in_place():
     qkv = torch.randn(2, 197, 3, 3, 64, device="cuda", dtype=F16)
     for view in qkv.permute(2, 0, 3, 1, 4).unbind(0):
@@ -277,13 +327,18 @@ def test_bwd_launcher_checks_preconditions():
     _C = _extension()
     s = (5 * 64, 5 * 64, 64)
     args = dict(dout=0, dout_strides=s, q=0, q_strides=s, k=0, k_strides=s, v=0, v_strides=s, out=0, out_strides=s,
-                lse=0, delta=0, dq=0, dk=0, dv=0, B=1, H=1, N=5, D=64, scale=0.125, dtype=HALF, stream=0)  # fmt: skip
+                lse=0, delta=0, dq=0, dk=0, dv=0, grad_strides=s, B=1, H=1, N=5, D=64, scale=0.125, dtype=HALF,
+                stream=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"dout: strides \(B, H, N\) must be multiples of 8 elements"):
         _C.attention_bwd(**{**args, "dout_strides": (320, 320, 66)})
     with pytest.raises(ValueError, match=r"head dim D=72 is not supported"):
         _C.attention_bwd(**{**args, "D": 72})
     with pytest.raises(ValueError, match=r"lse and delta: pointers must be 4-byte aligned"):
         _C.attention_bwd(**{**args, "delta": 6})
+    with pytest.raises(ValueError, match=r"16-bit gradients are stored in pairs, so their \(B, H, N\) strides must"):
+        _C.attention_bwd(**{**args, "grad_strides": (5 * 64, 5 * 64, 65)})
+    with pytest.raises(ValueError, match=r"dq, dk, dv: rows of D elements must not overlap \(N stride >= D\)"):
+        _C.attention_bwd(**{**args, "grad_strides": (5 * 64, 5 * 64, 32)})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver error path, on a machine without a GPU")

@@ -19,6 +19,9 @@ from vit_kernels import cuda as vit_cuda
 from vit_kernels.cuda import DTYPE_CODES, check_cuda_tensors, dtype_code, extension, ptr, stream_of
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+# attention_bwd(..., packed=True) writes dq, dk, dv into one (B, N, 3, H, D) buffer (ops/attention.py's
+# attention_bwd_packed), whose slices the cuda qkv_bwd reads in place as dQKV.
+PACKED_GRADS = True
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -100,11 +103,13 @@ def attention_bwd(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash attention backward.
 
     dout, q, k, v, out: (B, H, N, D), any strides; lse (B, H, N) fp32 from `attention_fwd`.
-    Returns dq, dk, dv: (B, H, N, D) contiguous. Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
+    Returns dq, dk, dv: (B, H, N, D) contiguous; with `packed`, the q / k / v slices of one (B, N, 3, H, D) buffer
+    (what fused_qkv's backward reads in place as dQKV). Scratch: delta (B, H, N) fp32 = rowsum(dout * out).
     Deterministic: one kernel owns dk, dv (per key block), another dq (per query block); no atomics.
     """
     B, H, N, D = _check_inputs({"dout": dout, "q": q, "k": k, "v": v, "out": out})
@@ -114,11 +119,14 @@ def attention_bwd(
     dout, q, k, v, out = (_operand(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     delta = vit_cuda.empty((B, H, N), q, torch.float32)
-    dq, dk, dv = (vit_cuda.empty((B, H, N, D), q) for _ in range(3))
+    if packed:
+        dq, dk, dv = vit_cuda.empty((B, N, 3, H, D), q).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        dq, dk, dv = (vit_cuda.empty((B, H, N, D), q) for _ in range(3))
     with torch.cuda.device(q.device):
         extension().attention_bwd(
             ptr(dout), _strides(dout), ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v),
-            ptr(out), _strides(out), ptr(lse), ptr(delta), ptr(dq), ptr(dk), ptr(dv),
+            ptr(out), _strides(out), ptr(lse), ptr(delta), ptr(dq), ptr(dk), ptr(dv), _strides(dq),
             B, H, N, D, float(scale), dtype_code(q), stream_of(q),
         )  # fmt: skip
     return dq, dk, dv

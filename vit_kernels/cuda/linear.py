@@ -19,8 +19,8 @@ Two GEMM paths (`gemm_path` says which runs, and `vk.explain_backend` quotes it)
   PACKED_QKV) needs none: one GEMM writes the (B, N, 3, H, D) buffer whose q / k / v slices it returns. The
   custom op, whose outputs may not alias, gets the product in a (B*N, 3C) scratch that a 16-byte-per-thread pass
   splits (TMA stores need one strided 2-D box per tile; the (which, head, d) scatter is not one). The backward
-  reads dq, dk, dv as one (B*N, 3C) matrix, in place when they are views of one packed tensor, else packed by one
-  copy each.
+  reads dq, dk, dv as one (B*N, 3C) matrix, in place when they are views of one packed tensor (what the eager
+  path's attention backward writes: cuda/attention.py's PACKED_GRADS), else packed by one copy each.
 - everywhere else (sm_80, fp32, or no CUTLASS at build time): csrc/gemm.cu's mma.sync / SIMT kernels above.
 
 `linear_fwd` / `linear_bwd` (one GEMM with a bias and residual epilogue, and its backward) and mlp_fwd's residual
