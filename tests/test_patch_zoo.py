@@ -221,6 +221,17 @@ TIMM_ZOO = [
 
 HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5)
 HF_VIT = dict(HF_SMALL, intermediate_size=96)
+
+
+def _two_towers(**vision) -> dict:
+    """A CLIP / SigLIP config: small vision and text towers."""
+    tower = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
+    return dict(vision_config=dict(tower, image_size=32, patch_size=8, **vision), text_config=tower, num_labels=5)
+
+
+# SigLIP (1 and 2): the encoder MLPs and the pooling head's; its attention and the head's are their own
+_SIGLIP_OUTCOME = expect(0, 3, ["Attention is not a class patch_hf patches"] * 2
+                         + ["MultiheadAttentionPoolingHead is not", "MultiheadAttention is not"])  # fmt: skip
 # (id, model class name, config class name, config kwargs, outcome)
 HF_ZOO = [
     ("vit", "ViTForImageClassification", "ViTConfig", HF_VIT, expect(2, 2, blocks=2)),
@@ -277,7 +288,66 @@ HF_ZOO = [
         expect(2, 2),
     ),
     ("vit_msn", "ViTMSNForImageClassification", "ViTMSNConfig", HF_VIT, expect(2, 2)),
+    ("vit_mae", "ViTMAEModel", "ViTMAEConfig", HF_VIT, expect(2, 2)),  # HF_INPUTS: a fixed masking noise
+    (
+        "vivit",  # default hidden_act "gelu_fast"
+        "VivitForVideoClassification",
+        "VivitConfig",
+        dict(HF_VIT, num_frames=4, tubelet_size=[2, 8, 8]),
+        expect(2, 0, ["FastGELUActivation is not GELU"] * 2),
+    ),
+    (
+        "vivit_gelu",
+        "VivitForVideoClassification",
+        "VivitConfig",
+        dict(HF_VIT, num_frames=4, tubelet_size=[2, 8, 8], hidden_act="gelu"),
+        expect(2, 2),
+    ),
+    (
+        "audio_spectrogram_transformer",
+        "ASTForAudioClassification",
+        "ASTConfig",
+        dict(
+            HF_SMALL,
+            intermediate_size=96,
+            max_length=64,
+            num_mel_bins=32,
+            patch_size=16,
+            frequency_stride=10,
+            time_stride=10,
+        ),  # fmt: skip
+        expect(2, 2, ["ASTMLPHead is not a class patch_hf patches"]),
+    ),
+    # CLIP and SigLIP: the MLPs only (their attention is not ViT's code)
+    (
+        "clip",
+        "CLIPForImageClassification",
+        "CLIPConfig",
+        _two_towers(hidden_act="gelu"),
+        expect(0, 2, ["CLIPAttention is not a class patch_hf patches"] * 2),
+    ),  # fmt: skip
+    (
+        "clip_quick_gelu",
+        "CLIPForImageClassification",
+        "CLIPConfig",
+        _two_towers(),  # CLIP's default activation
+        expect(refused="QuickGELUActivation is not GELU"),
+    ),  # fmt: skip
+    ("siglip", "SiglipForImageClassification", "SiglipConfig", _two_towers(), _SIGLIP_OUTCOME),  # tanh GELU
+    ("siglip2", "Siglip2ForImageClassification", "Siglip2Config", _two_towers(num_patches=16), _SIGLIP_OUTCOME),
 ]
+# The inputs and the output of the entries that do not take a (2, 3, 32, 32) image and give logits.
+_MAE_NOISE = torch.linspace(0, 1, 16).repeat(2, 1)  # ViT-MAE's masking noise per patch: the same on every call
+_SIGLIP2_PATCHES = dict(
+    pixel_attention_mask=torch.ones(2, 16, dtype=torch.long), spatial_shapes=torch.tensor([[4, 4]] * 2)
+)
+HF_INPUTS = {
+    "vit_mae": (lambda: torch.randn(2, 3, 32, 32), lambda m, x: m(pixel_values=x, noise=_MAE_NOISE).last_hidden_state),
+    "vivit": (lambda: torch.randn(2, 4, 3, 32, 32), None),
+    "vivit_gelu": (lambda: torch.randn(2, 4, 3, 32, 32), None),
+    "audio_spectrogram_transformer": (lambda: torch.randn(2, 64, 32), lambda m, x: m(input_values=x).logits),
+    "siglip2": (lambda: torch.randn(2, 16, 3 * 8 * 8), lambda m, x: m(pixel_values=x, **_SIGLIP2_PATCHES).logits),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,11 +561,12 @@ def test_timm_block_runs_whole_fused_with_the_same_gradients_and_falls_back(monk
 @pytest.mark.parametrize("entry", HF_ZOO, ids=[e[0] for e in HF_ZOO])
 def test_hf_zoo_torch_backend(entry, monkeypatch):
     outcome = hf_outcome(entry)
-    model, x = hf_model(entry), torch.randn(2, 3, 32, 32)
+    make_input, call = HF_INPUTS.get(entry[0], (lambda: torch.randn(2, 3, 32, 32), None))
+    model, x = hf_model(entry), make_input()
     if outcome["refused"] is not None:
         check_hf_refusal(model, "torch", outcome["refused"])
         return
-    summary, patched = run_patched(vit.patch_hf, model, x, "torch", outcome, monkeypatch, hf_call)
+    summary, patched = run_patched(vit.patch_hf, model, x, "torch", outcome, monkeypatch, call or hf_call)
     check_outcome(summary, outcome, patched)
 
 

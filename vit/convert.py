@@ -477,7 +477,8 @@ def _timm_rules(blocks: bool = True) -> dict[type, tuple]:
 
 # ---- Hugging Face transformers ----
 # Model families whose attention and MLP classes are ViT's under another name (transformers' "modular"
-# copies). Each is patched only if its forward is ViT's code, checked at patch time.
+# copies); None: the family's attention is its own (CLIP's and SigLIP's, patched for their MLPs only). Each class
+# is patched only if its forward is ViT's code, checked at patch time.
 _HF_FAMILIES = {
     "vit": ("ViTAttention", "ViTMLP"),
     "deit": ("DeiTAttention", "DeiTMLP"),
@@ -486,6 +487,12 @@ _HF_FAMILIES = {
     "beit": ("BeitAttention", "BeitMLP"),
     "vit_msn": ("ViTMSNAttention", "ViTMSNMLP"),
     "ijepa": ("IJepaAttention", "IJepaMLP"),
+    "vit_mae": ("ViTMAEAttention", "ViTMAEMLP"),
+    "vivit": ("VivitAttention", "VivitMLP"),
+    "audio_spectrogram_transformer": ("ASTAttention", "ASTMLP"),
+    "clip": (None, "CLIPMLP"),
+    "siglip": (None, "SiglipMLP"),
+    "siglip2": (None, "Siglip2MLP"),
 }
 # kwargs of the attention call that do not change what it computes; any other set kwarg -> original forward.
 _HF_NEUTRAL_KWARGS = frozenset({"output_hidden_states", "return_dict"})
@@ -632,7 +639,8 @@ def _hf_rules() -> dict[type, tuple]:
     found = {}
     for family, (attention, mlp) in _HF_FAMILIES.items():
         module = f"transformers.models.{family}.modeling_{family}"
-        found[_loaded_class(module, attention)] = ("attention", _check_hf_attention, _hf_attention_forward)
+        if attention is not None:
+            found[_loaded_class(module, attention)] = ("attention", _check_hf_attention, _hf_attention_forward)
         found[_loaded_class(module, mlp)] = ("mlp", _check_hf_mlp, _hf_mlp_forward)
     # The whole layer, ViT's own class only (the other families' layers differ: LayerScale, drop-path, ...).
     found[_loaded_class("transformers.models.vit.modeling_vit", "ViTLayer")] = ("block", _check_hf_layer,
@@ -744,8 +752,10 @@ def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -
     """Put a Hugging Face ViT-family model onto the fused ops, in place; returns a PatchSummary.
 
     Patched: ViT's `ViTAttention` (q_proj/k_proj/v_proj/o_proj) and `ViTMLP` (fc1/fc2), the layout of
-    transformers >= 5, and the same classes of DeiT, DINOv2 (with registers), BEiT, ViT-MSN and I-JEPA where
-    their forward is ViT's code (checked when patching), with no attention dropout and a GELU. BEiT with a
+    transformers >= 5, and the same classes of DeiT, DINOv2 (with registers), BEiT, ViT-MSN, I-JEPA, ViT-MAE,
+    ViViT and the Audio Spectrogram Transformer, and the MLPs of CLIP, SigLIP and SigLIP 2 (both towers; their
+    attention is their own), where their forward is ViT's code (checked when patching), with no attention dropout
+    and a GELU (CLIP's default quick_gelu is not one). BEiT with a
     relative position bias keeps its attention. A call with an attention mask or output_attentions runs the
     original forward (the patched one forms no attention weights), so outputs never change. ViT's own
     `ViTLayer` (not the other families') whose attention and MLP are patched is patched too (`summary.blocks`):
@@ -755,5 +765,7 @@ def patch_hf(model: nn.Module, backend: str = "auto", *, strict: bool = False) -
     (in `skipped`; a `ViTLayer` subclass in `unfused_blocks`). transformers < 5 (ViTSelfAttention with query/key/value)
     has nothing patch_hf knows: convert it with `from_hf` instead. strict=True and errors as `patch_timm`.
     """
-    advice = " (a transformers < 5 ViT, with ViTSelfAttention, converts with vit.from_hf instead)"
+    advice = ""
+    if isinstance(model, nn.Module) and any(type(m).__name__ == "ViTSelfAttention" for m in model.modules()):
+        advice = " (a transformers < 5 ViT, with ViTSelfAttention, converts with vit.from_hf instead)"
     return _patch(model, _hf_rules(), backend, strict, "patch_hf", advice)
