@@ -573,7 +573,7 @@ def test_hf_zoo_torch_backend(entry, monkeypatch):
 @needs_transformers
 @needs_triton
 @pytest.mark.parametrize(
-    "entry", [e for e in HF_ZOO if e[0] in ("vit", "beit", "dinov2_registers")], ids=lambda e: e[0]
+    "entry", [e for e in HF_ZOO if e[0] in ("vit", "beit", "dinov2_registers", "clip", "siglip")], ids=lambda e: e[0]
 )
 def test_hf_zoo_triton_backend(entry, monkeypatch, highest_precision):
     outcome = hf_outcome(entry)
