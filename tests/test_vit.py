@@ -390,17 +390,27 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
 
 def test_ddp_two_processes_gloo(tmp_path):
+    import signal
     import time
 
     import torch.multiprocessing as mp
 
-    ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    # Python's fault handler in the ranks from their first line, so that SIGABRT at the deadline prints where each
+    # one is even if it hangs before _ddp_worker arms its own timer (a CI run hung so, and printed nothing).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONFAULTHANDLER", "1")
+        ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + DDP_DEADLINE_S
     while not ranks.join(timeout=2):  # raises as soon as a rank fails
         if time.monotonic() > deadline:
             for process in ranks.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGABRT)  # the fault handler dumps every thread's stack
+            time.sleep(2)
+            for process in ranks.processes:
                 process.kill()
-            pytest.fail(f"the DDP ranks were still running after {DDP_DEADLINE_S} s and were killed")
+            pytest.fail(f"the DDP ranks were still running after {DDP_DEADLINE_S} s and were killed (their stacks "
+                        "are in the captured stderr)")  # fmt: skip
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["grads"].abs().sum() > 0
     torch.testing.assert_close(r0["grads"], r1["grads"], atol=0, rtol=0)  # all-reduced: identical
