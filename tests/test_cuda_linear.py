@@ -657,7 +657,6 @@ def test_linear_launchers_check_preconditions(launcher, args, overrides, message
         getattr(_C, launcher)(**{**args, **overrides})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path of a machine without a GPU")
 def test_sm90_dgelu_partial_sums_take_one_row_per_row_tile():
     """The scratch the wrapper sizes for the d-GELU epilogue's dfc1_bias partial sums: ceil(M / 128) rows of the
     columns rounded up to the 256-column tile (gemm_sm90.h), also in a build without the sm_90a GEMMs."""
@@ -666,6 +665,7 @@ def test_sm90_dgelu_partial_sums_take_one_row_per_row_tile():
     assert sizes == {(1, 16): 256, (296, 288): 3 * 512, (256 * 197, 3072): 394 * 3072}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path of a machine without a GPU")
 def test_sm90_launchers_say_why_they_cannot_run_here():
     """Valid arguments reach the device check: without a driver it is CUDA's error, in a build without CUTLASS it is
     the build's reason."""
