@@ -34,6 +34,7 @@ import contextlib
 import os
 import statistics
 import sys
+import unittest.mock
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -206,19 +207,7 @@ def by_separate_passes(fn: Callable[[], tuple]) -> Callable[[], tuple]:
     """fn with the sm_90a mlp_bwd's act = gelu(hidden) by a row pass and dfc1_bias by the two-pass column sum of
     dhidden, instead of both from the d-GELU epilogue (cuda_linear.SM90_ACT_IN_EPILOGUE and
     SM90_DFC1_BIAS_IN_EPILOGUE off for the call)."""
-    flags = ("SM90_ACT_IN_EPILOGUE", "SM90_DFC1_BIAS_IN_EPILOGUE")
-
-    def call():
-        old = [getattr(cuda_linear, flag) for flag in flags]
-        for flag in flags:
-            setattr(cuda_linear, flag, False)
-        try:
-            return fn()
-        finally:
-            for flag, value in zip(flags, old, strict=True):
-                setattr(cuda_linear, flag, value)
-
-    return call
+    return unittest.mock.patch.multiple(cuda_linear, SM90_ACT_IN_EPILOGUE=False, SM90_DFC1_BIAS_IN_EPILOGUE=False)(fn)
 
 
 class Launch(NamedTuple):

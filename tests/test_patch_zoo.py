@@ -315,7 +315,7 @@ HF_ZOO = [
             patch_size=16,
             frequency_stride=10,
             time_stride=10,
-        ),  # fmt: skip
+        ),
         expect(2, 2, ["ASTMLPHead is not a class patch_hf patches"]),
     ),
     # CLIP and SigLIP: the MLPs only (their attention is not ViT's code)
@@ -325,14 +325,14 @@ HF_ZOO = [
         "CLIPConfig",
         _two_towers(hidden_act="gelu"),
         expect(0, 2, ["CLIPAttention is not a class patch_hf patches"] * 2),
-    ),  # fmt: skip
+    ),
     (
         "clip_quick_gelu",
         "CLIPForImageClassification",
         "CLIPConfig",
         _two_towers(),  # CLIP's default activation
         expect(refused="QuickGELUActivation is not GELU"),
-    ),  # fmt: skip
+    ),
     ("siglip", "SiglipForImageClassification", "SiglipConfig", _two_towers(), _SIGLIP_OUTCOME),  # tanh GELU
     ("siglip2", "Siglip2ForImageClassification", "Siglip2Config", _two_towers(num_patches=16), _SIGLIP_OUTCOME),
 ]
