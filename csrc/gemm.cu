@@ -606,6 +606,15 @@ inline void check_colsum_scratch(uintptr_t scratch, index_t scratch_floats, inde
   require(scratch % 4 == 0, name + ": the fp32 scratch must be 4-byte aligned");
 }
 
+// Pass 2 alone: out[col] = the sum of `splits` rows of fp32 partial sums (row stride ld) in scratch.
+template <class T>
+void run_colsum_finish(const float* scratch, T* out, index_t splits, index_t cols, index_t ld, cudaStream_t stream,
+                       const char* name) {
+  colsum_finish_kernel<T><<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream>>>(
+      scratch, out, static_cast<int>(splits), static_cast<int>(cols), static_cast<int>(ld));
+  check_launch(name);
+}
+
 template <class T, class Op>
 void run_colsum(const Op& src, T* out, index_t rows, index_t cols, float* scratch, index_t scratch_floats,
                 cudaStream_t stream, const char* name) {
@@ -617,9 +626,7 @@ void run_colsum(const Op& src, T* out, index_t rows, index_t cols, float* scratc
   colsum_partial_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(src, scratch, static_cast<int>(rows),
                                                              static_cast<int>(cols), static_cast<int>(rows_per_split));
   check_launch(name);
-  colsum_finish_kernel<T><<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream>>>(
-      scratch, out, static_cast<int>(splits), static_cast<int>(cols), static_cast<int>(cols));
-  check_launch(name);
+  run_colsum_finish(scratch, out, splits, cols, cols, stream, name);
 }
 
 template <class T>
@@ -1147,10 +1154,8 @@ void gemm_mlp_bwd_sm90(uintptr_t dy, index_t ldy, uintptr_t x, index_t ldx, uint
                                    co, tanh_form, s)));
     }
     if (partials) {  // summed now: the scratch is dfc2_bias's next
-      const index_t tiles_m = (M + sm90::kTileM - 1) / sm90::kTileM;
-      colsum_finish_kernel<T><<<static_cast<unsigned>((Hd + 255) / 256), 256, 0, s>>>(
-          sums, out<T>(db1), static_cast<int>(tiles_m), hd, static_cast<int>(sm90::DGeluColSumsLd(Hd)));
-      check_launch("mlp_bwd_sm90 dfc1_bias: sum of the d-GELU epilogue's partial sums");
+      run_colsum_finish(sums, out<T>(db1), (M + sm90::kTileM - 1) / sm90::kTileM, Hd, sm90::DGeluColSumsLd(Hd), s,
+                        "mlp_bwd_sm90 dfc1_bias: sum of the d-GELU epilogue's partial sums");
     }
     if (!act_in_epilogue) {
       gelu_rows_kernel<T><<<chunk_blocks(M, Hd, "mlp_bwd_sm90 act"), 256, 0, s>>>(in<T>(hidden), ldh, out<T>(act),
