@@ -358,7 +358,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     import socket
 
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     faulthandler.dump_traceback_later(DDP_RANK_STUCK_S, exit=True)  # a stuck rank prints where, then exits 1
     if "lo" in {name for _, name in socket.if_nameindex()}:
@@ -372,21 +371,30 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
-        model = DDP(vit.VisionTransformer(backend="auto", **TINY))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-        for _ in range(2):
-            x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        params = torch.cat([p.detach().flatten() for p in model.parameters()])
-        torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # The DDP model is freed when _ddp_train returns, while the process group still exists. Freed after
+        # destroy_process_group, on _ddp_worker's own return, a rank once hung there: CI at dd18ca5 printed its stack
+        # stopped in torch's spawn wrapper at the call, with the worker's frame gone and its timer cancelled.
+        _ddp_train(rank, out_dir)
     finally:
         dist.destroy_process_group()
     faulthandler.cancel_dump_traceback_later()
+
+
+def _ddp_train(rank: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
+    model = DDP(vit.VisionTransformer(backend="auto", **TINY))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    for _ in range(2):
+        x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_gloo(tmp_path):
