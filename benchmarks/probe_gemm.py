@@ -13,9 +13,9 @@ packed store of the eager path) three ways, each checked against an fp32 torch p
   tma       tma_gemm.py's persistent TMA kernels (what sm_90 runs now)
   cublas    torch's product of the same shapes (F.linear / matmul; its epilogues unfused)
 then the ops end to end (gelu_mlp, fused_qkv and the three block ops, fwd and fwd+bwd) on both paths against
-eager torch. `--variants` times the TMA kernels at other configs (flatten on / off, 128 x 128 tiles, 4 stages)
-for the products where the choice is open, and the cuda backend's linear_bias on its configuration variants
-(`cuda_variants_table`).
+eager torch. `--variants` times the TMA kernels at other configs (flatten on / off, 256 x 128 tiles; for dGELU
+128 x 128 on 4 stages) for the products where the choice is open, and the cuda backend's linear_bias on its
+configuration variants (`cuda_variants_table`).
 
 cuda (vit_kernels/cuda/linear.py, `_C`): each launcher (qkv_fwd, packed or not, linear_fwd, mlp_fwd, mlp_bwd,
 linear_bwd, qkv_bwd) on csrc/gemm.cu's mma.sync GEMMs (`linear._sm90` replaced by `lambda t: False`) and on the
@@ -175,8 +175,8 @@ def ops(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) -> dict
 
 
 VARIANTS = {  # (epilogue, label, config fields) timed with --variants; "shipped" is the table as it is
-    "store": [("flatten off", {"flatten": False}), ("128x128 4 stages", {"block_n": 128, "num_stages": 4})],
-    "gelu": [("halves", {"quarters": False}), ("128x128 4 stages", {"block_n": 128, "num_stages": 4})],
+    "store": [("flatten off", {"flatten": False}), ("256x128", {"block_m": 256, "block_n": 128})],
+    "gelu": [("halves", {"quarters": False}), ("256x128", {"block_m": 256, "block_n": 128})],
     "dgelu": [("128x128 4 stages", {"block_n": 128, "num_stages": 4, "quarters": False})],
     "partial": [("flatten off", {"flatten": False})],
 }

@@ -86,7 +86,7 @@ void describe(std::vector<KernelFacts>& out);
 // Configuration variants of linear_bias in bf16 (gemm_sm90_variants.cu), built only to be timed beside the shipped
 // configuration (benchmarks/probe_gemm.py): the same product and arguments as linear_bias<__nv_bfloat16>, run with
 // the configuration `variant` names (one of kLinearBiasVariants; anything else raises std::invalid_argument).
-extern const char* const kLinearBiasVariants[2];
+extern const char* const kLinearBiasVariants[3];
 void linear_bias_variant(const std::string& variant, const __nv_bfloat16* a, index_t lda, const __nv_bfloat16* w,
                          index_t ldw, const __nv_bfloat16* bias, __nv_bfloat16* d, index_t ldd, int M, int N, int K,
                          cudaStream_t stream);

@@ -15,6 +15,13 @@ struct Sm90TileCluster1x1 : Sm90Tile {
   static constexpr const char* kCluster = "1x1";
 };
 
+struct Sm90Tall1x2 : Sm90Tile {
+  using Tile = cute::Shape<cute::_256, cute::_128, cute::_64>;  // each consumer warpgroup: 128 x 128
+  using Cluster = cute::Shape<cute::_1, cute::_2, cute::_1>;    // the A tile multicast to two N neighbours
+  static constexpr const char* kTile = "256x128x64";
+  static constexpr const char* kCluster = "1x2";
+};
+
 struct Sm90PingPong {
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;  // one consumer warpgroup's tile: 2 x wgmma 64 x 128
   using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
@@ -32,7 +39,8 @@ using LinearBiasBf16 =
            fusion::LinCombPerColBias<cutlass::bfloat16_t, float, cutlass::bfloat16_t, cutlass::bfloat16_t, float>,
            cutlass::gemm::PersistentScheduler, void, Cfg>;
 
-const char* const kLinearBiasVariants[2] = {"cooperative_cluster1x1", "pingpong_128x128"};
+const char* const kLinearBiasVariants[3] = {"cooperative_cluster1x1", "pingpong_128x128",
+                                            "cooperative_256x128_cluster1x2"};
 
 template <class Cfg>
 void run_variant(const __nv_bfloat16* a, index_t lda, const __nv_bfloat16* w, index_t ldw, const __nv_bfloat16* bias,
@@ -50,9 +58,13 @@ void linear_bias_variant(const std::string& variant, const __nv_bfloat16* a, ind
                                     "sm90 linear_bias cooperative_cluster1x1");
   } else if (variant == kLinearBiasVariants[1]) {
     run_variant<Sm90PingPong>(a, lda, w, ldw, bias, d, ldd, M, N, K, stream, "sm90 linear_bias pingpong_128x128");
+  } else if (variant == kLinearBiasVariants[2]) {
+    run_variant<Sm90Tall1x2>(a, lda, w, ldw, bias, d, ldd, M, N, K, stream,
+                             "sm90 linear_bias cooperative_256x128_cluster1x2");
   } else {
     throw std::invalid_argument("unknown linear_bias variant '" + variant +
-                                "' (built: cooperative_cluster1x1, pingpong_128x128)");
+                                "' (built: cooperative_cluster1x1, pingpong_128x128, "
+                                "cooperative_256x128_cluster1x2)");
   }
 }
 
@@ -61,6 +73,8 @@ void describe_variants(std::vector<KernelFacts>& out) {
   out.back().variant = kLinearBiasVariants[0];
   out.push_back(facts_of<LinearBiasBf16<Sm90PingPong>>("linear_bias", "bf16", "persistent"));
   out.back().variant = kLinearBiasVariants[1];
+  out.push_back(facts_of<LinearBiasBf16<Sm90Tall1x2>>("linear_bias", "bf16", "persistent"));
+  out.back().variant = kLinearBiasVariants[2];
 }
 
 }  // namespace sm90

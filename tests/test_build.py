@@ -77,7 +77,8 @@ def test_cuda_attention_exp2_arguments_are_rounded_products(tmp_path, arch):
 SM90_PRODUCTS = {"linear_bias", "linear_bias_residual", "linear_bias_gelu", "linear_bias_gelu_act", "dgelu",
                  "dgelu_act", "matmul_nn", "matmul_tn_wgrad"}  # fmt: skip
 SM90_DTYPES = 2  # fp16, bf16
-SM90_VARIANTS = {"cooperative_cluster1x1", "pingpong_128x128"}  # linear_bias in bf16 (gemm_sm90_variants.cu)
+# linear_bias in bf16 (gemm_sm90_variants.cu)
+SM90_VARIANTS = {"cooperative_cluster1x1", "pingpong_128x128", "cooperative_256x128_cluster1x2"}
 SM90_KERNELS = len(SM90_PRODUCTS) * SM90_DTYPES + len(SM90_VARIANTS)
 
 
@@ -170,6 +171,7 @@ def test_sm90_gemm_configs_fit_one_cta_per_sm():
     assert variants == {
         "cooperative_cluster1x1": ("linear_bias", "bf16", "128x256x64", "1x1", "cooperative"),
         "pingpong_128x128": ("linear_bias", "bf16", "128x128x64", "2x1", "pingpong"),
+        "cooperative_256x128_cluster1x2": ("linear_bias", "bf16", "256x128x64", "1x2", "cooperative"),
     }
 
 

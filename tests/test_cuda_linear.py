@@ -322,7 +322,7 @@ def _recording(empty, out: list):
 
 
 @needs_sm90
-@pytest.mark.parametrize("variant", ["cooperative_cluster1x1", "pingpong_128x128"])
+@pytest.mark.parametrize("variant", ["cooperative_cluster1x1", "pingpong_128x128", "cooperative_256x128_cluster1x2"])
 @pytest.mark.parametrize("MNK", [(296, 2304, 768), (296, 72, 3072), (1, 8, 8)])
 def test_sm90_linear_bias_variants_match_reference(poisoned, variant, MNK):
     """The configuration variants probe_gemm.py times beside the shipped linear_bias (bf16 only) compute the same
