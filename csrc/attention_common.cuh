@@ -21,7 +21,8 @@
 // Memory layout: q, k, v, out, dout are (B, H, N, D) with any (B, H, N) strides and unit stride along D;
 // 16-bit inputs also need 16-byte aligned pointers and strides that are multiples of 8 elements (16-byte
 // cp.async). The launchers check this; vit_kernels/cuda/attention.py copies inputs that break it.
-// dq, dk, dv, lse and delta are contiguous.
+// dq, dk, dv share one set of (B, H, N) strides (contiguous, or the slices of a packed (B, N, 3, H, D) buffer),
+// unit stride along D; lse and delta are contiguous.
 //
 // Instantiated: {fp16, bf16} x D in {32, 48, 64, 80, 96, 128} x {fwd, dkdv, dq} tensor-core kernels,
 // delta for {fp32, fp16, bf16}, and the fp32 SIMT kernels (runtime D <= 128).

@@ -339,6 +339,30 @@ def test_bwd_launcher_checks_preconditions():
         _C.attention_bwd(**{**args, "grad_strides": (5 * 64, 5 * 64, 65)})
     with pytest.raises(ValueError, match=r"dq, dk, dv: rows of D elements must not overlap \(N stride >= D\)"):
         _C.attention_bwd(**{**args, "grad_strides": (5 * 64, 5 * 64, 32)})
+    # Heads or batches that land on each other's rows, and one buffer for two gradients, are refused too.
+    many = {**args, "B": 2, "H": 3, "dq": 0, "dk": 1024, "dv": 2048, "grad_strides": (960, 320, 64)}
+    for strides in [(960, 0, 64), (0, 320, 64), (960, 16, 192), (960, 64, 64), (900, 320, 64)]:
+        with pytest.raises(ValueError, match=r"dq, dk, dv: \(B, H, N\) strides \(.*\) make rows overlap at B=2"):
+            _C.attention_bwd(**{**many, "grad_strides": strides})
+    with pytest.raises(ValueError, match=r"dq, dk, dv: \(B, H, N\) strides must not be negative"):
+        _C.attention_bwd(**{**many, "grad_strides": (960, -320, 64)})
+    with pytest.raises(ValueError, match=r"dq, dk, dv: three distinct buffers \(or slices\) are needed"):
+        _C.attention_bwd(**{**many, "dv": 0})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reaches the launch with made-up pointers: only without a GPU")
+@pytest.mark.parametrize("layout", ["packed", "contiguous"])
+def test_bwd_launcher_takes_the_gradient_layouts_python_allocates(layout):
+    """The q / k / v slices of one packed (B, N, 3, H, D) buffer, and contiguous (B, H, N, D) gradients, pass the
+    overlap checks and reach the launch (which fails here: no driver)."""
+    B, H, N, D = 2, 3, 5, 64
+    s = (H * N * D, N * D, D)
+    grad = {"packed": (N * 3 * H * D, D, 3 * H * D), "contiguous": s}[layout]
+    args = dict(dout=0, dout_strides=s, q=0, q_strides=s, k=0, k_strides=s, v=0, v_strides=s, out=0, out_strides=s,
+                lse=0, delta=0, dq=0, dk=H * D * 2, dv=2 * H * D * 2, grad_strides=grad, B=B, H=H, N=N, D=D,
+                scale=0.125, dtype=HALF, stream=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"attn_delta_kernel failed: CUDA error \d+"):
+        _extension().attention_bwd(**args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver error path, on a machine without a GPU")

@@ -284,13 +284,14 @@ def test_mlp_fwd_without_autograd_writes_no_pre_activation(poisoned, dtype, shap
 @pytest.mark.parametrize("shape", SM90_MLP_SHAPES)
 @pytest.mark.parametrize("act_in_epilogue, dfc1_bias_in_epilogue", [(True, True), (True, False), (False, True),
                                                                     (False, False)])  # fmt: skip
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_sm90_dgelu_epilogue_outputs_match_reference(
-    poisoned, monkeypatch, dtype, shape, act_in_epilogue, dfc1_bias_in_epilogue
+    poisoned, monkeypatch, dtype, shape, act_in_epilogue, dfc1_bias_in_epilogue, approximate
 ):
     """mlp_bwd on sm_90a with act = gelu(hidden) and dfc1_bias's per-tile partial sums from the d-GELU epilogue (the
     default, sm90::dgelu_act) or from the separate passes they replaced (a row pass, the two-pass column sum), each
-    way: a ragged last row tile, N = 288 and 16 not multiples of the 256-column tile, M = 1; every output against
-    float64, act too (hidden near GELU's bend), the scratch NaN-poisoned like the outputs."""
+    way, for both GELU forms: a ragged last row tile, N = 288 and 16 not multiples of the 256-column tile, M = 1;
+    every output against float64, act too (hidden near GELU's bend), the scratch NaN-poisoned like the outputs."""
     monkeypatch.setattr(linear, "SM90_ACT_IN_EPILOGUE", act_in_epilogue)
     monkeypatch.setattr(linear, "SM90_DFC1_BIAS_IN_EPILOGUE", dfc1_bias_in_epilogue)
     acts = []
@@ -301,12 +302,13 @@ def test_sm90_dgelu_epilogue_outputs_match_reference(
     w2 = (torch.randn(C_out, Hd, device="cuda") * Hd**-0.5).to(dtype)
     hidden = (x.float() @ w1.float().t() + torch.randn(Hd, device="cuda")).to(dtype)
     dy = torch.randn(M, C_out, device="cuda").to(dtype)
-    dx, dw1, db1, dw2, db2 = linear.mlp_bwd(dy, x, w1, w2, hidden, True, True, "none", False)
+    dx, dw1, db1, dw2, db2 = linear.mlp_bwd(dy, x, w1, w2, hidden, True, True, approximate, False)
     xd, w1d, w2d, hd, dyd = (t.double() for t in (x, w1, w2, hidden, dy))
-    dh, act = torch.ops.aten.gelu_backward(dyd @ w2d, hd), torch.nn.functional.gelu(hd)
+    dh = torch.ops.aten.gelu_backward(dyd @ w2d, hd, approximate=approximate)
+    act = torch.nn.functional.gelu(hd, approximate=approximate)
     refs = {"dx": dh @ w1d, "dfc1_weight": dh.t() @ xd, "dfc1_bias": dh.sum(0), "dfc2_weight": dyd.t() @ act,
             "dfc2_bias": dyd.sum(0)}  # fmt: skip
-    where = f"act in the epilogue: {act_in_epilogue}, dfc1_bias: {dfc1_bias_in_epilogue}"
+    where = f"{approximate} GELU; act in the epilogue: {act_in_epilogue}, dfc1_bias: {dfc1_bias_in_epilogue}"
     for (name, ref), got in zip(refs.items(), (dx, dw1, db1, dw2, db2), strict=True):
         _check(f"{name} ({where})", got, ref, dtype)
     # the act buffer itself: the second (M, Hd) allocation of mlp_bwd (dhidden, act)
