@@ -9,10 +9,7 @@
 //   attn_dq_kernel       a block owns 64 queries and loops over key tiles: dQ = scale dS K
 //   attn_*_simt_kernel   the same two products (dkdv, dq) for fp32
 // dK dV and dQ each own their outputs (no atomics), so the backward is deterministic.
-#include <algorithm>
 #include <cstdint>
-#include <string>
-#include <utility>
 
 #include "attention_common.cuh"
 
@@ -294,23 +291,6 @@ __global__ void __launch_bounds__(32 * kSimtWarps) attn_dq_simt_kernel(const Bwd
 using attn::index_t;
 using attn::Strides3;
 
-// Every element of one gradient has its own address: strides >= 0 and, taken in increasing order over the modes of
-// size > 1, each stride at least the extent of the modes below it (the rows of D elements included). Both layouts
-// the Python side allocates pass: contiguous (B, H, N, D), and a q / k / v slice of a packed (B, N, 3, H, D) buffer.
-static void check_grad_layout(Strides3 s, index_t B, index_t H, index_t N, index_t D) {
-  require(s[0] >= 0 && s[1] >= 0 && s[2] >= 0, "dq, dk, dv: (B, H, N) strides must not be negative");
-  std::array<std::pair<index_t, index_t>, 3> modes{{{s[0], B}, {s[1], H}, {s[2], N}}};  // (stride, size)
-  std::sort(modes.begin(), modes.end());
-  index_t extent = D;  // elements one row spans
-  for (const auto& [stride, size] : modes) {
-    if (size <= 1) continue;
-    require(stride >= extent, "dq, dk, dv: (B, H, N) strides (" + std::to_string(s[0]) + ", " +
-                                  std::to_string(s[1]) + ", " + std::to_string(s[2]) + ") make rows overlap at B=" +
-                                  std::to_string(B) + ", H=" + std::to_string(H) + ", N=" + std::to_string(N) +
-                                  ", D=" + std::to_string(D));
-    extent += stride * (size - 1);
-  }
-}
 
 // dq, dk, dv (B, H, N, D), all three with the (B, H, N) strides grad_strides (contiguous, or the q / k / v slices
 // of one packed (B, N, 3, H, D) buffer), from dout, q, k, v, out (strided) and lse; delta (B, H, N) fp32 is scratch.
@@ -332,7 +312,7 @@ void attention_bwd(uintptr_t dout, Strides3 dout_strides, uintptr_t q, Strides3 
   require(!vec || (grad_strides[0] % 2 == 0 && grad_strides[1] % 2 == 0 && grad_strides[2] % 2 == 0),
           "dq, dk, dv: 16-bit gradients are stored in pairs, so their (B, H, N) strides must be even");
   require(N == 1 || grad_strides[2] >= D, "dq, dk, dv: rows of D elements must not overlap (N stride >= D)");
-  check_grad_layout(grad_strides, B, H, N, D);
+  check_rows_distinct("dq, dk, dv", grad_strides, B, H, N, D);
   require(dq != dk && dq != dv && dk != dv, "dq, dk, dv: three distinct buffers (or slices) are needed");
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {

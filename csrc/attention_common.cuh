@@ -36,11 +36,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "common.cuh"
 
@@ -416,6 +418,25 @@ inline void check_operand(const char* name, uintptr_t ptr, const Strides3& s, bo
     require(s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0,
             n + ": strides (B, H, N) must be multiples of 8 elements for 16-byte loads, got (" +
                 std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " + std::to_string(s[2]) + ")");
+  }
+}
+
+// An output every element of which has its own address (so that no two blocks write one row): (B, H, N) strides
+// >= 0 and, in increasing order over the modes of size > 1, each at least the extent of the modes below it (the
+// rows of D elements included). Contiguous (B, H, N, D), out's (B, N, H, D) memory order and the q / k / v slices
+// of a packed (B, N, 3, H, D) buffer all pass.
+inline void check_rows_distinct(const char* name, const Strides3& s, index_t B, index_t H, index_t N, index_t D) {
+  const std::string n = name;
+  require(s[0] >= 0 && s[1] >= 0 && s[2] >= 0, n + ": (B, H, N) strides must not be negative");
+  std::array<std::pair<index_t, index_t>, 3> modes{{{s[0], B}, {s[1], H}, {s[2], N}}};  // (stride, size)
+  std::sort(modes.begin(), modes.end());
+  index_t extent = D;  // the elements one row spans
+  for (const auto& [stride, size] : modes) {
+    if (size <= 1) continue;
+    require(stride >= extent, n + ": (B, H, N) strides (" + std::to_string(s[0]) + ", " + std::to_string(s[1]) +
+                                  ", " + std::to_string(s[2]) + ") make rows overlap at B=" + std::to_string(B) +
+                                  ", H=" + std::to_string(H) + ", N=" + std::to_string(N) + ", D=" + std::to_string(D));
+    extent += stride * (size - 1);
   }
 }
 

@@ -176,6 +176,7 @@ void attention_fwd(uintptr_t q, Strides3 q_strides, uintptr_t k, Strides3 k_stri
   check_operand("k", k, k_strides, vec);
   check_operand("v", v, v_strides, vec);
   check_operand("out", out, out_strides, vec);
+  check_rows_distinct("out", out_strides, B, H, N, D);
   require(lse % 4 == 0, "lse: pointer must be 4-byte aligned");
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {

@@ -315,6 +315,8 @@ def _fwd_args(**overrides):
         (dict(k_strides=(960, 64, 196)), r"k: strides \(B, H, N\) must be multiples of 8 elements"),
         (dict(out_strides=(320, 68, 64)), r"out: strides \(B, H, N\) must be multiples of 8 elements"),
         (dict(lse=2), r"lse: pointer must be 4-byte aligned"),
+        (dict(out_strides=(320, 64, 32)), r"out: \(B, H, N\) strides \(320, 64, 32\) make rows overlap at B=1, H=1"),
+        (dict(B=2, H=2, out_strides=(320, 64, 128)), r"out: \(B, H, N\) strides \(320, 64, 128\) make rows overlap"),
     ],
 )
 def test_fwd_launcher_checks_preconditions(overrides, message):
