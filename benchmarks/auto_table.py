@@ -7,7 +7,8 @@
 
 Reads the JSON files that attn_bench.py, mlp_bench.py and block_bench.py write (`env` + `rows`, see common.Report.write)
 and writes a table in the format of vit_kernels/measured_backends.json (keys: dispatch.TableKey). A cell
-of the table is (arch, op, dtype, head dim D or channel bucket, sequence-length or row bucket); a kernel
+of the table is (arch, op, dtype, head dim D or channel bucket, sequence-length or row bucket, and for attention
+the B * H bucket); a kernel
 backend (triton, cuda) goes in for a cell only if, in EVERY measured row of that cell (each shape, mode and
 layout), it passed parity (rel err finite and within common.TOLERANCE) and its median time beat what
 `torch` runs there:
@@ -91,7 +92,8 @@ def cell_of(row: dict, arch: str, dtype: str) -> tuple[dispatch.TableKey, str] |
     block_bench's `compile`, `unfused` and `unfused_cuda` rows)."""
     bench, op = row.get("bench"), row.get("op")
     if bench == "attn_bench":
-        return dispatch.TableKey(arch, "attention", dtype, int(row["D"]), dispatch.bucket(int(row["N"]))), "sdpa"
+        batch = dispatch.bucket(int(row["B"]) * int(row["H"]))
+        return dispatch.TableKey(arch, "attention", dtype, int(row["D"]), dispatch.bucket(int(row["N"])), batch), "sdpa"
     if bench == "mlp_bench" and op in ("qkv", "mlp"):
         name, baseline = ("fused_qkv", "views") if op == "qkv" else ("gelu_mlp", "eager")
         key = dispatch.TableKey(arch, name, dtype, dispatch.bucket(int(row["C"])), dispatch.bucket(int(row["M"])))
@@ -156,11 +158,11 @@ def propose(paths: list[Path], arch_override: str | None = None) -> tuple[list[d
         _, evidence = verdicts[backend]
         evidence = f"{devices[key]}: {evidence}; {', '.join(sorted(sources[key]))}"
         ops = dispatch.BLOCK_OPS if key.op == "block" else (key.op,)
+        sizes = {"dim": key.dim, "tokens": key.tokens, **({"batch": key.batch} if key.op == "attention" else {})}
         entries += [
-            {"arch": key.arch, "op": op, "dtype": key.dtype, "dim": key.dim, "tokens": key.tokens,
-             "backend": backend, "evidence": evidence}
+            {"arch": key.arch, "op": op, "dtype": key.dtype, **sizes, "backend": backend, "evidence": evidence}
             for op in ops
-        ]  # fmt: skip
+        ]
         notes.append(f"{key}: {backend}{' for ' + ', '.join(ops) if key.op == 'block' else ''} ({evidence})")
     return entries, notes
 

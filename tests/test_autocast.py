@@ -153,7 +153,10 @@ def test_explain_backend_sees_the_autocast_dtype(monkeypatch):
     with FakeTensorMode():
         q = torch.empty(2, 3, 197, 64, device="cuda")
         backend, reason = vk.explain_backend("attention", q, q, q)
-    assert (backend, reason) == ("torch", "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch")
+    assert (backend, reason) == (
+        "torch",
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256 B*H<=8: torch",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_auto_on_cuda_is_torch_where_nothing_was_measured(monkeypatch):
     major, minor = torch.cuda.get_device_capability()
     assert (backend, reason) == (
         "torch",
-        f"no committed GPU measurement for sm_{major}{minor} attention bf16 D=64 N<=256: torch",
+        f"no committed GPU measurement for sm_{major}{minor} attention bf16 D=64 N<=256 B*H<=8: torch",
     )
     assert vk.explain_backend("fused_qkv", *_qkv_inputs(device="cuda"), 2).backend == "torch"
     assert vk.explain_backend("gelu_mlp", *_mlp_inputs(device="cuda")).backend == "torch"
@@ -289,8 +289,9 @@ def test_partial_build_is_reported_not_crashed(monkeypatch):
 # auto on CUDA: the measured table (fake CUDA tensors, faked compute capability: no GPU needed)
 # ----------------------------------------------------------------------------------------------------
 def _table(*entries):
+    """Entries as tuples (arch, op, dtype, dim, tokens, backend), attention's with its batch (B * H bucket) last."""
     return dispatch.parse_table(
-        {"entries": [dict(zip(("arch", "op", "dtype", "dim", "tokens", "backend"), e)) for e in entries]}
+        {"entries": [dict(zip(("arch", "op", "dtype", "dim", "tokens", "backend", "batch"), e)) for e in entries]}
     )
 
 
@@ -348,7 +349,7 @@ def test_auto_without_a_measurement_is_torch_and_says_so(fake_cuda):
     q = _cuda(2, 3, 197, 64)
     assert vk.explain_backend("attention", q, q, q) == (
         "torch",
-        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch",
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256 B*H<=8: torch",
     )
     x, w, b = _cuda(8, 197, 768), _cuda(3 * 768, 768), _cuda(3 * 768)
     assert vk.explain_backend("fused_qkv", x, w, b, 12) == (
@@ -359,10 +360,13 @@ def test_auto_without_a_measurement_is_torch_and_says_so(fake_cuda):
 
 def test_auto_takes_the_measured_backend_only_where_it_was_measured(fake_cuda, monkeypatch):
     _skip_unless_runs("triton", "cuda:0")  # the real availability check, on the faked sm_90
-    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 64, 256, "triton")))
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 64, 256, "triton", 8)))
     q = _cuda(2, 3, 197, 64)
     backend, reason = vk.explain_backend("attention", q, q, q)
-    assert (backend, reason) == ("triton", "measured correct and fastest for sm_90 attention bf16 D=64 N<=256: triton")
+    assert (backend, reason) == (
+        "triton",
+        "measured correct and fastest for sm_90 attention bf16 D=64 N<=256 B*H<=8: triton",
+    )
     assert attention_op.check(q, q, q, None, "auto")[0].backend == "triton"
     assert vk.explain_backend("attention", *[_cuda(2, 3, 129, 64)] * 3).backend == "triton"  # same bucket
     # every other key misses: another N bucket, head dim, dtype, op, arch
@@ -370,12 +374,19 @@ def test_auto_takes_the_measured_backend_only_where_it_was_measured(fake_cuda, m
     assert vk.explain_backend("attention", *[_cuda(2, 3, 128, 64)] * 3).backend == "torch"
     assert vk.explain_backend("attention", *[_cuda(2, 3, 197, 80)] * 3).backend == "torch"
     assert vk.explain_backend("attention", *[_cuda(2, 3, 197, 64, dtype=torch.float16)] * 3).backend == "torch"
+    # another batch: B * H = 2 or 9 is outside the measured B * H <= 8 bucket, 5..8 inside it
+    assert vk.explain_backend("attention", *[_cuda(1, 2, 197, 64)] * 3) == (
+        "torch",
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256 B*H<=2: torch",
+    )
+    assert vk.explain_backend("attention", *[_cuda(3, 3, 197, 64)] * 3).backend == "torch"
+    assert vk.explain_backend("attention", *[_cuda(1, 5, 197, 64)] * 3).backend == "triton"
     x = _cuda(1, 197, 192)
     assert vk.explain_backend("fused_qkv", x, _cuda(576, 192), None, 3).backend == "torch"
     fake_cuda[0] = (8, 6)  # an sm_86 card: the sm_90 measurement says nothing about it
     assert vk.explain_backend("attention", q, q, q) == (
         "torch",
-        "no committed GPU measurement for sm_86 attention bf16 D=64 N<=256: torch",
+        "no committed GPU measurement for sm_86 attention bf16 D=64 N<=256 B*H<=8: torch",
     )
     assert vk.explain_backend("attention", q, q, q, backend="reference").backend == "reference"
 
@@ -405,7 +416,7 @@ def test_auto_linear_ops_use_channel_and_token_buckets(fake_cuda, monkeypatch):
 
 def test_auto_fp32_is_keyed_by_the_matmul_precision(fake_cuda, monkeypatch, highest_precision):
     _skip_unless_runs("triton", "cuda:0")
-    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "tf32", 64, 256, "triton")))
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "tf32", 64, 256, "triton", 8)))
     q = _cuda(2, 3, 197, 64, dtype=torch.float32)
     # "highest" (the fixture's; restored after the test): exact fp32, the tf32 measurement does not apply
     assert vk.explain_backend("attention", q, q, q).reason.startswith(
@@ -416,11 +427,13 @@ def test_auto_fp32_is_keyed_by_the_matmul_precision(fake_cuda, monkeypatch, high
 
 
 def test_auto_measured_backend_that_cannot_run_these_inputs_is_torch(fake_cuda, monkeypatch):
-    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 40, 256, "triton")))
+    monkeypatch.setattr(dispatch, "_TABLE", _table(("sm_90", "attention", "bf16", 40, 256, "triton", 8)))
     q = _cuda(2, 3, 197, 40)
     backend, reason = vk.explain_backend("attention", q, q, q)
     assert backend == "torch"
-    assert reason.startswith("measured fastest for sm_90 attention bf16 D=40 N<=256 is triton, which cannot run here (")
+    assert reason.startswith(
+        "measured fastest for sm_90 attention bf16 D=40 N<=256 B*H<=8 is triton, which cannot run here ("
+    )
     assert reason.endswith("): torch")
 
 
@@ -443,12 +456,15 @@ def test_explain_backend_on_cpu_and_bad_arguments():
 @pytest.mark.parametrize(
     "entry, match",
     [
-        (("sm_90", "attention", "bf16", 64, 197, "triton"), "tokens 197 is not a power of two"),
+        (("sm_90", "attention", "bf16", 64, 197, "triton", 8), "tokens 197 is not a power of two"),
         (("sm_90", "mlp", "bf16", 64, 256, "triton"), "op 'mlp' is not one of"),
         (("sm_90", "gelu_mlp", "bf16", 768, 256, "triton"), "dim 768 is not a power of two"),
-        (("sm_90", "attention", "fp64", 64, 256, "triton"), "dtype 'fp64'"),
-        (("90", "attention", "bf16", 64, 256, "triton"), "arch '90' is not sm_"),
-        (("sm_90", "attention", "bf16", 64, 256, "auto"), "backend 'auto' is not torch, triton or cuda"),
+        (("sm_90", "attention", "fp64", 64, 256, "triton", 8), "dtype 'fp64'"),
+        (("90", "attention", "bf16", 64, 256, "triton", 8), "arch '90' is not sm_"),
+        (("sm_90", "attention", "bf16", 64, 256, "auto", 8), "backend 'auto' is not torch, triton or cuda"),
+        (("sm_90", "attention", "bf16", 64, 256, "triton"), "is malformed: missing batch"),
+        (("sm_90", "attention", "bf16", 64, 256, "triton", 6), "batch 6 is not a power of two"),
+        (("sm_90", "gelu_mlp", "bf16", 1024, 256, "triton", 8), "batch is attention's field"),
     ],
 )
 def test_bad_table_entry_is_named(entry, match):
@@ -457,8 +473,8 @@ def test_bad_table_entry_is_named(entry, match):
 
 
 def test_table_key_repeated_or_missing_fields():
-    with pytest.raises(ValueError, match="repeats the key sm_90 attention bf16 D=64 N<=256"):
-        _table(*[("sm_90", "attention", "bf16", 64, 256, "triton")] * 2)
+    with pytest.raises(ValueError, match="repeats the key sm_90 attention bf16 D=64 N<=256 B\\*H<=8"):
+        _table(*[("sm_90", "attention", "bf16", 64, 256, "triton", 8)] * 2)
     with pytest.raises(ValueError, match="entry 0 .* is malformed"):
         dispatch.parse_table({"entries": [{"arch": "sm_90", "op": "attention"}]})
 
@@ -467,11 +483,11 @@ def test_table_key_repeated_or_missing_fields():
 @pytest.mark.parametrize("arch", ["sm_9", "sm_90a", "sm_090", "SM_90", "sm_", "sm_9.0", 90])
 def test_table_arch_the_dispatcher_can_never_match_is_refused(arch):
     with pytest.raises(ValueError, match=r"entry 0 .*arch"):
-        _table((arch, "attention", "bf16", 64, 256, "triton"))
+        _table((arch, "attention", "bf16", 64, 256, "triton", 8))
 
 
 def test_table_accepts_every_arch_a_device_can_have():
-    assert [k.arch for k in _table(*[(a, "attention", "bf16", 64, 256, "triton") for a in ("sm_80", "sm_86", "sm_90",
+    assert [k.arch for k in _table(*[(a, "attention", "bf16", 64, 256, "triton", 8) for a in ("sm_80", "sm_86", "sm_90",
                                                                                            "sm_100", "sm_120")])] == [
         "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"
     ]  # fmt: skip
@@ -484,6 +500,7 @@ def test_table_accepts_every_arch_a_device_can_have():
         ("dim", 64.0, "dim 64.0 is not an integer"),
         ("dim", "64", "dim '64' is not an integer"),
         ("tokens", True, "tokens True is not an integer"),
+        ("batch", 8.0, "batch 8.0 is not an integer"),
         ("dim", 0, "dim 0 is not positive"),
         ("op", ["attention"], r"op \['attention'\] is not a string"),
         ("backend", None, "backend None is not a string"),
@@ -491,7 +508,8 @@ def test_table_accepts_every_arch_a_device_can_have():
     ],
 )
 def test_table_entry_of_the_wrong_type_is_named(field, value, match):
-    entry = {"arch": "sm_90", "op": "attention", "dtype": "bf16", "dim": 64, "tokens": 256, "backend": "triton"}
+    entry = {"arch": "sm_90", "op": "attention", "dtype": "bf16", "dim": 64, "tokens": 256, "batch": 8,
+             "backend": "triton"}  # fmt: skip
     good = dict(entry, dim=80)
     with pytest.raises(ValueError, match=rf"^t\.json: entry 1 \(.*{match}"):
         dispatch.parse_table({"entries": [good, {**entry, field: value}]}, source="t.json")
@@ -522,7 +540,7 @@ def test_auto_says_when_the_committed_table_could_not_be_read(fake_cuda, monkeyp
     q = _cuda(2, 3, 197, 64)
     assert vk.explain_backend("attention", q, q, q) == (
         "torch",
-        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch "
+        "no committed GPU measurement for sm_90 attention bf16 D=64 N<=256 B*H<=8: torch "
         "(the committed table was not read: measured_backends.json: not valid JSON (...))",
     )
 
@@ -646,16 +664,17 @@ def test_auto_table_proposes_only_correct_and_faster_backends(auto_table, tmp_pa
     assert auto_table.main([str(gpu), str(cpu), "--out", str(out)]) == 0
     table = dispatch.load_table(out)
     assert {str(key): entry["backend"] for key, entry in table.items()} == {
-        "sm_90 attention bf16 D=64 N<=256": "triton",
-        "sm_90 attention bf16 D=80 N<=256": "cuda",
+        "sm_90 attention bf16 D=64 N<=256 B*H<=128": "triton",  # B = 8, H = 12
+        "sm_90 attention bf16 D=80 N<=256 B*H<=128": "cuda",
         "sm_90 gelu_mlp bf16 C<=1024 B*N<=65536": "cuda",
     }
-    evidence = table[dispatch.TableKey("sm_90", "attention", "bf16", 64, 256)]["evidence"]
+    evidence = table[dispatch.TableKey("sm_90", "attention", "bf16", 64, 256, 128)]["evidence"]
+    assert [e.get("batch") for e in json.loads(out.read_text())["entries"]] == [128, 128, None]
     assert evidence.startswith("NVIDIA H100 80GB HBM3: 2 cases, 1.03-1.25x faster than torch, max rel err 1.0e-03")
     report = capsys.readouterr().out
     assert "cpu.json: skipped, measured on cpu" in report
-    assert "sm_90 attention bf16 D=64 N<=512: torch (no entry): triton: slower than torch at" in report
-    assert "sm_90 attention bf16 D=96 N<=256: torch (no entry)" in report
+    assert "sm_90 attention bf16 D=64 N<=512 B*H<=128: torch (no entry): triton: slower than torch at" in report
+    assert "sm_90 attention bf16 D=96 N<=256 B*H<=128: torch (no entry)" in report
     assert "sm_90 fused_qkv bf16 C<=1024 B*N<=65536: torch (no entry): triton: slower than torch" in report
 
 
@@ -668,7 +687,7 @@ def test_auto_table_needs_an_arch_it_can_tell(auto_table, tmp_path):
     with pytest.raises(SystemExit, match="pass --arch"):
         auto_table.main([str(path), "--out", str(tmp_path / "t.json")])
     auto_table.main([str(path), "--out", str(tmp_path / "t.json"), "--arch", "sm_100"])
-    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
+    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256 B*H<=128"]
 
 
 @pytest.mark.parametrize("committed", ['{"entries": [', "[]", '{"entries": []}'])
@@ -679,7 +698,7 @@ def test_auto_table_rewrites_a_broken_committed_table(auto_table, tmp_path, monk
     monkeypatch.setattr(dispatch, "MEASURED_TABLE", broken)
     path = _results(tmp_path / "gpu.json", "cuda", _attn_rows(197, 64, "fwd", {"sdpa_flash": 1.0, "triton": 0.5}))
     assert auto_table.main([str(path), "--out", str(tmp_path / "t.json")]) == 0
-    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_90 attention bf16 D=64 N<=256"]
+    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_90 attention bf16 D=64 N<=256 B*H<=128"]
     assert "auto" in json.loads((tmp_path / "t.json").read_text())["about"]
 
 
@@ -691,7 +710,7 @@ def test_auto_table_takes_the_arch_from_the_capability_the_benchmarks_record(aut
     data["env"].update(device_name="Some Future GPU", capability="sm_100")
     path.write_text(json.dumps(data))
     auto_table.main([str(path), "--out", str(tmp_path / "t.json")])
-    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256"]
+    assert [str(k) for k in dispatch.load_table(tmp_path / "t.json")] == ["sm_100 attention bf16 D=64 N<=256 B*H<=128"]
 
 
 # ----------------------------------------------------------------------------------------------------

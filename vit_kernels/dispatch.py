@@ -217,10 +217,13 @@ class TableKey(NamedTuple):
     dtype: str  # "fp16" | "bf16" | "fp32" (exact) | "tf32" (fp32 inputs where the matmul precision allows tf32)
     dim: int  # attention: the head dim D; the others: the channel count C (the block's width), bucketed
     tokens: int  # attention: the sequence length N; the others: the GEMM's rows B * N; bucketed
+    # attention: B * H, its independent (batch, head) problems, bucketed (a measurement at a large batch says
+    # nothing of one that fills a fraction of the SMs); the others: 1, their tokens B * N hold the batch
+    batch: int = 1
 
     def __str__(self) -> str:
         if self.op == "attention":
-            return f"{self.arch} attention {self.dtype} D={self.dim} N<={self.tokens}"
+            return f"{self.arch} attention {self.dtype} D={self.dim} N<={self.tokens} B*H<={self.batch}"
         return f"{self.arch} {self.op} {self.dtype} C<={self.dim} B*N<={self.tokens}"
 
 
@@ -232,7 +235,8 @@ def bucket(n: int) -> int:
 # What `_table_key` builds from torch's compute capability: f"sm_{major}{minor}", the minor one digit. An arch
 # of another form ("sm_9", "sm_90a") could never be looked up, so its entry would be dead without a word.
 _TABLE_ARCH = re.compile(r"sm_[1-9][0-9]*[0-9]")
-# Each entry's fields and their JSON types; "evidence" (where the measurement is) may be left out.
+# Each entry's fields and their JSON types; "evidence" (where the measurement is) may be left out, and "batch" is
+# attention's alone (required there).
 _TABLE_FIELDS = {"arch": str, "op": str, "dtype": str, "dim": int, "tokens": int, "backend": str}
 
 
@@ -260,13 +264,16 @@ def parse_table(data, source: str = "measured table") -> dict[TableKey, dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{source}: entry {i} ({entry!r}) is not an object with the fields {list(_TABLE_FIELDS)}")
-        missing = [name for name in _TABLE_FIELDS if name not in entry]
+        attention = entry.get("op") == "attention"
+        missing = [name for name in (*_TABLE_FIELDS, *(["batch"] if attention else [])) if name not in entry]
         problems = [f"missing {', '.join(missing)}"] if missing else []
-        kinds = {**_TABLE_FIELDS, "evidence": str}
+        if "batch" in entry and not attention:
+            problems.append("batch is attention's field (the others' tokens, B * N, hold the batch)")
+        kinds = {**_TABLE_FIELDS, "batch": int, "evidence": str}
         problems += filter(None, (_type_problem(n, entry[n], kind) for n, kind in kinds.items() if n in entry))
         if problems:
             raise ValueError(f"{source}: entry {i} ({entry!r}) is malformed: {'; '.join(problems)}")
-        key = TableKey(entry["arch"], entry["op"], entry["dtype"], entry["dim"], entry["tokens"])
+        key = TableKey(entry["arch"], entry["op"], entry["dtype"], entry["dim"], entry["tokens"], entry.get("batch", 1))
         backend = entry["backend"]
         checks = (
             (
@@ -277,6 +284,7 @@ def parse_table(data, source: str = "measured table") -> dict[TableKey, dict]:
             (key.dtype in ("fp32", "tf32", "fp16", "bf16"), f"dtype {key.dtype!r} is not fp32, tf32, fp16 or bf16"),
             (key.dim > 0, f"dim {key.dim} is not positive"),
             (key.tokens == bucket(key.tokens), f"tokens {key.tokens} is not a power of two"),
+            (key.batch == bucket(key.batch), f"batch {key.batch} is not a power of two"),
             (key.op == "attention" or key.dim == bucket(key.dim), f"dim {key.dim} is not a power of two"),
             (backend in ("torch", "triton", "cuda"), f"backend {backend!r} is not torch, triton or cuda"),
             (key not in table, f"it repeats the key {key}"),
@@ -332,26 +340,27 @@ def measured_table_size() -> int:
 _REQUESTED = {b: f"backend={b!r} was requested" for b in BACKENDS}
 
 
-def _table_key(device: torch.device, op: str, dtype: torch.dtype, dim: int, tokens: int) -> TableKey:
+def _table_key(device: torch.device, op: str, dtype: torch.dtype, dim: int, tokens: int, batch: int = 1) -> TableKey:
     major, minor = _capability(device)
     name = DTYPE_NAMES[dtype]
     if name == "fp32" and allow_tf32():
         name = "tf32"
     if op != "attention":
         dim = bucket(dim)
-    return TableKey(f"sm_{major}{minor}", op, name, dim, bucket(tokens))
+    return TableKey(f"sm_{major}{minor}", op, name, dim, bucket(tokens), bucket(batch))
 
 
 def select(
     backend: str,
     device: torch.device,
     op: str,
-    sizes: tuple[torch.dtype, int, int],
+    sizes: tuple,
     objection,
 ) -> Choice:
-    """Resolve `backend` for `op` on `device`. `sizes` is (dtype, dim, tokens) of these inputs, the table's key
-    (see TableKey); `objection(b)` is backend b's objection to these particular inputs, or None (called only
-    for the backends considered: building every backend's reasons on every call cost microseconds)."""
+    """Resolve `backend` for `op` on `device`. `sizes` is (dtype, dim, tokens) of these inputs, and B * H for
+    attention: the table's key (see TableKey); `objection(b)` is backend b's objection to these particular inputs,
+    or None (called only for the backends considered: building every backend's reasons on every call cost
+    microseconds)."""
     family = "attention" if op == "attention" else "block" if op in BLOCK_OPS else "linear"
 
     def reason(b: str) -> str | None:

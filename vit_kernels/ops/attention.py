@@ -68,7 +68,8 @@ def check(q, k, v, scale, backend: str) -> tuple[dispatch.Choice, float]:
             return None
         return f"head dim D={head_dim} is not supported (supported: {dims})"
 
-    choice = dispatch.select(backend, q.device, "attention", (q.dtype, head_dim, q.shape[2]), objection)
+    sizes = (q.dtype, head_dim, q.shape[2], q.shape[0] * q.shape[1])
+    choice = dispatch.select(backend, q.device, "attention", sizes, objection)
     return (dispatch.empty_batch(choice) if q.shape[0] == 0 else choice), float(scale)
 
 
