@@ -337,25 +337,40 @@ fi
 build_key_file=${GPU_CHECK_BUILD_KEY:-build/gpu_check-build.key}
 ext_suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
 built_so="vit_kernels/_C${ext_suffix:-.so}"
-build_key() {  # what _C was built from and what it is; "no _C" when this interpreter has none
-  [ -f "$built_so" ] || { echo "no _C"; return; }
+sources_hash() {  # what _C is built from: settings, the CUTLASS version, the sources
   { printf '%s\n' "${arch_args[@]}" "$ext_suffix"
     # the CUTLASS version, not its folder: a prebuilt _C comes from another machine's path
     [ -n "${VIT_KERNELS_CUTLASS_DIR:-}" ] && grep -E "#define CUTLASS_(MAJOR|MINOR|PATCH) " \
       "$VIT_KERNELS_CUTLASS_DIR/include/cutlass/version.h" 2>/dev/null
-    cat setup.py CMakeLists.txt csrc/* "$built_so"; } | sha256sum | cut -d' ' -f1
+    cat setup.py CMakeLists.txt csrc/*; } | sha256sum | cut -d' ' -f1
 }
-record_build_key() {  # hashes the sources and the module once
+build_key() {  # SOURCES_HASH: what _C was built from and what it is; "no _C" when this interpreter has none
+  [ -f "$built_so" ] || { echo "no _C"; return; }
+  { echo "$1"; cat "$built_so"; } | sha256sum | cut -d' ' -f1
+}
+# SOURCES_HASH, taken before the build: a source edited while the build ran may or may not be in the module, so
+# no key is recorded then (it would name sources the module need not hold).
+record_build_key() {
   local key
-  key=$(build_key)
+  if [ "$(sources_hash)" != "$1" ]; then
+    echo "gpu_check.sh: setup.py, CMakeLists.txt or csrc/ changed during the build; no key recorded (build again)" >&2
+    return 1
+  fi
+  key=$(build_key "$1")
   [ "$key" != "no _C" ] && mkdir -p "$(dirname "$build_key_file")" && echo "$key" >"$build_key_file"
 }
 build_cmd=(env VIT_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${arch_args[@]}"
   "$PY" -m pip install -e . --no-build-isolation --no-deps)
 if [ -n "$record_build" ]; then  # build here for the GPU machine (no GPU needed) and record the key; nothing else
   [ -n "${fake[build]:-}" ] && build_cmd=(sleep "${fake[build]}")  # the tests' stand-in for the build
-  if ! "${build_cmd[@]}" || ! record_build_key; then
-    echo "gpu_check.sh: the build failed or wrote no $built_so" >&2
+  sources_before=$(sources_hash)
+  if ! "${build_cmd[@]}"; then
+    echo "gpu_check.sh: the build failed" >&2
+    exit 1
+  fi
+  record_build_key "$sources_before" || exit 1
+  if ! [ -s "$build_key_file" ] || [ "$(cat "$build_key_file")" != "$(build_key "$sources_before")" ]; then
+    echo "gpu_check.sh: the build wrote no $built_so" >&2
     exit 1
   fi
   echo "gpu_check: built $built_so for $record_build and recorded $build_key_file: carry both (README, GPU check)"
@@ -363,12 +378,13 @@ if [ -n "$record_build" ]; then  # build here for the GPU machine (no GPU needed
 fi
 if [ $no_build = 1 ]; then
   finish_stage build "skipped: $(wanted build && echo "--no-build" || echo "not in --only")"
-elif wanted build && [ -s "$build_key_file" ] && [ "$(cat "$build_key_file")" = "$(build_key)" ] &&
-  "$PY" -c "import vit_kernels._C" 2>/dev/null; then
+elif wanted build && [ -s "$build_key_file" ] &&
+  [ "$(cat "$build_key_file")" = "$(build_key "$(sources_hash)")" ] && "$PY" -c "import vit_kernels._C" 2>/dev/null; then
   finish_stage build "skipped: $built_so is built from these sources already ($build_key_file)"
 else
+  sources_before=$(sources_hash)
   stage build 1 "${build_cmd[@]}"
-  [ "${status[build]}" = ran:0 ] && record_build_key
+  [ "${status[build]}" = ran:0 ] && record_build_key "$sources_before"
 fi
 
 # 2. what was built and what can run

@@ -216,13 +216,49 @@ def test_record_build_keys_the_module_to_its_arch(tmp_path):
     env = {"GPU_CHECK_BUILD_KEY": str(key)}
     res = run_raw(tmp_path / "record", "--record-build", "90a", "--fake-stage", "build=0", env_extra=env)
     if not has_c:
-        assert res.returncode == 1 and "the build failed or wrote no" in res.stderr, res.stdout + res.stderr
+        assert res.returncode == 1 and "the build wrote no" in res.stderr, res.stdout + res.stderr
         return
     assert res.returncode == 0 and "recorded" in res.stdout and "===" not in res.stdout, res.stdout + res.stderr
     assert key.is_file() and not (tmp_path / "record" / "out").exists()  # no stage ran, no report
     res, _, _, report = run_check_env(tmp_path / "call", env, "--budget", "30", "--only", "build",
                                       "--fake-stage", "build=0")  # fmt: skip
     assert stage_lines(report)["build"].startswith("ran, exit 0"), report
+
+
+def test_record_build_records_no_key_when_a_source_changed_during_the_build(tmp_path):
+    """The key names the sources the module was built from; they are hashed before the build, and if one changed
+    while it ran (an edit during the ~5-minute build) the module may hold either version: no key is recorded, so a
+    GPU machine handed the module builds it again instead of trusting it. Runs on a copy of the build inputs."""
+    import shutil
+    import sysconfig
+
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    shutil.copy(SCRIPT, tree / "benchmarks" / "gpu_check.sh")
+    for name in ("setup.py", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    (tree / "vit_kernels").mkdir()
+    (tree / "vit_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"a module")
+    key = tree / "build" / "gpu_check-build.key"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=os.environ.get("PYTHON", sys.executable), OUT=str(tmp_path / "out"))
+    cmd = ["bash", str(tree / "benchmarks" / "gpu_check.sh"), "--record-build", "90a", "--fake-stage", "build=4"]
+
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, timeout=120)
+    assert quiet.returncode == 0 and "recorded" in quiet.stdout, quiet.stdout + quiet.stderr
+    assert key.is_file()
+    key.unlink()
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
+    deadline = time.monotonic() + 60
+    while "sleep" not in subprocess.run(["ps", "-o", "args=", "--ppid", str(run.pid)], capture_output=True,
+                                        text=True).stdout and time.monotonic() < deadline:  # fmt: skip
+        time.sleep(0.1)  # the (fake) build has started
+    with open(tree / "csrc" / "gemm.cu", "a") as f:
+        f.write("// an edit made while the build ran\n")
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and "changed during the build; no key recorded" in err, out + err
+    assert not key.exists()
 
 
 def test_a_rerun_never_replaces_an_earlier_report(tmp_path):
