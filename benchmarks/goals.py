@@ -5,7 +5,9 @@
 Reads what the GPU stages wrote: gemm_ab's log (probe_gemm.py's tables: each GEMM product on the new kernels
 against cuBLAS, per backend) and the JSON of mlp_tables, block_tables and vit_tables. Prints one Markdown table
 for the closing note; a goal whose rows are missing (a stage that did not run, a provider that was skipped) says so
-instead of a ratio. Ratios are time(baseline) / time(ours): above 1 is faster.
+instead of a ratio. Ratios are time(baseline) / time(ours): above 1 is faster. A second table applies the rules
+NOTES wrote before the run: each config variant against the shipped config (switch only if faster at every
+product it would change, by 3% at one), and the sm_90a d-GELU epilogue against its separate passes.
 
 The goals (ViT-B/16 224, B = 256, bf16):
   each GEMM            >= 0.95x cuBLAS, >= 1.0x where K = 768 (the new kernels: triton's TMA, cuda's sm_90a)
@@ -41,6 +43,21 @@ CUDA_K = {
 }  # fmt: skip
 # probe_gemm's A / B of the sm_90a mlp_bwd: the same GEMMs
 CUDA_K |= {("mlp_bwd (act and dfc1_bias by separate passes)", w): k for (op, w), k in CUDA_K.items() if op == "mlp_bwd"}
+# The tma_gemm epilogue each product of probe_gemm's triton table runs: a config variant is chosen per epilogue.
+TRITON_EPILOGUE = {
+    "qkv_fwd": "qkv", "qkv_fwd_packed": "store", "proj": "store", "fc1_gelu": "gelu", "fc2": "store",
+    "dhidden_dgelu": "dgelu", "mlp_dx": "store", "qkv_dx": "store", "mlp_dw1": "partial", "mlp_dw2": "partial",
+    "qkv_dw": "partial",
+}  # fmt: skip
+VARIANT_GAIN = 1.03  # benchmarks/NOTES.md's rule: a variant replaces the shipped config only if faster at every
+# product it would change, and by at least 3% at one
+# The sm_90a mlp_bwd A / B (NOTES, "act and dfc1_bias from the sm_90a d-GELU epilogue"): the kernels each way runs
+# in place of the other, by launcher and the start of the product label probe_gemm gives them.
+DGELU_EPILOGUE_KERNELS = {
+    "epilogue": ("mlp_bwd", ("dhidden = ", "dfc1_bias: sum of the partial sums")),
+    "separate passes": ("mlp_bwd (act and dfc1_bias by separate passes)",
+                        ("dhidden = ", "act = gelu(hidden): row pass", "dfc1_bias colsum")),
+}  # fmt: skip
 OP_GOALS = (  # (bench, op or None, provider baseline, mode, goal, what)
     ("mlp_bench", "mlp", "eager", "fwd_bwd", 1.15, "gelu_mlp fwd+bwd"),
     ("mlp_bench", "qkv", "eager", "fwd_bwd", 1.10, "fused_qkv fwd+bwd"),
@@ -159,6 +176,80 @@ def goal_table(folder: Path) -> list[tuple[str, str, str, str, str]]:
     return table
 
 
+def switch_verdict(speedups: dict[str, float | None]) -> str:
+    """The variant rule on a variant's speed-up over the shipped config at each product it would change."""
+    missing = [p for p, x in speedups.items() if x is None]
+    if missing:
+        return f"keep shipped: not measured or not correct at {', '.join(missing)}"
+    slower = [p for p, x in speedups.items() if x <= 1.0]
+    if slower:
+        return f"keep shipped: not faster at {', '.join(slower)}"
+    if max(speedups.values()) < VARIANT_GAIN:
+        return f"keep shipped: under {100 * (VARIANT_GAIN - 1):.0f}% faster everywhere"
+    return "switch"
+
+
+def variant_rows(log: str) -> list[tuple[str, str, str, str]]:
+    """(backend, variant, its speed-up at each product as text, verdict) for every config variant in probe_gemm's
+    log: triton's per epilogue (the "tma <label>" rows against "tma"), cuda's linear_bias variants against the
+    shipped configuration."""
+    out = []
+    for heading, rows in markdown_tables(log).items():
+        if heading.startswith("probe_gemm"):
+            ms = {(r["product"], r.get("way", "")): number(r.get("ms (median)")) for r in rows if "product" in r}
+            labels = sorted({way for _, way in ms if way.startswith("tma ")})
+            for label in labels:
+                for epilogue in sorted({TRITON_EPILOGUE.get(p, "?") for p, way in ms if way == label}):
+                    speedups = {}
+                    for product in [p for p, e in TRITON_EPILOGUE.items() if e == epilogue and (p, "tma") in ms]:
+                        shipped, variant = ms.get((product, "tma")), ms.get((product, label))
+                        speedups[product] = shipped / variant if shipped and variant else None
+                    name = f"{label[4:]} ({epilogue} epilogue)"
+                    out.append(("triton", name, _speedups_text(speedups), switch_verdict(speedups)))
+        elif heading.startswith("cuda: linear_bias configuration variants"):
+            ms = {(r["product"], r.get("kernel", "")): number(r.get("ms (median)")) for r in rows if "product" in r}
+            products = list(dict.fromkeys(p for p, _ in ms))
+            shipped = {p: t for (p, k), t in ms.items() if k.startswith("shipped")}
+            for variant in dict.fromkeys(k for _, k in ms if not k.startswith("shipped")):
+                speedups = {
+                    p: shipped[p] / ms[(p, variant)] if shipped.get(p) and ms.get((p, variant)) else None
+                    for p in products
+                }
+                out.append(("cuda", f"linear_bias {variant}", _speedups_text(speedups), switch_verdict(speedups)))
+    return out
+
+
+def _speedups_text(speedups: dict[str, float | None]) -> str:
+    return ", ".join(f"{p} {shown(x)}" for p, x in speedups.items())
+
+
+def dgelu_epilogue_rule(log: str) -> tuple[str, str] | None:
+    """(measured, verdict) of the d-GELU epilogue rule from probe_gemm's cuda table: the kernels each way of the
+    sm_90a mlp_bwd runs in place of the other, summed; None if the table is not there."""
+    totals = {}
+    for heading, rows in markdown_tables(log).items():
+        if not heading.startswith("cuda: mma.sync"):
+            continue
+        for way, (launcher, starts) in DGELU_EPILOGUE_KERNELS.items():
+            times = [number(r.get("ms (median)")) for r in rows if r.get("launcher") == launcher
+                     and r.get("path") == "sm_90a" and r.get("product", "").startswith(starts)]  # fmt: skip
+            totals[way] = sum(times) if times and None not in times else None
+    if not totals:
+        return None
+    new, old = totals.get("epilogue"), totals.get("separate passes")
+    measured = f"epilogue {_ms(new)} ms, separate passes {_ms(old)} ms"
+    if new is None or old is None:
+        return measured, "not measured: keep both switches on until it is"
+    if new <= old:
+        return measured, f"keep both switches on ({old / new:.2f}x)"
+    slower = f"{100 * (new / old - 1):.0f}% slower"
+    return measured, f"turn SM90_ACT_IN_EPILOGUE and SM90_DFC1_BIAS_IN_EPILOGUE off ({slower})"
+
+
+def _ms(t: float | None) -> str:
+    return "n/a" if t is None else f"{t:.3f}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="gpu_check's .tar.gz, or the folder holding its <stage>.log and results/")
@@ -170,9 +261,21 @@ def main(argv=None) -> int:
                 tar.extractall(tmp, filter="data")
             folder = Path(tmp)
         rows = goal_table(folder)
+        log = folder / "gemm_ab.log"
+        log_text = log.read_text() if log.is_file() else ""
     print("| goal | what | measured | target | verdict |")
     print("|---|---|---|---|---|")
     for row in rows:
+        print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
+    rules = [("variant", f"{backend} {variant}", measured, verdict)
+             for backend, variant, measured, verdict in variant_rows(log_text)]  # fmt: skip
+    dgelu = dgelu_epilogue_rule(log_text)
+    if dgelu is not None:
+        rules.append(("d-GELU epilogue", "cuda sm_90a mlp_bwd", *dgelu))
+    print("\n## The rules written before the run (benchmarks/NOTES.md)\n")
+    print("| rule | what | measured (x shipped) | verdict |")
+    print("|---|---|---|---|")
+    for row in rules or [("all", "gemm_ab", "no variant or A / B rows (did the stage run with --variants?)", "")]:
         print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
     return 0
 

@@ -692,8 +692,74 @@ def test_goals_reads_every_ratio_of_a_gpu_check_run(bench_module, monkeypatch, c
         assert by[(f"ViT-B/16 {mode} vs timm", "vit:auto")] == ("1.25x", "1.15x", "met")
         assert by[(f"ViT-B/16 {mode} vs timm (per backend)", "vit:triton")] == ("1.11x", "1.15x", "missed by 3%")
         assert by[(f"ViT-B/16 {mode} vs timm + torch.compile", "vit:auto")][0] == "1.00x"
-    lines = run_script("goals.py", str(tmp_path)).splitlines()  # the script end to end: one Markdown table
-    assert lines[0] == "| goal | what | measured | target | verdict |" and len(lines) == len(table) + 2
+    lines = run_script("goals.py", str(tmp_path)).splitlines()  # the script end to end: the goals' table first
+    assert lines[0] == "| goal | what | measured | target | verdict |" and lines.index("") == len(table) + 2
+    assert "## The rules written before the run (benchmarks/NOTES.md)" in lines
+    # the real cuda table's labels are the ones the d-GELU epilogue rule sums
+    measured, verdict = goals.dgelu_epilogue_rule((tmp_path / "gemm_ab.log").read_text())
+    assert "n/a" not in measured and verdict.startswith(("keep both", "turn")), (measured, verdict)
+
+
+def test_goals_applies_the_rules_written_before_the_run(bench_module):
+    """The variant rule (switch only if faster at every product the variant would change, by 3% at one; a row
+    that is WRONG or FAILED keeps the shipped config) and the d-GELU epilogue rule, on a made-up gemm_ab log."""
+    goals = bench_module("goals")
+
+    def row(*cells):
+        return "| " + " | ".join(map(str, cells)) + " |\n"
+
+    store = {"qkv_fwd_packed": (0.33, 0.32), "proj": (0.12, 0.118), "fc2": (0.40, 0.38), "mlp_dx": (0.40, 0.39),
+             "qkv_dx": (0.30, 0.29)}  # fmt: skip
+    triton = "".join(row(p, "tma", a, 1, 1, 1, "1e-3") + row(p, "tma 256x128", b, 1, 1, 1, "1e-3")
+                     for p, (a, b) in store.items())  # fmt: skip
+    triton += row("fc1_gelu", "tma", 0.50, 1, 1, 1, "1e-3") + row("fc1_gelu", "tma 256x128", 0.49, 1, 1, 1, "1e-3")
+    triton += row("fc1_gelu", "tma halves", "WRONG", 1, 1, 1, "0.5")
+    triton += row("fc2", "tma flatten off", 0.41, 1, 1, 1, "1e-3")
+    shipped = "shipped: cooperative 128x256x64 cluster 2x1"
+    cuda_variants = "".join(row(p, shipped, t, 1, 1, 1, 1, "1e-3") for p, t in (("qkv", 0.35), ("proj", 0.12),
+                                                                               ("fc2", 0.38)))  # fmt: skip
+    cuda_variants += row("qkv", "pingpong_128x128", 0.33, 1, 1, 1, 1, "1e-3")
+    cuda_variants += "| proj | pingpong_128x128 | FAILED: RuntimeError: refused | | | | | |\n"
+    cuda_variants += row("fc2", "pingpong_128x128", 0.37, 1, 1, 1, 1, "1e-3")
+    for p, t in (("qkv", 0.34), ("proj", 0.115), ("fc2", 0.37)):
+        cuda_variants += row(p, "cooperative_256x128_cluster1x2", t, 1, 1, 1, 1, "1e-3")
+    ab = "mlp_bwd (act and dfc1_bias by separate passes)"
+    fused = "dhidden = dy @ W2 * GELU'(hidden) + act + dfc1_bias partial sums"
+    cuda = (row("mlp_bwd", "sm_90a", fused, 0.56, 1, 1, 1, 1)
+            + row("mlp_bwd", "sm_90a", "dfc1_bias: sum of the partial sums", 0.01, 1, 1, 1, 1)
+            + row("mlp_bwd", "sm_90a", "dW2 = dy^T @ act (stream-K)", 0.4, 1, 1, 1, 1)
+            + row(ab, "sm_90a", "dhidden = dy @ W2 * GELU'(hidden)", 0.50, 1, 1, 1, 1)
+            + row(ab, "sm_90a", "act = gelu(hidden): row pass", 0.15, 1, 1, 1, 1)
+            + row(ab, "sm_90a", "dfc1_bias colsum: partial sums", 0.09, 1, 1, 1, 1)
+            + row(ab, "sm_90a", "dfc1_bias colsum: finish", 0.01, 1, 1, 1, 1)
+            + row(ab, "sm_90a", "dW2 = dy^T @ act (stream-K)", 0.4, 1, 1, 1, 1))  # fmt: skip
+    log = (
+        "## probe_gemm: ViT block GEMMs\n\n| product | way | ms (median) | TFLOP/s | % peak | x cuBLAS | rel err |\n"
+        f"|---|---|---|---|---|---|---|\n{triton}\n"
+        "## cuda: mma.sync vs sm_90a (CUTLASS) vs cuBLAS\n\n"
+        "| launcher | path | product | ms (median) | TFLOP/s | % peak | x cuBLAS | rel err |\n"
+        f"|---|---|---|---|---|---|---|---|\n{cuda}\n"
+        "## cuda: linear_bias configuration variants (sm_90a, bf16; csrc/gemm_sm90_variants.cu)\n\n"
+        "| product | kernel | ms (median) | TFLOP/s | % peak | x shipped | x cuBLAS | rel err |\n"
+        f"|---|---|---|---|---|---|---|---|\n{cuda_variants}"
+    )
+    verdicts = {(backend, variant): verdict for backend, variant, _, verdict in goals.variant_rows(log)}
+    assert verdicts == {
+        ("triton", "256x128 (store epilogue)"): "switch",  # faster at all five, by 5% at fc2
+        ("triton", "256x128 (gelu epilogue)"): "keep shipped: under 3% faster everywhere",
+        ("triton", "halves (gelu epilogue)"): "keep shipped: not measured or not correct at fc1_gelu",
+        ("triton", "flatten off (store epilogue)"): "keep shipped: not measured or not correct at qkv_fwd_packed, "
+        "proj, mlp_dx, qkv_dx",
+        ("cuda", "linear_bias pingpong_128x128"): "keep shipped: not measured or not correct at proj",
+        ("cuda", "linear_bias cooperative_256x128_cluster1x2"): "switch",
+    }
+    measured, verdict = goals.dgelu_epilogue_rule(log)
+    assert measured == "epilogue 0.570 ms, separate passes 0.750 ms" and verdict == "keep both switches on (1.32x)"
+    slower = log.replace("| 0.56 |", "| 0.80 |")
+    assert goals.dgelu_epilogue_rule(slower)[1] == (
+        "turn SM90_ACT_IN_EPILOGUE and SM90_DFC1_BIAS_IN_EPILOGUE off (8% slower)"
+    )
+    assert goals.dgelu_epilogue_rule("no tables") is None
 
 
 def test_kernel_report_lists_every_cuda_kernel():
