@@ -178,7 +178,6 @@ VARIANTS = {  # (epilogue, label, config fields) timed with --variants; "shipped
     "store": [("flatten off", {"flatten": False}), ("256x128", {"block_m": 256, "block_n": 128})],
     "gelu": [("halves", {"quarters": False}), ("256x128", {"block_m": 256, "block_n": 128})],
     "dgelu": [("128x128 4 stages", {"block_n": 128, "num_stages": 4, "quarters": False})],
-    "partial": [("flatten off", {"flatten": False})],
 }
 
 

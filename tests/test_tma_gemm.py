@@ -206,6 +206,13 @@ def test_describable():
     assert not tma_gemm.describable(t[:, 1:])  # base off 16-byte alignment
     assert not tma_gemm.describable(torch.empty(64, 40, 2, dtype=F16)[..., 0])  # no unit stride
     assert not tma_gemm.describable(torch.empty(4, 8, dtype=torch.float64))
+    # lines that overlap: one row for all (dy of y.sum(0)), rows closer than their width, and the transposed twins
+    assert not tma_gemm.describable(torch.empty(1, 40, dtype=F16).expand(64, 40))
+    assert not tma_gemm.describable(torch.empty(64 * 8 + 32, dtype=F16).as_strided((64, 40), (8, 1)))
+    assert not tma_gemm.describable(torch.empty(40, 1, dtype=F16).expand(40, 64))
+    assert tma_gemm.describable(torch.empty(1, 40, dtype=F16))  # a single row overlaps nothing
+    # what a kernel stores, or reads through an output's descriptor, must be stored by rows
+    assert tma_gemm.describable(t, rows=(t,)) and not tma_gemm.describable(t, rows=(t.t(),))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +298,38 @@ def test_stride_zero_gradient_runs_the_pointer_kernel(device, arch, launches):
     dy = torch.ones(1, 1, dtype=F16, device=device).expand(M, C)
     dx, *_ = linear.mlp_bwd(dy, x, w1, w2, hidden, False, False, "none", True)
     assert launches["tma"] == ["_gelu_kernel", "_store_kernel"] and launches["pointer"] == 4
+    h = hidden.double().requires_grad_(True)
+    (dh,) = torch.autograd.grad(F.gelu(h), h, dy.double() @ w2.double())
+    _check("dx", dx, dh @ w1.double(), TOLERANCES[F16])
+
+
+def test_gradient_of_a_token_sum_runs_the_pointer_kernel(device, arch, launches):
+    """dy of y.sum(0) is one row expanded over M (strides (0, 1)): TMA is not given a stride-0 operand, so mlp_bwd
+    runs linear.py's kernel where dy is read, and its gradients are right."""
+    M, C, Hd = 34, 48, 96
+    x = randn(M, C, dtype=F16, device=device)
+    w1, w2 = randn(Hd, C, dtype=F16, device=device, scale=C**-0.5), randn(C, Hd, dtype=F16, device=device)
+    _y, hidden = linear.mlp_fwd(x, w1, None, w2, None, "none", True)
+    dy = randn(1, C, dtype=F16, device=device).expand(M, C)
+    dx, dw1, _, dw2, _ = linear.mlp_bwd(dy, x, w1, w2, hidden, False, False, "none", True)
+    assert launches["tma"] == ["_gelu_kernel", "_store_kernel"] and launches["pointer"] == 4
+    h = hidden.double().requires_grad_(True)
+    (dh,) = torch.autograd.grad(F.gelu(h), h, dy.double() @ w2.double())
+    _check("dx", dx, dh @ w1.double(), TOLERANCES[F16])
+    _check("dfc2_weight", dw2, dy.double().t() @ F.gelu(hidden.double()), TOLERANCES[F16])
+    _check("dfc1_weight", dw1, dh.t() @ x.double(), TOLERANCES[F16])
+
+
+def test_hidden_stored_transposed_runs_the_pointer_kernel(device, arch, launches):
+    """mlp_bwd reads hidden through the dGELU kernel's output descriptor, which needs rows: a hidden stored
+    transposed (a direct caller's; the ops save it contiguous) runs linear.py's kernel instead of failing."""
+    M, C, Hd = 32, 48, 96
+    x = randn(M, C, dtype=F16, device=device)
+    w1, w2 = randn(Hd, C, dtype=F16, device=device, scale=C**-0.5), randn(C, Hd, dtype=F16, device=device)
+    hidden = randn(Hd, M, dtype=F16, device=device).t()
+    dy = randn(M, C, dtype=F16, device=device)
+    dx, *_ = linear.mlp_bwd(dy, x, w1, w2, hidden, False, False, "none", True)
+    assert launches["tma"] == [] and launches["pointer"] == 4
     h = hidden.double().requires_grad_(True)
     (dh,) = torch.autograd.grad(F.gelu(h), h, dy.double() @ w2.double())
     _check("dx", dx, dh @ w1.double(), TOLERANCES[F16])

@@ -352,10 +352,10 @@ def _gemm_args(
     return args, kwargs, (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
 
 
-def _tma_path(x: torch.Tensor, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
-    """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS) with these operand views: LayerNorm then runs
-    as a row kernel writing LN(x), and the residual is read in the GEMM's epilogue."""
-    return linear.tma_path(vit_triton.arch(x.device), x.dtype, allow_tf32, *views)
+def _tma_path(x: torch.Tensor, allow_tf32: bool, *views: torch.Tensor | None, rows=()) -> bool:
+    """Whether this op's GEMMs run on tma_gemm.py (linear.TMA_ARCHS) with these operand views (and these outputs,
+    `rows`): LayerNorm then runs as a row kernel writing LN(x), and the residual is read in the GEMM's epilogue."""
+    return linear.tma_path(vit_triton.arch(x.device), x.dtype, allow_tf32, *views, rows=rows)
 
 
 def _launch(a, weight, c, M, N, K, allow_tf32, **extra) -> None:
@@ -425,7 +425,7 @@ def proj_residual_fwd(
     C = weight.shape[0]
     out = vit_triton.alloc(B, N, C, like=o)
     o2 = linear.matrix_view(o)
-    if _tma_path(o, allow_tf32, weight, o2):
+    if _tma_path(o, allow_tf32, weight, o2, rows=(out.view(B * N, C),)):
         arch = vit_triton.arch(o.device)
         launch = tma_gemm.residual_args(o2, weight.t(), out.view(B * N, C), vit_triton.contiguous_vector(bias),
                                         (residual, *_rows(residual)), allow_tf32, arch)  # fmt: skip
@@ -484,7 +484,8 @@ def ln_mlp_fwd(
     hidden = vit_triton.alloc(M, Hd, like=x) if save_hidden else None
     act = vit_triton.alloc(M, Hd, like=x)
     out = vit_triton.alloc(B, N, C_out, like=x)
-    if _tma_path(x, allow_tf32, fc1_weight, fc2_weight):
+    stored = tuple(t for t in (hidden, act, out.view(M, C_out)) if t is not None)
+    if _tma_path(x, allow_tf32, fc1_weight, fc2_weight, rows=stored):
         arch = vit_triton.arch(x.device)
         y, mean, rstd = ln_rows(x, eps, ln_weight, ln_bias)
         fc1 = tma_gemm.gelu_args(y, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),

@@ -402,12 +402,16 @@ PACKED_QKV = True
 TMA_ARCHS = (90, 0)
 
 
-def tma_path(arch: int, dtype: torch.dtype, allow_tf32: bool, *views: torch.Tensor | None) -> bool:
+def tma_path(
+    arch: int, dtype: torch.dtype, allow_tf32: bool, *views: torch.Tensor | None, rows: tuple[torch.Tensor, ...] = ()
+) -> bool:
+    """Whether a GEMM runs on tma_gemm.py: views its operands (any layout TMA can read), rows the tensors it must
+    find stored by rows (outputs, and inputs read through an output's descriptor)."""
     return (
         arch in TMA_ARCHS
         and vit_triton.input_precision(dtype, allow_tf32) == "tf32"
         and all(v is not None for v in views)
-        and tma_gemm.describable(*views)
+        and tma_gemm.describable(*views, rows=rows)
     )
 
 
@@ -433,7 +437,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: bool, bi
     views allow it, else `_gemm_kernel` (block.py's products go through here too)."""
     (M, K), N = a.shape, b.shape[1]
     arch = vit_triton.arch(c.device)
-    if tma_path(arch, a.dtype, allow_tf32, a, b, c):
+    if tma_path(arch, a.dtype, allow_tf32, a, b, rows=(c,)):
         tma_launch(*tma_gemm.store_args(a, b, c, vit_triton.contiguous_vector(bias), allow_tf32, arch), M, N, K, c)
     else:
         launch(Operand(a), Operand(b), c, M, N, K, a.dtype, allow_tf32, bias=vit_triton.contiguous_vector(bias))
@@ -446,7 +450,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, allow_tf32: b
     (M, K), N = a.shape, b.shape[-1]
     arch = vit_triton.arch(c.device)
     b2 = matrix_view(b)
-    if tma_path(arch, a.dtype, allow_tf32, a, b2, c):
+    if tma_path(arch, a.dtype, allow_tf32, a, b2, rows=(c,)):
         check_gemm_size(M, N, K, (1,))
         with vit_triton.on_device(c):
             tma_gemm.weight_grad(a, b2, c, allow_tf32, arch)
@@ -573,7 +577,8 @@ def mlp_fwd(
     act = vit_triton.alloc(M, Hd, like=x)
     y = vit_triton.alloc(M, C_out, like=x)
     arch = vit_triton.arch(x.device)
-    if tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight):
+    stored = tuple(t for t in (hidden, act) if t is not None)
+    if tma_path(arch, x.dtype, allow_tf32, x, fc1_weight, fc2_weight, rows=stored):
         tma_args = tma_gemm.gelu_args(x, fc1_weight.t(), hidden, act, vit_triton.contiguous_vector(fc1_bias),
                                       approximate == "tanh", allow_tf32, arch)  # fmt: skip
         tma_launch(*tma_args, M, Hd, C, act)
@@ -620,7 +625,7 @@ def mlp_bwd(
     db1 = vit_triton.alloc(Hd, like=x) if has_fc1_bias else None
     db2 = vit_triton.alloc(C_out, like=x) if has_fc2_bias else None
     arch = vit_triton.arch(x.device)
-    if tma_path(arch, x.dtype, allow_tf32, dy, x, hidden, fc1_weight, fc2_weight):
+    if tma_path(arch, x.dtype, allow_tf32, dy, x, fc1_weight, fc2_weight, rows=(hidden, dhidden, act)):
         # dfc1_bias from the dGELU epilogue's per-tile column sums: no second pass over dhidden
         db1_part = (
             vit_triton.alloc(tma_gemm.dbias_rows(arch, x.dtype, M), Hd, like=x, dtype=torch.float32)

@@ -313,7 +313,8 @@ class GemmConfig(NamedTuple):
 # predicted times, and benchmarks/probe_gemm.py's against the pointer kernel and cuBLAS, are in benchmarks/NOTES.md.
 #  - 16-bit: 128 x 256 x 64 on 8 warps (two m64n256 wgmma warpgroups), 3 stages of 48 KB. Plain stores flatten the
 #    tile loop (the next tile's TMA loads run under this tile's epilogue); the epilogues with erf or a gather do
-#    not, since flattening keeps the next accumulator live beside the epilogue's temporaries (spills).
+#    not, since flattening keeps the next accumulator live beside the epilogue's temporaries (spills). The split-K
+#    partial kernel cannot be flattened (its K bounds depend on the work unit: Triton leaves the loops apart).
 #  - tf32: twice the bytes per element: BLOCK_K 32 keeps 128-byte rows (full swizzle), 128 x 128 tiles.
 #  - 0 (the interpreter, CPU tensors): small tiles and 4 programs, so a test walks several tiles per program.
 _SM90 = GemmConfig(128, 256, 64, 8, 8, 3, False)
@@ -324,13 +325,13 @@ CONFIGS = {
         ("16bit", "gelu"): _SM90._replace(quarters=True),
         ("16bit", "dgelu"): _SM90._replace(quarters=True),
         ("16bit", "qkv"): _SM90,
-        ("16bit", "partial"): _SM90._replace(flatten=True),
+        ("16bit", "partial"): _SM90,
         ("tf32", "store"): GemmConfig(128, 128, 32, 8, 8, 3, True),
         ("tf32", "residual"): GemmConfig(128, 128, 32, 8, 8, 3, False),
         ("tf32", "gelu"): GemmConfig(128, 128, 32, 8, 8, 3, False),
         ("tf32", "dgelu"): GemmConfig(128, 128, 32, 8, 8, 3, False),
         ("tf32", "qkv"): GemmConfig(128, 128, 32, 8, 8, 3, False),
-        ("tf32", "partial"): GemmConfig(128, 128, 32, 8, 8, 3, True),
+        ("tf32", "partial"): GemmConfig(128, 128, 32, 8, 8, 3, False),
     },
 }
 _INTERPRETER_CONFIG = GemmConfig(32, 64, 32, 4, 4, 1, False)
@@ -380,22 +381,24 @@ _TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _stored(t: torch.Tensor) -> str | None:
     """How TMA can read a 2-D view: "rows" (stored as it is: unit-stride rows), "cols" (stored transposed:
-    unit-stride columns), or None (no unit stride, an outer stride that is not a multiple of 16 bytes, or a base
-    that is not 16-byte aligned)."""
+    unit-stride columns), or None (no unit stride, an outer stride that is not a multiple of 16 bytes, a base
+    that is not 16-byte aligned, or lines that overlap: an expanded dy of y.sum(0), strides (0, 1), has one row
+    for all, which no descriptor on a GPU has been shown to take)."""
     if t.dim() != 2 or t.dtype not in _TMA_DTYPES or t.data_ptr() % 16:
         return None
-    size = t.element_size()
-    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0:
+    size, (rows, cols) = t.element_size(), t.shape
+    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (rows == 1 or t.stride(0) >= cols):
         return "rows"
-    if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0:
+    if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0 and (cols == 1 or t.stride(1) >= rows):
         return "cols"
     return None
 
 
-def describable(*views: torch.Tensor) -> bool:
-    """Whether every 2-D view can be a TMA operand or output (`_stored`); outputs must be "rows". The launchers
-    send anything else to linear.py's pointer kernel."""
-    return all(_stored(t) is not None for t in views)
+def describable(*views: torch.Tensor, rows: tuple[torch.Tensor, ...] = ()) -> bool:
+    """Whether every 2-D view can be a TMA operand (`_stored`), and every view in `rows` (what the kernels store
+    or read through `_out`: outputs, the dGELU's hidden) is stored by rows. The launchers send anything else to
+    linear.py's pointer kernel."""
+    return all(_stored(t) is not None for t in views) and all(_stored(t) == "rows" for t in rows)
 
 
 def _operand(t: torch.Tensor, block: tuple[int, int]) -> tuple[TensorDescriptor, bool]:
