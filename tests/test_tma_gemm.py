@@ -188,6 +188,57 @@ def test_weight_grad_split_k(device, arch, dtype, tokens, monkeypatch):
     _check("dW", dw, dy.double().t() @ x.double(), _product_tol(dtype, dy.t(), x, torch.matmul))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_entry_kernel_at_the_shipped_sm90_configs(device, dtype):
+    """The tests above run the interpreter's small tiles on the CPU; a Hopper GPU runs CONFIGS[90]: 128 x 256 x 64
+    with quarter-tile GELU epilogues and a flattened store (128 x 128 x 32 in tf32) on a persistent grid of 132.
+    Here every entry kernel runs at those configs (under the interpreter on the CPU), on shapes whose last tiles
+    are ragged: 44 of 128 rows, 72 of 256 columns (so two of a tile's four quarters hold nothing), K = 192."""
+    if device.type != "cpu" and vit_triton.arch(device) != 90:
+        pytest.skip("the sm_90 configs run on Hopper, or on the CPU under the interpreter")
+    Ms, Ns, Ks = 300, 584, 192
+    a = randn(Ms, Ks, dtype=dtype, device=device)
+    b = randn(Ns, Ks, dtype=dtype, device=device, scale=Ks**-0.5).t()
+    bias = randn(Ns, dtype=dtype, device=device)
+    ref = a.double() @ b.double() + bias.double()
+    tol = 2 * _product_tol(dtype, a, b, lambda x, y: x @ y + bias.double())
+
+    c = nan(Ms, Ns, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.store_args(a, b, c, bias, True, 90))
+    _check("store", c, ref, tol)
+    residual = randn(Ms, Ns, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.residual_args(a, b, c, bias, (residual, 1, Ns, 0, 1), True, 90))
+    _check("residual", c, ref + residual.double(), tol)
+    hidden, act = nan(Ms, Ns, dtype=dtype, device=device), nan(Ms, Ns, dtype=dtype, device=device)
+    tma_gemm.launch(*tma_gemm.gelu_args(a, b, hidden, act, bias, False, True, 90))
+    _check("gelu: hidden", hidden, ref, tol)
+    _check("gelu: act", act, F.gelu(ref), tol)
+
+    h = randn(Ms, Ns, dtype=dtype, device=device)
+    dh, act = nan(Ms, Ns, dtype=dtype, device=device), nan(Ms, Ns, dtype=dtype, device=device)
+    part = nan(tma_gemm.dbias_rows(90, dtype, Ms), Ns, dtype=F32, device=device)
+    tma_gemm.launch(*tma_gemm.dgelu_args(a, b, h, dh, act, False, True, 90, part))
+    hd = h.double().requires_grad_(True)
+    (dh_ref,) = torch.autograd.grad(F.gelu(hd), hd, a.double() @ b.double())
+    _check("dgelu: dhidden", dh, dh_ref, tol)
+    _check("dgelu: dbias partial sums", part.sum(0), dh_ref.sum(0), tol)
+    _check("dgelu: act", act, F.gelu(h.double()), TOLERANCES[dtype])
+
+    B, T, C, H = 2, 150, 200, 5  # 3C = 600 columns: tiles straddle the q / k and k / v boundaries
+    x, w = randn(B * T, C, dtype=dtype, device=device), randn(3 * C, C, dtype=dtype, device=device, scale=C**-0.5)
+    qkv_bias = randn(3 * C, dtype=dtype, device=device)
+    q, k, v = (nan(B, H, T, C // H, dtype=dtype, device=device) for _ in range(3))
+    tma_gemm.launch(*tma_gemm.qkv_args(x, w.t(), q, k, v, qkv_bias, T, True, 90))
+    full = (x.double() @ w.double().t() + qkv_bias.double()).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    for name, out, expected in zip("qkv", (q, k, v), full, strict=True):
+        _check(f"qkv: {name}", out, expected, tol)
+
+    dy, xs = randn(1000, 72, dtype=dtype, device=device), randn(1000, 40, dtype=dtype, device=device)
+    dw = nan(72, 40, dtype=dtype, device=device)
+    tma_gemm.weight_grad(dy.t(), xs, dw, True, 90)  # split along K = 1000 tokens at the sm_90 slice count
+    _check("weight_grad", dw, dy.double().t() @ xs.double(), 2 * _product_tol(dtype, dy.t(), xs, torch.matmul))
+
+
 def test_split_k_slices_fill_the_gpu():
     """The weight gradients of ViT-B/16 at B=256 (tiles of 128 x 256, K = 50,432 tokens) get work units that fill
     the last wave of 132 SMs to >= 90% with slices of >= 8 BLOCK_K steps; products with many tiles are not split."""
