@@ -484,7 +484,7 @@ def _cuda_launcher_stand_ins(linear, log: list) -> dict:
         log.extend([gemm(linear._sm90(x))] * 2)
         hidden = F.linear(x, fc1_weight, fc1_bias)
         y = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
-        return y, hidden if save_hidden else None
+        return y + (0 if residual is None else residual.reshape(y.shape)), hidden if save_hidden else None
 
     def mlp_bwd(dy, x, fc1_weight, fc2_weight, hidden, has_fc1_bias, has_fc2_bias, approximate, allow_tf32):
         sm90 = linear._sm90(x)
