@@ -24,6 +24,10 @@ several kernels (linear_bwd: dX GEMM, dW GEMM, two column-sum passes), so each k
 named by its position in the call (`attribute`, `label_kernels`), beside cuBLAS's time for the same product;
 then the ops end to end on both paths against eager. Skipped, with the reason, without the sm_90a GEMMs.
 
+Order: triton's products, cuda's kernels (and its variants), then the ops end to end, triton's and cuda's: the
+per-kernel rows no GPU has timed come before what the mlp and block tables also measure, so that a run cut at
+its time slice loses the latter.
+
 Predictions are in benchmarks/NOTES.md (2026-12-03), written first. gpu_check stage `gemm_ab`.
 """
 
@@ -636,32 +640,41 @@ def main(argv=None) -> int:
             if way == "cublas":
                 cublas[product] = (flops, ms, err)
 
+    # The per-kernel tables first, the ops end to end last: no GPU has timed the cuda kernels yet, while the ops'
+    # new paths are also in the mlp and block tables, so a stage cut at its slice keeps what is measured nowhere else.
+    reason = cuda_skip_reason(device, dtype)
+    if reason is None:
+        failed |= cuda_kernel_tables(B, N, C, H, device, dtype, timed, peak, tol, cublas, args.variants)
+    else:
+        print(f"\n## cuda: skipped: {reason}")
+
     op_fns = ops(B, N, C, H, device, dtype)
     torch_ms = {}
     print("\n## ops end to end: triton on each GEMM path against eager torch\n")
     failed |= ops_table(op_fns, "triton", ("pointer", "tma"), gemm_path, timed, torch_ms)
+    if reason is None:
+        print("\n## ops end to end: cuda on each GEMM path against eager torch\n")
+        failed |= ops_table(op_fns, "cuda", CUDA_PATHS, cuda_gemm_path, timed, torch_ms)
+    return 1 if failed else 0
 
-    reason = cuda_skip_reason(device, dtype)
-    if reason is not None:
-        print(f"\n## cuda: skipped: {reason}")
-        return 1 if failed else 0
+
+def cuda_kernel_tables(B, N, C, H, device, dtype, timed, peak, tol, cublas: dict, variants: bool) -> bool:
+    """The cuda launchers per kernel on both GEMM paths, then (--variants, bf16) linear_bias's configuration
+    variants. True if a row failed."""
     print("\n## cuda: mma.sync vs sm_90a (CUTLASS) vs cuBLAS\n")
     print(f"GEMM path here: {cuda_linear.gemm_path(torch.device(device), dtype)}; mma.sync: csrc/gemm.cu's kernels,")
     print('forced by replacing vit_kernels.cuda.linear._sm90. "whole call": the launcher timed by CUDA events;')
     print(f"below it each kernel it launched, device time from torch.profiler, median over {PROFILED_CALLS} calls;")
     print("x cuBLAS: cuBLAS's time for the same product / this kernel's; rel err: of the outputs the kernel writes.\n")
     table, extra_cublas = cuda_calls(B, N, C, H, device, dtype)
-    failed |= cuda_products_table(table, extra_cublas, cublas, timed, kernel_times, peak, tol)
+    failed = cuda_products_table(table, extra_cublas, cublas, timed, kernel_times, peak, tol)
     del table, extra_cublas
-    if args.variants and dtype == torch.bfloat16:
+    if variants and dtype == torch.bfloat16:
         print("\n## cuda: linear_bias configuration variants (sm_90a, bf16; csrc/gemm_sm90_variants.cu)\n")
         print("x shipped: the shipped configuration's time / this one's; x cuBLAS: cuBLAS's time (the table above)")
         print("/ this one's. Each checked against fp32 torch first.\n")
         failed |= cuda_variants_table(B * N, C, device, dtype, timed, peak, tol, cublas)
-
-    print("\n## ops end to end: cuda on each GEMM path against eager torch\n")
-    failed |= ops_table(op_fns, "cuda", CUDA_PATHS, cuda_gemm_path, timed, torch_ms)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
