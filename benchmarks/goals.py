@@ -263,21 +263,26 @@ def main(argv=None) -> int:
         rows = goal_table(folder)
         log = folder / "gemm_ab.log"
         log_text = log.read_text() if log.is_file() else ""
-    print("| goal | what | measured | target | verdict |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
+    print_table(("goal", "what", "measured", "target", "verdict"), rows)
     rules = [("variant", f"{backend} {variant}", measured, verdict)
              for backend, variant, measured, verdict in variant_rows(log_text)]  # fmt: skip
     dgelu = dgelu_epilogue_rule(log_text)
     if dgelu is not None:
         rules.append(("d-GELU epilogue", "cuda sm_90a mlp_bwd", *dgelu))
     print("\n## The rules written before the run (benchmarks/NOTES.md)\n")
-    print("| rule | what | measured (x shipped) | verdict |")
-    print("|---|---|---|---|")
-    for row in rules or [("all", "gemm_ab", "no variant or A / B rows (did the stage run with --variants?)", "")]:
-        print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
+    print_table(
+        ("rule", "what", "measured (x shipped)", "verdict"),
+        rules or [("all", "gemm_ab", "no variant or A / B rows (did the stage run with --variants?)", "")],
+    )
     return 0
+
+
+def print_table(header: tuple[str, ...], rows) -> None:
+    """A Markdown table, each cell on one line."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(re.sub(r"\s+", " ", c) for c in row) + " |")
 
 
 if __name__ == "__main__":
