@@ -243,11 +243,50 @@ def test_split_k_slices_fill_the_gpu():
     """The weight gradients of ViT-B/16 at B=256 (tiles of 128 x 256, K = 50,432 tokens) get work units that fill
     the last wave of 132 SMs to >= 90% with slices of >= 8 BLOCK_K steps; products with many tiles are not split."""
     for tiles in (54, 72):  # qkv dW (2304 x 768), mlp dW1 / dW2 (3072 x 768 and 768 x 3072)
-        s = tma_gemm.split_k_slices(90, tiles, 50432, 64)
+        s = tma_gemm.split_k_slices(90, tiles, 50432, 64, 132)
         units = tiles * s
         assert units / (-(-units // 132) * 132) >= 0.9 and 50432 // s >= 8 * 64, (tiles, s)
-    assert tma_gemm.split_k_slices(90, 1182, 50432, 64) == 1  # ~9 waves already
-    assert tma_gemm.split_k_slices(90, 6, 300, 64) == 1  # too short to cut
+    assert tma_gemm.split_k_slices(90, 1182, 50432, 64, 132) == 1  # ~9 waves already
+    assert tma_gemm.split_k_slices(90, 6, 300, 64, 132) == 1  # too short to cut
+
+
+@pytest.mark.parametrize("sms", [132, 114, 78, 42])  # H100 SXM / H200, H100 PCIe, H20, a MIG slice
+def test_split_k_slices_fill_any_sm_count(sms):
+    for tiles in (54, 72):
+        s = tma_gemm.split_k_slices(90, tiles, 50432, 64, sms)
+        units = tiles * s
+        assert units / (-(-units // sms) * sms) >= 0.9 and 50432 // s >= 8 * 64, (tiles, sms, s)
+
+
+def test_persistent_grid_is_the_devices_own_sm_count(monkeypatch):
+    """A launch on a GPU sizes its grid (and its split-K slices) by that device's SMs, not by the 132 of an H200:
+    132 one-CTA-per-SM programs on an H100 PCIe's 114 SMs would leave 18 of them for a second round, which nearly
+    doubles the time. The device query is replaced (no GPU here); on a GPU, test_grid_on_this_gpu checks it."""
+    monkeypatch.setattr(tma_gemm, "_device_sms", lambda index: {0: 114, 1: 78}[index])
+    assert tma_gemm.sm_count(torch.device("cuda", 0), 90) == 114
+    assert tma_gemm.sm_count(torch.device("cuda", 1), 90) == 78
+    assert tma_gemm.sm_count(torch.device("meta"), 90) == tma_gemm.SM_COUNT[90]  # the static report's H200
+    assert tma_gemm.sm_count(torch.device("cpu"), 0) == tma_gemm._INTERPRETER_PROGRAMS
+    assert tma_gemm.programs(114, 10_000) == 114 and tma_gemm.programs(114, 7) == 7
+    # the launchers ask sm_count with the operands' device
+    asked = []
+    monkeypatch.setattr(tma_gemm, "sm_count", lambda device, arch: asked.append((device.type, arch)) or 114)
+    a, w, c = (torch.empty(*shape, dtype=torch.bfloat16, device="meta") for shape in ((50432, 768), (768, 768),
+                                                                                       (50432, 768)))  # fmt: skip
+    *_, grid = tma_gemm.store_args(a, w.t(), c, None, True, 90)
+    assert grid == (114,) and asked == [("meta", 90)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the SM count is the device's own")
+def test_grid_on_this_gpu():
+    device = torch.device("cuda")
+    if vit_triton.arch(device) != 90:
+        pytest.skip("the persistent TMA GEMMs run on sm_90 only")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    a, w, c = (torch.empty(*shape, dtype=torch.bfloat16, device=device) for shape in ((50432, 768), (768, 768),
+                                                                                       (50432, 768)))  # fmt: skip
+    *_, grid = tma_gemm.store_args(a, w.t(), c, None, True, 90)
+    assert grid == (sms,)
 
 
 def test_describable():

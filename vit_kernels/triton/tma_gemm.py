@@ -32,6 +32,7 @@ linear.py's pointer kernel, as does sm_80 (no TMA) and any operand TMA cannot de
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -336,6 +337,9 @@ CONFIGS = {
 }
 _INTERPRETER_CONFIG = GemmConfig(32, 64, 32, 4, 4, 1, False)
 _INTERPRETER_PROGRAMS = 4
+# The SMs of an H100 SXM or H200: the static report's wave tables, and tests that pass arch 90 with CPU tensors. A
+# launch on a GPU fills that device's own SMs (`sm_count`): 114 on an H100 PCIe, 78 on an H20, fewer on a MIG slice,
+# where a grid of 132 one-CTA-per-SM programs would leave its last programs waiting for a second round.
 SM_COUNT = {90: 132}
 EPILOGUES = ("store", "residual", "gelu", "dgelu", "qkv", "partial")
 
@@ -346,19 +350,35 @@ def config(arch: int, dtype: torch.dtype, epilogue: str) -> GemmConfig:
     return CONFIGS[arch][("16bit" if dtype != torch.float32 else "tf32", epilogue)]
 
 
-def programs(arch: int, work_units: int) -> int:
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, arch: int) -> int:
+    """The SMs a persistent grid fills on `device`: the device's own count on CUDA, SM_COUNT[arch] on a device
+    without SMs (meta tensors of the static report, CPU tensors launched at arch 90 by the tests), and the
+    interpreter's few programs at arch 0."""
+    if arch == 0:
+        return _INTERPRETER_PROGRAMS
+    if device.type == "cuda":
+        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return SM_COUNT[arch]
+
+
+def programs(sms: int, work_units: int) -> int:
     """Persistent grid: one program per SM (one 8-warp CTA fits an SM: ~180 KB of shared memory), never more than
     there is work."""
-    return max(1, min(work_units, _INTERPRETER_PROGRAMS if arch == 0 else SM_COUNT[arch]))
+    return max(1, min(work_units, sms))
 
 
-def split_k_slices(arch: int, tiles: int, K: int, block_k: int) -> int:
+def split_k_slices(arch: int, tiles: int, K: int, block_k: int, sms: int) -> int:
     """K slices for a weight gradient: the fewest slices whose work units (tiles x slices) fill the SMs to within
-    90% in their last wave, each slice at least 8 BLOCK_K steps; 1 where the tiles alone already do (or K is short).
-    ViT-B/16, B=256, 16-bit: dW1 (3072 x 768, 72 tiles of 128 x 256) takes 11 slices: 792 units = 6 full waves."""
+    90% in their last wave on `sms` SMs, each slice at least 8 BLOCK_K steps; 1 where the tiles alone already do (or K
+    is short). ViT-B/16, B=256, 16-bit, 132 SMs: dW1 (3072 x 768, 72 tiles of 128 x 256) takes 11 slices: 792 units
+    = 6 full waves."""
     if arch == 0:
         return 2 if K >= 4 * block_k else 1  # the interpreter: exercise the split path on test shapes
-    sms = SM_COUNT[arch]
     k_steps = triton.cdiv(K, block_k)
     best, best_eff = 1, tiles / (triton.cdiv(tiles, sms) * sms)
     for s in range(1, 17):
@@ -419,7 +439,7 @@ def _common(a, b, M, N, K, dtype, allow_tf32, arch, epilogue, work_units=None):
     b_desc, b_t = _operand(b.t(), (cfg.block_n, cfg.block_k))  # B (K, N) described as rows of N
     b_t = not b_t  # stored (N, K) is the mainloop's B_T
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    n_prog = programs(arch, tiles if work_units is None else work_units)
+    n_prog = programs(sm_count(a.device, arch), tiles if work_units is None else work_units)
     kwargs = dict(
         A_T=a_t, B_T=b_t, INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
@@ -525,7 +545,7 @@ def weight_grad(a, b, c, allow_tf32, arch) -> None:
     (M, K), N = a.shape, b.shape[1]
     cfg = config(arch, a.dtype, "partial")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    splits = split_k_slices(arch, tiles, K, cfg.block_k)
+    splits = split_k_slices(arch, tiles, K, cfg.block_k, sm_count(a.device, arch))
     if splits == 1:
         launch(*store_args(a, b, c, None, allow_tf32, arch))
         return
@@ -576,7 +596,7 @@ def block_products(B: int, N: int, C: int, H: int, mlp_ratio: int, dtype: torch.
         (M_, K_), N_ = a.shape, b.shape[1]
         cfg = config(arch, dtype, "partial")
         tiles = triton.cdiv(M_, cfg.block_m) * triton.cdiv(N_, cfg.block_n)
-        k_split = slice_length(K_, split_k_slices(arch, tiles, K_, cfg.block_k), cfg.block_k)
+        k_split = slice_length(K_, split_k_slices(arch, tiles, K_, cfg.block_k, SM_COUNT[arch]), cfg.block_k)
         partial = t(triton.cdiv(K_, k_split), M_, N_, dt=torch.float32)
         launches.append((name, partial_args(a, b, partial, k_split, allow_tf32, arch)))
     rows = []
