@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, REPO
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -111,6 +112,39 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     assert attention_op.check(q, k, v, None, "torch")[1] == pytest.approx(64**-0.5)
 
 
+def test_scale_takes_numpy_and_int_scalars_as_sdpa_does():
+    import numpy as np
+
+    q, k, v = _attn_inputs(D=64)
+    for scale in (np.float32(0.125), np.float64(0.125), np.int64(1), 1):
+        choice, taken = attention_op.check(q, k, v, scale, "torch")
+        assert type(taken) is float and taken == float(scale), scale
+        torch.testing.assert_close(vk.attention(q, k, v, scale=scale, backend="torch"),
+                                   F.scaled_dot_product_attention(q, k, v, scale=float(scale)))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch") + KERNEL_BACKENDS)
+def test_attention_output_takes_in_place_edits_as_sdpa_does(backend):
+    """The kernel backends' output (laid out (B, N, H, D)) was a view made inside the autograd Function, which
+    autograd refuses to edit in place: `o = out.transpose(1, 2).reshape(B, N, C); o += x` raised at once, with
+    inputs that require grad, where SDPA's output takes it. Now it takes it; the backward of the edited output it
+    saved is refused, as SDPA's flash backward does, instead of differentiating a value it never returned."""
+    _skip_unless_runs(backend)
+    B, H, N, D = 1, 2, 5, 32
+    q, k, v = (t.requires_grad_(True) for t in _attn_inputs(B, H, N, D))
+    with torch.no_grad():
+        expected = vk.attention(q, k, v, backend="reference").transpose(1, 2).reshape(B, N, H * D) + 1
+    o = vk.attention(q, k, v, backend=backend).transpose(1, 2).reshape(B, N, H * D)
+    o += 1
+    tol = 1e-5 if backend in ("reference", "torch") else 2e-3  # the kernels on a GPU: fp32 as tf32
+    torch.testing.assert_close(o.detach(), expected, rtol=tol, atol=tol)
+    out = vk.attention(q, k, v, backend=backend)
+    out.mul_(2)
+    if backend != "reference":  # the reference saves its softmax, not its output
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _attn_inputs(device="cpu")
@@ -178,8 +212,11 @@ def _bad_attention_cases():
         ((q, k[:, :, :3], v), {}, ValueError, "k must have shape"),
         ((q, k, v[..., :16]), {}, ValueError, "v must have shape"),
         ((q[:, :, :0], k[:, :, :0], v[:, :, :0]), {}, ValueError, "q must be non-empty"),
-        ((q, k, v), {"scale": float("nan")}, TypeError, "scale must be a finite float"),
-        ((q, k, v), {"scale": "0.1"}, TypeError, "scale must be a finite float"),
+        ((q, k, v), {"scale": float("nan")}, ValueError, "scale must be finite, got nan"),
+        ((q, k, v), {"scale": 10**400}, ValueError, "scale must be finite"),  # past float: not an OverflowError
+        ((q, k, v), {"scale": "0.1"}, TypeError, "scale must be a real number or None, got str"),
+        ((q, k, v), {"scale": True}, TypeError, "scale must be a real number or None, got bool"),
+        ((q, k, v), {"scale": torch.tensor(0.1)}, TypeError, "scale must be a real number or None, got Tensor"),
         ((q.cpu(), k.cpu(), v.cpu()), {"backend": "cuda"}, ValueError, "cuda"),
     ]
 
@@ -583,11 +620,32 @@ def test_compute_capability_is_looked_up_once_per_device(monkeypatch):
         return (9, 0)
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(dispatch, "_CAPABILITY", {}, raising=False)
     for _ in range(50):
         for index in (0, 1):
             assert dispatch.device_unavailable_reason("triton", torch.device("cuda", index)) is None
     assert len(calls) == 2 and set(calls) == {0, 1}, calls  # once per device index, not once per call
+
+
+def test_a_cuda_device_this_process_lacks_is_a_reason_not_a_crash(monkeypatch):
+    """available_backends("cuda") on a machine without CUDA (or an index past the device count) lists what can run
+    ("reference", "torch"), a kernel backend's reason says why not, and auto on fake CUDA tensors traced there is
+    torch, where the capability lookup used to raise torch's AssertionError."""
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {})
+    assert vk.available_backends(missing) == ["reference", "torch"]
+    for backend in ("triton", "cuda"):
+        why = dispatch.device_unavailable_reason(backend, torch.device(missing))
+        assert why is not None and ("not a device of this process" in why or "extension" in why), why
+    if not torch.cuda.is_available():  # fake CUDA tensors are of this process's devices where it has one
+        with FakeTensorMode():
+            q = torch.empty(2, 3, 17, 64, device="cuda")
+            backend, reason = vk.explain_backend("attention", q, q, q)
+            assert backend == "torch" and "no CUDA device here" in reason, reason
+            with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: .*no CUDA device here"):
+                vk.explain_backend("attention", q, q, q, backend="triton")
 
 
 def test_find_spec_is_looked_up_once_per_module(monkeypatch):

@@ -115,12 +115,24 @@ def _module_found(name: str) -> bool:
     return found
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device, or None where this process has no such device (no CUDA at all, as
+    for fake CUDA tensors traced on a CPU machine, or an index past the device count): `_no_device`'s reason."""
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
     capability = _CAPABILITY.get(index)
     if capability is None:
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            return None
         capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
     return capability
+
+
+def _no_device(device: torch.device) -> str:
+    if not torch.cuda.is_available():
+        return f"{device} is not a device of this process: no CUDA device here (torch.cuda.is_available() is False)"
+    return f"{device} is not a device of this process: it has {torch.cuda.device_count()} CUDA device(s)"
 
 
 def device_unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -136,14 +148,20 @@ def device_unavailable_reason(backend: str, device: torch.device) -> str | None:
             return None if _triton_interpreter_ready() else _INTERPRET_TOO_LATE
         if device.type != "cuda":
             return f"triton kernels need a CUDA device, got {device.type}"
-        return None if _capability(device)[0] >= 8 else "triton kernels need compute capability >= 8.0"
+        capability = _capability(device)
+        if capability is None:
+            return _no_device(device)
+        return None if capability[0] >= 8 else "triton kernels need compute capability >= 8.0"
     if backend == "cuda":
         _C, reason = cuda_extension()
         if reason:
             return reason
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        return None if _capability(device)[0] >= 8 else "the CUDA kernels are built for compute capability >= 8.0"
+        capability = _capability(device)
+        if capability is None:
+            return _no_device(device)
+        return None if capability[0] >= 8 else "the CUDA kernels are built for compute capability >= 8.0"
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
@@ -340,8 +358,14 @@ def measured_table_size() -> int:
 _REQUESTED = {b: f"backend={b!r} was requested" for b in BACKENDS}
 
 
-def _table_key(device: torch.device, op: str, dtype: torch.dtype, dim: int, tokens: int, batch: int = 1) -> TableKey:
-    major, minor = _capability(device)
+def _table_key(
+    device: torch.device, op: str, dtype: torch.dtype, dim: int, tokens: int, batch: int = 1
+) -> TableKey | None:
+    """The table's key of these inputs; None where `device` is not a CUDA device of this process."""
+    capability = _capability(device)
+    if capability is None:
+        return None
+    major, minor = capability
     name = DTYPE_NAMES[dtype]
     if name == "fp32" and allow_tf32():
         name = "tf32"
@@ -372,6 +396,8 @@ def select(
                 "torch", f"auto on {device.type} is torch: kernel backends are picked only from GPU measurements"
             )
         key = _table_key(device, op, *sizes)
+        if key is None:
+            return Choice("torch", f"auto: {_no_device(device)}: torch")
         entry = _TABLE.get(key)
         if entry is None:
             unread = f" (the committed table was not read: {_TABLE_PROBLEM})" if _TABLE_PROBLEM else ""

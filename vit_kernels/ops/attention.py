@@ -17,6 +17,7 @@ they get here, never empty; `allow_tf32` only matters for fp32 inputs.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -59,8 +60,14 @@ def check(q, k, v, scale, backend: str) -> tuple[dispatch.Choice, float]:
     head_dim = q.shape[-1]
     if scale is None:
         scale = head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    try:
+        scale = float(scale)  # numpy scalars and Python ints too, as SDPA takes them
+    except OverflowError:
+        scale = math.inf
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
 
     def objection(b: str) -> str | None:
         dims = dispatch.SUPPORT[b].head_dims
@@ -107,7 +114,17 @@ def _forward(
 
 
 def _launch_forward(q, k, v, scale, allow_tf32, backend):
-    return kernel_op.kernels(backend, "attention").attention_fwd(q, k, v, scale, allow_tf32)
+    out, lse = kernel_op.kernels(backend, "attention").attention_fwd(q, k, v, scale, allow_tf32)
+    return _own_tensor(out), lse
+
+
+def _own_tensor(t: torch.Tensor) -> torch.Tensor:
+    """t over the same memory as a tensor of its own, not a view: autograd refuses in-place edits of a view made
+    inside a custom Function (`attention(...).transpose(1, 2).reshape(B, N, C) += x` raised at once), where SDPA's
+    output takes them (and its backward, like this one's, then refuses the edited output it saved)."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _forward_fake(q, k, v, scale, allow_tf32, backend):
