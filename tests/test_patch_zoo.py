@@ -15,7 +15,6 @@ five costliest models under the interpreter (pit, twins, swin, crossvit, tnt) ma
 
 import copy
 import functools
-import types
 
 import pytest
 import torch
@@ -417,7 +416,12 @@ def check_hf_refusal(model, backend, refused):
 
 def instance_forwards(model):
     """Names of the modules whose forward was replaced on the instance (what patching does)."""
-    return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), types.MethodType)]
+    patched = vit.convert._PATCHED_FORWARDS
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m.__dict__.get("forward"), functools.partial) and m.__dict__["forward"].func in patched
+    ]
 
 
 def check_outcome(summary, outcome, patched_model):
@@ -736,3 +740,155 @@ def test_hf_subclass_with_its_own_forward_is_left_alone(kind, backend, monkeypat
     model = hf_model(HF_ZOO[0])  # ViTForImageClassification, small dims
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     check_subclass_left_alone(vit.patch_hf, model, x, hf_call, kind, base, sub, backend, monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a user changes after patching: hooks, adapters, dropout rates, the dtype; and pickling
+# ----------------------------------------------------------------------------------------------------
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-like layer put in place of a Linear after patching: base(x) + up(down(x)), exposing the base's
+    weight and bias as peft's layers do. The fused ops would read that weight and miss the update."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+        with torch.no_grad():
+            self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g))
+            self.up.weight.copy_(0.1 * torch.randn(self.up.weight.shape, generator=g))
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def _scale_output(module, inputs, output):
+    return output * 0.5
+
+
+def _scale_input(module, inputs):
+    return (inputs[0] * 2.0,)
+
+
+def _timm_change(model, change: str):
+    block = model.blocks[0]
+    if change == "hook on attn.qkv":
+        block.attn.qkv.register_forward_hook(_scale_output)
+    elif change == "hook on mlp.fc1":
+        block.mlp.fc1.register_forward_hook(_scale_output)
+    elif change == "hook on attn":  # bypassed where the block runs whole-block fused
+        block.attn.register_forward_hook(_scale_output)
+    elif change == "pre-hook on norm1":
+        block.norm1.register_forward_pre_hook(_scale_input)
+    elif change == "adapter in attn.qkv":
+        block.attn.qkv = LowRankAdapter(block.attn.qkv)
+    elif change == "adapter in mlp.fc1":
+        block.mlp.fc1 = LowRankAdapter(block.mlp.fc1)
+    elif change == "dropout rates":
+        for b in model.blocks:
+            b.attn.attn_drop.p, b.mlp.drop1.p = 0.5, 0.5
+        model.train()
+    elif change == "float64":
+        model.double()
+    return model
+
+
+def _hf_change(model, change: str):
+    layer = model.vit.layers[0]
+    if change == "hook on attention.q_proj":
+        layer.attention.q_proj.register_forward_hook(_scale_output)
+    elif change == "hook on mlp.fc1":
+        layer.mlp.fc1.register_forward_hook(_scale_output)
+    elif change == "hook on attention":
+        layer.attention.register_forward_hook(lambda m, i, o: (o[0] * 0.5, *o[1:]))
+    elif change == "pre-hook on layernorm_before":
+        layer.layernorm_before.register_forward_pre_hook(_scale_input)
+    elif change == "adapter in attention.v_proj":
+        layer.attention.v_proj = LowRankAdapter(layer.attention.v_proj)
+    elif change == "adapter in mlp.fc2":
+        layer.mlp.fc2 = LowRankAdapter(layer.mlp.fc2)
+    elif change == "dropout rates":
+        for lay in model.vit.layers:
+            lay.attention.attention_dropout = 0.5
+        model.train()
+    elif change == "float64":
+        model.double()
+    return model
+
+
+def check_change_after_patching(patch, model, x, call, change, apply_change, backend):
+    """The patched model, changed after patching, gives what the original model changed the same way gives: the
+    patched forwards see the change at call time and run the original forward where the fused one would skip it
+    (on torch and triton alike; same seed, so dropout draws the same masks)."""
+    patched = copy.deepcopy(model)
+    patch(patched, backend=backend)
+    model, patched = apply_change(model, change), apply_change(patched, change)
+    if change == "float64":
+        x = x.double()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ref = call(model, x)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = call(patched, x)
+    assert out.dtype == ref.dtype
+    tol = 1e-6 if backend == "torch" or change in ("dropout rates", "float64") else TOLERANCES[torch.float32]
+    assert rel_error(out, ref) <= tol, f"{change}: {rel_error(out, ref):.2e}"
+
+
+TIMM_CHANGES = ["hook on attn.qkv", "hook on mlp.fc1", "hook on attn", "pre-hook on norm1", "adapter in attn.qkv",
+                "adapter in mlp.fc1", "dropout rates", "float64"]  # fmt: skip
+HF_CHANGES = ["hook on attention.q_proj", "hook on mlp.fc1", "hook on attention", "pre-hook on layernorm_before",
+              "adapter in attention.v_proj", "adapter in mlp.fc2", "dropout rates", "float64"]  # fmt: skip
+
+
+@needs_timm
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("change", TIMM_CHANGES)
+def test_timm_change_after_patching_is_seen(change, backend, highest_precision):
+    model, x = timm_model(TIMM_ZOO[0]).to(DEVICE), torch.randn(2, 3, 32, 32, device=DEVICE)
+    check_change_after_patching(vit.patch_timm, model, x, timm_call, change, _timm_change, backend)
+
+
+@needs_transformers
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("change", HF_CHANGES)
+def test_hf_change_after_patching_is_seen(change, backend, highest_precision):
+    model, x = hf_model(HF_ZOO[0]).to(DEVICE), torch.randn(2, 3, 32, 32, device=DEVICE)
+    check_change_after_patching(vit.patch_hf, model, x, hf_call, change, _hf_change, backend)
+
+
+@pytest.mark.parametrize(
+    "framework", [pytest.param("timm", marks=needs_timm), pytest.param("hf", marks=needs_transformers)]
+)
+def test_patched_model_pickles_and_loads_back_patched(framework, monkeypatch):
+    """torch.save(model) of a patched model wrote a file that torch.load refused (a bound method pickles by a name
+    the module does not have): it loads back, still patched, with the same outputs."""
+    import io
+    import pickle
+
+    model, call, patch = (
+        (timm_model(TIMM_ZOO[0]), timm_call, vit.patch_timm) if framework == "timm"
+        else (hf_model(HF_ZOO[0]), hf_call, vit.patch_hf)
+    )  # fmt: skip
+    summary = patch(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = call(model, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model))):
+        with counting_fused_ops(monkeypatch) as counts, torch.no_grad():
+            out = call(loaded, x)
+        assert counts["fused_qkv"] == len(summary.attention) and counts["gelu_mlp"] == len(summary.mlp)
+        assert torch.equal(out, ref)

@@ -101,6 +101,22 @@ def test_from_hf_with_dict_config_and_reference_backend(hf_model):
         torch.testing.assert_close(ours(x), hf_logits(hf_model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_from_hf_takes_the_label_count_from_the_classifier(hf_model):
+    """A dict config without num_labels (documented optional) loads a classifier checkpoint with its classifier;
+    a num_labels or num_channels that disagrees with the weights is a ValueError naming it, not torch's
+    RuntimeError from load_state_dict. gelu_python (the erf formula written out) is exact GELU."""
+    x = torch.randn(2, 3, 32, 32)
+    config = {k: v for k, v in HF_TINY.items() if "dropout" not in k and k != "num_labels"}
+    ours = vit.from_hf(hf_model.state_dict(), config | {"hidden_act": "gelu_python"}, backend="torch").eval()
+    assert ours.config.num_classes == hf_model.config.num_labels
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf_logits(hf_model, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"num_labels=7, but the state dict's classifier has \d+ rows"):
+        vit.from_hf(hf_model.state_dict(), config | {"num_labels": 7})
+    with pytest.raises(ValueError, match=r"shapes .*patch_embed\.proj\.weight"):
+        vit.from_hf(hf_model.state_dict(), config | {"num_channels": 1})
+
+
 def test_from_hf_vitmodel_gives_features(hf_model):
     """A ViTModel state dict (no classifier, a pooler) gives a headless model: the final-normed CLS token."""
     torch.manual_seed(0)

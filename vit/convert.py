@@ -35,13 +35,13 @@ counterpart that is missing, is a ValueError that lists them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
 import math
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -85,9 +85,10 @@ def _config_value(config, name: str, default=None):
 def hf_config_to_kwargs(config) -> dict:
     """VisionTransformer keyword arguments from a transformers ViTConfig or a dict of its fields."""
     hidden_act = _config_value(config, "hidden_act", "gelu")
-    approximate = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}.get(hidden_act)
+    forms = {"gelu": "none", "gelu_python": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+    approximate = forms.get(hidden_act)
     if approximate is None:
-        raise ValueError(f"hidden_act={hidden_act!r} is not supported (gelu, gelu_pytorch_tanh, gelu_new)")
+        raise ValueError(f"hidden_act={hidden_act!r} is not supported ({', '.join(forms)})")
     return dict(
         img_size=_config_value(config, "image_size"),
         patch_size=_config_value(config, "patch_size"),
@@ -161,6 +162,12 @@ def from_hf(
     converted = convert_hf_state_dict(hf_state_dict)
     if "head.weight" not in converted:
         kwargs["num_classes"] = 0
+    else:  # the classifier's rows are the labels; a config that names another count is wrong
+        classes = converted["head.weight"].shape[0]
+        labels = config.get("num_labels") if isinstance(config, dict) else getattr(config, "num_labels", None)
+        if labels is not None and labels != classes:
+            raise ValueError(f"config num_labels={labels}, but the state dict's classifier has {classes} rows")
+        kwargs["num_classes"] = classes
     if img_size is not None:
         h, w = _pair(kwargs["img_size"])
         trained_grid = (h // kwargs["patch_size"], w // kwargs["patch_size"])
@@ -173,6 +180,13 @@ def from_hf(
         raise ValueError(
             "the Hugging Face state dict does not match the config (keys in our naming, see the table in "
             f"vit/convert.py): missing keys {missing}, unexpected keys {unexpected}"
+        )
+    expected = model.state_dict()
+    mismatched = [f"{k} {tuple(t.shape)} vs {tuple(expected[k].shape)}" for k, t in converted.items()
+                  if t.shape != expected[k].shape]  # fmt: skip
+    if mismatched:
+        raise ValueError(
+            f"the Hugging Face state dict does not match the config: shapes (state dict vs config) {mismatched}"
         )
     model.load_state_dict(converted, strict=True)
     return model
@@ -326,11 +340,50 @@ def _has_call_args(args: tuple, kwargs: dict) -> bool:
     return any(a is not None and a is not False for a in (*args, *kwargs.values()))
 
 
+_GLOBAL_HOOKS = (
+    nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks,
+)  # fmt: skip
+
+
+def _submodules(m: nn.Module) -> tuple[tuple[nn.Module, str, nn.Module], ...]:
+    """(parent, name, child) of every submodule below m: what `_bypasses_something` compares with at each call."""
+    return tuple((parent, name, child) for parent in m.modules() for name, child in parent._modules.items()
+                 if child is not None)  # fmt: skip
+
+
+def _bypasses_something(self: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the fused forward of a patched module would skip what its own forward does now, which the checks
+    at patch time could not see: x of a dtype the ops do not take (float64); a submodule replaced since (an
+    adapter such as a LoRA layer in place of qkv or fc1, whose weight the fused ops would read without its
+    update); a hook on a submodule (the fused ops bypass them: a feature-grabbing hook), or a global one. A
+    flat walk over the submodules recorded when patching, a few lookups each."""
+    if x.dtype not in dispatch.DTYPES or any(_GLOBAL_HOOKS):
+        return True
+    for parent, name, child in self._vk_submodules:
+        if parent._modules.get(name) is not child:
+            return True
+        if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
+            return True
+    return False
+
+
+def _dropping(*dropouts: nn.Module | None) -> bool:
+    """Whether one of the dropouts is active now (training, p > 0): a rate set after patching included."""
+    return any(d is not None and d.training and getattr(d, "p", 0.0) for d in dropouts)
+
+
 # ---- timm ----
 def _timm_attention_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # A mask or is_causal=True (timm passes them as arguments, e.g. NaFlex ViT's padding mask), or an input
     # that is not (B, N, C), is the original forward's to compute: falling back keeps the model's outputs.
-    if x.dim() != 3 or _has_call_args(args, kwargs):
+    # So is dropout on the attention weights switched on after patching, and what `_bypasses_something` names.
+    if (
+        x.dim() != 3
+        or _has_call_args(args, kwargs)
+        or _dropping(getattr(self, "attn_drop", None))
+        or _bypasses_something(self, x)
+    ):
         return type(self).forward(self, x, *args, **kwargs)
     B, N, C = x.shape
     q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self._vk_backend)
@@ -339,6 +392,8 @@ def _timm_attention_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Ten
 
 
 def _timm_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _dropping(getattr(self, "drop1", None)) or _bypasses_something(self, x):  # dropout after GELU; hooks
+        return type(self).forward(self, x)
     fc1, fc2 = self.fc1, self.fc2
     y = vk.gelu_mlp(
         x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self._vk_approximate, backend=self._vk_backend
@@ -386,9 +441,11 @@ def _check_timm_mlp(m: nn.Module, backend: str) -> dict:
 
 def _timm_block_dropping(self) -> bool:
     """Whether a stochastic module of the block is active now (training, p > 0): stochastic depth and the
-    dropouts after proj and fc2 act before the residual add, which the fused epilogues cannot do."""
+    dropouts after proj and fc2 act before the residual add, which the fused epilogues cannot do; those inside
+    attention and the MLP (a rate set after patching) are not in the fused ops at all."""
     optional = (getattr(self.attn, "proj_drop", None), getattr(self.mlp, "drop2", None))
-    for m in (self.drop_path1, self.drop_path2, *optional):
+    inside = (getattr(self.attn, "attn_drop", None), getattr(self.mlp, "drop1", None))
+    for m in (self.drop_path1, self.drop_path2, *optional, *inside):
         if m is not None and m.training and getattr(m, "drop_prob", getattr(m, "p", 0.0)):
             return True
     return False
@@ -402,6 +459,7 @@ def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x.dim() != 3
         or _has_call_args(args, kwargs)
         or _timm_block_dropping(self)
+        or _bypasses_something(self, x)
         or not pre_ln_block.fuses_block(self._vk_backend, x)
     ):
         return type(self).forward(self, x, *args, **kwargs)
@@ -421,7 +479,7 @@ def _check_layer_norm(name: str, norm: nn.Module, C: int) -> None:
 
 def _forward_replaced_by_others(m: nn.Module) -> bool:
     own = m.__dict__.get("forward")
-    return own is not None and getattr(own, "__func__", None) not in _PATCHED_FORWARDS
+    return own is not None and not (isinstance(own, functools.partial) and own.func in _PATCHED_FORWARDS)
 
 
 def _check_block_parts(parts, C: int, backend: str) -> dict:
@@ -501,7 +559,14 @@ _HF_NEUTRAL_KWARGS = frozenset({"output_hidden_states", "return_dict"})
 def _hf_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
     # A mask (BEiT passes its relative position bias this way), requested attention weights, or any other
     # argument is the original forward's to compute: falling back keeps the model's outputs.
-    if attention_mask is not None or hidden_states.dim() != 3 or _hf_wants_more(self.config, kwargs):
+    # So is attention dropout switched on after patching, and what `_bypasses_something` names.
+    if (
+        attention_mask is not None
+        or hidden_states.dim() != 3
+        or _hf_wants_more(self.config, kwargs)
+        or (self.training and self.attention_dropout)
+        or _bypasses_something(self, hidden_states)
+    ):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     B, N, C = hidden_states.shape
     weight, bias = _hf_qkv_parameters(self)
@@ -545,6 +610,8 @@ def _hf_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **
         or hidden_states.dim() != 3
         or _hf_wants_more(attn.config, kwargs)
         or (self.dropout.training and self.dropout.p)
+        or (attn.training and attn.attention_dropout)
+        or _bypasses_something(self, hidden_states)
         or not pre_ln_block.fuses_block(backend, hidden_states)
     ):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
@@ -556,6 +623,8 @@ def _hf_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **
 
 
 def _hf_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if _bypasses_something(self, hidden_states):
+        return type(self).forward(self, hidden_states)
     fc1, fc2 = self.fc1, self.fc2
     return vk.gelu_mlp(
         hidden_states,
@@ -717,7 +786,10 @@ def _patch(
         for attr, value in attrs.items():
             setattr(m, attr, value)
         m._vk_backend = backend
-        m.forward = types.MethodType(forward, m)
+        m._vk_submodules = _submodules(m)
+        # A partial, not a bound method: a bound method pickles by its function's name looked up on the module,
+        # which has no attribute of that name, so torch.save(model) wrote a file that torch.load refused.
+        m.forward = functools.partial(forward, m)
     (logger.warning if summary.skipped else logger.info)("%s: %s", caller, summary)
     return summary
 

@@ -187,7 +187,7 @@ def check_tensor(name: str, t, ndim: int | None = None, batch_dims: int = 0) -> 
     if batch_dims == -1 and t.dim() == 0:
         raise ValueError(f"{name} must have at least 1 dim (..., C), got a 0-D tensor")
     if t.numel() == 0 and 0 in t.shape[batch_dims:]:
-        only = " (only its batch dims may be 0)" if batch_dims else ""
+        only = {0: "", 1: " (only its first dim, the batch, may be 0)"}.get(batch_dims, " (only batch dims may be 0)")
         raise ValueError(f"{name} must be non-empty{only}, got shape {tuple(t.shape)}")
 
 
