@@ -9,6 +9,7 @@ their error may be at most ~2x the error of the `torch` backend in the same dtyp
 import copy
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -149,6 +150,70 @@ def test_bad_image_size_is_a_value_error():
         vit.VisionTransformer(img_size=30, patch_size=8)
 
 
+# Small, timm-shaped: 32x32 images, patch 16 (N = 5), head dim 32.
+SMALL = dict(img_size=32, patch_size=16, num_classes=5, embed_dim=64, depth=2, num_heads=2, backend="torch")
+
+
+# (arguments, error, what its message must name)
+BAD_CONSTRUCTOR_ARGUMENTS = [
+    (dict(num_heads=0), ValueError, "num_heads"),  # was ZeroDivisionError
+    (dict(patch_size=0), ValueError, "patch_size"),  # was ZeroDivisionError
+    (dict(img_size=0), ValueError, "img_size"),  # was accepted: the first forward wanted (B, 3, 0, 0)
+    (dict(img_size=-32), ValueError, "img_size"),
+    (dict(img_size=(32, 48, 64)), TypeError, "img_size"),  # was cut to (32, 48)
+    (dict(img_size=32.0), TypeError, "img_size"),
+    (dict(in_chans=0), ValueError, "in_chans"),
+    (dict(embed_dim=0, num_heads=1), ValueError, "embed_dim"),
+    (dict(depth=-1), ValueError, "depth"),  # was a model of 0 blocks
+    (dict(num_classes=-3), ValueError, "num_classes"),  # was a headless model returning features
+    (dict(num_heads=2.0), TypeError, "num_heads"),
+    (dict(mlp_ratio=0.0), ValueError, "mlp_ratio"),
+    (dict(mlp_ratio=-1.0), ValueError, "mlp_ratio"),
+    (dict(mlp_ratio=float("nan")), ValueError, "mlp_ratio"),
+    (dict(mlp_hidden_dim=0), ValueError, "mlp_hidden_dim"),
+    (dict(drop_path_rate=-0.5), ValueError, "drop_path_rate"),  # was silently no stochastic depth
+    (dict(drop_path_rate=1.5), ValueError, "drop_path_rate"),
+    (dict(backend="bogus"), ValueError, "backend must be one of"),  # was an error at the first forward only
+]
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    BAD_CONSTRUCTOR_ARGUMENTS,
+    ids=[",".join(f"{k}={v}" for k, v in bad.items()) for bad, _, _ in BAD_CONSTRUCTOR_ARGUMENTS],
+)
+def test_constructor_rejects_bad_arguments(bad, error, match):
+    with pytest.raises(error, match=match):
+        vit.VisionTransformer(**{**SMALL, **bad})
+
+
+def test_constructor_edge_arguments_that_build():
+    # depth 0 is a legal timm / Hugging Face model (embeddings, final norm, head); img_size may be any int pair.
+    x = torch.randn(3, 3, 32, 32)
+    assert vit.VisionTransformer(**{**SMALL, "depth": 0})(x).shape == (3, 5)
+    model = vit.VisionTransformer(**{**SMALL, "img_size": [32, 48]})
+    assert model.config.img_size == (32, 48) and model(torch.randn(2, 3, 32, 48)).shape == (2, 5)
+
+
+def test_drop_path_rate_one_drops_the_branch():
+    """drop_path_rate=1.0 gave 0 / 0 = NaN in training; as in timm, p = 1 drops the branch (zeros, no rescale)."""
+    x = torch.randn(4, 7, 16, requires_grad=True)
+    out = vit.model.DropPath(1.0).train()(x)
+    assert torch.equal(out, torch.zeros_like(x))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        vit.model.DropPath(1.5)
+    # The last block's rate is drop_path_rate: in training block 1 is the identity, block 0 (rate 0) runs.
+    model = vit.VisionTransformer(**{**SMALL, "drop_path_rate": 1.0}).train()
+    images = torch.randn(3, 3, 32, 32)
+    logits = model(images)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, model.forward_head(model.norm(model.blocks[0](model.embed(images)))))
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # backend parity: logits and every parameter gradient
 # ----------------------------------------------------------------------------------------------------
@@ -279,6 +344,51 @@ def test_checkpoint_of_another_image_size_loads():
     torch.testing.assert_close(big.pos_embed.data, vit.resize_pos_embed(small.pos_embed.data, 6))
     torch.testing.assert_close(big.blocks[1].mlp.fc2.weight, small.blocks[1].mlp.fc2.weight)
     assert big(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def _unresamplable_checkpoints(C: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts for SMALL (2 x 2 grid) whose pos_embed is not 1 class token + a square grid, as timm writes them."""
+    ours = vit.VisionTransformer(**SMALL).state_dict()
+    with_reg = {**ours, "reg_token": torch.randn(1, 4, C), "pos_embed": torch.randn(1, 1 + 4 + 4, C)}
+    no_embed_class = {**ours, "pos_embed": torch.randn(1, 4, C)}  # the grid only
+    non_square = vit.VisionTransformer(**{**SMALL, "img_size": (32, 64)}).state_dict()  # a 2 x 4 grid
+    return {"reg_tokens": with_reg, "no_embed_class": no_embed_class, "non_square": non_square}
+
+
+@pytest.mark.parametrize("kind", ["reg_tokens", "no_embed_class", "non_square"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_of_unresamplable_pos_embed_says_what_to_do(kind, strict):
+    """It raised resize_pos_embed's "pass old_grid=(gh, gw)", which load_state_dict gives no way to pass; now the
+    message says what the checkpoint's pos_embed is and names the manual path."""
+    state = _unresamplable_checkpoints()[kind]
+    model = vit.VisionTransformer(**SMALL)
+    shape = re.escape(str(tuple(state["pos_embed"].shape)))
+    with pytest.raises(
+        ValueError, match=rf"pos_embed in the checkpoint is {shape}.*vit\.resize_pos_embed\(.*old_grid="
+    ):
+        model.load_state_dict(state, strict=strict)
+    if kind == "reg_tokens":
+        with pytest.raises(ValueError, match="this one has reg_token"):
+            model.load_state_dict(state, strict=strict)
+    if kind == "non_square":  # the manual path the message names
+        state["pos_embed"] = vit.resize_pos_embed(state["pos_embed"], (2, 2), old_grid=(2, 4))
+        model.load_state_dict(state, strict=True)
+        torch.testing.assert_close(model.pos_embed.data, state["pos_embed"])
+
+
+@pytest.mark.parametrize(
+    "timm_kwargs",
+    [dict(reg_tokens=4), dict(no_embed_class=True), dict(img_size=(32, 64))],
+    ids=["reg", "noembed", "32x64"],
+)
+def test_load_of_unresamplable_timm_checkpoint(timm_kwargs):
+    timm = pytest.importorskip("timm")
+    kwargs = dict(img_size=32, patch_size=16, num_classes=5, embed_dim=64, depth=1, num_heads=2)
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**kwargs, **timm_kwargs}).state_dict()
+    model = vit.VisionTransformer(**{**SMALL, "depth": 1})
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"not 1 class token \+ a square grid.*vit\.resize_pos_embed"):
+            model.load_state_dict(state, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,6 +592,38 @@ def test_train_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch, flag, va
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "bogus"],  # torch.device's RuntimeError
+        ["--device", f"cuda:{torch.cuda.device_count()}"],  # no such CUDA device (any CUDA device on a CPU machine)
+        ["--seed", "-1", "--device", "cpu"],  # scikit-learn's split refuses it
+        ["--seed", str(2**32), "--device", "cpu"],
+        ["--backend", "cuda", "--device", "cpu"],  # the cuda backend needs CUDA tensors
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_train_cli_rejects_settings_that_cannot_run(tmp_path, capsys, monkeypatch, argv):
+    """These crashed with a traceback after --out was created and the data loaded; now an argparse error (exit 2)
+    naming the argument, with nothing run and no --out. The library function refuses them too, before --out."""
+    from vit import train as train_mod
+
+    monkeypatch.setattr(train_mod, "load_digits", lambda *a: pytest.fail("data loaded despite a bad argument"))
+    monkeypatch.setattr(train_mod, "_train", lambda *a: pytest.fail("training started despite a bad argument"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main([*argv, "--out", str(out), "--no-progress"])
+    assert exc.value.code == 2
+    assert f"error: {argv[0]}:" in capsys.readouterr().err
+    assert not out.exists()
+    cfg = {"device": "cpu", "seed": 0, "backend": "auto"}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        cfg[flag[2:]] = int(value) if flag == "--seed" else value
+    with pytest.raises(ValueError, match=argv[0][2:]):
+        train_mod.train(train_mod.TrainConfig(out=str(out), progress=False, **cfg))
+    assert not out.exists()
+
+
 def test_train_cli_checks_out_before_training(tmp_path, capsys, monkeypatch):
     """An --out that cannot be created fails at once, not after the whole run."""
     from vit import train as train_mod
@@ -632,3 +774,27 @@ def test_visualize_bad_checkpoint(tmp_path, png, capsys, monkeypatch, content):
     content(ckpt)
     err = _visualize_fails([png, "--out", str(tmp_path / "m.png"), "--checkpoint", str(ckpt)], capsys, monkeypatch)
     assert "--checkpoint" in err and str(ckpt) in err
+
+
+def test_visualize_checkpoint_of_another_image_size(tmp_path, png, capsys, monkeypatch):
+    """--img-size with a checkpoint trained at another size was refused (pos_embed shape), though the model's loader
+    resamples it, as --img-size's help says; a pos_embed the loader cannot resample is still an argparse error."""
+    pytest.importorskip("matplotlib", reason="vit.visualize draws with matplotlib")
+    from vit import visualize
+
+    trained = vit.create_model("vit_tiny_patch16_224", backend="torch", img_size=64, num_classes=3)  # 4 x 4 grid
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(trained.state_dict(), ckpt)
+    out = tmp_path / "maps.png"
+    loaded, cls_maps = [], visualize.cls_maps
+    monkeypatch.setattr(visualize, "cls_maps", lambda model, *a: loaded.append(model) or cls_maps(model, *a))
+    visualize.main([png, "--out", str(out), "--checkpoint", str(ckpt), "--img-size", "32", "--layers", "0"])
+    assert out.stat().st_size > 0
+    torch.testing.assert_close(loaded[0].pos_embed.data, vit.resize_pos_embed(trained.pos_embed.data, 2))
+    torch.testing.assert_close(loaded[0].head.weight.data, trained.head.weight.data)
+
+    state = trained.state_dict()
+    state["pos_embed"] = torch.randn(1, 1 + 8, 192)  # a 2 x 4 grid: not resamplable from the token count
+    torch.save(state, ckpt)
+    err = _visualize_fails([png, "--out", str(out), "--checkpoint", str(ckpt), "--img-size", "32"], capsys, monkeypatch)
+    assert "--checkpoint" in err and "pos_embed (1, 9, 192) vs (1, 5, 192)" in err

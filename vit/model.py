@@ -24,7 +24,9 @@ no register tokens, no LayerScale), so a timm checkpoint loads with `load_state_
     head.*                    (num_classes, C), (num_classes,)   absent when num_classes == 0
 
 A checkpoint trained at another image size loads too: `pos_embed` is resampled (bicubic over the
-patch grid, class token kept) by `resize_pos_embed` while loading.
+patch grid, class token kept) by `resize_pos_embed` while loading. The token count gives the old grid only when it
+is 1 class token + a square grid; any other pos_embed (register tokens, no_embed_class, a non-square grid) is a
+ValueError that says so and names the manual path, `resize_pos_embed(..., old_grid=(h, w))` before loading.
 
 FLOPs of one forward, per image (N = 1 + gh * gw tokens, matmuls only, multiply-add = 2):
     depth * (2*N*C*3C + 2*2*N*N*C + 2*N*C*C + 2*2*N*C*hidden) + 2*gh*gw*C*in_chans*p*p + 2*C*num_classes
@@ -33,6 +35,7 @@ FLOPs of one forward, per image (N = 1 + gh * gw tokens, matmuls only, multiply-
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -40,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vit_kernels as vk
+from vit_kernels.dispatch import BACKENDS
 from vit_kernels.ops import pre_ln_block
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +111,55 @@ PRESETS: dict[str, ViTConfig] = {
 
 def _pair(x) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _checked_config(cfg: ViTConfig, backend: str) -> ViTConfig:
+    """`cfg` with img_size as an int or a pair of ints, once every field and `backend` can build a model: otherwise
+    TypeError or ValueError naming the first bad one. Unchecked, a zero size was a ZeroDivisionError, a negative one
+    a smaller model or a torch error deep in a layer, and a bad backend failed only at the first forward."""
+    img_size = cfg.img_size
+    if _is_int(img_size):
+        img_size = int(img_size)
+        sides = (img_size, img_size)
+    elif isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(_is_int(v) for v in img_size):
+        img_size = sides = (int(img_size[0]), int(img_size[1]))
+    else:  # a 3-sequence used to be cut to its first two entries
+        raise TypeError(f"img_size must be an int or a pair of ints (h, w), got {img_size!r}")
+    if min(sides) < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    # depth 0 is a model of the embeddings and the final norm, as in timm and Hugging Face.
+    least = {"patch_size": 1, "in_chans": 1, "embed_dim": 1, "num_heads": 1, "depth": 0, "num_classes": 0}
+    if cfg.mlp_hidden_dim is not None:
+        least["mlp_hidden_dim"] = 1
+    for name, at_least in least.items():
+        value = getattr(cfg, name)
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < at_least:
+            raise ValueError(f"{name} must be >= {at_least}, got {value}")
+    if sides[0] % cfg.patch_size or sides[1] % cfg.patch_size:
+        raise ValueError(f"img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"embed_dim={cfg.embed_dim} must be divisible by num_heads={cfg.num_heads}")
+    if not (isinstance(cfg.mlp_ratio, numbers.Real) and 0 < cfg.mlp_ratio < math.inf):  # NaN fails too
+        raise ValueError(f"mlp_ratio must be a positive number, got {cfg.mlp_ratio}")
+    if cfg.hidden_dim < 1:
+        raise ValueError(f"mlp_ratio={cfg.mlp_ratio} gives an MLP of int(embed_dim * mlp_ratio) = 0 units")
+    if not (isinstance(cfg.norm_eps, numbers.Real) and 0 < cfg.norm_eps < math.inf):
+        raise ValueError(f"norm_eps must be a positive number, got {cfg.norm_eps}")
+    if cfg.gelu_approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {cfg.gelu_approximate!r}")
+    for name in ("drop_rate", "drop_path_rate"):
+        rate = getattr(cfg, name)
+        if not (isinstance(rate, numbers.Real) and 0 <= rate <= 1):
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    return replace(cfg, img_size=img_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,17 +277,22 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a sample's residual branch with probability p (rescaled by 1 / (1 - p))."""
+    """Stochastic depth: in training, zero a sample's residual branch with probability p (kept ones rescaled by
+    1 / (1 - p)); p = 1 zeroes every sample's branch."""
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"DropPath p must be in [0, 1], got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        keep_prob = 1.0 - self.p
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        # p = 1 drops every sample, as in timm: rescaling by 1 / 0 would turn its zeros into NaN.
+        return x * keep / keep_prob if keep_prob > 0.0 else x * keep
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -298,6 +356,7 @@ class VisionTransformer(nn.Module):
 
     images (B, in_chans, H, W) -> logits (B, num_classes), or the normed CLS features (B, C) if num_classes == 0.
     `backend` ("auto" | "triton" | "cuda" | "torch" | "reference") goes to every fused op; see vit_kernels.
+    Arguments that cannot build a working model are a TypeError or ValueError naming them, raised here.
     """
 
     def __init__(
@@ -320,34 +379,32 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        cfg = ViTConfig(
-            img_size=img_size if isinstance(img_size, int) else _pair(img_size),
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            mlp_hidden_dim=mlp_hidden_dim,
-            qkv_bias=qkv_bias,
-            norm_eps=norm_eps,
-            gelu_approximate=gelu_approximate,
-            drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
+        cfg = _checked_config(
+            ViTConfig(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                num_classes=num_classes,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                mlp_hidden_dim=mlp_hidden_dim,
+                qkv_bias=qkv_bias,
+                norm_eps=norm_eps,
+                gelu_approximate=gelu_approximate,
+                drop_rate=drop_rate,
+                drop_path_rate=drop_path_rate,
+            ),
+            backend,
         )
-        h, w = _pair(img_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
-        if gelu_approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
         self.config = cfg
         self.backend = backend
 
         # Registration order gives timm's state_dict order: own parameters first, then submodules.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, embed_dim))
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(cfg.img_size, patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[Block(cfg, dpr[i], backend) for i in range(depth)])
@@ -417,9 +474,31 @@ class VisionTransformer(nn.Module):
         key = prefix + "pos_embed"
         if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
             src = state_dict[key]
-            if src.dim() == 3 and src.shape[-1] == self.pos_embed.shape[-1]:
+            if src.dim() == 3 and src.shape[0] == 1 and src.shape[-1] == self.pos_embed.shape[-1]:
+                self._check_resamplable(src, key, state_dict, prefix)
                 state_dict[key] = resize_pos_embed(src, self.config.grid_size)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_resamplable(self, src: torch.Tensor, key: str, state_dict, prefix: str) -> None:
+        """ValueError unless `src` (1, N, C) is 1 class token + a square grid, the only layout the token count
+        alone can resample. Raised here, since torch's size mismatch would not say why nor what to do instead."""
+        own = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        names = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
+        # Top-level tensors we lack (timm's reg_token, DeiT's dist_token) are prefix tokens inside pos_embed too.
+        extra = sorted(n for n in names if "." not in n and n not in own)
+        n_grid = src.shape[1] - 1
+        if not extra and n_grid > 0 and math.isqrt(n_grid) ** 2 == n_grid:
+            return
+        gh, gw = self.config.grid_size
+        raise ValueError(
+            f"{key} in the checkpoint is {tuple(src.shape)}: not 1 class token + a square grid of patches ({n_grid} "
+            f"tokens remain), so the token count alone cannot resample it to this model's 1 + {gh} x {gw} tokens. "
+            "Checkpoints with more prefix tokens (register or distillation tokens"
+            + (f"; this one has {', '.join(extra)})" if extra else ")")
+            + " or timm's no_embed_class do not fit this model's layout. For one trained on a non-square grid "
+            f"(h, w), resample it before loading: state_dict[{key!r}] = "
+            f"vit.resize_pos_embed(state_dict[{key!r}], ({gh}, {gw}), old_grid=(h, w))"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

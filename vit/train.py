@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import vit_kernels as vk
 from vit.model import VisionTransformer
+from vit_kernels.dispatch import BACKENDS, device_unavailable_reason
 
 
 @dataclass
@@ -88,20 +90,68 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y)
 
 
+class ConfigError(ValueError):
+    """A TrainConfig field that cannot give a real run; `field` names it (the command line reports `--field`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def check_config(cfg: TrainConfig) -> None:
-    """ValueError naming the first field that cannot give a real run (checked before any work is done)."""
+    """ConfigError (a ValueError) naming the first field that cannot give a real run (checked before any work)."""
     if cfg.data != "digits":
-        raise ValueError(f"unknown data set {cfg.data!r}; available: digits")
+        raise ConfigError("data", f"unknown data set {cfg.data!r}; available: digits")
     # epochs 0 left no accuracy to report and a negative batch size trained nothing yet wrote a model: both refused.
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+            raise ConfigError(name, f"{name} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+        raise ConfigError("warmup_epochs", f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+        raise ConfigError("lr", f"lr must be a positive number, got {cfg.lr}")
     if cfg.threads is not None and cfg.threads < 0:
-        raise ValueError(f"threads must be >= 0, got {cfg.threads}")
+        raise ConfigError("threads", f"threads must be >= 0, got {cfg.threads}")
+    # The seed also seeds scikit-learn's split, whose random_state must fit in 32 bits.
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32):
+        raise ConfigError("seed", f"seed must be an integer in [0, 2**32 - 1], got {cfg.seed!r}")
+    device = train_device(cfg)
+    if cfg.backend != "auto":  # auto always runs (torch where nothing faster can)
+        if cfg.backend not in BACKENDS:
+            raise ConfigError("backend", f"backend must be one of {('auto', *BACKENDS)}, got {cfg.backend!r}")
+        why = device_unavailable_reason(cfg.backend, device)
+        if why is not None:
+            available = ", ".join(["auto", *vk.available_backends(device)])
+            raise ConfigError(
+                "backend", f"backend {cfg.backend!r} cannot run on {device}: {why} (available: {available})"
+            )
+
+
+def train_device(cfg: TrainConfig) -> torch.device:
+    """The device a run trains on: cfg.device, or cuda if available else cpu. ConfigError if it is not one here."""
+    if cfg.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError("device", f"device {cfg.device!r} is not a device name such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device", f"device {cfg.device!r}: no CUDA device here (torch.cuda.is_available() is False)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device", f"device {cfg.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "meta":
+        raise ConfigError("device", "device 'meta' holds no data to train on")
+    elif device.type != "cpu":
+        try:  # another accelerator (mps, xpu, ...): present if a tensor can live there
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigError("device", f"device {cfg.device!r} is not available here: {e}") from None
+    return device
 
 
 def prepare_out(out: str, overwrite: bool = False) -> Path:
@@ -138,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     check_config(cfg)
     if cfg.out is not None:
         prepare_out(cfg.out, cfg.overwrite)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = train_device(cfg)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -323,7 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
         threads=a.threads,
         progress=not a.no_progress,
     )
-    try:  # the same checks train() makes first, here to give argparse's message and exit status 2
+    # The same checks train() makes first, here to give argparse's message and exit status 2, before --out is made.
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
+    try:
         prepare_out(cfg.out, cfg.overwrite)
     except OSError as e:  # not creatable, not writable, or an earlier run without --overwrite
         p.error(f"--out: {e}")

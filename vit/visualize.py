@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vit.model import PRESETS, VisionTransformer, attention_rollout, create_model
+from vit.model import PRESETS, VisionTransformer, attention_rollout, create_model, resize_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,15 +103,19 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """'' if `state` loads into `model` strictly, else a short description of the first differences."""
+def state_dict_mismatch(model: VisionTransformer, state: dict[str, torch.Tensor]) -> str:
+    """'' if `state` loads into `model` strictly, else a short description of the first differences.
+
+    A pos_embed of another patch grid is no difference when the model's loader resamples it (a checkpoint trained
+    at another image size, then run at --img-size); one that cannot be resampled is.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and state[k].shape != v.shape
+        if k in state and state[k].shape != v.shape and not (k == "pos_embed" and _resamples_to(state[k], model))
     ]
     parts = [
         f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
@@ -119,6 +123,15 @@ def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
         if keys
     ]
     return "; ".join(parts)
+
+
+def _resamples_to(pos_embed: torch.Tensor, model: VisionTransformer) -> bool:
+    """Whether `model.load_state_dict` turns this checkpoint pos_embed into the model's by `resize_pos_embed`."""
+    try:
+        resized = resize_pos_embed(pos_embed, model.config.grid_size)
+    except ValueError:  # not (1, 1 + gh * gw, C) with a square grid: the loader refuses it too
+        return False
+    return resized.shape == model.pos_embed.shape
 
 
 def cls_maps(model: VisionTransformer, images: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -207,7 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
         mismatch = state_dict_mismatch(model, state)
         if mismatch:
             p.error(f"--checkpoint {a.checkpoint} does not fit --model {a.model}: {mismatch}")
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError) as e:  # what the pre-check cannot see (the loader's own refusals)
+            p.error(f"--checkpoint {a.checkpoint} does not fit --model {a.model}: {e}")
     depth = model.config.depth
     layers = a.layers if a.layers is not None else sorted({0, depth // 2, depth - 1})
     bad = [i for i in layers if not 0 <= i < depth]
