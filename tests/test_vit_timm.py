@@ -155,3 +155,20 @@ def test_timm_checkpoint_at_another_image_size(timm_model):
     ours.load_state_dict(timm_model.state_dict(), strict=True)
     expected = resample_abs_pos_embed(timm_model.pos_embed.detach(), new_size=(6, 6), num_prefix_tokens=1)
     torch.testing.assert_close(ours.pos_embed.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "timm_kwargs",
+    [dict(reg_tokens=4), dict(no_embed_class=True), dict(img_size=(32, 64))],
+    ids=["reg", "noembed", "32x64"],
+)
+def test_load_of_unresamplable_timm_checkpoint(timm_kwargs):
+    """A timm checkpoint with register tokens, no_embed_class or a non-square grid: a ValueError that says what its
+    pos_embed is and names the manual path (it was resize_pos_embed's unactionable "pass old_grid", even with
+    strict=False)."""
+    kwargs = dict(img_size=32, patch_size=16, num_classes=5, embed_dim=64, depth=1, num_heads=2)
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**kwargs, **timm_kwargs}).state_dict()
+    model = vit.VisionTransformer(**{**kwargs, "backend": "torch"})
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"not 1 class token \+ a square grid.*vit\.resize_pos_embed"):
+            model.load_state_dict(state, strict=strict)
