@@ -648,6 +648,21 @@ def test_a_cuda_device_this_process_lacks_is_a_reason_not_a_crash(monkeypatch):
                 vk.explain_backend("attention", q, q, q, backend="triton")
 
 
+def test_capability_lookup_on_a_cold_cache_compiles_fullgraph(monkeypatch):
+    """A process that compiles before any eager call looks the capability up under dynamo: it is a trace-time
+    constant (assume_constant_result), not traced CUDA queries (on a GPU: device_count, get_device_capability)."""
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {})
+    device = torch.device("cuda", 0)
+
+    def f(x):
+        return x + (0 if dispatch._capability(device) is None else 1)
+
+    torch._dynamo.reset()
+    expected = torch.zeros(2) + (0 if dispatch._capability(device) is None else 1)
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {})
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)), expected)
+
+
 def test_find_spec_is_looked_up_once_per_module(monkeypatch):
     calls = []
     real_find_spec = importlib.util.find_spec

@@ -115,6 +115,8 @@ def _module_found(name: str) -> bool:
     return found
 
 
+# As _module_found: under torch.compile a cold cache would otherwise trace the CUDA device queries.
+@torch._dynamo.assume_constant_result
 def _capability(device: torch.device) -> tuple[int, int] | None:
     """The compute capability of a CUDA device, or None where this process has no such device (no CUDA at all, as
     for fake CUDA tensors traced on a CPU machine, or an index past the device count): `_no_device`'s reason."""
