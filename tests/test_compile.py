@@ -136,3 +136,58 @@ def test_tracing_sees_one_custom_op_per_call(backend):
     graph = make_fx(lambda q, k, v: vk.attention(q, k, v, backend=backend))(q, k, v)
     targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
     assert "vit_kernels.attention_fwd.default" in targets, targets
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_fullgraph_with_dynamic_shapes(backend):
+    """dynamic=True makes the default scale (D ** -0.5) and LayerNorm's eps symbolic: math.isfinite on them broke
+    the graph (an error with fullgraph=True, on every backend, where SDPA compiles); a second batch size reuses the
+    graph, outputs and gradients as eager."""
+    skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(backend=backend, **TINY_KERNEL).to(DEVICE)
+    params = list(model.parameters())
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        images = torch.randn(batch, 3, 16, 16, device=DEVICE)
+        eager = _outputs_and_grads(lambda *_, images=images: model(images), params)
+        compiled = _outputs_and_grads(lambda *_, images=images: compiled_model(images), params)
+        _assert_close(compiled, eager, 1e-5)
+    attention = torch.compile(lambda q: vk.attention(q, q, q, backend=backend), fullgraph=True, dynamic=True)
+    for n in (5, 9):  # the default scale of a symbolic head dim
+        q = torch.randn(2, 2, n, 32, device=DEVICE)
+        assert rel_error(attention(q), vk.attention(q, q, q, backend=backend)) < 1e-5
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, op: str, backend: str, C: int = 64):
+        super().__init__()
+        self.op, self.backend = op, backend
+        self.norm = torch.nn.LayerNorm(C) if op == "ln_gelu_mlp" else None  # every parameter gets a gradient
+        self.fc1, self.fc2 = torch.nn.Linear(C, 2 * C), torch.nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        n, f1, f2 = self.norm, self.fc1, self.fc2
+        if self.op == "gelu_mlp":
+            return vk.gelu_mlp(x, f1.weight, f1.bias, f2.weight, f2.bias, backend=self.backend)
+        return vk.ln_gelu_mlp(x, n.weight, n.bias, n.eps, f1.weight, f1.bias, f2.weight, f2.bias, backend=self.backend)
+
+
+@pytest.mark.parametrize("op", ["gelu_mlp", "ln_gelu_mlp"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_export_under_no_grad_then_trained_says_why(backend, op):
+    """The MLP ops keep the pre-activation only when gradients will be asked for, decided when traced: a module
+    exported under no_grad and then trained failed in backward on the raw op's shape check ("hidden must have
+    shape ..."); now it says the trace had gradients off. Exported with gradients on, it trains as eager."""
+    skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model, x = _Mlp(op, backend).to(DEVICE), torch.randn(2, 5, 64, device=DEVICE)
+    with torch.no_grad():
+        inference_only = torch.export.export(model, (x,)).module()
+    with pytest.raises(RuntimeError, match=f"^{op}: backward needs .* traced with gradients disabled"):
+        inference_only(x).sum().backward()
+    trainable = torch.export.export(model, (x,)).module()
+    eager = _outputs_and_grads(lambda *_: model(x), list(model.parameters()))
+    exported = _outputs_and_grads(lambda *_: trainable(x), list(trainable.parameters()))
+    _assert_close(exported, eager, 1e-5)

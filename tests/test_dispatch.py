@@ -145,6 +145,25 @@ def test_attention_output_takes_in_place_edits_as_sdpa_does(backend):
             out.sum().backward()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_vmap_runs_and_torch_func_grad_says_what_to_do(backend, highest_precision):
+    """vmap reached the eager path's internal autograd.Function, and torch.func.grad a custom op without a func
+    rule: both raised torch's "must override the setup_context staticmethod", about code the user never wrote.
+    vmap now runs the custom op (as torch.compile's path does); grad / jvp transforms say what to use."""
+    _skip_unless_runs(backend)
+    q, k, v = (torch.randn(3, 1, 2, 5, 32, device=DEVICE) for _ in range(3))
+    out = torch.vmap(lambda a, b, c: vk.attention(a, b, c, backend=backend))(q, k, v)
+    torch.testing.assert_close(out, torch.stack([vk.attention(*t, backend="torch") for t in zip(q, k, v)]))
+    x, w1, b1, w2, b2 = _mlp_inputs()
+    xs = torch.stack([x, x.flip(0)])
+    out = torch.vmap(lambda x: vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend))(xs)
+    torch.testing.assert_close(out, vk.gelu_mlp(xs, w1, b1, w2, b2, backend="torch"))
+    with pytest.raises(NotImplementedError, match=r"vit_kernels::attention_fwd has no torch\.func grad rule"):
+        torch.func.grad(lambda a: vk.attention(a, a, a, backend=backend).sum())(q[0])
+    with pytest.raises(NotImplementedError, match=r"vit_kernels::mlp_fwd has no torch\.func jvp rule"):
+        torch.func.jvp(lambda x: vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend), (x,), (torch.ones_like(x),))
+
+
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _attn_inputs(device="cpu")

@@ -783,3 +783,13 @@ def test_visualize_checkpoint_of_another_image_size(tmp_path, png, capsys, monke
     torch.save(state, ckpt)
     err = _visualize_fails([png, "--out", str(out), "--checkpoint", str(ckpt), "--img-size", "32"], capsys, monkeypatch)
     assert "--checkpoint" in err and "pos_embed (1, 9, 192) vs (1, 5, 192)" in err
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_forward_on_meta_tensors_gives_the_shapes(backend):
+    """A model built and run on the meta device (shape inference, no memory): the block's autocast check asked
+    torch.is_autocast_enabled("meta"), which raises; now the forward gives the logits' shape."""
+    with torch.device("meta"):
+        model = vit.VisionTransformer(**{**SMALL, "backend": backend})
+        logits = model(torch.empty(2, 3, 32, 32))
+    assert logits.shape == (2, 5) and logits.is_meta

@@ -69,7 +69,12 @@ def _eager(first: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()
         and type(first) in (torch.Tensor, torch.nn.Parameter)
         and _get_current_dispatch_mode() is None
+        and _peek_functorch() is None  # vmap / torch.func: their tensors look plain; the custom op takes them
     )
+
+
+# torch.func's transform stack (vmap, grad, jvp): a private torch API, absent from some builds.
+_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 class KernelOp:
@@ -98,6 +103,7 @@ class KernelOp:
         eager_forward: Callable,
         eager_gradients: Callable | None = None,
     ):
+        self.name = name
         self.forward_op = torch.library.custom_op(f"vit_kernels::{name}_fwd", forward, mutates_args=())
         self.forward_op.register_fake(forward_fake)
         self.backward_op = torch.library.custom_op(f"vit_kernels::{name}_bwd", backward, mutates_args=())
@@ -118,8 +124,37 @@ class KernelOp:
         )
 
     def __call__(self, *inputs):
-        run = self._eager_function.apply if _eager(inputs[0]) else self.forward_op
-        return run(*inputs)
+        if _eager(inputs[0]):
+            return self._eager_function.apply(*inputs)
+        if not torch.compiler.is_compiling():
+            _refuse_differentiating_transforms(self.name)
+        return self.forward_op(*inputs)
+
+
+def _refuse_differentiating_transforms(name: str) -> None:
+    """torch.func's grad and jvp transforms (grad, vjp, jacrev, jacfwd, hessian) cannot run a custom op whose
+    autograd is registered with register_autograd: torch's own error asks for a setup_context the user never wrote.
+    vmap runs (the custom op batches by a loop)."""
+    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", lambda: None)() or ()
+    differentiating = [i.key().name for i in stack if i.key().name in ("Grad", "Jvp")]
+    if differentiating:
+        raise NotImplementedError(
+            f"the kernel backends' op vit_kernels::{name}_fwd has no torch.func {differentiating[0].lower()} rule "
+            "(torch.func.grad, vjp, jacrev, jacfwd, hessian); vmap works. Use backend='torch' (or 'reference') "
+            "under these transforms, or torch.autograd for gradients"
+        )
+
+
+def check_kept_for_backward(op: str, hidden: torch.Tensor) -> None:
+    """A forward keeps the pre-activation only when autograd will ask for gradients (`needs_grad`, fixed when the
+    call is traced): an empty one in backward means the graph was traced with gradients off and is differentiated
+    now (a torch.export made under no_grad, then trained), which the raw op's shape check reported obscurely."""
+    if hidden.numel() == 0:
+        raise RuntimeError(
+            f"{op}: backward needs the forward's pre-activation, which the forward did not keep: the call was traced "
+            "with gradients disabled (torch.no_grad / inference_mode while exporting or tracing). Trace it with "
+            "gradients enabled to train the traced module"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def check(q, k, v, scale, backend: str) -> tuple[dispatch.Choice, float]:
         scale = float(scale)  # numpy scalars and Python ints too, as SDPA takes them
     except OverflowError:
         scale = math.inf
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # not math.isfinite: a symbolic scale (dynamic=True) would break the graph
         raise ValueError(f"scale must be finite, got {scale!r}")
 
     def objection(b: str) -> str | None:

@@ -193,6 +193,7 @@ def _setup(ctx, inputs, output):
 
 def _gradients(ctx, dy, _dhidden):
     x, fc1_weight, fc2_weight, hidden = ctx.saved_tensors
+    kernel_op.check_kept_for_backward("gelu_mlp", hidden)
     dx, dw1, db1, dw2, db2 = MLP.backward_op(
         dy, x, fc1_weight, fc2_weight, hidden,
         ctx.has_fc1_bias, ctx.has_fc2_bias, ctx.approximate, ctx.allow_tf32, ctx.backend,

@@ -184,6 +184,7 @@ def _setup(ctx, inputs, output):
 
 def _gradients(ctx, dout, _dhidden, _dmean, _drstd):
     x, ln_weight, ln_bias, fc1_w, fc2_w, hidden, mean, rstd = ctx.saved_tensors
+    kernel_op.check_kept_for_backward("ln_gelu_mlp", hidden)
     dx, dln_w, dln_b, dw1, db1, dw2, db2 = LN_MLP.backward_op(
         dout, x, mean, rstd, ln_weight, ln_bias, fc1_w, fc2_w, hidden,
         ctx.has_b1, ctx.has_b2, ctx.approximate, ctx.residual, ctx.allow_tf32, ctx.backend,

@@ -49,7 +49,8 @@ def fuses_block(backend: str, x: torch.Tensor) -> bool:
     three ops at x's (arch, dtype, C, B * N) (then each op's own "auto" picks it too); never under autocast, where
     the unfused block keeps its residual stream in fp32 and the fused epilogues would round it to the autocast
     dtype at every add."""
-    if torch.is_autocast_enabled(x.device.type):
+    # torch.is_autocast_enabled raises for a device type autocast does not know (meta: a model traced for shapes).
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return False
     if backend != "auto":
         return backend in KERNEL_BACKENDS
@@ -93,7 +94,8 @@ def check_layer_norm(x, ln_weight, ln_bias, eps) -> None:
     dispatch.check_tensor("ln_bias", ln_bias, ndim=1)
     dispatch.check_shape("ln_weight", ln_weight, (C,), "(C,) with C = x.shape[-1]")
     dispatch.check_shape("ln_bias", ln_bias, (C,), "(C,) with C = x.shape[-1]")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    # A comparison, not math.isfinite, which breaks the graph on a symbolic eps (torch.compile(dynamic=True)).
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
 
 
