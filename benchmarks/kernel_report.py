@@ -449,7 +449,7 @@ def wave_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--json", type=Path, help="also write the rows, skips and violations here")
     p.add_argument("--no-triton", action="store_true", help="CUDA kernels only (the Triton compile takes longest)")

@@ -162,7 +162,7 @@ COLUMNS = [
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(p)
     p.add_argument("--models", help=f"comma-separated from {list(MODELS)} (default: S/B/L on GPU, tiny on CPU)")

@@ -341,8 +341,8 @@ def fused_block_forward(
     backend: str,
 ) -> torch.Tensor:
     """A pre-LN block, x + proj(attention(qkv(norm1(x)))) then x + fc2(GELU(fc1(norm2(x)))), with LayerNorm inside
-    the qkv / fc1 GEMMs and the residual adds inside proj / fc2 (vit_kernels.block); Block and the blocks that
-    patch_timm / patch_hf fuse all run this. scale None is head_dim ** -0.5."""
+    the qkv / fc1 GEMMs and the residual adds inside proj / fc2 (vit_kernels.ops.pre_ln_block); Block and the
+    blocks that patch_timm / patch_hf fuse all run this. scale None is head_dim ** -0.5."""
     B, N, C = x.shape
     q, k, v = vk.ln_fused_qkv(x, norm1.weight, norm1.bias, norm1.eps, qkv_weight, qkv_bias, num_heads, backend=backend)
     o = vk.attention(q, k, v, scale=scale, backend=backend).transpose(1, 2).reshape(B, N, C)  # free on kernel backends

@@ -3,12 +3,14 @@
     python -m vit.train --data digits [--epochs 30] [--out runs/digits] [--overwrite] [--backend auto] [--seed 0]
 
 The 1797 digits are split 80/20 (stratified, seeded), upscaled bilinearly to 16x16 and cut into 4x4
-patches (16 tokens + CLS). Training: AdamW, linear warmup then cosine decay, label smoothing, random
-shifts of up to one source pixel. The reported accuracy is on the held-out 20% after the last epoch
-(no model selection on it). Writes `metrics.json`, `loss_curve.png` and `model.pt` (state dict) to --out,
+patches (16 tokens + CLS). Training: AdamW, linear warmup then cosine decay, label smoothing (random shifts
+of the source pixels: `TrainConfig.max_shift`, off by default). The reported accuracy is on the held-out 20% after
+the last epoch (no model selection on it). Writes `metrics.json`, `loss_curve.png` and `model.pt` (state dict) to --out,
 which is created (or checked) before training starts; a non-empty --out is refused unless --overwrite is given,
 so that an earlier run is never replaced by accident.
-On a CUDA machine it trains on the GPU with backend="auto" (the fused kernels); on CPU, auto is the torch backend.
+On a CUDA machine it trains on the GPU; backend="auto" runs torch wherever the measured table names no kernel
+backend (this fp32 job at batch 32: everywhere), so --backend triton / cuda picks the fused kernels; on CPU, auto is
+torch.
 """
 
 from __future__ import annotations

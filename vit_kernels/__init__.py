@@ -51,7 +51,7 @@ def explain_backend(op: str, *args, **kwargs) -> dispatch.Choice:
     op: "attention", "fused_qkv", "gelu_mlp", or a whole-block op ("ln_fused_qkv", "proj_residual",
     "ln_gelu_mlp"); the other arguments are exactly the op's. Returns a
     `(backend, reason)` named tuple, e.g. on an H100 with bf16 ViT-B inputs and no measurement yet:
-    ('torch', 'no committed GPU measurement for sm_90 attention bf16 D=64 N<=256: torch').
+    ('torch', 'no committed GPU measurement for sm_90 attention bf16 D=64 N<=256 B*H<=4096: torch').
     Raises what the op would raise for bad inputs.
     """
     if op not in _PLANS:

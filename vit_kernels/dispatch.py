@@ -5,10 +5,10 @@ capability, whether it is built/importable here); a backend named explicitly eit
 or raises with its reasons. Nothing ever falls back silently. An empty batch (B = 0) is validated like any
 other, then runs no kernel: the torch composition returns its empty outputs (`empty_batch`, whose reason says so).
 
-`auto` runs a kernel backend only where a GPU measurement showed it correct and faster than `torch`:
-the committed table `measured_backends.json` (written by `benchmarks/auto_table.py` from GPU benchmark
-results) maps (arch, op, dtype, head dim or channel bucket, token bucket) to a backend; everything it
-does not cover, and every CPU input, runs on `torch`. `vk.explain_backend` says which backend a call gets and why.
+`auto` runs a kernel backend only where a GPU measurement showed it correct and faster than `torch`: the committed table
+`measured_backends.json` (written by `benchmarks/auto_table.py` from GPU benchmark results) maps (arch, op, dtype, head
+dim or channel bucket, token bucket, and for attention the B * H bucket) to a backend; everything it does not cover, and
+every CPU input, runs on `torch`. `vk.explain_backend` says which backend a call gets and why.
 
 Under `torch.autocast` the public ops first cast their floating inputs to the autocast dtype
 (`autocast_inputs`), as `F.linear` and SDPA do, so validation, the table and the kernels all see the

@@ -17,8 +17,8 @@ the public ops have validated already, and that path exists to save host time.
 Kernel modules: `KERNEL_MODULES` maps (backend, family) to the module implementing a family's launchers (the
 kernel-module contract is in each family's op modules: ops/attention.py, ops/fused_qkv.py and ops/gelu_mlp.py for
 "attention" and "linear", ops/pre_ln_block.py for "block"). They are imported on first use, so that
-`import vit_kernels` never imports Triton (the interpreter switch must be set before Triton kernels are defined)
-and works without the CUDA extension.
+`import vit_kernels` defines no Triton kernel (the interpreter switch must be set before they are defined) and works
+without the CUDA extension. (Triton itself is imported by torch._dynamo: set TRITON_INTERPRET before importing.)
 """
 
 from __future__ import annotations

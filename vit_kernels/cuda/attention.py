@@ -1,6 +1,6 @@
 """CUDA C++ backend of attention: tensors -> `vit_kernels._C` flash-attention launchers (csrc/attention_*.cu).
 
-Implements the attention part of the kernel-module contract in `vit_kernels.library` (attention_fwd,
+Implements the attention part of the kernel-module contract of `vit_kernels/ops/attention.py` (attention_fwd,
 attention_bwd). fp16/bf16 run on tensor cores (mma.sync, fp32 accumulation and fp32 softmax); fp32 runs
 SIMT kernels in full fp32, so `allow_tf32` is accepted for the contract and ignored.
 

@@ -1,9 +1,9 @@
 """CUDA C++ backend of the fused QKV projection and the GELU-MLP: tensors -> `vit_kernels._C` GEMM launchers.
 
-Implements the linear part of the kernel-module contract in `vit_kernels.library` (qkv_fwd, qkv_bwd,
-mlp_fwd, mlp_bwd) with the kernels of csrc/gemm.cu. Every GEMM there is C = epilogue(A @ B^T) with A and B
-given by pointer and strides, so x @ W^T, dY @ W and dY^T @ X run without transposed copies, and the QKV
-gradient dQKV (M, 3C) is read in place from dq, dk, dv.
+Implements the linear part of the kernel-module contract (`vit_kernels/ops/fused_qkv.py`, `ops/gelu_mlp.py`: qkv_fwd,
+qkv_bwd, mlp_fwd, mlp_bwd) with the kernels of csrc/gemm.cu. Every GEMM there is C = epilogue(A @ B^T) with A and B
+given by pointer and strides, so x @ W^T, dY @ W and dY^T @ X run without transposed copies, and the QKV gradient dQKV
+(M, 3C) is read in place from dq, dk, dv.
 
 Layout rules (the only copies made here): fp16/bf16 operands are read in 16-byte chunks, so a 2-D operand
 needs unit column stride, a row stride that is a multiple of 8 elements and a 16-byte aligned start

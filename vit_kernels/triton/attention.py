@@ -3,7 +3,7 @@
     out = softmax(q @ k^T * scale) @ v        q, k, v: (B, H, N, D), any strides
 
 Layout of this file: `@triton.jit` kernels, then the config table, then the plain launchers
-`attention_fwd` / `attention_bwd` (the kernel-module contract of `vit_kernels.library`), then
+`attention_fwd` / `attention_bwd` (the kernel-module contract of `vit_kernels/ops/attention.py`), then
 `compile_report`, a static check that compiles the shipped configs for sm_80 / sm_90 without a GPU.
 
 Forward: one program per (BLOCK_M query rows, one (batch, head)); K/V stream through in BLOCK_N tiles

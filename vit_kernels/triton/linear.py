@@ -3,9 +3,9 @@
     qkv:  q, k, v = split_heads(x @ W^T + b)                       x (B, N, C), W (3C, C)
     mlp:  y = gelu(x @ W1^T + b1) @ W2^T + b2                      x (M, C), W1 (Hd, C), W2 (C_out, Hd)
 
-Layout of this file: `@triton.jit` kernels, then the config table, then the plain launchers `qkv_fwd`,
-`qkv_bwd`, `mlp_fwd`, `mlp_bwd` (the kernel-module contract of `vit_kernels.library`), then `compile_report`,
-a static check that compiles the shipped configs for sm_80 / sm_90 without a GPU.
+Layout of this file: `@triton.jit` kernels, then the config table, then the plain launchers `qkv_fwd`, `qkv_bwd`,
+`mlp_fwd`, `mlp_bwd` (the kernel-module contract of `vit_kernels/ops/fused_qkv.py` and `ops/gelu_mlp.py`), then
+`compile_report`, a static check that compiles the shipped configs for sm_80 / sm_90 without a GPU.
 
 Every product is one launch of `_gemm_kernel`: C (M, N) = epilogue(A (M, K) @ B (K, N)), fp32 accumulation,
 A and B read through their strides, so x @ W^T, dY @ W and dY^T @ X need no transposed copies. Each operand's
@@ -27,7 +27,7 @@ Precision: fp16 / bf16 operands on tensor cores with fp32 accumulation, each out
 dtype; fp32 operands through tf32 tensor cores when `allow_tf32`, else exact fp32 ("ieee") dots. GELU and its
 derivative are evaluated in fp32: exact (erf) or the tanh form.
 
-Saved for backward (by `vit_kernels.library`): qkv: x and W only (dQKV arrives as dq, dk, dv; nothing else is
+Saved for backward (by the `_setup` of those op modules): qkv: x and W only (dQKV arrives as dq, dk, dv; nothing else is
 needed). mlp: x, W1, W2 and hidden = x @ W1^T + b1 (M, Hd) in x's dtype, returned only when a gradient will be
 asked for (mlp_fwd's save_hidden): GELU' needs the pre-activation, and the activation GELU(hidden) is recomputed
 from it in backward by the dGELU epilogue rather than kept alive between forward and backward (that would be a
