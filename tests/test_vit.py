@@ -174,6 +174,8 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     (dict(drop_path_rate=-0.5), ValueError, "drop_path_rate"),  # was silently no stochastic depth
     (dict(drop_path_rate=1.5), ValueError, "drop_path_rate"),
     (dict(backend="bogus"), ValueError, "backend must be one of"),  # was an error at the first forward only
+    (dict(drop_rate=True), TypeError, "drop_rate"),  # was Dropout(p=True): everything dropped in training
+    (dict(norm_eps=True), TypeError, "norm_eps"),
 ]
 
 
@@ -793,3 +795,144 @@ def test_forward_on_meta_tensors_gives_the_shapes(backend):
         model = vit.VisionTransformer(**{**SMALL, "backend": backend})
         logits = model(torch.empty(2, 3, 32, 32))
     assert logits.shape == (2, 5) and logits.is_meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a user adds to a built model; the backend attribute; argument checks of the helpers
+# ----------------------------------------------------------------------------------------------------
+class _LowRank(torch.nn.Module):
+    """A LoRA-like layer in place of a Linear: base(x) + up(down(x)), exposing the base's weight and bias as peft's
+    layers do; `merged()` is the one Linear that computes the same."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base, self.down = base, torch.nn.Linear(base.in_features, 4, bias=False)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.1)
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+    def merged(self) -> torch.nn.Linear:
+        linear = copy.deepcopy(self.base)
+        with torch.no_grad():
+            linear.weight += self.up.weight @ self.down.weight
+        return linear
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_hooks_adapters_and_pruning_added_after_building_are_honoured(backend, highest_precision):
+    """The modules read qkv / fc1 / fc2's weights straight into the fused ops (and on triton the fused block skips
+    the norms, attn and mlp): a hook added later never ran, an adapter in place of qkv was ignored on every backend,
+    and torch.nn.utils.prune's pre-hook never ran (the second training step failed). Now each runs as in a plain
+    module tree."""
+    if backend not in vk.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on cpu here")
+    x = torch.randn(2, 3, 32, 32)
+    model = vit.VisionTransformer(**{**SMALL, "backend": backend}).eval()
+    seen = []
+    model.blocks[0].attn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.blocks[1].norm1.register_forward_pre_hook(lambda m, i: (i[0] * 2.0,))
+    doubled = copy.deepcopy(model)
+    with torch.no_grad():
+        out = model(x)
+    assert seen == [torch.Size([2, 5, 64])]
+    # the pre-hook, written into the weights instead: norm1's input doubled is the same LayerNorm of x (eps aside)
+    reference_model = vit.VisionTransformer(**{**SMALL, "backend": "reference", "norm_eps": 1e-6}).eval()
+    reference_model.load_state_dict(doubled.state_dict())
+    reference_model.blocks[1].norm1.eps = 0.25e-6  # LN(2x, eps) == LN(x, eps / 4)
+    with torch.no_grad():
+        assert rel_error(out, reference_model(x)) < 1e-5
+
+    model = vit.VisionTransformer(**{**SMALL, "backend": backend}).eval()
+    merged = copy.deepcopy(model)
+    adapter = _LowRank(model.blocks[0].attn.qkv)
+    model.blocks[0].attn.qkv = adapter
+    fc1_adapter = _LowRank(model.blocks[1].mlp.fc1)
+    model.blocks[1].mlp.fc1 = fc1_adapter
+    merged.blocks[0].attn.qkv, merged.blocks[1].mlp.fc1 = adapter.merged(), fc1_adapter.merged()
+    with torch.no_grad():
+        assert rel_error(model(x), merged(x)) < 1e-5
+
+    from torch.nn.utils import prune
+
+    model = vit.VisionTransformer(**{**SMALL, "backend": backend})
+    prune.l1_unstructured(model.blocks[0].mlp.fc1, "weight", amount=0.5)
+    prune.l1_unstructured(model.blocks[0].attn.proj, "weight", amount=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the second step failed: "backward through the graph a second time"
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        model(x)  # prune's pre-hook recomputes weight from the stepped weight_orig
+    fc1 = model.blocks[0].mlp.fc1
+    assert torch.equal(fc1.weight, fc1.weight_orig * fc1.weight_mask) and (fc1.weight == 0).float().mean() >= 0.5
+
+
+def test_setting_the_models_backend_switches_every_op():
+    """model.backend was stored once and copied into every attention and MLP: setting it changed nothing that ran,
+    and any string was taken. Now it is checked and reaches every op."""
+    model = vit.VisionTransformer(**SMALL)
+    model.backend = "reference"
+    assert {m.backend for m in model.modules() if isinstance(m, (vit.model.Attention, vit.model.Mlp))} == {"reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "bogus"
+    assert model.backend == "reference"
+
+
+def test_checkpoint_with_other_top_level_tensors_still_resamples():
+    """An MAE checkpoint (mask_token, decoder_pos_embed beside a 1 + square pos_embed) at another image size was
+    refused as if those were prefix tokens; it resamples, and strict=False lists them as unexpected."""
+    trained = vit.VisionTransformer(**{**SMALL, "img_size": 64})  # a 4 x 4 grid
+    state = {**trained.state_dict(), "mask_token": torch.randn(1, 1, 64), "decoder_pos_embed": torch.randn(1, 17, 32)}
+    model = vit.VisionTransformer(**SMALL)  # 2 x 2
+    result = model.load_state_dict(state, strict=False)
+    assert sorted(result.unexpected_keys) == ["decoder_pos_embed", "mask_token"] and not result.missing_keys
+    torch.testing.assert_close(model.pos_embed.data, vit.resize_pos_embed(trained.pos_embed.data, 2))
+
+
+def test_numpy_sizes_build_a_model_that_runs():
+    np = pytest.importorskip("numpy")
+    model = vit.VisionTransformer(**{**SMALL, "num_heads": np.int64(2), "embed_dim": np.int32(64)})
+    assert type(model.config.num_heads) is int and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_resize_pos_embed_checks_its_arguments():
+    np = pytest.importorskip("numpy")
+    pos = torch.randn(1, 1 + 16, 8)
+    assert vit.resize_pos_embed(pos, np.int64(2)).shape == (1, 5, 8)
+    for bad, error, match in [
+        (dict(new_grid=(2, 2, 2)), TypeError, "new_grid must be an int or a pair"),  # was cut to (2, 2)
+        (dict(new_grid=0), ValueError, "new_grid must be positive"),
+        (dict(new_grid=2, old_grid=(4, 4, 1)), TypeError, "old_grid must be an int or a pair"),
+        (dict(new_grid=2, num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
+        (dict(new_grid=2, num_prefix_tokens=17), ValueError, "num_prefix_tokens"),  # no grid token left
+    ]:
+        with pytest.raises(error, match=match):
+            vit.resize_pos_embed(pos, **bad)
+
+
+def test_images_of_the_wrong_channels_dtype_or_device_name_the_images():
+    model = vit.VisionTransformer(**SMALL)
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 32, 32\), got \(1, 4, 32, 32\)"):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(TypeError, match="images must be floating point"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="images must be torch.float32, the model's dtype, got torch.float64"):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the convolution's operands itself
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_attention_rollout_refuses_maps_that_are_not_b_h_n_n():
+    model = vit.VisionTransformer(**SMALL).eval()
+    maps = model.attention_maps(torch.randn(5, 3, 32, 32))  # B == N == 5
+    assert vit.attention_rollout(maps).shape == (5, 5, 5)
+    with pytest.raises(ValueError, match=r"maps\[0\] must be \(B, H, N, N\)"):
+        vit.attention_rollout([m.mean(1) for m in maps])  # head-fused already: was averaged over queries
+    with pytest.raises(ValueError, match=r"maps\[1\] must be \(B, H, N, N\) probabilities, all of one B and N"):
+        vit.attention_rollout([maps[0], maps[1][:2]])

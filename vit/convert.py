@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 import vit_kernels as vk
-from vit.model import VisionTransformer, _pair, fused_block_forward, resize_pos_embed
+from vit.model import VisionTransformer, _pair, bypassed, fused_block_forward, resize_pos_embed, submodule_record
 from vit_kernels import dispatch
 from vit_kernels.ops import pre_ln_block
 
@@ -340,32 +340,11 @@ def _has_call_args(args: tuple, kwargs: dict) -> bool:
     return any(a is not None and a is not False for a in (*args, *kwargs.values()))
 
 
-_GLOBAL_HOOKS = (
-    nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
-    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks,
-)  # fmt: skip
-
-
-def _submodules(m: nn.Module) -> tuple[tuple[nn.Module, str, nn.Module], ...]:
-    """(parent, name, child) of every submodule below m: what `_bypasses_something` compares with at each call."""
-    return tuple((parent, name, child) for parent in m.modules() for name, child in parent._modules.items()
-                 if child is not None)  # fmt: skip
-
-
 def _bypasses_something(self: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused forward of a patched module would skip what its own forward does now, which the checks
-    at patch time could not see: x of a dtype the ops do not take (float64); a submodule replaced since (an
-    adapter such as a LoRA layer in place of qkv or fc1, whose weight the fused ops would read without its
-    update); a hook on a submodule (the fused ops bypass them: a feature-grabbing hook), or a global one. A
-    flat walk over the submodules recorded when patching, a few lookups each."""
-    if x.dtype not in dispatch.DTYPES or any(_GLOBAL_HOOKS):
-        return True
-    for parent, name, child in self._vk_submodules:
-        if parent._modules.get(name) is not child:
-            return True
-        if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
-            return True
-    return False
+    at patch time could not see: x of a dtype the ops do not take (float64), or what `vit.model.bypassed` finds
+    (a submodule hooked or replaced since patching, a global hook)."""
+    return x.dtype not in dispatch.DTYPES or bypassed(self._vk_submodules)
 
 
 def _dropping(*dropouts: nn.Module | None) -> bool:
@@ -786,7 +765,7 @@ def _patch(
         for attr, value in attrs.items():
             setattr(m, attr, value)
         m._vk_backend = backend
-        m._vk_submodules = _submodules(m)
+        m._vk_submodules = submodule_record(m)
         # A partial, not a bound method: a bound method pickles by its function's name looked up on the module,
         # which has no attribute of that name, so torch.save(model) wrote a file that torch.load refused.
         m.forward = functools.partial(forward, m)

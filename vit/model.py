@@ -7,6 +7,9 @@ own beyond the residual adds, LayerNorm, the patch convolution and the head, so 
 `triton` and `cuda` backends, and `auto` where the measured table names one for the block ops; outside autocast and
 stochastic depth), a block runs the whole-block fused ops instead:
 `vk.ln_fused_qkv` -> `vk.attention` -> `vk.proj_residual` -> `vk.ln_gelu_mlp` (same weights, same math).
+The fused ops read the Linear and LayerNorm weights directly; where a submodule has a hook (torch.nn.utils.prune's
+too) or was replaced after building (an adapter), its owner calls the submodules instead (`bypassed`), so what was
+added runs. `model.backend = ...` switches every op.
 
 Parameter names and shapes are exactly timm's `VisionTransformer` (global_pool="token", class token,
 no register tokens, no LayerScale), so a timm checkpoint loads with `load_state_dict(strict=True)`:
@@ -113,6 +116,49 @@ def _pair(x) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def _grid(name: str, value) -> tuple[int, int]:
+    """A patch grid given as an int or an (h, w) pair of ints, both positive: TypeError / ValueError naming it."""
+    if _is_int(value):
+        grid = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        grid = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if min(grid) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a fused forward bypasses: submodules recorded when it was built, compared at each call
+# ----------------------------------------------------------------------------------------------------
+_GLOBAL_HOOKS = (
+    nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks,
+)  # fmt: skip
+
+
+def submodule_record(m: nn.Module) -> tuple[tuple[nn.Module, str, nn.Module], ...]:
+    """(parent, name, child) of every submodule below m, for `bypassed` to compare with later."""
+    return tuple((parent, name, child) for parent in m.modules() for name, child in parent._modules.items()
+                 if child is not None)  # fmt: skip
+
+
+def bypassed(record: tuple[tuple[nn.Module, str, nn.Module], ...]) -> bool:
+    """Whether a forward that reads the recorded submodules' weights directly (the fused ops) would skip what those
+    submodules do now: a hook on one (a feature-grabbing hook, torch.nn.utils.prune's pre-hook) or a global hook, or
+    one replaced since it was recorded (an adapter such as a LoRA layer in place of qkv or fc1). A flat walk, a few
+    lookups per submodule."""
+    if any(_GLOBAL_HOOKS):
+        return True
+    for parent, name, child in record:
+        if parent._modules.get(name) is not child:
+            return True
+        if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
+            return True
+    return False
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -121,45 +167,46 @@ def _checked_config(cfg: ViTConfig, backend: str) -> ViTConfig:
     """`cfg` with img_size as an int or a pair of ints, once every field and `backend` can build a model: otherwise
     TypeError or ValueError naming the first bad one. Unchecked, a zero size was a ZeroDivisionError, a negative one
     a smaller model or a torch error deep in a layer, and a bad backend failed only at the first forward."""
-    img_size = cfg.img_size
-    if _is_int(img_size):
-        img_size = int(img_size)
-        sides = (img_size, img_size)
-    elif isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(_is_int(v) for v in img_size):
-        img_size = sides = (int(img_size[0]), int(img_size[1]))
-    else:  # a 3-sequence used to be cut to its first two entries
-        raise TypeError(f"img_size must be an int or a pair of ints (h, w), got {img_size!r}")
-    if min(sides) < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+    sides = _grid("img_size", cfg.img_size)  # a 3-sequence used to be cut to its first two entries
+    img_size = sides[0] if _is_int(cfg.img_size) else sides
     # depth 0 is a model of the embeddings and the final norm, as in timm and Hugging Face.
     least = {"patch_size": 1, "in_chans": 1, "embed_dim": 1, "num_heads": 1, "depth": 0, "num_classes": 0}
     if cfg.mlp_hidden_dim is not None:
         least["mlp_hidden_dim"] = 1
+    ints = {}
     for name, at_least in least.items():
         value = getattr(cfg, name)
         if not _is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < at_least:
             raise ValueError(f"{name} must be >= {at_least}, got {value}")
+        ints[name] = int(value)  # numpy ints too: the ops take Python ints
+    reals = {}
+    for name in ("mlp_ratio", "norm_eps", "drop_rate", "drop_path_rate"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # drop_rate=True was Dropout(p=True)
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+        reals[name] = float(value)
+    cfg = replace(cfg, **ints, **reals)
     if sides[0] % cfg.patch_size or sides[1] % cfg.patch_size:
         raise ValueError(f"img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim={cfg.embed_dim} must be divisible by num_heads={cfg.num_heads}")
-    if not (isinstance(cfg.mlp_ratio, numbers.Real) and 0 < cfg.mlp_ratio < math.inf):  # NaN fails too
+    if not 0 < cfg.mlp_ratio < math.inf:  # NaN fails too
         raise ValueError(f"mlp_ratio must be a positive number, got {cfg.mlp_ratio}")
     if cfg.hidden_dim < 1:
         raise ValueError(f"mlp_ratio={cfg.mlp_ratio} gives an MLP of int(embed_dim * mlp_ratio) = 0 units")
-    if not (isinstance(cfg.norm_eps, numbers.Real) and 0 < cfg.norm_eps < math.inf):
+    if not 0 < cfg.norm_eps < math.inf:
         raise ValueError(f"norm_eps must be a positive number, got {cfg.norm_eps}")
     if cfg.gelu_approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {cfg.gelu_approximate!r}")
     for name in ("drop_rate", "drop_path_rate"):
         rate = getattr(cfg, name)
-        if not (isinstance(rate, numbers.Real) and 0 <= rate <= 1):
+        if not 0 <= rate <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {rate}")
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
-    return replace(cfg, img_size=img_size)
+    return replace(cfg, img_size=img_size, qkv_bias=bool(cfg.qkv_bias))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,7 +228,12 @@ def resize_pos_embed(
     """
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape (1, prefix + gh * gw, C), got {tuple(pos_embed.shape)}")
-    new_grid = _pair(new_grid)
+    new_grid = _grid("new_grid", new_grid)
+    if not _is_int(num_prefix_tokens) or not 0 <= num_prefix_tokens < pos_embed.shape[1]:
+        raise ValueError(
+            f"num_prefix_tokens must be an int in [0, {pos_embed.shape[1]}) for pos_embed of shape "
+            f"{tuple(pos_embed.shape)} (at least one grid token), got {num_prefix_tokens!r}"
+        )
     n_grid = pos_embed.shape[1] - num_prefix_tokens
     if old_grid is None:
         side = math.isqrt(n_grid)
@@ -191,7 +243,7 @@ def resize_pos_embed(
                 "pass old_grid=(gh, gw)"
             )
         old_grid = (side, side)
-    old_grid = _pair(old_grid)
+    old_grid = _grid("old_grid", old_grid)
     if old_grid[0] * old_grid[1] != n_grid:
         raise ValueError(f"old_grid {old_grid} does not hold the {n_grid} grid tokens of pos_embed")
     if old_grid == new_grid:
@@ -219,11 +271,19 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
+        weight = self.proj.weight
+        if x.dim() != 4 or x.shape[1] != self.proj.in_channels or tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(
                 f"images must have shape (B, {self.proj.in_channels}, {self.img_size[0]}, {self.img_size[1]}), "
                 f"got {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floating point (the model is {weight.dtype}), got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"images are on {x.device} but the model is on {weight.device}")
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not autocast:  # under autocast the convolution casts both
+            raise TypeError(f"images must be {weight.dtype}, the model's dtype, got {x.dtype}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, gh * gw, C)
 
 
@@ -238,10 +298,15 @@ class Attention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self._submodules = submodule_record(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self.backend)  # (B, H, N, D)
+        if bypassed(self._submodules):  # qkv hooked or replaced: call it, then split the heads
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = vk.fused_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, backend=self.backend)
         out = vk.attention(q, k, v, backend=self.backend)  # (B, H, N, D), memory (B, N, H, D) on kernel backends
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -255,7 +320,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 as one vk.gelu_mlp call; fc1/fc2 are nn.Linear only to hold timm-named weights."""
+    """fc1 -> GELU -> fc2 as one vk.gelu_mlp call; fc1/fc2 are nn.Linear to hold timm-named weights, and are called
+    as modules only where something was added to them (`bypassed`)."""
 
     def __init__(self, dim: int, hidden_dim: int, approximate: str, backend: str):
         super().__init__()
@@ -263,8 +329,11 @@ class Mlp(nn.Module):
         self.backend = backend
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self._submodules = submodule_record(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bypassed(self._submodules):  # fc1 or fc2 hooked, pruned or replaced: call them
+            return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
         return vk.gelu_mlp(
             x,
             self.fc1.weight,
@@ -309,11 +378,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.embed_dim, cfg.hidden_dim, cfg.gelu_approximate, backend)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._submodules = submodule_record(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
-        # Stochastic depth scales a branch before its residual add, which the fused epilogues cannot do.
+        # Stochastic depth scales a branch before its residual add, which the fused epilogues cannot do; the fused
+        # ops also skip the norms', attention's and MLP's modules, so a hook on one or one replaced runs unfused.
         dropping = self.training and isinstance(self.drop_path1, DropPath)
-        if not dropping and pre_ln_block.fuses_block(self.attn.backend, x):
+        if (
+            not dropping
+            and self.attn.backend == self.mlp.backend
+            and pre_ln_block.fuses_block(self.attn.backend, x)
+            and not bypassed(self._submodules)
+        ):
             return self._fused_forward(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -399,19 +475,35 @@ class VisionTransformer(nn.Module):
             backend,
         )
         self.config = cfg
-        self.backend = backend
+        self._backend = backend
+        C, depth = cfg.embed_dim, cfg.depth  # from the checked config: numpy ints became ints there
 
         # Registration order gives timm's state_dict order: own parameters first, then submodules.
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, embed_dim))
-        self.patch_embed = PatchEmbed(cfg.img_size, patch_size, in_chans, embed_dim)
-        self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, C))
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, C)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        dpr = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[Block(cfg, dpr[i], backend) for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(C, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.reset_parameters()
+
+    @property
+    def backend(self) -> str:
+        """The backend of every fused op. Setting it checks the name and switches every block's attention and MLP
+        (each holds its own, which is what runs)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+        self._backend = backend
+        for m in self.modules():
+            if isinstance(m, (Attention, Mlp)):
+                m.backend = backend
 
     @classmethod
     def from_config(cls, cfg: ViTConfig, backend: str = "auto") -> VisionTransformer:
@@ -459,7 +551,8 @@ class VisionTransformer(nn.Module):
 
         The fused kernels never form these, so each block's probabilities come from the reference
         path (`Attention.probs`) while the residual stream runs the model's own backend. Combine
-        them with `attention_rollout`.
+        them with `attention_rollout`. The model runs in its own mode: call `.eval()` first for maps that do not
+        change with dropout and stochastic depth.
         """
         x = self.embed(images)
         maps = []
@@ -484,8 +577,14 @@ class VisionTransformer(nn.Module):
         alone can resample. Raised here, since torch's size mismatch would not say why nor what to do instead."""
         own = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
         names = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
-        # Top-level tensors we lack (timm's reg_token, DeiT's dist_token) are prefix tokens inside pos_embed too.
-        extra = sorted(n for n in names if "." not in n and n not in own)
+        # Top-level (1, k, C) tokens we lack (timm's reg_token, DeiT's dist_token) are prefix tokens inside pos_embed
+        # too; an MAE checkpoint's mask_token (and decoder_pos_embed) are not.
+        C = self.pos_embed.shape[-1]
+        extra = sorted(
+            n for n in names
+            if "." not in n and n not in own and n.endswith("_token") and n != "mask_token"
+            and state_dict[prefix + n].dim() == 3 and state_dict[prefix + n].shape[-1] == C
+        )  # fmt: skip
         n_grid = src.shape[1] - 1
         if not extra and n_grid > 0 and math.isqrt(n_grid) ** 2 == n_grid:
             return
@@ -527,6 +626,13 @@ def attention_rollout(maps: list[torch.Tensor], residual: bool = True, head_fusi
         raise ValueError("maps must hold at least one (B, H, N, N) tensor")
     if head_fusion not in ("mean", "max"):
         raise ValueError(f"head_fusion must be 'mean' or 'max', got {head_fusion!r}")
+    first = maps[0]
+    for i, a in enumerate(maps):  # head-fused (B, N, N) maps with B == N were averaged over queries, silently
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2] or (a.shape[0], a.shape[-1]) != (first.shape[0], first.shape[-1]):
+            raise ValueError(
+                f"maps[{i}] must be (B, H, N, N) probabilities, all of one B and N, got {tuple(a.shape)} "
+                f"(maps[0]: {tuple(first.shape)})"
+            )
     rollout = None
     for a in maps:
         a = a.float()
