@@ -441,8 +441,8 @@ def test_bad_arguments_are_named():
         vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w[:C], b, 2)
     with pytest.raises(ValueError, match="num_heads"):
         vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 3)
-    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs"):  # CPU tensors
-        vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs"):  # CPU tensors (on a GPU too)
+        vk.ln_fused_qkv(*(t.cpu() for t in (x, ln_w, ln_b)), 1e-6, w.cpu(), b.cpu(), 2, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         vk.ln_fused_qkv(x, ln_w, ln_b, 1e-6, w, b, 2, backend="fast")
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -81,7 +81,7 @@ def test_auto_on_cuda_is_torch_where_nothing_was_measured(monkeypatch):
     major, minor = torch.cuda.get_device_capability()
     assert (backend, reason) == (
         "torch",
-        f"no committed GPU measurement for sm_{major}{minor} attention bf16 D=64 N<=256 B*H<=8: torch",
+        f"no committed GPU measurement for sm_{major}{minor} attention bf16 D=64 N<=256 B*H<=2: torch",  # B=1, H=2
     )
     assert vk.explain_backend("fused_qkv", *_qkv_inputs(device="cuda"), 2).backend == "torch"
     assert vk.explain_backend("gelu_mlp", *_mlp_inputs(device="cuda")).backend == "torch"

@@ -753,8 +753,8 @@ class LowRankAdapter(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(2)
         self.base = base
-        self.down = torch.nn.Linear(base.in_features, 4, bias=False)
-        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+        self.down = torch.nn.Linear(base.in_features, 4, bias=False, device=base.weight.device)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False, device=base.weight.device)
         with torch.no_grad():
             self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g))
             self.up.weight.copy_(0.1 * torch.randn(self.up.weight.shape, generator=g))

@@ -426,7 +426,9 @@ def select(
 def _gemm_detail(backend: str, family: str, device: torch.device, dtype: torch.dtype) -> str:
     """For the cuda backend's GEMM ops: which GEMMs run (CUTLASS sm_90a or mma.sync) and why; for its block ops also
     where LayerNorm runs."""
-    if backend != "cuda" or family == "attention":
+    # Under torch.compile the reason is never read, and the build query is a pybind call dynamo cannot trace (a
+    # graph break under autocast on the H200, 2026-12-04).
+    if backend != "cuda" or family == "attention" or torch.compiler.is_compiling():
         return ""
     from vit_kernels.cuda.linear import gemm_path
 
