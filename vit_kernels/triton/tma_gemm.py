@@ -324,10 +324,10 @@ CONFIGS = {
         ("16bit", "store"): _SM90._replace(flatten=True),
         ("16bit", "residual"): _SM90,
         # fc1 + GELU on halves measured 3% faster on the H200 (0.646 vs 0.667 ms, 2026-12-04) but takes 255
-        # registers on Triton 3.8 (quarters: 219), too near a spill on 3.6 to ship untested there: quarters stay.
+        # registers on Triton 3.8 (227 on 3.6): quarters stay until it is measured again.
         ("16bit", "gelu"): _SM90._replace(quarters=True),
         # dGELU: 128 x 128 on 4 stages, halves, measured 1.283 vs 2.576 ms for 128 x 256 quarters (H200, 2026-12-04,
-        # gemm_ab at e85b852); 189 registers, 0 spills.
+        # gemm_ab at e85b852); 0 spills (150 registers on Triton 3.6, 189 on 3.8).
         ("16bit", "dgelu"): _SM90._replace(block_n=128, num_stages=4),
         ("16bit", "qkv"): _SM90,
         ("16bit", "partial"): _SM90,
