@@ -200,6 +200,14 @@ def test_triton_interpret_set_after_import_says_what_to_do(when):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if when == "early":
+        import numpy
+        import triton
+
+        # Triton 3.6's interpreter fails under numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
+        # scalars", inside any kernel): seen on the H200 image, 2026-12-04; CI pins numpy < 2.4 for Triton 3.6.
+        old_triton = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
+        if old_triton and tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+            pytest.skip(f"Triton {triton.__version__}'s interpreter does not run under numpy {numpy.__version__}")
         env["TRITON_INTERPRET"] = "1"
     res = subprocess.run(
         [sys.executable, "-c", LATE_INTERPRETER, when], capture_output=True, text=True, timeout=300, env=env, cwd=REPO
