@@ -342,7 +342,8 @@ sources_hash() {  # what _C is built from: settings, the CUTLASS version, the so
     # the CUTLASS version, not its folder: a prebuilt _C comes from another machine's path
     [ -n "${VIT_KERNELS_CUTLASS_DIR:-}" ] && grep -E "#define CUTLASS_(MAJOR|MINOR|PATCH) " \
       "$VIT_KERNELS_CUTLASS_DIR/include/cutlass/version.h" 2>/dev/null
-    cat setup.py CMakeLists.txt csrc/*; } | sha256sum | cut -d' ' -f1
+    # the files in C order: a glob's order follows the locale, which differs between machines
+    cat setup.py CMakeLists.txt $(printf '%s\n' csrc/* | LC_ALL=C sort); } | sha256sum | cut -d' ' -f1
 }
 build_key() {  # SOURCES_HASH: what _C was built from and what it is; "no _C" when this interpreter has none
   [ -f "$built_so" ] || { echo "no _C"; return; }
@@ -382,6 +383,12 @@ elif wanted build && [ -s "$build_key_file" ] &&
   [ "$(cat "$build_key_file")" = "$(build_key "$(sources_hash)")" ] && "$PY" -c "import vit_kernels._C" 2>/dev/null; then
   finish_stage build "skipped: $built_so is built from these sources already ($build_key_file)"
 else
+  if wanted build && [ -s "$build_key_file" ]; then  # say why a carried _C is not used: what went into the key
+    echo "gpu_check: build key mismatch or _C does not import; key inputs: arch_args=${arch_args[*]:-none}" \
+      "ext_suffix=$ext_suffix CUTLASS_DIR=${VIT_KERNELS_CUTLASS_DIR:-unset} sources=$(sources_hash)" \
+      "so_sha=$(sha256sum "$built_so" 2>/dev/null | cut -c1-16)" >&2
+    "$PY" -c "import vit_kernels._C" 2>&1 | tail -n 2 >&2
+  fi
   sources_before=$(sources_hash)
   stage build 1 "${build_cmd[@]}"
   [ "${status[build]}" = ran:0 ] && record_build_key "$sources_before"
