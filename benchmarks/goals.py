@@ -41,8 +41,6 @@ CUDA_K = {
     ("mlp_bwd", "dW2"): "M", ("mlp_bwd", "dW1"): "M", ("linear_bwd", "dX"): "768", ("linear_bwd", "dW"): "M",
     ("qkv_bwd", "dX"): "2304", ("qkv_bwd", "dW"): "M",
 }  # fmt: skip
-# probe_gemm's A / B of the sm_90a mlp_bwd: the same GEMMs
-CUDA_K |= {("mlp_bwd (act and dfc1_bias by separate passes)", w): k for (op, w), k in CUDA_K.items() if op == "mlp_bwd"}
 # The tma_gemm epilogue each product of probe_gemm's triton table runs: a config variant is chosen per epilogue.
 TRITON_EPILOGUE = {
     "qkv_fwd": "qkv", "qkv_fwd_packed": "store", "proj": "store", "fc1_gelu": "gelu", "fc2": "store",
@@ -51,13 +49,14 @@ TRITON_EPILOGUE = {
 }  # fmt: skip
 VARIANT_GAIN = 1.03  # benchmarks/NOTES.md's rule: a variant replaces the shipped config only if faster at every
 # product it would change, and by at least 3% at one
-# The sm_90a mlp_bwd A / B (NOTES, "act and dfc1_bias from the sm_90a d-GELU epilogue"): the kernels each way runs
-# in place of the other, by launcher and the start of the product label probe_gemm gives them.
+# The sm_90a mlp_bwd A / B (NOTES, "act and dfc1_bias from the sm_90a d-GELU epilogue"): probe_gemm times the
+# shipped way as "mlp_bwd" and the other as "mlp_bwd (...)"; each way is told by its kernels (the d-GELU product
+# writing "+ act", or act's row pass), and the kernels each runs in place of the other are summed.
 DGELU_EPILOGUE_KERNELS = {
-    "epilogue": ("mlp_bwd", ("dhidden = ", "dfc1_bias: sum of the partial sums")),
-    "separate passes": ("mlp_bwd (act and dfc1_bias by separate passes)",
-                        ("dhidden = ", "act = gelu(hidden): row pass", "dfc1_bias colsum")),
-}  # fmt: skip
+    "epilogue": ("dhidden = ", "dfc1_bias: sum of the partial sums"),
+    "separate passes": ("dhidden = ", "act = gelu(hidden): row pass", "dfc1_bias colsum"),
+}
+DGELU_WAY_MARK = {"epilogue": "+ act", "separate passes": "act = gelu(hidden): row pass"}
 OP_GOALS = (  # (bench, op or None, provider baseline, mode, goal, what)
     ("mlp_bench", "mlp", "eager", "fwd_bwd", 1.15, "gelu_mlp fwd+bwd"),
     ("mlp_bench", "qkv", "eager", "fwd_bwd", 1.10, "fused_qkv fwd+bwd"),
@@ -73,12 +72,20 @@ def markdown_tables(text: str) -> dict[str, list[dict]]:
     tables: dict[str, list[dict]] = {}
     heading, lines = "", []
 
+    headers: dict[str, list[str]] = {}
+
+    def cells_of(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
     def flush():
-        if len(lines) >= 2:
-            header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
-            for line in lines[2:]:  # a short row (a FAILED one) keeps the cells it has
-                cells = [c.strip() for c in line.strip().strip("|").split("|")]
-                tables.setdefault(heading, []).append(dict(zip(header, cells, strict=False)))
+        # rows without a header of their own continue the heading's last table: a warning on stderr, in the same
+        # log, can fall between two rows
+        if len(lines) >= 2 and set(lines[1].replace("|", "").strip()) <= set("-: "):
+            headers[heading], rows = cells_of(lines[0]), lines[2:]
+        else:
+            rows = lines if heading in headers else []
+        for line in rows:  # a short row (a FAILED one) keeps the cells it has
+            tables.setdefault(heading, []).append(dict(zip(headers[heading], cells_of(line), strict=False)))
         lines.clear()
 
     for line in text.splitlines():
@@ -111,16 +118,23 @@ def gemm_rows(log: str) -> list[tuple[str, str, str, float | None, float]]:
     out = []
     for heading, rows in markdown_tables(log).items():
         if heading.startswith("probe_gemm"):
+            # the tma rows say "n/a" against cuBLAS (its row is under the same product): the ratio is taken here
+            cublas = {r["product"]: number(r.get("ms (median)")) for r in rows if r.get("way") == "cublas"}
             for r in rows:
                 if r.get("way") == "tma":
                     k = TRITON_K.get(r["product"], "?")
-                    out.append(("triton", r["product"], k, number(r.get("x cuBLAS")), goal_for(k)))
+                    ratio = number(r.get("x cuBLAS"))
+                    ms, base = number(r.get("ms (median)")), cublas.get(r["product"])
+                    if ratio is None and ms and base:
+                        ratio = base / ms
+                    out.append(("triton", r["product"], k, ratio, goal_for(k)))
         elif heading.startswith("cuda: mma.sync"):
             for r in rows:
                 ratio = number(r.get("x cuBLAS"))
                 if r.get("path") != "sm_90a" or ratio is None:
                     continue
-                k = CUDA_K.get((r["launcher"], r["product"].split()[0]), "?")
+                launcher = r["launcher"].split(" (")[0]  # "mlp_bwd (...)": the A / B runs mlp_bwd's GEMMs
+                k = CUDA_K.get((launcher, r["product"].split()[0]), "?")
                 out.append(("cuda", f"{r['launcher']}: {r['product']}", k, ratio, goal_for(k)))
     return out
 
@@ -230,20 +244,22 @@ def dgelu_epilogue_rule(log: str) -> tuple[str, str] | None:
     for heading, rows in markdown_tables(log).items():
         if not heading.startswith("cuda: mma.sync"):
             continue
-        for way, (launcher, starts) in DGELU_EPILOGUE_KERNELS.items():
-            times = [number(r.get("ms (median)")) for r in rows if r.get("launcher") == launcher
-                     and r.get("path") == "sm_90a" and r.get("product", "").startswith(starts)]  # fmt: skip
-            totals[way] = sum(times) if times and None not in times else None
+        sm90 = [r for r in rows if r.get("path") == "sm_90a" and r.get("launcher", "").startswith("mlp_bwd")]
+        for way, starts in DGELU_EPILOGUE_KERNELS.items():
+            launchers = {r["launcher"] for r in sm90 if DGELU_WAY_MARK[way] in r.get("product", "")}
+            times = [number(r.get("ms (median)")) for r in sm90
+                     if r["launcher"] in launchers and r.get("product", "").startswith(starts)]  # fmt: skip
+            totals[way] = sum(times) if len(launchers) == 1 and times and None not in times else None
     if not totals:
         return None
     new, old = totals.get("epilogue"), totals.get("separate passes")
     measured = f"epilogue {_ms(new)} ms, separate passes {_ms(old)} ms"
     if new is None or old is None:
-        return measured, "not measured: keep both switches on until it is"
+        return measured, "not measured: leave the switches as they are until it is"
     if new <= old:
-        return measured, f"keep both switches on ({old / new:.2f}x)"
+        return measured, f"both switches on: the epilogue is {old / new:.2f}x faster"
     slower = f"{100 * (new / old - 1):.0f}% slower"
-    return measured, f"turn SM90_ACT_IN_EPILOGUE and SM90_DFC1_BIAS_IN_EPILOGUE off ({slower})"
+    return measured, f"SM90_ACT_IN_EPILOGUE and SM90_DFC1_BIAS_IN_EPILOGUE off: the epilogue is {slower}"
 
 
 def _ms(t: float | None) -> str:

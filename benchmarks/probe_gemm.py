@@ -206,11 +206,23 @@ def cuda_gemm_path(path: str):
         cuda_linear._sm90 = old
 
 
-def by_separate_passes(fn: Callable[[], tuple]) -> Callable[[], tuple]:
-    """fn with the sm_90a mlp_bwd's act = gelu(hidden) by a row pass and dfc1_bias by the two-pass column sum of
-    dhidden, instead of both from the d-GELU epilogue (cuda_linear.SM90_ACT_IN_EPILOGUE and
-    SM90_DFC1_BIAS_IN_EPILOGUE off for the call)."""
-    return unittest.mock.patch.multiple(cuda_linear, SM90_ACT_IN_EPILOGUE=False, SM90_DFC1_BIAS_IN_EPILOGUE=False)(fn)
+def dgelu_epilogue_shipped() -> tuple[bool, bool]:
+    """What the sm_90a mlp_bwd ships: (act, dfc1_bias's partial sums) from the d-GELU epilogue, each True or False
+    (cuda_linear.SM90_ACT_IN_EPILOGUE, SM90_DFC1_BIAS_IN_EPILOGUE)."""
+    return bool(cuda_linear.SM90_ACT_IN_EPILOGUE), bool(cuda_linear.SM90_DFC1_BIAS_IN_EPILOGUE)
+
+
+def dgelu_epilogue_ab() -> tuple[str, bool]:
+    """The launcher name and setting of the A / B beside the shipped sm_90a mlp_bwd: the other way of writing act
+    and dfc1_bias (both from the d-GELU epilogue, or both by their own passes)."""
+    on = not all(dgelu_epilogue_shipped())
+    return f"mlp_bwd (act and dfc1_bias {'in the d-GELU epilogue' if on else 'by separate passes'})", on
+
+
+def with_dgelu_epilogue(on: bool, fn: Callable[[], tuple]) -> Callable[[], tuple]:
+    """fn with the sm_90a mlp_bwd's act and dfc1_bias both from the d-GELU epilogue (on) or both by their own
+    passes, a row pass and the two-pass column sum of dhidden (off)."""
+    return unittest.mock.patch.multiple(cuda_linear, SM90_ACT_IN_EPILOGUE=on, SM90_DFC1_BIAS_IN_EPILOGUE=on)(fn)
 
 
 class Launch(NamedTuple):
@@ -251,6 +263,7 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
     wqf, bqf, wpf, bpf = w_qkv.float(), b_qkv.float(), w_proj.float(), b_proj.float()
     w1f, b1f, w2f, b2f = w1.float(), b1.float(), w2.float(), b2.float()
 
+    ab_name, ab_on = dgelu_epilogue_ab()
     qkv_ref = tuple((xf @ wqf.t() + bqf).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0))
     h_ref = xf @ w1f.t() + b1f
     dh_ref = torch.ops.aten.gelu_backward(dyf @ w2f, hidf)
@@ -266,8 +279,8 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
                                    (F.gelu(h_ref) @ w2f.t() + b2f,)),
         "mlp_bwd": (lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False), mlp_bwd_ref),
         # sm_90a only: the A / B of what the d-GELU epilogue writes beside dhidden (act, dfc1_bias's partial sums)
-        "mlp_bwd (act and dfc1_bias by separate passes)": (
-            by_separate_passes(lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False)),
+        ab_name: (
+            with_dgelu_epilogue(ab_on, lambda: cuda_linear.mlp_bwd(dy, x, w1, w2, hid, True, True, "none", False)),
             mlp_bwd_ref,
         ),
         "linear_bwd": (lambda: cuda_linear.linear_bwd(dy, o, w_proj, True), (dyf @ wpf, dyf.t() @ of, dyf.sum(0))),
@@ -292,13 +305,22 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             *colsum("dfc2_bias", 4),
         ]
         dgelu = "dhidden = dy @ W2 * GELU'(hidden)"
-        mlp_bwd = [Launch(f"{dgelu} (and act)", g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]
-        if not old:
-            mlp_bwd = [
-                Launch(f"{dgelu} + act + dfc1_bias partial sums", g, f_mlp, "dhidden_dgelu"),
-                Launch("dfc1_bias: sum of the partial sums", "colsum_finish", outputs=(2,)),
+
+        def sm90_mlp_bwd(act_in: bool, dfc1_bias_in: bool) -> list[Launch]:  # what the d-GELU epilogue writes
+            writes = (" + act" if act_in else "") + (" + dfc1_bias partial sums" if dfc1_bias_in else "")
+            finish = Launch("dfc1_bias: sum of the partial sums", "colsum_finish", outputs=(2,))
+            return [
+                Launch(f"{dgelu}{writes}", g, f_mlp, "dhidden_dgelu"),
+                *([finish] if dfc1_bias_in else []),
+                *([] if act_in else [Launch("act = gelu(hidden): row pass", "gelu_rows")]),
                 *mlp_bwd_tail,
+                *([] if dfc1_bias_in else colsum("dfc1_bias", 2)),
             ]
+
+        if old:
+            mlp_bwd = [Launch(f"{dgelu} (and act)", g, f_mlp, "dhidden_dgelu"), *mlp_bwd_tail, *colsum("dfc1_bias", 2)]
+        else:
+            mlp_bwd = sm90_mlp_bwd(*dgelu_epilogue_shipped())
         qkv_fwd = [Launch("QKV + bias + head split", g, f_qkv, "qkv_fwd", (0, 1, 2))] if old else [
             Launch("QKV + bias (linear_bias) into the qkv scratch", g, f_qkv, "qkv_fwd"),
             Launch("q / k / v split pass", "qkv_split", outputs=(0, 1, 2))]  # fmt: skip
@@ -311,9 +333,7 @@ def cuda_calls(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) 
             "mlp_fwd without hidden": [Launch("fc1 + bias + GELU (act only)", g, f_mlp, "fc1_gelu"),
                                        Launch("fc2 + bias", g, f_mlp, "fc2", (0,))],
             "mlp_bwd": mlp_bwd,
-            **({} if old else {"mlp_bwd (act and dfc1_bias by separate passes)": [
-                Launch(dgelu, g, f_mlp, "dhidden_dgelu"), Launch("act = gelu(hidden): row pass", "gelu_rows"),
-                *mlp_bwd_tail, *colsum("dfc1_bias", 2)]}),
+            **({} if old else {ab_name: sm90_mlp_bwd(ab_on, ab_on)}),
             "linear_bwd": [Launch(f"dX = dout @ W{nn}", g, f_proj, "proj_dx", (0,)),
                            Launch(f"dW = dout^T @ a{wg}", g, f_proj, "proj_dw", (1,)), *colsum("dbias", 2)],
             "qkv_bwd": [Launch(f"dX = dQKV @ W{nn}", g, f_qkv, "qkv_dx", (0,)),

@@ -47,9 +47,10 @@ _COLSUM_MAX_SPLITS = 64
 # What the sm_90a d-GELU epilogue writes beside dhidden (sm90::dgelu_act). SM90_ACT_IN_EPILOGUE: act = gelu(hidden)
 # (else a row pass re-reads hidden); SM90_DFC1_BIAS_IN_EPILOGUE: dfc1_bias's per-tile partial sums, added by one
 # finishing pass (else the two-pass column sum re-reads dhidden). benchmarks/probe_gemm.py times both off beside
-# both on; the rule that picks is in benchmarks/NOTES.md.
-SM90_ACT_IN_EPILOGUE = True
-SM90_DFC1_BIAS_IN_EPILOGUE = True
+# both on; the rule that picks is in benchmarks/NOTES.md (off since the H200 run of 2026-12-04-2: the epilogue
+# made the whole mlp_bwd 1.7x slower).
+SM90_ACT_IN_EPILOGUE = False
+SM90_DFC1_BIAS_IN_EPILOGUE = False
 
 
 def _colsum_scratch(cols: int, like: torch.Tensor, at_least: int = 0) -> tuple[torch.Tensor, int]:
