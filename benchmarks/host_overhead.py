@@ -1,0 +1,130 @@
+"""Where an op's wall time goes when it is more than its kernels: for each op of probe_gemm's end-to-end table
+(ViT-B/16 block shapes, B=256, bf16) and each backend, fwd and fwd+bwd:
+
+    wall ms     event-timed median of back-to-back calls (what the benchmarks report)
+    kernels ms  the sum of the device time of every kernel one call launches (torch.profiler)
+    host ms     the CPU time to issue one call, the GPU never waited for (perf_counter over back-to-back calls)
+    syncs       the first call that made the host wait for the device (torch.cuda.set_sync_debug_mode), if any
+
+wall well above kernels means the GPU sits idle: host-bound (host ms near wall) or a synchronising call. Then the
+kernels of each triton fwd+bwd call, by device time. Needs a GPU; `python benchmarks/host_overhead.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import probe_gemm  # noqa: E402
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def call(fn, leaves, backend: str, mode: str):
+    """One call as probe_gemm's ops_table times it: gradients returned, not accumulated into .grad."""
+    outs = fn(backend)
+    if mode == "fwd+bwd":
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+
+
+def first_sync(run) -> str:
+    """'' if run() never makes the host wait for the device, else the first line of what says it did."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        return ""
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:100]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def kernels_per_call(run, calls: int = 5) -> list[tuple[str, float]]:
+    """(kernel name, device us per call) of each kernel run() launches, by time, from torch.profiler."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / calls) for e in prof.key_averages()
+            if e.self_device_time_total > 0 and str(e.device_type).endswith("CUDA")]  # fmt: skip
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def host_ms(run, calls: int = 20) -> float:
+    """CPU ms to issue one call (back to back, no sync inside; the GPU queue is long enough not to block)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls
+
+
+def wall_ms(run, calls: int = 20) -> float:
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--ops", default="", help="comma-separated subset of probe_gemm's ops (default: all)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_overhead: needs a CUDA GPU")
+        return 2
+    ops = probe_gemm.ops(args.batch, 197, 768, 12, "cuda", torch.bfloat16)
+    wanted = [o for o in args.ops.split(",") if o] or list(ops)
+    print(f"## host_overhead: B={args.batch}, {common.Env.collect('cuda', 'bf16').header()}\n")
+    print("| op | backend | mode | wall ms | kernels ms | host ms | kernels | syncs |")
+    print("|---|---|---|---|---|---|---|---|")
+    detail = {}
+    for op in wanted:
+        fn, leaves = ops[op]
+        for backend in BACKENDS:
+            for mode in ("fwd", "fwd+bwd"):
+
+                def run(fn=fn, leaves=leaves, backend=backend, mode=mode):
+                    with torch.set_grad_enabled(mode == "fwd+bwd"):
+                        call(fn, leaves, backend, mode)
+
+                try:
+                    run()
+                    run()
+                    sync = first_sync(run)
+                    kernels = kernels_per_call(run)
+                    wall, host = wall_ms(run), host_ms(run)
+                except Exception as exc:  # one failing cell must not hide the others
+                    print(f"| {op} | {backend} | {mode} | FAILED: {common.short_reason(exc)} | | | | |", flush=True)
+                    continue
+                device = sum(us for _, us in kernels) / 1e3
+                print(f"| {op} | {backend} | {mode} | {wall:.3f} | {device:.3f} | {host:.3f} | {len(kernels)} | "
+                      f"{sync or 'none'} |", flush=True)  # fmt: skip
+                if backend != "torch" and mode == "fwd+bwd":
+                    detail[op, backend] = kernels
+    for (op, backend), kernels in detail.items():
+        print(f"\n### {op}, {backend}, fwd+bwd: kernels by device time\n")
+        print("| kernel | us per call |\n|---|---|")
+        for name, us in kernels[:14]:
+            print(f"| {name[:90].replace('|', '/')} | {us:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
