@@ -7,12 +7,16 @@
     syncs       the first call that made the host wait for the device (torch.cuda.set_sync_debug_mode), if any
 
 wall well above kernels means the GPU sits idle: host-bound (host ms near wall) or a synchronising call. Then the
-kernels of each triton fwd+bwd call, by device time. Needs a GPU; `python benchmarks/host_overhead.py`.
+kernels of each non-torch fwd+bwd call, by device time; with `--cprofile`, where the host's time goes in each
+triton and cuda fwd+bwd call (cProfile, by cumulative time). Needs a GPU; `python benchmarks/host_overhead.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -69,6 +73,20 @@ def host_ms(run, calls: int = 20) -> float:
     return 1e3 * elapsed / calls
 
 
+def host_profile(run, calls: int = 20, lines: int = 25) -> str:
+    """cProfile of `calls` back-to-back calls: the functions with the most cumulative host time."""
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(lines)
+    return text.getvalue()
+
+
 def wall_ms(run, calls: int = 20) -> float:
     times = []
     for _ in range(calls):
@@ -85,6 +103,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--ops", default="", help="comma-separated subset of probe_gemm's ops (default: all)")
+    parser.add_argument("--cprofile", action="store_true", help="also cProfile each triton and cuda fwd+bwd call")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("host_overhead: needs a CUDA GPU")
@@ -94,7 +113,7 @@ def main(argv=None) -> int:
     print(f"## host_overhead: B={args.batch}, {common.Env.collect('cuda', 'bf16').header()}\n")
     print("| op | backend | mode | wall ms | kernels ms | host ms | kernels | syncs |")
     print("|---|---|---|---|---|---|---|---|")
-    detail = {}
+    detail, profiles = {}, {}
     for op in wanted:
         fn, leaves = ops[op]
         for backend in BACKENDS:
@@ -118,11 +137,15 @@ def main(argv=None) -> int:
                       f"{sync or 'none'} |", flush=True)  # fmt: skip
                 if backend != "torch" and mode == "fwd+bwd":
                     detail[op, backend] = kernels
+                    if args.cprofile:
+                        profiles[op, backend] = host_profile(run)
     for (op, backend), kernels in detail.items():
         print(f"\n### {op}, {backend}, fwd+bwd: kernels by device time\n")
         print("| kernel | us per call |\n|---|---|")
         for name, us in kernels[:14]:
             print(f"| {name[:90].replace('|', '/')} | {us:.1f} |")
+    for (op, backend), text in profiles.items():
+        print(f"\n### {op}, {backend}, fwd+bwd: host time by function (cProfile, 20 calls)\n\n```\n{text}```")
     return 0
 
 

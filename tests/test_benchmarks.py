@@ -878,3 +878,20 @@ def test_cuobjdump_parsers_and_spill_gate():
     assert kernel_report.is_hot("gemm_tc_kernel<bf16>", "bf16") and not kernel_report.is_hot("colsum<bf16>", "bf16")
     assert len(kernel_report.violations([hot, cold])) == 1
     assert kernel_report.violations([{**hot, "local": 0}]) == []
+
+
+def test_host_overhead_says_it_needs_a_gpu_and_its_parts_run(bench_module, monkeypatch, capsys):
+    """benchmarks/host_overhead.py: without CUDA it says so and exits 2 (no table of nothing); its timing and
+    cProfile parts run on any callable (the device syncs stubbed where there is no GPU)."""
+    ho = bench_module("host_overhead")
+    if not torch.cuda.is_available():
+        assert ho.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().out
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def work():
+        calls.append(sum(range(1000)))
+
+    assert ho.host_ms(work, calls=3) > 0 and len(calls) == 3
+    text = ho.host_profile(work, calls=4, lines=5)
+    assert "work" in text and len(calls) == 7
