@@ -414,7 +414,7 @@ gpu_tests=()
 # The GEMM tests first (the kernels no GPU has run yet: Hopper TMA, CUTLASS, the cuda block ops), then the attention
 # kernels a GPU has passed before: xdist hands tests out roughly in this order, so a stage cut at its slice has run
 # the new ones.
-for f in test_tma_gemm test_cuda_linear test_block_fusion test_linear test_gelu test_attention test_cuda_attention \
+for f in test_cuda_graphs test_tma_gemm test_cuda_linear test_block_fusion test_linear test_gelu test_attention test_cuda_attention \
   test_input_precision test_kernel_limits test_autocast test_dispatch test_empty_and_raw_ops test_vit test_compile \
   test_patch_zoo test_vit_timm test_vit_hf; do
   gpu_tests+=("tests/$f.py")
@@ -435,9 +435,11 @@ stage attn_tables 1 "$PY" benchmarks/attn_bench.py "${bench_args[@]}" --out-dir 
 stage mlp_tables 1 "$PY" benchmarks/mlp_bench.py "${bench_args[@]}" --out-dir "$work/results/mlp_tables" \
   --providers eager,views,reference,triton,cuda
 # ViT-B/16 alone, training and inference: each kernel backend of `vit`, and timm eager and under torch.compile (what
-# a user would pick instead; the one compiled model, ~a minute per mode); vit:auto comes after auto_table (vit_auto)
+# a user would pick instead; the one compiled model, ~a minute per mode); vit:auto comes after auto_table (vit_auto).
+# +graphs: the whole step replayed from a CUDA graph, the host's cost of issuing it gone (benchmarks/NOTES.md)
 stage vit_tables 1 "$PY" benchmarks/vit_bench.py "${bench_args[@]}" --out-dir "$work/results/vit_tables" \
-  --models vit_base_patch16_224 --compile yes --providers vit:torch,vit:triton,vit:cuda,timm,timm+compile
+  --models vit_base_patch16_224 --compile yes \
+  --providers vit:torch,vit:triton,vit:cuda,timm,timm+compile,vit:triton+graphs,vit:cuda+graphs,timm+graphs
 stage block_tables 1 "$PY" benchmarks/block_bench.py "${bench_args[@]}" --out-dir "$work/results/block_tables" \
   --providers eager,compile,unfused,fused,unfused_cuda,fused_cuda
 

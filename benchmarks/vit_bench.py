@@ -7,7 +7,9 @@ torch.compile, and timm's ViT (when timm is installed) as the outside baseline.
 Providers: `vit:<backend>` is `vit.<model>(backend=<backend>)` from this repository's `vit` package
 (imported lazily; skipped with the reason when it is missing; `vit:auto` is what a user gets: the measured table's
 choice per op), `timm` is `timm.create_model(<model>)`;
-each also as `...+compile` (torch.compile of the model). The model runs in the benchmark dtype (no
+each also as `...+compile` (torch.compile of the model) and as `...+graphs` (the whole step captured once in a CUDA
+graph and replayed: what is left when the host's cost of issuing the step is gone; AdamW with capturable=True, as
+torch's whole-network capture recipe has it). The model runs in the benchmark dtype (no
 autocast): inference under torch.inference_mode; a training step is forward, cross-entropy, backward
 and AdamW. MFU: the model's matmul FLOPs (common.vit_flops_per_image; training 3x) per second over the
 measured matmul peak.
@@ -79,53 +81,105 @@ def build(provider: str, name: str, device: str, dtype):
 Skip = common.Skip
 
 
+VARIANTS = ("compile", "graphs")  # provider suffixes: "+compile", "+graphs"
+
+
 def provider_list(args) -> list[str]:
     base = [f"vit:{b}" for b in BACKENDS] + ["timm"]
-    return base + [f"{p}+compile" for p in base]
+    return base + [f"{p}+{v}" for v in VARIANTS for p in base]
 
 
 def global_skip_reason(provider: str, args) -> str | None:
     if provider.endswith("+compile") and not args.compile_on:
         return "torch.compile of a whole ViT takes minutes on this CPU (--compile yes to include it)"
+    if provider.endswith("+graphs") and args.device != "cuda":
+        return "CUDA graphs need a CUDA device"
     backend = provider.split("+")[0].partition(":")[2]
     if backend in ("triton", "cuda"):
         return common.kernel_skip_reason(backend, args.device, args.include_interpreter)
     return None
 
 
+def eager_step(model, mode: str, images, labels, compiled: bool):
+    """step(i) -> output: one inference forward or one training step (forward, loss, backward, AdamW) on set i."""
+    fwd = torch.compile(model) if compiled else model
+    if mode == "infer":
+        model.eval()
+
+        def step(i):
+            with torch.inference_mode():
+                return fwd(images[i])
+
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i):
+        loss = F.cross_entropy(fwd(images[i]).float(), labels[i])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def graphed_step(model, mode: str, images, labels):
+    """step(i): the same step captured once in a CUDA graph (torch's whole-network capture: warm up on a side
+    stream, gradients None before capture so backward allocates them in the graph's pool, AdamW capturable), then
+    replayed on set i copied into the captured inputs."""
+    static_images, static_labels = images[0].clone(), labels[0].clone()
+    model.train(mode == "train")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True) if mode == "train" else None
+
+    def body():
+        if opt is None:
+            with torch.inference_mode():
+                return model(static_images)
+        loss = F.cross_entropy(model(static_images).float(), static_labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = body()
+
+    def step(i):
+        static_images.copy_(images[i])
+        static_labels.copy_(labels[i])
+        graph.replay()
+        return static_out
+
+    return step
+
+
 def run_cell(report, provider, name, mode, args, dtype, peaks, models_cache) -> dict | None:
-    base_provider, compiled = provider.split("+")[0], provider.endswith("+compile")
+    base_provider, _, variant = provider.partition("+")
     B = args.batch or (GPU_BATCH[name] if args.device == "cuda" else 2)
 
     def prepare():
         key = (base_provider, name)
-        if key not in models_cache:
-            models_cache.clear()  # one model resident at a time
+        if key not in models_cache or variant == "graphs":
+            models_cache.clear()  # one model resident at a time; a captured model's weights belong to its graph
             models_cache[key] = build(base_provider, name, args.device, dtype)
         model = models_cache[key]
         img, classes = MODELS[name][0], MODELS[name][6]
         n_sets = 2
         images = [torch.randn(B, 3, img, img, device=args.device, dtype=dtype) for _ in range(n_sets)]
         labels = [torch.randint(0, classes, (B,), device=args.device) for _ in range(n_sets)]
-        fwd = torch.compile(model) if compiled else model
-        if mode == "infer":
-            model.eval()
-
-            def step(i):
-                with torch.inference_mode():
-                    return fwd(images[i])
-
+        if variant == "graphs":
+            step = graphed_step(model, mode, images, labels)
         else:
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step(i):
-                loss = F.cross_entropy(fwd(images[i]).float(), labels[i])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
+            step = eager_step(model, mode, images, labels, compiled=variant == "compile")
         common.first_call(lambda: step(0))
         return step, n_sets, None
 

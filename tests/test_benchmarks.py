@@ -309,6 +309,7 @@ def test_vit_bench_cpu_plumbing(tmp_path):
         assert re.search(rf"^- skipped {re.escape(provider)} \(.+\): \S", out, re.M), (
             f"no reason for {provider}:\n{out}"
         )
+    assert re.search(r"^- skipped vit:torch\+graphs \(.+\): CUDA graphs need a CUDA device", out, re.M), out
 
 
 def test_vit_bench_cpu_real_package(tmp_path):
