@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before any Triton kernel is defined, i.e. before th
 imported; conftest.py is imported by pytest before any test module, so setting it here is early enough.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -94,6 +95,35 @@ def randn(*shape, dtype, device, scale=1.0, shift=None) -> torch.Tensor:
     if shift is not None:
         t = t + shift
     return t.to(device=device, dtype=dtype)
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-like layer put in place of a Linear after a model is built or patched: base(x) + up(down(x)), exposing
+    the base's weight and bias as peft's layers do (fused ops reading that weight would miss the update); seeded,
+    on the base's device and dtype. `merged()` is the one Linear that computes the same."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False, **like)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False, **like)
+        with torch.no_grad():
+            self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g))
+            self.up.weight.copy_(0.1 * torch.randn(self.up.weight.shape, generator=g))
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+    def merged(self) -> torch.nn.Linear:
+        linear = copy.deepcopy(self.base)
+        with torch.no_grad():
+            linear.weight += self.up.weight @ self.down.weight
+        return linear
 
 
 def nan_alloc(*shape, like, dtype=None) -> torch.Tensor:

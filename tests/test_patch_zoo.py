@@ -18,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, counting_fused_ops, import_timm, rel_error
+from conftest import DEVICE, TOLERANCES, LowRankAdapter, counting_fused_ops, import_timm, rel_error
 
 import vit
 import vit_kernels as vk
@@ -745,32 +745,6 @@ def test_hf_subclass_with_its_own_forward_is_left_alone(kind, backend, monkeypat
 # ----------------------------------------------------------------------------------------------------
 # what a user changes after patching: hooks, adapters, dropout rates, the dtype; and pickling
 # ----------------------------------------------------------------------------------------------------
-class LowRankAdapter(torch.nn.Module):
-    """A LoRA-like layer put in place of a Linear after patching: base(x) + up(down(x)), exposing the base's
-    weight and bias as peft's layers do. The fused ops would read that weight and miss the update."""
-
-    def __init__(self, base: torch.nn.Linear):
-        super().__init__()
-        g = torch.Generator().manual_seed(2)
-        self.base = base
-        self.down = torch.nn.Linear(base.in_features, 4, bias=False, device=base.weight.device)
-        self.up = torch.nn.Linear(4, base.out_features, bias=False, device=base.weight.device)
-        with torch.no_grad():
-            self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g))
-            self.up.weight.copy_(0.1 * torch.randn(self.up.weight.shape, generator=g))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-
 def _scale_output(module, inputs, output):
     return output * 0.5
 

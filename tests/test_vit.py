@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, rel_error
+from conftest import TOLERANCES, LowRankAdapter, rel_error
 
 import vit
 import vit_kernels as vk
@@ -800,29 +800,6 @@ def test_forward_on_meta_tensors_gives_the_shapes(backend):
 # ----------------------------------------------------------------------------------------------------
 # what a user adds to a built model; the backend attribute; argument checks of the helpers
 # ----------------------------------------------------------------------------------------------------
-class _LowRank(torch.nn.Module):
-    """A LoRA-like layer in place of a Linear: base(x) + up(down(x)), exposing the base's weight and bias as peft's
-    layers do; `merged()` is the one Linear that computes the same."""
-
-    def __init__(self, base: torch.nn.Linear):
-        super().__init__()
-        self.base, self.down = base, torch.nn.Linear(base.in_features, 4, bias=False)
-        self.up = torch.nn.Linear(4, base.out_features, bias=False)
-        torch.nn.init.normal_(self.up.weight, std=0.1)
-
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-    def merged(self) -> torch.nn.Linear:
-        linear = copy.deepcopy(self.base)
-        with torch.no_grad():
-            linear.weight += self.up.weight @ self.down.weight
-        return linear
-
-
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
 def test_hooks_adapters_and_pruning_added_after_building_are_honoured(backend, highest_precision):
     """The modules read qkv / fc1 / fc2's weights straight into the fused ops (and on triton the fused block skips
@@ -849,9 +826,9 @@ def test_hooks_adapters_and_pruning_added_after_building_are_honoured(backend, h
 
     model = vit.VisionTransformer(**{**SMALL, "backend": backend}).eval()
     merged = copy.deepcopy(model)
-    adapter = _LowRank(model.blocks[0].attn.qkv)
+    adapter = LowRankAdapter(model.blocks[0].attn.qkv)
     model.blocks[0].attn.qkv = adapter
-    fc1_adapter = _LowRank(model.blocks[1].mlp.fc1)
+    fc1_adapter = LowRankAdapter(model.blocks[1].mlp.fc1)
     model.blocks[1].mlp.fc1 = fc1_adapter
     merged.blocks[0].attn.qkv, merged.blocks[1].mlp.fc1 = adapter.merged(), fc1_adapter.merged()
     with torch.no_grad():
