@@ -348,8 +348,9 @@ def _bypasses_something(self: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _dropping(*dropouts: nn.Module | None) -> bool:
-    """Whether one of the dropouts is active now (training, p > 0): a rate set after patching included."""
-    return any(d is not None and d.training and getattr(d, "p", 0.0) for d in dropouts)
+    """Whether one of the dropouts (or stochastic-depth layers: drop_prob) is active now (training, p > 0): a rate
+    set after patching included."""
+    return any(d is not None and d.training and getattr(d, "drop_prob", getattr(d, "p", 0.0)) for d in dropouts)
 
 
 # ---- timm ----
@@ -424,10 +425,7 @@ def _timm_block_dropping(self) -> bool:
     attention and the MLP (a rate set after patching) are not in the fused ops at all."""
     optional = (getattr(self.attn, "proj_drop", None), getattr(self.mlp, "drop2", None))
     inside = (getattr(self.attn, "attn_drop", None), getattr(self.mlp, "drop1", None))
-    for m in (self.drop_path1, self.drop_path2, *optional, *inside):
-        if m is not None and m.training and getattr(m, "drop_prob", getattr(m, "p", 0.0)):
-            return True
-    return False
+    return _dropping(self.drop_path1, self.drop_path2, *optional, *inside)
 
 
 def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

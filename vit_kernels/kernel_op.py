@@ -74,7 +74,9 @@ def _eager(first: torch.Tensor) -> bool:
 
 
 # torch.func's transform stack (vmap, grad, jvp): a private torch API, absent from some builds.
-_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_peek_functorch = getattr(_FUNCTORCH, "peek_interpreter_stack", lambda: None)
+_functorch_stack = getattr(_FUNCTORCH, "get_interpreter_stack", lambda: None)
 
 
 class KernelOp:
@@ -135,7 +137,7 @@ def _refuse_differentiating_transforms(name: str) -> None:
     """torch.func's grad and jvp transforms (grad, vjp, jacrev, jacfwd, hessian) cannot run a custom op whose
     autograd is registered with register_autograd: torch's own error asks for a setup_context the user never wrote.
     vmap runs (the custom op batches by a loop)."""
-    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", lambda: None)() or ()
+    stack = _functorch_stack() or ()
     differentiating = [i.key().name for i in stack if i.key().name in ("Grad", "Jvp")]
     if differentiating:
         raise NotImplementedError(
