@@ -277,6 +277,21 @@ def test_persistent_grid_is_the_devices_own_sm_count(monkeypatch):
     assert grid == (114,) and asked == [("meta", 90)]
 
 
+def test_per_sm_sizes_the_persistent_grid(monkeypatch):
+    """A config's per_sm multiplies the persistent grid (two programs per SM where two CTAs fit), still capped by
+    the work; the shipped configs keep one program per SM."""
+    assert all(cfg.per_sm == 1 for table in tma_gemm.CONFIGS.values() for cfg in table.values())
+    a, w, c = (torch.empty(*shape, dtype=torch.bfloat16, device="meta") for shape in ((50432, 768), (768, 768),
+                                                                                       (50432, 768)))  # fmt: skip
+    key = ("16bit", "store")
+    monkeypatch.setitem(tma_gemm.CONFIGS[90], key, tma_gemm.CONFIGS[90][key]._replace(per_sm=2))
+    *_, grid = tma_gemm.store_args(a, w.t(), c, None, True, 90)
+    assert grid == (2 * tma_gemm.SM_COUNT[90],)
+    small = torch.empty(256, 768, dtype=torch.bfloat16, device="meta")  # 2 x 3 tiles of 128 x 256: 6 programs
+    *_, grid = tma_gemm.store_args(small, w.t(), small, None, True, 90)
+    assert grid == (6,)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the SM count is the device's own")
 def test_grid_on_this_gpu():
     device = torch.device("cuda")

@@ -308,6 +308,8 @@ class GemmConfig(NamedTuple):
     num_stages: int
     flatten: bool = False  # fuse the tile loop with the K loop: the next tile's loads overlap this tile's epilogue
     quarters: bool = False  # GELU epilogues: (BLOCK_M, BLOCK_N / 4) sub-tiles instead of halves
+    per_sm: int = 1  # persistent programs per SM: 2 (where registers and shared memory fit two CTAs) lets one
+    # program's epilogue run while the other's mainloop keeps the tensor cores busy
 
 
 # (precision, epilogue) -> config, per arch. The sm_90 entries come from the compile report, not from timing; their
@@ -370,10 +372,10 @@ def sm_count(device: torch.device, arch: int) -> int:
     return SM_COUNT[arch]
 
 
-def programs(sms: int, work_units: int) -> int:
-    """Persistent grid: one program per SM (one 8-warp CTA fits an SM: ~180 KB of shared memory), never more than
-    there is work."""
-    return max(1, min(work_units, sms))
+def programs(slots: int, work_units: int) -> int:
+    """Persistent grid: one program per slot (SMs x the config's per_sm; one 8-warp CTA fills an SM: ~180 KB of
+    shared memory), never more than there is work."""
+    return max(1, min(work_units, slots))
 
 
 def split_k_slices(arch: int, tiles: int, K: int, block_k: int, sms: int) -> int:
@@ -443,7 +445,7 @@ def _common(a, b, M, N, K, dtype, allow_tf32, arch, epilogue, work_units=None):
     b_desc, b_t = _operand(b.t(), (cfg.block_n, cfg.block_k))  # B (K, N) described as rows of N
     b_t = not b_t  # stored (N, K) is the mainloop's B_T
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    n_prog = programs(sm_count(a.device, arch), tiles if work_units is None else work_units)
+    n_prog = programs(sm_count(a.device, arch) * cfg.per_sm, tiles if work_units is None else work_units)
     kwargs = dict(
         A_T=a_t, B_T=b_t, INPUT_PRECISION=vit_triton.input_precision(dtype, allow_tf32),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten,
