@@ -180,11 +180,17 @@ def ops(B: int, N: int, C: int, H: int, device: str, dtype: torch.dtype) -> dict
 
 VARIANTS = {  # (epilogue, label, config fields) timed with --variants; "shipped" is the table as it is
     "store": [("flatten off", {"flatten": False}), ("256x128", {"block_m": 256, "block_n": 128})],
-    "gelu": [("halves", {"quarters": False}), ("256x128", {"block_m": 256, "block_n": 128})],
+    "gelu": [
+        ("halves", {"quarters": False}),
+        ("256x128", {"block_m": 256, "block_n": 128}),
+        ("64x128 4 warps 2 per SM", {"block_m": 64, "block_n": 128, "num_warps": 4, "per_sm": 2}),
+    ],
     # two 4-warp programs per SM (82 KB of shared memory and ~145 registers each on sm_90): one's erf epilogue under
     # the other's mainloop (benchmarks/NOTES.md, "two programs per SM for the dGELU product")
-    "dgelu": [("64x128 4 warps 2 per SM", {"block_m": 64, "num_warps": 4, "num_stages": 3, "per_sm": 2}),
-              ("128x64 4 warps 2 per SM", {"block_n": 64, "num_warps": 4, "num_stages": 3, "per_sm": 2})],
+    "dgelu": [
+        ("64x128 4 warps 2 per SM", {"block_m": 64, "num_warps": 4, "num_stages": 3, "per_sm": 2}),
+        ("128x64 4 warps 2 per SM", {"block_n": 64, "num_warps": 4, "num_stages": 3, "per_sm": 2}),
+    ],
 }
 
 

@@ -126,28 +126,33 @@ def test_dtype_precisions_compiles_fp32_once_per_precision():
         list(dtype_precisions((torch.float32,), ("fp64",)))
 
 
-DGELU_VARIANTS_REPORT = """
+PER_SM_VARIANTS_REPORT = """
 import ast, json, torch, triton
 from vit_kernels.triton import tma_gemm
 # probe_gemm's VARIANTS literal, read without importing the script (on CPU it switches Triton to the interpreter)
 tree = ast.parse(open("benchmarks/probe_gemm.py").read())
 VARIANTS = next(ast.literal_eval(node.value) for node in tree.body
                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "VARIANTS")
+PRODUCT = {"gelu": "mlp_fc1", "dgelu": "mlp_bwd_dhidden"}  # the product each GELU epilogue runs
 rows, shipped = [], dict(tma_gemm.CONFIGS[90])
-for label, fields in VARIANTS["dgelu"]:
-    tma_gemm.CONFIGS[90].update({k: v._replace(**fields) for k, v in shipped.items() if k[1] == "dgelu"})
-    for row in tma_gemm.compile_report(90, dtypes=(torch.bfloat16,), kernels=("mlp_bwd_dhidden",)):
-        rows.append(dict(row, label=label, per_sm=fields.get("per_sm", 1), triton=triton.__version__))
+for epilogue, variants in VARIANTS.items():
+    for label, fields in variants:
+        if fields.get("per_sm", 1) == 1:
+            continue
+        tma_gemm.CONFIGS[90].update(shipped)
+        tma_gemm.CONFIGS[90].update({k: v._replace(**fields) for k, v in shipped.items() if k[1] == epilogue})
+        for row in tma_gemm.compile_report(90, dtypes=(torch.bfloat16,), kernels=(PRODUCT[epilogue],)):
+            rows.append(dict(row, label=f"{epilogue} {label}", per_sm=fields["per_sm"], triton=triton.__version__))
 print(json.dumps(rows))
 """
 
 
 @pytest.mark.skipif(not ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available here")
-def test_dgelu_variants_fit_the_programs_per_sm_they_ask_for():
-    """probe_gemm's dGELU variants that run two programs per SM (one's epilogue under the other's mainloop) must
-    fit two CTAs in an SM's registers and shared memory, TMA-fed and without spills: else the second program of
-    each SM waits for the first and the A / B measures nothing."""
-    rows = compile_report_rows(DGELU_VARIANTS_REPORT, 90)
+def test_gemm_ab_variants_fit_the_programs_per_sm_they_ask_for():
+    """probe_gemm's GELU and dGELU variants that run two programs per SM (one's epilogue under the other's
+    mainloop) must fit two CTAs in an SM's registers and shared memory, TMA-fed and without spills: else the second
+    program of each SM waits for the first and the A / B measures nothing."""
+    rows = compile_report_rows(PER_SM_VARIANTS_REPORT, 90)
     assert rows and any(row["per_sm"] > 1 for row in rows)
     for row in rows:
         what = f"{row['label']} (triton {row['triton']}): {row}"
