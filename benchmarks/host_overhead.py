@@ -9,6 +9,12 @@
 wall well above kernels means the GPU sits idle: host-bound (host ms near wall) or a synchronising call. Then the
 kernels of each non-torch fwd+bwd call, by device time; with `--cprofile`, where the host's time goes in each
 triton and cuda fwd+bwd call (cProfile, by cumulative time). Needs a GPU; `python benchmarks/host_overhead.py`.
+
+`--cpu-stubs` (no GPU needed): our own Python's share alone. The triton backend runs on CPU tensors with the
+Hopper path's arguments (arch 90: TMA descriptors, persistent grids, split-K) and every Triton launch replaced by
+a no-op, beside the torch backend on the same tiny tensors (B=1, N=8: torch's CPU kernels cost ~nothing there),
+so that a change to the Python layers (checks, dispatch, custom ops, autograd, launch arguments) is measured here
+in microseconds per call; cProfile's top functions follow. The GPU machine's slower CPU scales them up.
 """
 
 from __future__ import annotations
@@ -73,15 +79,17 @@ def host_ms(run, calls: int = 20) -> float:
     return 1e3 * elapsed / calls
 
 
-def host_profile(run, calls: int = 20, lines: int = 25) -> str:
+def host_profile(run, calls: int = 20, lines: int = 25, sync: bool = True) -> str:
     """cProfile of `calls` back-to-back calls: the functions with the most cumulative host time."""
-    torch.cuda.synchronize()
+    if sync:
+        torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
         run()
     prof.disable()
-    torch.cuda.synchronize()
+    if sync:
+        torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(lines)
     return text.getvalue()
@@ -99,14 +107,74 @@ def wall_ms(run, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def stub_triton_launches() -> None:
+    """Every Triton launch a no-op, the triton backend on CPU tensors taking sm_90's path (`--cpu-stubs`)."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    from vit_kernels import triton as vit_triton
+
+    def no_launch(self, grid):
+        return lambda *args, **kwargs: None
+
+    for cls in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)):
+        if cls is not None:
+            cls.__getitem__ = no_launch
+    vit_triton.arch = lambda device: 90
+
+
+def cpu_stubs(args) -> int:
+    """Our Python layers' host time per call on CPU, launches stubbed (the module docstring)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":  # probe_gemm sets it where there is no GPU; on a GPU machine:
+        print("host_overhead --cpu-stubs: set TRITON_INTERPRET=1 before the run (CPU tensors on the triton backend)")
+        return 2
+    stub_triton_launches()
+    ops = probe_gemm.ops(1, 8, 64, 2, "cpu", torch.float32)
+    wanted = [o for o in args.ops.split(",") if o] or list(ops)
+    print(f"## host_overhead --cpu-stubs: {common.Env.collect('cpu', 'fp32').header()}\n")
+    print("| op | mode | torch us | triton (launches stubbed) us | triton - torch us |")
+    print("|---|---|---|---|---|")
+    profiles = {}
+    for op in wanted:
+        fn, leaves = ops[op]
+        for mode in ("fwd", "fwd+bwd"):
+            us = {}
+            for backend in ("torch", "triton"):
+
+                def run(fn=fn, leaves=leaves, backend=backend, mode=mode):
+                    with torch.set_grad_enabled(mode == "fwd+bwd"):
+                        call(fn, leaves, backend, mode)
+
+                for _ in range(3):
+                    run()
+                samples = []
+                for _ in range(7):
+                    start = time.perf_counter()
+                    for _ in range(50):
+                        run()
+                    samples.append((time.perf_counter() - start) / 50 * 1e6)
+                us[backend] = statistics.median(samples)
+                if backend == "triton" and mode == "fwd+bwd" and args.cprofile:
+                    profiles[op] = host_profile(run, sync=False)
+            print(f"| {op} | {mode} | {us['torch']:.0f} | {us['triton']:.0f} | {us['triton'] - us['torch']:.0f} |")
+    for op, text in profiles.items():
+        print(f"\n### {op}, triton (launches stubbed), fwd+bwd: host time by function\n\n```\n{text}```")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--ops", default="", help="comma-separated subset of probe_gemm's ops (default: all)")
     parser.add_argument("--cprofile", action="store_true", help="also cProfile each triton and cuda fwd+bwd call")
+    parser.add_argument("--cpu-stubs", action="store_true", help="our Python's share alone, on CPU (docstring)")
     args = parser.parse_args(argv)
+    if args.cpu_stubs:
+        return cpu_stubs(args)
     if not torch.cuda.is_available():
-        print("host_overhead: needs a CUDA GPU")
+        print("host_overhead: needs a CUDA GPU (or --cpu-stubs: our Python layers alone, on CPU)")
         return 2
     ops = probe_gemm.ops(args.batch, 197, 768, 12, "cuda", torch.bfloat16)
     wanted = [o for o in args.ops.split(",") if o] or list(ops)

@@ -896,3 +896,14 @@ def test_host_overhead_says_it_needs_a_gpu_and_its_parts_run(bench_module, monke
     assert ho.host_ms(work, calls=3) > 0 and len(calls) == 3
     text = ho.host_profile(work, calls=4, lines=5)
     assert "work" in text and len(calls) == 7
+
+
+def test_host_overhead_cpu_stubs_times_our_python_layers():
+    """--cpu-stubs: the triton backend's Python on CPU with every Triton launch a no-op, beside torch; one row per
+    op and mode with both times, and with --cprofile where the triton call's host time goes."""
+    out = run_script("host_overhead.py", "--cpu-stubs", "--ops", "proj_residual", "--cprofile",
+                     env_extra={"TRITON_INTERPRET": "1"})  # fmt: skip
+    rows = table_rows(out)
+    assert [(r["op"], r["mode"]) for r in rows] == [("proj_residual", "fwd"), ("proj_residual", "fwd+bwd")], out
+    assert all(float(r["torch us"]) > 0 and float(r["triton (launches stubbed) us"]) > 0 for r in rows), out
+    assert "proj_residual, triton (launches stubbed), fwd+bwd: host time by function" in out
