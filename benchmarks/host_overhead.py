@@ -131,9 +131,9 @@ def cpu_stubs(args) -> int:
         print("host_overhead --cpu-stubs: set TRITON_INTERPRET=1 before the run (CPU tensors on the triton backend)")
         return 2
     stub_triton_launches()
-    ops = probe_gemm.ops(1, 8, 64, 2, "cpu", torch.float32)
+    ops = probe_gemm.ops(1, 8, 64, 2, "cpu", torch.bfloat16)  # 16-bit: the TMA path, as on the GPU
     wanted = [o for o in args.ops.split(",") if o] or list(ops)
-    print(f"## host_overhead --cpu-stubs: {common.Env.collect('cpu', 'fp32').header()}\n")
+    print(f"## host_overhead --cpu-stubs: {common.Env.collect('cpu', 'bf16').header()}\n")
     print("| op | mode | torch us | triton (launches stubbed) us | triton - torch us |")
     print("|---|---|---|---|---|")
     profiles = {}
