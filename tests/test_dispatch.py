@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, REPO
+from conftest import DEVICE, REPO, TOLERANCES, rel_error
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vit_kernels as vk
@@ -162,6 +162,19 @@ def test_vmap_runs_and_torch_func_grad_says_what_to_do(backend, highest_precisio
         torch.func.grad(lambda a: vk.attention(a, a, a, backend=backend).sum())(q[0])
     with pytest.raises(NotImplementedError, match=r"vit_kernels::mlp_fwd has no torch\.func jvp rule"):
         torch.func.jvp(lambda x: vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend), (x,), (torch.ones_like(x),))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_says_it_is_not_supported(backend, highest_precision):
+    """create_graph=True makes a first gradient that requires grad; differentiating it again must stop with the
+    custom op's error, not return second derivatives of a graph half made of kernel outputs (silently wrong)."""
+    _skip_unless_runs(backend)
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _mlp_inputs())
+    (gx,) = torch.autograd.grad(vk.gelu_mlp(x, w1, b1, w2, b2, backend=backend).square().sum(), x, create_graph=True)
+    (ref,) = torch.autograd.grad(vk.gelu_mlp(x, w1, b1, w2, b2, backend="torch").square().sum(), x)
+    assert rel_error(gx, ref) <= TOLERANCES[torch.float32]  # the first gradient itself is right
+    with pytest.raises(RuntimeError, match=r"(?s)mlp_bwd.*autograd|autograd.*mlp_bwd"):
+        torch.autograd.grad(gx.sum(), w1)
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
