@@ -50,13 +50,14 @@ TRITON_EPILOGUE = {
 VARIANT_GAIN = 1.03  # benchmarks/NOTES.md's rule: a variant replaces the shipped config only if faster at every
 # product it would change, and by at least 3% at one
 # The sm_90a mlp_bwd A / B (NOTES, "act and dfc1_bias from the sm_90a d-GELU epilogue"): probe_gemm times the
-# shipped way as "mlp_bwd" and the other as "mlp_bwd (...)"; each way is told by its kernels (the d-GELU product
-# writing "+ act", or act's row pass), and the kernels each runs in place of the other are summed.
-DGELU_EPILOGUE_KERNELS = {
-    "epilogue": ("dhidden = ", "dfc1_bias: sum of the partial sums"),
-    "separate passes": ("dhidden = ", "act = gelu(hidden): row pass", "dfc1_bias colsum"),
-}
-DGELU_WAY_MARK = {"epilogue": "+ act", "separate passes": "act = gelu(hidden): row pass"}
+# shipped way as "mlp_bwd" and the other as "mlp_bwd (...)". way -> (what one of its product labels holds, which
+# tells its launcher: the d-GELU product writing "+ act", or act's row pass; the starts of the labels of the
+# kernels it runs in place of the other, summed).
+DGELU_EPILOGUE_WAYS = {
+    "epilogue": ("+ act", ("dhidden = ", "dfc1_bias: sum of the partial sums")),
+    "separate passes": ("act = gelu(hidden): row pass",
+                        ("dhidden = ", "act = gelu(hidden): row pass", "dfc1_bias colsum")),
+}  # fmt: skip
 OP_GOALS = (  # (bench, op or None, provider baseline, mode, goal, what)
     ("mlp_bench", "mlp", "eager", "fwd_bwd", 1.15, "gelu_mlp fwd+bwd"),
     ("mlp_bench", "qkv", "eager", "fwd_bwd", 1.10, "fused_qkv fwd+bwd"),
@@ -70,9 +71,8 @@ VIT_GOAL = 1.15
 def markdown_tables(text: str) -> dict[str, list[dict]]:
     """Each Markdown table of `text` as rows keyed by header, under the `## ` heading it follows."""
     tables: dict[str, list[dict]] = {}
+    headers: dict[str, list[str]] = {}  # heading -> the header of its last table
     heading, lines = "", []
-
-    headers: dict[str, list[str]] = {}
 
     def cells_of(line: str) -> list[str]:
         return [c.strip() for c in line.strip().strip("|").split("|")]
@@ -245,8 +245,8 @@ def dgelu_epilogue_rule(log: str) -> tuple[str, str] | None:
         if not heading.startswith("cuda: mma.sync"):
             continue
         sm90 = [r for r in rows if r.get("path") == "sm_90a" and r.get("launcher", "").startswith("mlp_bwd")]
-        for way, starts in DGELU_EPILOGUE_KERNELS.items():
-            launchers = {r["launcher"] for r in sm90 if DGELU_WAY_MARK[way] in r.get("product", "")}
+        for way, (mark, starts) in DGELU_EPILOGUE_WAYS.items():
+            launchers = {r["launcher"] for r in sm90 if mark in r.get("product", "")}
             times = [number(r.get("ms (median)")) for r in sm90
                      if r["launcher"] in launchers and r.get("product", "").startswith(starts)]  # fmt: skip
             totals[way] = sum(times) if len(launchers) == 1 and times and None not in times else None

@@ -383,13 +383,13 @@ elif wanted build && [ -s "$build_key_file" ] &&
   [ "$(cat "$build_key_file")" = "$(build_key "$(sources_hash)")" ] && "$PY" -c "import vit_kernels._C" 2>/dev/null; then
   finish_stage build "skipped: $built_so is built from these sources already ($build_key_file)"
 else
+  sources_before=$(sources_hash)
   if wanted build && [ -s "$build_key_file" ]; then  # say why a carried _C is not used: what went into the key
     echo "gpu_check: build key mismatch or _C does not import; key inputs: arch_args=${arch_args[*]:-none}" \
-      "ext_suffix=$ext_suffix CUTLASS_DIR=${VIT_KERNELS_CUTLASS_DIR:-unset} sources=$(sources_hash)" \
+      "ext_suffix=$ext_suffix CUTLASS_DIR=${VIT_KERNELS_CUTLASS_DIR:-unset} sources=$sources_before" \
       "so_sha=$(sha256sum "$built_so" 2>/dev/null | cut -c1-16)" >&2
     "$PY" -c "import vit_kernels._C" 2>&1 | tail -n 2 >&2
   fi
-  sources_before=$(sources_hash)
   stage build 1 "${build_cmd[@]}"
   [ "${status[build]}" = ran:0 ] && record_build_key "$sources_before"
 fi

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import pstats
 import statistics
@@ -35,13 +36,6 @@ import common  # noqa: E402
 import probe_gemm  # noqa: E402
 
 BACKENDS = ("torch", "triton", "cuda")
-
-
-def call(fn, leaves, backend: str, mode: str):
-    """One call as probe_gemm's ops_table times it: gradients returned, not accumulated into .grad."""
-    outs = fn(backend)
-    if mode == "fwd+bwd":
-        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
 
 
 def first_sync(run) -> str:
@@ -68,14 +62,16 @@ def kernels_per_call(run, calls: int = 5) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
-def host_ms(run, calls: int = 20) -> float:
+def host_ms(run, calls: int = 20, sync: bool = True) -> float:
     """CPU ms to issue one call (back to back, no sync inside; the GPU queue is long enough not to block)."""
-    torch.cuda.synchronize()
+    if sync:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         run()
     elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
+    if sync:
+        torch.cuda.synchronize()
     return 1e3 * elapsed / calls
 
 
@@ -142,20 +138,10 @@ def cpu_stubs(args) -> int:
         for mode in ("fwd", "fwd+bwd"):
             us = {}
             for backend in ("torch", "triton"):
-
-                def run(fn=fn, leaves=leaves, backend=backend, mode=mode):
-                    with torch.set_grad_enabled(mode == "fwd+bwd"):
-                        call(fn, leaves, backend, mode)
-
+                run = functools.partial(probe_gemm.run_op, fn, leaves, backend, mode)
                 for _ in range(3):
                     run()
-                samples = []
-                for _ in range(7):
-                    start = time.perf_counter()
-                    for _ in range(50):
-                        run()
-                    samples.append((time.perf_counter() - start) / 50 * 1e6)
-                us[backend] = statistics.median(samples)
+                us[backend] = 1e3 * statistics.median(host_ms(run, 50, sync=False) for _ in range(7))
                 if backend == "triton" and mode == "fwd+bwd" and args.cprofile:
                     profiles[op] = host_profile(run, sync=False)
             print(f"| {op} | {mode} | {us['torch']:.0f} | {us['triton']:.0f} | {us['triton'] - us['torch']:.0f} |")
@@ -186,11 +172,7 @@ def main(argv=None) -> int:
         fn, leaves = ops[op]
         for backend in BACKENDS:
             for mode in ("fwd", "fwd+bwd"):
-
-                def run(fn=fn, leaves=leaves, backend=backend, mode=mode):
-                    with torch.set_grad_enabled(mode == "fwd+bwd"):
-                        call(fn, leaves, backend, mode)
-
+                run = functools.partial(probe_gemm.run_op, fn, leaves, backend, mode)
                 try:
                     run()
                     run()

@@ -569,6 +569,16 @@ def cuda_variants_table(M: int, C: int, device: str, dtype: torch.dtype, timed, 
     return failed
 
 
+def run_op(fn, leaves, backend: str, mode: str):
+    """One call of an op of `ops` on `backend`, "fwd" or "fwd+bwd", with the gradient mode to match; fwd+bwd
+    returns the gradients instead of accumulating them into .grad (no extra adds timed)."""
+    with torch.set_grad_enabled(mode == "fwd+bwd"):
+        outs = fn(backend)
+        if mode == "fwd+bwd":
+            torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+    return outs
+
+
 def ops_table(op_fns: dict, backend: str, paths: tuple[str, str], path_ctx, timed, torch_ms: dict) -> bool:
     """fwd and fwd+bwd of each op in torch and on `backend` on its (old, new) GEMM `paths`, entered with
     `path_ctx(path)`. torch's times are measured once and kept in torch_ms, (op, mode) -> ms. True if a row failed."""
@@ -580,22 +590,18 @@ def ops_table(op_fns: dict, backend: str, paths: tuple[str, str], path_ctx, time
         for mode in ("fwd", "fwd+bwd"):
 
             def run(backend, fn=fn, mode=mode, leaves=leaves):
-                outs = fn(backend)
-                if mode == "fwd+bwd":  # gradients returned, not accumulated into .grad (no extra adds timed)
-                    torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
-                return outs
+                return run_op(fn, leaves, backend, mode)
 
             ms = {}
             try:
-                with torch.set_grad_enabled(mode == "fwd+bwd"):
-                    if (op, mode) not in torch_ms:
-                        run("torch")
-                        torch_ms[op, mode] = timed(lambda run=run: run("torch"))
-                    ms["torch"] = torch_ms[op, mode]
-                    for path in paths:
-                        with path_ctx(path):
-                            run(backend)
-                            ms[path] = timed(lambda run=run: run(backend))
+                if (op, mode) not in torch_ms:
+                    run("torch")
+                    torch_ms[op, mode] = timed(lambda run=run: run("torch"))
+                ms["torch"] = torch_ms[op, mode]
+                for path in paths:
+                    with path_ctx(path):
+                        run(backend)
+                        ms[path] = timed(lambda run=run: run(backend))
             except Exception as exc:
                 print(f"| {op} | {mode} | FAILED: {common.short_reason(exc)} | | | | |", flush=True)
                 failed = True

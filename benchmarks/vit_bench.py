@@ -100,6 +100,14 @@ def global_skip_reason(provider: str, args) -> str | None:
     return None
 
 
+def train_step(fwd, opt, images, labels):
+    """Forward, cross-entropy, backward and the optimizer's step on one batch -> the loss (gradients left set)."""
+    loss = F.cross_entropy(fwd(images).float(), labels)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def eager_step(model, mode: str, images, labels, compiled: bool):
     """step(i) -> output: one inference forward or one training step (forward, loss, backward, AdamW) on set i."""
     fwd = torch.compile(model) if compiled else model
@@ -115,9 +123,7 @@ def eager_step(model, mode: str, images, labels, compiled: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(i):
-        loss = F.cross_entropy(fwd(images[i]).float(), labels[i])
-        loss.backward()
-        opt.step()
+        loss = train_step(fwd, opt, images[i], labels[i])
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -136,10 +142,7 @@ def graphed_step(model, mode: str, images, labels):
         if opt is None:
             with torch.inference_mode():
                 return model(static_images)
-        loss = F.cross_entropy(model(static_images).float(), static_labels)
-        loss.backward()
-        opt.step()
-        return loss
+        return train_step(model, opt, static_images, static_labels)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

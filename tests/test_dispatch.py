@@ -218,8 +218,10 @@ def test_triton_interpret_set_after_import_says_what_to_do(when):
 
         # Triton 3.6's interpreter fails under numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
         # scalars", inside any kernel): seen on the H200 image, 2026-12-04; CI pins numpy < 2.4 for Triton 3.6.
-        old_triton = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
-        if old_triton and tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        def major_minor(version: str) -> tuple[int, int]:
+            return tuple(int(p) for p in version.split(".")[:2])
+
+        if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
             pytest.skip(f"Triton {triton.__version__}'s interpreter does not run under numpy {numpy.__version__}")
         env["TRITON_INTERPRET"] = "1"
     res = subprocess.run(
